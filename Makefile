@@ -1,0 +1,32 @@
+# `make demo` and `make test` do all set-up on a fresh machine: venv, install, data.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# Where CUDA is absent, torch 2.13.0's CPU build is installed first, so that nothing
+# later pulls the multi-GB CUDA wheels. Elsewhere set TORCH_INDEX to the CPU wheel index.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+PIP_QUIET := 2>&1 | { grep -v -e 'is ignored: it is neither a file nor a directory' || true; }
+
+.PHONY: demo test bench clean
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	if ! command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(BIN)/pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)" $(PIP_QUIET); fi
+	$(BIN)/pip install -q -c constraints.txt -e ".[test]" $(PIP_QUIET)
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/gradlake demo
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q tests
+
+bench: $(BIN)/.installed
+	$(BIN)/python benchmarks/extraction.py
+
+clean:
+	rm -rf $(VENV) demo-lake build

@@ -1,0 +1,1 @@
+"""Prefect flows: one module per stage, plus the demo pipeline."""

@@ -1,0 +1,93 @@
+"""The analyst's view of a lake: one catalog, gradients as xarray, datasets as pandas."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import xarray as xr
+import zarr
+
+from lake.datasets import list_datasets, read_dataset
+from lake.gradients import ATTR
+from lake.store import LakeError, LakeStore
+
+_KEYS = ("model", "checkpoint", "dataset", "variant", "paradigm", "mode")
+
+
+class Lake:
+    """A gradlake lake opened for reading."""
+
+    def __init__(self, url: str, storage_options: dict | None = None):
+        self.store = LakeStore(url, storage_options or {})
+
+    @property
+    def url(self) -> str:
+        return self.store.url
+
+    def _gradient_groups(self) -> list[tuple[str, dict]]:
+        fs = self.store.fs
+        pattern = self.store.path("gradients/*/*/*/*/*/zarr.json")
+        groups = []
+        for meta_path in sorted(fs.glob(pattern)):
+            attrs = json.loads(fs.cat_file(meta_path)).get("attributes", {}).get(ATTR)
+            if attrs:  # a group still being created has no attrs yet
+                relative = meta_path[len(self.store.root) + 1: -len("/zarr.json")]
+                groups.append((relative, attrs))
+        return groups
+
+    def catalog(self) -> pd.DataFrame:
+        """Everything in the lake, one row per gradient group or dataset variant, with lineage and completeness."""
+        rows = []
+        for path, attrs in self._gradient_groups():
+            lineage, plan = attrs["lineage"], attrs["plan"]
+            flags = zarr.open_array(self.store.zarr_store, path=f"{path}/shard_complete", mode="r")[:]
+            rows.append({
+                "kind": "gradients", "path": path,
+                **{k: lineage.get(k) for k in _KEYS},
+                "n_samples": plan["n_samples"], "n_parameters": len(plan["parameters"]),
+                "numel": sum(int(pd.Series(s).prod()) for s in plan["parameters"].values()),
+                "dtype": plan["dtype"], "shards_done": int(flags.sum()), "shards_total": len(flags),
+                "complete": bool(flags.all()) and (plan["mode"] == "store" or bool(attrs.get("complete"))),
+                **{f"lineage.{k}": v for k, v in lineage.items() if k not in _KEYS},
+            })
+        for meta in list_datasets(self.store):
+            rows.append({
+                "kind": "dataset", "path": f"datasets/{meta['dataset']}/{meta['variant']}",
+                "dataset": meta["dataset"], "variant": meta["variant"], "n_samples": meta["n_samples"],
+                "complete": True, "lineage.content_hash": meta["content_hash"], "lineage.created_at": meta["created_at"],
+            })
+        columns = ["kind", "path", *_KEYS, "n_samples", "n_parameters", "numel", "dtype", "shards_done", "shards_total", "complete"]
+        frame = pd.DataFrame(rows)
+        return frame.reindex(columns=columns + sorted(c for c in frame.columns if c not in columns))
+
+    def find_gradients(self, **where) -> str:
+        """The path of the one gradient group matching the given lineage keys."""
+        unknown = set(where) - set(_KEYS)
+        if unknown:
+            raise LakeError(f"cannot select gradients by {sorted(unknown)}; use {list(_KEYS)}")
+        groups = [(p, a["lineage"]) for p, a in self._gradient_groups()]
+        hits = [p for p, lin in groups if all(v is None or lin.get(k) == v for k, v in where.items())]
+        if len(hits) == 1:
+            return hits[0]
+        asked = {k: v for k, v in where.items() if v is not None}
+        if not hits:
+            have = sorted({tuple(lin.get(k) for k in _KEYS) for _, lin in groups})
+            raise LakeError(f"no gradient group in {self.url} matches {asked}; the lake holds {have or 'none'} as {list(_KEYS)}")
+        raise LakeError(f"{len(hits)} gradient groups match {asked}: {hits}; narrow it down with paradigm=, mode= or variant=")
+
+    def gradients(self, model: str | None = None, checkpoint: str | None = None, dataset: str | None = None,
+                  variant: str | None = None, paradigm: str | None = None, mode: str | None = None) -> xr.Dataset:
+        """A gradient group as an xarray.Dataset: one variable per parameter tensor, coordinate ``sample``."""
+        path = self.find_gradients(model=model, checkpoint=checkpoint, dataset=dataset, variant=variant,
+                                   paradigm=paradigm, mode=mode)
+        return xr.open_zarr(self.store.zarr_store, group=path, consolidated=False, zarr_format=3)
+
+    def dataset(self, name: str, variant: str = "original") -> pd.DataFrame:
+        """A dataset variant as a DataFrame (``id``, ``messages``)."""
+        return read_dataset(self.store, name, variant)
+
+
+def open_lake(url: str, storage_options: dict | None = None) -> Lake:
+    """Open a lake at an fsspec URL (``file:///...``, a path, or ``s3://bucket/prefix``)."""
+    return Lake(url, storage_options)

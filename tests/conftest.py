@@ -1,0 +1,116 @@
+"""Shared fixtures: tiny models of the real architectures, a real Prefect server, S3 on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# Tests never reach the hub; everything they load is built here.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout: float, what: str) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} before answering at {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                if answer.status < 500:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"{what} did not answer at {url} within {timeout}s")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_server(tmp_path_factory):
+    """One real Prefect server on loopback for the whole session; flows in and out of process use it."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_SERVER_UI_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port), "--no-services"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        _wait_http(f"{url}/health", proc, 120, "prefect server")
+    except RuntimeError:
+        proc.kill()
+        raise RuntimeError((home / "server.log").read_text()[-3000:])
+    saved = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME")}
+    os.environ["PREFECT_API_URL"] = url
+    os.environ["PREFECT_HOME"] = str(home)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on loopback with a bucket 'lake'; credentials are dummies in the environment."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "GRADLAKE_S3_ENDPOINT_URL")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+                      GRADLAKE_S3_ENDPOINT_URL=endpoint)
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="lake")
+    yield endpoint
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def probe_chats():
+    from tasks.probes import load_probe_set, probe_variant
+
+    return list(probe_variant(load_probe_set(), "original")["messages"])
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, probe_chats) -> dict[str, Path]:
+    """Tiny OLMo and OLMo-2 models, checkpoints 'checkpoint-0' and 'checkpoint-1' each."""
+    from tasks.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("models")
+    return {arch: build_tiny_model(root / f"tiny-{arch}", arch, probe_chats) for arch in ("olmo", "olmo2")}
+
+
+def write_probe(lake: str, n: int | None = None, name: str = "probe") -> None:
+    """Store the bundled probe set (its first n rows) in a lake."""
+    from tasks.probes import store_probe_set
+
+    store_probe_set(lake, name, n)

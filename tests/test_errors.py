@@ -1,0 +1,85 @@
+"""Bad input gets one clear error, before any expensive work and before anything is written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import write_probe
+from flows.cli import app
+from lake.datasets import write_dataset
+from lake.store import LakeStore
+
+runner = CliRunner()
+
+
+def run_cli(*args: str):
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+@pytest.fixture
+def lake_dir(tmp_path) -> Path:
+    path = tmp_path / "lake"
+    write_probe(str(path), 6)
+    return path
+
+
+def assert_nothing_written(lake: Path) -> None:
+    assert not (lake / "gradients").exists(), "an error must come before any write"
+
+
+def test_unknown_model_path(lake_dir):
+    code, out = run_cli("extract", "--model", "/no/such/model", "--lake", str(lake_dir))
+    assert code == 2 and "'/no/such/model' does not exist" in out
+    assert_nothing_written(lake_dir)
+
+
+def test_missing_checkpoint_lists_the_available_ones(tiny_models, lake_dir):
+    code, out = run_cli("extract", "--model", str(tiny_models["olmo"]), "--checkpoint", "checkpoint-9", "--lake", str(lake_dir))
+    assert code == 2 and "checkpoint 'checkpoint-9'" in out and "checkpoint-0" in out and "checkpoint-1" in out
+    assert_nothing_written(lake_dir)
+
+
+def test_layer_pattern_matching_nothing(tiny_models, lake_dir):
+    code, out = run_cli("extract", "--model", str(tiny_models["olmo2"]), "--checkpoint", "checkpoint-1",
+                        "--layers", "model.layers.*.mlp.down_proj.weight", "--layers", "mlp.*.weight", "--lake", str(lake_dir))
+    assert code == 2 and "layer pattern 'mlp.*.weight' matched no parameter" in out and "model.layers.0." in out
+    assert_nothing_written(lake_dir)
+
+
+def test_empty_dataset(tiny_models, tmp_path):
+    lake = tmp_path / "lake"
+    code, out = run_cli("extract", "--model", str(tiny_models["olmo"]), "--checkpoint", "checkpoint-1",
+                        "--dataset", "nothing", "--lake", str(lake))
+    assert code == 2 and "dataset 'nothing' variant 'original' is not in lake" in out
+    assert_nothing_written(lake)
+    import pandas as pd
+
+    with pytest.raises(ValueError, match="has no rows"):
+        write_dataset(LakeStore(str(lake)), "empty", "original", pd.DataFrame({"id": [], "messages": []}))
+
+
+def test_unwritable_local_lake(tiny_models, tmp_path):
+    """A lake path that runs through a regular file cannot be written, even by root."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    code, out = run_cli("extract", "--model", str(tiny_models["olmo"]), "--checkpoint", "checkpoint-1",
+                        "--lake", str(blocker / "lake"))
+    assert code == 2 and "is not writable" in out and str(blocker / "lake") in out
+
+
+def test_unwritable_s3_lake(tiny_models, s3_endpoint):
+    code, out = run_cli("extract", "--model", str(tiny_models["olmo"]), "--checkpoint", "checkpoint-1",
+                        "--lake", "s3://no-such-bucket/lake")
+    assert code == 2 and "'s3://no-such-bucket/lake' is not writable" in out
+    assert "testing" not in out, "credentials must never be printed"
+
+
+def test_unknown_preset_and_bad_values():
+    code, out = run_cli("extract", "--model", "x", "--paradigm", "both", "--lake", "/tmp/none")
+    assert code == 2 and "paradigm" in out and "'sft'" in out
+    code, out = run_cli("extract", "--model", "x", "--shard-size", "10", "--batch-size", "3", "--lake", "/tmp/none")
+    assert code == 2 and "multiple of batch_size 3" in out

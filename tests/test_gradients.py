@@ -1,0 +1,102 @@
+"""Per-sample gradients against a plain per-sample `loss.backward()` with transformers' own loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tasks.gradients import PerSampleGradients, per_sample_gradients
+from tasks.loss import encode_sample, pad_batch, sample_losses
+
+RTOL = 1e-5
+
+
+def reference_gradients(model, encoded) -> list[dict[str, torch.Tensor]]:
+    """One sample per backward, loss from transformers' `labels` path: the independent reference."""
+    out = []
+    for e in encoded:
+        model.zero_grad(set_to_none=True)
+        ids = torch.tensor([e.input_ids])
+        labels = torch.tensor([e.labels()])
+        model(input_ids=ids, labels=labels).loss.backward()
+        out.append({n: p.grad.detach().flatten().clone() for n, p in model.named_parameters()})
+    return out
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def load(path):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+@pytest.mark.parametrize("arch", ["olmo", "olmo2"])
+@pytest.mark.parametrize("paradigm", ["sft", "pre"])
+def test_batched_equals_per_sample_backward(tiny_models, probe_chats, arch, paradigm):
+    model, tokenizer = load(tiny_models[arch] / "checkpoint-1")
+    chats = [probe_chats[i] for i in (0, 5, 17, 3, 42)]
+    encoded = [encode_sample(tokenizer, c, paradigm, max_length=256) for c in chats]
+    lengths = {len(e.input_ids) for e in encoded}
+    assert len(lengths) > 2, "the batch must mix sequence lengths"
+    ids, labels = pad_batch(encoded, tokenizer.pad_token_id)
+    names = [n for n, _ in model.named_parameters()]
+    got = per_sample_gradients(model, ids, labels, names)
+    want = reference_gradients(model, encoded)
+    assert model.__class__.__name__ == {"olmo": "OlmoForCausalLM", "olmo2": "Olmo2ForCausalLM"}[arch]
+    for i, ref in enumerate(want):
+        for name in names:
+            err = relative_error(got[name][i], ref[name])
+            assert err < RTOL, f"{arch}/{paradigm} sample {i} {name}: relative error {err:.2e}"
+
+
+def test_buffers_are_reused_without_leaking_between_batches(tiny_models, probe_chats):
+    """A second, smaller batch through the same extractor gives that batch's gradients, not stale ones."""
+    model, tokenizer = load(tiny_models["olmo2"] / "checkpoint-1")
+    names = ["model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight", "model.norm.weight"]
+    first = [encode_sample(tokenizer, c, "sft", 256) for c in probe_chats[:4]]
+    second = [encode_sample(tokenizer, c, "sft", 256) for c in probe_chats[10:12]]
+    with PerSampleGradients(model, names) as grads:
+        grads(*pad_batch(first, tokenizer.pad_token_id))
+        got = {n: g.clone() for n, g in grads(*pad_batch(second, tokenizer.pad_token_id)).items()}
+    want = reference_gradients(model, second)
+    for i in range(2):
+        for n in names:
+            assert relative_error(got[n][i], want[i][n]) < RTOL
+    assert all(p.requires_grad for p in model.parameters()), "requires_grad must be restored"
+
+
+def test_sample_losses_match_transformers(tiny_models, probe_chats):
+    model, tokenizer = load(tiny_models["olmo"] / "checkpoint-1")
+    encoded = [encode_sample(tokenizer, c, "sft", 256) for c in probe_chats[:3]]
+    ids, labels = pad_batch(encoded, tokenizer.pad_token_id)
+    with torch.no_grad():
+        batched = sample_losses(model(input_ids=ids).logits, labels)
+        for i, e in enumerate(encoded):
+            alone = model(input_ids=torch.tensor([e.input_ids]), labels=torch.tensor([e.labels()])).loss
+            assert abs(batched[i].item() - alone.item()) < 1e-5
+
+
+def test_sft_labels_cover_exactly_the_assistant_turn(tiny_models, probe_chats):
+    _, tokenizer = load(tiny_models["olmo2"] / "checkpoint-1")
+    chat = probe_chats[7]
+    e = encode_sample(tokenizer, chat, "sft", 512)
+    assert e.input_ids == tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
+    labelled = tokenizer.decode([t for t, m in zip(e.input_ids, e.label_mask) if m])
+    unlabelled = tokenizer.decode([t for t, m in zip(e.input_ids, e.label_mask) if not m])
+    assert chat[1]["content"] in labelled
+    assert chat[0]["content"] in unlabelled and chat[0]["content"] not in labelled
+    pre = encode_sample(tokenizer, chat, "pre", 512)
+    assert all(pre.label_mask) and pre.input_ids == e.input_ids
+
+
+def test_multi_turn_chat_labels_every_assistant_turn(tiny_models):
+    _, tokenizer = load(tiny_models["olmo2"] / "checkpoint-1")
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a prime."},
+            {"role": "assistant", "content": "Seven."}, {"role": "user", "content": "Another one?"},
+            {"role": "assistant", "content": "Eleven."}]
+    e = encode_sample(tokenizer, chat, "sft", 512)
+    labelled = tokenizer.decode([t for t, m in zip(e.input_ids, e.label_mask) if m])
+    assert "Seven." in labelled and "Eleven." in labelled and "prime" not in labelled and "brief" not in labelled
