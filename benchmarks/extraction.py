@@ -25,6 +25,8 @@ SHAPES = {
     # A small OLMo-2 of a few million parameters.
     "small-olmo2": (Olmo2Config, Olmo2ForCausalLM, dict(vocab_size=2048, hidden_size=384, intermediate_size=1024,
                                                           num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=6)),
+    "small-olmo2-wide": (Olmo2Config, Olmo2ForCausalLM, dict(vocab_size=2048, hidden_size=512, intermediate_size=1024,
+                                                               num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=8)),
     # AMD-OLMo-1B's shapes (random weights): 16 layers, 2048 wide, MLP 8192, vocab 50304.
     "amd-olmo-1b": (OlmoConfig, OlmoForCausalLM, dict(vocab_size=50304, hidden_size=2048, intermediate_size=8192,
                                                        num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16)),

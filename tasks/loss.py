@@ -82,11 +82,15 @@ def pad_batch(encoded: list[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.
 
 
 def sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Each sample's mean token loss, shifted as in ``transformers`` (float32): shape (batch,)."""
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
+    """Each sample's mean token loss, shifted as in ``transformers`` (float32): shape (batch,).
+
+    Position t predicts label t + 1.  The labels are shifted rather than the logits
+    sliced, which spares a copy of the (batch, tokens, vocabulary) logits and its
+    zero-filled gradient in the backward pass.
+    """
+    shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
     token = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        logits.float().reshape(-1, logits.shape[-1]),
         shift_labels.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="none",

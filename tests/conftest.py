@@ -57,9 +57,18 @@ def prefect_server(tmp_path_factory):
         proc.kill()
         raise RuntimeError((home / "server.log").read_text()[-3000:])
     saved = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME")}
+    # The environment reaches subprocesses; in this process Prefect's settings were read at
+    # import, so they are overridden explicitly too.
     os.environ["PREFECT_API_URL"] = url
     os.environ["PREFECT_HOME"] = str(home)
-    yield url
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        yield url
+        # Ship the remaining run logs while the server is still up, or exit stalls retrying.
+        from prefect.logging.handlers import APILogHandler
+
+        APILogHandler().flush()
     proc.terminate()
     proc.wait(timeout=30)
     for k, v in saved.items():
