@@ -102,7 +102,7 @@ def demo(lake: Optional[str] = typer.Option(None, help="Lake URL (default: $GRAD
     typer.echo(f"  {len(frame[frame['kind'] == 'dataset'])} dataset variants, {len(grads)} gradient groups "
                f"({int(grads['complete'].sum())} complete), {int(grads['numel'].max())} gradient values per sample at most")
     for row in grads.itertuples():
-        typer.echo(f"  {row.path}  [{row.n_samples} samples x {row.n_parameters} tensors, "
+        typer.echo(f"  {row.path}  [{row.n_samples} samples x {int(row.n_parameters)} tensors, "
                    f"{'complete' if row.complete else 'incomplete'}]")
     typer.echo("read it with: python -c \"from lake import open_lake; print(open_lake('%s').catalog())\"" % url)
 

@@ -55,7 +55,7 @@ class PerSampleGradients:
         self._buffers: dict[str, torch.Tensor] = {}
         self._written: set[str] = set()
         self._recording = False
-        self._scale_modules: dict[int, bool] = {}
+        self._weight_roles: dict[int, str] = {}
         self._handles: list = []
 
     def __enter__(self) -> "PerSampleGradients":
@@ -115,12 +115,12 @@ class PerSampleGradients:
             # Off while a module's own vector-Jacobian product re-runs its forward.
             if not self._recording or not output.requires_grad:
                 return
-            x = inputs[0].detach()
-            output.register_hook(lambda g: self._per_sample(mod, x, g.detach(), owned, names))
+            x, y = inputs[0].detach(), output.detach()
+            output.register_hook(lambda g: self._per_sample(mod, x, y, g.detach(), owned, names))
 
         return hook
 
-    def _per_sample(self, mod, x, g, owned, names) -> None:
+    def _per_sample(self, mod, x, y, g, owned, names) -> None:
         batch = g.shape[0]
         if isinstance(mod, nn.Linear):
             x = x.reshape(batch, -1, x.shape[-1]).to(g.dtype)
@@ -145,17 +145,20 @@ class PerSampleGradients:
             ids = x.reshape(batch, -1, 1).expand(-1, -1, dim)
             out.scatter_add_(1, ids, g.reshape(batch, -1, dim))
             self._written.add(name)
-        elif set(owned) == {"weight"} and self._is_elementwise_scale(mod, x):
+        elif set(owned) == {"weight"} and (kind := self._weight_role(mod, x)) != "other":
             # y = w * f(x) + c(x) elementwise (RMSNorm and its kin): dL/dw = sum_t g * f(x).
             w = owned["weight"].detach()
-            self._recording = False
-            try:
-                with torch.no_grad():
-                    scale = functional_call(mod, {"weight": torch.ones_like(w)}, (x,)) - functional_call(
-                        mod, {"weight": torch.zeros_like(w)}, (x,))
-            finally:
-                self._recording = True
-            value = (g * scale.to(g.dtype)).reshape(batch, -1, w.numel()).sum(dim=1)
+            if kind == "scale" and bool((w != 0).all()):
+                f = y / w  # c(x) = 0: f(x) is the output over the weight, no second forward
+            else:
+                self._recording = False
+                try:
+                    with torch.no_grad():
+                        f = functional_call(mod, {"weight": torch.ones_like(w)}, (x,)) - functional_call(
+                            mod, {"weight": torch.zeros_like(w)}, (x,))
+                finally:
+                    self._recording = True
+            value = (g * f.to(g.dtype)).reshape(batch, -1, w.numel()).sum(dim=1)
             self._store(names["weight"], value)
         else:
             params = {k: p.detach() for k, p in owned.items()}
@@ -172,28 +175,30 @@ class PerSampleGradients:
             for local, value in per_sample.items():
                 self._store(names[local], value.reshape(batch, -1))
 
-    def _is_elementwise_scale(self, mod: nn.Module, x: torch.Tensor) -> bool:
-        """Whether the module's output is affine in its 1-D weight, elementwise; checked once per module."""
-        verdict = self._scale_modules.get(id(mod))
+    def _weight_role(self, mod: nn.Module, x: torch.Tensor) -> str:
+        """How the output depends on a 1-D weight, tested numerically once per module.
+
+        'scale': y = w * f(x); 'affine': y = w * f(x) + c(x); 'other': anything else.
+        """
+        verdict = self._weight_roles.get(id(mod))
         if verdict is None:
             w = mod.weight.detach()
-            verdict = False
+            verdict = "other"
             if w.dim() == 1 and x.shape[-1] == w.numel():
                 probe = x[:1, :4].detach()
+                r = torch.rand(w.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(w) + 0.5
                 self._recording = False
                 try:
                     with torch.no_grad():
-                        f = [functional_call(mod, {"weight": torch.full_like(w, v)}, (probe,)).double() for v in (0.0, 1.0, 3.0)]
-                        r = torch.randn(w.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(w)
-                        fr = functional_call(mod, {"weight": r}, (probe,)).double()
+                        f0, f1, fr = (functional_call(mod, {"weight": v}, (probe,)).double()
+                                      for v in (torch.zeros_like(w), torch.ones_like(w), r))
                 finally:
                     self._recording = True
-                slope = f[1] - f[0]
-                tol = 1e-2 if w.dtype in (torch.float16, torch.bfloat16) else 1e-5
-                scale = slope.abs().max().clamp_min(1e-12)
-                verdict = bool(((f[2] - f[0] - 3 * slope).abs().max() <= tol * 3 * scale)
-                               and ((fr - f[0] - r.double() * slope).abs().max() <= tol * 3 * scale))
-            self._scale_modules[id(mod)] = verdict
+                slope = f1 - f0
+                tol = (1e-2 if w.dtype in (torch.float16, torch.bfloat16) else 1e-5) * slope.abs().max().clamp_min(1e-12)
+                if (fr - f0 - r.double() * slope).abs().max() <= 3 * tol:
+                    verdict = "scale" if f0.abs().max() <= tol else "affine"
+            self._weight_roles[id(mod)] = verdict
         return verdict
 
     def _store(self, name: str, value: torch.Tensor) -> None:

@@ -100,3 +100,21 @@ def test_multi_turn_chat_labels_every_assistant_turn(tiny_models):
     e = encode_sample(tokenizer, chat, "sft", 512)
     labelled = tokenizer.decode([t for t, m in zip(e.input_ids, e.label_mask) if m])
     assert "Seven." in labelled and "Eleven." in labelled and "prime" not in labelled and "brief" not in labelled
+
+
+@pytest.mark.parametrize("arch", ["olmo", "olmo2"])
+def test_tied_embeddings_collect_both_uses(tiny_models, probe_chats, arch):
+    """With lm_head tied to the embedding, one parameter gets the sum of both uses' gradients."""
+    from tasks.tiny import tiny_config
+
+    _, tokenizer = load(tiny_models[arch] / "checkpoint-0")
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, tokenizer, tie_word_embeddings=True)).float().eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    encoded = [encode_sample(tokenizer, c, "sft", 256) for c in probe_chats[20:23]]
+    names = [n for n, _ in model.named_parameters()]
+    assert "lm_head.weight" not in names
+    got = per_sample_gradients(model, *pad_batch(encoded, tokenizer.pad_token_id), names)
+    for i, ref in enumerate(reference_gradients(model, encoded)):
+        for name in names:
+            assert relative_error(got[name][i], ref[name]) < RTOL, name
