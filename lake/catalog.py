@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pandas as pd
 import xarray as xr
@@ -46,7 +47,7 @@ class Lake:
                 "kind": "gradients", "path": path,
                 **{k: lineage.get(k) for k in _KEYS},
                 "n_samples": plan["n_samples"], "n_parameters": len(plan["parameters"]),
-                "numel": sum(int(pd.Series(s).prod()) for s in plan["parameters"].values()),
+                "numel": sum(math.prod(shape) for shape in plan["parameters"].values()),
                 "dtype": plan["dtype"], "shards_done": int(flags.sum()), "shards_total": len(flags),
                 "complete": bool(flags.all()) and (plan["mode"] == "store" or bool(attrs.get("complete"))),
                 **{f"lineage.{k}": v for k, v in lineage.items() if k not in _KEYS},

@@ -44,7 +44,7 @@ def normalize_url(url: str) -> str:
     if scheme in ("", "file"):
         path = url[len("file://"):] if url.startswith("file://") else url
         return "file://" + os.path.abspath(os.path.expanduser(path))
-    if scheme not in ("s3", "s3a", "memory"):
+    if scheme not in ("s3", "s3a"):
         raise LakeError(f"lake URL scheme {scheme!r} of {url!r} is not supported; use file:// or s3://")
     return url.rstrip("/")
 

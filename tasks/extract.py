@@ -94,7 +94,7 @@ def plan_extraction(spec: ExtractionSpec) -> ExtractionPlan:
     if spec.shard_size % spec.batch_size:
         raise ValueError(f"shard_size {spec.shard_size} must be a multiple of batch_size {spec.batch_size}")
     config = check_model(model)
-    shapes = parameter_shapes(model)
+    shapes = parameter_shapes(model, config)
     label = f"{model.model}" + (f"@{model.checkpoint}" if model.checkpoint else "")
     names = select_parameters(list(shapes), spec.layers, label)
     store = LakeStore(spec.lake)
@@ -117,7 +117,7 @@ def plan_extraction(spec: ExtractionSpec) -> ExtractionPlan:
     lineage = {
         "model": model_name,
         "checkpoint": checkpoint,
-        "resolved_commit": resolved_commit(model, config),
+        "resolved_commit": resolved_commit(model),
         "architecture": (config.architectures or [type(config).__name__])[0],
         "model_dtype": model.dtype,
         "tokenizer_hash": tokenizer_fingerprint(tokenizer),
@@ -196,7 +196,19 @@ def extract_shard(spec: ExtractionSpec, group: GradientGroup, shard: int, log=pr
 
 # -- Prefect wrappers -------------------------------------------------------------------------
 
-@task(name="plan-and-create-group", cache_policy=NONE, retries=2, retry_delay_seconds=[5, 30])
+def retry_unless_bad_input(task, task_run, state) -> bool:
+    """Retry failures of the machine or network, never a ValueError: bad input stays bad."""
+    error = state.data if isinstance(state.data, BaseException) else None
+    if error is None:
+        try:
+            state.result(raise_on_failure=True)
+        except BaseException as raised:  # the state's own exception, re-raised to look at it
+            error = raised
+    return not isinstance(error, ValueError)
+
+
+@task(name="plan-and-create-group", cache_policy=NONE, retries=2, retry_delay_seconds=[5, 30],
+      retry_condition_fn=retry_unless_bad_input)
 def prepare_extraction_task(spec: ExtractionSpec) -> tuple[str, list[int]]:
     """Validate, then create (or reopen) the group; returns its path and the shards still to do."""
     planned = plan_extraction(spec)
@@ -210,14 +222,15 @@ def prepare_extraction_task(spec: ExtractionSpec) -> tuple[str, list[int]]:
     return planned.path, pending
 
 
-@task(name="extract-shard", cache_policy=NONE, retries=2, retry_delay_seconds=[10, 60],
+@task(name="extract-shard", cache_policy=NONE, retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_bad_input,
       task_run_name="extract-shard-{shard}")
 def extract_shard_task(spec: ExtractionSpec, path: str, shard: int) -> int:
     group = GradientGroup.open(LakeStore(spec.lake), path)
     return extract_shard(spec, group, shard, log=get_run_logger().info)
 
 
-@task(name="finalize-group", cache_policy=NONE, retries=2, retry_delay_seconds=[5, 30])
+@task(name="finalize-group", cache_policy=NONE, retries=2, retry_delay_seconds=[5, 30],
+      retry_condition_fn=retry_unless_bad_input)
 def finalize_task(spec: ExtractionSpec, path: str) -> bool:
     group = GradientGroup.open(LakeStore(spec.lake), path)
     complete = group.finalize()

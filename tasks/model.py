@@ -110,11 +110,11 @@ def check_model(spec: ModelSpec):
         raise ModelError(f"cannot load the config of {what}: {err}") from err
 
 
-def parameter_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+def parameter_shapes(spec: ModelSpec, config=None) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the model's trainable parameters, from its config alone (meta device)."""
     from transformers import AutoModelForCausalLM
 
-    config = check_model(spec)
+    config = config if config is not None else check_model(spec)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
     return {n: tuple(p.shape) for n, p in model.named_parameters()}
@@ -157,12 +157,14 @@ def load_model(spec: ModelSpec):
     return model.to(spec.torch_device()).eval()
 
 
-def resolved_commit(spec: ModelSpec, config) -> str:
+def resolved_commit(spec: ModelSpec) -> str:
     """What the checkpoint resolved to: the hub commit, or a content hash of a local checkpoint."""
-    commit = getattr(config, "_commit_hash", None)
-    if commit:
-        return commit
-    path, _ = spec.source()
+    path, revision = spec.source()
+    if revision is not None:
+        from huggingface_hub import hf_hub_download
+
+        # The config's place in the hub cache is snapshots/<commit>/ (offline, from the cache).
+        return Path(hf_hub_download(path, "config.json", revision=revision)).parent.name
     digest = hashlib.sha256()
     for file in sorted(Path(path).iterdir()):
         if file.suffix in (".json", ".safetensors", ".bin") and file.is_file():

@@ -83,3 +83,22 @@ def test_unknown_preset_and_bad_values():
     assert code == 2 and "paradigm" in out and "'sft'" in out
     code, out = run_cli("extract", "--model", "x", "--shard-size", "10", "--batch-size", "3", "--lake", "/tmp/none")
     assert code == 2 and "multiple of batch_size 3" in out
+
+
+def test_bad_input_is_not_retried(tiny_models, lake_dir):
+    """Inside Prefect, a ValueError fails its task at once; retries are for machine and network faults."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.extract import extract_gradients
+    from tasks.extract import ExtractionSpec
+    from tasks.model import ModelSpec
+
+    spec = ExtractionSpec(model=ModelSpec(model=str(tiny_models["olmo"]), checkpoint="checkpoint-1"),
+                          layers=["no.such.layer"], lake=str(lake_dir))
+    state = extract_gradients(spec, return_state=True)
+    assert state.is_failed() and "matched no parameter" in str(state.result(raise_on_failure=False))
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    assert [(r.name.rsplit("-", 1)[0], r.run_count) for r in runs] == [("plan-and-create-group", 1)]
+    assert_nothing_written(lake_dir)

@@ -1,0 +1,60 @@
+"""Hub ids and revisions go through the real `from_pretrained(id, revision=...)` path, offline.
+
+A Hugging Face cache is laid out on disk as the hub client writes it (refs naming
+commits, snapshots per commit), so nothing is downloaded and nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+
+import pytest
+
+from conftest import write_probe
+from flows.extract import extract_gradients
+from lake import open_lake
+from tasks.extract import ExtractionSpec, plan_extraction
+from tasks.model import ModelError, ModelSpec
+
+REPO_ID = "gradlake-test/tiny-olmo2"
+
+
+@pytest.fixture
+def hub_cache(tiny_models, tmp_path, monkeypatch):
+    """A hub cache holding two revisions of REPO_ID: 'main' and the branch 'step-0'."""
+    repo = tmp_path / "hub" / f"models--{REPO_ID.replace('/', '--')}"
+    commits = {}
+    for ref, checkpoint in (("main", "checkpoint-1"), ("step-0", "checkpoint-0")):
+        commit = hashlib.sha1(f"{ref}-{checkpoint}".encode()).hexdigest()
+        shutil.copytree(tiny_models["olmo2"] / checkpoint, repo / "snapshots" / commit)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+        commits[ref] = commit
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("transformers.utils.hub.TRANSFORMERS_CACHE", str(tmp_path / "hub"), raising=False)
+    return commits
+
+
+def test_revision_resolves_to_its_commit(hub_cache, tmp_path):
+    lake = f"file://{tmp_path / 'lake'}"
+    write_probe(lake, 4)
+    for revision in ("main", "step-0"):
+        spec = ExtractionSpec(model=ModelSpec(model=REPO_ID, checkpoint=revision), shard_size=4, batch_size=2,
+                              layers=["lm_head.weight"], lake=lake)
+        extract_gradients(spec)
+    rows = open_lake(lake).catalog().query("kind == 'gradients'").set_index("checkpoint")
+    assert rows.loc["main", "model"] == REPO_ID
+    assert rows.loc["main", "lineage.resolved_commit"] == hub_cache["main"]
+    assert rows.loc["step-0", "lineage.resolved_commit"] == hub_cache["step-0"]
+    assert rows.loc["main", "path"].startswith("gradients/gradlake-test--tiny-olmo2/main/")
+
+
+def test_unknown_revision_is_one_clear_error(hub_cache, tmp_path):
+    lake = f"file://{tmp_path / 'lake'}"
+    write_probe(lake, 4)
+    spec = ExtractionSpec(model=ModelSpec(model=REPO_ID, checkpoint="step-9"), shard_size=4, batch_size=2, lake=lake)
+    with pytest.raises(ModelError, match=r"revision 'step-9' of 'gradlake-test/tiny-olmo2'"):
+        plan_extraction(spec)
+    assert not (tmp_path / "lake" / "gradients").exists()
