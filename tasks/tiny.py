@@ -9,16 +9,22 @@ earlier ones trained a few steps further, so checkpoints really differ.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from tasks.loss import encode_sample, pad_batch, sample_losses
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
 Architecture = Literal["olmo", "olmo2"]
-SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>"]
+ARCHITECTURES: dict[str, str] = {"olmo": "OlmoForCausalLM", "olmo2": "Olmo2ForCausalLM"}
+SPECIAL_TOKENS: tuple[str, ...] = ("<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>")
+# The BPE trainer numbers the special tokens first, in the order given.
+EOS_ID, PAD_ID = 0, 1
 # The Tulu/OLMo layout: a role tag line, the content, and an end-of-text after each answer.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -27,50 +33,66 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
+TRAIN_BATCH, TRAIN_MAX_TOKENS, TRAIN_LR = 4, 128, 3e-3
 
 
-def train_tokenizer(chats: Sequence[list[dict]], vocab_size: int = 512):
-    """A byte-level BPE tokenizer trained on the chats' contents, with a chat template."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `texts`, with OLMo's special tokens and chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Every newline is a piece of its own: the generation prompt ends in one, so an answer
+    # that begins with whitespace cannot merge with it, and a chat's prefix tokenizes as
+    # a prefix of the chat.
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split("\n", behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+    # The full byte alphabet makes any text encodable, whatever the training texts held.
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    core.train_from_iterator((m["content"] for chat in chats for m in chat), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                        pad_token="<|pad|>", model_max_length=512)
+    core.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=SPECIAL_TOKENS[EOS_ID],
+                                        bos_token=SPECIAL_TOKENS[EOS_ID], pad_token=SPECIAL_TOKENS[PAD_ID],
+                                        model_max_length=512)
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
 
-def tiny_config(architecture: Architecture, tokenizer, **overrides):
-    """A config of the real architecture at toy size: 2 layers, width 64, SwiGLU MLP of 128."""
+def tiny_config(
+    architecture: Architecture, vocab_size: int | PreTrainedTokenizerBase, **overrides
+) -> PretrainedConfig:
+    """A config of the real architecture at toy size: 2 layers, width 64, SwiGLU MLP of 128.
+
+    `vocab_size` may be a tokenizer, which then gives the size and the pad/bos/eos ids;
+    with a number the ids are those `train_tokenizer` assigns.  `overrides` win over all.
+    """
     from transformers import Olmo2Config, OlmoConfig
 
-    configs = {"olmo": (OlmoConfig, "OlmoForCausalLM"), "olmo2": (Olmo2Config, "Olmo2ForCausalLM")}
-    if architecture not in configs:
-        raise ValueError(f"architecture {architecture!r} is not known; use one of {sorted(configs)}")
-    config_cls, class_name = configs[architecture]
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture {architecture!r} is not known; use one of {sorted(ARCHITECTURES)}")
+    if isinstance(vocab_size, int):
+        ids = dict(vocab_size=vocab_size, pad_token_id=PAD_ID, bos_token_id=EOS_ID, eos_token_id=EOS_ID)
+    else:
+        ids = dict(vocab_size=len(vocab_size), pad_token_id=vocab_size.pad_token_id,
+                   bos_token_id=vocab_size.bos_token_id, eos_token_id=vocab_size.eos_token_id)
     settings = dict(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        architectures=[class_name],
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        max_position_embeddings=512, tie_word_embeddings=False, architectures=[ARCHITECTURES[architecture]], **ids,
     )
+    config_cls = {"olmo": OlmoConfig, "olmo2": Olmo2Config}[architecture]
     return config_cls(**{**settings, **overrides})
 
 
 def _train(model, tokenizer, chats: Sequence[list[dict]], steps: int, seed: int) -> None:
     """A few AdamW steps of plain causal-LM training on the chats (every token)."""
     generator = torch.Generator().manual_seed(seed)
-    encoded = [encode_sample(tokenizer, chat, "pre", max_length=128) for chat in chats]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    encoded = [encode_sample(tokenizer, chat, "pre", max_length=TRAIN_MAX_TOKENS) for chat in chats]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=TRAIN_LR)
     model.train()
     for _ in range(steps):
-        pick = torch.randint(len(encoded), (4,), generator=generator).tolist()
+        pick = torch.randint(len(encoded), (TRAIN_BATCH,), generator=generator).tolist()
         ids, labels = pad_batch([encoded[i] for i in pick], tokenizer.pad_token_id)
         loss = sample_losses(model(input_ids=ids).logits, labels).mean()
         optimizer.zero_grad()
@@ -82,7 +104,7 @@ def _train(model, tokenizer, chats: Sequence[list[dict]], steps: int, seed: int)
 def build_tiny_model(
     directory: str | Path,
     architecture: Architecture,
-    chats: Sequence[list[dict]],
+    chats: Iterable[list[dict]],
     *,
     seed: int = 0,
     checkpoints: Sequence[str] = ("checkpoint-0", "checkpoint-1"),
@@ -90,19 +112,25 @@ def build_tiny_model(
 ) -> Path:
     """Save a tiny model and its tokenizer as checkpoint subdirectories of `directory`.
 
-    The first checkpoint is the random initialisation; each later one continues from
-    the one before with `train_steps` training steps.  Deterministic for a given seed.
+    `chats` are conversations (lists of role/content messages): the tokenizer trains on
+    their contents and the model on their chat-template renderings.  The first
+    checkpoint is the random initialisation; each later one continues from the one
+    before with `train_steps` AdamW steps.  Deterministic for a given seed.
     """
     from transformers import AutoModelForCausalLM
 
+    chats = list(chats)
+    if not chats or not checkpoints:
+        raise ValueError(f"need at least one chat and one checkpoint name; got {len(chats)} chats, "
+                         f"checkpoints={list(checkpoints)}")
     directory = Path(directory)
-    tokenizer = train_tokenizer(chats)
+    tokenizer = train_tokenizer(m["content"] for chat in chats for m in chat)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(architecture, tokenizer)).float()
+    model = AutoModelForCausalLM.from_config(tiny_config(architecture, tokenizer), dtype=torch.float32)
     for index, name in enumerate(checkpoints):
         if index:
             _train(model, tokenizer, chats, train_steps, seed + index)
-        target = directory / name
-        model.save_pretrained(target, safe_serialization=True)
-        tokenizer.save_pretrained(target)
+        # transformers 5 always writes safetensors (model.safetensors).
+        model.save_pretrained(directory / name)
+        tokenizer.save_pretrained(directory / name)
     return directory

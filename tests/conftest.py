@@ -56,14 +56,13 @@ def prefect_server(tmp_path_factory):
     except RuntimeError:
         proc.kill()
         raise RuntimeError((home / "server.log").read_text()[-3000:])
-    saved = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME")}
-    # The environment reaches subprocesses; in this process Prefect's settings were read at
-    # import, so they are overridden explicitly too.
-    os.environ["PREFECT_API_URL"] = url
-    os.environ["PREFECT_HOME"] = str(home)
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with temporary_settings(updates={PREFECT_API_URL: url}):
+    # The environment reaches subprocesses; in this process Prefect's settings were read at
+    # import, so they are overridden explicitly too.
+    with pytest.MonkeyPatch.context() as env_patch, temporary_settings(updates={PREFECT_API_URL: url}):
+        env_patch.setenv("PREFECT_API_URL", url)
+        env_patch.setenv("PREFECT_HOME", str(home))
         yield url
         # Ship the remaining run logs while the server is still up, or exit stalls retrying.
         from prefect.logging.handlers import APILogHandler
@@ -71,11 +70,6 @@ def prefect_server(tmp_path_factory):
         APILogHandler().flush()
     proc.terminate()
     proc.wait(timeout=30)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")
@@ -87,19 +81,15 @@ def s3_endpoint():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "GRADLAKE_S3_ENDPOINT_URL")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
-                      GRADLAKE_S3_ENDPOINT_URL=endpoint)
     import boto3
 
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="lake")
-    yield endpoint
+    with pytest.MonkeyPatch.context() as env_patch:
+        for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                            ("AWS_DEFAULT_REGION", "us-east-1"), ("GRADLAKE_S3_ENDPOINT_URL", endpoint)):
+            env_patch.setenv(name, value)
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="lake")
+        yield endpoint
     server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")
