@@ -20,6 +20,7 @@ import torch
 from transformers import Olmo2Config, Olmo2ForCausalLM, OlmoConfig, OlmoForCausalLM
 
 from tasks.gradients import PerSampleGradients
+from tasks.loss import sample_losses
 
 SHAPES = {
     # A small OLMo-2 of a few million parameters.
@@ -98,19 +99,30 @@ def main() -> None:
         del kept
         return args.batch / (time.perf_counter() - start)
 
-    fast, slow, floor = [], [], []
-    batched(), loop()  # warm-up
+    def training_step() -> float:
+        """One batched backward with summed (not per-sample) gradients: what a training step costs."""
+        sync(device)
+        start = time.perf_counter()
+        model.zero_grad(set_to_none=False)
+        sample_losses(model(input_ids=ids).logits, labels).sum().backward()
+        sync(device)
+        return args.batch / (time.perf_counter() - start)
+
+    fast, slow, step, floor = [], [], [], []
+    batched(), loop(), training_step()  # warm-up
     for _ in range(args.rounds):
         floor.append(matmul_rate(device, dtype, side) / (6 * n_params * args.tokens))
         fast.append(batched())
         slow.append(loop())
-    f, s, fl = statistics.median(fast), statistics.median(slow), statistics.median(floor)
+        step.append(training_step())
+    f, s, fl, st = (statistics.median(v) for v in (fast, slow, floor, step))
     print(f"model {args.shape} ({model_cls.__name__}), {n_params / 1e6:.1f}M parameters, {args.tokens} tokens, "
           f"batch {args.batch}, {args.dtype} on {device} ({torch.get_num_threads()} CPU threads); "
           f"median of {args.rounds} interleaved rounds")
     print(f"  floor (6*P*T FLOPs at {fl * 6 * n_params * args.tokens / 1e9:.0f} GFLOP/s, {side}^2 matmul): {fl:8.2f} samples/s")
     print(f"  gradlake batched per-sample extraction:         {f:8.2f} samples/s  {f * args.tokens:10.0f} tokens/s  = {f / fl:.2f} x floor")
     print(f"  loop, one sample per backward, copied to CPU:   {s:8.2f} samples/s  {s * args.tokens:10.0f} tokens/s  = {s / fl:.2f} x floor")
+    print(f"  for scale, a batched training step (summed gradients, no per-sample): {st:8.2f} samples/s = {st / fl:.2f} x floor")
     print(f"  batched / loop: {f / s:.2f}x")
 
 
