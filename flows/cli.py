@@ -73,6 +73,61 @@ def dataset_probe(lake: Optional[str] = typer.Option(None, help="Lake URL.")) ->
     typer.echo(f"dataset 'probe' ({', '.join(variants)}) stored in {_lake(lake)}")
 
 
+def _model_at(text: str):
+    from tasks.model import ModelSpec
+
+    model, _, checkpoint = text.rpartition("@") if "@" in text else (text, "", "")
+    return ModelSpec(model=model, checkpoint=checkpoint or None)
+
+
+@dataset_app.command("create")
+def dataset_create(
+    name: str = typer.Option(..., help="Dataset name in the lake."),
+    source: str = typer.Option(..., help="Hugging Face dataset id, local dataset directory, or .jsonl/.parquet/.arrow file."),
+    config: Optional[str] = typer.Option(None, help="Dataset configuration (subset)."),
+    split: str = typer.Option("train", help="Split to read."),
+    revision: Optional[str] = typer.Option(None, help="Hub revision of the dataset."),
+    n: Optional[int] = typer.Option(None, help="Samples to take (default: all usable rows)."),
+    sampling: str = typer.Option("random", help="random (seeded) or first."),
+    seed: int = typer.Option(0, help="Seed of the random draw."),
+    paraphrase: bool = typer.Option(False, help="Make the 'paraphrased' variant through an OpenAI-compatible API."),
+    paraphrase_model: str = typer.Option("gpt-4o-mini", help="Chat model that paraphrases."),
+    base_url: Optional[str] = typer.Option(None, help="API base URL (vLLM, Ollama, ...); default OpenAI's."),
+    temperature: float = typer.Option(0.7, help="Paraphrasing temperature."),
+    paraphrase_seed: Optional[int] = typer.Option(0, help="Seed sent to the API."),
+    max_concurrency: int = typer.Option(8, help="Requests in flight at most."),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", help="NAME of the environment variable holding the API key."),
+    api_key_block: Optional[str] = typer.Option(None, help="Name of a Prefect Secret block holding the API key."),
+    generate: list[str] = typer.Option([], "--generate", help="MODEL[@CHECKPOINT] that answers each prompt itself; repeatable."),
+    generate_from: str = typer.Option("paraphrased", help="Variant whose prompts are answered: paraphrased or original."),
+    max_new_tokens: int = typer.Option(256, help="Longest generated answer, in tokens."),
+    lake: Optional[str] = typer.Option(None, help="Lake URL."),
+) -> None:
+    """Create a probe set in the lake: original, paraphrased, model-generated (the create-dataset flow)."""
+    from flows.dataset import DatasetSpec, check_dataset_spec, create_dataset
+    from tasks.paraphrase import ParaphraseSpec
+    from tasks.sources import SourceSpec
+
+    try:
+        spec = DatasetSpec(
+            name=name,
+            source=SourceSpec(source=source, config=config, split=split, revision=revision, n=n, sampling=sampling, seed=seed),
+            paraphrase=ParaphraseSpec(model=paraphrase_model, base_url=base_url, temperature=temperature,
+                                      seed=paraphrase_seed, max_concurrency=max_concurrency, api_key_env=api_key_env,
+                                      api_key_block=api_key_block) if paraphrase else None,
+            generate=[_model_at(g) for g in generate], generate_from=generate_from, max_new_tokens=max_new_tokens,
+            lake=_lake(lake),
+        )
+        check_dataset_spec(spec)
+    except (ValueError, ValidationError, OSError) as err:
+        _fail(err)
+    state = create_dataset(spec, return_state=True)
+    if state.is_failed():
+        _fail(state.result(raise_on_failure=False))
+    for variant, version in state.result().items():
+        typer.echo(f"{name}/{variant}: version {version}")
+
+
 @app.command()
 def catalog(lake: Optional[str] = typer.Option(None, help="Lake URL.")) -> None:
     """List everything in a lake."""

@@ -9,6 +9,7 @@ import pandas as pd
 import xarray as xr
 import zarr
 
+from lake import layout
 from lake.datasets import list_datasets, read_dataset
 from lake.gradients import ATTR
 from lake.store import LakeError, LakeStore
@@ -54,9 +55,11 @@ class Lake:
             })
         for meta in list_datasets(self.store):
             rows.append({
-                "kind": "dataset", "path": f"datasets/{meta['dataset']}/{meta['variant']}",
+                "kind": "dataset", "path": layout.dataset_version_dir(meta["dataset"], meta["variant"], meta["version"]),
                 "dataset": meta["dataset"], "variant": meta["variant"], "n_samples": meta["n_samples"],
-                "complete": True, "lineage.content_hash": meta["content_hash"], "lineage.created_at": meta["created_at"],
+                "complete": True, "lineage.version": meta["version"], "lineage.content_hash": meta["content_hash"],
+                "lineage.created_at": meta["created_at"],
+                **{f"lineage.{k}": v for k, v in meta.get("lineage", {}).items()},
             })
         columns = ["kind", "path", *_KEYS, "n_samples", "n_parameters", "numel", "dtype", "shards_done", "shards_total", "complete"]
         frame = pd.DataFrame(rows)
@@ -84,9 +87,19 @@ class Lake:
                                    paradigm=paradigm, mode=mode)
         return xr.open_zarr(self.store.zarr_store, group=path, consolidated=False, zarr_format=3)
 
-    def dataset(self, name: str, variant: str = "original") -> pd.DataFrame:
-        """A dataset variant as a DataFrame (``id``, ``messages``)."""
-        return read_dataset(self.store, name, variant)
+    def dataset(self, name: str, variant: str = "original", model: str | None = None,
+                checkpoint: str | None = None, version: str | None = None) -> pd.DataFrame:
+        """A dataset variant as a DataFrame (``id``, ``messages``), its latest version unless one is named.
+
+        For ``variant="model_generated"`` name the generating model's lake key and checkpoint
+        (as in the catalog), since generated answers differ between them.
+        """
+        if variant == "model_generated":
+            if not (model and checkpoint):
+                raise LakeError("model_generated answers differ per model and checkpoint; pass model= and checkpoint= "
+                                "(the catalog lists them as variants 'model_generated.<model>.<checkpoint>')")
+            variant = layout.generated_variant(model, checkpoint)
+        return read_dataset(self.store, name, variant, version)
 
 
 def open_lake(url: str, storage_options: dict | None = None) -> Lake:

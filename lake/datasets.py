@@ -1,8 +1,10 @@
-"""Probe datasets in the lake: one Parquet file per (dataset, variant), with its lineage.
+"""Probe datasets in the lake: versioned Parquet per (dataset, variant), with lineage.
 
 A dataset row is a sample: ``id`` (a stable string) and ``messages`` (a JSON list of
-``{"role", "content"}``).  The content hash covers ids and messages, so a gradient
-group can cite exactly the data it was computed on.
+``{"role", "content"}``).  A version is named by its content hash (over ids and
+messages), so writing the same content again is the same version, and a gradient
+group can cite exactly the data it was computed on.  ``latest.json`` points at the
+newest version and is written last.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def content_hash(frame: pd.DataFrame) -> str:
 
 
 def write_dataset(store: LakeStore, name: str, variant: str, frame: pd.DataFrame, lineage: dict | None = None) -> dict:
-    """Store a dataset variant (columns ``id``, ``messages`` as lists of dicts); returns its meta record."""
+    """Store a dataset variant (columns ``id``, ``messages`` as lists of dicts) as a new version; returns its meta."""
     layout.name_key("dataset name", name)
     layout.name_key("variant", variant)
     if frame.empty:
@@ -35,16 +37,18 @@ def write_dataset(store: LakeStore, name: str, variant: str, frame: pd.DataFrame
     if frame["id"].duplicated().any():
         dup = frame["id"][frame["id"].duplicated()].iloc[0]
         raise LakeError(f"dataset {name!r} has duplicate sample id {dup!r}; ids must be unique")
-    base = store.path(layout.dataset_dir(name, variant))
+    digest = content_hash(frame)
+    version = layout.dataset_version(digest)
+    base = store.path(layout.dataset_version_dir(name, variant, version))
     table = pd.DataFrame({"id": frame["id"].astype(str), "messages": [json.dumps(m, ensure_ascii=False) for m in frame["messages"]]})
-    extra = [c for c in frame.columns if c not in ("id", "messages")]
-    for column in extra:
+    for column in (c for c in frame.columns if c not in ("id", "messages")):
         table[column] = frame[column].values
     meta = {
         "dataset": name,
         "variant": variant,
+        "version": version,
         "n_samples": int(len(frame)),
-        "content_hash": content_hash(frame),
+        "content_hash": digest,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "lineage": lineage or {},
     }
@@ -52,33 +56,47 @@ def write_dataset(store: LakeStore, name: str, variant: str, frame: pd.DataFrame
     table.to_parquet(buffer, index=False)
     store.fs.makedirs(base, exist_ok=True)
     store.fs.pipe_file(f"{base}/data.parquet", buffer.getvalue())
-    # meta.json last: a dataset is listed only once its data is whole.
+    # Meta after data, pointer after meta: what a reader finds is always whole.
     store.fs.pipe_file(f"{base}/meta.json", json.dumps(meta, indent=2).encode())
+    store.fs.pipe_file(store.path(layout.dataset_dir(name, variant)) + "/latest.json", json.dumps(meta, indent=2).encode())
     return meta
 
 
-def dataset_meta(store: LakeStore, name: str, variant: str) -> dict:
-    path = store.path(layout.dataset_dir(name, variant)) + "/meta.json"
+def dataset_meta(store: LakeStore, name: str, variant: str, version: str | None = None) -> dict:
+    """The meta record of a dataset variant's latest (or given) version; one clear error if absent."""
+    base = store.path(layout.dataset_dir(name, variant))
+    path = f"{base}/{version}/meta.json" if version else f"{base}/latest.json"
     try:
         return json.loads(store.fs.cat_file(path))
     except FileNotFoundError:
-        known = list_datasets(store)
+        if version:
+            versions = [m["version"] for m in list_versions(store, name, variant)]
+            raise LakeError(f"dataset {name!r} variant {variant!r} has no version {version!r}; "
+                            f"versions: {versions or 'none'}") from None
+        known = sorted({(m["dataset"], m["variant"]) for m in list_datasets(store)})
         raise LakeError(
             f"dataset {name!r} variant {variant!r} is not in lake {store.url}; "
-            f"it holds {[(m['dataset'], m['variant']) for m in known] or 'no datasets'}"
+            f"it holds {known or 'no datasets'} as (dataset, variant)"
         ) from None
 
 
-def read_dataset(store: LakeStore, name: str, variant: str) -> pd.DataFrame:
-    """A dataset variant as a DataFrame with ``id`` and ``messages`` (lists of dicts)."""
-    dataset_meta(store, name, variant)
-    path = store.path(layout.dataset_dir(name, variant)) + "/data.parquet"
+def read_dataset(store: LakeStore, name: str, variant: str, version: str | None = None) -> pd.DataFrame:
+    """A dataset variant (latest version unless one is named) with ``id`` and ``messages`` as lists of dicts."""
+    meta = dataset_meta(store, name, variant, version)
+    path = store.path(layout.dataset_version_dir(name, variant, meta["version"])) + "/data.parquet"
     frame = pd.read_parquet(io.BytesIO(store.fs.cat_file(path)))
     frame["messages"] = [json.loads(m) for m in frame["messages"]]
     return frame
 
 
 def list_datasets(store: LakeStore) -> list[dict]:
-    """Meta records of every complete dataset variant in the lake."""
-    pattern = store.path("datasets/*/*/meta.json")
+    """Meta records of every dataset variant's latest version."""
+    pattern = store.path("datasets/*/*/latest.json")
     return [json.loads(store.fs.cat_file(p)) for p in sorted(store.fs.glob(pattern))]
+
+
+def list_versions(store: LakeStore, name: str, variant: str) -> list[dict]:
+    """Meta records of every stored version of a dataset variant, oldest first."""
+    pattern = store.path(layout.dataset_dir(name, variant)) + "/*/meta.json"
+    metas = [json.loads(store.fs.cat_file(p)) for p in store.fs.glob(pattern)]
+    return sorted(metas, key=lambda m: m["created_at"])

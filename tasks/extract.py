@@ -25,7 +25,7 @@ from lake.gradients import GradientGroup, GradientPlan
 from lake.store import LakeError, LakeStore
 from tasks.gradients import PerSampleGradients
 from tasks.loss import IGNORE_INDEX, Encoded, encode_sample, pad_batch
-from tasks.model import (ModelError, ModelSpec, check_model, load_model, load_tokenizer, parameter_shapes,
+from tasks.model import (ModelError, ModelSpec, check_model, lake_names, load_model, load_tokenizer, parameter_shapes,
                          resolved_commit, select_parameters, tokenizer_fingerprint)
 
 
@@ -100,7 +100,7 @@ def plan_extraction(spec: ExtractionSpec) -> ExtractionPlan:
     store = LakeStore(spec.lake)
     store.check_writable()
     meta = dataset_meta(store, spec.dataset, spec.variant)
-    frame = read_dataset(store, spec.dataset, spec.variant)
+    frame = read_dataset(store, spec.dataset, spec.variant, meta["version"])
     if frame.empty:
         raise ValueError(f"dataset {spec.dataset!r} variant {spec.variant!r} is empty; nothing to extract")
     tokenizer = load_tokenizer(model)
@@ -112,8 +112,7 @@ def plan_extraction(spec: ExtractionSpec) -> ExtractionPlan:
     for row, e in enumerate(encoded):
         input_ids[row, : len(e.input_ids)] = e.input_ids
         label_mask[row, : len(e.label_mask)] = e.label_mask
-    checkpoint = model.checkpoint or ("default" if model.is_local else "main")
-    model_name = os.path.abspath(os.path.expanduser(model.model)) if model.is_local else model.model
+    model_name, checkpoint = lake_names(model)
     lineage = {
         "model": model_name,
         "checkpoint": checkpoint,
@@ -123,6 +122,8 @@ def plan_extraction(spec: ExtractionSpec) -> ExtractionPlan:
         "tokenizer_hash": tokenizer_fingerprint(tokenizer),
         "dataset": spec.dataset,
         "dataset_hash": meta["content_hash"],
+        "dataset_version": meta["version"],
+        "dataset_lineage": meta.get("lineage", {}),
         "variant": spec.variant,
         "paradigm": spec.paradigm,
         "mode": spec.mode,

@@ -80,6 +80,17 @@ class ModelSpec(BaseModel):
         return torch.device(self.device)
 
 
+def lake_names(spec: ModelSpec) -> tuple[str, str]:
+    """How lineage names a model and its checkpoint: (hub id or absolute path, revision or subdirectory).
+
+    An unnamed checkpoint is 'main' on the hub and 'default' for a local directory.
+    """
+    spec = spec.resolved()
+    if spec.is_local:
+        return os.path.abspath(os.path.expanduser(spec.model)), spec.checkpoint or "default"
+    return spec.model, spec.checkpoint or "main"
+
+
 def _looks_local(model: str) -> bool:
     return model.startswith((".", "/", "~")) or os.path.isdir(os.path.expanduser(model)) or model.count("/") > 1
 

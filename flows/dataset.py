@@ -1,0 +1,95 @@
+"""The dataset creation flow: originals from a source, paraphrases from an API, the model's own answers."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE
+from pydantic import BaseModel, ConfigDict, Field
+
+from lake import layout
+from lake.datasets import write_dataset
+from lake.store import LakeStore
+from tasks.extract import default_lake, retry_unless_bad_input
+from tasks.generate import generate_task
+from tasks.model import ModelSpec, check_model, lake_names, resolved_commit
+from tasks.paraphrase import ParaphraseSpec, paraphrase_task, prompt_hash
+from tasks.sources import SourceSpec, load_source
+
+
+class DatasetSpec(BaseModel):
+    """A probe set: where it comes from, and which variants to make of it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Dataset name in the lake, e.g. 'lima', 'tulu3-1000'.")
+    source: SourceSpec = Field(description="The source and the sampling of it.")
+    paraphrase: ParaphraseSpec | None = Field(default=None, description="Make the 'paraphrased' variant: every user turn rewritten by a chat model behind an OpenAI-compatible API.")
+    generate: list[ModelSpec] = Field(default_factory=list, description="Make a 'model_generated' variant per model and checkpoint: the model answers each prompt itself, greedily.")
+    generate_from: str = Field(default="paraphrased", description="Variant whose prompts the models answer: 'paraphrased' (as in the thesis) or 'original'.")
+    max_new_tokens: int = Field(default=256, ge=1, description="Longest generated answer, in tokens.")
+    generation_batch_size: int = Field(default=8, ge=1, description="Prompts answered per batch.")
+    lake: str = Field(default_factory=default_lake, description="Lake URL: file:///path, a directory, or s3://bucket/prefix.")
+
+
+def check_dataset_spec(spec: DatasetSpec) -> None:
+    """Everything that can be checked before the source is read or anything is written."""
+    layout.name_key("dataset name", spec.name)
+    if spec.generate_from not in ("paraphrased", "original"):
+        raise ValueError(f"generate_from {spec.generate_from!r} is not known; use 'paraphrased' or 'original'")
+    if spec.generate and spec.generate_from == "paraphrased" and spec.paraphrase is None:
+        raise ValueError("generation answers the paraphrased prompts, but no paraphrase settings were given; "
+                         "add paraphrase settings or set generate_from='original'")
+    for model in spec.generate:
+        check_model(model)
+    LakeStore(spec.lake).check_writable()
+
+
+@task(name="load-source", cache_policy=NONE, retries=2, retry_delay_seconds=[10, 60],
+      retry_condition_fn=retry_unless_bad_input)
+def load_source_task(source: SourceSpec):
+    frame, loaded = load_source(source)
+    report = loaded.report()
+    logger = get_run_logger()
+    logger.info("%s: %d rows read, %d usable, %d dropped %s; %d sampled", source.source, report["rows_read"],
+                report["usable"], report["dropped"], report["dropped_by_reason"], len(frame))
+    if report["dropped"]:
+        logger.warning("dropped ids (first 20): %s", report["dropped_ids"][:20])
+    return frame, report
+
+
+@task(name="store-variant", cache_policy=NONE, retries=2, retry_delay_seconds=[5, 30],
+      retry_condition_fn=retry_unless_bad_input)
+def store_variant_task(lake: str, name: str, variant: str, frame, lineage: dict) -> dict:
+    meta = write_dataset(LakeStore(lake), name, variant, frame, lineage)
+    get_run_logger().info("stored %s/%s version %s (%d samples)", name, variant, meta["version"], meta["n_samples"])
+    return meta
+
+
+@flow(name="create-dataset", log_prints=True)
+def create_dataset(spec: DatasetSpec) -> dict[str, str]:
+    """Make and store the requested variants of a probe set; returns variant -> version."""
+    check_dataset_spec(spec)
+    frame, report = load_source_task(spec.source)
+    source_lineage = {**spec.source.model_dump(), "rows_read": report["rows_read"], "dropped": report["dropped"],
+                      "dropped_by_reason": report["dropped_by_reason"], "dropped_ids": report["dropped_ids"]}
+    stored = {"original": store_variant_task(spec.lake, spec.name, "original", frame, {"source": source_lineage})}
+    variants = {"original": frame}
+    if spec.paraphrase is not None:
+        paraphrased = paraphrase_task(frame, spec.paraphrase, spec.lake)
+        settings = spec.paraphrase.model_dump(exclude={"api_key_env", "api_key_block", "system_prompt"})
+        lineage = {"source": source_lineage, "from_version": stored["original"]["version"],
+                   "paraphraser": {**settings, "prompt_hash": prompt_hash(spec.paraphrase)}}
+        stored["paraphrased"] = store_variant_task(spec.lake, spec.name, "paraphrased", paraphrased, lineage)
+        variants["paraphrased"] = paraphrased
+    for model in spec.generate:
+        model = model.resolved()
+        generated = generate_task(variants[spec.generate_from], model, spec.max_new_tokens, spec.generation_batch_size)
+        model_name, checkpoint = lake_names(model)
+        variant = layout.generated_variant(layout.model_key(model_name, model.is_local), layout.key(checkpoint))
+        lineage = {"source": source_lineage, "from_variant": spec.generate_from,
+                   "from_version": stored[spec.generate_from]["version"],
+                   "generator": {"model": model_name, "checkpoint": checkpoint, "resolved_commit": resolved_commit(model),
+                                 "dtype": model.dtype, "decoding": "greedy", "max_new_tokens": spec.max_new_tokens},
+                   "empty_answers": int(sum(not m[-1]["content"] for m in generated["messages"]))}
+        stored[variant] = store_variant_task(spec.lake, spec.name, variant, generated, lineage)
+    return {variant: meta["version"] for variant, meta in stored.items()}

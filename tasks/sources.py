@@ -1,0 +1,234 @@
+"""Probe-set sources: load a Hugging Face dataset or a local file, normalise to chats, sample.
+
+Every source becomes the same table: ``id`` (a stable string) and ``messages`` (a list
+of ``{"role", "content"}``).  Rows that cannot be used are dropped and reported with
+their reason, never silently.  Accepted row shapes:
+
+- ``messages`` (Tulu-3, UltraChat-200k): a list of role/content dicts;
+- ``conversations`` (LIMA): a list of strings, alternating user and assistant;
+- a prompt column (``prompt``, ``instruction``, ``question``) and a response column
+  (``response``, ``output``, ``answer``, ``completion``).
+
+The id is the source's own (``id``, ``prompt_id``, ``uid``, ``sample_id``) when it has
+one, else ``h-`` and 16 hex digits of a hash of the messages, which survives any
+reordering of the source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ID_COLUMNS = ("id", "prompt_id", "uid", "sample_id")
+PROMPT_COLUMNS = ("prompt", "instruction", "question")
+RESPONSE_COLUMNS = ("response", "output", "answer", "completion")
+ROLES = ("system", "user", "assistant")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
+
+
+class SourceError(ValueError):
+    """A source that cannot be read as asked, with what would be accepted."""
+
+
+class SourceSpec(BaseModel):
+    """Where the samples come from and which of them to take."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(description="A Hugging Face dataset id (e.g. 'GAIR/lima', 'allenai/tulu-3-sft-mixture'), a local dataset directory, or a local .jsonl / .parquet / .arrow file.")
+    config: str | None = Field(default=None, description="Dataset configuration (subset) name, for Hugging Face datasets that have several.")
+    split: str = Field(default="train", description="Split to read, e.g. 'train', 'test_sft'. Ignored for a single local file.")
+    revision: str | None = Field(default=None, description="Hub revision of the dataset (branch, tag, commit).")
+    n: int | None = Field(default=None, ge=1, description="Samples to take; empty takes every usable row.")
+    sampling: Literal["random", "first"] = Field(default="random", description="'random': n rows drawn with `seed`; 'first': the first n usable rows.")
+    seed: int = Field(default=0, description="Seed of the random draw.")
+
+    @model_validator(mode="after")
+    def _split_given(self) -> "SourceSpec":
+        if not self.split:
+            raise ValueError("split is empty; name one, e.g. 'train'")
+        return self
+
+
+@dataclass
+class Loaded:
+    """A normalised source: the usable samples and the report of what was dropped."""
+
+    frame: pd.DataFrame
+    n_rows: int
+    dropped: list[dict] = field(default_factory=list)
+
+    def report(self) -> dict:
+        reasons: dict[str, int] = {}
+        for d in self.dropped:
+            reasons[d["reason"]] = reasons.get(d["reason"], 0) + 1
+        return {"rows_read": self.n_rows, "usable": len(self.frame), "dropped": len(self.dropped),
+                "dropped_by_reason": reasons, "dropped_ids": [d["id"] for d in self.dropped]}
+
+
+def _is_local(source: str) -> bool:
+    return Path(source).expanduser().exists() or source.startswith((".", "/", "~")) or source.endswith(LOCAL_SUFFIXES)
+
+
+def read_rows(spec: SourceSpec) -> pd.DataFrame:
+    """The raw rows of the source, as a DataFrame; one clear error if it cannot be read."""
+    path = Path(spec.source).expanduser()
+    if _is_local(spec.source) and not path.exists():
+        raise SourceError(f"source file {spec.source!r} does not exist; pass a .jsonl, .parquet or .arrow file, "
+                          "a local dataset directory, or a Hugging Face dataset id")
+    if path.is_file():
+        suffix = path.suffix.lower()
+        try:
+            if suffix in (".jsonl", ".json"):
+                return _read_jsonl(path)
+            if suffix == ".parquet":
+                return pd.read_parquet(path)
+            if suffix == ".arrow":
+                from datasets import Dataset
+
+                return Dataset.from_file(str(path)).to_pandas()
+        except SourceError:
+            raise
+        except Exception as err:
+            raise SourceError(f"cannot read {spec.source!r} as {suffix[1:]}: {err}") from err
+        raise SourceError(f"source file {spec.source!r} has suffix {suffix!r}; use one of {LOCAL_SUFFIXES}")
+    return _load_hub(spec)
+
+
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = {"__unparseable__": f"line {number}"}
+        rows.append(row if isinstance(row, dict) else {"__unparseable__": f"line {number}"})
+    return pd.DataFrame(rows, dtype=object)  # object columns keep each row's own types
+
+
+def _load_hub(spec: SourceSpec) -> pd.DataFrame:
+    import datasets
+
+    try:
+        data = datasets.load_dataset(spec.source, spec.config, split=spec.split, revision=spec.revision)
+    except ValueError as err:
+        if "split" in str(err).lower():
+            raise SourceError(f"dataset {spec.source!r} has no split {spec.split!r}: {err}") from err
+        raise SourceError(f"cannot load dataset {spec.source!r} (config {spec.config!r}): {err}") from err
+    except Exception as err:  # the hub client raises many types for a missing or unreachable dataset
+        raise SourceError(
+            f"cannot load dataset {spec.source!r} (config {spec.config!r}, split {spec.split!r}): "
+            f"{type(err).__name__}: {err}; check the id, or pass a local .jsonl/.parquet/.arrow file"
+        ) from err
+    return data.to_pandas()
+
+
+def _message_list(row: dict) -> list[dict] | str:
+    """A row's chat, or the reason it has none."""
+    if "__unparseable__" in row and isinstance(row["__unparseable__"], str):
+        return "not valid JSON"
+    if "messages" in row:
+        messages = row["messages"]
+        if isinstance(messages, np.ndarray):
+            messages = messages.tolist()
+        if not isinstance(messages, list):
+            return "messages is not a list"
+        out = []
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                return "a message is not a {role, content} pair of strings"
+            if m["role"] not in ROLES:
+                return f"unknown role {m['role']!r}"
+            out.append({"role": m["role"], "content": m["content"]})
+        return out
+    if "conversations" in row:
+        turns = row["conversations"]
+        if isinstance(turns, np.ndarray):
+            turns = turns.tolist()
+        if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
+            return "conversations is not a list of strings"
+        return [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns)]
+    prompt = next((c for c in PROMPT_COLUMNS if c in row), None)
+    response = next((c for c in RESPONSE_COLUMNS if c in row), None)
+    if prompt and response:
+        if not isinstance(row[prompt], str) or not isinstance(row[response], str):
+            return f"{prompt}/{response} are not strings"
+        return [{"role": "user", "content": row[prompt]}, {"role": "assistant", "content": row[response]}]
+    return "no messages, conversations or prompt/response columns"
+
+
+def _problem(messages: list[dict]) -> str | None:
+    if not any(m["role"] == "user" for m in messages):
+        return "no user turn"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "no assistant turn"
+    if any(not m["content"].strip() for m in messages):
+        return "empty content"
+    return None
+
+
+def _row_id(row: dict, messages) -> str | None:
+    for column in ID_COLUMNS:
+        value = row.get(column)
+        if isinstance(value, (float, np.floating)) and float(value).is_integer():
+            value = int(value)
+        if isinstance(value, (str, int, np.integer)) and str(value):
+            return str(value)
+    if isinstance(messages, list):
+        return "h-" + hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
+    return None
+
+
+def normalise(rows: pd.DataFrame) -> Loaded:
+    """Rows of any accepted shape as ``id`` + ``messages``; unusable rows dropped and reported."""
+    kept_ids, kept_messages, dropped, seen = [], [], [], set()
+    for index, record in enumerate(rows.to_dict(orient="records")):
+        # Rows of mixed shapes share one table: a column a row lacks reads as None or NaN.
+        row = {k: v for k, v in record.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
+        messages = _message_list(row)
+        reason = messages if isinstance(messages, str) else _problem(messages)
+        sample_id = _row_id(row, messages) or f"row-{index}"
+        if reason is None and sample_id in seen:
+            reason = "duplicate id"
+        if reason is not None:
+            dropped.append({"id": sample_id, "row": index, "reason": reason})
+            continue
+        seen.add(sample_id)
+        kept_ids.append(sample_id)
+        kept_messages.append(messages)
+    return Loaded(pd.DataFrame({"id": kept_ids, "messages": kept_messages}), len(rows), dropped)
+
+
+def sample(loaded: Loaded, spec: SourceSpec) -> pd.DataFrame:
+    """The rows to keep: all, the first n, or n drawn with the seed (kept in source order)."""
+    frame = loaded.frame
+    if spec.n is None:
+        return frame.reset_index(drop=True)
+    if spec.n > len(frame):
+        raise SourceError(
+            f"n={spec.n} is larger than the {len(frame)} usable rows of {spec.source!r} "
+            f"({loaded.n_rows} read, {len(loaded.dropped)} dropped); ask for at most {len(frame)}"
+        )
+    if spec.sampling == "first":
+        return frame.head(spec.n).reset_index(drop=True)
+    chosen = np.sort(np.random.default_rng(spec.seed).choice(len(frame), size=spec.n, replace=False))
+    return frame.iloc[chosen].reset_index(drop=True)
+
+
+def load_source(spec: SourceSpec) -> tuple[pd.DataFrame, Loaded]:
+    """Read, normalise and sample a source: (the samples, the full normalisation report)."""
+    loaded = normalise(read_rows(spec))
+    if loaded.frame.empty:
+        raise SourceError(f"{spec.source!r} has no usable row ({loaded.n_rows} read); "
+                          f"dropped: {loaded.report()['dropped_by_reason']}")
+    return sample(loaded, spec), loaded
