@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lake import layout
 from lake.datasets import write_dataset
@@ -24,11 +24,18 @@ class DatasetSpec(BaseModel):
     name: str = Field(description="Dataset name in the lake, e.g. 'lima', 'tulu3-1000'.")
     source: SourceSpec = Field(description="The source and the sampling of it.")
     paraphrase: ParaphraseSpec | None = Field(default=None, description="Make the 'paraphrased' variant: every user turn rewritten by a chat model behind an OpenAI-compatible API.")
+    paraphrase_column: str | None = Field(default=None, description="Instead of an API: a source column that already holds a paraphrase of each sample's (single) user turn, as the bundled probe set has.")
     generate: list[ModelSpec] = Field(default_factory=list, description="Make a 'model_generated' variant per model and checkpoint: the model answers each prompt itself, greedily.")
     generate_from: str = Field(default="paraphrased", description="Variant whose prompts the models answer: 'paraphrased' (as in the thesis) or 'original'.")
     max_new_tokens: int = Field(default=256, ge=1, description="Longest generated answer, in tokens.")
     generation_batch_size: int = Field(default=8, ge=1, description="Prompts answered per batch.")
     lake: str = Field(default_factory=default_lake, description="Lake URL: file:///path, a directory, or s3://bucket/prefix.")
+
+    @model_validator(mode="after")
+    def _source_keeps_paraphrases(self) -> "DatasetSpec":
+        if self.paraphrase_column and self.paraphrase_column not in self.source.keep_columns:
+            self.source = self.source.model_copy(update={"keep_columns": [*self.source.keep_columns, self.paraphrase_column]})
+        return self
 
 
 def check_dataset_spec(spec: DatasetSpec) -> None:
@@ -36,12 +43,25 @@ def check_dataset_spec(spec: DatasetSpec) -> None:
     layout.name_key("dataset name", spec.name)
     if spec.generate_from not in ("paraphrased", "original"):
         raise ValueError(f"generate_from {spec.generate_from!r} is not known; use 'paraphrased' or 'original'")
-    if spec.generate and spec.generate_from == "paraphrased" and spec.paraphrase is None:
+    if spec.paraphrase is not None and spec.paraphrase_column:
+        raise ValueError("give either paraphrase settings (an API) or paraphrase_column (ready-made paraphrases), not both")
+    if spec.generate and spec.generate_from == "paraphrased" and spec.paraphrase is None and not spec.paraphrase_column:
         raise ValueError("generation answers the paraphrased prompts, but no paraphrase settings were given; "
                          "add paraphrase settings or set generate_from='original'")
     for model in spec.generate:
         check_model(model)
     LakeStore(spec.lake).check_writable()
+
+
+def with_user_turn(frame, column: str):
+    """Chats whose single user turn is replaced by the text in `column`."""
+    chats = []
+    for sample_id, messages, text in zip(frame["id"], frame["messages"], frame[column]):
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        if len(users) != 1:
+            raise ValueError(f"sample {sample_id!r} has {len(users)} user turns; a paraphrase column fits chats with exactly one")
+        chats.append([{**m, "content": text} if i == users[0] else m for i, m in enumerate(messages)])
+    return frame.assign(messages=chats)
 
 
 @task(name="load-source", cache_policy=NONE, retries=2, retry_delay_seconds=[10, 60],
@@ -79,6 +99,12 @@ def create_dataset(spec: DatasetSpec) -> dict[str, str]:
         settings = spec.paraphrase.model_dump(exclude={"api_key_env", "api_key_block", "system_prompt"})
         lineage = {"source": source_lineage, "from_version": stored["original"]["version"],
                    "paraphraser": {**settings, "prompt_hash": prompt_hash(spec.paraphrase)}}
+        stored["paraphrased"] = store_variant_task(spec.lake, spec.name, "paraphrased", paraphrased, lineage)
+        variants["paraphrased"] = paraphrased
+    if spec.paraphrase_column:
+        paraphrased = with_user_turn(frame, spec.paraphrase_column)
+        lineage = {"source": source_lineage, "from_version": stored["original"]["version"],
+                   "paraphraser": {"column": spec.paraphrase_column}}
         stored["paraphrased"] = store_variant_task(spec.lake, spec.name, "paraphrased", paraphrased, lineage)
         variants["paraphrased"] = paraphrased
     for model in spec.generate:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import os
+from importlib import resources
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
+from flows.dataset import DatasetSpec, create_dataset
 from flows.extract import extract_gradients
 from tasks.extract import ExtractionSpec
 from tasks.model import ModelSpec
-from tasks.probes import load_probe_set, probe_variant, store_probe_set
+from tasks.paraphrase import ParaphraseSpec
+from tasks.probes import PROBE_FILE, load_probe_set, probe_variant
+from tasks.sources import SourceSpec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,19 +39,31 @@ def build_tiny_models_task(model_dir: str) -> dict[str, str]:
     return built
 
 
-store_probe_set_task = task(store_probe_set, name="store-probe-set", cache_policy=NONE)
+def probe_dataset_spec(lake: str, model_dir: str) -> DatasetSpec:
+    """The demo's probe set: the bundled file, paraphrased by an API when one is configured, else by its own column."""
+    source = SourceSpec(source=str(resources.files("tasks") / PROBE_FILE))
+    generate = [ModelSpec(model=str(Path(model_dir) / "tiny-olmo2"), checkpoint="checkpoint-1")]
+    if os.environ.get("OPENAI_API_KEY"):
+        paraphrase = ParaphraseSpec(model=os.environ.get("GRADLAKE_PARAPHRASE_MODEL", "gpt-4o-mini"),
+                                    base_url=os.environ.get("OPENAI_BASE_URL"))
+        return DatasetSpec(name="probe", source=source, paraphrase=paraphrase, generate=generate, max_new_tokens=48, lake=lake)
+    return DatasetSpec(name="probe", source=source, paraphrase_column="paraphrase", generate=generate,
+                       max_new_tokens=48, lake=lake)
 
 
 @flow(name="gradlake-demo", log_prints=True)
 def demo_pipeline(lake: str, model_dir: str | None = None) -> list[str]:
-    """Build tiny models, store the probe set, extract gradients for both architectures."""
+    """Build tiny models, create the probe set's variants, extract gradients for both architectures."""
     models = build_tiny_models_task(str(model_dir or default_model_dir()))
-    variants = store_probe_set_task(lake)
+    versions = create_dataset(probe_dataset_spec(lake, str(Path(models["olmo2"]).parent)))
+    generated = next(v for v in versions if v.startswith("model_generated."))
+    runs = [("olmo2", "checkpoint-1", v) for v in ("original", "paraphrased", generated)]
+    runs += [("olmo2", "checkpoint-0", v) for v in ("original", "paraphrased")]
+    runs += [("olmo", "checkpoint-1", v) for v in ("original", "paraphrased")]
     paths = []
-    for arch, checkpoint in (("olmo2", "checkpoint-0"), ("olmo2", "checkpoint-1"), ("olmo", "checkpoint-1")):
-        for variant in variants:
-            spec = ExtractionSpec(model=ModelSpec(model=models[arch], checkpoint=checkpoint), dataset="probe",
-                                  variant=variant, paradigm="sft", shard_size=32, batch_size=8, lake=lake)
-            paths.append(extract_gradients(spec))
+    for arch, checkpoint, variant in runs:
+        spec = ExtractionSpec(model=ModelSpec(model=models[arch], checkpoint=checkpoint), dataset="probe",
+                              variant=variant, paradigm="sft", shard_size=32, batch_size=8, lake=lake)
+        paths.append(extract_gradients(spec))
     get_run_logger().info("demo lake at %s holds %d gradient groups", lake, len(paths))
     return paths

@@ -50,6 +50,7 @@ class SourceSpec(BaseModel):
     n: int | None = Field(default=None, ge=1, description="Samples to take; empty takes every usable row.")
     sampling: Literal["random", "first"] = Field(default="random", description="'random': n rows drawn with `seed`; 'first': the first n usable rows.")
     seed: int = Field(default=0, description="Seed of the random draw.")
+    keep_columns: list[str] = Field(default_factory=list, description="Source columns carried along beside id and messages (e.g. a column of ready-made paraphrases).")
 
     @model_validator(mode="after")
     def _split_given(self) -> "SourceSpec":
@@ -189,9 +190,12 @@ def _row_id(row: dict, messages) -> str | None:
     return None
 
 
-def normalise(rows: pd.DataFrame) -> Loaded:
-    """Rows of any accepted shape as ``id`` + ``messages``; unusable rows dropped and reported."""
-    kept_ids, kept_messages, dropped, seen = [], [], [], set()
+def normalise(rows: pd.DataFrame, keep_columns: list[str] | tuple[str, ...] = ()) -> Loaded:
+    """Rows of any accepted shape as ``id`` + ``messages`` (+ `keep_columns`); unusable rows dropped and reported."""
+    missing = [c for c in keep_columns if c not in rows.columns]
+    if missing:
+        raise SourceError(f"columns {missing} are not in the source; it has {sorted(rows.columns)}")
+    kept_ids, kept_messages, kept_extra, dropped, seen = [], [], [], [], set()
     for index, record in enumerate(rows.to_dict(orient="records")):
         # Rows of mixed shapes share one table: a column a row lacks reads as None or NaN.
         row = {k: v for k, v in record.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
@@ -200,13 +204,19 @@ def normalise(rows: pd.DataFrame) -> Loaded:
         sample_id = _row_id(row, messages) or f"row-{index}"
         if reason is None and sample_id in seen:
             reason = "duplicate id"
+        if reason is None and any(not isinstance(row.get(c), str) or not row[c].strip() for c in keep_columns):
+            reason = f"empty or non-text {'/'.join(keep_columns)}"
         if reason is not None:
             dropped.append({"id": sample_id, "row": index, "reason": reason})
             continue
         seen.add(sample_id)
         kept_ids.append(sample_id)
         kept_messages.append(messages)
-    return Loaded(pd.DataFrame({"id": kept_ids, "messages": kept_messages}), len(rows), dropped)
+        kept_extra.append([row[c] for c in keep_columns])
+    frame = pd.DataFrame({"id": kept_ids, "messages": kept_messages})
+    for i, column in enumerate(keep_columns):
+        frame[column] = [extra[i] for extra in kept_extra]
+    return Loaded(frame, len(rows), dropped)
 
 
 def sample(loaded: Loaded, spec: SourceSpec) -> pd.DataFrame:
@@ -227,7 +237,7 @@ def sample(loaded: Loaded, spec: SourceSpec) -> pd.DataFrame:
 
 def load_source(spec: SourceSpec) -> tuple[pd.DataFrame, Loaded]:
     """Read, normalise and sample a source: (the samples, the full normalisation report)."""
-    loaded = normalise(read_rows(spec))
+    loaded = normalise(read_rows(spec), spec.keep_columns)
     if loaded.frame.empty:
         raise SourceError(f"{spec.source!r} has no usable row ({loaded.n_rows} read); "
                           f"dropped: {loaded.report()['dropped_by_reason']}")

@@ -1,0 +1,108 @@
+"""The create-dataset flow: sources into versioned Parquet, model-generated answers per checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from flows.dataset import DatasetSpec, create_dataset
+from lake import open_lake
+from lake.store import LakeStore
+from tasks.generate import generate_answers
+from tasks.model import ModelSpec
+from tasks.sources import SourceError, SourceSpec
+
+
+@pytest.fixture
+def probe_file(tmp_path):
+    """The bundled probe rows as a local JSONL source, plus two malformed rows."""
+    from tasks.probes import load_probe_set
+
+    rows = load_probe_set().head(12)[["id", "instruction", "answer"]].to_dict(orient="records")
+    rows.append({"id": "broken-1", "instruction": "", "answer": "nothing asked"})
+    rows.append({"id": "broken-2", "instruction": "no answer"})
+    path = tmp_path / "probes.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_original_variant_with_drop_report_and_versions(probe_file, tmp_path):
+    lake = str(tmp_path / "lake")
+    spec = DatasetSpec(name="mini", source=SourceSpec(source=str(probe_file), n=8, seed=3), lake=lake)
+    versions = create_dataset(spec)
+    assert list(versions) == ["original"]
+    again = create_dataset(spec)
+    assert again == versions, "the same content is the same version"
+    opened = open_lake(lake)
+    frame = opened.dataset("mini", "original")
+    assert len(frame) == 8 and frame["id"].is_unique and not frame["id"].str.startswith("broken").any()
+    row = opened.catalog().query("kind == 'dataset'").iloc[0]
+    assert row["lineage.version"] == versions["original"]
+    assert row["lineage.source"]["dropped_ids"] == ["broken-1", "broken-2"]
+    assert row["lineage.source"]["dropped_by_reason"] == {"empty content": 1, "no messages, conversations or prompt/response columns": 1}
+    assert row["lineage.source"]["n"] == 8 and row["lineage.source"]["seed"] == 3
+    other = create_dataset(spec.model_copy(update={"source": SourceSpec(source=str(probe_file), n=8, seed=4)}))
+    assert other["original"] != versions["original"]
+    assert opened.dataset("mini", "original", version=versions["original"])["id"].tolist() == frame["id"].tolist()
+
+
+def test_bad_requests_fail_before_anything_is_written(probe_file, tmp_path):
+    lake = tmp_path / "lake"
+    spec = DatasetSpec(name="mini", source=SourceSpec(source=str(probe_file), n=500), lake=str(lake))
+    state = create_dataset(spec, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(SourceError, match=r"n=500 is larger than the 12 usable rows"):
+        state.result()
+    assert not (lake / "datasets").exists()
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(tiny_models, probe_chats):
+    path = tiny_models["olmo2"] / "checkpoint-1"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    frame = pd.DataFrame({"id": [f"s{i}" for i in range(7)], "messages": probe_chats[30:37]})
+    batched = generate_answers(model, tokenizer, frame, max_new_tokens=12, batch_size=4, log=lambda *_: None)
+    alone = generate_answers(model, tokenizer, frame, max_new_tokens=12, batch_size=1, log=lambda *_: None)
+    assert batched["messages"].tolist() == alone["messages"].tolist()
+    for chat, original in zip(batched["messages"], probe_chats[30:37]):
+        assert chat[:-1] == original[:-1] and chat[-1]["role"] == "assistant"
+    # The reference: plain greedy decoding, token by token, with no padding at all.
+    prompt = tokenizer.apply_chat_template(probe_chats[30][:-1], tokenize=True, add_generation_prompt=True,
+                                           return_dict=True)["input_ids"]
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(12):
+            nxt = model(input_ids=ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+            if nxt.item() == tokenizer.eos_token_id:
+                break
+    expected = tokenizer.decode(ids[0, len(prompt):], skip_special_tokens=True).strip()
+    assert batched["messages"].iloc[0][-1]["content"] == expected
+
+
+def test_model_generated_variants_per_checkpoint(tiny_models, probe_file, tmp_path):
+    lake = str(tmp_path / "lake")
+    models = [ModelSpec(model=str(tiny_models["olmo2"]), checkpoint=c) for c in ("checkpoint-0", "checkpoint-1")]
+    spec = DatasetSpec(name="mini", source=SourceSpec(source=str(probe_file), n=6, seed=0), generate=models,
+                       generate_from="original", max_new_tokens=8, generation_batch_size=4, lake=lake)
+    versions = create_dataset(spec)
+    generated = sorted(v for v in versions if v.startswith("model_generated."))
+    assert len(generated) == 2 and generated[0].endswith(".checkpoint-0") and generated[1].endswith(".checkpoint-1")
+    opened = open_lake(lake)
+    rows = opened.catalog().query("kind == 'dataset'").set_index("variant")
+    gens = [rows.loc[v, "lineage.generator"] for v in generated]
+    assert [g["checkpoint"] for g in gens] == ["checkpoint-0", "checkpoint-1"]
+    assert gens[0]["resolved_commit"] != gens[1]["resolved_commit"]
+    assert all(g["decoding"] == "greedy" and g["max_new_tokens"] == 8 for g in gens)
+    model_key = generated[0].split(".")[1]
+    a = opened.dataset("mini", "model_generated", model=model_key, checkpoint="checkpoint-0")
+    b = opened.dataset("mini", "model_generated", model=model_key, checkpoint="checkpoint-1")
+    original = opened.dataset("mini", "original")
+    assert a["id"].tolist() == b["id"].tolist() == original["id"].tolist()
+    assert [m[0] for m in a["messages"]] == [m[0] for m in original["messages"]], "prompts are the originals'"
+    assert [m[-1]["content"] for m in a["messages"]] != [m[-1]["content"] for m in b["messages"]]
+    assert LakeStore(lake).fs.exists(LakeStore(lake).path(f"datasets/mini/{generated[1]}/latest.json"))
