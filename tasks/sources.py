@@ -56,6 +56,9 @@ class SourceSpec(BaseModel):
     def _split_given(self) -> "SourceSpec":
         if not self.split:
             raise ValueError("split is empty; name one, e.g. 'train'")
+        path = Path(self.source).expanduser()
+        if path.exists():  # lineage names a local source by its absolute path
+            self.source = str(path.resolve())
         return self
 
 

@@ -113,3 +113,15 @@ def write_probe(lake: str, n: int | None = None, name: str = "probe") -> None:
     from tasks.probes import store_probe_set
 
     store_probe_set(lake, name, n)
+
+
+@pytest.fixture
+def openai_server(monkeypatch):
+    """An OpenAI-compatible chat server on loopback (tests/openai_server.py), its key in $OPENAI_API_KEY."""
+    from openai_server import FakeOpenAI
+
+    server = FakeOpenAI().start()
+    monkeypatch.setenv("OPENAI_API_KEY", server.api_key)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    yield server
+    server.stop()
