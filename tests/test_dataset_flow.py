@@ -106,3 +106,33 @@ def test_model_generated_variants_per_checkpoint(tiny_models, probe_file, tmp_pa
     assert [m[0] for m in a["messages"]] == [m[0] for m in original["messages"]], "prompts are the originals'"
     assert [m[-1]["content"] for m in a["messages"]] != [m[-1]["content"] for m in b["messages"]]
     assert LakeStore(lake).fs.exists(LakeStore(lake).path(f"datasets/mini/{generated[1]}/latest.json"))
+
+
+def test_paraphrase_then_generate_through_the_flow(tiny_models, probe_file, tmp_path, openai_server):
+    """The whole flow over HTTP: paraphrases from the API, answers to the paraphrased prompts, lineage cited."""
+    from openai_server import paraphrase_of
+
+    from tasks.paraphrase import ParaphraseSpec
+
+    lake = str(tmp_path / "lake")
+    spec = DatasetSpec(name="mini", source=SourceSpec(source=str(probe_file), n=5, seed=1),
+                       paraphrase=ParaphraseSpec(model=openai_server.models[0], base_url=openai_server.base_url, max_retries=2),
+                       generate=[ModelSpec(model=str(tiny_models["olmo"]), checkpoint="checkpoint-1")],
+                       max_new_tokens=6, lake=lake)
+    versions = create_dataset(spec)
+    assert len(openai_server.successes()) == 5
+    opened = open_lake(lake)
+    original, paraphrased = opened.dataset("mini", "original"), opened.dataset("mini", "paraphrased")
+    assert paraphrased["id"].tolist() == original["id"].tolist()
+    for o, p in zip(original["messages"], paraphrased["messages"]):
+        assert p[0]["content"] == paraphrase_of(o[0]["content"]) and p[1] == o[1]
+    generated_variant = next(v for v in versions if v.startswith("model_generated."))
+    generated = opened.dataset("mini", generated_variant)
+    assert [m[0] for m in generated["messages"]] == [m[0] for m in paraphrased["messages"]]
+    rows = opened.catalog().query("kind == 'dataset'").set_index("variant")
+    paraphraser = rows.loc["paraphrased", "lineage.paraphraser"]
+    assert paraphraser["model"] == openai_server.models[0] and paraphraser["prompt_hash"].startswith("sha256:")
+    assert openai_server.api_key not in json.dumps(rows.loc["paraphrased"].to_dict(), default=str)
+    assert rows.loc[generated_variant, "lineage.from_version"] == versions["paraphrased"]
+    create_dataset(spec)
+    assert len(openai_server.successes()) == 5, "a rerun pays for nothing"
