@@ -73,6 +73,30 @@ def dataset_probe(lake: Optional[str] = typer.Option(None, help="Lake URL.")) ->
     typer.echo(f"dataset 'probe' ({', '.join(variants)}) stored in {_lake(lake)}")
 
 
+@app.command()
+def project(
+    gradients: str = typer.Option(..., help="Path of a stored gradient group (see `gradlake catalog`)."),
+    kind: str = typer.Option("rademacher", help="rademacher, gaussian or sparse."),
+    dim: int = typer.Option(..., help="Output dimension (per tensor for per_tensor scope, in total otherwise)."),
+    seed: int = typer.Option(0, help="Seed of the random matrix."),
+    scope: str = typer.Option("per_tensor", help="per_tensor, proportional or flat."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    lake: Optional[str] = typer.Option(None, help="Lake URL."),
+) -> None:
+    """Project stored per-sample gradients (the project-gradients flow)."""
+    from flows.project import project_gradients
+    from tasks.project import ProjectSpec, create_projection_group
+    from tasks.projection import ProjectionSpec
+
+    try:
+        spec = ProjectSpec(gradients=gradients, projection=ProjectionSpec(kind=kind, dim=dim, seed=seed, scope=scope),
+                           device=device, lake=_lake(lake))
+        create_projection_group(spec)  # checks every setting against the stored group before any work
+    except (ValueError, ValidationError, OSError) as err:
+        _fail(err)
+    typer.echo(f"projections: {spec.lake}/{project_gradients(spec)}")
+
+
 def _model_at(text: str):
     from tasks.model import ModelSpec
 
@@ -137,7 +161,7 @@ def catalog(lake: Optional[str] = typer.Option(None, help="Lake URL.")) -> None:
 
     frame = open_lake(_lake(lake)).catalog()
     with pd.option_context("display.width", 200, "display.max_columns", 12, "display.max_colwidth", 40):
-        typer.echo(frame[["kind", "model", "checkpoint", "dataset", "variant", "paradigm", "mode", "n_samples",
+        typer.echo(frame[["kind", "model", "checkpoint", "dataset", "variant", "paradigm", "mode", "projection", "n_samples",
                           "shards_done", "shards_total", "complete"]].to_string(index=False))
 
 

@@ -51,6 +51,7 @@ class Lake:
                 "numel": sum(math.prod(shape) for shape in plan["parameters"].values()),
                 "dtype": plan["dtype"], "shards_done": int(flags.sum()), "shards_total": len(flags),
                 "complete": bool(flags.all()) and (plan["mode"] == "store" or bool(attrs.get("complete"))),
+                "projection": _projection_label(lineage.get("projection")),
                 **{f"lineage.{k}": v for k, v in lineage.items() if k not in _KEYS},
             })
         for meta in list_datasets(self.store):
@@ -61,17 +62,23 @@ class Lake:
                 "lineage.created_at": meta["created_at"],
                 **{f"lineage.{k}": v for k, v in meta.get("lineage", {}).items()},
             })
-        columns = ["kind", "path", *_KEYS, "n_samples", "n_parameters", "numel", "dtype", "shards_done", "shards_total", "complete"]
+        columns = ["kind", "path", *_KEYS, "projection", "n_samples", "n_parameters", "numel", "dtype", "shards_done",
+                   "shards_total", "complete"]
         frame = pd.DataFrame(rows)
         return frame.reindex(columns=columns + sorted(c for c in frame.columns if c not in columns))
 
-    def find_gradients(self, **where) -> str:
-        """The path of the one gradient group matching the given lineage keys."""
+    def find_gradients(self, projection: dict | None = None, **where) -> str:
+        """The path of the one gradient group (or, with `projection`, projection group) matching lineage keys."""
         unknown = set(where) - set(_KEYS)
         if unknown:
             raise LakeError(f"cannot select gradients by {sorted(unknown)}; use {list(_KEYS)}")
-        groups = [(p, a["lineage"]) for p, a in self._gradient_groups()]
-        hits = [p for p, lin in groups if all(v is None or lin.get(k) == v for k, v in where.items())]
+        groups = [(p, a["lineage"]) for p, a in self._gradient_groups()
+                  if bool(a["lineage"].get("projection")) == (projection is not None)]
+        if projection is not None:
+            groups = [(p, lin) for p, lin in groups
+                      if all(v is None or lin["projection"].get(k) == v for k, v in projection.items())]
+            where = {**where, **{k: v for k, v in projection.items() if v is not None}}
+        hits = [p for p, lin in groups if all(v is None or lin.get(k) == v for k, v in where.items() if k in _KEYS)]
         if len(hits) == 1:
             return hits[0]
         asked = {k: v for k, v in where.items() if v is not None}
@@ -87,6 +94,14 @@ class Lake:
                                    paradigm=paradigm, mode=mode)
         return xr.open_zarr(self.store.zarr_store, group=path, consolidated=False, zarr_format=3)
 
+    def projections(self, model: str | None = None, checkpoint: str | None = None, dataset: str | None = None,
+                    variant: str | None = None, paradigm: str | None = None, kind: str | None = None,
+                    dim: int | None = None, seed: int | None = None, scope: str | None = None) -> xr.Dataset:
+        """A projection group as an xarray.Dataset: one variable per tensor (or ``flat``), coordinate ``sample``."""
+        path = self.find_gradients(model=model, checkpoint=checkpoint, dataset=dataset, variant=variant,
+                                   paradigm=paradigm, projection={"kind": kind, "dim": dim, "seed": seed, "scope": scope})
+        return xr.open_zarr(self.store.zarr_store, group=path, consolidated=False, zarr_format=3)
+
     def dataset(self, name: str, variant: str = "original", model: str | None = None,
                 checkpoint: str | None = None, version: str | None = None) -> pd.DataFrame:
         """A dataset variant as a DataFrame (``id``, ``messages``), its latest version unless one is named.
@@ -100,6 +115,12 @@ class Lake:
                                 "(the catalog lists them as variants 'model_generated.<model>.<checkpoint>')")
             variant = layout.generated_variant(model, checkpoint)
         return read_dataset(self.store, name, variant, version)
+
+
+def _projection_label(projection: dict | None) -> str | None:
+    if not projection:
+        return None
+    return f"{projection['kind']}/{projection['scope']}/d{projection['dim']}/s{projection['seed']}"
 
 
 def open_lake(url: str, storage_options: dict | None = None) -> Lake:

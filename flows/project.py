@@ -1,0 +1,19 @@
+"""The projection flow: project a stored gradient group, shard by shard, into a group of its own."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+
+from tasks.extract import finalize_task
+from tasks.project import ProjectSpec, create_projection_task, project_shard_task
+
+
+@flow(name="project-gradients", log_prints=True)
+def project_gradients(spec: ProjectSpec) -> str:
+    """Random projections of stored per-sample gradients; returns the projection group's path."""
+    path, pending = create_projection_task(spec)
+    for shard in pending:
+        project_shard_task(spec, path, shard)
+    finalize_task(spec, path)
+    get_run_logger().info("projections complete at %s/%s", spec.lake, path)
+    return path
