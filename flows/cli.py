@@ -20,7 +20,7 @@ def _fail(err: Exception) -> None:
 
 
 def _lake(lake: Optional[str]) -> str:
-    from tasks.extract import default_lake
+    from lake.store import default_lake
 
     return lake or default_lake()
 

@@ -9,7 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from lake import layout
 from lake.datasets import write_dataset
 from lake.store import LakeStore
-from tasks.extract import default_lake, retry_unless_bad_input
+from lake.store import default_lake
+from tasks.retries import retry_unless_bad_input
 from tasks.generate import generate_task
 from tasks.model import ModelSpec, check_model, lake_names, resolved_commit
 from tasks.paraphrase import ParaphraseSpec, paraphrase_task, prompt_hash

@@ -14,6 +14,6 @@ def project_gradients(spec: ProjectSpec) -> str:
     path, pending = create_projection_task(spec)
     for shard in pending:
         project_shard_task(spec, path, shard)
-    finalize_task(spec, path)
+    finalize_task(spec.lake, [path])
     get_run_logger().info("projections complete at %s/%s", spec.lake, path)
     return path

@@ -26,6 +26,11 @@ class LakeError(ValueError):
 _ENDPOINT_VARS = ("GRADLAKE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 
+def default_lake() -> str:
+    """The lake URL from ``GRADLAKE_LAKE``, else ``demo-lake`` in the working directory."""
+    return os.environ.get("GRADLAKE_LAKE") or "demo-lake"
+
+
 def storage_options_for(url: str, storage_options: dict | None = None) -> dict:
     """fsspec options for a lake URL: the caller's, plus the S3 endpoint from the environment."""
     options = dict(storage_options or {})

@@ -7,9 +7,9 @@ the Prefect wrappers at the bottom add retries and logging.
 
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import dataclass
+from functools import partial
+from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Literal
 
@@ -22,16 +22,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from lake import layout
 from lake.datasets import dataset_meta, read_dataset
 from lake.gradients import GradientGroup, GradientPlan
-from lake.store import LakeError, LakeStore
+from lake.store import LakeError, LakeStore, default_lake
 from tasks.gradients import PerSampleGradients
+from tasks.gradients import Projection
 from tasks.loss import IGNORE_INDEX, Encoded, encode_sample, pad_batch
 from tasks.model import (ModelError, ModelSpec, check_model, lake_names, load_model, load_tokenizer, parameter_shapes,
                          resolved_commit, select_parameters, tokenizer_fingerprint)
-
-
-def default_lake() -> str:
-    """The lake URL from ``GRADLAKE_LAKE``, else ``demo-lake`` in the working directory."""
-    return os.environ.get("GRADLAKE_LAKE") or "demo-lake"
+from tasks.project import projection_group_plan, projection_path
+from tasks.projection import ProjectionSpec, output_key, projectors_for
+from tasks.retries import retry_unless_bad_input
 
 
 class ExtractionSpec(BaseModel):
@@ -49,6 +48,8 @@ class ExtractionSpec(BaseModel):
     batch_size: int = Field(default=8, ge=1, description="Samples per backward pass; must divide the shard size. It is also the chunk height of stored arrays.")
     max_length: int = Field(default=1024, ge=2, description="Tokens per sample at most; longer chats are cut on the right.")
     store_dtype: Literal["float32", "float16"] = Field(default="float32", description="Dtype of the stored gradients.")
+    projections: list[ProjectionSpec] = Field(default_factory=list, description="Random projections made on the fly, each stored in a group of its own beside the gradients (mode 'store' only).")
+    keep_gradients: bool = Field(default=True, description="Store the full per-sample gradients too; turn off for models whose gradients are too large to keep (only the projections are stored).")
     lake: str = Field(default_factory=default_lake, description="Lake URL: file:///path, a directory, or s3://bucket/prefix (endpoint from GRADLAKE_S3_ENDPOINT_URL).")
 
 
@@ -63,6 +64,7 @@ class ExtractionPlan:
     sample_ids: list[str]
     input_ids: np.ndarray
     label_mask: np.ndarray
+    projections: list[tuple[str, GradientPlan, dict]] = field(default_factory=list)
 
 
 def gradlake_version() -> str:
@@ -93,10 +95,21 @@ def plan_extraction(spec: ExtractionSpec) -> ExtractionPlan:
     layout.name_key("variant", spec.variant)
     if spec.shard_size % spec.batch_size:
         raise ValueError(f"shard_size {spec.shard_size} must be a multiple of batch_size {spec.batch_size}")
+    if spec.projections and spec.mode != "store":
+        raise ValueError(f"projections are made of per-sample gradients; they need mode 'store', not {spec.mode!r}")
+    if not spec.keep_gradients and not spec.projections:
+        raise ValueError("keep_gradients is off and no projection is asked for: nothing would be stored")
+    labels = [p.label for p in spec.projections]
+    if len(set(labels)) < len(labels):
+        raise ValueError(f"the same projection is asked for twice: {labels}")
     config = check_model(model)
     shapes = parameter_shapes(model, config)
     label = f"{model.model}" + (f"@{model.checkpoint}" if model.checkpoint else "")
     names = select_parameters(list(shapes), spec.layers, label)
+    selected = {n: shapes[n] for n in names}
+    device = model.torch_device()
+    for projection in spec.projections:  # every setting checked before anything is read or written
+        projection_group_plan("x/sft-store", _probe_plan(selected), {}, selected, projection, device)
     store = LakeStore(spec.lake)
     store.check_writable()
     meta = dataset_meta(store, spec.dataset, spec.variant)
@@ -135,19 +148,36 @@ def plan_extraction(spec: ExtractionSpec) -> ExtractionPlan:
     }
     plan = GradientPlan(
         n_samples=len(encoded), shard_size=spec.shard_size, batch_size=spec.batch_size,
-        parameters={n: list(shapes[n]) for n in names}, mode=spec.mode, dtype=spec.store_dtype, max_tokens=width,
+        parameters={n: list(shapes[n]) for n in names} if spec.keep_gradients else {},
+        mode=spec.mode, dtype=spec.store_dtype, max_tokens=width,
     )
     path = layout.gradient_group_path(
         layout.model_key(model_name, model.is_local), layout.key(checkpoint), spec.dataset, spec.variant,
         spec.paradigm, spec.mode,
     )
-    return ExtractionPlan(store, path, plan, lineage, [str(i) for i in frame["id"]], input_ids, label_mask)
+    if not spec.keep_gradients:
+        lineage["gradients_kept"] = False
+    projections = [projection_group_plan(path, plan, lineage, selected, p, device) for p in spec.projections]
+    return ExtractionPlan(store, path, plan, lineage, [str(i) for i in frame["id"]], input_ids, label_mask, projections)
+
+
+def _probe_plan(shapes: dict) -> GradientPlan:
+    """A stand-in source plan for checking projection settings before the dataset is read."""
+    return GradientPlan(n_samples=1, shard_size=1, batch_size=1, parameters={n: list(s) for n, s in shapes.items()},
+                        mode="store", dtype="float32", max_tokens=1)
 
 
 def create_group(planned: ExtractionPlan) -> GradientGroup:
-    """Create the gradient group (or reopen the identical one a previous run made)."""
-    return GradientGroup.create(planned.store, planned.path, planned.plan, planned.lineage,
-                                planned.sample_ids, planned.input_ids, planned.label_mask)
+    """Create the gradient group (or reopen the identical one a previous run made), then its projection groups."""
+    args = (planned.sample_ids, planned.input_ids, planned.label_mask)
+    for path, plan, lineage in planned.projections:
+        GradientGroup.create(planned.store, path, plan, lineage, *args)
+    return GradientGroup.create(planned.store, planned.path, planned.plan, planned.lineage, *args)
+
+
+def projection_groups(spec: ExtractionSpec, store: LakeStore, path: str) -> list[GradientGroup]:
+    """The on-the-fly projection groups of an extraction, in the order of `spec.projections`."""
+    return [GradientGroup.open(store, projection_path(path, p)) for p in spec.projections]
 
 
 def _batch(group: GradientGroup, start: int, stop: int, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,12 +203,17 @@ def extract_shard(spec: ExtractionSpec, group: GradientGroup, shard: int, log=pr
     start, stop = group.shard_bounds(shard)
     names = list(plan.parameters)
     sums = {n: torch.zeros(plan.numel(n), dtype=torch.float64, device=device) for n in names} if plan.mode != "store" else None
+    targets = projection_groups(spec, group.store, group.path)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if n in set(group.lineage["layers"])}
+    projections = [Projection(projectors_for(p, shapes, device), key=partial(output_key, p)) for p in spec.projections]
     began = time.perf_counter()
-    with PerSampleGradients(model, names) as per_sample:
+    with PerSampleGradients(model, names, projections) as per_sample:
         for offset in range(start, stop, plan.batch_size):
             end = min(offset + plan.batch_size, stop)
             input_ids, labels = _batch(group, offset, end, pad_id, device)
             grads = per_sample(input_ids, labels)
+            for target, projected in zip(targets, per_sample.projected):
+                target.write_rows(offset, {k: v.cpu().numpy() for k, v in projected.items()})
             if plan.mode == "store":
                 group.write_rows(offset, {n: g.cpu().numpy() for n, g in grads.items()})
             else:
@@ -188,6 +223,8 @@ def extract_shard(spec: ExtractionSpec, group: GradientGroup, shard: int, log=pr
                     sums[n] += g.sum(dim=0, dtype=torch.float64)
     if sums is not None:
         group.write_partial_sum(shard, {n: s.cpu().numpy() for n, s in sums.items()})
+    for target in targets:  # the gradient group's flag last: it stands for the whole shard
+        target.mark_complete(shard)
     group.mark_complete(shard)
     elapsed = time.perf_counter() - began
     log(f"shard {shard + 1}/{plan.n_shards}: samples {start}-{stop - 1} in {elapsed:.1f}s "
@@ -197,30 +234,28 @@ def extract_shard(spec: ExtractionSpec, group: GradientGroup, shard: int, log=pr
 
 # -- Prefect wrappers -------------------------------------------------------------------------
 
-def retry_unless_bad_input(task, task_run, state) -> bool:
-    """Retry failures of the machine or network, never a ValueError: bad input stays bad."""
-    error = state.data if isinstance(state.data, BaseException) else None
-    if error is None:
-        try:
-            state.result(raise_on_failure=True)
-        except BaseException as raised:  # the state's own exception, re-raised to look at it
-            error = raised
-    return not isinstance(error, ValueError)
-
-
 @task(name="plan-and-create-group", cache_policy=NONE, retries=2, retry_delay_seconds=[5, 30],
       retry_condition_fn=retry_unless_bad_input)
 def prepare_extraction_task(spec: ExtractionSpec) -> tuple[str, list[int]]:
     """Validate, then create (or reopen) the group; returns its path and the shards still to do."""
     planned = plan_extraction(spec)
     group = create_group(planned)
-    pending = group.pending_shards()
+    pending = pending_shards(spec, group)
     get_run_logger().info(
-        "group %s in %s: %d samples, %d tensors, %d/%d shards to do",
-        planned.path, planned.store.url, planned.plan.n_samples, len(planned.plan.parameters),
+        "group %s in %s: %d samples, %d tensors%s, %d/%d shards to do",
+        planned.path, planned.store.url, planned.plan.n_samples, len(planned.lineage["layers"]),
+        f", {len(planned.projections)} projections on the fly" if planned.projections else "",
         len(pending), planned.plan.n_shards,
     )
     return planned.path, pending
+
+
+def pending_shards(spec: ExtractionSpec, group: GradientGroup) -> list[int]:
+    """Shards not yet complete in the gradient group or any of its on-the-fly projection groups."""
+    pending = set(group.pending_shards())
+    for target in projection_groups(spec, group.store, group.path):
+        pending.update(target.pending_shards())
+    return sorted(pending)
 
 
 @task(name="extract-shard", cache_policy=NONE, retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_bad_input,
@@ -230,14 +265,16 @@ def extract_shard_task(spec: ExtractionSpec, path: str, shard: int) -> int:
     return extract_shard(spec, group, shard, log=get_run_logger().info)
 
 
-@task(name="finalize-group", cache_policy=NONE, retries=2, retry_delay_seconds=[5, 30],
+@task(name="finalize-groups", cache_policy=NONE, retries=2, retry_delay_seconds=[5, 30],
       retry_condition_fn=retry_unless_bad_input)
-def finalize_task(spec: ExtractionSpec, path: str) -> bool:
-    group = GradientGroup.open(LakeStore(spec.lake), path)
-    complete = group.finalize()
-    if not complete:
-        raise LakeError(f"group {path} still has shards {group.pending_shards()} to do")
-    return complete
+def finalize_task(lake: str, paths: list[str]) -> bool:
+    """Check every group is complete and combine mean modes' sums, in order (the gradient group last)."""
+    store = LakeStore(lake)
+    for path in paths:
+        group = GradientGroup.open(store, path)
+        if not group.finalize():
+            raise LakeError(f"group {path} still has shards {group.pending_shards()} to do")
+    return True
 
 
 __all__ = ["ExtractionSpec", "ExtractionPlan", "plan_extraction", "create_group", "extract_shard",

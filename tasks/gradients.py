@@ -21,11 +21,19 @@ real ones, so no attention mask is needed and batching changes no result.
 The per-sample gradients are written into buffers that live as long as the
 extractor: freshly allocated multi-megabyte outputs cost page faults that, on a
 CPU, halve the rate of the batched products.
+
+Projections can be made during the backward pass (:class:`Projection`), for models
+whose gradients are too large to keep: a tensor that is projected but not kept is
+formed in one scratch buffer shared by all tensors and projected at once, so memory
+holds one tensor's per-sample gradients rather than the whole model's.  A projector
+with ``factors`` (the Kronecker kind) is applied to the two factors of a linear or
+embedding layer's gradient, which is then never formed at all.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -34,26 +42,49 @@ from torch.func import functional_call, vjp, vmap
 from tasks.loss import sample_losses
 
 
+@dataclass
+class Projection:
+    """Projections to make during the backward pass.
+
+    ``projectors`` maps a parameter name to an object with ``project((batch, numel)) ->
+    (batch, k)``; one that also has ``factors = (p_out, p_in)`` is applied to a linear or
+    embedding weight's factors.  ``key`` names the output a tensor's projection is added
+    to (the same key for several tensors sums their projections).
+    """
+
+    projectors: dict[str, object]
+    key: Callable[[str], str] = str
+
+
 class PerSampleGradients:
     """Computes per-sample gradients of selected parameters of one model, batch by batch.
 
     Use as ``with PerSampleGradients(model, names) as grads: g = grads(ids, labels)``.
-    The returned tensors are views of reused buffers, valid until the next call.
+    The returned tensors are views of reused buffers, valid until the next call.  With
+    ``projections``, ``grads.projected[i]`` holds the i-th projection's outputs
+    ``{key: (batch, k)}`` after each call; ``names`` may then be empty.
     """
 
-    def __init__(self, model: nn.Module, names: Sequence[str]):
-        if not names:
-            raise ValueError("no parameter selected: pass at least one parameter name")
+    def __init__(self, model: nn.Module, names: Sequence[str], projections: Sequence[Projection] = ()):
+        self.projections = list(projections)
+        hooked = list(dict.fromkeys([*names, *(n for p in self.projections for n in p.projectors)]))
+        if not hooked:
+            raise ValueError("no parameter selected: pass at least one parameter name or projection")
         by_name = dict(model.named_parameters())
-        unknown = [n for n in names if n not in by_name]
+        unknown = [n for n in hooked if n not in by_name]
         if unknown:
             raise ValueError(f"{unknown[:3]} are not parameters of the model; names look like {next(iter(by_name))!r}")
         self.model = model
         self.names = list(names)
-        self._wanted = {id(by_name[n]): n for n in names}
-        self._shapes = {n: by_name[n].numel() for n in names}
+        self._keep = set(names)
+        self._hooked = hooked
+        self._wanted = {id(by_name[n]): n for n in hooked}
+        self._shapes = {n: by_name[n].numel() for n in hooked}
         self._buffers: dict[str, torch.Tensor] = {}
+        self._scratch: torch.Tensor | None = None
         self._written: set[str] = set()
+        self._dense_after: dict[str, list[int]] = {}
+        self.projected: list[dict[str, torch.Tensor]] = [{} for _ in self.projections]
         self._recording = False
         self._weight_roles: dict[int, str] = {}
         self._handles: list = []
@@ -88,6 +119,8 @@ class PerSampleGradients:
         if not self._handles:
             raise RuntimeError("PerSampleGradients must be used inside a `with` block")
         self._written.clear()
+        self._dense_after = {}
+        self.projected = [{} for _ in self.projections]
         self._recording = True
         try:
             with torch.enable_grad():
@@ -95,11 +128,56 @@ class PerSampleGradients:
                 sample_losses(logits, labels).sum().backward()
         finally:
             self._recording = False
-        missing = [n for n in self.names if n not in self._written]
+        missing = [n for n in self._hooked if n not in self._written]
         if missing:
             raise RuntimeError(f"no gradient reached {missing[:3]}: these parameters do not influence the loss")
         batch = input_ids.shape[0]
-        return {n: self._buffers[n][:batch] for n in self.names}
+        kept = {n: self._buffers[n][:batch] for n in self.names}
+        for name, dense in self._dense_after.items():  # kept tensors are projected once, whole
+            for j in dense:
+                self._add_projection(j, name, self.projections[j].projectors[name].project(kept[name]))
+        return kept
+
+    # -- where contributions go -----------------------------------------------------------
+
+    def _routes(self, name: str, factorable: bool) -> tuple[list[int], list[int]]:
+        """Which projections take `name` through its factors, and which need its full gradient."""
+        factored, dense = [], []
+        for j, p in enumerate(self.projections):
+            if name in p.projectors:
+                (factored if factorable and hasattr(p.projectors[name], "factors") else dense).append(j)
+        return factored, dense
+
+    def _needs_full(self, name: str, dense: list[int]) -> bool:
+        return name in self._keep or bool(dense)
+
+    def _dest(self, name: str, batch: int, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Where a contribution to `name` is written, and whether it adds to what is there."""
+        if name in self._keep:
+            return self._buffer(name, batch, like), name in self._written
+        numel = self._shapes[name]
+        need = batch * max(self._shapes[n] for n in self._hooked if n not in self._keep)
+        if self._scratch is None or self._scratch.numel() < need or self._scratch.dtype != like.dtype \
+                or self._scratch.device != like.device:
+            self._scratch = torch.empty(need, dtype=like.dtype, device=like.device)
+        return self._scratch[: batch * numel].view(batch, numel), False
+
+    def _contributed(self, name: str, value: torch.Tensor, dense: list[int]) -> None:
+        """A contribution to `name` is complete in `value`: project it now unless the tensor is kept."""
+        self._written.add(name)
+        if name in self._keep:
+            if dense:
+                self._dense_after[name] = dense
+            return
+        for j in dense:
+            self._add_projection(j, name, self.projections[j].projectors[name].project(value))
+
+    def _add_projection(self, j: int, name: str, value: torch.Tensor) -> None:
+        out, key = self.projected[j], self.projections[j].key(name)
+        if key in out:
+            out[key].add_(value)
+        else:
+            out[key] = value
 
     def _buffer(self, name: str, batch: int, like: torch.Tensor) -> torch.Tensor:
         buf = self._buffers.get(name)
@@ -128,22 +206,37 @@ class PerSampleGradients:
             gt = g.transpose(1, 2)
             if "weight" in owned:
                 name = names["weight"]
-                out = self._buffer(name, batch, g).view(batch, mod.out_features, mod.in_features)
-                if name in self._written:  # a tied parameter collects from every use
-                    out.baddbmm_(gt, x)
-                else:
-                    torch.bmm(gt, x, out=out)
+                factored, dense = self._routes(name, factorable=True)
+                for j in factored:  # sum_t (P_out^T g_t)(P_in^T a_t)^T: the gradient is never formed
+                    p_out, p_in = self.projections[j].projectors[name].factors
+                    self._add_projection(j, name, torch.bmm((g.float() @ p_out).transpose(1, 2),
+                                                            x.float() @ p_in).reshape(batch, -1))
+                if self._needs_full(name, dense):
+                    out, add = self._dest(name, batch, g)
+                    if add:  # a tied parameter collects from every use
+                        out.view(batch, mod.out_features, mod.in_features).baddbmm_(gt, x)
+                    else:
+                        torch.bmm(gt, x, out=out.view(batch, mod.out_features, mod.in_features))
+                    self._contributed(name, out, dense)
                 self._written.add(name)
             if "bias" in owned:
                 self._store(names["bias"], g.sum(dim=1))
         elif isinstance(mod, nn.Embedding) and set(owned) == {"weight"}:
             name = names["weight"]
             dim = g.shape[-1]
-            out = self._buffer(name, batch, g).view(batch, mod.num_embeddings, dim)
-            if name not in self._written:
-                out.zero_()
-            ids = x.reshape(batch, -1, 1).expand(-1, -1, dim)
-            out.scatter_add_(1, ids, g.reshape(batch, -1, dim))
+            g = g.reshape(batch, -1, dim)
+            factored, dense = self._routes(name, factorable=True)
+            for j in factored:  # the gradient is sum_t e_{token t} g_t^T: P_out's rows of the tokens times P_in^T g_t
+                p_out, p_in = self.projections[j].projectors[name].factors
+                rows = p_out[x.reshape(batch, -1)]
+                self._add_projection(j, name, torch.bmm(rows.transpose(1, 2), g.float() @ p_in).reshape(batch, -1))
+            if self._needs_full(name, dense):
+                out, add = self._dest(name, batch, g)
+                out3 = out.view(batch, mod.num_embeddings, dim)
+                if not add:
+                    out3.zero_()
+                out3.scatter_add_(1, x.reshape(batch, -1, 1).expand(-1, -1, dim), g)
+                self._contributed(name, out, dense)
             self._written.add(name)
         elif set(owned) == {"weight"} and (kind := self._weight_role(mod, x)) != "other":
             # y = w * f(x) + c(x) elementwise (RMSNorm and its kin): dL/dw = sum_t g * f(x).
@@ -202,12 +295,16 @@ class PerSampleGradients:
         return verdict
 
     def _store(self, name: str, value: torch.Tensor) -> None:
-        out = self._buffer(name, value.shape[0], value)
-        if name in self._written:
-            out.add_(value)
-        else:
-            out.copy_(value)
-        self._written.add(name)
+        """A contribution computed as a fresh tensor (modules without a factored form)."""
+        _, dense = self._routes(name, factorable=False)
+        if name in self._keep:
+            out = self._buffer(name, value.shape[0], value)
+            if name in self._written:
+                out.add_(value)
+            else:
+                out.copy_(value)
+            value = out
+        self._contributed(name, value, dense)
 
 
 def per_sample_gradients(

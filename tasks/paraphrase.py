@@ -33,7 +33,7 @@ from prefect.cache_policies import NONE
 from pydantic import BaseModel, ConfigDict, Field
 
 from lake.store import LakeStore
-from tasks.extract import retry_unless_bad_input
+from tasks.retries import retry_unless_bad_input
 
 CACHE_DIR = "cache/paraphrase"
 OPENAI_BASE_URL = "https://api.openai.com/v1"

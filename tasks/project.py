@@ -1,7 +1,8 @@
 """The projection stage: project stored per-tensor gradients into a group of their own, shard by shard.
 
 A projection group sits beside the gradient group it was made from
-(``<paradigm>-proj-<kind>-<scope>-d<dim>-s<seed>``), holds the same sample ids and
+(``<paradigm>-proj-<kind>-<scope>-d<dim>-s<seed>``; for kind ``kronecker`` the scope
+segment is ``<k_out>x<k_in>``), holds the same sample ids and
 tokens, one array per tensor (or one ``flat`` array), and cites its source group and
 projection settings in its lineage.  It resumes like a gradient group.
 """
@@ -9,7 +10,6 @@ projection settings in its lineage.  It resumes like a gradient group.
 from __future__ import annotations
 
 import time
-from functools import lru_cache
 
 import numpy as np
 import torch
@@ -18,11 +18,9 @@ from prefect.cache_policies import NONE
 from pydantic import BaseModel, ConfigDict, Field
 
 from lake.gradients import GradientGroup, GradientPlan
-from lake.store import LakeError, LakeStore
-from tasks.extract import default_lake, retry_unless_bad_input
-from tasks.projection import MEMORY_BUDGET, ProjectionSpec, check_projection, make_projector
-
-FLAT = "flat"
+from lake.store import LakeError, LakeStore, default_lake
+from tasks.projection import ProjectionSpec, output_dims, project_batch, projector_choices, projectors_for
+from tasks.retries import retry_unless_bad_input
 
 
 class ProjectSpec(BaseModel):
@@ -36,84 +34,62 @@ class ProjectSpec(BaseModel):
     lake: str = Field(default_factory=default_lake, description="Lake URL.")
 
 
-def projection_key(spec: ProjectionSpec) -> str:
-    return f"proj-{spec.kind}-{spec.scope}-d{spec.dim}-s{spec.seed}"
-
-
 def projection_path(gradient_path: str, spec: ProjectionSpec) -> str:
-    """The projection group's path: a sibling of its gradient group."""
+    """The projection group's path: a sibling of its gradient group, ``<paradigm>-proj-<setting>``."""
     parent, leaf = gradient_path.rsplit("/", 1)
     paradigm = leaf.split("-", 1)[0]
-    return f"{parent}/{paradigm}-{projection_key(spec)}"
+    return f"{parent}/{paradigm}-proj-{spec.label}"
 
 
-def output_dims(spec: ProjectionSpec, sizes: dict[str, int]) -> dict[str, int]:
-    """Array name -> dimension of the projection group."""
-    dims = check_projection(spec, sizes)
-    return {FLAT: spec.dim} if spec.scope == "flat" else dims
+def projection_group_plan(source_path: str, source_plan: GradientPlan, source_lineage: dict,
+                          shapes: dict[str, tuple[int, ...]], spec: ProjectionSpec,
+                          device="cpu") -> tuple[str, GradientPlan, dict]:
+    """Path, plan and lineage of the group holding `spec`'s projections of a gradient group.
 
-
-def projectors_for(spec: ProjectionSpec, sizes: dict[str, int], device="cpu") -> dict:
-    """One projector per tensor, each from the seed and the tensor's name alone; kept for the next shard."""
-    return dict(_projectors(spec, tuple(sizes.items()), str(device)))
-
-
-@lru_cache(maxsize=2)
-def _projectors(spec: ProjectionSpec, sizes: tuple[tuple[str, int], ...], device: str) -> tuple:
-    dims = check_projection(spec, dict(sizes))
-    out, budget = [], MEMORY_BUDGET  # one budget for all tensors' cached matrices together
-    for name, n in sizes:
-        projector = make_projector(n, dims[name], spec.kind, spec.seed, name, device, memory_budget=budget)
-        budget -= n * dims[name] * 4 if getattr(projector, "cached", False) else 0
-        out.append((name, projector))
-    return tuple(out)
-
-
-def project_batch(spec: ProjectionSpec, grads: dict[str, torch.Tensor], projectors: dict) -> dict[str, torch.Tensor]:
-    """Project one batch of per-tensor gradients: {array name: (batch, dim)}."""
-    if spec.scope == "flat":
-        total = None
-        for name, g in grads.items():
-            part = projectors[name].project(g)
-            total = part if total is None else total + part
-        return {FLAT: total}
-    return {name: projectors[name].project(g) for name, g in grads.items()}
+    The same whether the projections are made on the fly during extraction or afterwards
+    from stored gradients, so either run recognises the other's group.  Checks the
+    settings (one clear error) and builds no matrix.
+    """
+    dims = output_dims(spec, shapes)
+    plan = GradientPlan(n_samples=source_plan.n_samples, shard_size=source_plan.shard_size,
+                        batch_size=source_plan.batch_size, parameters={n: [d] for n, d in dims.items()},
+                        mode="store", dtype="float32", max_tokens=source_plan.max_tokens)
+    lineage = {k: v for k, v in source_lineage.items() if k not in ("created_at", "gradients_kept")}
+    lineage["projection"] = {**spec.model_dump(), "dims": dims, "projectors": projector_choices(spec, shapes, device),
+                             "source_group": source_path}
+    return projection_path(source_path, spec), plan, lineage
 
 
 def create_projection_group(spec: ProjectSpec) -> GradientGroup:
-    """Check the settings against the source group, then create (or reopen) the projection group."""
+    """Check the settings against the stored source group, then create (or reopen) the projection group."""
     store = LakeStore(spec.lake)
     source = GradientGroup.open(store, spec.gradients)
     if source.plan.mode != "store":
         raise LakeError(f"group {spec.gradients!r} holds mode {source.plan.mode!r}; only per-sample ('store') gradients can be projected")
     if source.lineage.get("projection"):
         raise LakeError(f"group {spec.gradients!r} is itself a projection; project the gradient group it was made from")
-    sizes = {name: source.plan.numel(name) for name in source.plan.parameters}
-    dims = output_dims(spec.projection, sizes)
-    projectors = projectors_for(spec.projection, sizes, "cpu" if spec.device == "cpu" else spec.device)
-    plan = GradientPlan(n_samples=source.plan.n_samples, shard_size=source.plan.shard_size,
-                        batch_size=source.plan.batch_size, parameters={n: [d] for n, d in dims.items()},
-                        mode="store", dtype="float32", max_tokens=source.plan.max_tokens)
-    lineage = {**source.lineage, "projection": {**spec.projection.model_dump(), "dims": dims,
-                                                "projectors": {n: p.name for n, p in projectors.items()},
-                                                "source_group": spec.gradients}}
-    lineage.pop("created_at", None)
+    if not source.plan.parameters:
+        raise LakeError(f"group {spec.gradients!r} kept no gradients (they were projected on the fly); "
+                        "re-extract with keep_gradients to project them afresh")
+    shapes = {name: tuple(shape) for name, shape in source.plan.parameters.items()}
+    path, plan, lineage = projection_group_plan(spec.gradients, source.plan, source.lineage, shapes, spec.projection,
+                                                spec.device)
     group = source.group
-    return GradientGroup.create(store, projection_path(spec.gradients, spec.projection), plan, lineage,
-                                [str(s) for s in group["sample"][:]], group["input_ids"][:], group["label_mask"][:])
+    return GradientGroup.create(store, path, plan, lineage, [str(s) for s in group["sample"][:]],
+                                group["input_ids"][:], group["label_mask"][:])
 
 
 def project_shard(spec: ProjectSpec, target: GradientGroup, shard: int, log=print) -> int:
     """Project one shard of the source group into the projection group, then flag it complete."""
     store = LakeStore(spec.lake)
     source = GradientGroup.open(store, spec.gradients)
-    sizes = {name: source.plan.numel(name) for name in source.plan.parameters}
-    projectors = projectors_for(spec.projection, sizes, spec.device)
+    shapes = {name: tuple(shape) for name, shape in source.plan.parameters.items()}
+    projectors = projectors_for(spec.projection, shapes, spec.device)
     start, stop = target.shard_bounds(shard)
     began = time.perf_counter()
     for offset in range(start, stop, target.plan.batch_size):
         end = min(offset + target.plan.batch_size, stop)
-        grads = {n: torch.from_numpy(np.asarray(source.group[n][offset:end], dtype=np.float32)) for n in sizes}
+        grads = {n: torch.from_numpy(np.asarray(source.group[n][offset:end], dtype=np.float32)) for n in shapes}
         projected = project_batch(spec.projection, grads, projectors)
         target.write_rows(offset, {n: p.cpu().numpy() for n, p in projected.items()})
     target.mark_complete(shard)

@@ -14,6 +14,13 @@ Projectors (chosen automatically, recorded with every projected array):
 
 ``backend="traker"`` forces TRAK's projector (the reference in tests and benchmarks).
 
+``kronecker`` is the structured projection of LoGra (Choe et al., 2024) for the weights of
+linear and embedding layers: the (out x in) gradient ``G`` goes to ``P_out^T G P_in`` with
++-1 factors ``P_out`` (out x k_out) and ``P_in`` (in x k_in), which is the projection of
+the row-major flattened gradient by ``kron(P_out, P_in)``.  Since a linear layer's
+gradient is a sum over tokens of outer products ``g_t a_t^T``, the extractor applies the
+two factors to ``g_t`` and ``a_t`` and never forms ``G`` (tasks/gradients.py).
+
 Entries are iid N(0, 1) (``gaussian``) or +-1 (``rademacher``), unscaled as in TRAK: inner
 products grow by the dimension, cosines are preserved.  ``sparse`` is a sparse JL transform
 (Kane and Nelson, 2014): each input coordinate lands in ``SPARSE_NONZEROS`` output
@@ -34,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from functools import lru_cache
 from typing import Literal
 
 import torch
@@ -55,18 +63,43 @@ class ProjectionSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["rademacher", "gaussian", "sparse"] = Field(default="rademacher", description="Entries of the random matrix: +-1 (rademacher), N(0,1) (gaussian), or a sparse JL transform with a few +-1 per input coordinate (sparse; for very large dimensions on a CPU).")
-    dim: int = Field(description="Output dimension: per tensor for scope 'per_tensor', in total for 'proportional' and 'flat'.")
+    kind: Literal["rademacher", "gaussian", "sparse", "kronecker"] = Field(default="rademacher", description="Entries of the random matrix: +-1 (rademacher), N(0,1) (gaussian), a sparse JL transform with a few +-1 per input coordinate (sparse; for very large dimensions on a CPU), or P_out (x) P_in applied to a weight's two factors without forming its gradient (kronecker; 2-D weights, scope 'per_tensor').")
+    dim: int = Field(description="Output dimension: per tensor for scope 'per_tensor', in total for 'proportional' and 'flat'. For 'kronecker', k_out * k_in.")
     seed: int = Field(default=0, ge=0, description="Seed; the same seed gives the same matrix in any process.")
     scope: Literal["per_tensor", "proportional", "flat"] = Field(default="per_tensor", description="'per_tensor': each tensor to dim; 'proportional': dim shared by tensor size (multiples of 512); 'flat': all tensors together to dim.")
+    factors: tuple[int, int] | None = Field(default=None, description="For kind 'kronecker': (k_out, k_in), the dimensions the output and input sides are projected to; dim must be their product. Omitted: both sqrt(dim).")
+
+    def kronecker_factors(self) -> tuple[int, int]:
+        """(k_out, k_in) of a Kronecker projection, or one clear error."""
+        if self.factors is not None:
+            k_out, k_in = self.factors
+            if k_out < 1 or k_in < 1 or k_out * k_in != self.dim:
+                raise ProjectionError(f"kronecker factors {list(self.factors)} must be positive with product dim {self.dim}")
+            return k_out, k_in
+        root = math.isqrt(max(self.dim, 0))
+        if root < 1 or root * root != self.dim:
+            raise ProjectionError(f"kronecker dim {self.dim} is not a square; give factors=(k_out, k_in) with "
+                                  f"k_out * k_in = {self.dim}, or a square dim such as {max(1, root) ** 2} or {(root + 1) ** 2}")
+        return root, root
+
+    @property
+    def label(self) -> str:
+        """The setting in a group name: kind, scope (or factors), dimension, seed."""
+        scope = "x".join(map(str, self.kronecker_factors())) if self.kind == "kronecker" else self.scope
+        return f"{self.kind}-{scope}-d{self.dim}-s{self.seed}"
 
 
-def check_projection(spec: ProjectionSpec, sizes: dict[str, int]) -> dict[str, int]:
-    """The output dimension of every tensor, or one clear error; nothing is computed."""
+def check_projection(spec: ProjectionSpec, shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """The output dimension of every tensor (by its shape), or one clear error; nothing is computed."""
     if spec.dim < 1:
         raise ProjectionError(f"projection dimension {spec.dim} must be at least 1")
-    if not sizes:
+    if not shapes:
         raise ProjectionError("no tensor to project")
+    if spec.factors is not None and spec.kind != "kronecker":
+        raise ProjectionError(f"factors are for kind 'kronecker', not {spec.kind!r}; drop them or use kind 'kronecker'")
+    if spec.kind == "kronecker":
+        return _check_kronecker(spec, shapes)
+    sizes = {n: math.prod(s) for n, s in shapes.items()}
     total = sum(sizes.values())
     if spec.scope == "per_tensor":
         too_big = {n: s for n, s in sizes.items() if spec.dim > s}
@@ -85,6 +118,23 @@ def check_projection(spec: ProjectionSpec, sizes: dict[str, int]) -> dict[str, i
         raise ProjectionError(f"scope 'proportional' gives every tensor a multiple of {ROUND_TO} dimensions; "
                               f"{len(sizes)} tensors need dim >= {ROUND_TO * len(sizes)}, not {spec.dim}")
     return {n: max(ROUND_TO, round(spec.dim * s / total / ROUND_TO) * ROUND_TO) for n, s in sizes.items()}
+
+
+def _check_kronecker(spec: ProjectionSpec, shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    k_out, k_in = spec.kronecker_factors()
+    if spec.scope != "per_tensor":
+        raise ProjectionError(f"kind 'kronecker' projects each weight matrix on its own: use scope 'per_tensor', not {spec.scope!r}")
+    flat = [n for n, s in shapes.items() if len(s) != 2]
+    if flat:
+        raise ProjectionError(f"kind 'kronecker' needs 2-D weights (linear or embedding layers); {len(flat)} selected tensors are not "
+                              f"(e.g. {flat[0]!r} with shape {list(shapes[flat[0]])}); select weights with layers=, e.g. "
+                              "'model.layers.*.mlp.*_proj.weight'")
+    small = [n for n, (rows, cols) in shapes.items() if k_out > rows or k_in > cols]
+    if small:
+        rows, cols = shapes[small[0]]
+        raise ProjectionError(f"kronecker factors ({k_out}, {k_in}) exceed the (out, in) shape ({rows}, {cols}) of {small[0]!r} "
+                              f"and {len(small) - 1} more; use k_out <= out and k_in <= in")
+    return {n: spec.dim for n in shapes}
 
 
 def stream_seed(seed: int, stream: str, *indices: int) -> int:
@@ -197,33 +247,124 @@ def _fast_jl_available() -> bool:
     return True
 
 
-def make_projector(n: int, k: int, kind: str, seed: int, stream: str, device="cpu",
-                   memory_budget: int = MEMORY_BUDGET, backend: str = "auto"):
-    """The projector for an (n -> k) projection: TRAK's where it serves, gradlake's beyond that."""
+class KroneckerProjector:
+    """LoGra's structured projection of an (out x in) weight gradient: ``P_out^T G P_in``, flattened row-major.
+
+    Equal to projecting the flattened gradient with ``kron(P_out, P_in)``.  ``factors``
+    are the two +-1 matrices, each generated from the seed and the tensor's name.
+    """
+
+    name = "gradlake.kronecker"
+
+    def __init__(self, shape: tuple[int, int], factors: tuple[int, int], seed: int, stream: str, device="cpu"):
+        (self.rows, self.cols), (self.k_out, self.k_in) = shape, factors
+        self.factors = tuple(BlockProjector(n, k, "rademacher", seed, f"{stream}|{side}", device, memory_budget=1 << 62)._matrix
+                             for n, k, side in ((self.rows, self.k_out, "out"), (self.cols, self.k_in, "in")))
+
+    def project(self, grads: torch.Tensor) -> torch.Tensor:
+        """(batch, out * in) -> (batch, k_out * k_in) in float32."""
+        p_out, p_in = self.factors
+        g = grads.to(p_in.device, torch.float32).view(-1, self.rows, self.cols)
+        return (p_out.T @ (g @ p_in)).reshape(g.shape[0], -1)
+
+
+def _fast_jl_available() -> bool:
+    try:
+        import fast_jl  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose_projector(n: int, k: int, kind: str, device="cpu", memory_budget: int = MEMORY_BUDGET,
+                     backend: str = "auto") -> str:
+    """Which projector serves an (n -> k) projection (its name, as recorded in attrs); builds nothing."""
     if backend not in ("auto", "traker", "gradlake"):
         raise ProjectionError(f"projector backend {backend!r} is not known; use 'auto', 'traker' or 'gradlake'")
-    device = torch.device(device)
     if kind == "sparse":
-        return SparseProjector(n, k, seed, stream, device)
+        return SparseProjector.name
+    if kind == "kronecker":
+        return KroneckerProjector.name
     if backend == "gradlake":
-        return BlockProjector(n, k, kind, seed, stream, device, memory_budget)
+        return BlockProjector.name
+    gpu_kernel = torch.device(device).type == "cuda" and _fast_jl_available()
+    if gpu_kernel:
+        return "traker.cuda"
     fits_whole = n * k * 4 <= memory_budget
     fits_traker_block = n * min(k, 100) * 4 <= memory_budget
-    gpu_kernel = device.type == "cuda" and _fast_jl_available()
-    if backend == "traker" or gpu_kernel or (fits_traker_block and not fits_whole):
+    if backend == "traker" or (fits_traker_block and not fits_whole):
+        return "traker.basic"
+    return BlockProjector.name
+
+
+def make_projector(n: int, k: int, kind: str, seed: int, stream: str, device="cpu",
+                   memory_budget: int = MEMORY_BUDGET, backend: str = "auto"):
+    """The projector for an (n -> k) projection of dense kinds: TRAK's where it serves, gradlake's beyond that."""
+    choice = choose_projector(n, k, kind, device, memory_budget, backend)
+    if choice == SparseProjector.name:
+        return SparseProjector(n, k, seed, stream, device)
+    if choice.startswith("traker."):
         return TrakProjector(n, k, kind, seed, stream, device)
     return BlockProjector(n, k, kind, seed, stream, device, memory_budget)
 
 
-def project_tensors(grads: dict[str, torch.Tensor], dims: dict[str, int], projectors: dict) -> dict[str, torch.Tensor]:
-    """Project each tensor's (batch, numel) gradients with its projector: {name: (batch, dim)}."""
-    return {name: projectors[name].project(g) for name, g in grads.items() if name in dims}
+# -- a projection setting applied to a set of tensors ----------------------------------------------
+
+FLAT = "flat"
 
 
-def project_flat(grads: dict[str, torch.Tensor], projectors: dict) -> torch.Tensor:
-    """The projection of the concatenated gradient: the sum of each tensor's row block's product."""
-    total = None
+def output_dims(spec: ProjectionSpec, shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """Array name -> dimension in the projection's output: one per tensor, or one ``flat``."""
+    dims = check_projection(spec, shapes)
+    return {FLAT: spec.dim} if spec.scope == "flat" else dims
+
+
+def output_key(spec: ProjectionSpec, name: str) -> str:
+    """The output array a tensor's projection goes to (added to the others' for scope 'flat')."""
+    return FLAT if spec.scope == "flat" else name
+
+
+def _plan(spec: ProjectionSpec, shapes: dict[str, tuple[int, ...]], device) -> list[tuple[str, int, int, str, int]]:
+    """(tensor, n, k, projector, its memory budget) in tensor order; cached matrices share one budget."""
+    dims = check_projection(spec, shapes)
+    planned, budget = [], MEMORY_BUDGET
+    for name, shape in shapes.items():
+        n, k = math.prod(shape), dims[name]
+        choice = choose_projector(n, k, spec.kind, device, budget)
+        planned.append((name, n, k, choice, budget))
+        if choice == BlockProjector.name and n * k * 4 <= budget:
+            budget -= n * k * 4
+    return planned
+
+
+def projector_choices(spec: ProjectionSpec, shapes: dict[str, tuple[int, ...]], device="cpu") -> dict[str, str]:
+    """Tensor -> the name of the projector that will serve it (recorded in the group's attrs); builds nothing."""
+    return {name: choice for name, _, _, choice, _ in _plan(spec, shapes, device)}
+
+
+def projectors_for(spec: ProjectionSpec, shapes: dict[str, tuple[int, ...]], device="cpu") -> dict:
+    """One projector per tensor, each from the seed and the tensor's name alone; kept for the next batch or shard."""
+    return dict(_projectors(spec, tuple((n, tuple(s)) for n, s in shapes.items()), str(device)))
+
+
+@lru_cache(maxsize=4)
+def _projectors(spec: ProjectionSpec, shapes: tuple[tuple[str, tuple[int, ...]], ...], device: str) -> tuple:
+    shapes_ = dict(shapes)
+    out = []
+    for name, n, k, choice, budget in _plan(spec, shapes_, device):
+        if choice == KroneckerProjector.name:
+            projector = KroneckerProjector(shapes_[name], spec.kronecker_factors(), spec.seed, name, device)
+        else:
+            projector = make_projector(n, k, spec.kind, spec.seed, name, device, memory_budget=budget,
+                                       backend="traker" if choice.startswith("traker.") else "gradlake")
+        out.append((name, projector))
+    return tuple(out)
+
+
+def project_batch(spec: ProjectionSpec, grads: dict[str, torch.Tensor], projectors: dict) -> dict[str, torch.Tensor]:
+    """Project one batch of per-tensor (batch, numel) gradients: {output array: (batch, dim)}."""
+    out: dict[str, torch.Tensor] = {}
     for name, g in grads.items():
-        part = projectors[name].project(g)
-        total = part if total is None else total + part
-    return total
+        key, part = output_key(spec, name), projectors[name].project(g)
+        out[key] = out[key] + part if key in out else part
+    return out

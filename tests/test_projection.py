@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -62,8 +63,8 @@ def test_per_tensor_and_proportional_scopes(stored):
     lake, path = stored
     opened = open_lake(lake)
     full = opened.gradients(dataset="probe")
-    sizes = {n: full[n].shape[1] for n in full.attrs["gradlake"]["lineage"]["layers"]}
-    big = {n: s for n, s in sizes.items() if s >= 4096}
+    sizes = {n: (full[n].shape[1],) for n in full.attrs["gradlake"]["lineage"]["layers"]}
+    big = {n: s for n, s in sizes.items() if s[0] >= 4096}
     dims = check_projection(ProjectionSpec(dim=2048 * len(sizes), scope="proportional"), sizes)
     assert all(d % 512 == 0 and d >= 512 for d in dims.values())
     assert dims["model.embed_tokens.weight"] > dims["model.norm.weight"]
@@ -80,14 +81,13 @@ def test_same_seed_same_projection_in_a_new_process(stored):
     code = (
         "import json, sys, numpy as np, torch\n"
         "from lake import open_lake\n"
-        "from tasks.project import projectors_for, project_batch\n"
-        "from tasks.projection import ProjectionSpec\n"
+        "from tasks.projection import ProjectionSpec, project_batch, projectors_for\n"
         "lake, spec = sys.argv[1], ProjectionSpec(**json.loads(sys.argv[2]))\n"
         "full = open_lake(lake).gradients(dataset='probe')\n"
         "names = full.attrs['gradlake']['lineage']['layers']\n"
         "grads = {n: torch.from_numpy(full[n].values) for n in names}\n"
-        "sizes = {n: g.shape[1] for n, g in grads.items()}\n"
-        "out = project_batch(spec, grads, projectors_for(spec, sizes))['flat']\n"
+        "shapes = {n: (g.shape[1],) for n, g in grads.items()}\n"
+        "out = project_batch(spec, grads, projectors_for(spec, shapes))['flat']\n"
         "np.save(sys.argv[3], out.numpy())\n"
     )
     target = f"{lake[len('file://'):]}/../elsewhere.npy"
@@ -144,12 +144,178 @@ def test_huge_sparse_projection_runs_in_bounded_memory():
 def test_bad_settings_fail_before_any_work(stored):
     lake, path = stored
     with pytest.raises(ProjectionError, match="at least 1"):
-        check_projection(ProjectionSpec(dim=0), {"w": 10})
+        check_projection(ProjectionSpec(dim=0), {"w": (10,)})
     with pytest.raises(ProjectionError, match="exceeds the gradient size 10"):
-        check_projection(ProjectionSpec(dim=11, scope="flat"), {"w": 10})
+        check_projection(ProjectionSpec(dim=11, scope="flat"), {"w": (10,)})
     with pytest.raises(ValidationError, match="rademacher"):
         ProjectionSpec(kind="fourier", dim=8)
     state = project_gradients(ProjectSpec(gradients=path, projection=ProjectionSpec(dim=10**9, scope="flat"), lake=lake),
                               return_state=True)
     assert state.is_failed() and "exceeds the gradient size" in str(state.result(raise_on_failure=False))
     assert "d1000000000" not in open_lake(lake).catalog()["path"].str.cat()
+
+
+# -- projections made during the backward pass -----------------------------------------------------
+
+def _tied_model_and_batch(tiny_models, probe_chats):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.loss import encode_sample, pad_batch
+    from tasks.tiny import tiny_config
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["olmo2"] / "checkpoint-0")
+    torch.manual_seed(2)
+    model = AutoModelForCausalLM.from_config(tiny_config("olmo2", tokenizer, tie_word_embeddings=True)).float().eval()
+    encoded = [encode_sample(tokenizer, c, "sft", 256) for c in probe_chats[30:34]]
+    return model, encoded, pad_batch(encoded, tokenizer.pad_token_id)
+
+
+def _reference(model, encoded) -> dict[str, torch.Tensor]:
+    """Per-sample gradients from one plain loss.backward() per sample: {name: (batch, numel)}."""
+    rows = []
+    for e in encoded:
+        model.zero_grad(set_to_none=True)
+        model(input_ids=torch.tensor([e.input_ids]), labels=torch.tensor([e.labels()])).loss.backward()
+        rows.append({n: p.grad.flatten().clone() for n, p in model.named_parameters()})
+    return {n: torch.stack([r[n] for r in rows]) for n in rows[0]}
+
+
+def test_kronecker_projection_equals_explicit_projection_of_the_gradient(tiny_models, probe_chats):
+    """The factored projection, made in the hooks without forming any gradient, equals vec(G) @ kron(P_out, P_in)."""
+    from tasks.gradients import PerSampleGradients, Projection
+    from tasks.projection import KroneckerProjector, output_key, projectors_for
+
+    model, encoded, (ids, labels) = _tied_model_and_batch(tiny_models, probe_chats)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if p.dim() == 2}
+    assert "model.embed_tokens.weight" in shapes and "lm_head.weight" not in shapes  # tied: both uses count
+    spec = ProjectionSpec(kind="kronecker", dim=96, factors=(12, 8), seed=5)
+    projectors = projectors_for(spec, shapes)
+    with PerSampleGradients(model, [], [Projection(projectors, key=lambda n: output_key(spec, n))]) as engine:
+        engine(ids, labels)
+        got = engine.projected[0]
+        assert not engine._buffers and engine._scratch is None, "a factored projection must not form the gradient"
+    reference = _reference(model, encoded)
+    for name, shape in shapes.items():
+        projector = projectors[name]
+        assert isinstance(projector, KroneckerProjector)
+        p_out, p_in = projector.factors
+        assert p_out.shape == (shape[0], 12) and p_in.shape == (shape[1], 8)
+        explicit = reference[name].double() @ torch.kron(p_out.double(), p_in.double())
+        assert got[name].shape == (len(encoded), 96)
+        error = (got[name].double() - explicit).norm() / explicit.norm()
+        assert error < 1e-5, f"{name}: relative error {error:.2e}"
+        # the post-hoc path (materialised gradient through the same projector) agrees too
+        torch.testing.assert_close(projector.project(reference[name]).double(), explicit, rtol=1e-4, atol=1e-4 * explicit.abs().max().item())
+
+
+def test_dense_projections_in_the_backward_equal_projections_of_the_gradients(tiny_models, probe_chats):
+    """Kept and not-kept tensors, flat and per-tensor outputs, a tied embedding: all equal projecting the reference."""
+    from tasks.gradients import PerSampleGradients, Projection
+    from tasks.projection import output_key, project_batch, projectors_for
+
+    model, encoded, (ids, labels) = _tied_model_and_batch(tiny_models, probe_chats)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    kept = [n for n in shapes if ".layers.0." in n]
+    specs = [ProjectionSpec(kind="rademacher", dim=256, scope="flat", seed=1),
+             ProjectionSpec(kind="gaussian", dim=32, scope="per_tensor", seed=2)]
+    sets = [projectors_for(s, shapes) for s in specs]
+    projections = [Projection(p, key=lambda n, s=s: output_key(s, n)) for s, p in zip(specs, sets)]
+    with PerSampleGradients(model, kept, projections) as engine:
+        grads = engine(ids, labels)
+        outputs = engine.projected
+        largest = max(math.prod(s) for n, s in shapes.items() if n not in kept)
+        assert set(engine._buffers) == set(kept) and engine._scratch.numel() == len(encoded) * largest
+    reference = _reference(model, encoded)
+    for name in kept:
+        torch.testing.assert_close(grads[name], reference[name], rtol=1e-4, atol=1e-6)
+    for spec, projectors, got in zip(specs, sets, outputs):
+        want = project_batch(spec, reference, projectors)
+        assert set(got) == set(want)
+        for key in want:
+            error = (got[key] - want[key]).norm() / want[key].norm()
+            assert error < 1e-5, f"{spec.label} {key}: relative error {error:.2e}"
+
+
+@pytest.fixture(scope="module")
+def on_the_fly(tiny_models, tmp_path_factory):
+    """The same extraction twice: projections on the fly without keeping gradients, and full gradients kept."""
+    root = tmp_path_factory.mktemp("onthefly")
+    model = ModelSpec(model=str(tiny_models["olmo2"]), checkpoint="checkpoint-1")
+    layers = ["model.embed_tokens.weight", "model.layers.*.mlp.*_proj.weight", "lm_head.weight"]
+    specs = [ProjectionSpec(kind="kronecker", dim=64, seed=3),
+             ProjectionSpec(kind="rademacher", dim=4096, scope="proportional", seed=4),
+             ProjectionSpec(kind="gaussian", dim=256, scope="flat", seed=5)]
+    lakes = {}
+    for name, keep in (("fly", False), ("kept", True)):
+        lake = f"file://{root / name}"
+        write_probe(lake, N)
+        extraction = ExtractionSpec(model=model, layers=layers, shard_size=8, batch_size=4, max_length=256, lake=lake,
+                                    keep_gradients=keep, projections=specs if not keep else specs[:1])
+        lakes[name] = (lake, extract_gradients(extraction), extraction)
+    return lakes, specs
+
+
+def test_on_the_fly_and_post_hoc_projections_agree(on_the_fly):
+    lakes, specs = on_the_fly
+    fly_lake, fly_path, _ = lakes["fly"]
+    kept_lake, kept_path, _ = lakes["kept"]
+    catalog = open_lake(fly_lake).catalog().set_index("path")
+    assert catalog.loc[fly_path, "n_parameters"] == 0 and catalog.loc[fly_path, "lineage.gradients_kept"] is False
+    for spec in specs:
+        # post hoc from the kept gradients; the first was already made on the fly there and is recognised
+        post = project_gradients(ProjectSpec(gradients=kept_path, projection=spec, lake=kept_lake))
+        assert post.endswith(f"sft-proj-{spec.label}")
+        a = open_lake(fly_lake).projections(kind=spec.kind, dim=spec.dim, seed=spec.seed)
+        b = open_lake(kept_lake).projections(kind=spec.kind, dim=spec.dim, seed=spec.seed)
+        assert a.attrs["gradlake"]["fingerprint"] == b.attrs["gradlake"]["fingerprint"]
+        assert a.attrs["gradlake"]["lineage"]["projection"]["projectors"] == b.attrs["gradlake"]["lineage"]["projection"]["projectors"]
+        assert sorted(a.data_vars) == sorted(b.data_vars) and list(a["sample"].values) == list(b["sample"].values)
+        dims = a.attrs["gradlake"]["lineage"]["projection"]["dims"]
+        assert len(dims) == (1 if spec.scope == "flat" else 8) and all(a[k].shape == (N, d) for k, d in dims.items())
+        for key in dims:
+            x, y = a[key].values, b[key].values
+            assert np.abs(x).max() > 0
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4 * np.abs(y).max(), err_msg=f"{spec.label} {key}")
+    with pytest.raises(Exception, match="kept no gradients"):
+        project_gradients(ProjectSpec(gradients=fly_path, projection=specs[2], lake=fly_lake))
+
+
+def test_interrupted_projection_group_is_redone_on_rerun(on_the_fly):
+    """A shard complete in the gradient group but not in one projection group is recomputed there."""
+    import zarr
+
+    lakes, specs = on_the_fly
+    lake, path, extraction = lakes["fly"]
+    target = f"{path.rsplit('/', 1)[0]}/sft-proj-{specs[1].label}"
+    group = zarr.open_group(lake[len("file://"):], path=target, mode="r+")
+    before = {k: group[k][:] for k in group.array_keys() if k.startswith("model.")}
+    group["shard_complete"][1] = 0
+    for key in before:
+        group[key][8:16] = 0
+    assert extract_gradients(extraction) == path
+    assert group["shard_complete"][:].all()
+    for key, values in before.items():
+        np.testing.assert_array_equal(group[key][:], values)
+
+
+def test_bad_on_the_fly_settings_fail_before_anything_is_written(tiny_models, tmp_path):
+    from tasks.extract import plan_extraction
+
+    lake = f"file://{tmp_path / 'lake'}"
+    write_probe(lake, 8)
+    model = ModelSpec(model=str(tiny_models["olmo2"]), checkpoint="checkpoint-1")
+    cases = [
+        (dict(projections=[ProjectionSpec(kind="kronecker", dim=64)]), "2-D weights"),
+        (dict(layers=["model.layers.*.mlp.*_proj.weight"], projections=[ProjectionSpec(kind="kronecker", dim=50)]), "not a square"),
+        (dict(layers=["model.layers.*.mlp.*_proj.weight"], projections=[ProjectionSpec(kind="kronecker", dim=64 * 256, factors=(64, 256))]), "exceed the"),
+        (dict(projections=[ProjectionSpec(dim=64, scope="flat", factors=(8, 8))]), "factors are for kind 'kronecker'"),
+        (dict(keep_gradients=False), "nothing would be stored"),
+        (dict(mode="mean", projections=[ProjectionSpec(dim=64, scope="flat")]), "need mode 'store'"),
+        (dict(projections=[ProjectionSpec(dim=64, scope="flat")] * 2), "asked for twice"),
+        (dict(projections=[ProjectionSpec(dim=0, scope="flat")]), "at least 1"),
+    ]
+    for overrides, message in cases:
+        spec = ExtractionSpec(model=model, shard_size=8, batch_size=4, lake=lake, **overrides)
+        with pytest.raises(ValueError, match=message):
+            plan_extraction(spec)
+    assert open_lake(lake).catalog().query("kind == 'gradients'").empty
