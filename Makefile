@@ -27,6 +27,7 @@ test: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/extraction.py
+	$(BIN)/python benchmarks/projection.py
 
 clean:
 	rm -rf $(VENV) demo-lake build

@@ -41,18 +41,22 @@ def extract(
     store_dtype: str = typer.Option("float32", help="Stored gradient dtype: float32 or float16."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     trust_remote_code: bool = typer.Option(False, help="Run the model repository's own code."),
+    project: list[str] = typer.Option([], "--project", "-p", help="Project on the fly: KIND:SCOPE:DIM[:SEED] (e.g. rademacher:flat:8192) or kronecker:KOUTxKIN[:SEED]; repeat for several."),
+    keep_gradients: bool = typer.Option(True, help="Store the full gradients too (--no-keep-gradients: only the projections)."),
     lake: Optional[str] = typer.Option(None, help="Lake URL (default: $GRADLAKE_LAKE or ./demo-lake)."),
 ) -> None:
     """Extract per-sample gradients into the lake (the extract-gradients flow)."""
     from flows.extract import extract_gradients
     from tasks.extract import ExtractionSpec, plan_extraction
     from tasks.model import ModelSpec
+    from tasks.projection import parse_projection
 
     try:
         spec = ExtractionSpec(
             model=ModelSpec(model=model, checkpoint=checkpoint, dtype=dtype, device=device, trust_remote_code=trust_remote_code),
             dataset=dataset, variant=variant, paradigm=paradigm, layers=layers, mode=mode, shard_size=shard_size,
             batch_size=batch_size, max_length=max_length, store_dtype=store_dtype, lake=_lake(lake),
+            projections=[parse_projection(p) for p in project], keep_gradients=keep_gradients,
         )
         plan_extraction(spec)  # every input checked here, before Prefect starts and before any write
     except (ValueError, ValidationError, OSError) as err:
@@ -76,10 +80,11 @@ def dataset_probe(lake: Optional[str] = typer.Option(None, help="Lake URL.")) ->
 @app.command()
 def project(
     gradients: str = typer.Option(..., help="Path of a stored gradient group (see `gradlake catalog`)."),
-    kind: str = typer.Option("rademacher", help="rademacher, gaussian or sparse."),
-    dim: int = typer.Option(..., help="Output dimension (per tensor for per_tensor scope, in total otherwise)."),
+    kind: str = typer.Option("rademacher", help="rademacher, gaussian, sparse or kronecker."),
+    dim: int = typer.Option(..., help="Output dimension (per tensor for per_tensor scope, in total otherwise; k_out*k_in for kronecker)."),
     seed: int = typer.Option(0, help="Seed of the random matrix."),
     scope: str = typer.Option("per_tensor", help="per_tensor, proportional or flat."),
+    factors: Optional[str] = typer.Option(None, help="kronecker only: KOUTxKIN, e.g. 64x32 (default: sqrt(dim) each)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     lake: Optional[str] = typer.Option(None, help="Lake URL."),
 ) -> None:
@@ -89,7 +94,12 @@ def project(
     from tasks.projection import ProjectionSpec
 
     try:
-        spec = ProjectSpec(gradients=gradients, projection=ProjectionSpec(kind=kind, dim=dim, seed=seed, scope=scope),
+        pair = None
+        if factors:
+            pair = tuple(int(v) for v in factors.split("x") if v.isdigit())
+            if len(pair) != 2 or factors.count("x") != 1:
+                raise ValueError(f"factors {factors!r} must be KOUTxKIN, e.g. 64x32")
+        spec = ProjectSpec(gradients=gradients, projection=ProjectionSpec(kind=kind, dim=dim, seed=seed, scope=scope, factors=pair),
                            device=device, lake=_lake(lake))
         create_projection_group(spec)  # checks every setting against the stored group before any work
     except (ValueError, ValidationError, OSError) as err:

@@ -11,13 +11,18 @@ from prefect.cache_policies import NONE
 
 from flows.dataset import DatasetSpec, create_dataset
 from flows.extract import extract_gradients
+from flows.project import project_gradients
 from tasks.extract import ExtractionSpec
 from tasks.model import ModelSpec
 from tasks.paraphrase import ParaphraseSpec
 from tasks.probes import PROBE_FILE, load_probe_set, probe_variant
+from tasks.project import ProjectSpec
+from tasks.projection import ProjectionSpec
 from tasks.sources import SourceSpec
 
 REPO = Path(__file__).resolve().parents[1]
+DEMO_PROJECTIONS = [ProjectionSpec(kind="rademacher", dim=1024, scope="flat")]
+POST_HOC_PROJECTION = ProjectionSpec(kind="sparse", dim=8192, scope="flat")
 
 
 def default_model_dir() -> Path:
@@ -62,8 +67,13 @@ def demo_pipeline(lake: str, model_dir: str | None = None) -> list[str]:
     runs += [("olmo", "checkpoint-1", v) for v in ("original", "paraphrased")]
     paths = []
     for arch, checkpoint, variant in runs:
+        # Projected on the fly for the checkpoint the evaluation compares, and afterwards from the stored gradients.
+        on_the_fly = DEMO_PROJECTIONS if (arch, checkpoint) == ("olmo2", "checkpoint-1") else []
         spec = ExtractionSpec(model=ModelSpec(model=models[arch], checkpoint=checkpoint), dataset="probe",
-                              variant=variant, paradigm="sft", shard_size=32, batch_size=8, lake=lake)
+                              variant=variant, paradigm="sft", shard_size=32, batch_size=8, lake=lake,
+                              projections=on_the_fly)
         paths.append(extract_gradients(spec))
-    get_run_logger().info("demo lake at %s holds %d gradient groups", lake, len(paths))
+        if on_the_fly:
+            project_gradients(ProjectSpec(gradients=paths[-1], projection=POST_HOC_PROJECTION, lake=lake))
+    get_run_logger().info("demo lake at %s holds %d gradient groups and their projections", lake, len(paths))
     return paths

@@ -93,21 +93,8 @@ class GradientGroup:
         label_mask: np.ndarray,
     ) -> "GradientGroup":
         """Create the group, or reopen it if the same extraction already made it; refuse a different one."""
-        stamp = fingerprint(lineage, plan)
-        try:
-            existing = zarr.open_group(store.zarr_store, path=path, mode="r", zarr_format=3)
-            meta = dict(existing.attrs).get(ATTR) or {}
-        except FileNotFoundError:
-            meta = {}
-        if meta.get("fingerprint") == stamp:
+        if cls.check_path(store, path, plan, lineage):
             return cls.open(store, path)
-        if meta:
-            old = meta.get("lineage", {})
-            differ = sorted(k for k in set(old) | set(lineage) if old.get(k) != lineage.get(k) and k != "created_at")
-            raise LakeError(
-                f"the lake already holds a different extraction at {path!r} (differs in {differ or ['plan']}); "
-                "use another variant name, or remove that group to replace it"
-            )
         # Attrs are written last: a group without them is a creation that did not finish.
         group = zarr.open_group(store.zarr_store, path=path, mode="w", zarr_format=3)
         n, width = input_ids.shape
@@ -139,8 +126,28 @@ class GradientGroup:
                 group.create_array(name, shape=(numel,), dtype=plan.dtype, chunks=(cols,), dimension_names=[flat],
                                    compressors=None, fill_value=0, attributes={"param_shape": plan.parameters[name]})
         lineage = {**lineage, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-        group.attrs[ATTR] = {"lineage": lineage, "plan": asdict(plan), "fingerprint": stamp}
+        group.attrs[ATTR] = {"lineage": lineage, "plan": asdict(plan), "fingerprint": fingerprint(lineage, plan)}
         return cls.open(store, path)
+
+    @staticmethod
+    def check_path(store: LakeStore, path: str, plan: GradientPlan, lineage: dict) -> bool:
+        """True if the same extraction already made the group at `path`, False if there is none; else one clear error."""
+        stamp = fingerprint(lineage, plan)
+        try:
+            existing = zarr.open_group(store.zarr_store, path=path, mode="r", zarr_format=3)
+            meta = dict(existing.attrs).get(ATTR) or {}
+        except FileNotFoundError:
+            meta = {}
+        if meta.get("fingerprint") == stamp:
+            return True
+        if meta:
+            old = meta.get("lineage", {})
+            differ = sorted(k for k in set(old) | set(lineage) if old.get(k) != lineage.get(k) and k != "created_at")
+            raise LakeError(
+                f"the lake already holds a different extraction at {path!r} (differs in {differ or ['plan']}); "
+                "use another variant name, or remove that group to replace it"
+            )
+        return False
 
     # -- shards ---------------------------------------------------------------------------
 

@@ -170,6 +170,8 @@ def _probe_plan(shapes: dict) -> GradientPlan:
 def create_group(planned: ExtractionPlan) -> GradientGroup:
     """Create the gradient group (or reopen the identical one a previous run made), then its projection groups."""
     args = (planned.sample_ids, planned.input_ids, planned.label_mask)
+    for path, plan, lineage in [(planned.path, planned.plan, planned.lineage), *planned.projections]:
+        GradientGroup.check_path(planned.store, path, plan, lineage)  # all refused before any is written
     for path, plan, lineage in planned.projections:
         GradientGroup.create(planned.store, path, plan, lineage, *args)
     return GradientGroup.create(planned.store, planned.path, planned.plan, planned.lineage, *args)

@@ -9,6 +9,7 @@ projection settings in its lineage.  It resumes like a gradient group.
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -21,6 +22,9 @@ from lake.gradients import GradientGroup, GradientPlan
 from lake.store import LakeError, LakeStore, default_lake
 from tasks.projection import ProjectionSpec, output_dims, project_batch, projector_choices, projectors_for
 from tasks.retries import retry_unless_bad_input
+
+
+READ_BUDGET = 256 << 20  # bytes of stored gradients read and projected per call
 
 
 class ProjectSpec(BaseModel):
@@ -87,11 +91,18 @@ def project_shard(spec: ProjectSpec, target: GradientGroup, shard: int, log=prin
     projectors = projectors_for(spec.projection, shapes, spec.device)
     start, stop = target.shard_bounds(shard)
     began = time.perf_counter()
-    for offset in range(start, stop, target.plan.batch_size):
-        end = min(offset + target.plan.batch_size, stop)
-        grads = {n: torch.from_numpy(np.asarray(source.group[n][offset:end], dtype=np.float32)) for n in shapes}
-        projected = project_batch(spec.projection, grads, projectors)
-        target.write_rows(offset, {n: p.cpu().numpy() for n, p in projected.items()})
+    out: dict[str, np.ndarray] = {}
+    for name, shape in shapes.items():
+        # As many rows per call as READ_BUDGET allows: a projector that regenerates its
+        # matrix per call (traker.basic, streamed tiles) then pays for it once per shard.
+        rows = max(1, min(stop - start, READ_BUDGET // (4 * math.prod(shape))))
+        for offset in range(start, stop, rows):
+            end = min(offset + rows, stop)
+            grads = torch.from_numpy(np.asarray(source.group[name][offset:end], dtype=np.float32))
+            for key, part in project_batch(spec.projection, {name: grads}, projectors).items():
+                block = out.setdefault(key, np.zeros((stop - start, part.shape[1]), dtype=np.float32))
+                block[offset - start:end - start] += part.cpu().numpy()
+    target.write_rows(start, out)
     target.mark_complete(shard)
     log(f"projected shard {shard + 1}/{target.plan.n_shards} ({stop - start} samples) in {time.perf_counter() - began:.1f}s")
     return stop - start

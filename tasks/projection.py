@@ -45,7 +45,7 @@ from functools import lru_cache
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MEMORY_BUDGET = 1 << 30  # bytes a projector may hold for its matrix
 TILE_ROWS = 1 << 16
@@ -87,6 +87,34 @@ class ProjectionSpec(BaseModel):
         """The setting in a group name: kind, scope (or factors), dimension, seed."""
         scope = "x".join(map(str, self.kronecker_factors())) if self.kind == "kronecker" else self.scope
         return f"{self.kind}-{scope}-d{self.dim}-s{self.seed}"
+
+
+def parse_projection(text: str) -> ProjectionSpec:
+    """A projection from the command line: ``KIND:SCOPE:DIM[:SEED]`` or ``kronecker:KOUTxKIN[:SEED]``.
+
+    E.g. ``rademacher:flat:8192``, ``gaussian:proportional:16384:1``, ``kronecker:64x64``.
+    """
+    parts = text.split(":")
+    try:
+        if parts[0] == "kronecker" and len(parts) in (2, 3):
+            k_out, k_in = (int(v) for v in parts[1].split("x"))
+            return ProjectionSpec(kind="kronecker", dim=k_out * k_in, factors=(k_out, k_in),
+                                  seed=int(parts[2]) if len(parts) == 3 else 0)
+        if len(parts) in (3, 4):
+            return ProjectionSpec(kind=parts[0], scope=parts[1], dim=int(parts[2]), seed=int(parts[3]) if len(parts) == 4 else 0)
+    except (ValueError, ValidationError) as err:
+        raise ProjectionError(f"projection {text!r} is not valid: {_first_error(err)}; write KIND:SCOPE:DIM[:SEED] "
+                              "(kinds rademacher, gaussian, sparse; scopes per_tensor, proportional, flat) "
+                              "or kronecker:KOUTxKIN[:SEED]") from None
+    raise ProjectionError(f"projection {text!r} is not valid; write KIND:SCOPE:DIM[:SEED], e.g. 'rademacher:flat:8192', "
+                          "or kronecker:KOUTxKIN[:SEED], e.g. 'kronecker:64x64'")
+
+
+def _first_error(err: Exception) -> str:
+    if isinstance(err, ValidationError):
+        first = err.errors()[0]
+        return f"{'.'.join(map(str, first['loc']))}: {first['msg']}"
+    return str(err)
 
 
 def check_projection(spec: ProjectionSpec, shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:

@@ -20,7 +20,7 @@ from tasks.extract import ExtractionSpec
 from tasks.model import ModelSpec
 from tasks.project import ProjectSpec
 from tasks.projection import (BlockProjector, ProjectionError, ProjectionSpec, SparseProjector, TrakProjector,
-                              check_projection, make_projector)
+                              check_projection, make_projector, parse_projection)
 
 N = 24
 
@@ -149,6 +149,11 @@ def test_bad_settings_fail_before_any_work(stored):
         check_projection(ProjectionSpec(dim=11, scope="flat"), {"w": (10,)})
     with pytest.raises(ValidationError, match="rademacher"):
         ProjectionSpec(kind="fourier", dim=8)
+    assert parse_projection("gaussian:proportional:16384:3") == ProjectionSpec(kind="gaussian", scope="proportional", dim=16384, seed=3)
+    assert parse_projection("kronecker:64x32") == ProjectionSpec(kind="kronecker", dim=2048, factors=(64, 32))
+    for text, message in (("fourier:flat:8", "kind"), ("rademacher:flat:lots", "not valid"), ("rademacher:8192", "KIND:SCOPE:DIM")):
+        with pytest.raises(ProjectionError, match=message):
+            parse_projection(text)
     state = project_gradients(ProjectSpec(gradients=path, projection=ProjectionSpec(dim=10**9, scope="flat"), lake=lake),
                               return_state=True)
     assert state.is_failed() and "exceeds the gradient size" in str(state.result(raise_on_failure=False))
@@ -319,3 +324,19 @@ def test_bad_on_the_fly_settings_fail_before_anything_is_written(tiny_models, tm
         with pytest.raises(ValueError, match=message):
             plan_extraction(spec)
     assert open_lake(lake).catalog().query("kind == 'gradients'").empty
+
+
+def test_refused_extraction_writes_no_projection_group(on_the_fly):
+    """A different extraction at the gradient group's path is refused before any projection group is created."""
+    from lake.store import LakeError
+    from tasks.extract import create_group, plan_extraction
+
+    lakes, _ = on_the_fly
+    lake, path, extraction = lakes["kept"]
+    changed = extraction.model_copy(update={"layers": ["model.layers.0.mlp.*_proj.weight"],
+                                            "projections": [ProjectionSpec(kind="sparse", dim=128, scope="flat", seed=9)]})
+    before = sorted(open_lake(lake).catalog()["path"])
+    with pytest.raises(LakeError, match="differs in .*layers"):
+        create_group(plan_extraction(changed))
+    assert sorted(open_lake(lake).catalog()["path"]) == before
+    assert not any("sparse" in p for p in before)
