@@ -28,6 +28,7 @@ test: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/extraction.py
 	$(BIN)/python benchmarks/projection.py
+	$(BIN)/python benchmarks/similarity.py
 
 clean:
 	rm -rf $(VENV) demo-lake build

@@ -191,9 +191,57 @@ def demo(lake: Optional[str] = typer.Option(None, help="Lake URL (default: $GRAD
     typer.echo(f"  {len(frame[frame['kind'] == 'dataset'])} dataset variants, {len(grads)} gradient groups "
                f"({int(grads['complete'].sum())} complete), {int(grads['numel'].max())} gradient values per sample at most")
     for row in grads.itertuples():
-        typer.echo(f"  {row.path}  [{row.n_samples} samples x {int(row.n_parameters)} tensors, "
+        typer.echo(f"  {row.path}  [{int(row.n_samples)} samples x {int(row.n_parameters)} tensors, "
                    f"{'complete' if row.complete else 'incomplete'}]")
+    evaluations = frame[frame["kind"] == "evaluation"]
+    for row in evaluations.itertuples():
+        _print_headline(url, row.path)
     typer.echo("read it with: python -c \"from lake import open_lake; print(open_lake('%s').catalog())\"" % url)
+    typer.echo("or open notebooks/explore_lake.ipynb")
+
+
+def _print_headline(url: str, path: str) -> None:
+    import pandas as pd
+
+    from lake.evaluations import read_evaluation
+    from lake.store import LakeStore
+    from tasks.report import headline
+
+    table = headline(read_evaluation(LakeStore(url), path))
+    typer.echo("")
+    typer.echo(f"select vs project ({path}; cosine; report: {url}/{path}/report.html)")
+    with pd.option_context("display.width", 200, "display.max_columns", 12, "display.max_colwidth", 60,
+                           "display.float_format", "{:.3f}".format):
+        typer.echo(table.to_string(index=False))
+
+
+@app.command("evaluate")
+def evaluate_command(
+    model: str = typer.Option(..., help="Model as given to the extraction (id, directory or preset)."),
+    checkpoint: Optional[str] = typer.Option(None, help="Hub revision or checkpoint subdirectory."),
+    dataset: str = typer.Option("probe", help="Dataset name in the lake."),
+    query: list[str] = typer.Option(["paraphrased", "model_generated"], "--query", "-q", help="Query variant; repeatable."),
+    paradigm: str = typer.Option("sft", help="Paradigm of the gradient groups."),
+    dense_baseline: bool = typer.Option(True, help="Also rank by all-MiniLM-L6-v2 sentence embeddings."),
+    greedy_steps: int = typer.Option(8, help="Steps of greedy layer selection."),
+    memory_budget_mb: int = typer.Option(1024, help="MiB of gradient slabs and score blocks held at once."),
+    lake: Optional[str] = typer.Option(None, help="Lake URL."),
+) -> None:
+    """Select vs project: retrieval metrics per tensor, layer group, full gradient, projection and BM25."""
+    from flows.evaluate import evaluate
+    from tasks.evaluate import Evaluation, EvaluationSpec
+    from tasks.model import ModelSpec
+
+    try:
+        spec = EvaluationSpec(model=ModelSpec(model=model, checkpoint=checkpoint), dataset=dataset, queries=query,
+                              paradigm=paradigm, dense_baseline=dense_baseline, greedy_steps=greedy_steps,
+                              memory_budget=memory_budget_mb << 20, lake=_lake(lake))
+        for q in spec.queries:
+            Evaluation(spec, q)  # every group and dataset checked before Prefect starts
+    except (ValueError, ValidationError, OSError) as err:
+        _fail(err)
+    path = evaluate(spec)
+    _print_headline(spec.lake, path)
 
 
 def main() -> None:

@@ -10,8 +10,10 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from flows.dataset import DatasetSpec, create_dataset
+from flows.evaluate import evaluate
 from flows.extract import extract_gradients
 from flows.project import project_gradients
+from tasks.evaluate import EvaluationSpec
 from tasks.extract import ExtractionSpec
 from tasks.model import ModelSpec
 from tasks.paraphrase import ParaphraseSpec
@@ -58,7 +60,7 @@ def probe_dataset_spec(lake: str, model_dir: str) -> DatasetSpec:
 
 @flow(name="gradlake-demo", log_prints=True)
 def demo_pipeline(lake: str, model_dir: str | None = None) -> list[str]:
-    """Build tiny models, create the probe set's variants, extract gradients for both architectures."""
+    """Build tiny models, create the probe set's variants, extract and project gradients, evaluate select vs project."""
     models = build_tiny_models_task(str(model_dir or default_model_dir()))
     versions = create_dataset(probe_dataset_spec(lake, str(Path(models["olmo2"]).parent)))
     generated = next(v for v in versions if v.startswith("model_generated."))
@@ -76,4 +78,6 @@ def demo_pipeline(lake: str, model_dir: str | None = None) -> list[str]:
         if on_the_fly:
             project_gradients(ProjectSpec(gradients=paths[-1], projection=POST_HOC_PROJECTION, lake=lake))
     get_run_logger().info("demo lake at %s holds %d gradient groups and their projections", lake, len(paths))
-    return paths
+    evaluation = evaluate(EvaluationSpec(model=ModelSpec(model=models["olmo2"], checkpoint="checkpoint-1"),
+                                         dataset="probe", queries=["paraphrased", "model_generated"], lake=lake))
+    return [*paths, evaluation]

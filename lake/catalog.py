@@ -11,6 +11,7 @@ import zarr
 
 from lake import layout
 from lake.datasets import list_datasets, read_dataset
+from lake.evaluations import list_evaluations, read_evaluation
 from lake.gradients import ATTR
 from lake.store import LakeError, LakeStore
 
@@ -52,6 +53,14 @@ class Lake:
                 "dtype": plan["dtype"], "shards_done": int(flags.sum()), "shards_total": len(flags),
                 "complete": bool(flags.all()) and (plan["mode"] == "store" or bool(attrs.get("complete"))),
                 "projection": _projection_label(lineage.get("projection")),
+                **{f"lineage.{k}": v for k, v in lineage.items() if k not in _KEYS},
+            })
+        for path, meta in list_evaluations(self.store):
+            lineage = meta["lineage"]
+            rows.append({
+                "kind": "evaluation", "path": path, "model": lineage.get("model"), "checkpoint": lineage.get("checkpoint"),
+                "dataset": lineage.get("dataset"), "variant": ",".join(lineage.get("queries", {})),
+                "paradigm": lineage.get("paradigm"), "complete": True,
                 **{f"lineage.{k}": v for k, v in lineage.items() if k not in _KEYS},
             })
         for meta in list_datasets(self.store):
@@ -101,6 +110,18 @@ class Lake:
         path = self.find_gradients(model=model, checkpoint=checkpoint, dataset=dataset, variant=variant,
                                    paradigm=paradigm, projection={"kind": kind, "dim": dim, "seed": seed, "scope": scope})
         return xr.open_zarr(self.store.zarr_store, group=path, consolidated=False, zarr_format=3)
+
+    def evaluation(self, model: str | None = None, checkpoint: str | None = None, dataset: str | None = None,
+                   paradigm: str | None = None, table: str = "results") -> pd.DataFrame:
+        """A select-vs-project evaluation's table (``results``, ``self_similarity`` or ``greedy``) as a DataFrame."""
+        where = {"model": model, "checkpoint": checkpoint, "dataset": dataset, "paradigm": paradigm}
+        hits = [p for p, meta in list_evaluations(self.store)
+                if all(v is None or meta["lineage"].get(k) == v for k, v in where.items())]
+        if len(hits) != 1:
+            asked = {k: v for k, v in where.items() if v is not None}
+            have = [p for p, _ in list_evaluations(self.store)]
+            raise LakeError(f"{len(hits)} evaluations in {self.url} match {asked}; the lake holds {have or 'none'}")
+        return read_evaluation(self.store, hits[0], table)
 
     def dataset(self, name: str, variant: str = "original", model: str | None = None,
                 checkpoint: str | None = None, version: str | None = None) -> pd.DataFrame:

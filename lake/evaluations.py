@@ -1,0 +1,67 @@
+"""Evaluation results in the lake: tables as Parquet, plots as PNG, reports, and their lineage.
+
+```
+evaluations/<model>/<checkpoint>/<dataset>/<paradigm>/
+    results.parquet          metrics per query variant, vector set and similarity
+    self_similarity.parquet  each query sample's cosine with its own original, per vector set
+    greedy.parquet           greedy layer selection, step by step
+    plots/<name>.png
+    report.md  report.html   (the HTML inlines its plots)
+    meta.json                lineage; written last, so its presence means the rest is complete
+```
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pandas as pd
+
+from lake.store import LakeError, LakeStore
+
+TABLES = ("results", "self_similarity", "greedy")
+
+
+def evaluation_dir(model: str, checkpoint: str, dataset: str, paradigm: str) -> str:
+    return f"evaluations/{model}/{checkpoint}/{dataset}/{paradigm}"
+
+
+def write_evaluation(store: LakeStore, directory: str, tables: dict[str, pd.DataFrame], plots: dict[str, bytes],
+                     reports: dict[str, str], lineage: dict) -> None:
+    """Write everything, meta.json last; a rerun replaces the previous evaluation."""
+    fs = store.fs
+    meta_path = store.path(f"{directory}/meta.json")
+    if fs.exists(meta_path):
+        fs.rm(meta_path)  # the old evaluation stops counting as complete before any of it is replaced
+    fs.makedirs(store.path(f"{directory}/plots"), exist_ok=True)
+    for name, frame in tables.items():
+        buffer = io.BytesIO()
+        frame.to_parquet(buffer, index=False)
+        fs.pipe_file(store.path(f"{directory}/{name}.parquet"), buffer.getvalue())
+    for name, png in plots.items():
+        fs.pipe_file(store.path(f"{directory}/plots/{name}"), png)
+    for name, text in reports.items():
+        fs.pipe_file(store.path(f"{directory}/{name}"), text.encode())
+    meta = {"lineage": lineage, "tables": sorted(tables), "plots": sorted(plots), "reports": sorted(reports)}
+    fs.pipe_file(meta_path, json.dumps(meta, indent=2, default=str).encode())
+
+
+def read_evaluation(store: LakeStore, directory: str, table: str = "results") -> pd.DataFrame:
+    """One table of a complete evaluation."""
+    if table not in TABLES:
+        raise LakeError(f"evaluation table {table!r} is not known; use one of {TABLES}")
+    if not store.fs.exists(store.path(f"{directory}/meta.json")):
+        raise LakeError(f"no complete evaluation at {directory!r} in {store.url}")
+    with store.fs.open(store.path(f"{directory}/{table}.parquet"), "rb") as handle:
+        return pd.read_parquet(handle)
+
+
+def list_evaluations(store: LakeStore) -> list[tuple[str, dict]]:
+    """(directory, meta) of every complete evaluation."""
+    fs = store.fs
+    out = []
+    for path in sorted(fs.glob(store.path("evaluations/*/*/*/*/meta.json"))):
+        relative = path[len(store.root) + 1: -len("/meta.json")]
+        out.append((relative, json.loads(fs.cat_file(path))))
+    return out

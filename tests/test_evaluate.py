@@ -1,0 +1,248 @@
+"""Select vs project: metrics on known rankings, the BM25-candidate protocol, block-wise = in memory, the flow's outputs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+
+from conftest import write_probe
+from flows.evaluate import evaluate
+from flows.extract import extract_gradients
+from lake import open_lake
+from lake.store import LakeError
+from tasks.evaluate import EvaluationSpec, layer_groups, run_evaluation
+from tasks.extract import ExtractionSpec
+from tasks.metrics import (bm25_candidates, bm25_scores, bm25_tokens, candidate_correct, cosine_from_parts, rank_metrics,
+                           top_k, true_ranks)
+from tasks.model import ModelSpec
+from tasks.projection import ProjectionSpec
+from tasks.similarity import array_dots, blocks
+
+N = 24
+
+
+def test_metrics_on_a_known_ranking():
+    # query i's true original is column i; the truth is placed at ranks 1, 2, 5 and 11 (a tie counts half)
+    scores = np.zeros((4, 12))
+    scores[0] = np.linspace(0, -1, 12)                                  # truth (col 0) highest
+    scores[1] = -np.arange(12.0)                                        # col 0 first, truth (col 1) second
+    scores[2] = -np.arange(12.0)
+    scores[2, 2], scores[2, 4] = -4.0, -2.0                             # 4 above the truth: rank 5
+    scores[3] = np.arange(12.0)[::-1]
+    scores[3, 3] = -1.0                                                 # below all others ...
+    scores[3, 11] = -1.0                                                # ... but tied with one: rank 11.5
+    ranks = true_ranks(scores, np.arange(4))
+    np.testing.assert_array_equal(ranks, [1, 2, 5, 11.5])
+    m = rank_metrics(ranks)
+    assert m["top1"] == 0.25 and m["recall@1"] == 0.25 and m["recall@5"] == 0.75 and m["recall@10"] == 0.75
+    assert math.isclose(m["mrr"], (1 + 1 / 2 + 1 / 5 + 1 / 11.5) / 4)
+    assert math.isclose(m["mean_rank"], (1 + 2 + 5 + 11.5) / 4)
+    index, values = top_k(scores, 3)
+    np.testing.assert_array_equal(index[1], [0, 1, 2])
+    assert (np.diff(values, axis=1) <= 0).all()
+    # a constant similarity must not look perfect
+    assert rank_metrics(true_ranks(np.ones((5, 5)), np.arange(5)))["top1"] == 0
+
+
+def test_cosine_from_parts_equals_cosine_of_concatenation():
+    rng = np.random.default_rng(0)
+    parts_q = [rng.normal(size=(6, d)) for d in (3, 7, 2)]
+    parts_d = [rng.normal(size=(9, d)) for d in (3, 7, 2)]
+    dots = sum(q @ d.T for q, d in zip(parts_q, parts_d))
+    q_sq = sum((q ** 2).sum(1) for q in parts_q)
+    d_sq = sum((d ** 2).sum(1) for d in parts_d)
+    Q, D = np.hstack(parts_q), np.hstack(parts_d)
+    want = (Q / np.linalg.norm(Q, axis=1, keepdims=True)) @ (D / np.linalg.norm(D, axis=1, keepdims=True)).T
+    np.testing.assert_allclose(cosine_from_parts(dots, q_sq, d_sq), want, rtol=1e-12)
+
+
+def _direct_bm25(query: str, docs: list[str], k1=1.5, b=0.75) -> np.ndarray:
+    """Lucene's BM25 written out: sum over query words (repeats count again, as in bm25s) of idf * tf / (tf + k1 (1 - b + b dl / avgdl)),
+    idf = ln(1 + (N - df + 0.5) / (df + 0.5)) (Lucene dropped the constant (k1 + 1) factor; rankings are the same)."""
+    corpus = [bm25_tokens(d) for d in docs]
+    avgdl = sum(map(len, corpus)) / len(corpus)
+    out = np.zeros(len(docs))
+    for term in bm25_tokens(query):
+        df = sum(term in doc for doc in corpus)
+        if df == 0:
+            continue
+        idf = math.log(1 + (len(docs) - df + 0.5) / (df + 0.5))
+        for j, doc in enumerate(corpus):
+            tf = doc.count(term)
+            out[j] += idf * tf / (tf + k1 * (1 - b + b * len(doc) / avgdl))
+    return out
+
+
+def test_bm25_candidate_protocol_against_a_direct_implementation():
+    from tasks.probes import load_probe_set
+
+    frame = load_probe_set().head(40)
+    docs, queries = list(frame["instruction"]), list(frame["paraphrase"])
+    truth = np.arange(len(queries))
+    scores = bm25_scores(queries, docs)
+    direct = np.stack([_direct_bm25(q, docs) for q in queries])
+    np.testing.assert_allclose(scores, direct, rtol=1e-5, atol=1e-6)
+    index, position = bm25_candidates(scores, truth)
+    forced = 0
+    for row in range(len(queries)):
+        order = sorted(range(len(docs)), key=lambda j: (-direct[row, j], j))[:5]
+        if row not in order:
+            order[-1] = row
+            forced += 1
+        assert list(index[row]) == order and index[row, position[row]] == row
+    assert 0 < forced < len(queries), "the sample should exercise both cases"
+    # accuracy: truth strictly best among its candidates
+    rng = np.random.default_rng(1)
+    sims = rng.normal(size=(len(queries), len(docs)))
+    got = candidate_correct(np.take_along_axis(sims, index, axis=1), position)
+    want = [sims[r, r] > max(sims[r, j] for j in index[r] if j != r) for r in range(len(queries))]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_blockwise_dots_equal_in_memory(tmp_path):
+    rng = np.random.default_rng(2)
+    q, d = rng.normal(size=(37, 1000)).astype(np.float32), rng.normal(size=(53, 1000)).astype(np.float32)
+    root = zarr.open_group(str(tmp_path / "z"), mode="w")
+    root.create_array("q", data=q, chunks=(8, 128))
+    root.create_array("d", data=d, chunks=(8, 128))
+    budget = 4 * 1000 * 16  # far less than either matrix: many slabs and query blocks
+    dots, q_sq, d_sq = array_dots(root["q"], root["d"], 5, 30, budget)
+    np.testing.assert_allclose(dots, q[5:30].astype(np.float64) @ d.T.astype(np.float64), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(q_sq, (q[5:30].astype(np.float64) ** 2).sum(1), rtol=1e-5)
+    np.testing.assert_allclose(d_sq, (d.astype(np.float64) ** 2).sum(1), rtol=1e-5)
+    seen = [(q0, q1) for q0, q1, *_ in blocks(root, root, ["q"], 3, budget=1 << 20)]
+    assert len(seen) == 1
+    small = [(q0, q1) for q0, q1, *_ in blocks(root, root, ["q"], 3, budget=8 * 37 * 5 * 2 * 4)]
+    assert len(small) > 1 and small[0][0] == 0 and small[-1][1] == 37
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_models, tmp_path_factory):
+    """Original and paraphrased gradients of N probe samples with a projection, and their evaluation."""
+    lake = f"file://{tmp_path_factory.mktemp('eval') / 'lake'}"
+    write_probe(lake, N)
+    model = ModelSpec(model=str(tiny_models["olmo2"]), checkpoint="checkpoint-1")
+    for variant in ("original", "paraphrased"):
+        extract_gradients(ExtractionSpec(model=model, variant=variant, shard_size=8, batch_size=4, max_length=256, lake=lake,
+                                         projections=[ProjectionSpec(kind="rademacher", dim=512, scope="flat")]))
+    spec = EvaluationSpec(model=model, queries=["paraphrased"], lake=lake, dense_baseline=False, greedy_steps=4)
+    directory = evaluate(spec)
+    return lake, spec, directory
+
+
+def test_evaluation_equals_direct_computation(evaluated):
+    lake, spec, directory = evaluated
+    opened = open_lake(lake)
+    results = opened.evaluation(dataset="probe")
+    originals = opened.gradients(dataset="probe", variant="original")
+    queries = opened.gradients(dataset="probe", variant="paraphrased")
+    names = originals.attrs["gradlake"]["lineage"]["layers"]
+    truth = np.arange(N)  # the probe variants share ids, in order
+    assert list(queries["sample"].values) == list(originals["sample"].values)
+
+    def metrics_of(q: np.ndarray, d: np.ndarray) -> dict:
+        cos = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (d / np.linalg.norm(d, axis=1, keepdims=True)).T
+        self_cosine = {"self_cosine_mean": float(np.mean(np.diag(cos)))}
+        return {"cosine": rank_metrics(true_ranks(cos, truth)) | self_cosine,
+                "dot": rank_metrics(true_ranks(q @ d.T, truth)) | self_cosine}
+
+    def check(vectors: str, members: list[str], source_q, source_d):
+        q = np.hstack([source_q[n].values.astype(np.float64) for n in members])
+        d = np.hstack([source_d[n].values.astype(np.float64) for n in members])
+        want = metrics_of(q, d)
+        for sim in ("cosine", "dot"):
+            row = results[(results["vectors"] == vectors) & (results["similarity"] == sim)].iloc[0]
+            for metric, value in want[sim].items():
+                assert math.isclose(row[metric], value, rel_tol=1e-6, abs_tol=1e-9), (vectors, sim, metric, row[metric], value)
+
+    check("full", names, queries, originals)
+    check("mlp", layer_groups(names)["mlp"], queries, originals)
+    check("model.layers.1.self_attn.v_proj.weight", ["model.layers.1.self_attn.v_proj.weight"], queries, originals)
+    proj_q = opened.projections(dataset="probe", variant="paraphrased", kind="rademacher", dim=512)
+    proj_d = opened.projections(dataset="probe", variant="original", kind="rademacher", dim=512)
+    check("proj:rademacher-flat-d512-s0", ["flat"], proj_q, proj_d)
+    bm25 = results[results["vectors"] == "bm25"].iloc[0]
+    texts = opened.dataset("probe", "original")
+    paraphrases = opened.dataset("probe", "paraphrased")
+    direct = np.stack([_direct_bm25(m[0]["content"], [o[0]["content"] for o in texts["messages"]]) for m in paraphrases["messages"]])
+    assert math.isclose(bm25["top1"], rank_metrics(true_ranks(direct, truth))["top1"])
+    greedy = opened.evaluation(dataset="probe", table="greedy")
+    tensors = results[(results["kind"] == "tensor") & (results["similarity"] == "cosine")]
+    assert math.isclose(greedy["accuracy"].iloc[0], tensors["bm25_top5_accuracy"].max())
+    kinds = set(results["kind"])
+    assert {"tensor", "group", "full", "projection", "text"} <= kinds
+    assert len(results[results["kind"] == "tensor"]) == 2 * len(names)
+
+
+def test_blockwise_evaluation_in_a_small_budget_gives_the_same_table(evaluated):
+    lake, spec, _ = evaluated
+    small = spec.model_copy(update={"memory_budget": 1 << 20, "lake": lake})  # forces several query blocks and slabs
+    _, results = run_evaluation(small, log=lambda *_: None)
+    reference = open_lake(lake).evaluation(dataset="probe")
+    columns = ["top1", "recall@5", "mrr", "mean_rank", "bm25_top5_accuracy", "self_cosine_mean"]
+    pd.testing.assert_frame_equal(results[columns], reference[columns], rtol=1e-9)
+
+
+def test_outputs_in_the_lake_and_as_artifacts(evaluated, prefect_server):
+    from prefect.client.orchestration import get_client
+
+    lake, spec, directory = evaluated
+    opened = open_lake(lake)
+    fs, root = opened.store.fs, opened.store.root
+    for name in ("results.parquet", "self_similarity.parquet", "greedy.parquet", "report.md", "report.html", "meta.json"):
+        assert fs.exists(f"{root}/{directory}/{name}"), name
+    plots = fs.ls(f"{root}/{directory}/plots")
+    assert {p.rsplit("/", 1)[1] for p in plots} >= {"accuracy_per_layer_line.png", "accuracy_per_layer_bar.png",
+                                                     "attention_vs_mlp.png", "self_similarity_box.png",
+                                                     "accuracy_vs_dimension.png", "greedy_selection.png"}
+    assert all(fs.cat_file(p)[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
+    html = fs.cat_file(f"{root}/{directory}/report.html").decode()
+    assert html.count("data:image/png;base64,") == len(plots) and "proj:rademacher-flat-d512-s0" in html
+    greedy = opened.evaluation(dataset="probe", table="greedy")
+    assert list(greedy["step"]) == [1, 2, 3, 4] and greedy["added"].is_unique
+    catalog = opened.catalog()
+    assert directory in set(catalog.loc[catalog["kind"] == "evaluation", "path"])
+
+    import asyncio
+
+    async def artifacts():
+        async with get_client() as client:
+            return await client.read_artifacts()
+
+    found = {a.key: a for a in asyncio.run(artifacts())}
+    assert found["select-vs-project"].type == "table" and "proj:rademacher-flat-d512-s0" in str(found["select-vs-project"].data)
+    assert found["select-vs-project-report"].type == "markdown"
+
+
+def test_bad_evaluation_settings_fail_before_any_work(evaluated, tiny_models):
+    lake, spec, _ = evaluated
+    for queries, message in ((["paraphrased", "paraphrased"], "distinct"), (["original"], "cannot be a query"),
+                             (["rephrased"], "no group at")):
+        with pytest.raises((ValueError, LakeError), match=message):
+            run_evaluation(spec.model_copy(update={"queries": queries}), log=lambda *_: None)
+    other = ModelSpec(model=str(tiny_models["olmo2"]), checkpoint="checkpoint-0")
+    with pytest.raises(LakeError, match="no group at"):
+        run_evaluation(spec.model_copy(update={"model": other}), log=lambda *_: None)
+    assert len(open_lake(lake).catalog().query("kind == 'evaluation'")) == 1
+
+
+def test_notebook_runs_against_the_lake(evaluated, monkeypatch):
+    """notebooks/explore_lake.ipynb executes top to bottom against an evaluated lake and draws its plot."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    from conftest import REPO
+
+    lake, _, _ = evaluated
+    monkeypatch.setenv("GRADLAKE_LAKE", lake)
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    notebook = nbformat.read(REPO / "notebooks" / "explore_lake.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert any("image/png" in o.get("data", {}) for o in outputs), "the redrawn plot is missing"
+    assert any("proj:rademacher-flat-d512-s0" in str(o.get("data", {})) for o in outputs)
