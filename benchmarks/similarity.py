@@ -9,6 +9,7 @@ memory (loading not timed).  Printed: the median rate of each in GFLOP/s, their 
 and each process's peak resident memory (VmHWM).
 
     python benchmarks/similarity.py                          # 2048 x 2048 samples, 65,536 values, 128 MiB budget
+    python benchmarks/similarity.py --budget-mb 512
     python benchmarks/similarity.py --values 262144 --budget-mb 256
 """
 

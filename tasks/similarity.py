@@ -24,34 +24,44 @@ def query_block_rows(n_queries: int, n_docs: int, n_accumulators: int, budget: i
     return max(1, min(n_queries, budget // 2 // per_query))
 
 
-def slab_columns(numel: int, rows: int, budget: int) -> int:
-    """Columns per slab so that `rows` float32 rows of it fit half the budget."""
-    return max(1, min(numel, budget // 2 // (4 * max(1, rows))))
-
-
 def array_dots(queries: zarr.Array, docs: zarr.Array, q_start: int, q_stop: int, budget: int,
                doc_sq: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Dot products of query rows [q_start, q_stop) with every doc row, and both sides' squared norms.
 
+    Reads whole chunks only: column slabs are whole column chunks, as many as fit half
+    the budget with every query and doc row; when even one column chunk of all rows does
+    not fit, rows are cut into blocks and the docs' blocks are read once per query block.
     ``doc_sq`` (the docs' squared norms, when already known) saves their recomputation.
     Returns (dots (q x n) float64, query squared norms (q,), doc squared norms (n,)).
     """
     q, n = q_stop - q_start, docs.shape[0]
-    numel = queries.shape[1] if queries.ndim == 2 else 1
-    if queries.ndim != 2 or docs.ndim != 2 or docs.shape[1] != numel:
+    if queries.ndim != 2 or docs.ndim != 2 or docs.shape[1] != queries.shape[1]:
         raise ValueError(f"arrays {queries.name} {queries.shape} and {docs.name} {docs.shape} cannot be compared")
+    numel = queries.shape[1]
     dots = np.zeros((q, n), dtype=np.float64)
     q_sq = np.zeros(q, dtype=np.float64)
     d_sq = np.zeros(n, dtype=np.float64) if doc_sq is None else doc_sq
-    width = slab_columns(numel, q + n, budget)
+    half = max(1, budget // 2)
+    chunk_cols = min(numel, queries.chunks[1])
+    if 4 * (q + n) * chunk_cols <= half:  # all rows of several column chunks at once
+        width, q_rows, d_rows = chunk_cols * max(1, half // (4 * (q + n) * chunk_cols)), q, n
+    else:  # one column chunk, rows in blocks that are whole row chunks
+        width = chunk_cols
+        rows = max(1, half // (8 * chunk_cols))
+        q_rows = min(q, max(queries.chunks[0], rows // queries.chunks[0] * queries.chunks[0]))
+        d_rows = min(n, max(docs.chunks[0], rows // docs.chunks[0] * docs.chunks[0]))
     for c0 in range(0, numel, width):
         c1 = min(numel, c0 + width)
-        a = np.asarray(queries[q_start:q_stop, c0:c1], dtype=np.float32)
-        b = np.asarray(docs[:, c0:c1], dtype=np.float32)
-        dots += (a @ b.T).astype(np.float64)
-        q_sq += np.einsum("ij,ij->i", a, a, dtype=np.float64)
-        if doc_sq is None:
-            d_sq += np.einsum("ij,ij->i", b, b, dtype=np.float64)
+        for a0 in range(0, q, q_rows):
+            a1 = min(q, a0 + q_rows)
+            a = np.asarray(queries[q_start + a0:q_start + a1, c0:c1], dtype=np.float32)
+            q_sq[a0:a1] += np.einsum("ij,ij->i", a, a, dtype=np.float64)
+            for b0 in range(0, n, d_rows):
+                b1 = min(n, b0 + d_rows)
+                b = np.asarray(docs[b0:b1, c0:c1], dtype=np.float32)
+                dots[a0:a1, b0:b1] += a @ b.T
+                if doc_sq is None and a0 == 0:
+                    d_sq[b0:b1] += np.einsum("ij,ij->i", b, b, dtype=np.float64)
     return dots, q_sq, d_sq
 
 
