@@ -30,9 +30,8 @@ class Lake:
 
     def _gradient_groups(self) -> list[tuple[str, dict]]:
         fs = self.store.fs
-        pattern = self.store.path("gradients/*/*/*/*/*/zarr.json")
         groups = []
-        for meta_path in sorted(fs.glob(pattern)):
+        for meta_path in self.store.glob("gradients/*/*/*/*/*/zarr.json"):
             attrs = json.loads(fs.cat_file(meta_path)).get("attributes", {}).get(ATTR)
             if attrs:  # a group still being created has no attrs yet
                 relative = meta_path[len(self.store.root) + 1: -len("/zarr.json")]

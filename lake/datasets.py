@@ -91,12 +91,10 @@ def read_dataset(store: LakeStore, name: str, variant: str, version: str | None 
 
 def list_datasets(store: LakeStore) -> list[dict]:
     """Meta records of every dataset variant's latest version."""
-    pattern = store.path("datasets/*/*/latest.json")
-    return [json.loads(store.fs.cat_file(p)) for p in sorted(store.fs.glob(pattern))]
+    return [json.loads(store.fs.cat_file(p)) for p in store.glob("datasets/*/*/latest.json")]
 
 
 def list_versions(store: LakeStore, name: str, variant: str) -> list[dict]:
     """Meta records of every stored version of a dataset variant, oldest first."""
-    pattern = store.path(layout.dataset_dir(name, variant)) + "/*/meta.json"
-    metas = [json.loads(store.fs.cat_file(p)) for p in store.fs.glob(pattern)]
+    metas = [json.loads(store.fs.cat_file(p)) for p in store.glob(f"{layout.dataset_dir(name, variant)}/*/meta.json")]
     return sorted(metas, key=lambda m: m["created_at"])

@@ -51,6 +51,7 @@ def read_evaluation(store: LakeStore, directory: str, table: str = "results") ->
     """One table of a complete evaluation."""
     if table not in TABLES:
         raise LakeError(f"evaluation table {table!r} is not known; use one of {TABLES}")
+    store.fs.invalidate_cache()
     if not store.fs.exists(store.path(f"{directory}/meta.json")):
         raise LakeError(f"no complete evaluation at {directory!r} in {store.url}")
     with store.fs.open(store.path(f"{directory}/{table}.parquet"), "rb") as handle:
@@ -59,9 +60,8 @@ def read_evaluation(store: LakeStore, directory: str, table: str = "results") ->
 
 def list_evaluations(store: LakeStore) -> list[tuple[str, dict]]:
     """(directory, meta) of every complete evaluation."""
-    fs = store.fs
     out = []
-    for path in sorted(fs.glob(store.path("evaluations/*/*/*/*/meta.json"))):
+    for path in store.glob("evaluations/*/*/*/*/meta.json"):
         relative = path[len(store.root) + 1: -len("/meta.json")]
-        out.append((relative, json.loads(fs.cat_file(path))))
+        out.append((relative, json.loads(store.fs.cat_file(path))))
     return out

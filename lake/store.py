@@ -82,6 +82,12 @@ class LakeStore:
         """The filesystem path of a location inside the lake."""
         return f"{self.root}/{relative}".rstrip("/")
 
+    def glob(self, pattern: str) -> list[str]:
+        """Paths matching a pattern relative to the lake, listed afresh (s3fs caches listings, so a
+        long-lived process would otherwise never see what other processes added)."""
+        self.fs.invalidate_cache()
+        return sorted(self.fs.glob(self.path(pattern)))
+
     @cached_property
     def zarr_store(self) -> zarr.abc.store.Store:
         if self.is_local:

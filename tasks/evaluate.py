@@ -201,8 +201,7 @@ class Evaluation:
     def projection_pairs(self) -> list[tuple[str, dict, zarr.Group, zarr.Group]]:
         """(label, projection settings, query group, original group) for projections present for both variants."""
         pairs = []
-        fs = self.store.fs
-        for meta_path in sorted(fs.glob(self.store.path(f"{self.original_dir}/{self.spec.paradigm}-proj-*/zarr.json"))):
+        for meta_path in self.store.glob(f"{self.original_dir}/{self.spec.paradigm}-proj-*/zarr.json"):
             leaf = meta_path.rsplit("/", 2)[-2]
             docs = _open(self.store, f"{self.original_dir}/{leaf}")
             try:

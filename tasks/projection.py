@@ -296,14 +296,6 @@ class KroneckerProjector:
         return (p_out.T @ (g @ p_in)).reshape(g.shape[0], -1)
 
 
-def _fast_jl_available() -> bool:
-    try:
-        import fast_jl  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def choose_projector(n: int, k: int, kind: str, device="cpu", memory_budget: int = MEMORY_BUDGET,
                      backend: str = "auto") -> str:
     """Which projector serves an (n -> k) projection (its name, as recorded in attrs); builds nothing."""

@@ -19,7 +19,7 @@ from lake import open_lake
 from tasks.extract import ExtractionSpec
 from tasks.model import ModelSpec
 from tasks.project import ProjectSpec
-from tasks.projection import (BlockProjector, ProjectionError, ProjectionSpec, SparseProjector, TrakProjector,
+from tasks.projection import (BlockProjector, ProjectionError, ProjectionSpec, TrakProjector,
                               check_projection, make_projector, parse_projection)
 
 N = 24

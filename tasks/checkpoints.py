@@ -1,0 +1,83 @@
+"""Checkpoints of watched models: which exist, which are completely written, which the lake already holds.
+
+A watched model is a Hugging Face repository (its branches and tags, filtered by a
+pattern) or an fsspec prefix (local or ``s3://``) whose subdirectories are checkpoints.
+A directory counts as a finished checkpoint only when its ``config.json`` is there and
+every weight file is whole: a safetensors file declares its own length in its header,
+so one still being written is recognised and left for the next tick; a sharded
+checkpoint needs every shard its index lists.  A trainer may also write a marker file
+(``marker``) last, and the watcher then waits for it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+
+import fsspec
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class WatchedModel(BaseModel):
+    """One model whose new checkpoints start the pipeline."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="Hugging Face repository id, or a directory / s3:// prefix whose subdirectories are checkpoints.")
+    pattern: str = Field(default=".*", description="Regular expression a checkpoint name must match in full (e.g. 'step\\\\d+').")
+    marker: str | None = Field(default=None, description="File a trainer writes last into a finished checkpoint directory; none: config.json and whole weight files.")
+    storage_options: dict = Field(default_factory=dict, description="fsspec options for an s3:// prefix (no credentials: those come from the environment).")
+
+
+def safetensors_whole(fs, path: str) -> bool:
+    """True when a safetensors file is as long as its header says (a file still being written is shorter)."""
+    try:
+        size = fs.size(path)
+        with fs.open(path, "rb") as handle:
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            if header_len <= 0 or 8 + header_len > size:
+                return False
+            header = json.loads(handle.read(header_len))
+    except (OSError, ValueError, struct.error):
+        return False
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    return size == 8 + header_len + end
+
+
+def checkpoint_complete(fs, directory: str, marker: str | None = None) -> bool:
+    """Is this directory a fully written checkpoint?"""
+    names = {p.rsplit("/", 1)[-1] for p in fs.ls(directory, detail=False)}
+    if "config.json" not in names or (marker and marker not in names):
+        return False
+    if "model.safetensors.index.json" in names:
+        index = json.loads(fs.cat_file(f"{directory}/model.safetensors.index.json"))
+        shards = set(index.get("weight_map", {}).values())
+        return bool(shards) and all(s in names and safetensors_whole(fs, f"{directory}/{s}") for s in shards)
+    if "model.safetensors" in names:
+        return safetensors_whole(fs, f"{directory}/model.safetensors")
+    return bool(marker) and any(n.endswith((".bin", ".pt")) for n in names)
+
+
+def is_hub_id(model: str) -> bool:
+    return "://" not in model and not model.startswith(("/", ".", "~")) and model.count("/") == 1 and not fsspec.filesystem("file").exists(model)
+
+
+def list_checkpoints(watched: WatchedModel) -> list[str]:
+    """Finished checkpoints of a watched model, in name order."""
+    pattern = re.compile(watched.pattern)
+    if is_hub_id(watched.model):
+        from huggingface_hub import list_repo_refs
+
+        refs = list_repo_refs(watched.model)
+        names = [r.name for r in [*refs.branches, *refs.tags]]
+        return sorted(n for n in names if pattern.fullmatch(n))
+    fs, root = fsspec.core.url_to_fs(watched.model, **watched.storage_options)
+    if not fs.isdir(root):
+        raise ValueError(f"watched directory {watched.model!r} does not exist")
+    found = []
+    for path in fs.ls(root, detail=False):
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if pattern.fullmatch(name) and fs.isdir(path) and checkpoint_complete(fs, path, watched.marker):
+            found.append(name)
+    return sorted(found)

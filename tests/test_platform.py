@@ -1,0 +1,209 @@
+"""The platform: deployments from prefect.yaml on a real server, process workers on 'gpu' and 'cpu' pools, the watcher.
+
+One module-scoped setup: the session's Prefect server on loopback, moto's S3 on loopback
+as the lake, work pools created and every deployment in deployments/prefect.yaml
+deployed by the `prefect deploy` CLI, two process workers on 'gpu' (one flow run at a
+time each) and one on 'cpu'.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+import yaml
+
+from conftest import REPO, write_probe
+from flows.extract import extract_gradients
+from lake import open_lake
+from tasks.extract import ExtractionSpec
+from tasks.model import ModelSpec
+
+N = 24
+SETTINGS = {"shard_size": 8, "batch_size": 4, "max_length": 256}  # 3 shards per variant
+PREFECT = [sys.executable, "-m", "prefect"]
+
+
+def _prefect(*args: str, env: dict) -> str:
+    done = subprocess.run([*PREFECT, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    if done.returncode:
+        raise RuntimeError(f"prefect {' '.join(args)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return done.stdout
+
+
+def _start_worker(pool: str, name: str, env: dict, logs: Path) -> subprocess.Popen:
+    out = open(logs / f"{name}.log", "w")
+    return subprocess.Popen([*PREFECT, "worker", "start", "--pool", pool, "--name", name, "--type", "process", "--limit", "1"],
+                            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def platform(prefect_server, s3_endpoint, tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("platform")
+    watched = root / "watched-olmo2"
+    watched.mkdir()
+    shutil.copytree(tiny_models["olmo2"] / "checkpoint-1", watched / "checkpoint-1")
+    env = {**os.environ, "GRADLAKE_REPO": str(REPO), "PREFECT_API_URL": prefect_server, "PREFECT_WORKER_QUERY_SECONDS": "1",
+           "PREFECT_WORKER_PREFETCH_SECONDS": "1", "PREFECT_LOGGING_LEVEL": "INFO", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    for pool in ("cpu", "gpu"):
+        _prefect("work-pool", "create", pool, "--type", "process", "--overwrite", env=env)
+    _prefect("work-pool", "set-concurrency-limit", "gpu", "2", env=env)
+    _prefect("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml", env=env)
+    workers = {name: _start_worker(pool, name, env, root) for pool, name in (("gpu", "gpu-1"), ("gpu", "gpu-2"), ("cpu", "cpu-1"))}
+    lake = "s3://lake/platform"
+    write_probe(lake, N)
+    try:
+        yield {"lake": lake, "watched": watched, "env": env, "workers": workers, "root": root}
+    finally:
+        for proc in workers.values():
+            _stop(proc)
+
+
+def _run_pipeline(spec: dict, timeout: float = 600):
+    from prefect.deployments import run_deployment
+
+    return run_deployment("gradlake-pipeline/gradlake-pipeline", parameters={"spec": spec}, timeout=timeout, as_subflow=False)
+
+
+async def _runs_of(deployment: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    async with get_client() as client:
+        return await client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment])))
+
+
+async def _logs_of(run_ids):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    async with get_client() as client:
+        return await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=list(run_ids))))
+
+
+def test_prefect_yaml_deploys_every_stage(platform):
+    config = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
+    names = {d["name"] for d in config["deployments"]}
+    assert {"gradlake-pipeline", "extract-shards", "extract-gradients", "create-dataset", "project-gradients",
+            "evaluate-select-vs-project", "watch-checkpoints"} <= names
+    listed = _prefect("deployment", "ls", env=platform["env"])
+    for name in names:
+        assert name in listed
+    pools = {d["name"]: d["work_pool"]["name"] for d in config["deployments"]}
+    assert pools["extract-shards"] == "gpu" and pools["gradlake-pipeline"] == "cpu"
+
+
+def test_pipeline_fans_out_over_both_gpu_workers(platform, tiny_models, tmp_path):
+    lake, watched = platform["lake"], platform["watched"]
+    model = {"model": str(watched), "checkpoint": "checkpoint-1"}
+    spec = {"model": model, "variants": ["original", "paraphrased"], **SETTINGS,
+            "projections": [{"kind": "rademacher", "dim": 256, "scope": "flat"}], "lake": lake}
+    run = _run_pipeline(spec)
+    assert run.state.is_completed(), run.state
+    shard_runs = [r for r in asyncio.run(_runs_of("extract-shards")) if r.state and r.state.is_completed()]
+    assert len(shard_runs) == 2 * N // SETTINGS["shard_size"]
+    messages = " ".join(log.message for log in asyncio.run(_logs_of(r.id for r in shard_runs)))
+    assert "on worker gpu-1" in messages and "on worker gpu-2" in messages, "both GPU workers must have run shards"
+
+    opened = open_lake(lake)
+    catalog = opened.catalog()
+    assert catalog[catalog["kind"] == "gradients"]["complete"].all() and (catalog["kind"] == "evaluation").sum() == 1
+    reference_lake = f"file://{tmp_path / 'reference'}"
+    write_probe(reference_lake, N)
+    reference = extract_gradients(ExtractionSpec(model=ModelSpec(**model), variant="paraphrased", **SETTINGS,
+                                                 lake=reference_lake))
+    got = opened.gradients(variant="paraphrased", checkpoint="checkpoint-1", mode="store")
+    want = xr.open_zarr(f"{tmp_path / 'reference'}/{reference}", consolidated=False)
+    for name in want.attrs["gradlake"]["lineage"]["layers"]:
+        np.testing.assert_array_equal(got[name].values, want[name].values)
+
+
+def test_watcher_starts_the_pipeline_once_per_new_checkpoint(platform, tiny_models):
+    from flows.pipeline import wait_for_run
+    from flows.watch import WatchSpec, watch_checkpoints
+
+    lake, watched = platform["lake"], platform["watched"]
+    # checkpoint-1 is in the lake already (the pipeline test put it there; this reopens that group or makes it)
+    extract_gradients(ExtractionSpec(model=ModelSpec(model=str(watched), checkpoint="checkpoint-1"), **SETTINGS, lake=lake))
+    before = asyncio.run(_runs_of("gradlake-pipeline"))
+    shutil.copytree(tiny_models["olmo2"] / "checkpoint-0", watched / "checkpoint-0")
+    partial = watched / "checkpoint-2"  # still being written: its weights are cut short
+    shutil.copytree(tiny_models["olmo2"] / "checkpoint-0", partial)
+    weights = (partial / "model.safetensors").read_bytes()
+    (partial / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    spec = WatchSpec(models=[{"model": str(watched)}], lake=lake,
+                     pipeline={"variants": ["original", "paraphrased"], **SETTINGS})
+    started = watch_checkpoints(spec)
+    assert started == ["checkpoint-0"]
+    new = [r for r in asyncio.run(_runs_of("gradlake-pipeline")) if r.id not in {b.id for b in before}]
+    assert len(new) == 1
+    state = wait_for_run(new[0].id, timeout=600)
+    assert state is not None and state.is_completed(), state
+    assert watch_checkpoints(spec) == []  # a second tick starts nothing
+    assert len(asyncio.run(_runs_of("gradlake-pipeline"))) == len(before) + 1
+    held = open_lake(lake).catalog().query("kind == 'gradients'")
+    assert set(held["checkpoint"]) == {"checkpoint-0", "checkpoint-1"}
+
+
+def test_killed_gpu_worker_leaves_a_run_that_a_rerun_completes(platform, tmp_path):
+    """SIGKILL a GPU worker (and its flow run) mid-shard: the pipeline gives up on that shard; a rerun redoes it only."""
+    from prefect.client.orchestration import get_client
+
+    lake = "s3://lake/killed"
+    write_probe(lake, N)
+    model = {"model": str(platform["watched"]), "checkpoint": "checkpoint-1"}
+    spec = {"model": model, "variants": ["original"], **SETTINGS, "evaluate": False, "shard_timeout_s": 45, "lake": lake}
+    from prefect.deployments import run_deployment
+
+    before = {r.id for r in asyncio.run(_runs_of("extract-shards"))}
+    first = run_deployment("gradlake-pipeline/gradlake-pipeline", parameters={"spec": spec}, timeout=0, as_subflow=False)
+    victim = None
+    deadline = time.monotonic() + 300
+    with get_client(sync_client=True) as client:
+        while victim is None and time.monotonic() < deadline:
+            for run in asyncio.run(_runs_of("extract-shards")):
+                if run.id not in before and run.state and run.state.is_running():
+                    logs = " ".join(log.message for log in asyncio.run(_logs_of([run.id])))
+                    victim = next((name for name in ("gpu-1", "gpu-2") if f"on worker {name}" in logs), None)
+                    if victim:
+                        break
+            time.sleep(0.5)
+        assert victim, "no shard run started on a GPU worker"
+        os.killpg(platform["workers"][victim].pid, signal.SIGKILL)
+        platform["workers"][victim].wait(timeout=30)
+        from flows.pipeline import wait_for_run
+
+        state = wait_for_run(first.id, timeout=600)
+        assert state is not None and state.is_failed(), state
+        assert "did not complete" in str(client.read_flow_run(first.id).state.message)
+    opened = open_lake(lake)
+    row = opened.catalog().query("kind == 'gradients'").iloc[0]
+    assert not row["complete"] and 0 < row["shards_done"] < row["shards_total"]
+    second = _run_pipeline(spec)
+    assert second.state.is_completed(), second.state
+    reference_lake = f"file://{tmp_path / 'reference'}"
+    write_probe(reference_lake, N)
+    reference = extract_gradients(ExtractionSpec(model=ModelSpec(**model), **SETTINGS, lake=reference_lake))
+    got = open_lake(lake).gradients(variant="original")
+    want = xr.open_zarr(f"{tmp_path / 'reference'}/{reference}", consolidated=False)
+    for name in want.attrs["gradlake"]["lineage"]["layers"]:
+        np.testing.assert_array_equal(got[name].values, want[name].values)
