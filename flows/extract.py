@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from tasks.extract import ExtractionSpec, extract_shard_task, finalize_task, prepare_extraction_task
-from tasks.project import projection_path
+from tasks.extract import ExtractionSpec, extract_shard_task, finalize_task, group_paths, prepare_extraction_task
 
 
 @flow(name="extract-gradients", log_prints=True)
@@ -14,7 +13,7 @@ def extract_gradients(spec: ExtractionSpec) -> str:
     path, pending = prepare_extraction_task(spec)
     for shard in pending:
         extract_shard_task(spec, path, shard)
-    finalize_task(spec.lake, [*(projection_path(path, p) for p in spec.projections), path])
+    finalize_task(spec.lake, group_paths(spec, path))
     get_run_logger().info("gradients complete at %s/%s", spec.lake, path)
     return path
 

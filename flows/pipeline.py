@@ -22,9 +22,8 @@ from flows.dataset import DatasetSpec, create_dataset
 from flows.evaluate import evaluate
 from lake.store import default_lake
 from tasks.evaluate import EvaluationSpec
-from tasks.extract import ExtractionSpec, extract_shard_task, finalize_task, prepare_extraction_task
+from tasks.extract import ExtractionSpec, extract_shard_task, finalize_task, group_paths, prepare_extraction_task
 from tasks.model import ModelSpec
-from tasks.project import projection_path
 from tasks.projection import ProjectionSpec
 
 SHARD_DEPLOYMENT = "extract-shards/extract-shards"
@@ -122,7 +121,7 @@ def pipeline(spec: PipelineSpec) -> list[str]:
         else:
             for shard in pending:
                 extract_shard_task(extraction, path, shard)
-        finalize_task(spec.lake, [*(projection_path(path, p) for p in spec.projections), path])
+        finalize_task(spec.lake, group_paths(extraction, path))
         paths.append(path)
     if spec.evaluate and "original" in spec.variants and len(spec.variants) > 1:
         queries = [v for v in spec.variants if v != "original"]

