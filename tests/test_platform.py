@@ -164,8 +164,19 @@ def test_watcher_starts_the_pipeline_once_per_new_checkpoint(platform, tiny_mode
     assert set(held["checkpoint"]) == {"checkpoint-0", "checkpoint-1"}
 
 
+def _worker_of(pid: int, workers: dict[str, subprocess.Popen]) -> str | None:
+    """The name of the worker process that `pid` descends from."""
+    by_pid = {proc.pid: name for name, proc in workers.items()}
+    while pid > 1:
+        if pid in by_pid:
+            return by_pid[pid]
+        with open(f"/proc/{pid}/status") as status:
+            pid = next(int(line.split()[1]) for line in status if line.startswith("PPid:"))
+    return None
+
+
 def test_killed_gpu_worker_leaves_a_run_that_a_rerun_completes(platform, tmp_path):
-    """SIGKILL a GPU worker (and its flow run) mid-shard: the pipeline gives up on that shard; a rerun redoes it only."""
+    """SIGKILL a GPU worker and its flow run mid-shard: the pipeline gives up on that shard; a rerun redoes it only."""
     from prefect.client.orchestration import get_client
 
     lake = "s3://lake/killed"
@@ -176,18 +187,23 @@ def test_killed_gpu_worker_leaves_a_run_that_a_rerun_completes(platform, tmp_pat
 
     before = {r.id for r in asyncio.run(_runs_of("extract-shards"))}
     first = run_deployment("gradlake-pipeline/gradlake-pipeline", parameters={"spec": spec}, timeout=0, as_subflow=False)
-    victim = None
+    # The node is lost: the worker and the flow run process it started (in a session of its own) die together.
+    # The flow process is frozen the moment its pid is known, seconds before its imports could finish,
+    # so its shard cannot complete before the kill.
+    victim = flow_pid = None
     deadline = time.monotonic() + 300
     with get_client(sync_client=True) as client:
         while victim is None and time.monotonic() < deadline:
             for run in asyncio.run(_runs_of("extract-shards")):
-                if run.id not in before and run.state and run.state.is_running():
-                    logs = " ".join(log.message for log in asyncio.run(_logs_of([run.id])))
-                    victim = next((name for name in ("gpu-1", "gpu-2") if f"on worker {name}" in logs), None)
-                    if victim:
-                        break
-            time.sleep(0.5)
+                if run.id in before or not run.infrastructure_pid or (run.state and run.state.is_final()):
+                    continue
+                flow_pid = int(str(run.infrastructure_pid).rsplit(":", 1)[-1])
+                os.killpg(os.getpgid(flow_pid), signal.SIGSTOP)
+                victim = _worker_of(flow_pid, platform["workers"])
+                break
+            time.sleep(0.2)
         assert victim, "no shard run started on a GPU worker"
+        os.killpg(os.getpgid(flow_pid), signal.SIGKILL)
         os.killpg(platform["workers"][victim].pid, signal.SIGKILL)
         platform["workers"][victim].wait(timeout=30)
         from flows.pipeline import wait_for_run
