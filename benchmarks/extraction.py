@@ -19,8 +19,8 @@ import time
 import torch
 from transformers import Olmo2Config, Olmo2ForCausalLM, OlmoConfig, OlmoForCausalLM
 
-from tasks.gradients import PerSampleGradients
-from tasks.loss import sample_losses
+from gradlake.tasks.gradients import PerSampleGradients
+from gradlake.tasks.loss import sample_losses
 
 SHAPES = {
     # A small OLMo-2 of a few million parameters.

@@ -20,7 +20,7 @@ def _fail(err: Exception) -> None:
 
 
 def _lake(lake: Optional[str]) -> str:
-    from lake.store import default_lake
+    from gradlake.lake.store import default_lake
 
     return lake or default_lake()
 
@@ -46,10 +46,10 @@ def extract(
     lake: Optional[str] = typer.Option(None, help="Lake URL (default: $GRADLAKE_LAKE or ./demo-lake)."),
 ) -> None:
     """Extract per-sample gradients into the lake (the extract-gradients flow)."""
-    from flows.extract import extract_gradients
-    from tasks.extract import ExtractionSpec, plan_extraction
-    from tasks.model import ModelSpec
-    from tasks.projection import parse_projection
+    from gradlake.flows.extract import extract_gradients
+    from gradlake.tasks.extract import ExtractionSpec, plan_extraction
+    from gradlake.tasks.model import ModelSpec
+    from gradlake.tasks.projection import parse_projection
 
     try:
         spec = ExtractionSpec(
@@ -68,7 +68,7 @@ def extract(
 @dataset_app.command("probe")
 def dataset_probe(lake: Optional[str] = typer.Option(None, help="Lake URL.")) -> None:
     """Store the bundled probe set (variants original, paraphrased) as dataset 'probe'."""
-    from tasks.probes import store_probe_set
+    from gradlake.tasks.probes import store_probe_set
 
     try:
         variants = store_probe_set(_lake(lake))
@@ -89,9 +89,9 @@ def project(
     lake: Optional[str] = typer.Option(None, help="Lake URL."),
 ) -> None:
     """Project stored per-sample gradients (the project-gradients flow)."""
-    from flows.project import project_gradients
-    from tasks.project import ProjectSpec, create_projection_group
-    from tasks.projection import ProjectionSpec
+    from gradlake.flows.project import project_gradients
+    from gradlake.tasks.project import ProjectSpec, create_projection_group
+    from gradlake.tasks.projection import ProjectionSpec
 
     try:
         pair = None
@@ -108,7 +108,7 @@ def project(
 
 
 def _model_at(text: str):
-    from tasks.model import ModelSpec
+    from gradlake.tasks.model import ModelSpec
 
     model, _, checkpoint = text.rpartition("@") if "@" in text else (text, "", "")
     return ModelSpec(model=model, checkpoint=checkpoint or None)
@@ -138,9 +138,9 @@ def dataset_create(
     lake: Optional[str] = typer.Option(None, help="Lake URL."),
 ) -> None:
     """Create a probe set in the lake: original, paraphrased, model-generated (the create-dataset flow)."""
-    from flows.dataset import DatasetSpec, check_dataset_spec, create_dataset
-    from tasks.paraphrase import ParaphraseSpec
-    from tasks.sources import SourceSpec
+    from gradlake.flows.dataset import DatasetSpec, check_dataset_spec, create_dataset
+    from gradlake.tasks.paraphrase import ParaphraseSpec
+    from gradlake.tasks.sources import SourceSpec
 
     try:
         spec = DatasetSpec(
@@ -167,7 +167,7 @@ def catalog(lake: Optional[str] = typer.Option(None, help="Lake URL.")) -> None:
     """List everything in a lake."""
     import pandas as pd
 
-    from lake import open_lake
+    from gradlake.lake import open_lake
 
     frame = open_lake(_lake(lake)).catalog()
     with pd.option_context("display.width", 200, "display.max_columns", 12, "display.max_colwidth", 40):
@@ -178,9 +178,9 @@ def catalog(lake: Optional[str] = typer.Option(None, help="Lake URL.")) -> None:
 @app.command()
 def demo(lake: Optional[str] = typer.Option(None, help="Lake URL (default: $GRADLAKE_LAKE or ./demo-lake).")) -> None:
     """Run the whole pipeline offline on tiny models and the bundled probe set."""
-    from flows.demo import demo_pipeline
-    from lake import open_lake
-    from lake.store import normalize_url
+    from gradlake.flows.demo import demo_pipeline
+    from gradlake.lake import open_lake
+    from gradlake.lake.store import normalize_url
 
     url = normalize_url(_lake(lake))
     demo_pipeline(url)
@@ -196,16 +196,16 @@ def demo(lake: Optional[str] = typer.Option(None, help="Lake URL (default: $GRAD
     evaluations = frame[frame["kind"] == "evaluation"]
     for row in evaluations.itertuples():
         _print_headline(url, row.path)
-    typer.echo("read it with: python -c \"from lake import open_lake; print(open_lake('%s').catalog())\"" % url)
+    typer.echo("read it with: python -c \"from gradlake.lake import open_lake; print(open_lake('%s').catalog())\"" % url)
     typer.echo("or open notebooks/explore_lake.ipynb")
 
 
 def _print_headline(url: str, path: str) -> None:
     import pandas as pd
 
-    from lake.evaluations import read_evaluation
-    from lake.store import LakeStore
-    from tasks.report import headline
+    from gradlake.lake.evaluations import read_evaluation
+    from gradlake.lake.store import LakeStore
+    from gradlake.tasks.report import headline
 
     table = headline(read_evaluation(LakeStore(url), path))
     typer.echo("")
@@ -228,9 +228,9 @@ def evaluate_command(
     lake: Optional[str] = typer.Option(None, help="Lake URL."),
 ) -> None:
     """Select vs project: retrieval metrics per tensor, layer group, full gradient, projection and BM25."""
-    from flows.evaluate import evaluate
-    from tasks.evaluate import Evaluation, EvaluationSpec
-    from tasks.model import ModelSpec
+    from gradlake.flows.evaluate import evaluate
+    from gradlake.tasks.evaluate import Evaluation, EvaluationSpec
+    from gradlake.tasks.model import ModelSpec
 
     try:
         spec = EvaluationSpec(model=ModelSpec(model=model, checkpoint=checkpoint), dataset=dataset, queries=query,

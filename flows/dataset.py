@@ -6,15 +6,15 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from lake import layout
-from lake.datasets import write_dataset
-from lake.store import LakeStore
-from lake.store import default_lake
-from tasks.retries import retry_unless_bad_input
-from tasks.generate import generate_task
-from tasks.model import ModelSpec, check_model, lake_names, resolved_commit
-from tasks.paraphrase import ParaphraseSpec, paraphrase_task, prompt_hash
-from tasks.sources import SourceSpec, load_source
+from gradlake.lake import layout
+from gradlake.lake.datasets import write_dataset
+from gradlake.lake.store import LakeStore
+from gradlake.lake.store import default_lake
+from gradlake.tasks.retries import retry_unless_bad_input
+from gradlake.tasks.generate import generate_task
+from gradlake.tasks.model import ModelSpec, check_model, lake_names, resolved_commit
+from gradlake.tasks.paraphrase import ParaphraseSpec, paraphrase_task, prompt_hash
+from gradlake.tasks.sources import SourceSpec, load_source
 
 
 class DatasetSpec(BaseModel):

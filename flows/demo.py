@@ -9,18 +9,18 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from flows.dataset import DatasetSpec, create_dataset
-from flows.evaluate import evaluate
-from flows.extract import extract_gradients
-from flows.project import project_gradients
-from tasks.evaluate import EvaluationSpec
-from tasks.extract import ExtractionSpec
-from tasks.model import ModelSpec
-from tasks.paraphrase import ParaphraseSpec
-from tasks.probes import PROBE_FILE, load_probe_set, probe_variant
-from tasks.project import ProjectSpec
-from tasks.projection import ProjectionSpec
-from tasks.sources import SourceSpec
+from gradlake.flows.dataset import DatasetSpec, create_dataset
+from gradlake.flows.evaluate import evaluate
+from gradlake.flows.extract import extract_gradients
+from gradlake.flows.project import project_gradients
+from gradlake.tasks.evaluate import EvaluationSpec
+from gradlake.tasks.extract import ExtractionSpec
+from gradlake.tasks.model import ModelSpec
+from gradlake.tasks.paraphrase import ParaphraseSpec
+from gradlake.tasks.probes import PROBE_FILE, load_probe_set, probe_variant
+from gradlake.tasks.project import ProjectSpec
+from gradlake.tasks.projection import ProjectionSpec
+from gradlake.tasks.sources import SourceSpec
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_PROJECTIONS = [ProjectionSpec(kind="rademacher", dim=1024, scope="flat")]
@@ -34,7 +34,7 @@ def default_model_dir() -> Path:
 @task(name="build-tiny-models", cache_policy=NONE)
 def build_tiny_models_task(model_dir: str) -> dict[str, str]:
     """Tiny random-weight OLMo (AMD-OLMo-1B's architecture) and OLMo-2 models, two checkpoints each."""
-    from tasks.tiny import build_tiny_model
+    from gradlake.tasks.tiny import build_tiny_model
 
     chats = list(probe_variant(load_probe_set(), "original")["messages"])
     built = {}

@@ -6,9 +6,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
-from tasks.evaluate import EvaluationSpec, run_evaluation
-from tasks.report import headline
-from tasks.retries import retry_unless_bad_input
+from gradlake.tasks.evaluate import EvaluationSpec, run_evaluation
+from gradlake.tasks.report import headline
+from gradlake.tasks.retries import retry_unless_bad_input
 
 
 @task(name="evaluate", cache_policy=NONE, retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_unless_bad_input)
@@ -22,7 +22,7 @@ def evaluate(spec: EvaluationSpec) -> str:
     """Rank originals for each query variant by every tensor, layer group, the full gradient, projections and BM25."""
     import pandas as pd
 
-    from lake.store import LakeStore
+    from gradlake.lake.store import LakeStore
 
     directory, records = evaluate_task(spec)
     table = headline(pd.DataFrame(records))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from tasks.extract import ExtractionSpec, extract_shard_task, finalize_task, group_paths, prepare_extraction_task
+from gradlake.tasks.extract import ExtractionSpec, extract_shard_task, finalize_task, group_paths, prepare_extraction_task
 
 
 @flow(name="extract-gradients", log_prints=True)

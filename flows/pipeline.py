@@ -18,13 +18,13 @@ from prefect import flow, get_run_logger, runtime
 from prefect.deployments import run_deployment
 from pydantic import BaseModel, ConfigDict, Field
 
-from flows.dataset import DatasetSpec, create_dataset
-from flows.evaluate import evaluate
-from lake.store import default_lake
-from tasks.evaluate import EvaluationSpec
-from tasks.extract import ExtractionSpec, extract_shard_task, finalize_task, group_paths, prepare_extraction_task
-from tasks.model import ModelSpec
-from tasks.projection import ProjectionSpec
+from gradlake.flows.dataset import DatasetSpec, create_dataset
+from gradlake.flows.evaluate import evaluate
+from gradlake.lake.store import default_lake
+from gradlake.tasks.evaluate import EvaluationSpec
+from gradlake.tasks.extract import ExtractionSpec, extract_shard_task, finalize_task, group_paths, prepare_extraction_task
+from gradlake.tasks.model import ModelSpec
+from gradlake.tasks.projection import ProjectionSpec
 
 SHARD_DEPLOYMENT = "extract-shards/extract-shards"
 
@@ -52,8 +52,8 @@ class PipelineSpec(BaseModel):
     lake: str = Field(default_factory=default_lake, description="Lake URL.")
 
     def extraction(self, variant: str) -> ExtractionSpec:
-        from lake import layout
-        from tasks.evaluate import lake_keys
+        from gradlake.lake import layout
+        from gradlake.tasks.evaluate import lake_keys
 
         name = layout.generated_variant(*lake_keys(self.model)) if variant == "model_generated" else variant
         return ExtractionSpec(model=self.model, dataset=self.dataset, variant=name, paradigm=self.paradigm, layers=self.layers,

@@ -6,10 +6,10 @@ from prefect import flow, get_run_logger
 from prefect.deployments import run_deployment
 from pydantic import BaseModel, ConfigDict, Field
 
-from lake.store import LakeStore, default_lake
-from tasks.checkpoints import WatchedModel, list_checkpoints
-from tasks.evaluate import lake_keys
-from tasks.model import ModelSpec
+from gradlake.lake.store import LakeStore, default_lake
+from gradlake.tasks.checkpoints import WatchedModel, list_checkpoints
+from gradlake.tasks.evaluate import lake_keys
+from gradlake.tasks.model import ModelSpec
 
 PIPELINE_DEPLOYMENT = "gradlake-pipeline/gradlake-pipeline"
 
@@ -34,8 +34,8 @@ def held_checkpoints(store: LakeStore, model: ModelSpec) -> set[str]:
 @flow(name="watch-checkpoints", log_prints=True)
 def watch_checkpoints(spec: WatchSpec) -> list[str]:
     """One tick: list checkpoints, skip those the lake holds, start the pipeline once for each new one."""
-    from flows.pipeline import PipelineSpec
-    from lake import layout
+    from gradlake.flows.pipeline import PipelineSpec
+    from gradlake.lake import layout
 
     import datetime as dt
 

@@ -9,11 +9,11 @@ import pandas as pd
 import xarray as xr
 import zarr
 
-from lake import layout
-from lake.datasets import list_datasets, read_dataset
-from lake.evaluations import list_evaluations, read_evaluation
-from lake.gradients import ATTR
-from lake.store import LakeError, LakeStore
+from gradlake.lake import layout
+from gradlake.lake.datasets import list_datasets, read_dataset
+from gradlake.lake.evaluations import list_evaluations, read_evaluation
+from gradlake.lake.gradients import ATTR
+from gradlake.lake.store import LakeError, LakeStore
 
 _KEYS = ("model", "checkpoint", "dataset", "variant", "paradigm", "mode")
 

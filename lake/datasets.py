@@ -16,8 +16,8 @@ import json
 
 import pandas as pd
 
-from lake import layout
-from lake.store import LakeError, LakeStore
+from gradlake.lake import layout
+from gradlake.lake.store import LakeError, LakeStore
 
 
 def content_hash(frame: pd.DataFrame) -> str:

@@ -18,7 +18,7 @@ import json
 
 import pandas as pd
 
-from lake.store import LakeError, LakeStore
+from gradlake.lake.store import LakeError, LakeStore
 
 TABLES = ("results", "self_similarity", "greedy")
 

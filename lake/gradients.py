@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import zarr
 
-from lake import layout
-from lake.store import LakeError, LakeStore
+from gradlake.lake import layout
+from gradlake.lake.store import LakeError, LakeStore
 
 ATTR = "gradlake"
 MODES = ("store", "mean", "mean_normalized")

@@ -21,12 +21,12 @@ import pandas as pd
 import zarr
 from pydantic import BaseModel, ConfigDict, Field
 
-from lake import layout
-from lake.gradients import ATTR
-from lake.store import LakeError, LakeStore, default_lake
-from tasks.metrics import bm25_candidates, bm25_scores, candidate_correct, cosine_from_parts, rank_metrics, true_ranks
-from tasks.model import ModelSpec, lake_names
-from tasks.similarity import DEFAULT_BUDGET, blocks
+from gradlake.lake import layout
+from gradlake.lake.gradients import ATTR
+from gradlake.lake.store import LakeError, LakeStore, default_lake
+from gradlake.tasks.metrics import bm25_candidates, bm25_scores, candidate_correct, cosine_from_parts, rank_metrics, true_ranks
+from gradlake.tasks.model import ModelSpec, lake_names
+from gradlake.tasks.similarity import DEFAULT_BUDGET, blocks
 
 SIMILARITIES = ("cosine", "dot")
 _BLOCK = re.compile(r"\.layers\.(\d+)\.")
@@ -121,7 +121,7 @@ class Evaluation:
     """One query variant against the originals: reads the lake, keeps ranks, returns tables."""
 
     def __init__(self, spec: EvaluationSpec, query_variant: str, store: LakeStore | None = None):
-        from lake.datasets import read_dataset
+        from gradlake.lake.datasets import read_dataset
 
         self.spec, self.store = spec, store or LakeStore(spec.lake)
         model_key, checkpoint_key = lake_keys(spec.model)
@@ -353,8 +353,8 @@ def run_evaluation(spec: EvaluationSpec, log=print) -> tuple[str, pd.DataFrame]:
     """Evaluate every query variant, write tables, plots and reports to the lake; returns (directory, results)."""
     import datetime as dt
 
-    from lake.evaluations import evaluation_dir, write_evaluation
-    from tasks.report import html_report, markdown, plots
+    from gradlake.lake.evaluations import evaluation_dir, write_evaluation
+    from gradlake.tasks.report import html_report, markdown, plots
 
     if not spec.queries or len(set(spec.queries)) < len(spec.queries):
         raise ValueError(f"query variants {spec.queries} must be one or more distinct names, e.g. ['paraphrased', 'model_generated']")

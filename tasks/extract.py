@@ -19,17 +19,17 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from pydantic import BaseModel, ConfigDict, Field
 
-from lake import layout
-from lake.datasets import dataset_meta, read_dataset
-from lake.gradients import GradientGroup, GradientPlan
-from lake.store import LakeError, LakeStore, default_lake
-from tasks.gradients import PerSampleGradients, Projection
-from tasks.loss import IGNORE_INDEX, Encoded, encode_sample, pad_batch
-from tasks.model import (ModelError, ModelSpec, check_model, lake_names, load_model, load_tokenizer, parameter_shapes,
+from gradlake.lake import layout
+from gradlake.lake.datasets import dataset_meta, read_dataset
+from gradlake.lake.gradients import GradientGroup, GradientPlan
+from gradlake.lake.store import LakeError, LakeStore, default_lake
+from gradlake.tasks.gradients import PerSampleGradients, Projection
+from gradlake.tasks.loss import IGNORE_INDEX, Encoded, encode_sample, pad_batch
+from gradlake.tasks.model import (ModelError, ModelSpec, check_model, lake_names, load_model, load_tokenizer, parameter_shapes,
                          resolved_commit, select_parameters, tokenizer_fingerprint)
-from tasks.project import projection_group_plan, projection_path
-from tasks.projection import ProjectionSpec, output_key, projector_choices, projectors_for
-from tasks.retries import retry_unless_bad_input
+from gradlake.tasks.project import projection_group_plan, projection_path
+from gradlake.tasks.projection import ProjectionSpec, output_key, projector_choices, projectors_for
+from gradlake.tasks.retries import retry_unless_bad_input
 
 
 class ExtractionSpec(BaseModel):

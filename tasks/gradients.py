@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
 
-from tasks.loss import sample_losses
+from gradlake.tasks.loss import sample_losses
 
 
 @dataclass

@@ -32,8 +32,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from pydantic import BaseModel, ConfigDict, Field
 
-from lake.store import LakeStore
-from tasks.retries import retry_unless_bad_input
+from gradlake.lake.store import LakeStore
+from gradlake.tasks.retries import retry_unless_bad_input
 
 CACHE_DIR = "cache/paraphrase"
 OPENAI_BASE_URL = "https://api.openai.com/v1"

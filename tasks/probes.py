@@ -35,8 +35,8 @@ def probe_variant(frame: pd.DataFrame, variant: str) -> pd.DataFrame:
 
 def store_probe_set(lake: str, name: str = "probe", n: int | None = None) -> list[str]:
     """Write the bundled probe set's variants (optionally its first n rows) into a lake."""
-    from lake.datasets import write_dataset
-    from lake.store import LakeStore
+    from gradlake.lake.datasets import write_dataset
+    from gradlake.lake.store import LakeStore
 
     store = LakeStore(lake)
     store.check_writable()

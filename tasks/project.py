@@ -18,10 +18,10 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from pydantic import BaseModel, ConfigDict, Field
 
-from lake.gradients import GradientGroup, GradientPlan
-from lake.store import LakeError, LakeStore, default_lake
-from tasks.projection import ProjectionSpec, output_dims, project_batch, projector_choices, projectors_for
-from tasks.retries import retry_unless_bad_input
+from gradlake.lake.gradients import GradientGroup, GradientPlan
+from gradlake.lake.store import LakeError, LakeStore, default_lake
+from gradlake.tasks.projection import ProjectionSpec, output_dims, project_batch, projector_choices, projectors_for
+from gradlake.tasks.retries import retry_unless_bad_input
 
 
 READ_BUDGET = 256 << 20  # bytes of stored gradients read and projected per call

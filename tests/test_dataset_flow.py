@@ -9,18 +9,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from flows.dataset import DatasetSpec, create_dataset
-from lake import open_lake
-from lake.store import LakeStore
-from tasks.generate import generate_answers
-from tasks.model import ModelSpec
-from tasks.sources import SourceError, SourceSpec
+from gradlake.flows.dataset import DatasetSpec, create_dataset
+from gradlake.lake import open_lake
+from gradlake.lake.store import LakeStore
+from gradlake.tasks.generate import generate_answers
+from gradlake.tasks.model import ModelSpec
+from gradlake.tasks.sources import SourceError, SourceSpec
 
 
 @pytest.fixture
 def probe_file(tmp_path):
     """The bundled probe rows as a local JSONL source, plus two malformed rows."""
-    from tasks.probes import load_probe_set
+    from gradlake.tasks.probes import load_probe_set
 
     rows = load_probe_set().head(12)[["id", "instruction", "answer"]].to_dict(orient="records")
     rows.append({"id": "broken-1", "instruction": "", "answer": "nothing asked"})
@@ -112,7 +112,7 @@ def test_paraphrase_then_generate_through_the_flow(tiny_models, probe_file, tmp_
     """The whole flow over HTTP: paraphrases from the API, answers to the paraphrased prompts, lineage cited."""
     from openai_server import paraphrase_of
 
-    from tasks.paraphrase import ParaphraseSpec
+    from gradlake.tasks.paraphrase import ParaphraseSpec
 
     lake = str(tmp_path / "lake")
     spec = DatasetSpec(name="mini", source=SourceSpec(source=str(probe_file), n=5, seed=1),

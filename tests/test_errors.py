@@ -8,9 +8,9 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import write_probe
-from flows.cli import app
-from lake.datasets import write_dataset
-from lake.store import LakeStore
+from gradlake.flows.cli import app
+from gradlake.lake.datasets import write_dataset
+from gradlake.lake.store import LakeStore
 
 runner = CliRunner()
 
@@ -90,9 +90,9 @@ def test_bad_input_is_not_retried(tiny_models, lake_dir):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from flows.extract import extract_gradients
-    from tasks.extract import ExtractionSpec
-    from tasks.model import ModelSpec
+    from gradlake.flows.extract import extract_gradients
+    from gradlake.tasks.extract import ExtractionSpec
+    from gradlake.tasks.model import ModelSpec
 
     spec = ExtractionSpec(model=ModelSpec(model=str(tiny_models["olmo"]), checkpoint="checkpoint-1"),
                           layers=["no.such.layer"], lake=str(lake_dir))

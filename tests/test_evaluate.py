@@ -10,17 +10,17 @@ import pytest
 import zarr
 
 from conftest import write_probe
-from flows.evaluate import evaluate
-from flows.extract import extract_gradients
-from lake import open_lake
-from lake.store import LakeError
-from tasks.evaluate import EvaluationSpec, layer_groups, run_evaluation
-from tasks.extract import ExtractionSpec
-from tasks.metrics import (bm25_candidates, bm25_scores, bm25_tokens, candidate_correct, cosine_from_parts, rank_metrics,
+from gradlake.flows.evaluate import evaluate
+from gradlake.flows.extract import extract_gradients
+from gradlake.lake import open_lake
+from gradlake.lake.store import LakeError
+from gradlake.tasks.evaluate import EvaluationSpec, layer_groups, run_evaluation
+from gradlake.tasks.extract import ExtractionSpec
+from gradlake.tasks.metrics import (bm25_candidates, bm25_scores, bm25_tokens, candidate_correct, cosine_from_parts, rank_metrics,
                            top_k, true_ranks)
-from tasks.model import ModelSpec
-from tasks.projection import ProjectionSpec
-from tasks.similarity import array_dots, blocks
+from gradlake.tasks.model import ModelSpec
+from gradlake.tasks.projection import ProjectionSpec
+from gradlake.tasks.similarity import array_dots, blocks
 
 N = 24
 
@@ -78,7 +78,7 @@ def _direct_bm25(query: str, docs: list[str], k1=1.5, b=0.75) -> np.ndarray:
 
 
 def test_bm25_candidate_protocol_against_a_direct_implementation():
-    from tasks.probes import load_probe_set
+    from gradlake.tasks.probes import load_probe_set
 
     frame = load_probe_set().head(40)
     docs, queries = list(frame["instruction"]), list(frame["paraphrase"])

@@ -10,12 +10,12 @@ import zarr
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import write_probe
-from flows.extract import extract_gradients
-from lake import open_lake
-from lake.store import LakeError
-from tasks.extract import ExtractionSpec
-from tasks.loss import encode_sample
-from tasks.model import ModelSpec
+from gradlake.flows.extract import extract_gradients
+from gradlake.lake import open_lake
+from gradlake.lake.store import LakeError
+from gradlake.tasks.extract import ExtractionSpec
+from gradlake.tasks.loss import encode_sample
+from gradlake.tasks.model import ModelSpec
 
 N = 10  # samples; with shards of 4 the last shard is short
 

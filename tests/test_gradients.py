@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tasks.gradients import PerSampleGradients, per_sample_gradients
-from tasks.loss import encode_sample, pad_batch, sample_losses
+from gradlake.tasks.gradients import PerSampleGradients, per_sample_gradients
+from gradlake.tasks.loss import encode_sample, pad_batch, sample_losses
 
 RTOL = 1e-5
 
@@ -105,7 +105,7 @@ def test_multi_turn_chat_labels_every_assistant_turn(tiny_models):
 @pytest.mark.parametrize("arch", ["olmo", "olmo2"])
 def test_tied_embeddings_collect_both_uses(tiny_models, probe_chats, arch):
     """With lm_head tied to the embedding, one parameter gets the sum of both uses' gradients."""
-    from tasks.tiny import tiny_config
+    from gradlake.tasks.tiny import tiny_config
 
     _, tokenizer = load(tiny_models[arch] / "checkpoint-0")
     torch.manual_seed(1)

@@ -12,10 +12,10 @@ import shutil
 import pytest
 
 from conftest import write_probe
-from flows.extract import extract_gradients
-from lake import open_lake
-from tasks.extract import ExtractionSpec, plan_extraction
-from tasks.model import ModelError, ModelSpec
+from gradlake.flows.extract import extract_gradients
+from gradlake.lake import open_lake
+from gradlake.tasks.extract import ExtractionSpec, plan_extraction
+from gradlake.tasks.model import ModelError, ModelSpec
 
 REPO_ID = "gradlake-test/tiny-olmo2"
 

@@ -13,10 +13,10 @@ import pytest
 from openai_server import Fault, paraphrase_of
 from prefect import flow
 
-from lake.store import LakeStore
-from tasks.paraphrase import (CACHE_DIR, cache_path, ParaphraseError, ParaphraseFailed, ParaphraseSpec, paraphrase_messages,
+from gradlake.lake.store import LakeStore
+from gradlake.tasks.paraphrase import (CACHE_DIR, cache_path, ParaphraseError, ParaphraseFailed, ParaphraseSpec, paraphrase_messages,
                               paraphrase_task, read_cache, settings_key)
-from tasks.probes import load_probe_set, probe_variant
+from gradlake.tasks.probes import load_probe_set, probe_variant
 
 
 def probes(n: int = 30) -> pd.DataFrame:

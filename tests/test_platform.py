@@ -23,10 +23,10 @@ import xarray as xr
 import yaml
 
 from conftest import REPO, write_probe
-from flows.extract import extract_gradients
-from lake import open_lake
-from tasks.extract import ExtractionSpec
-from tasks.model import ModelSpec
+from gradlake.flows.extract import extract_gradients
+from gradlake.lake import open_lake
+from gradlake.tasks.extract import ExtractionSpec
+from gradlake.tasks.model import ModelSpec
 
 N = 24
 SETTINGS = {"shard_size": 8, "batch_size": 4, "max_length": 256}  # 3 shards per variant
@@ -138,8 +138,8 @@ def test_pipeline_fans_out_over_both_gpu_workers(platform, tiny_models, tmp_path
 
 
 def test_watcher_starts_the_pipeline_once_per_new_checkpoint(platform, tiny_models):
-    from flows.pipeline import wait_for_run
-    from flows.watch import WatchSpec, watch_checkpoints
+    from gradlake.flows.pipeline import wait_for_run
+    from gradlake.flows.watch import WatchSpec, watch_checkpoints
 
     lake, watched = platform["lake"], platform["watched"]
     # checkpoint-1 is in the lake already (the pipeline test put it there; this reopens that group or makes it)
@@ -206,7 +206,7 @@ def test_killed_gpu_worker_leaves_a_run_that_a_rerun_completes(platform, tmp_pat
         os.killpg(os.getpgid(flow_pid), signal.SIGKILL)
         os.killpg(platform["workers"][victim].pid, signal.SIGKILL)
         platform["workers"][victim].wait(timeout=30)
-        from flows.pipeline import wait_for_run
+        from gradlake.flows.pipeline import wait_for_run
 
         state = wait_for_run(first.id, timeout=600)
         assert state is not None and state.is_failed(), state

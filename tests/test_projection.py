@@ -13,13 +13,13 @@ import torch
 from pydantic import ValidationError
 
 from conftest import REPO, write_probe
-from flows.extract import extract_gradients
-from flows.project import project_gradients
-from lake import open_lake
-from tasks.extract import ExtractionSpec
-from tasks.model import ModelSpec
-from tasks.project import ProjectSpec
-from tasks.projection import (BlockProjector, ProjectionError, ProjectionSpec, TrakProjector,
+from gradlake.flows.extract import extract_gradients
+from gradlake.flows.project import project_gradients
+from gradlake.lake import open_lake
+from gradlake.tasks.extract import ExtractionSpec
+from gradlake.tasks.model import ModelSpec
+from gradlake.tasks.project import ProjectSpec
+from gradlake.tasks.projection import (BlockProjector, ProjectionError, ProjectionSpec, TrakProjector,
                               check_projection, make_projector, parse_projection)
 
 N = 24
@@ -80,8 +80,8 @@ def test_same_seed_same_projection_in_a_new_process(stored):
     here = open_lake(lake).projections(seed=7, dim=300)["flat"].values
     code = (
         "import json, sys, numpy as np, torch\n"
-        "from lake import open_lake\n"
-        "from tasks.projection import ProjectionSpec, project_batch, projectors_for\n"
+        "from gradlake.lake import open_lake\n"
+        "from gradlake.tasks.projection import ProjectionSpec, project_batch, projectors_for\n"
         "lake, spec = sys.argv[1], ProjectionSpec(**json.loads(sys.argv[2]))\n"
         "full = open_lake(lake).gradients(dataset='probe')\n"
         "names = full.attrs['gradlake']['lineage']['layers']\n"
@@ -124,7 +124,7 @@ def test_huge_sparse_projection_runs_in_bounded_memory():
     """2,048,000 dimensions of a 4,194,304-parameter layer: the dense matrix would be 34 TB."""
     code = (
         "import torch\n"
-        "from tasks.projection import make_projector\n"
+        "from gradlake.tasks.projection import make_projector\n"
         "p = make_projector(4_194_304, 2_048_000, 'sparse', 0, 'model.layers.0.mlp.up_proj.weight')\n"
         "g = torch.randn(2, 4_194_304, generator=torch.Generator().manual_seed(0))\n"
         "y = p.project(g)\n"
@@ -165,8 +165,8 @@ def test_bad_settings_fail_before_any_work(stored):
 def _tied_model_and_batch(tiny_models, probe_chats):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.loss import encode_sample, pad_batch
-    from tasks.tiny import tiny_config
+    from gradlake.tasks.loss import encode_sample, pad_batch
+    from gradlake.tasks.tiny import tiny_config
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["olmo2"] / "checkpoint-0")
     torch.manual_seed(2)
@@ -187,8 +187,8 @@ def _reference(model, encoded) -> dict[str, torch.Tensor]:
 
 def test_kronecker_projection_equals_explicit_projection_of_the_gradient(tiny_models, probe_chats):
     """The factored projection, made in the hooks without forming any gradient, equals vec(G) @ kron(P_out, P_in)."""
-    from tasks.gradients import PerSampleGradients, Projection
-    from tasks.projection import KroneckerProjector, output_key, projectors_for
+    from gradlake.tasks.gradients import PerSampleGradients, Projection
+    from gradlake.tasks.projection import KroneckerProjector, output_key, projectors_for
 
     model, encoded, (ids, labels) = _tied_model_and_batch(tiny_models, probe_chats)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if p.dim() == 2}
@@ -215,8 +215,8 @@ def test_kronecker_projection_equals_explicit_projection_of_the_gradient(tiny_mo
 
 def test_dense_projections_in_the_backward_equal_projections_of_the_gradients(tiny_models, probe_chats):
     """Kept and not-kept tensors, flat and per-tensor outputs, a tied embedding: all equal projecting the reference."""
-    from tasks.gradients import PerSampleGradients, Projection
-    from tasks.projection import output_key, project_batch, projectors_for
+    from gradlake.tasks.gradients import PerSampleGradients, Projection
+    from gradlake.tasks.projection import output_key, project_batch, projectors_for
 
     model, encoded, (ids, labels) = _tied_model_and_batch(tiny_models, probe_chats)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
@@ -304,7 +304,7 @@ def test_interrupted_projection_group_is_redone_on_rerun(on_the_fly):
 
 
 def test_bad_on_the_fly_settings_fail_before_anything_is_written(tiny_models, tmp_path):
-    from tasks.extract import plan_extraction
+    from gradlake.tasks.extract import plan_extraction
 
     lake = f"file://{tmp_path / 'lake'}"
     write_probe(lake, 8)
@@ -328,8 +328,8 @@ def test_bad_on_the_fly_settings_fail_before_anything_is_written(tiny_models, tm
 
 def test_refused_extraction_writes_no_projection_group(on_the_fly):
     """A different extraction at the gradient group's path is refused before any projection group is created."""
-    from lake.store import LakeError
-    from tasks.extract import create_group, plan_extraction
+    from gradlake.lake.store import LakeError
+    from gradlake.tasks.extract import create_group, plan_extraction
 
     lakes, _ = on_the_fly
     lake, path, extraction = lakes["kept"]

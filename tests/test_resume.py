@@ -12,16 +12,16 @@ import numpy as np
 import zarr
 
 from conftest import REPO, write_probe
-from flows.extract import extract_gradients
-from lake import open_lake
-from tasks.extract import ExtractionSpec
-from tasks.model import ModelSpec
+from gradlake.flows.extract import extract_gradients
+from gradlake.lake import open_lake
+from gradlake.tasks.extract import ExtractionSpec
+from gradlake.tasks.model import ModelSpec
 
 N, SHARD, BATCH = 48, 4, 2
 
 
 def cli_args(model_dir, lake) -> list[str]:
-    return [sys.executable, "-m", "flows.cli", "extract", "--model", str(model_dir), "--checkpoint", "checkpoint-1",
+    return [sys.executable, "-m", "gradlake.flows.cli", "extract", "--model", str(model_dir), "--checkpoint", "checkpoint-1",
             "--dataset", "probe", "--shard-size", str(SHARD), "--batch-size", str(BATCH), "--max-length", "256",
             "--lake", lake]
 
