@@ -15,8 +15,32 @@ app.add_typer(dataset_app, name="dataset")
 
 
 def _fail(err: Exception) -> None:
-    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    typer.secho(f"error: {_explain(err) or err}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
+
+
+def _explain(err: BaseException) -> str | None:
+    """One line for a service that does not answer (Prefect server, S3 endpoint) or missing credentials; None for others."""
+    from gradlake.lake.store import error_chain, public_url, storage_problem
+
+    chain = error_chain(err)
+    api = os.environ.get("PREFECT_API_URL")
+    if not api and "prefect.settings" in sys.modules:  # set in a Prefect profile rather than the environment
+        api = sys.modules["prefect.settings"].get_current_settings().api.url
+    for e in chain:
+        to_api = type(e).__name__ in ("ConnectError", "ConnectTimeout") and _request_url(e).startswith((api or " ").rstrip("/"))
+        if api and (to_api or (isinstance(e, RuntimeError) and str(e).startswith("Failed to reach API at"))):
+            why = "connection refused" if any("refused" in str(c).lower() for c in chain) else "no answer"
+            return (f"no Prefect server answers at {public_url(api)}: {why}; start one with `prefect server start` "
+                    "or unset PREFECT_API_URL")
+    return storage_problem(err, None)
+
+
+def _request_url(err: BaseException) -> str:
+    try:
+        return str(err.request.url)  # httpx's errors carry the request they failed on
+    except (AttributeError, RuntimeError):
+        return ""
 
 
 def _lake(lake: Optional[str]) -> str:
@@ -169,10 +193,17 @@ def catalog(lake: Optional[str] = typer.Option(None, help="Lake URL.")) -> None:
 
     from gradlake.lake import open_lake
 
-    frame = open_lake(_lake(lake)).catalog()
+    try:
+        opened = open_lake(_lake(lake))
+        frame = opened.catalog()
+    except (ValueError, OSError) as err:
+        _fail(err)
+    if frame.empty:
+        typer.echo(f"lake {opened.url} is empty: no dataset, gradient group or evaluation yet")
+        return
     with pd.option_context("display.width", 200, "display.max_columns", 12, "display.max_colwidth", 40):
         typer.echo(frame[["kind", "model", "checkpoint", "dataset", "variant", "paradigm", "mode", "projection", "n_samples",
-                          "shards_done", "shards_total", "complete"]].to_string(index=False))
+                          "chunks_done", "chunks_total", "complete"]].to_string(index=False))
 
 
 @app.command()
@@ -244,11 +275,63 @@ def evaluate_command(
     _print_headline(spec.lake, path)
 
 
+@app.command()
+def watch(
+    model: list[str] = typer.Option([], "--model", "-m", help="Hub repository id, or a directory / s3:// prefix whose subdirectories are checkpoints; repeatable."),
+    pattern: str = typer.Option(".*", help="Regular expression a checkpoint name must match in full, e.g. 'step\\d+'."),
+    marker: Optional[str] = typer.Option(None, help="File a trainer writes last into a finished checkpoint."),
+    dtype: str = typer.Option("float32", help="Dtype each checkpoint is loaded in: float32, bfloat16, float16."),
+    variant: list[str] = typer.Option([], "--variant", "-v", help="Variants to extract (default: original, paraphrased); repeatable."),
+    settings: str = typer.Option("{}", help="Further pipeline settings as JSON, e.g. '{\"shard_size\": 32, \"layers\": [\"*.mlp.*\"]}'."),
+    interval: float = typer.Option(900, help="Seconds between two looks at the checkpoints."),
+    off: bool = typer.Option(False, "--off", help="Turn the watcher's schedule off (parameters unchanged)."),
+    lake: Optional[str] = typer.Option(None, help="Lake URL the pipeline writes to (s3://... or storage every worker shares)."),
+) -> None:
+    """Turn the checkpoint watcher on (or --off): validated parameters and an active schedule on the watch-checkpoints deployment."""
+    import json
+
+    from gradlake.flows.watch import WATCH_DEPLOYMENT, WatchSpec
+
+    try:
+        if off:
+            spec = None
+        else:
+            if not model:
+                raise ValueError("name at least one model to watch with --model")
+            extra = json.loads(settings)
+            if not isinstance(extra, dict):
+                raise ValueError(f"--settings must be a JSON object of pipeline settings, not {settings!r}")
+            pipeline = {**extra, **({"variants": variant} if variant else {})}
+            spec = WatchSpec(models=[{"model": m, "pattern": pattern, "marker": marker, "dtype": dtype} for m in model],
+                             pipeline=pipeline, lake=_lake(lake))
+        if interval < 1:
+            raise ValueError(f"--interval {interval:g} is too short; give seconds >= 1")
+    except json.JSONDecodeError as err:
+        _fail(ValueError(f"--settings {settings!r} is not JSON: {err}"))
+    except (ValueError, ValidationError) as err:
+        _fail(err)
+    from gradlake.flows.watch import set_watch_schedule
+
+    try:
+        text = set_watch_schedule(spec, interval, WATCH_DEPLOYMENT)
+    except LookupError as err:
+        _fail(err)
+    typer.echo(text)
+
+
 def main() -> None:
     # The ephemeral server's start-up telemetry write can collide with a concurrent run's
     # on the shared SQLite file; gradlake has no use for it.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    app()
+    try:
+        app()
+    except Exception as err:
+        # A service that does not answer fails deep inside Prefect or botocore; say which, in one line.
+        problem = _explain(err)
+        if problem is None:
+            raise
+        typer.secho(f"error: {problem}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

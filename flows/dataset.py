@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gradlake.lake import layout
@@ -17,26 +19,34 @@ from gradlake.tasks.paraphrase import ParaphraseSpec, paraphrase_task, prompt_ha
 from gradlake.tasks.sources import SourceSpec, load_source
 
 
-class DatasetSpec(BaseModel):
-    """A probe set: where it comes from, and which variants to make of it."""
+class DatasetRecipe(BaseModel):
+    """How a probe set is made: its source, and which variants to make of it (not where it is stored)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(description="Dataset name in the lake, e.g. 'lima', 'tulu3-1000'.")
-    source: SourceSpec = Field(description="The source and the sampling of it.")
-    paraphrase: ParaphraseSpec | None = Field(default=None, description="Make the 'paraphrased' variant: every user turn rewritten by a chat model behind an OpenAI-compatible API.")
-    paraphrase_column: str | None = Field(default=None, description="Instead of an API: a source column that already holds a paraphrase of each sample's (single) user turn, as the bundled probe set has.")
-    generate: list[ModelSpec] = Field(default_factory=list, description="Make a 'model_generated' variant per model and checkpoint: the model answers each prompt itself, greedily.")
-    generate_from: str = Field(default="paraphrased", description="Variant whose prompts the models answer: 'paraphrased' (as in the thesis) or 'original'.")
-    max_new_tokens: int = Field(default=256, ge=1, description="Longest generated answer, in tokens.")
-    generation_batch_size: int = Field(default=8, ge=1, description="Prompts answered per batch.")
-    lake: str = Field(default_factory=default_lake, description="Lake URL: file:///path, a directory, or s3://bucket/prefix.")
+    source: SourceSpec = Field(title="Source", description="The source and the sampling of it.")
+    paraphrase: ParaphraseSpec | None = Field(default=None, title="Paraphrase through an API", description="Make the 'paraphrased' variant: every user turn rewritten by a chat model behind an OpenAI-compatible API.")
+    paraphrase_column: str | None = Field(default=None, title="Paraphrase column", description="Instead of an API: a source column that already holds a paraphrase of each sample's (single) user turn, as the bundled probe set has ('paraphrase').")
+    generate: list[ModelSpec] = Field(default=[], title="Models that answer", description="Make a 'model_generated' variant per model and checkpoint: the model answers each prompt itself, greedily.")
+    generate_from: Literal["paraphrased", "original"] = Field(default="paraphrased", title="Prompts answered", description="Variant whose prompts the models answer: 'paraphrased' (as in the thesis) or 'original'.")
+    max_new_tokens: int = Field(default=256, ge=1, title="Longest answer (tokens)", description="Longest generated answer, in tokens.")
+    generation_batch_size: int = Field(default=8, ge=1, title="Generation batch size", description="Prompts answered per batch.")
 
     @model_validator(mode="after")
-    def _source_keeps_paraphrases(self) -> "DatasetSpec":
+    def _source_keeps_paraphrases(self) -> "DatasetRecipe":
         if self.paraphrase_column and self.paraphrase_column not in self.source.keep_columns:
             self.source = self.source.model_copy(update={"keep_columns": [*self.source.keep_columns, self.paraphrase_column]})
         return self
+
+
+class _Named(BaseModel):
+    name: str = Field(title="Dataset name", description="Dataset name in the lake, e.g. 'lima', 'tulu3-1000'.")
+
+
+class DatasetSpec(DatasetRecipe, _Named):
+    """A probe set: its name and lake, where it comes from, and which variants to make of it."""
+
+    lake: str = Field(default_factory=default_lake, title="Lake", description="Lake URL: file:///path, a directory, or s3://bucket/prefix.")
 
 
 def check_dataset_spec(spec: DatasetSpec) -> None:

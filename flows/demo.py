@@ -48,7 +48,7 @@ def build_tiny_models_task(model_dir: str) -> dict[str, str]:
 
 def probe_dataset_spec(lake: str, model_dir: str) -> DatasetSpec:
     """The demo's probe set: the bundled file, paraphrased by an API when one is configured, else by its own column."""
-    source = SourceSpec(source=str(resources.files("tasks") / PROBE_FILE))
+    source = SourceSpec(source=str(resources.files("gradlake.tasks") / PROBE_FILE))
     generate = [ModelSpec(model=str(Path(model_dir) / "tiny-olmo2"), checkpoint="checkpoint-1")]
     if os.environ.get("OPENAI_API_KEY"):
         paraphrase = ParaphraseSpec(model=os.environ.get("GRADLAKE_PARAPHRASE_MODEL", "gpt-4o-mini"),

@@ -2,36 +2,70 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
+
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
 from gradlake.tasks.evaluate import EvaluationSpec, run_evaluation
-from gradlake.tasks.report import headline
+from gradlake.tasks.report import headline_records
 from gradlake.tasks.retries import retry_unless_bad_input
+
+_KEY_LENGTH = 56  # leaves room for '-report'
 
 
 @task(name="evaluate", cache_policy=NONE, retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_unless_bad_input)
-def evaluate_task(spec: EvaluationSpec) -> tuple[str, list[dict]]:
-    directory, results = run_evaluation(spec, log=get_run_logger().info)
-    return directory, results.to_dict("records")
+def evaluate_task(spec: EvaluationSpec) -> str:
+    directory, _ = run_evaluation(spec, log=get_run_logger().info)
+    return directory
+
+
+def artifact_key(directory: str) -> str:
+    """The Prefect artifact key of an evaluation directory: ``svp-<model>-<checkpoint>-<dataset>-<paradigm>``.
+
+    Prefect keys allow lowercase letters, digits and dashes only; a key that would be
+    longer than 56 characters, or that lost characters to that rule (so two directories
+    could meet), ends in a short hash of the directory instead, keeping keys distinct.
+    """
+    parts = directory.strip("/").split("/")[-4:]  # evaluations/<model>/<checkpoint>/<dataset>/<paradigm>
+    slugs = [re.sub(r"[^a-z0-9]+", "-", p.lower()).strip("-") for p in parts]
+    slug = "svp-" + "-".join(slugs)
+    if slugs == parts and len(slug) <= _KEY_LENGTH:
+        return slug
+    budget = _KEY_LENGTH - len("svp-") - len("-12345678") - (len(slugs) - 1)
+    while sum(map(len, slugs)) > budget:  # shorten the longest part, so that each keeps a readable head
+        longest = max(range(len(slugs)), key=lambda i: len(slugs[i]))
+        slugs[longest] = slugs[longest][:-1]
+    digest = hashlib.sha256(directory.strip("/").encode()).hexdigest()[:8]
+    return "svp-" + "-".join(filter(None, (s.strip("-") for s in slugs))) + f"-{digest}"
+
+
+def publish_headline(lake: str, directory: str) -> None:
+    """The headline table and the report (without plots) of a finished evaluation, as artifacts of the current flow run."""
+    import json
+
+    from gradlake.lake.evaluations import read_evaluation
+    from gradlake.lake.store import LakeStore
+
+    store = LakeStore(lake)
+    results = read_evaluation(store, directory)
+    lineage = json.loads(store.fs.cat_file(store.path(f"{directory}/meta.json")))["lineage"]
+    with store.fs.open(store.path(f"{directory}/report.md"), "r") as handle:
+        report = [line for line in handle.read().splitlines() if not line.startswith("![")]
+    about = (f"Select vs project (cosine) for {lineage.get('model')} @ {lineage.get('checkpoint')}, "
+             f"dataset {lineage.get('dataset')} ({lineage.get('paradigm')}); full report: {lake}/{directory}/report.html")
+    key = artifact_key(directory)
+    create_table_artifact(key=key, table=headline_records(results), description=about)
+    create_markdown_artifact(key=f"{key}-report", description=about, markdown="\n".join(report)
+                             + f"\n\nPlots and the HTML report: `{lake}/{directory}`\n")
 
 
 @flow(name="evaluate-select-vs-project", log_prints=True)
 def evaluate(spec: EvaluationSpec) -> str:
     """Rank originals for each query variant by every tensor, layer group, the full gradient, projections and BM25."""
-    import pandas as pd
-
-    from gradlake.lake.store import LakeStore
-
-    directory, records = evaluate_task(spec)
-    table = headline(pd.DataFrame(records))
-    create_table_artifact(key="select-vs-project", table=table.round(4).astype(object).where(table.notna(), None).to_dict("records"),
-                          description=f"Headline: {directory}")
-    store = LakeStore(spec.lake)
-    with store.fs.open(store.path(f"{directory}/report.md"), "r") as handle:
-        report = handle.read()
-    create_markdown_artifact(key="select-vs-project-report", markdown=report.split("![", 1)[0]
-                             + f"\n\nPlots and the HTML report: `{spec.lake}/{directory}`\n", description=directory)
+    directory = evaluate_task(spec)
+    publish_headline(spec.lake, directory)
     get_run_logger().info("evaluation at %s/%s", spec.lake, directory)
     return directory

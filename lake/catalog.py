@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+from collections.abc import Iterable
 
 import pandas as pd
 import xarray as xr
@@ -16,6 +19,66 @@ from gradlake.lake.gradients import ATTR
 from gradlake.lake.store import LakeError, LakeStore
 
 _KEYS = ("model", "checkpoint", "dataset", "variant", "paradigm", "mode")
+_PROJECTION_KEYS = ("kind", "dim", "seed", "scope")
+GENERATED = "model_generated"  # short for the asked model's own answers at the asked checkpoint
+
+
+def model_keys(model: str) -> set[str]:
+    """The lake keys a model may be asked for by: its key itself, its hub id, or its local path (as given or absolute)."""
+    text = model.rstrip("/") or model
+    keys = {text}
+    with contextlib.suppress(ValueError):  # text that makes no key can only be a key as given
+        keys.add(layout.key(text))
+        keys.add(layout.model_key(os.path.abspath(os.path.expanduser(text)), local=True))
+    return keys
+
+
+def _checkpoint_key(checkpoint: object) -> str | None:
+    try:
+        return layout.key(str(checkpoint))
+    except ValueError:
+        return None
+
+
+def resolve(where: dict, generated: Iterable[str] = ()) -> dict[str, set]:
+    """The one rule every lookup reads its filters by: the accepted values of each filter given.
+
+    A model matches by its lake key, hub id or local path (as given or absolute), as the extraction
+    keyed it (``layout.model_key``); a checkpoint by its name or key; variant ``model_generated`` stands
+    for ``model_generated.<model key>.<checkpoint key>`` of the model and checkpoint asked for, so it
+    needs both.  `generated` (the lake's generated variants) is named in that error.
+    """
+    accepted = {k: {v} for k, v in where.items() if v is not None}
+    if "model" in accepted:
+        accepted["model"] = model_keys(where["model"])
+    if "checkpoint" in accepted:
+        accepted["checkpoint"] = {_checkpoint_key(where["checkpoint"])}
+    if where.get("variant") == GENERATED:
+        if where.get("model") is None or where.get("checkpoint") is None:
+            held = ", ".join(repr(v) for v in sorted(set(generated))) or "the lake holds none"
+            raise LakeError(f"variant {GENERATED!r} means one model's own answers at one checkpoint; pass model= and "
+                            f"checkpoint= with it, or the variant's full name ({held})")
+        accepted["variant"] = {layout.generated_variant(m, c) for m in accepted["model"] for c in accepted["checkpoint"]}
+    return accepted
+
+
+def _matches(record: dict, accepted: dict[str, set]) -> bool:
+    return all((_checkpoint_key(record.get(k)) if k == "checkpoint" else record.get(k)) in values
+               for k, values in accepted.items())
+
+
+def _tell_apart(hits: list[dict], filters: Iterable[str]) -> str:
+    """The filters whose values differ between the hits, with those values: what would pick one of them."""
+    parts = []
+    for name in filters:
+        values = sorted({h.get(name) for h in hits}, key=str)
+        if len(values) > 1:
+            parts.append(f"{name}=" + " or ".join(repr(v) for v in values))
+    return "; ".join(parts) or f"their paths {[h['path'] for h in hits]}"
+
+
+def _generated(variants: Iterable[str]) -> list[str]:
+    return [v for v in variants if str(v).startswith(GENERATED + ".")]
 
 
 class Lake:
@@ -38,8 +101,28 @@ class Lake:
                 groups.append((relative, attrs))
         return groups
 
+    def _gradient_records(self) -> list[dict]:
+        """What a lookup filters on, per gradient or projection group; model and checkpoint as their lake keys."""
+        records = []
+        for path, attrs in self._gradient_groups():
+            lineage, projection = attrs["lineage"], attrs["lineage"].get("projection") or {}
+            _, model, checkpoint, *_ = path.split("/")
+            records.append({"path": path, **{k: lineage.get(k) for k in _KEYS}, "model": model, "checkpoint": checkpoint,
+                            "projection": _projection_label(projection), **{k: projection.get(k) for k in _PROJECTION_KEYS}})
+        return records
+
     def catalog(self) -> pd.DataFrame:
         """Everything in the lake, one row per gradient group or dataset variant, with lineage and completeness."""
+        with self.store.explained_errors():
+            rows = self._catalog_rows()
+        if not rows:
+            self.store.check_exists()  # an empty table for a lake that is not there would say nothing
+        columns = ["kind", "path", *_KEYS, "projection", "n_samples", "n_parameters", "numel", "dtype", "chunks_done",
+                   "chunks_total", "complete"]
+        frame = pd.DataFrame(rows)
+        return frame.reindex(columns=columns + sorted(c for c in frame.columns if c not in columns))
+
+    def _catalog_rows(self) -> list[dict]:
         rows = []
         for path, attrs in self._gradient_groups():
             lineage, plan = attrs["lineage"], attrs["plan"]
@@ -49,7 +132,7 @@ class Lake:
                 **{k: lineage.get(k) for k in _KEYS},
                 "n_samples": plan["n_samples"], "n_parameters": len(plan["parameters"]),
                 "numel": sum(math.prod(shape) for shape in plan["parameters"].values()),
-                "dtype": plan["dtype"], "shards_done": int(flags.sum()), "shards_total": len(flags),
+                "dtype": plan["dtype"], "chunks_done": int(flags.sum()), "chunks_total": len(flags),
                 "complete": bool(flags.all()) and (plan["mode"] == "store" or bool(attrs.get("complete"))),
                 "projection": _projection_label(lineage.get("projection")),
                 **{f"lineage.{k}": v for k, v in lineage.items() if k not in _KEYS},
@@ -70,37 +153,42 @@ class Lake:
                 "lineage.created_at": meta["created_at"],
                 **{f"lineage.{k}": v for k, v in meta.get("lineage", {}).items()},
             })
-        columns = ["kind", "path", *_KEYS, "projection", "n_samples", "n_parameters", "numel", "dtype", "shards_done",
-                   "shards_total", "complete"]
-        frame = pd.DataFrame(rows)
-        return frame.reindex(columns=columns + sorted(c for c in frame.columns if c not in columns))
+        return rows
 
     def find_gradients(self, projection: dict | None = None, **where) -> str:
-        """The path of the one gradient group (or, with `projection`, projection group) matching lineage keys."""
-        unknown = set(where) - set(_KEYS)
+        """The path of the one gradient group (or, with `projection`, projection group) matching the filters.
+
+        Filters are read by `resolve`: a model by key, id or path, ``variant="model_generated"`` for its own answers.
+        """
+        unknown = (set(where) - set(_KEYS)) | (set(projection or {}) - set(_PROJECTION_KEYS))
         if unknown:
-            raise LakeError(f"cannot select gradients by {sorted(unknown)}; use {list(_KEYS)}")
-        groups = [(p, a["lineage"]) for p, a in self._gradient_groups()
-                  if bool(a["lineage"].get("projection")) == (projection is not None)]
-        if projection is not None:
-            groups = [(p, lin) for p, lin in groups
-                      if all(v is None or lin["projection"].get(k) == v for k, v in projection.items())]
-            where = {**where, **{k: v for k, v in projection.items() if v is not None}}
-        hits = [p for p, lin in groups if all(v is None or lin.get(k) == v for k, v in where.items() if k in _KEYS)]
+            raise LakeError(f"cannot select gradients by {sorted(unknown)}; use {list(_KEYS)} "
+                            f"(and {list(_PROJECTION_KEYS)} for projections)")
+        with self.store.explained_errors():
+            records = [r for r in self._gradient_records() if (r["projection"] is not None) == (projection is not None)]
+        filters = {**where, **(projection or {})}
+        accepted = resolve(filters, _generated(r["variant"] for r in records))
+        hits = [r for r in records if _matches(r, accepted)]
         if len(hits) == 1:
-            return hits[0]
-        asked = {k: v for k, v in where.items() if v is not None}
+            return hits[0]["path"]
+        asked = {k: v for k, v in filters.items() if v is not None}
+        what = "gradient group" if projection is None else "projection group"
         if not hits:
-            have = sorted({tuple(lin.get(k) for k in _KEYS) for _, lin in groups})
-            raise LakeError(f"no gradient group in {self.url} matches {asked}; the lake holds {have or 'none'} as {list(_KEYS)}")
-        raise LakeError(f"{len(hits)} gradient groups match {asked}: {hits}; narrow it down with paradigm=, mode= or variant=")
+            if not records:
+                self.store.check_exists()
+            shown = (*_KEYS, *(("projection",) if projection is not None else ()))
+            held = sorted({tuple(r[k] for k in shown) for r in records}, key=str)
+            raise LakeError(f"no {what} in {self.url} matches {asked}; the lake holds {held or 'none'} as {list(shown)}")
+        raise LakeError(f"{len(hits)} {what}s match {asked} in {self.url}; tell them apart with "
+                        f"{_tell_apart(hits, (*_KEYS, *_PROJECTION_KEYS))}")
 
     def gradients(self, model: str | None = None, checkpoint: str | None = None, dataset: str | None = None,
                   variant: str | None = None, paradigm: str | None = None, mode: str | None = None) -> xr.Dataset:
         """A gradient group as an xarray.Dataset: one variable per parameter tensor, coordinate ``sample``."""
         path = self.find_gradients(model=model, checkpoint=checkpoint, dataset=dataset, variant=variant,
                                    paradigm=paradigm, mode=mode)
-        return xr.open_zarr(self.store.zarr_store, group=path, consolidated=False, zarr_format=3)
+        with self.store.explained_errors():
+            return xr.open_zarr(self.store.zarr_store, group=path, consolidated=False, zarr_format=3)
 
     def projections(self, model: str | None = None, checkpoint: str | None = None, dataset: str | None = None,
                     variant: str | None = None, paradigm: str | None = None, kind: str | None = None,
@@ -108,33 +196,51 @@ class Lake:
         """A projection group as an xarray.Dataset: one variable per tensor (or ``flat``), coordinate ``sample``."""
         path = self.find_gradients(model=model, checkpoint=checkpoint, dataset=dataset, variant=variant,
                                    paradigm=paradigm, projection={"kind": kind, "dim": dim, "seed": seed, "scope": scope})
-        return xr.open_zarr(self.store.zarr_store, group=path, consolidated=False, zarr_format=3)
+        with self.store.explained_errors():
+            return xr.open_zarr(self.store.zarr_store, group=path, consolidated=False, zarr_format=3)
 
     def evaluation(self, model: str | None = None, checkpoint: str | None = None, dataset: str | None = None,
                    paradigm: str | None = None, table: str = "results") -> pd.DataFrame:
         """A select-vs-project evaluation's table (``results``, ``self_similarity`` or ``greedy``) as a DataFrame."""
+        records = []
+        with self.store.explained_errors():
+            evaluations = list_evaluations(self.store)
+        for path, _ in evaluations:
+            _, model_key, checkpoint_key, dataset_name, paradigm_name = path.split("/")
+            records.append({"path": path, "model": model_key, "checkpoint": checkpoint_key, "dataset": dataset_name,
+                            "paradigm": paradigm_name})
         where = {"model": model, "checkpoint": checkpoint, "dataset": dataset, "paradigm": paradigm}
-        hits = [p for p, meta in list_evaluations(self.store)
-                if all(v is None or meta["lineage"].get(k) == v for k, v in where.items())]
-        if len(hits) != 1:
-            asked = {k: v for k, v in where.items() if v is not None}
-            have = [p for p, _ in list_evaluations(self.store)]
-            raise LakeError(f"{len(hits)} evaluations in {self.url} match {asked}; the lake holds {have or 'none'}")
-        return read_evaluation(self.store, hits[0], table)
+        hits = [r for r in records if _matches(r, resolve(where))]
+        if len(hits) == 1:
+            with self.store.explained_errors():
+                return read_evaluation(self.store, hits[0]["path"], table)
+        asked = {k: v for k, v in where.items() if v is not None}
+        if not hits:
+            if not records:
+                self.store.check_exists()
+            raise LakeError(f"no evaluation in {self.url} matches {asked}; the lake holds "
+                            f"{[r['path'] for r in records] or 'none'}")
+        raise LakeError(f"{len(hits)} evaluations match {asked} in {self.url}; tell them apart with "
+                        f"{_tell_apart(hits, where)}")
 
     def dataset(self, name: str, variant: str = "original", model: str | None = None,
                 checkpoint: str | None = None, version: str | None = None) -> pd.DataFrame:
         """A dataset variant as a DataFrame (``id``, ``messages``), its latest version unless one is named.
 
-        For ``variant="model_generated"`` name the generating model's lake key and checkpoint
-        (as in the catalog), since generated answers differ between them.
+        ``variant="model_generated"`` with `model` and `checkpoint` (read as by `resolve`) names that model's
+        answers; the full name ``model_generated.<model key>.<checkpoint key>`` works too.
         """
-        if variant == "model_generated":
-            if not (model and checkpoint):
-                raise LakeError("model_generated answers differ per model and checkpoint; pass model= and checkpoint= "
-                                "(the catalog lists them as variants 'model_generated.<model>.<checkpoint>')")
-            variant = layout.generated_variant(model, checkpoint)
-        return read_dataset(self.store, name, variant, version)
+        with self.store.explained_errors():
+            if variant != GENERATED:
+                return read_dataset(self.store, name, variant, version)
+            held = _generated(m["variant"] for m in list_datasets(self.store) if m["dataset"] == name)
+            accepted = resolve({"model": model, "checkpoint": checkpoint, "variant": variant}, held)["variant"]
+            hits = [v for v in held if v in accepted]
+            if len(hits) != 1:
+                raise LakeError(f"dataset {name!r} in {self.url} has {len(hits) or 'no'} {GENERATED} variant"
+                                f"{'s' if len(hits) > 1 else ''} of model {model!r} at checkpoint {checkpoint!r}; "
+                                f"its generated variants are {held or 'none'}")
+            return read_dataset(self.store, name, hits[0], version)
 
 
 def _projection_label(projection: dict | None) -> str | None:

@@ -74,6 +74,8 @@ def dataset_meta(store: LakeStore, name: str, variant: str, version: str | None 
             raise LakeError(f"dataset {name!r} variant {variant!r} has no version {version!r}; "
                             f"versions: {versions or 'none'}") from None
         known = sorted({(m["dataset"], m["variant"]) for m in list_datasets(store)})
+        if not known:
+            store.check_exists()  # a lake that is not there says so, not that it lacks this dataset
         raise LakeError(
             f"dataset {name!r} variant {variant!r} is not in lake {store.url}; "
             f"it holds {known or 'no datasets'} as (dataset, variant)"

@@ -71,8 +71,31 @@ def column_chunk(rows: int, numel: int, itemsize: int) -> int:
     return max(1, min(numel, CHUNK_BYTES // max(1, rows * itemsize)))
 
 
+def token_rows(n_samples: int, width: int) -> int:
+    """Rows per chunk of the token arrays (`input_ids`, `label_mask`): as many as fit CHUNK_BYTES."""
+    return max(1, min(n_samples, CHUNK_BYTES // max(1, 4 * width)))
+
+
 def n_shards(n_samples: int, shard_size: int) -> int:
     return math.ceil(n_samples / shard_size)
+
+
+def n_chunks(n_samples: int, chunk_rows: int) -> int:
+    """Row-chunks of a group: the unit in which it is stored and recorded complete."""
+    return math.ceil(n_samples / chunk_rows)
+
+
+def chunk_bounds(index: int, n_samples: int, chunk_rows: int) -> tuple[int, int]:
+    """Samples [start, stop) of row-chunk `index`; the last may be short."""
+    start = index * chunk_rows
+    if index < 0 or start >= n_samples:
+        raise IndexError(f"chunk {index} is out of range for {n_samples} samples in chunks of {chunk_rows}")
+    return start, min(start + chunk_rows, n_samples)
+
+
+def chunks_in(start: int, stop: int, chunk_rows: int) -> range:
+    """Indexes of the row-chunks that hold any of the samples [start, stop)."""
+    return range(start // chunk_rows, -(-stop // chunk_rows)) if stop > start else range(0)
 
 
 def shard_bounds(index: int, n_samples: int, shard_size: int) -> tuple[int, int]:

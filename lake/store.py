@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit, urlunsplit
 
 import fsspec
 import zarr
@@ -54,6 +56,79 @@ def normalize_url(url: str) -> str:
     return url.rstrip("/")
 
 
+def public_url(url: str) -> str:
+    """A URL fit for a message: any ``user:password@`` in it left out."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+_NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
+_UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionError",
+                "TimeoutError", "gaierror"}
+_REFUSED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "403"}
+
+
+def error_chain(err: BaseException) -> list[BaseException]:
+    """An exception and those it was raised from or during, outermost first; `raise ... from None` ends the chain."""
+    seen: list[BaseException] = []
+    while err is not None and all(err is not e for e in seen):
+        seen.append(err)
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+    return seen
+
+
+def storage_problem(err: BaseException, url: str | None, storage_options: dict | None = None) -> str | None:
+    """One line naming a storage failure the user can fix and what to check, or None for any other error.
+
+    Covers an S3 endpoint that does not answer, missing or refused credentials, and a local directory
+    without permission (`url` None: a lake not known here, so only what botocore raised is read).
+    No credential is ever part of the line.
+    """
+    chain = error_chain(err)
+    kinds = {cls.__name__ for e in chain for cls in type(e).__mro__}
+    codes = {str(e.response.get("Error", {}).get("Code")) for e in chain if isinstance(getattr(e, "response", None), dict)}
+    where = public_url(url) if url else "the lake"
+    on_s3 = url.startswith(("s3://", "s3a://")) if url else any(type(e).__module__.startswith("botocore") for e in chain)
+    if on_s3 and kinds & _NO_CREDENTIALS:
+        return (f"no S3 credentials found for {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                "or AWS_PROFILE naming a profile in ~/.aws/credentials")
+    if on_s3 and kinds & _UNREACHABLE:
+        endpoint = _endpoint(storage_options or {}, chain)
+        if "ConnectionRefusedError" in kinds:
+            why = "connection refused"
+        elif "gaierror" in kinds:
+            why = "host name not found"
+        elif kinds & {"TimeoutError", "ConnectTimeoutError"}:
+            why = "timed out"
+        else:
+            why = type(chain[-1]).__name__
+        source = next((v for v in _ENDPOINT_VARS if endpoint and os.environ.get(v) == endpoint), None)
+        check = source or ("storage_options['endpoint_url']" if endpoint else "GRADLAKE_S3_ENDPOINT_URL (none is set)")
+        return f"cannot reach the S3 endpoint {public_url(endpoint or 'of AWS')} for {where}: {why}; check {check}"
+    if on_s3 and (codes & _REFUSED_CODES or "PermissionError" in kinds):
+        code = min(codes & _REFUSED_CODES, default="access denied")
+        return (f"S3 refused access to {where} ({code}); check that the credentials in AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) are current and may read this bucket")
+    if url and "PermissionError" in kinds:
+        return f"permission denied on lake {where}; check the directory's owner and mode"
+    return None
+
+
+def _endpoint(storage_options: dict, chain: list[BaseException]) -> str | None:
+    """The S3 endpoint in use: from the options, else scheme and host of the URL the failed request went to."""
+    endpoint = storage_options.get("endpoint_url") or storage_options.get("client_kwargs", {}).get("endpoint_url")
+    if endpoint:
+        return endpoint
+    for e in chain:
+        sent = getattr(e, "kwargs", {}).get("endpoint_url") if isinstance(getattr(e, "kwargs", None), dict) else None
+        if sent:
+            parts = urlsplit(sent)
+            return f"{parts.scheme}://{parts.netloc}"
+    return None
+
+
 @dataclass
 class LakeStore:
     """A lake's filesystem and root, and the Zarr store over it."""
@@ -85,8 +160,41 @@ class LakeStore:
     def glob(self, pattern: str) -> list[str]:
         """Paths matching a pattern relative to the lake, listed afresh (s3fs caches listings, so a
         long-lived process would otherwise never see what other processes added)."""
-        self.fs.invalidate_cache()
-        return sorted(self.fs.glob(self.path(pattern)))
+        with self.explained_errors():
+            self.fs.invalidate_cache()
+            return sorted(self.fs.glob(self.path(pattern)))
+
+    @contextmanager
+    def explained_errors(self) -> Iterator[None]:
+        """Storage failures inside the block become one LakeError saying what failed and what to check."""
+        try:
+            yield
+        except LakeError:
+            raise
+        except Exception as err:
+            problem = storage_problem(err, self.url, self.storage_options)
+            if problem is None:
+                raise
+            raise LakeError(problem) from None  # the library's own traceback would bury the one line
+
+    def check_exists(self) -> None:
+        """One LakeError unless the lake's root is there to be read: a directory, or an existing bucket."""
+        if self.is_local:
+            if not os.path.exists(self.root):
+                raise LakeError(f"lake {self.root} holds nothing: the directory does not exist")
+            if not os.path.isdir(self.root):
+                raise LakeError(f"lake {self.root} holds nothing: it is a file, not a directory")
+            return
+        bucket = self.root.split("/", 1)[0]
+        with self.explained_errors():
+            try:
+                self.fs.info(bucket)
+            except FileNotFoundError:
+                endpoint = _endpoint(self.storage_options, []) or "AWS"
+                raise LakeError(f"lake {public_url(self.url)} holds nothing: the bucket {bucket!r} does not exist at "
+                                f"{public_url(endpoint)}; check the bucket name and the S3 endpoint") from None
+            except PermissionError:
+                pass  # keys may be allowed their prefix and not the bucket; then an empty listing is the answer
 
     @cached_property
     def zarr_store(self) -> zarr.abc.store.Store:
@@ -106,5 +214,8 @@ class LakeStore:
             self.fs.pipe_file(probe, b"")
             self.fs.rm_file(probe)
         except Exception as err:
-            raise LakeError(f"lake {self.url!r} is not writable ({type(err).__name__}: {err}); "
+            problem = storage_problem(err, self.url, self.storage_options)
+            if problem:
+                raise LakeError(f"lake {public_url(self.url)!r} is not writable: {problem}") from None
+            raise LakeError(f"lake {public_url(self.url)!r} is not writable ({type(err).__name__}: {err}); "
                             "pass a directory you can write, or an s3:// URL with credentials in the environment") from err

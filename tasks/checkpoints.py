@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+from typing import Literal
 
 import fsspec
 from pydantic import BaseModel, ConfigDict, Field
@@ -27,7 +28,9 @@ class WatchedModel(BaseModel):
     model: str = Field(description="Hugging Face repository id, or a directory / s3:// prefix whose subdirectories are checkpoints.")
     pattern: str = Field(default=".*", description="Regular expression a checkpoint name must match in full (e.g. 'step\\\\d+').")
     marker: str | None = Field(default=None, description="File a trainer writes last into a finished checkpoint directory; none: config.json and whole weight files.")
-    storage_options: dict = Field(default_factory=dict, description="fsspec options for an s3:// prefix (no credentials: those come from the environment).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="Dtype the pipeline loads each checkpoint in.")
+    device: str = Field(default="auto", description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
+    storage_options: dict = Field(default={}, description="fsspec options for an s3:// prefix (no credentials: those come from the environment).")
 
 
 def safetensors_whole(fs, path: str) -> bool:
@@ -63,8 +66,8 @@ def is_hub_id(model: str) -> bool:
     return "://" not in model and not model.startswith(("/", ".", "~")) and model.count("/") == 1 and not fsspec.filesystem("file").exists(model)
 
 
-def list_checkpoints(watched: WatchedModel) -> list[str]:
-    """Finished checkpoints of a watched model, in name order."""
+def list_checkpoints(watched: WatchedModel, unfinished: list[str] | None = None) -> list[str]:
+    """Finished checkpoints of a watched model, in name order; those still being written go to `unfinished`."""
     pattern = re.compile(watched.pattern)
     if is_hub_id(watched.model):
         from huggingface_hub import list_repo_refs
@@ -78,6 +81,9 @@ def list_checkpoints(watched: WatchedModel) -> list[str]:
     found = []
     for path in fs.ls(root, detail=False):
         name = path.rstrip("/").rsplit("/", 1)[-1]
-        if pattern.fullmatch(name) and fs.isdir(path) and checkpoint_complete(fs, path, watched.marker):
-            found.append(name)
+        if pattern.fullmatch(name) and fs.isdir(path):
+            if checkpoint_complete(fs, path, watched.marker):
+                found.append(name)
+            elif unfinished is not None:
+                unfinished.append(name)
     return sorted(found)

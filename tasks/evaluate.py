@@ -12,6 +12,8 @@ candidates are kept, never a full similarity matrix.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import re
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
@@ -39,11 +41,11 @@ class EvaluationSpec(BaseModel):
 
     model: ModelSpec = Field(description="The model and checkpoint whose gradients are evaluated (as given to the extraction).")
     dataset: str = Field(default="probe", description="Dataset name in the lake.")
-    queries: list[str] = Field(default_factory=lambda: ["paraphrased", "model_generated"], description="Query variants compared with 'original'; 'model_generated' means this model and checkpoint's answers.")
-    paradigm: str = Field(default="sft", description="Paradigm of the gradient groups ('sft' or 'pre').")
+    queries: list[str] = Field(default=["paraphrased", "model_generated"], description="Query variants compared with 'original'; 'model_generated' means this model and checkpoint's answers.")
+    paradigm: Literal["sft", "pre"] = Field(default="sft", description="Paradigm of the gradient groups ('sft' or 'pre').")
     dense_baseline: bool = Field(default=True, description="Also rank by a sentence-embedding model on the user turn (all-MiniLM-L6-v2).")
     greedy_steps: int = Field(default=8, ge=0, description="Steps of greedy layer selection (0: none).")
-    memory_budget: int = Field(default=DEFAULT_BUDGET, ge=1 << 20, description="Bytes of gradient slabs and score blocks held at once.")
+    memory_budget: int = Field(default=DEFAULT_BUDGET, ge=1 << 20, title="Memory budget (bytes)", description="Bytes of gradient slabs and score blocks held at once.")
     lake: str = Field(default_factory=default_lake, description="Lake URL.")
 
 
@@ -306,15 +308,21 @@ def greedy_selection(candidates: dict, truth_position: np.ndarray, steps: int, s
     ``candidates[name]`` holds that tensor's dot products with each query's candidates
     (``dots``, queries x 5), the queries' squared norms (``q_sq``) and the candidates'
     (``d_sq``, queries x 5); a set of tensors' cosine is their sums' ratio.  Ties go to the
-    tensor met first (model order).
+    tensor met first (model order).  Selection stops at the first step whose best tensor
+    does not raise the accuracy (a larger set that scores no better is no finding), after
+    ``steps`` steps, or when every tensor is in; the last row's ``stop_reason`` says which.
     """
-    chosen: list[str] = []
-    rows = []
+    columns = ["step", "added", "accuracy", "n_values", "stop_reason"]
     if not candidates or steps == 0:
-        return pd.DataFrame(columns=["step", "added", "accuracy", "n_values"])
-    total_dots = None
-    total_q = total_d = None
-    for step in range(1, min(steps, len(candidates)) + 1):
+        return pd.DataFrame(columns=columns)
+    chosen: list[str] = []
+    rows: list[dict] = []
+    total_dots = total_q = total_d = None
+    reason = f"every tensor selected ({len(candidates)})"
+    while len(chosen) < len(candidates):
+        if len(chosen) == steps:
+            reason = f"greedy_steps reached ({steps})"
+            break
         best = None
         for name, c in candidates.items():
             if name in chosen:
@@ -326,10 +334,17 @@ def greedy_selection(candidates: dict, truth_position: np.ndarray, steps: int, s
             accuracy = float(candidate_correct(cosine, truth_position).mean())
             if best is None or accuracy > best[1]:
                 best = (name, accuracy, dots, q_sq, d_sq)
-        name, accuracy, total_dots, total_q, total_d = best
+        name, accuracy = best[:2]
+        if rows and accuracy <= rows[-1]["accuracy"]:
+            reason = (f"no gain: the best next tensor, {name}, gives {accuracy:.3f}, "
+                      f"not above {rows[-1]['accuracy']:.3f}")
+            break
+        total_dots, total_q, total_d = best[2:]
         chosen.append(name)
-        rows.append({"step": step, "added": name, "accuracy": accuracy, "n_values": sum(sizes[n] for n in chosen)})
-    return pd.DataFrame(rows)
+        rows.append({"step": len(chosen), "added": name, "accuracy": accuracy,
+                     "n_values": sum(sizes[n] for n in chosen), "stop_reason": None})
+    rows[-1]["stop_reason"] = reason
+    return pd.DataFrame(rows, columns=columns)
 
 
 @lru_cache(maxsize=1)

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gradlake.lake import layout
 from gradlake.lake.datasets import dataset_meta, read_dataset
-from gradlake.lake.gradients import GradientGroup, GradientPlan
+from gradlake.lake.gradients import ChunkRows, GradientGroup, GradientPlan, check_shard_size, stored_chunk_rows
 from gradlake.lake.store import LakeError, LakeStore, default_lake
 from gradlake.tasks.gradients import PerSampleGradients, Projection
 from gradlake.tasks.loss import IGNORE_INDEX, Encoded, encode_sample, pad_batch
@@ -43,8 +43,8 @@ class ExtractionSpec(BaseModel):
     paradigm: Literal["sft", "pre"] = Field(default="sft", description="'sft': loss on assistant tokens only; 'pre': loss on every token.")
     layers: list[str] = Field(default_factory=list, description="Glob patterns over parameter names, e.g. 'model.layers.*.mlp.down_proj.weight'; empty selects every parameter.")
     mode: Literal["store", "mean", "mean_normalized"] = Field(default="store", description="'store': every sample's gradient; 'mean': their mean; 'mean_normalized': the mean of per-tensor unit-normalised gradients.")
-    shard_size: int = Field(default=64, ge=1, description="Samples per shard: the unit of retry, resume and (later) distribution over workers.")
-    batch_size: int = Field(default=8, ge=1, description="Samples per backward pass; must divide the shard size. It is also the chunk height of stored arrays.")
+    shard_size: int = Field(default=64, ge=1, description="Samples per shard: the unit of retry and of distribution over workers. A scheduling choice: a run with another shard size reuses finished gradients. Must be a multiple of the batch size and of the group's chunk height.")
+    batch_size: int = Field(default=8, ge=1, description="Samples per backward pass; must divide the shard size. A scheduling choice too; the run that creates a group fixes its chunk height (samples per stored chunk) to it.")
     max_length: int = Field(default=1024, ge=2, description="Tokens per sample at most; longer chats are cut on the right.")
     store_dtype: Literal["float32", "float16"] = Field(default="float32", description="Dtype of the stored gradients.")
     projections: list[ProjectionSpec] = Field(default_factory=list, description="Random projections made on the fly, each stored in a group of its own beside the gradients (mode 'store' only).")
@@ -111,6 +111,16 @@ def plan_extraction(spec: ExtractionSpec) -> ExtractionPlan:
         projector_choices(projection, selected, device)
     store = LakeStore(spec.lake)
     store.check_writable()
+    model_name, checkpoint = lake_names(model)
+    path = layout.gradient_group_path(
+        layout.model_key(model_name, model.is_local), layout.key(checkpoint), spec.dataset, spec.variant,
+        spec.paradigm, spec.mode,
+    )
+    # A group that exists keeps the chunk height it was created with; a new one takes the batch size
+    # (which divides the shard size).  Shards must be whole chunks of every group they write.
+    chunk_rows = stored_chunk_rows(store, path) or spec.batch_size
+    for where in [path, *(projection_path(path, p) for p in spec.projections)]:
+        check_shard_size(spec.shard_size, stored_chunk_rows(store, where) or chunk_rows, where)
     meta = dataset_meta(store, spec.dataset, spec.variant)
     frame = read_dataset(store, spec.dataset, spec.variant, meta["version"])
     if frame.empty:
@@ -124,7 +134,6 @@ def plan_extraction(spec: ExtractionSpec) -> ExtractionPlan:
     for row, e in enumerate(encoded):
         input_ids[row, : len(e.input_ids)] = e.input_ids
         label_mask[row, : len(e.label_mask)] = e.label_mask
-    model_name, checkpoint = lake_names(model)
     lineage = {
         "model": model_name,
         "checkpoint": checkpoint,
@@ -146,13 +155,8 @@ def plan_extraction(spec: ExtractionSpec) -> ExtractionPlan:
         "gradlake_version": gradlake_version(),
     }
     plan = GradientPlan(
-        n_samples=len(encoded), shard_size=spec.shard_size, batch_size=spec.batch_size,
-        parameters={n: list(shapes[n]) for n in names} if spec.keep_gradients else {},
-        mode=spec.mode, dtype=spec.store_dtype, max_tokens=width,
-    )
-    path = layout.gradient_group_path(
-        layout.model_key(model_name, model.is_local), layout.key(checkpoint), spec.dataset, spec.variant,
-        spec.paradigm, spec.mode,
+        n_samples=len(encoded), parameters={n: list(shapes[n]) for n in names} if spec.keep_gradients else {},
+        mode=spec.mode, dtype=spec.store_dtype, max_tokens=width, chunk_rows=chunk_rows,
     )
     if not spec.keep_gradients:
         lineage["gradients_kept"] = False
@@ -193,45 +197,135 @@ def _batch(group: GradientGroup, start: int, stop: int, pad_id: int, device) -> 
     return input_ids.to(device), labels.to(device)
 
 
+class ChunkSums:
+    """Mean modes: each row-chunk's sum of per-sample gradients (float64, on the device), written once whole.
+
+    Only the chunks asked for are summed; a chunk's rows may arrive over several batches.
+    """
+
+    def __init__(self, group: GradientGroup, chunks: list[int], normalize: bool):
+        self.group, self.normalize = group, normalize
+        self.waiting = set(chunks)
+        self._sums: dict[int, dict[str, torch.Tensor]] = {}
+        self._filled: dict[int, int] = {}
+
+    def add(self, start: int, stop: int, grads: dict[str, torch.Tensor]) -> list[int]:
+        plan, done = self.group.plan, []
+        for k in layout.chunks_in(start, stop, plan.chunk_rows):
+            if k not in self.waiting:
+                continue
+            c0, c1 = plan.chunk_bounds(k)
+            lo, hi = max(c0, start), min(c1, stop)
+            sums = self._sums.setdefault(k, {})
+            for n, g in grads.items():
+                g = g[lo - start:hi - start]
+                if self.normalize:
+                    g = g / g.norm(dim=1, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
+                part = g.sum(dim=0, dtype=torch.float64)
+                sums[n] = sums[n] + part if n in sums else part
+            self._filled[k] = self._filled.get(k, 0) + hi - lo
+            if self._filled[k] == c1 - c0:
+                self.group.write_partial_sum(k, {n: s.cpu().numpy() for n, s in self._sums.pop(k).items()})
+                self.group.mark_complete(k)
+                self.waiting.discard(k)
+                done.append(k)
+        return done
+
+
+def duration(seconds: float) -> str:
+    """A short human duration: '45s', '12m05s', '3h07m'."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class Progress:
+    """Work done of a total, its rate and the time left, said at most every `every` seconds."""
+
+    def __init__(self, total: int, unit: str, log=print, every: float = 10.0, clock=time.monotonic):
+        self.total, self.unit, self.log, self.every, self.clock = total, unit, log, every, clock
+        self.done = 0
+        self.began = self.last = clock()
+
+    @property
+    def elapsed(self) -> float:
+        return self.clock() - self.began
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.done / self.total if self.total else 100.0
+
+    def line(self, what: str = "", extra: str = "") -> str:
+        elapsed = self.elapsed
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        left = f"ETA {duration((self.total - self.done) / rate)}" if rate > 0 else "ETA unknown"
+        if self.done >= self.total:
+            left = f"done in {duration(elapsed)}"
+        return f"{what}{self.done}/{self.total} {self.unit} ({self.percent:.0f}%), {rate:.2f} {self.unit}/s{extra}, {left}"
+
+    def add(self, n: int, what: str = "", extra: str = "") -> bool:
+        """Count `n` more; log a line if `every` seconds passed since the last one. True if it logged."""
+        self.done += n
+        now = self.clock()
+        if now - self.last < self.every:
+            return False
+        self.last = now
+        self.log(self.line(what, extra))
+        return True
+
+
 def extract_shard(spec: ExtractionSpec, group: GradientGroup, shard: int, log=print) -> int:
-    """Compute and write one shard's gradients, then flag it complete; returns its sample count."""
+    """Compute and write one shard's unfinished chunks in the gradient group and its projection groups.
+
+    Returns the number of samples computed.  Batches lie on the grid of `spec.batch_size` and
+    a batch holding any unfinished chunk's sample is computed whole, so every chunk holds what
+    an uninterrupted run with this batch size writes; finished chunks are never rewritten.
+    Progress (samples, rate, time left) is logged at most every 10 seconds, or every batch
+    when batches are slower.
+    """
+    plan = group.plan
+    start, stop = group.shard_bounds(shard, spec.shard_size)
+    targets = [*projection_groups(spec, group.store, group.path), group]  # the gradient group's flags last
+    todo = [t.pending_chunks(start, stop) for t in targets]
+    wanted = np.zeros(stop - start, dtype=bool)
+    for target, chunks in zip(targets, todo):
+        for k in chunks:
+            c0, c1 = target.plan.chunk_bounds(k)
+            wanted[c0 - start:c1 - start] = True
+    batches = [(o, min(o + spec.batch_size, stop)) for o in range(start, stop, spec.batch_size)
+               if wanted[o - start:o - start + spec.batch_size].any()]
+    label = f"{spec.variant} shard {shard} (samples {start}-{stop - 1})"
+    if not batches:
+        log(f"{label}: already complete")
+        return 0
     model_spec = spec.model.resolved()
     model = load_model(model_spec)
     tokenizer = load_tokenizer(model_spec)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    plan = group.plan
-    start, stop = group.shard_bounds(shard)
     names = list(plan.parameters)
-    sums = {n: torch.zeros(plan.numel(n), dtype=torch.float64, device=device) for n in names} if plan.mode != "store" else None
-    targets = projection_groups(spec, group.store, group.path)
     layers = set(group.lineage["layers"])
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if n in layers}
     projections = [Projection(projectors_for(p, shapes, device), key=partial(output_key, p)) for p in spec.projections]
-    began = time.perf_counter()
+    writers = [ChunkRows(t, chunks) for t, chunks in zip(targets[:-1], todo[:-1])]
+    stored = ChunkRows(group, todo[-1]) if plan.mode == "store" else ChunkSums(group, todo[-1], plan.mode == "mean_normalized")
+    progress = Progress(sum(e - o for o, e in batches), "samples", log)
     with PerSampleGradients(model, names, projections) as per_sample:
-        for offset in range(start, stop, plan.batch_size):
-            end = min(offset + plan.batch_size, stop)
+        for offset, end in batches:
             input_ids, labels = _batch(group, offset, end, pad_id, device)
             grads = per_sample(input_ids, labels)
-            for target, projected in zip(targets, per_sample.projected):
-                target.write_rows(offset, {k: v.cpu().numpy() for k, v in projected.items()})
-            if plan.mode == "store":
-                group.write_rows(offset, {n: g.cpu().numpy() for n, g in grads.items()})
-            else:
-                for n, g in grads.items():
-                    if plan.mode == "mean_normalized":
-                        g = g / g.norm(dim=1, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
-                    sums[n] += g.sum(dim=0, dtype=torch.float64)
-    if sums is not None:
-        group.write_partial_sum(shard, {n: s.cpu().numpy() for n, s in sums.items()})
-    for target in targets:  # the gradient group's flag last: it stands for the whole shard
-        target.mark_complete(shard)
-    group.mark_complete(shard)
-    elapsed = time.perf_counter() - began
-    log(f"shard {shard + 1}/{plan.n_shards}: samples {start}-{stop - 1} in {elapsed:.1f}s "
-        f"({(stop - start) / max(elapsed, 1e-9):.1f} samples/s)")
-    return stop - start
+            for writer, projected in zip(writers, per_sample.projected):
+                writer.add(offset, end, {k: v.cpu().numpy() for k, v in projected.items()})
+            stored.add(offset, end, {n: g.cpu().numpy() for n, g in grads.items()} if plan.mode == "store" else grads)
+            progress.add(end - offset, f"{label}: ")
+    unwritten = {t.path: sorted(w.waiting) for t, w in zip(targets, [*writers, stored]) if w.waiting}
+    if unwritten:  # every chunk asked for lies in some computed batch; this guards that reasoning
+        raise RuntimeError(f"{label}: chunks {unwritten} were not written")
+    log(progress.line(f"{label}: computed "))
+    return progress.done
 
 
 # -- Prefect wrappers -------------------------------------------------------------------------
@@ -244,25 +338,27 @@ def prepare_extraction_task(spec: ExtractionSpec) -> tuple[str, list[int]]:
     group = create_group(planned)
     pending = pending_shards(spec, group)
     get_run_logger().info(
-        "group %s in %s: %d samples, %d tensors%s, %d/%d shards to do",
-        planned.path, planned.store.url, planned.plan.n_samples, len(planned.lineage["layers"]),
+        "group %s in %s: %d samples in chunks of %d, %d tensors%s; %d/%d shards of %d samples to do",
+        planned.path, planned.store.url, planned.plan.n_samples, group.plan.chunk_rows, len(planned.lineage["layers"]),
         f", {len(planned.projections)} projections on the fly" if planned.projections else "",
-        len(pending), planned.plan.n_shards,
+        len(pending), layout.n_shards(planned.plan.n_samples, spec.shard_size), spec.shard_size,
     )
     return planned.path, pending
 
 
 def pending_shards(spec: ExtractionSpec, group: GradientGroup) -> list[int]:
-    """Shards not yet complete in the gradient group or any of its on-the-fly projection groups."""
-    pending = set(group.pending_shards())
+    """Shards of `spec.shard_size` holding any sample not yet written in the gradient group or one of its
+    on-the-fly projection groups (whichever shard size wrote the others)."""
+    pending = set(group.pending_shards(spec.shard_size))
     for target in projection_groups(spec, group.store, group.path):
-        pending.update(target.pending_shards())
+        pending.update(target.pending_shards(spec.shard_size))
     return sorted(pending)
 
 
 @task(name="extract-shard", cache_policy=NONE, retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_bad_input,
-      task_run_name="extract-shard-{shard}")
+      task_run_name="extract-{spec.variant}-shard-{shard}")
 def extract_shard_task(spec: ExtractionSpec, path: str, shard: int) -> int:
+    """Compute one shard's unfinished chunks; returns the number of samples computed."""
     group = GradientGroup.open(LakeStore(spec.lake), path)
     return extract_shard(spec, group, shard, log=get_run_logger().info)
 
@@ -275,9 +371,11 @@ def finalize_task(lake: str, paths: list[str]) -> bool:
     for path in paths:
         group = GradientGroup.open(store, path)
         if not group.finalize():
-            raise LakeError(f"group {path} still has shards {group.pending_shards()} to do")
+            chunks = group.pending_chunks()
+            raise LakeError(f"group {path} still has {len(chunks)} chunks of {group.plan.chunk_rows} samples to do "
+                            f"(first samples {[group.plan.chunk_bounds(k)[0] for k in chunks[:5]]}); run the extraction again")
     return True
 
 
-__all__ = ["ExtractionSpec", "ExtractionPlan", "plan_extraction", "create_group", "group_paths", "extract_shard",
+__all__ = ["ExtractionSpec", "ExtractionPlan", "plan_extraction", "create_group", "group_paths", "extract_shard", "Progress",
            "prepare_extraction_task", "extract_shard_task", "finalize_task", "IGNORE_INDEX"]

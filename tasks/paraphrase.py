@@ -59,7 +59,7 @@ class ParaphraseSpec(BaseModel):
     system_prompt: str = Field(default=DEFAULT_SYSTEM_PROMPT, min_length=1, description="System message of every request: tells the model to reword the user's request without answering it.")
     max_concurrency: int = Field(default=8, ge=1, description="Requests in flight at most.")
     max_retries: int = Field(default=6, ge=0, description="Retries per request on rate limits (429), server errors (5xx), timeouts and dropped connections, with exponential backoff.")
-    timeout_s: float = Field(default=60, gt=0, description="Seconds one request may take before it is retried.")
+    timeout_s: float = Field(default=60, gt=0, title="Request timeout (seconds)", description="Seconds one request may take before it is retried.")
     api_key_env: str = Field(default="OPENAI_API_KEY", min_length=1, description="NAME of the environment variable holding the API key (never the key itself).")
     api_key_block: str | None = Field(default=None, description="Name of a Prefect Secret block holding the API key; used instead of api_key_env when set.")
 

@@ -4,7 +4,8 @@ A projection group sits beside the gradient group it was made from
 (``<paradigm>-proj-<kind>-<scope>-d<dim>-s<seed>``; for kind ``kronecker`` the scope
 segment is ``<k_out>x<k_in>``), holds the same sample ids and
 tokens, one array per tensor (or one ``flat`` array), and cites its source group and
-projection settings in its lineage.  It resumes like a gradient group.
+projection settings in its lineage.  It resumes like a gradient group: per row-chunk,
+whatever shard size the run that wrote a chunk used.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from pydantic import BaseModel, ConfigDict, Field
 
-from gradlake.lake.gradients import GradientGroup, GradientPlan
+from gradlake.lake import layout
+from gradlake.lake.gradients import ChunkRows, GradientGroup, GradientPlan, check_shard_size, stored_chunk_rows
 from gradlake.lake.store import LakeError, LakeStore, default_lake
 from gradlake.tasks.projection import ProjectionSpec, output_dims, project_batch, projector_choices, projectors_for
 from gradlake.tasks.retries import retry_unless_bad_input
 
 
 READ_BUDGET = 256 << 20  # bytes of stored gradients read and projected per call
+SHARD_SAMPLES = 64  # default shard size, rounded up to whole chunks
 
 
 class ProjectSpec(BaseModel):
@@ -35,6 +38,7 @@ class ProjectSpec(BaseModel):
     gradients: str = Field(description="Path of a stored gradient group in the lake (mode 'store'), as the catalog lists it.")
     projection: ProjectionSpec = Field(description="Projection type, dimension, seed and scope.")
     device: str = Field(default="cpu", description="Where the projection runs: 'cpu' or 'cuda'.")
+    shard_size: int | None = Field(default=None, ge=1, description="Samples per shard (the unit of retry); a multiple of the group's chunk height. Empty: the smallest such multiple of at least 64. A scheduling choice: changing it reuses finished projections.")
     lake: str = Field(default_factory=default_lake, description="Lake URL.")
 
 
@@ -55,9 +59,9 @@ def projection_group_plan(source_path: str, source_plan: GradientPlan, source_li
     settings (one clear error) and builds no matrix.
     """
     dims = output_dims(spec, shapes)
-    plan = GradientPlan(n_samples=source_plan.n_samples, shard_size=source_plan.shard_size,
-                        batch_size=source_plan.batch_size, parameters={n: [d] for n, d in dims.items()},
-                        mode="store", dtype="float32", max_tokens=source_plan.max_tokens)
+    plan = GradientPlan(n_samples=source_plan.n_samples, parameters={n: [d] for n, d in dims.items()},
+                        mode="store", dtype="float32", max_tokens=source_plan.max_tokens,
+                        chunk_rows=source_plan.chunk_rows)
     lineage = {k: v for k, v in source_lineage.items() if k not in ("created_at", "gradients_kept")}
     lineage["projection"] = {**spec.model_dump(), "dims": dims, "projectors": projector_choices(spec, shapes, device),
                              "source_group": source_path}
@@ -78,46 +82,77 @@ def create_projection_group(spec: ProjectSpec) -> GradientGroup:
     shapes = {name: tuple(shape) for name, shape in source.plan.parameters.items()}
     path, plan, lineage = projection_group_plan(spec.gradients, source.plan, source.lineage, shapes, spec.projection,
                                                 spec.device)
+    shard_size(spec, stored_chunk_rows(store, path) or plan.chunk_rows, path)  # refused before anything is written
     group = source.group
     return GradientGroup.create(store, path, plan, lineage, [str(s) for s in group["sample"][:]],
                                 group["input_ids"][:], group["label_mask"][:])
 
 
+def shard_size(spec: ProjectSpec, chunk_rows: int, path: str) -> int:
+    """The run's shard size: the one asked for (whole chunks), else the smallest multiple of the chunks of at least 64."""
+    if spec.shard_size is None:
+        return chunk_rows * max(1, -(-SHARD_SAMPLES // chunk_rows))
+    check_shard_size(spec.shard_size, chunk_rows, path)
+    return spec.shard_size
+
+
+def _runs(chunks: list[int]) -> list[tuple[int, int]]:
+    """Consecutive chunk indexes as [first, last] runs: [1, 2, 3, 7] -> [(1, 3), (7, 7)]."""
+    runs: list[tuple[int, int]] = []
+    for k in chunks:
+        if runs and runs[-1][1] == k - 1:
+            runs[-1] = (runs[-1][0], k)
+        else:
+            runs.append((k, k))
+    return runs
+
+
 def project_shard(spec: ProjectSpec, target: GradientGroup, shard: int, log=print) -> int:
-    """Project one shard of the source group into the projection group, then flag it complete."""
+    """Project one shard's unfinished chunks of the source group into the projection group; returns the samples projected."""
     store = LakeStore(spec.lake)
     source = GradientGroup.open(store, spec.gradients)
     shapes = {name: tuple(shape) for name, shape in source.plan.parameters.items()}
-    projectors = projectors_for(spec.projection, shapes, spec.device)
-    start, stop = target.shard_bounds(shard)
+    size = shard_size(spec, target.plan.chunk_rows, target.path)
+    start, stop = target.shard_bounds(shard, size)
     began = time.perf_counter()
-    out: dict[str, np.ndarray] = {}
-    for name, shape in shapes.items():
-        # As many rows per call as READ_BUDGET allows: a projector that regenerates its
-        # matrix per call (traker.basic, streamed tiles) then pays for it once per shard.
-        rows = max(1, min(stop - start, READ_BUDGET // (4 * math.prod(shape))))
-        for offset in range(start, stop, rows):
-            end = min(offset + rows, stop)
-            grads = torch.from_numpy(np.asarray(source.group[name][offset:end], dtype=np.float32))
-            for key, part in project_batch(spec.projection, {name: grads}, projectors).items():
-                block = out.setdefault(key, np.zeros((stop - start, part.shape[1]), dtype=np.float32))
-                block[offset - start:end - start] += part.cpu().numpy()
-    target.write_rows(start, out)
-    target.mark_complete(shard)
-    log(f"projected shard {shard + 1}/{target.plan.n_shards} ({stop - start} samples) in {time.perf_counter() - began:.1f}s")
-    return stop - start
+    todo = target.pending_chunks(start, stop)
+    projectors = projectors_for(spec.projection, shapes, spec.device) if todo else {}
+    writer = ChunkRows(target, todo)
+    projected = 0
+    for first, last in _runs(todo):  # each run of unfinished chunks at once: finished ones are not redone
+        lo, hi = target.plan.chunk_bounds(first)[0], target.plan.chunk_bounds(last)[1]
+        out: dict[str, np.ndarray] = {}
+        for name, shape in shapes.items():
+            # As many rows per call as READ_BUDGET allows: a projector that regenerates its
+            # matrix per call (traker.basic, streamed tiles) then pays for it once per run.
+            rows = max(1, min(hi - lo, READ_BUDGET // (4 * math.prod(shape))))
+            for offset in range(lo, hi, rows):
+                end = min(offset + rows, hi)
+                grads = torch.from_numpy(np.asarray(source.group[name][offset:end], dtype=np.float32))
+                for key, part in project_batch(spec.projection, {name: grads}, projectors).items():
+                    block = out.setdefault(key, np.zeros((hi - lo, part.shape[1]), dtype=np.float32))
+                    block[offset - lo:end - lo] += part.cpu().numpy()
+        writer.add(lo, hi, out)
+        projected += hi - lo
+    log(f"projected shard {shard} (samples {start}-{stop - 1}): {projected} samples in {time.perf_counter() - began:.1f}s"
+        + ("" if projected else ", all were already done"))
+    return projected
 
 
 @task(name="create-projection-group", cache_policy=NONE, retries=2, retry_delay_seconds=[5, 30],
       retry_condition_fn=retry_unless_bad_input)
 def create_projection_task(spec: ProjectSpec) -> tuple[str, list[int]]:
+    """Create (or reopen) the projection group; returns its path and the shards still to do."""
     group = create_projection_group(spec)
-    get_run_logger().info("projection group %s: %d shards to do", group.path, len(group.pending_shards()))
-    return group.path, group.pending_shards()
+    size = shard_size(spec, group.plan.chunk_rows, group.path)
+    pending = group.pending_shards(size)
+    get_run_logger().info("projection group %s: %d/%d shards of %d samples to do", group.path, len(pending),
+                          layout.n_shards(group.plan.n_samples, size), size)
+    return group.path, pending
 
 
 @task(name="project-shard", cache_policy=NONE, retries=2, retry_delay_seconds=[10, 60],
-      retry_condition_fn=retry_unless_bad_input, task_run_name="project-shard-{shard}")
+      retry_condition_fn=retry_unless_bad_input, task_run_name="project-{spec.projection.label}-shard-{shard}")
 def project_shard_task(spec: ProjectSpec, path: str, shard: int) -> int:
     target = GradientGroup.open(LakeStore(spec.lake), path)
     return project_shard(spec, target, shard, log=get_run_logger().info)

@@ -46,7 +46,11 @@ def prefect_server(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_SERVER_UI_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
+           "PREFECT_SERVER_UI_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING",
+           # the scheduler looks for due schedules every second (default 60 s), so a test sees it work
+           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1",
+           # SQLite on two busy cores: wait for the write lock rather than fail a service's loop
+           "PREFECT_SERVER_DATABASE_TIMEOUT": "60"}
     log = open(home / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                              "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -56,8 +60,13 @@ def prefect_server(tmp_path_factory):
     except RuntimeError:
         proc.kill()
         raise RuntimeError((home / "server.log").read_text()[-3000:])
+    from prefect.logging.configuration import ensure_logging_setup
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    # Prefect's console log handlers take whatever sys.stderr is when `prefect` is first imported in full.
+    # Were that inside typer's CliRunner (a test module whose first flow import is a CLI call), they would
+    # keep its temporary stream, closed after the call, and every later log line would fail.
+    ensure_logging_setup()
     # The environment reaches subprocesses; in this process Prefect's settings were read at
     # import, so they are overridden explicitly too.
     with pytest.MonkeyPatch.context() as env_patch, temporary_settings(updates={PREFECT_API_URL: url}):

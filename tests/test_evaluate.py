@@ -10,7 +10,7 @@ import pytest
 import zarr
 
 from conftest import write_probe
-from gradlake.flows.evaluate import evaluate
+from gradlake.flows.evaluate import artifact_key, evaluate
 from gradlake.flows.extract import extract_gradients
 from gradlake.lake import open_lake
 from gradlake.lake.store import LakeError
@@ -120,6 +120,65 @@ def test_blockwise_dots_equal_in_memory(tmp_path):
     assert len(small) > 1 and small[0][0] == 0 and small[-1][1] == 37
 
 
+def _direct_greedy(q_vectors: dict, d_vectors: dict, steps: int) -> tuple[list[str], list[float], str]:
+    """Greedy selection written out on the raw vectors: q_vectors[name] is (queries x n), d_vectors[name] is
+    (queries x 5 candidates x n) with the true original at candidate 0; concatenate, take cosines, count a query
+    correct when its own original scores strictly highest; stop at the first step that does not improve."""
+    chosen, accuracies = [], []
+    while len(chosen) < len(q_vectors):
+        if len(chosen) == steps:
+            return chosen, accuracies, "greedy_steps reached"
+        best = None
+        for name in q_vectors:  # model order: the first of equals wins
+            if name in chosen:
+                continue
+            members = chosen + [name]
+            correct = 0
+            for row in range(len(q_vectors[name])):
+                q = np.concatenate([q_vectors[m][row] for m in members])
+                cosines = []
+                for cand in range(5):
+                    d = np.concatenate([d_vectors[m][row, cand] for m in members])
+                    cosines.append(float(q @ d / (np.linalg.norm(q) * np.linalg.norm(d))))
+                correct += all(cosines[0] > c for c in cosines[1:])
+            accuracy = correct / len(q_vectors[name])
+            if best is None or accuracy > best[1]:
+                best = (name, accuracy)
+        if accuracies and best[1] <= accuracies[-1]:
+            return chosen, accuracies, "no gain"
+        chosen.append(best[0])
+        accuracies.append(best[1])
+    return chosen, accuracies, "every tensor selected"
+
+
+def test_greedy_selection_stops_when_accuracy_stops_rising():
+    from gradlake.tasks.evaluate import greedy_selection
+
+    rng = np.random.default_rng(0)
+    n_queries, names = 40, [f"t{i}" for i in range(6)]
+    sizes = {name: 3 + i for i, name in enumerate(names)}
+    # each query is a noisy copy of its true candidate (candidate 0), tensor i less so the later it comes:
+    # the first tensors add signal, then the next best one lowers the accuracy (0.45, 0.6, 0.65, 0.675, then 0.65)
+    q_vectors, d_vectors = {}, {}
+    for i, name in enumerate(names):
+        d_vectors[name] = rng.normal(size=(n_queries, 5, sizes[name]))
+        q_vectors[name] = 0.5 * (1 - i / 6) * d_vectors[name][:, 0] + rng.normal(size=(n_queries, sizes[name]))
+    candidates = {n: {"dots": np.einsum("qn,qcn->qc", q_vectors[n], d_vectors[n]), "q_sq": (q_vectors[n] ** 2).sum(1),
+                      "d_sq": (d_vectors[n] ** 2).sum(2)} for n in names}
+    truth_position = np.zeros(n_queries, dtype=int)
+    for steps in (len(names), 2, 1):
+        got = greedy_selection(candidates, truth_position, steps, sizes)
+        chosen, accuracies, reason = _direct_greedy(q_vectors, d_vectors, steps)
+        assert list(got["added"]) == chosen and list(got["step"]) == list(range(1, len(chosen) + 1))
+        np.testing.assert_allclose(got["accuracy"], accuracies)
+        assert list(got["n_values"]) == list(np.cumsum([sizes[n] for n in chosen]))
+        assert got["stop_reason"].iloc[-1].startswith(reason) and got["stop_reason"].iloc[:-1].isna().all()
+        assert (np.diff(got["accuracy"]) > 0).all()
+    full = greedy_selection(candidates, truth_position, len(names), sizes)
+    assert 1 < len(full) < len(names) and full["stop_reason"].iloc[-1].startswith("no gain"), "the case must stop early"
+    assert greedy_selection(candidates, truth_position, 0, sizes).empty
+
+
 @pytest.fixture(scope="module")
 def evaluated(tiny_models, tmp_path_factory):
     """Original and paraphrased gradients of N probe samples with a projection, and their evaluation."""
@@ -178,6 +237,32 @@ def test_evaluation_equals_direct_computation(evaluated):
     assert len(results[results["kind"] == "tensor"]) == 2 * len(names)
 
 
+def test_greedy_selection_in_the_lake_equals_a_direct_loop(evaluated):
+    """The stored greedy table against greedy selection done by hand on the stored gradients and BM25's candidates."""
+    lake, spec, _ = evaluated
+    opened = open_lake(lake)
+    originals = opened.gradients(dataset="probe", variant="original")
+    queries = opened.gradients(dataset="probe", variant="paraphrased")
+    names = list(originals.attrs["gradlake"]["plan"]["parameters"])  # model order: ties go to the first
+
+    def user_turns(frame):
+        return [" ".join(m["content"] for m in chat if m["role"] == "user") for chat in frame["messages"]]
+
+    truth = np.arange(N)
+    index, position = bm25_candidates(bm25_scores(user_turns(opened.dataset("probe", "paraphrased")),
+                                                  user_turns(opened.dataset("probe", "original"))), truth)
+    # each query's candidates with its own original first
+    order = np.array([[index[r, position[r]]] + [index[r, j] for j in range(5) if j != position[r]] for r in range(N)])
+    q_vectors = {n: queries[n].values.astype(np.float64) for n in names}
+    d_vectors = {n: originals[n].values.astype(np.float64)[order] for n in names}
+    chosen, accuracies, reason = _direct_greedy(q_vectors, d_vectors, spec.greedy_steps)
+    greedy = opened.evaluation(dataset="probe", table="greedy")
+    assert list(greedy["added"]) == chosen and list(greedy["step"]) == list(range(1, len(chosen) + 1))
+    np.testing.assert_allclose(greedy["accuracy"], accuracies, rtol=1e-12)
+    assert greedy["stop_reason"].iloc[-1].startswith(reason)
+    assert len(greedy) <= spec.greedy_steps and (np.diff(greedy["accuracy"]) > 0).all()
+
+
 def test_blockwise_evaluation_in_a_small_budget_gives_the_same_table(evaluated):
     lake, spec, _ = evaluated
     small = spec.model_copy(update={"memory_budget": 1 << 20, "lake": lake})  # forces several query blocks and slabs
@@ -203,7 +288,7 @@ def test_outputs_in_the_lake_and_as_artifacts(evaluated, prefect_server):
     html = fs.cat_file(f"{root}/{directory}/report.html").decode()
     assert html.count("data:image/png;base64,") == len(plots) and "proj:rademacher-flat-d512-s0" in html
     greedy = opened.evaluation(dataset="probe", table="greedy")
-    assert list(greedy["step"]) == [1, 2, 3, 4] and greedy["added"].is_unique
+    assert 1 <= len(greedy) <= spec.greedy_steps and greedy["added"].is_unique
     catalog = opened.catalog()
     assert directory in set(catalog.loc[catalog["kind"] == "evaluation", "path"])
 
@@ -214,8 +299,15 @@ def test_outputs_in_the_lake_and_as_artifacts(evaluated, prefect_server):
             return await client.read_artifacts()
 
     found = {a.key: a for a in asyncio.run(artifacts())}
-    assert found["select-vs-project"].type == "table" and "proj:rademacher-flat-d512-s0" in str(found["select-vs-project"].data)
-    assert found["select-vs-project-report"].type == "markdown"
+    key = artifact_key(directory)
+    assert key.startswith("svp-tiny-olmo2-") and "-checkpoint-1-probe-sft" in key
+    table, report = found[key], found[f"{key}-report"]
+    assert table.type == "table" and "proj:rademacher-flat-d512-s0" in str(table.data)
+    assert "top-1 accuracy" in str(table.data) and "accuracy among BM25's 5 candidates" in str(table.data)
+    assert spec.model.model in table.description and "checkpoint-1" in table.description
+    assert "probe" in table.description
+    assert report.type == "markdown" and "## Metrics" in report.data and "![" not in report.data
+    assert "select-vs-project" not in found, "the shared key of every model and checkpoint is gone"
 
 
 def test_bad_evaluation_settings_fail_before_any_work(evaluated, tiny_models):
@@ -228,21 +320,3 @@ def test_bad_evaluation_settings_fail_before_any_work(evaluated, tiny_models):
     with pytest.raises(LakeError, match="no group at"):
         run_evaluation(spec.model_copy(update={"model": other}), log=lambda *_: None)
     assert len(open_lake(lake).catalog().query("kind == 'evaluation'")) == 1
-
-
-def test_notebook_runs_against_the_lake(evaluated, monkeypatch):
-    """notebooks/explore_lake.ipynb executes top to bottom against an evaluated lake and draws its plot."""
-    import nbformat
-    from nbclient import NotebookClient
-
-    from conftest import REPO
-
-    lake, _, _ = evaluated
-    monkeypatch.setenv("GRADLAKE_LAKE", lake)
-    monkeypatch.setenv("PYTHONPATH", str(REPO))
-    notebook = nbformat.read(REPO / "notebooks" / "explore_lake.ipynb", as_version=4)
-    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
-    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
-    assert not [o for o in outputs if o.get("output_type") == "error"]
-    assert any("image/png" in o.get("data", {}) for o in outputs), "the redrawn plot is missing"
-    assert any("proj:rademacher-flat-d512-s0" in str(o.get("data", {})) for o in outputs)

@@ -30,7 +30,13 @@ def test_compose_file_declares_the_services():
     assert "postgresql+asyncpg" in services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
     gpu = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
-    assert "--pool gpu" in services["worker-gpu"]["command"] and "--pool cpu" in services["worker-cpu"]["command"]
+    assert "--pool gpu" in " ".join(services["worker-gpu"]["command"]) and "--pool cpu" in " ".join(services["worker-cpu"]["command"])
+    for worker in ("worker-cpu", "worker-gpu"):  # each replica names itself after its own container, not the host
+        assert "$$(hostname)" in " ".join(services[worker]["command"]) and "HOSTNAME" not in " ".join(services[worker]["command"])
+    for name, service in services.items():  # every image pinned to a release: nothing changes under a running lake
+        if "image" in service:
+            image = service["image"]
+            assert ":" in image and not image.endswith(":latest"), f"{name}: {image}"
     assert "mc mb" in " ".join(services["minio-bucket"]["entrypoint"])
     text = (REPO / "infra" / "docker-compose.yml").read_text()
     assert "change-me" not in text, "passwords belong in infra/.env, not in the compose file"

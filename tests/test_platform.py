@@ -9,6 +9,8 @@ time each) and one on 'cpu'.
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import os
 import shutil
 import signal
@@ -41,9 +43,10 @@ def _prefect(*args: str, env: dict) -> str:
 
 
 def _start_worker(pool: str, name: str, env: dict, logs: Path) -> subprocess.Popen:
+    """A process worker started outside the checkout: it finds the flows in its installed gradlake."""
     out = open(logs / f"{name}.log", "w")
     return subprocess.Popen([*PREFECT, "worker", "start", "--pool", pool, "--name", name, "--type", "process", "--limit", "1"],
-                            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                            cwd=logs, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -61,7 +64,7 @@ def platform(prefect_server, s3_endpoint, tiny_models, tmp_path_factory):
     watched = root / "watched-olmo2"
     watched.mkdir()
     shutil.copytree(tiny_models["olmo2"] / "checkpoint-1", watched / "checkpoint-1")
-    env = {**os.environ, "GRADLAKE_REPO": str(REPO), "PREFECT_API_URL": prefect_server, "PREFECT_WORKER_QUERY_SECONDS": "1",
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_WORKER_QUERY_SECONDS": "1",
            "PREFECT_WORKER_PREFETCH_SECONDS": "1", "PREFECT_LOGGING_LEVEL": "INFO", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     for pool in ("cpu", "gpu"):
@@ -110,31 +113,121 @@ def test_prefect_yaml_deploys_every_stage(platform):
         assert name in listed
     pools = {d["name"]: d["work_pool"]["name"] for d in config["deployments"]}
     assert pools["extract-shards"] == "gpu" and pools["gradlake-pipeline"] == "cpu"
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("gradlake-pipeline/gradlake-pipeline")
+    # workers import the flows from their own installed gradlake: no path of this machine is stored
+    assert deployment.entrypoint == "gradlake.flows.pipeline:pipeline" and not deployment.pull_steps
+    assert str(REPO) not in json.dumps(deployment.model_dump(mode="json"))
+    form = deployment.parameter_openapi_schema
+    assert "lake" in json.dumps(form) and form["definitions"]["PipelineSpec"]["required"] == ["model", "lake"]
+    assert "lake" not in form["definitions"]["DatasetRecipe"]["properties"], "one Lake field in the pipeline's form"
 
 
 def test_pipeline_fans_out_over_both_gpu_workers(platform, tiny_models, tmp_path):
+    """The pipeline creates its dataset in its own lake (S3), fans shards out to both GPU workers, puts the headline on its run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from gradlake.lake.datasets import read_dataset, write_dataset
+    from gradlake.lake.store import LakeStore
+
     lake, watched = platform["lake"], platform["watched"]
     model = {"model": str(watched), "checkpoint": "checkpoint-1"}
-    spec = {"model": model, "variants": ["original", "paraphrased"], **SETTINGS,
+    create = {"source": {"source": str(REPO / "tasks" / "probe_set.jsonl"), "n": N, "sampling": "first"},
+              "paraphrase_column": "paraphrase"}
+    spec = {"model": model, "dataset": "created", "create": create, "variants": ["original", "paraphrased"], **SETTINGS,
             "projections": [{"kind": "rademacher", "dim": 256, "scope": "flat"}], "lake": lake}
     run = _run_pipeline(spec)
     assert run.state.is_completed(), run.state
+    assert run.name.startswith("watched-olmo2-") and run.name.endswith("@checkpoint-1 created"), run.name
     shard_runs = [r for r in asyncio.run(_runs_of("extract-shards")) if r.state and r.state.is_completed()]
     assert len(shard_runs) == 2 * N // SETTINGS["shard_size"]
+    assert len({r.name for r in shard_runs}) == len(shard_runs), "shard runs must be told apart by name"
+    assert any(r.name.endswith("paraphrased shards 2") for r in shard_runs), [r.name for r in shard_runs]
     messages = " ".join(log.message for log in asyncio.run(_logs_of(r.id for r in shard_runs)))
     assert "on worker gpu-1" in messages and "on worker gpu-2" in messages, "both GPU workers must have run shards"
+    # the dataset landed in the pipeline's lake, not in a worker's working directory
+    assert len(read_dataset(LakeStore(lake), "created", "paraphrased")) == N
+    assert not list(platform["root"].rglob("datasets")), "nothing may be written next to a worker"
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+    assert any(a.type == "table" and a.key and "created" in a.key for a in artifacts), [(a.key, a.type) for a in artifacts]
 
     opened = open_lake(lake)
     catalog = opened.catalog()
     assert catalog[catalog["kind"] == "gradients"]["complete"].all() and (catalog["kind"] == "evaluation").sum() == 1
     reference_lake = f"file://{tmp_path / 'reference'}"
-    write_probe(reference_lake, N)
-    reference = extract_gradients(ExtractionSpec(model=ModelSpec(**model), variant="paraphrased", **SETTINGS,
-                                                 lake=reference_lake))
-    got = opened.gradients(variant="paraphrased", checkpoint="checkpoint-1", mode="store")
+    for variant in ("original", "paraphrased"):
+        write_dataset(LakeStore(reference_lake), "created", variant, read_dataset(LakeStore(lake), "created", variant))
+    reference = extract_gradients(ExtractionSpec(model=ModelSpec(**model), dataset="created", variant="paraphrased",
+                                                 **SETTINGS, lake=reference_lake))
+    got = opened.gradients(dataset="created", variant="paraphrased", checkpoint="checkpoint-1", mode="store")
     want = xr.open_zarr(f"{tmp_path / 'reference'}/{reference}", consolidated=False)
     for name in want.attrs["gradlake"]["lineage"]["layers"]:
         np.testing.assert_array_equal(got[name].values, want[name].values)
+
+
+def test_without_a_gpu_worker_the_pipeline_fails_fast_and_cancels_its_shard_runs(platform, tiny_models):
+    """No worker polls the shard deployment's pool: the pipeline says so within worker_wait_s and cancels every shard run."""
+    from gradlake.flows.pipeline import PipelineSpec, pipeline
+
+    _prefect("work-pool", "create", "gpu-idle", "--type", "process", "--overwrite", env=platform["env"])
+    _prefect("--no-prompt", "deploy", "gradlake.flows.pipeline:extract_shards", "--name", "idle-shards", "--pool", "gpu-idle",
+             env=platform["env"])
+    lake = "s3://lake/idle"
+    write_probe(lake, N)
+    spec = PipelineSpec(model=ModelSpec(model=str(platform["watched"]), checkpoint="checkpoint-1"), variants=["original"],
+                        **SETTINGS, evaluate=False, shard_deployment="extract-shards/idle-shards", worker_wait_s=5, lake=lake)
+    began = time.monotonic()
+    state = pipeline(spec, return_state=True)
+    waited = time.monotonic() - began
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert "no worker is polling the 'gpu-idle' work pool" in message and "prefect worker start --pool gpu-idle" in message
+    idle = asyncio.run(_runs_of("idle-shards"))
+    assert len(idle) == N // SETTINGS["shard_size"] and all(r.state.is_cancelled() for r in idle), [r.state for r in idle]
+    # bounded by worker_wait_s plus planning and polling, not by shards x shard_timeout_s (6 h each by default)
+    assert waited < 5 + 120, waited
+    row = open_lake(lake).catalog().query("kind == 'gradients'").iloc[0]
+    assert row["chunks_done"] == 0 and not row["complete"]
+
+
+def test_scheduled_watcher_runs_by_itself(platform, tmp_path):
+    """`gradlake watch` turns the schedule on; Prefect's scheduler creates runs and the cpu worker runs them."""
+    from prefect.client.orchestration import get_client
+
+    env = platform["env"]
+    gradlake = [sys.executable, "-m", "gradlake.flows.cli"]
+    bad = subprocess.run([*gradlake, "watch", "--model", str(tmp_path), "--settings", '{"shardsize": 32}', "--lake", "s3://lake/w"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "shardsize" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    empty = tmp_path / "no-checkpoints-yet"
+    empty.mkdir()
+    on = subprocess.run([*gradlake, "watch", "--model", str(empty), "--interval", "2", "--lake", "s3://lake/watched"],
+                        env=env, capture_output=True, text=True, timeout=120)
+    assert on.returncode == 0, on.stderr
+    try:
+        deadline = time.monotonic() + 240
+        done = []
+        while not done and time.monotonic() < deadline:
+            done = [r for r in asyncio.run(_runs_of("watch-checkpoints"))
+                    if r.auto_scheduled and r.state and r.state.is_completed()]
+            time.sleep(2)
+        assert done, "the scheduler created no run of the active watcher schedule, or none completed"
+        with get_client(sync_client=True) as client:
+            assert client.read_flow_run(done[0].id).parameters["spec"]["models"][0]["model"] == str(empty)
+    finally:
+        off = subprocess.run([*gradlake, "watch", "--off"], env=env, capture_output=True, text=True, timeout=120)
+        assert off.returncode == 0, off.stderr
+    waiting = [r for r in asyncio.run(_runs_of("watch-checkpoints")) if r.auto_scheduled and r.state.is_scheduled()]
+    assert not waiting, "turning the watcher off must leave no tick waiting"
+    server_log = (Path(os.environ["PREFECT_HOME"]) / "server.log").read_text()
+    # Records open with "HH:MM:SS.mmm | LEVEL | logger - message"; the scheduler's own must hold no error.
+    records = re.split(r"\n(?=\d\d:\d\d:\d\d\.\d{3} \| )", server_log)
+    scheduler_errors = [r for r in records if re.match(r"\S+ \| (ERROR|CRITICAL) .*\| \S*schedul", r)]
+    assert not scheduler_errors and "bulk DML" not in server_log, (scheduler_errors or [server_log])[0][-3000:]
 
 
 def test_watcher_starts_the_pipeline_once_per_new_checkpoint(platform, tiny_models):
@@ -213,7 +306,7 @@ def test_killed_gpu_worker_leaves_a_run_that_a_rerun_completes(platform, tmp_pat
         assert "did not complete" in str(client.read_flow_run(first.id).state.message)
     opened = open_lake(lake)
     row = opened.catalog().query("kind == 'gradients'").iloc[0]
-    assert not row["complete"] and 0 < row["shards_done"] < row["shards_total"]
+    assert not row["complete"] and 0 < row["chunks_done"] < row["chunks_total"]
     second = _run_pipeline(spec)
     assert second.state.is_completed(), second.state
     reference_lake = f"file://{tmp_path / 'reference'}"

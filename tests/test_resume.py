@@ -1,4 +1,9 @@
-"""A real extraction process killed with SIGKILL resumes to the bytes of an uninterrupted run."""
+"""A real extraction process killed with SIGKILL resumes to the bytes of an uninterrupted run.
+
+Completion is recorded per row-chunk (`shard_complete`, one flag per `BATCH` samples here, the
+chunk height of the group), so the kill may land inside a shard: the rerun computes only the
+chunks still missing.
+"""
 
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ def cli_args(model_dir, lake) -> list[str]:
             "--lake", lake]
 
 
-def shards_done(lake: str) -> int:
+def chunks_done(lake: str) -> int:
     try:
         path = open_lake(lake).find_gradients(dataset="probe")
     except ValueError:
@@ -38,19 +43,19 @@ def test_sigkill_then_rerun_is_bitwise_identical(tiny_models, tmp_path):
     killed, clean = f"file://{tmp_path / 'killed'}", f"file://{tmp_path / 'clean'}"
     for lake in (killed, clean):
         write_probe(lake, N)
-    total = N // SHARD
+    total = N // BATCH  # row-chunks
 
     proc = subprocess.Popen(cli_args(tiny_models["olmo2"], killed), cwd=REPO, env=os.environ.copy(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
-    while shards_done(killed) < 2:
+    while chunks_done(killed) < 2 * SHARD // BATCH:
         assert proc.poll() is None, f"extraction ended before it could be killed: {proc.stderr.read()[-2000:]}"
         assert time.monotonic() < deadline, "no shard finished in time"
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done_at_kill = shards_done(killed)
-    assert 0 < done_at_kill < total, f"the kill must land partway ({done_at_kill}/{total} shards done)"
+    done_at_kill = chunks_done(killed)
+    assert 0 < done_at_kill < total, f"the kill must land partway ({done_at_kill}/{total} chunks done)"
 
     rerun = subprocess.run(cli_args(tiny_models["olmo2"], killed), cwd=REPO, env=os.environ.copy(),
                            capture_output=True, text=True, timeout=600)
@@ -60,7 +65,7 @@ def test_sigkill_then_rerun_is_bitwise_identical(tiny_models, tmp_path):
 
     a, b = open_lake(killed), open_lake(clean)
     row = a.catalog().query("kind == 'gradients'").iloc[0]
-    assert row["complete"] and row["shards_done"] == total
+    assert row["complete"] and row["chunks_done"] == row["chunks_total"] == total
     got, want = a.gradients(dataset="probe"), b.gradients(dataset="probe")
     assert list(got["sample"].values) == list(want["sample"].values) == [f"probe-{i:04d}" for i in range(1, N + 1)]
     assert set(got.data_vars) == set(want.data_vars)

@@ -1,0 +1,196 @@
+"""The analyst API on the demo's lake: one rule for naming a model and variant, errors that name what separates
+the hits, and one line (not a traceback) when the lake, the S3 endpoint, its credentials or Prefect cannot be reached."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import traceback
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, free_port
+from gradlake.lake import LakeError, open_lake
+from test_notebook import build_demo_lake
+
+GRADLAKE = str(Path(sys.executable).parent / "gradlake")
+SECRET = "gradlake-test-secret-4f1c"  # must never be printed
+
+
+@pytest.fixture(scope="session")
+def demo_lake(tiny_models, tmp_path_factory) -> Path:
+    return build_demo_lake(tiny_models, tmp_path_factory)  # the same build test_notebook.py uses
+
+
+@pytest.fixture(scope="module")
+def rows(demo_lake):
+    """The catalog's stored (unprojected) gradient groups, from which the expected paths are read."""
+    catalog = open_lake(str(demo_lake)).catalog()
+    return catalog[(catalog["kind"] == "gradients") & catalog["projection"].isna()]
+
+
+def _row(rows, arch: str, checkpoint: str, variant: str):
+    hit = rows[rows["path"].str.startswith(f"gradients/tiny-{arch}-") & (rows["checkpoint"] == checkpoint)
+               & rows["variant"].str.startswith(variant)]
+    assert len(hit) == 1, hit["path"].tolist()
+    return hit.iloc[0]
+
+
+def test_readme_snippet_from_a_directory_holding_lake_tasks_and_flows(demo_lake, rows, tmp_path):
+    """A user's own ./lake, ./tasks and ./flows (here packages that fail on import) do not shadow gradlake's."""
+    for name in ("lake", "tasks", "flows"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise ImportError('the user\\'s own ./{name} was imported')\n")
+    key = _row(rows, "olmo2", "checkpoint-1", "original")["path"].split("/")[1]
+    snippet = textwrap.dedent(f"""
+        from gradlake.lake import open_lake
+        lake = open_lake({str(demo_lake)!r})
+        print("catalog", len(lake.catalog()))
+        ds = lake.gradients(model={key!r}, checkpoint="checkpoint-1", dataset="probe", variant="paraphrased")
+        print("tensor", ds["model.layers.1.mlp.down_proj.weight"].shape)
+        print("projection", lake.projections(variant="paraphrased", kind="rademacher", dim=1024)["flat"].shape)
+        print("evaluation", sorted(set(lake.evaluation(dataset="probe")["query"])))
+        print("original", len(lake.dataset("probe", "original")))
+        print("generated", len(lake.dataset("probe", "model_generated", model={key!r}, checkpoint="checkpoint-1")))
+        import gradlake.lake
+        print("from", gradlake.lake.__file__)
+    """)
+    done = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    assert int(printed["catalog"]) == len(open_lake(str(demo_lake)).catalog()) > 0
+    assert printed["tensor"].startswith("(160, ") and printed["projection"] == "(160, 1024)"
+    assert printed["evaluation"] == "['model_generated', 'paraphrased']"
+    assert printed["original"] == printed["generated"] == "160"
+    assert printed["from"] == str(REPO / "lake" / "__init__.py")
+
+
+def test_a_model_is_named_by_its_key_its_id_or_its_path(demo_lake, rows, monkeypatch):
+    lake = open_lake(str(demo_lake))
+    want = _row(rows, "olmo2", "checkpoint-1", "original")
+    model_path, key = want["model"], want["path"].split("/")[1]
+    monkeypatch.chdir(Path(model_path).parent.parent)
+    names = [key, model_path, model_path + "/", os.path.relpath(model_path)]
+    assert not names[-1].startswith("/")
+    for name in names:
+        assert lake.find_gradients(model=name, checkpoint="checkpoint-1", variant="original", mode="store") == want["path"]
+    reference = lake.gradients(model=key, checkpoint="checkpoint-1", variant="original")["lm_head.weight"].values
+    assert np.array_equal(lake.gradients(model=names[-1], checkpoint="checkpoint-1", variant="original")["lm_head.weight"].values,
+                          reference)
+    assert lake.evaluation(model=key).equals(lake.evaluation(model=model_path))
+    assert lake.dataset("probe", "model_generated", model=names[-1], checkpoint="checkpoint-1").equals(
+        lake.dataset("probe", "model_generated", model=key, checkpoint="checkpoint-1"))
+    with pytest.raises(LakeError, match=r"no gradient group in .* matches \{'model': 'tiny-olmo2'\}"):
+        lake.find_gradients(model="tiny-olmo2")  # a key's name part alone is no model
+
+
+def test_model_generated_means_the_asked_models_own_answers(demo_lake, rows):
+    lake = open_lake(str(demo_lake))
+    want = _row(rows, "olmo2", "checkpoint-1", "model_generated")
+    key, full = want["path"].split("/")[1], want["variant"]
+    assert full == f"model_generated.{key}.checkpoint-1"
+    assert lake.find_gradients(model=key, checkpoint="checkpoint-1", variant="model_generated") == want["path"]
+    assert lake.find_gradients(variant=full) == want["path"]
+    short = lake.projections(model=want["model"], checkpoint="checkpoint-1", variant="model_generated", kind="sparse")
+    assert np.array_equal(short["flat"].values, lake.projections(variant=full, kind="sparse")["flat"].values)
+    assert lake.dataset("probe", "model_generated", model=key, checkpoint="checkpoint-1").equals(lake.dataset("probe", full))
+    for lookup in (lambda: lake.gradients(variant="model_generated"),
+                   lambda: lake.gradients(model=key, variant="model_generated"),
+                   lambda: lake.dataset("probe", "model_generated", model=key)):
+        with pytest.raises(LakeError) as missing:
+            lookup()
+        assert str(missing.value) == ("variant 'model_generated' means one model's own answers at one checkpoint; pass "
+                                      f"model= and checkpoint= with it, or the variant's full name ({full!r})")
+    with pytest.raises(LakeError, match=f"has no model_generated variant .* at checkpoint 'checkpoint-0'.*{full}"):
+        lake.dataset("probe", "model_generated", model=key, checkpoint="checkpoint-0")
+
+
+def test_ambiguity_names_the_filters_that_separate_the_hits(demo_lake, rows):
+    lake = open_lake(str(demo_lake))
+    olmo, olmo2 = (_row(rows, arch, "checkpoint-1", "original")["path"].split("/")[1] for arch in ("olmo", "olmo2"))
+    cases = {
+        # asked -> what tells the hits apart, and nothing else
+        (("model", olmo2), ("variant", "original")): "checkpoint='checkpoint-0' or 'checkpoint-1'",
+        (("checkpoint", "checkpoint-1"), ("variant", "paraphrased")): f"model={olmo!r} or {olmo2!r}",
+    }
+    for asked, apart in cases.items():
+        with pytest.raises(LakeError) as ambiguous:
+            lake.gradients(**dict(asked))
+        assert str(ambiguous.value).endswith(f"; tell them apart with {apart}")
+        assert str(ambiguous.value).startswith("2 gradient groups match")
+    with pytest.raises(LakeError) as ambiguous:
+        lake.projections(model=olmo2, variant="original")
+    assert str(ambiguous.value).endswith("; tell them apart with kind='rademacher' or 'sparse'; dim=1024 or 8192")
+
+
+def test_catalog_of_a_lake_that_is_not_there(tmp_path):
+    missing = tmp_path / "no" / "such"
+    with pytest.raises(LakeError, match=f"^lake {missing} holds nothing: the directory does not exist$"):
+        open_lake(str(missing)).catalog()
+    with pytest.raises(LakeError, match="holds nothing: the directory does not exist"):
+        open_lake(str(missing)).dataset("probe")
+    code, out, err = _cli("catalog", "--lake", str(missing))
+    assert (code, out, err) == (2, "", f"error: lake {missing} holds nothing: the directory does not exist\n")
+    (tmp_path / "empty").mkdir()
+    code, out, err = _cli("catalog", "--lake", str(tmp_path / "empty"))
+    assert (code, err) == (0, "")
+    assert out == f"lake file://{tmp_path / 'empty'} is empty: no dataset, gradient group or evaluation yet\n"
+
+
+def test_s3_bucket_that_is_not_there(s3_endpoint):
+    with pytest.raises(LakeError) as failed:
+        open_lake("s3://no-such-bucket/lake").catalog()
+    assert str(failed.value) == (f"lake s3://no-such-bucket/lake holds nothing: the bucket 'no-such-bucket' does not exist "
+                                 f"at {s3_endpoint}; check the bucket name and the S3 endpoint")
+    assert open_lake("s3://lake/nothing-here-yet").catalog().empty  # an empty prefix is an empty lake
+
+
+def test_s3_endpoint_that_does_not_answer():
+    dead = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(LakeError) as failed:
+        open_lake("s3://lake/x", storage_options={"endpoint_url": dead, "key": "AKIATEST", "secret": SECRET}).catalog()
+    assert str(failed.value) == (f"cannot reach the S3 endpoint {dead} for s3://lake/x: connection refused; "
+                                 "check storage_options['endpoint_url']")
+    assert SECRET not in str(failed.value)
+    assert failed.value.__suppress_context__ and len("".join(traceback.format_exception(failed.value)).splitlines()) < 25
+    env = {"GRADLAKE_S3_ENDPOINT_URL": dead, "AWS_ACCESS_KEY_ID": "AKIATEST", "AWS_SECRET_ACCESS_KEY": SECRET}
+    code, out, err = _cli("catalog", "--lake", "s3://lake/x", env=env)
+    assert (code, out) == (2, "")
+    assert err == f"error: cannot reach the S3 endpoint {dead} for s3://lake/x: connection refused; check GRADLAKE_S3_ENDPOINT_URL\n"
+
+
+def test_s3_without_credentials(s3_endpoint, tmp_path):
+    """No AWS_* keys and empty AWS files; run in subprocesses, as s3fs caches a filesystem per process."""
+    (tmp_path / "empty").write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "empty"), AWS_CONFIG_FILE=str(tmp_path / "empty"),
+               AWS_EC2_METADATA_DISABLED="true", GRADLAKE_S3_ENDPOINT_URL=s3_endpoint)  # no instance-metadata probe
+    expected = ("no S3 credentials found for s3://lake/x: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                "or AWS_PROFILE naming a profile in ~/.aws/credentials")
+    code, out, err = _cli("catalog", "--lake", "s3://lake/x", env=env, inherit=False)
+    assert (code, out, err) == (2, "", f"error: {expected}\n")
+    done = subprocess.run([sys.executable, "-c", "from gradlake.lake import open_lake; open_lake('s3://lake/x').catalog()"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and lines[-1] == f"gradlake.lake.store.LakeError: {expected}"
+    assert len(lines) < 20 and "During handling" not in done.stderr and "direct cause" not in done.stderr
+
+
+def test_prefect_server_that_does_not_answer(tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}/api"
+    code, out, err = _cli("watch", "--off", env={"PREFECT_API_URL": dead}, cwd=tmp_path)
+    assert (code, out) == (2, "")
+    assert err == (f"error: no Prefect server answers at {dead}: connection refused; start one with `prefect server start` "
+                   "or unset PREFECT_API_URL\n")
+
+
+def _cli(*args: str, env: dict | None = None, inherit: bool = True, cwd: Path | None = None) -> tuple[int, str, str]:
+    """`gradlake ARGS` in a subprocess: (exit code, stdout, stderr)."""
+    done = subprocess.run([GRADLAKE, *args], env={**(os.environ if inherit else {}), **(env or {}), "COLUMNS": "200"},
+                          cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert SECRET not in done.stdout + done.stderr, "a credential was printed"
+    return done.returncode, done.stdout, done.stderr
