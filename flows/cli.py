@@ -15,8 +15,20 @@ app.add_typer(dataset_app, name="dataset")
 
 
 def _fail(err: Exception) -> None:
-    typer.secho(f"error: {_explain(err) or err}", fg=typer.colors.RED, err=True)
+    text = _validation_line(err) if isinstance(err, ValidationError) else (_explain(err) or err)
+    typer.secho(f"error: {text}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
+
+
+def _validation_line(err: ValidationError) -> str:
+    """A pydantic error as one line per bad field: where, what is wrong, what was given (no docs link)."""
+    parts = []
+    for problem in err.errors():
+        where = ".".join(str(p) for p in problem["loc"]) or err.title
+        given = problem.get("input")
+        shown = "" if isinstance(given, dict) else f" (got {given!r})"
+        parts.append(f"{where}: {problem['msg']}{shown}")
+    return "; ".join(parts)
 
 
 def _explain(err: BaseException) -> str | None:
