@@ -255,7 +255,9 @@ def _print_headline(url: str, path: str) -> None:
     typer.echo(f"select vs project ({path}; cosine; report: {url}/{path}/report.html)")
     with pd.option_context("display.width", 200, "display.max_columns", 12, "display.max_colwidth", 60,
                            "display.float_format", "{:.3f}".format):
-        typer.echo(table.to_string(index=False))
+        blank = {c: table[c].astype(object).where(table[c].notna(), "") for c in table
+                 if not pd.api.types.is_float_dtype(table[c])}  # a baseline has no n_values: empty, not <NA>
+        typer.echo(table.assign(**blank).to_string(index=False, na_rep=""))
 
 
 @app.command("evaluate")
