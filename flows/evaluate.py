@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import re
 
-from prefect import flow, get_run_logger, runtime, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
+from gradlake.flows.run_names import named_by_model
 from gradlake.tasks.evaluate import EvaluationSpec, run_evaluation
 from gradlake.tasks.report import headline_records
 from gradlake.tasks.retries import retry_unless_bad_input
@@ -62,19 +63,8 @@ def publish_headline(lake: str, directory: str) -> None:
                              + f"\n\nPlots and the HTML report: `{lake}/{directory}`\n")
 
 
-def _run_name() -> str:
-    from gradlake.tasks.evaluate import lake_keys
-
-    spec = runtime.flow_run.parameters.get("spec")
-    try:
-        spec = spec if isinstance(spec, EvaluationSpec) else EvaluationSpec.model_validate(spec)
-        model_key, checkpoint_key = lake_keys(spec.model)
-        return f"{model_key}@{checkpoint_key} {spec.dataset} select-vs-project"
-    except Exception:  # a bad spec fails in the flow with its own message; the name is not the place
-        return "evaluate-select-vs-project"
-
-
-@flow(name="evaluate-select-vs-project", log_prints=True, flow_run_name=_run_name)
+@flow(name="evaluate-select-vs-project", log_prints=True,
+      flow_run_name=named_by_model(EvaluationSpec, lambda s: f"{s.dataset} select-vs-project", "evaluate-select-vs-project"))
 def evaluate(spec: EvaluationSpec) -> str:
     """Rank originals for each query variant by every tensor, layer group, the full gradient, projections and BM25."""
     directory = evaluate_task(spec)

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gradlake.flows.dataset import DatasetRecipe, DatasetSpec, create_dataset
 from gradlake.flows.evaluate import evaluate, publish_headline
+from gradlake.flows.run_names import named_by_model, run_label
 from gradlake.lake import layout
 from gradlake.tasks.evaluate import EvaluationSpec, lake_keys
 from gradlake.tasks.extract import ExtractionSpec, extract_shard_task, finalize_task, group_paths, prepare_extraction_task
@@ -104,13 +105,12 @@ class ShardRunsFailed(RuntimeError):
 
 
 def _submit(spec: PipelineSpec, work: list[tuple[ExtractionSpec, str, list[int]]]) -> list[ShardRun]:
-    model_key, checkpoint_key = lake_keys(spec.model)
     runs = []
     for extraction, path, pending in work:
         for i in range(0, len(pending), spec.shards_per_run):
             shards = pending[i:i + spec.shards_per_run]
             span = f"{shards[0]}" if len(shards) == 1 else f"{shards[0]}-{shards[-1]}"
-            label = f"{model_key}@{checkpoint_key} {extraction.variant} shards {span}"
+            label = run_label(spec.model, f"{extraction.variant} shards {span}")
             key = f"{runtime.flow_run.id}:{path}:{','.join(map(str, shards))}"  # a retried pipeline does not duplicate
             run = run_deployment(spec.shard_deployment, timeout=0, idempotency_key=key, flow_run_name=label,
                                  parameters={"spec": extraction.model_dump(mode="json"), "path": path, "shards": shards})
@@ -239,17 +239,8 @@ def wait_for_run(run_id, timeout: float, poll: float = 2.0):
             time.sleep(poll)
 
 
-def _run_name() -> str:
-    spec = runtime.flow_run.parameters.get("spec")
-    try:
-        spec = spec if isinstance(spec, PipelineSpec) else PipelineSpec.model_validate(spec)
-        model_key, checkpoint_key = lake_keys(spec.model)
-        return f"{model_key}@{checkpoint_key} {spec.dataset}"
-    except Exception:  # a bad spec fails in the flow with its own message; the name is not the place
-        return "gradlake-pipeline"
-
-
-@flow(name="gradlake-pipeline", log_prints=True, flow_run_name=_run_name)
+@flow(name="gradlake-pipeline", log_prints=True,
+      flow_run_name=named_by_model(PipelineSpec, lambda s: s.dataset, "gradlake-pipeline"))
 def pipeline(spec: PipelineSpec) -> list[str]:
     """Dataset, extraction (fanned out over GPU workers), projections and evaluation for one model and checkpoint."""
     log = get_run_logger()

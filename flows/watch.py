@@ -10,6 +10,7 @@ from gradlake.lake.store import LakeStore
 from gradlake.tasks.checkpoints import WatchedModel, list_checkpoints
 from gradlake.tasks.evaluate import lake_keys
 from gradlake.flows.pipeline import PipelineSettings, PipelineSpec
+from gradlake.flows.run_names import run_label
 from gradlake.lake import layout
 from gradlake.tasks.model import ModelSpec
 
@@ -59,7 +60,7 @@ def watch_checkpoints(spec: WatchSpec) -> list[str]:
             # The key makes a second tick (or a retried one) return the same run instead of a new one.
             run = run_deployment(spec.pipeline_deployment, parameters={"spec": params.model_dump(mode="json")}, timeout=0,
                                  idempotency_key=f"gradlake-watch:{lake_keys(model)[0]}@{checkpoint}:{spec.lake}",
-                                 flow_run_name=f"{lake_keys(model)[0]}@{layout.key(checkpoint)} {spec.pipeline.dataset}",
+                                 flow_run_name=run_label(model, spec.pipeline.dataset),
                                  as_subflow=False)
             if run.created is not None and run.created < tick:
                 log.info("checkpoint %s of %s: pipeline run %s was started by an earlier tick", checkpoint, watched.model, run.id)

@@ -254,40 +254,62 @@ class GradientGroup:
         return True
 
 
-class ChunkRows:
-    """Rows that arrive a batch at a time, written to a group one whole row-chunk at a time.
-
-    Only the chunks asked for are written (each once, then flagged complete); rows of
-    other chunks are ignored, so a finished chunk is never rewritten.  A run's batch size
-    need not match the group's chunk height: a chunk waits here until all its rows came.
-    """
+class ChunkAssembly:
+    """Row-chunks of a group filled a batch at a time: which rows of a batch a waiting chunk takes,
+    and when a chunk has all its rows.  Only the chunks asked for are taken; rows of other
+    chunks are ignored, so a finished chunk is never written again."""
 
     def __init__(self, group: GradientGroup, chunks: list[int]):
         self.group = group
         self.waiting = set(chunks)
-        self._rows: dict[int, dict[str, np.ndarray]] = {}
         self._filled: dict[int, int] = {}
+
+    def pieces(self, start: int, stop: int):
+        """(chunk, lo, hi): for each waiting chunk that samples [start, stop) reach, its rows [lo, hi) among them."""
+        plan = self.group.plan
+        for k in layout.chunks_in(start, stop, plan.chunk_rows):
+            if k in self.waiting:
+                c0, c1 = plan.chunk_bounds(k)
+                yield k, max(c0, start), min(c1, stop)
+
+    def arrived(self, k: int, rows: int) -> bool:
+        """Count `rows` more rows of chunk `k`; True once it has all of them."""
+        c0, c1 = self.group.plan.chunk_bounds(k)
+        self._filled[k] = self._filled.get(k, 0) + rows
+        return self._filled[k] == c1 - c0
+
+    def complete(self, k: int) -> None:
+        """Flag chunk `k` complete (after its data is written): the last write for it."""
+        self.group.mark_complete(k)
+        self.waiting.discard(k)
+        self._filled.pop(k, None)
+
+
+class ChunkRows(ChunkAssembly):
+    """Per-sample rows written to a group one whole row-chunk at a time.
+
+    A run's batch size need not match the group's chunk height: a chunk waits here until
+    all its rows came, then is written once and flagged complete.
+    """
+
+    def __init__(self, group: GradientGroup, chunks: list[int]):
+        super().__init__(group, chunks)
+        self._rows: dict[int, dict[str, np.ndarray]] = {}
 
     def add(self, start: int, stop: int, arrays: dict[str, np.ndarray]) -> list[int]:
         """Take samples [start, stop) (`arrays` of `stop - start` rows each); returns the chunks completed."""
-        plan, done = self.group.plan, []
-        for k in layout.chunks_in(start, stop, plan.chunk_rows):
-            if k not in self.waiting:
-                continue
-            c0, c1 = plan.chunk_bounds(k)
-            lo, hi = max(c0, start), min(c1, stop)
+        done = []
+        for k, lo, hi in list(self.pieces(start, stop)):
+            c0, c1 = self.group.plan.chunk_bounds(k)
             if (lo, hi) == (c0, c1):  # the whole chunk in one go: no copy
                 self.group.write_chunk(k, {n: a[lo - start:hi - start] for n, a in arrays.items()})
             else:
                 rows = self._rows.setdefault(k, {n: np.empty((c1 - c0, *a.shape[1:]), a.dtype) for n, a in arrays.items()})
                 for n, a in arrays.items():
                     rows[n][lo - c0:hi - c0] = a[lo - start:hi - start]
-                self._filled[k] = self._filled.get(k, 0) + hi - lo
-                if self._filled[k] < c1 - c0:
+                if not self.arrived(k, hi - lo):
                     continue
                 self.group.write_chunk(k, self._rows.pop(k))
-                del self._filled[k]
-            self.group.mark_complete(k)
-            self.waiting.discard(k)
+            self.complete(k)
             done.append(k)
         return done

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gradlake.lake import layout
 from gradlake.lake.datasets import dataset_meta, read_dataset
-from gradlake.lake.gradients import ChunkRows, GradientGroup, GradientPlan, check_shard_size, stored_chunk_rows
+from gradlake.lake.gradients import ChunkAssembly, ChunkRows, GradientGroup, GradientPlan, check_shard_size, stored_chunk_rows
 from gradlake.lake.store import LakeError, LakeStore, default_lake
 from gradlake.tasks.gradients import PerSampleGradients, Projection
 from gradlake.tasks.loss import IGNORE_INDEX, Encoded, encode_sample, pad_batch
@@ -197,25 +197,20 @@ def _batch(group: GradientGroup, start: int, stop: int, pad_id: int, device) -> 
     return input_ids.to(device), labels.to(device)
 
 
-class ChunkSums:
+class ChunkSums(ChunkAssembly):
     """Mean modes: each row-chunk's sum of per-sample gradients (float64, on the device), written once whole.
 
-    Only the chunks asked for are summed; a chunk's rows may arrive over several batches.
+    A chunk's rows may arrive over several batches; its sum is written when the last arrives.
     """
 
     def __init__(self, group: GradientGroup, chunks: list[int], normalize: bool):
-        self.group, self.normalize = group, normalize
-        self.waiting = set(chunks)
+        super().__init__(group, chunks)
+        self.normalize = normalize
         self._sums: dict[int, dict[str, torch.Tensor]] = {}
-        self._filled: dict[int, int] = {}
 
     def add(self, start: int, stop: int, grads: dict[str, torch.Tensor]) -> list[int]:
-        plan, done = self.group.plan, []
-        for k in layout.chunks_in(start, stop, plan.chunk_rows):
-            if k not in self.waiting:
-                continue
-            c0, c1 = plan.chunk_bounds(k)
-            lo, hi = max(c0, start), min(c1, stop)
+        done = []
+        for k, lo, hi in list(self.pieces(start, stop)):
             sums = self._sums.setdefault(k, {})
             for n, g in grads.items():
                 g = g[lo - start:hi - start]
@@ -223,11 +218,9 @@ class ChunkSums:
                     g = g / g.norm(dim=1, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
                 part = g.sum(dim=0, dtype=torch.float64)
                 sums[n] = sums[n] + part if n in sums else part
-            self._filled[k] = self._filled.get(k, 0) + hi - lo
-            if self._filled[k] == c1 - c0:
+            if self.arrived(k, hi - lo):
                 self.group.write_partial_sum(k, {n: s.cpu().numpy() for n, s in self._sums.pop(k).items()})
-                self.group.mark_complete(k)
-                self.waiting.discard(k)
+                self.complete(k)
                 done.append(k)
         return done
 
