@@ -7,6 +7,7 @@
   datasets/<dataset>/<variant>/latest.json              the newest version's meta
   gradients/<model>/<checkpoint>/<dataset>/<variant>/<paradigm>-<mode>/
                                                     one Zarr v3 group per extraction
+  quality/<model>/<checkpoint>/<dataset>/<variant>/  a checkpoint's answers scored (answers.parquet, summary.json)
 ```
 
 See ``docs/lake.md`` for the arrays inside a gradient group.
@@ -46,6 +47,10 @@ def name_key(kind: str, value: str) -> str:
 
 def gradient_group_path(model: str, checkpoint: str, dataset: str, variant: str, paradigm: str, mode: str) -> str:
     return f"gradients/{model}/{checkpoint}/{dataset}/{variant}/{paradigm}-{mode}"
+
+
+def quality_dir(model: str, checkpoint: str, dataset: str, variant: str) -> str:
+    return f"quality/{model}/{checkpoint}/{dataset}/{variant}"
 
 
 def dataset_dir(dataset: str, variant: str) -> str:

@@ -75,12 +75,16 @@ def list_checkpoints(watched: WatchedModel, unfinished: list[str] | None = None)
         refs = list_repo_refs(watched.model)
         names = [r.name for r in [*refs.branches, *refs.tags]]
         return sorted(n for n in names if pattern.fullmatch(n))
-    fs, root = fsspec.core.url_to_fs(watched.model, **watched.storage_options)
+    from gradlake.lake.store import storage_options_for
+
+    fs, root = fsspec.core.url_to_fs(watched.model, **storage_options_for(watched.model, watched.storage_options))
     if not fs.isdir(root):
         raise ValueError(f"watched directory {watched.model!r} does not exist")
     found = []
     for path in fs.ls(root, detail=False):
         name = path.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith("."):  # a trainer's staging directory (e.g. gradlake's .checkpoint-000100.partial)
+            continue
         if pattern.fullmatch(name) and fs.isdir(path):
             if checkpoint_complete(fs, path, watched.marker):
                 found.append(name)

@@ -47,21 +47,26 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 
-class ParaphraseSpec(BaseModel):
-    """How the paraphrased variant is made: the chat model, its server and the request settings."""
+class ChatAPI(BaseModel):
+    """An OpenAI-compatible chat API: which model, which server, where its key is, how hard to retry."""
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(default="gpt-4o-mini", description="Chat model that paraphrases, as the server names it.")
+    model: str = Field(default="gpt-4o-mini", description="Chat model, as the server names it.")
     base_url: str | None = Field(default=None, description="Base URL of any OpenAI-compatible API (OpenAI, vLLM, Ollama, ...), e.g. 'http://localhost:8000/v1'; default: $OPENAI_BASE_URL, else OpenAI's.")
-    temperature: float = Field(default=0.7, ge=0, le=2, description="Sampling temperature of the paraphrases.")
-    seed: int | None = Field(default=0, description="Seed sent with each request (servers that honour it answer reproducibly); none to omit it.")
-    system_prompt: str = Field(default=DEFAULT_SYSTEM_PROMPT, min_length=1, description="System message of every request: tells the model to reword the user's request without answering it.")
-    max_concurrency: int = Field(default=8, ge=1, description="Requests in flight at most.")
     max_retries: int = Field(default=6, ge=0, description="Retries per request on rate limits (429), server errors (5xx), timeouts and dropped connections, with exponential backoff.")
     timeout_s: float = Field(default=60, gt=0, title="Request timeout (seconds)", description="Seconds one request may take before it is retried.")
     api_key_env: str = Field(default="OPENAI_API_KEY", min_length=1, description="NAME of the environment variable holding the API key (never the key itself).")
     api_key_block: str | None = Field(default=None, description="Name of a Prefect Secret block holding the API key; used instead of api_key_env when set.")
+
+
+class ParaphraseSpec(ChatAPI):
+    """How the paraphrased variant is made: the chat model, its server and the request settings."""
+
+    temperature: float = Field(default=0.7, ge=0, le=2, description="Sampling temperature of the paraphrases.")
+    seed: int | None = Field(default=0, description="Seed sent with each request (servers that honour it answer reproducibly); none to omit it.")
+    system_prompt: str = Field(default=DEFAULT_SYSTEM_PROMPT, min_length=1, description="System message of every request: tells the model to reword the user's request without answering it.")
+    max_concurrency: int = Field(default=8, ge=1, description="Requests in flight at most.")
 
 
 class ParaphraseError(ValueError):
@@ -77,7 +82,7 @@ def prompt_hash(spec: ParaphraseSpec) -> str:
     return "sha256:" + hashlib.sha256(spec.system_prompt.encode()).hexdigest()
 
 
-def resolved_base_url(spec: ParaphraseSpec) -> str:
+def resolved_base_url(spec: ChatAPI) -> str:
     """The server actually asked, as the openai client would pick it."""
     return (spec.base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL).rstrip("/")
 
@@ -95,12 +100,12 @@ def text_key(text: str) -> str:
 
 # -- the key ----------------------------------------------------------------------------------
 
-def key_source(spec: ParaphraseSpec) -> str:
+def key_source(spec: ChatAPI) -> str:
     """Where the key comes from, in words safe to show."""
     return f"Prefect Secret block {spec.api_key_block!r}" if spec.api_key_block else f"${spec.api_key_env}"
 
 
-def resolve_api_key(spec: ParaphraseSpec) -> str:
+def resolve_api_key(spec: ChatAPI) -> str:
     """The API key from the Secret block (when named) or the environment; one clear error if absent."""
     if spec.api_key_block:
         from prefect.blocks.system import Secret

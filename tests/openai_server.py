@@ -1,7 +1,8 @@
 """A small OpenAI-compatible chat-completions server for tests, with faults injected on demand.
 
 It answers ``POST /v1/chat/completions`` with a deterministic "paraphrase" of the last
-user turn (`paraphrase_of`), checks ``Authorization: Bearer <key>`` (401 in OpenAI's
+user turn (`paraphrase_of`), or, when the system prompt is gradlake's judge's, a grade
+(`grade_of`), checks ``Authorization: Bearer <key>`` (401 in OpenAI's
 error shape otherwise, quoting the key it got, as OpenAI does) and the model (404
 ``model_not_found``), and records every request with the answer it got.  Faults are
 `Fault` rules, tried in order: the first that matches a request answers it.
@@ -27,6 +28,14 @@ MODELS = ("gpt-4o-mini", "test-paraphraser")
 def paraphrase_of(text: str) -> str:
     """The server's paraphrase: a fixed, checkable transform of the user text."""
     return "In other words: " + " ".join(reversed(text.split()))
+
+
+def grade_of(prompt: str) -> str:
+    """The server's grade of a judge request: 10 x the word overlap (Jaccard) of answer and reference."""
+    reference = prompt.split("Reference answer:\n", 1)[1].split("\n\nAnswer to grade:\n", 1)[0]
+    answer = prompt.split("Answer to grade:\n", 1)[1]
+    r, a = set(reference.lower().split()), set(answer.lower().split())
+    return str(round(10 * len(r & a) / max(1, len(r | a))))
 
 
 @dataclass
@@ -208,7 +217,8 @@ def _handler(server: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 kind = "rate_limit_exceeded" if action == 429 else "server_error"
                 self._send(action, _error(f"injected {action}", kind, kind), headers)
                 return
-            content = "" if action == "empty" else paraphrase_of(seen.prompt or "")
+            judging = bool(seen.system and seen.system.startswith("You grade answers"))
+            content = "" if action == "empty" else (grade_of if judging else paraphrase_of)(seen.prompt or "")
             seen.status = "empty" if action == "empty" else 200
             server._record(seen)
             self._send(200, {
