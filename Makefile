@@ -17,6 +17,8 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	if ! command -v nvidia-smi >/dev/null 2>&1; then \
 	  $(BIN)/pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)" $(PIP_QUIET); fi
 	$(BIN)/pip install -q -c constraints.txt -e ".[test]" $(PIP_QUIET)
+	# kronfluence declares torchvision, which it never imports and which would pull a CUDA torch: no deps.
+	$(BIN)/pip install -q --no-deps -c constraints.txt kronfluence==1.0.1 $(PIP_QUIET)
 	touch $@
 
 demo: $(BIN)/.installed

@@ -107,12 +107,12 @@ def test_prefect_yaml_deploys_every_stage(platform):
     config = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
     names = {d["name"] for d in config["deployments"]}
     assert {"gradlake-pipeline", "extract-shards", "extract-gradients", "create-dataset", "project-gradients",
-            "evaluate-select-vs-project", "watch-checkpoints"} <= names
+            "evaluate-select-vs-project", "watch-checkpoints", "train-model"} <= names
     listed = _prefect("deployment", "ls", env=platform["env"])
     for name in names:
         assert name in listed
     pools = {d["name"]: d["work_pool"]["name"] for d in config["deployments"]}
-    assert pools["extract-shards"] == "gpu" and pools["gradlake-pipeline"] == "cpu"
+    assert pools["extract-shards"] == pools["train-model"] == "gpu" and pools["gradlake-pipeline"] == "cpu"
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
