@@ -1,8 +1,11 @@
 """Which model, at which checkpoint: the `ModelSpec`, its presets, validation and loading.
 
-A model is a Hugging Face id (``amd/AMD-OLMo-1B-SFT``) or a local directory.  A
-checkpoint is, for a hub id, a revision (branch, tag or commit); for a local
-directory, a subdirectory holding a saved checkpoint (``checkpoint-1000``).  One
+A model is a Hugging Face id (``amd/AMD-OLMo-1B-SFT``), a local directory, or an
+fsspec URL (``s3://bucket/run``, where ``train-model`` writes).  A checkpoint is, for a
+hub id, a revision (branch, tag or commit); for a directory or URL, a subdirectory
+holding a saved checkpoint (``checkpoint-1000``).  A checkpoint at a URL is downloaded
+once into ``$GRADLAKE_MODEL_CACHE`` (default ``~/.cache/gradlake/models``) and loaded
+from there.  One
 code path serves every causal LM that ``AutoModelForCausalLM`` knows, among them
 ``OlmoForCausalLM`` (AMD-OLMo-1B) and ``Olmo2ForCausalLM`` (OLMo-2-7B).
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import os
+import shutil
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -66,9 +70,15 @@ class ModelSpec(BaseModel):
     def is_local(self) -> bool:
         return _looks_local(self.model)
 
+    @property
+    def is_url(self) -> bool:
+        return is_url(self.model)
+
     def source(self) -> tuple[str, str | None]:
-        """Where `from_pretrained` loads from: (path or id, revision or None)."""
+        """Where `from_pretrained` loads from: (path or id, revision or None); a URL's checkpoint is downloaded first."""
         spec = self.resolved()
+        if spec.is_url:
+            return str(cached_checkpoint(spec.model, spec.checkpoint)), None
         if spec.is_local:
             root = Path(spec.model).expanduser()
             return str(root / spec.checkpoint if spec.checkpoint else root), None
@@ -86,13 +96,47 @@ def lake_names(spec: ModelSpec) -> tuple[str, str]:
     An unnamed checkpoint is 'main' on the hub and 'default' for a local directory.
     """
     spec = spec.resolved()
+    if spec.is_url:
+        return spec.model.rstrip("/"), spec.checkpoint or "default"
     if spec.is_local:
         return os.path.abspath(os.path.expanduser(spec.model)), spec.checkpoint or "default"
     return spec.model, spec.checkpoint or "main"
 
 
+def is_url(model: str) -> bool:
+    return "://" in model
+
+
 def _looks_local(model: str) -> bool:
-    return model.startswith((".", "/", "~")) or os.path.isdir(os.path.expanduser(model)) or model.count("/") > 1
+    return (is_url(model) or model.startswith((".", "/", "~")) or os.path.isdir(os.path.expanduser(model))
+            or model.count("/") > 1)
+
+
+def _url_fs(url: str):
+    import fsspec
+
+    from gradlake.lake.store import storage_options_for
+
+    return fsspec.core.url_to_fs(url, **storage_options_for(url))
+
+
+def cached_checkpoint(url: str, checkpoint: str | None) -> Path:
+    """A checkpoint under a URL as a local directory: downloaded once (whole, then renamed into place)."""
+    fs, root = _url_fs(url)
+    remote = f"{root.rstrip('/')}/{checkpoint}" if checkpoint else root.rstrip("/")
+    cache_root = Path(os.environ.get("GRADLAKE_MODEL_CACHE", "~/.cache/gradlake/models")).expanduser()
+    target = cache_root / hashlib.sha256(f"{url.rstrip('/')}|{checkpoint or ''}".encode()).hexdigest()[:24]
+    if (target / "config.json").is_file():
+        return target
+    staging = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    fs.get(remote, str(staging), recursive=True)
+    try:
+        os.replace(staging, target)
+    except OSError:  # another process put the same checkpoint there first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def _local_checkpoints(root: Path) -> list[str]:
@@ -104,6 +148,21 @@ def check_model(spec: ModelSpec):
     from transformers import AutoConfig
 
     spec = spec.resolved()
+    if spec.is_url:
+        fs, root = _url_fs(spec.model)
+        directory = f"{root.rstrip('/')}/{spec.checkpoint}" if spec.checkpoint else root.rstrip("/")
+        if not fs.exists(f"{directory}/config.json"):
+            found = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if fs.exists(f"{p}/config.json")) \
+                if fs.isdir(root) else []
+            raise ModelError(f"checkpoint {spec.checkpoint!r} of {spec.model!r} has no config.json; "
+                             f"checkpoints found there: {found or 'none'}")
+        import tempfile
+
+        from transformers import AutoConfig
+
+        with tempfile.TemporaryDirectory() as tmp:  # the config alone: the weights are fetched when loaded
+            fs.get_file(f"{directory}/config.json", f"{tmp}/config.json")
+            return AutoConfig.from_pretrained(tmp, trust_remote_code=spec.trust_remote_code)
     path, revision = spec.source()
     if spec.is_local:
         root = Path(spec.model).expanduser()

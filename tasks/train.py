@@ -391,13 +391,9 @@ def local_copy(spec: TrainSpec, name: str, into: str) -> Path:
 
 def checkpoint_keys(spec: TrainSpec, name: str) -> tuple[str, str]:
     """The lake keys (model, checkpoint) of a checkpoint of this run, as extraction of it would name them."""
-    from gradlake.lake import layout
     from gradlake.tasks.evaluate import lake_keys
 
-    fs, _ = output_fs(spec)
-    if _is_local(fs):
-        return lake_keys(ModelSpec(model=spec.output, checkpoint=name))
-    return layout.model_key(spec.output.rstrip("/"), True), layout.key(name)
+    return lake_keys(ModelSpec(model=spec.output, checkpoint=name))
 
 
 def measure_checkpoint(spec: TrainSpec, name: str, log=print) -> dict:

@@ -233,3 +233,23 @@ def test_training_to_s3_through_the_flow(tiny_models, lake, s3_endpoint):
     assert quality["n"].tolist() == [6, 6, 6] and quality["rouge_l"].between(0, 1).all()
     assert [l["step"] for l in quality["lineage"]] == [0, 2, 4]
     assert quality["lineage"].iloc[2]["checkpoint"] == f"s3://lake/checkpoints/tiny/{checkpoint_name(4)}"
+
+
+def test_pipeline_stages_load_checkpoints_from_s3(tiny_models, lake, s3_endpoint, tmp_path, monkeypatch):
+    """A checkpoint the trainer wrote to S3 is a model the other stages can name: checked, keyed, downloaded once."""
+    from gradlake.tasks.model import ModelError, check_model, lake_names, load_tokenizer, resolved_commit
+
+    monkeypatch.setenv("GRADLAKE_MODEL_CACHE", str(tmp_path / "cache"))
+    spec = spec_for(tiny_models, lake, "s3://lake/checkpoints/for-stages", steps=2, checkpoint_every=0, quality=None)
+    train(plan_run(spec), log=lambda _: None)
+    model = ModelSpec(model=spec.output, checkpoint=checkpoint_name(2))
+    assert check_model(model).hidden_size == 64
+    assert not (tmp_path / "cache").exists(), "checking a model reads its config only"
+    assert lake_names(model) == ("s3://lake/checkpoints/for-stages", "checkpoint-000002")
+    assert load_tokenizer(model).chat_template
+    downloaded = list((tmp_path / "cache").iterdir())
+    assert len(downloaded) == 1 and (downloaded[0] / "model.safetensors").is_file()
+    assert resolved_commit(model).startswith("sha256:")
+    with pytest.raises(ModelError, match="checkpoint 'checkpoint-9' of 's3://lake/checkpoints/for-stages' has no "
+                                         r"config.json; checkpoints found there: \['checkpoint-000002'\]"):
+        check_model(ModelSpec(model=spec.output, checkpoint="checkpoint-9"))
