@@ -66,7 +66,8 @@ def platform(prefect_server, s3_endpoint, tiny_models, tmp_path_factory):
     shutil.copytree(tiny_models["olmo2"] / "checkpoint-1", watched / "checkpoint-1")
     env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_WORKER_QUERY_SECONDS": "1",
            "PREFECT_WORKER_PREFETCH_SECONDS": "1", "PREFECT_LOGGING_LEVEL": "INFO", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+           "TRANSFORMERS_OFFLINE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "GRADLAKE_MODEL_CACHE": str(root / "model-cache")}
     for pool in ("cpu", "gpu"):
         _prefect("work-pool", "create", pool, "--type", "process", "--overwrite", env=env)
     _prefect("work-pool", "set-concurrency-limit", "gpu", "2", env=env)
@@ -255,6 +256,35 @@ def test_watcher_starts_the_pipeline_once_per_new_checkpoint(platform, tiny_mode
     assert len(asyncio.run(_runs_of("gradlake-pipeline"))) == len(before) + 1
     held = open_lake(lake).catalog().query("kind == 'gradients'")
     assert set(held["checkpoint"]) == {"checkpoint-0", "checkpoint-1"}
+
+
+def test_trained_checkpoint_on_s3_goes_through_the_pipeline(platform, tiny_models):
+    """train-model on a gpu worker writes a checkpoint to S3; the watcher sees it and the pipeline extracts it."""
+    from prefect.deployments import run_deployment
+
+    from gradlake.flows.pipeline import wait_for_run
+    from gradlake.flows.watch import WatchSpec, watch_checkpoints
+    from gradlake.tasks.train import TrainSpec
+
+    lake = platform["lake"]
+    output = "s3://lake/trained/tiny-olmo2"
+    spec = TrainSpec(model=ModelSpec(model=str(tiny_models["olmo2"]), checkpoint="checkpoint-1"), lake=lake,
+                     dataset="probe", output=output, steps=3, batch_size=8, learning_rate=3e-3,
+                     quality={"max_samples": 4, "max_new_tokens": 8})
+    run = run_deployment("train-model/train-model", parameters={"spec": spec.model_dump(mode="json")}, timeout=600,
+                         as_subflow=False)
+    assert run.state.is_completed(), run.state
+    assert run.name.endswith("train on probe -> s3://lake/trained/tiny-olmo2"), run.name
+    before = {r.id for r in asyncio.run(_runs_of("gradlake-pipeline"))}
+    watch = WatchSpec(models=[{"model": output}], lake=lake, pipeline={"variants": ["original"], **SETTINGS})
+    assert watch_checkpoints(watch) == ["checkpoint-000003"]
+    new = [r for r in asyncio.run(_runs_of("gradlake-pipeline")) if r.id not in before]
+    assert len(new) == 1
+    state = wait_for_run(new[0].id, timeout=600)
+    assert state is not None and state.is_completed(), state
+    held = open_lake(lake).catalog().query("kind == 'gradients' and checkpoint == 'checkpoint-000003'")
+    assert len(held) == 1 and held["model"].iloc[0] == output
+    assert watch_checkpoints(watch) == []
 
 
 def _worker_of(pid: int, workers: dict[str, subprocess.Popen]) -> str | None:
