@@ -108,7 +108,8 @@ def test_prefect_yaml_deploys_every_stage(platform):
     config = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
     names = {d["name"] for d in config["deployments"]}
     assert {"gradlake-pipeline", "extract-shards", "extract-gradients", "create-dataset", "project-gradients",
-            "evaluate-select-vs-project", "watch-checkpoints", "train-model"} <= names
+            "evaluate-select-vs-project", "watch-checkpoints", "train-model",
+            "compute-influence"} <= names
     listed = _prefect("deployment", "ls", env=platform["env"])
     for name in names:
         assert name in listed

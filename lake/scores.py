@@ -1,0 +1,184 @@
+"""Attribution scores in the lake: one Zarr group per method, queries x training samples, written block by block.
+
+Every attribution method (Kronfluence's influence strategies, TRAK, gradient cosine or
+dot products, BM25, a dense sentence model) ends in the same place and shape, so the
+ground truth (LDS, counterfactual removal) can evaluate any of them the same way:
+
+```
+<lake>/attribution/<model>/<checkpoint>/<train dataset>/<query dataset>.<query variant>/<method>/   a Zarr v3 group
+    scores          (n_query, n_train) float32 (or float16), chunked (query_rows, train_cols)
+    query           (n_query,) string      query sample ids
+    train           (n_train,) string      training sample keys ('variant:id')
+    block_complete  (n_query_blocks, n_train_blocks) uint8   1 once that chunk of scores is written
+```
+
+The group's attribute ``gradlake`` holds the method, its settings and lineage, the
+compute seconds and ``complete`` (set last).  A score matrix larger than memory is
+fine: it is written and read a chunk-aligned block at a time, and a killed run
+resumes at the first block not flagged complete.  Positive scores mean "this training
+sample helped the model on this query" (lower query loss), the sign convention of
+Kronfluence and TRAK.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import numpy as np
+import zarr
+
+from gradlake.lake import layout
+from gradlake.lake.store import LakeError, LakeStore
+
+QUERY_ROWS = 256
+
+
+def scores_path(model_key: str, checkpoint_key: str, train_dataset: str, query_dataset: str, query_variant: str,
+                method: str) -> str:
+    return (f"attribution/{model_key}/{checkpoint_key}/{train_dataset}/{query_dataset}.{query_variant}/"
+            f"{layout.key(method)}")
+
+
+class ScoreGroup:
+    """A method's score matrix in the lake: create or reopen, write blocks, read back."""
+
+    def __init__(self, store: LakeStore, path: str, group: zarr.Group):
+        self.store, self.path, self.group = store, path, group
+
+    # -- creating and reopening -----------------------------------------------------------
+
+    @classmethod
+    def create(cls, store: LakeStore, path: str, query_ids: list[str], train_ids: list[str], meta: dict,
+               dtype: str = "float32", query_rows: int = QUERY_ROWS, train_cols: int | None = None) -> "ScoreGroup":
+        """The group at `path` for these ids and settings: reopened when it exists with the same ones, else made.
+
+        A group that exists with other ids or settings is an error, never overwritten silently.
+        """
+        existing = cls.open(store, path, missing_ok=True)
+        if existing is not None:
+            stored = existing.meta
+            same_ids = (list(existing.group["query"][:]) == list(query_ids)
+                        and list(existing.group["train"][:]) == list(train_ids))
+            if stored.get("settings") != meta.get("settings") or not same_ids:
+                raise LakeError(f"scores at {path} were computed with other settings or samples "
+                                f"({stored.get('settings')}); remove that group or choose another method name")
+            return existing
+        n_query, n_train = len(query_ids), len(train_ids)
+        if n_query == 0 or n_train == 0:
+            raise LakeError(f"no scores to store: {n_query} queries x {n_train} training samples")
+        itemsize = np.dtype(dtype).itemsize
+        rows = max(1, min(n_query, query_rows))
+        cols = min(layout.column_chunk(rows, n_train, itemsize), train_cols or n_train)
+        root = zarr.open_group(store.zarr_store, path=path, mode="w", zarr_format=3)
+        root.create_array("scores", shape=(n_query, n_train), chunks=(rows, cols), dtype=dtype, fill_value=np.nan,
+                          compressors=None, dimension_names=("query", "train"))
+        for name, ids in (("query", query_ids), ("train", train_ids)):
+            array = root.create_array(name, shape=(len(ids),), dtype=str, chunks=(len(ids),), dimension_names=(name,))
+            array[:] = np.asarray(ids, dtype=str)
+        n_blocks = (-(-n_query // rows), -(-n_train // cols))
+        root.create_array("block_complete", shape=n_blocks, chunks=n_blocks, dtype="uint8", fill_value=0,
+                          dimension_names=("query_block", "train_block"))
+        root.attrs["gradlake"] = {**meta, "complete": False, "block": [rows, cols]}
+        return cls(store, path, root)
+
+    @classmethod
+    def open(cls, store: LakeStore, path: str, missing_ok: bool = False) -> "ScoreGroup | None":
+        try:
+            group = zarr.open_group(store.zarr_store, path=path, mode="r+", zarr_format=3)
+        except FileNotFoundError:
+            if missing_ok:
+                return None
+            raise LakeError(f"no attribution scores at {store.url}/{path}") from None
+        if "gradlake" not in group.attrs or "scores" not in group:
+            if missing_ok:
+                return None
+            raise LakeError(f"{store.url}/{path} is not a score group (no 'gradlake' attrs or 'scores' array)")
+        return cls(store, path, group)
+
+    # -- what it holds --------------------------------------------------------------------
+
+    @property
+    def meta(self) -> dict:
+        return dict(self.group.attrs["gradlake"])
+
+    @property
+    def block(self) -> tuple[int, int]:
+        rows, cols = self.meta["block"]
+        return rows, cols
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.group["scores"].shape)
+
+    def query_ids(self) -> list[str]:
+        return [str(x) for x in self.group["query"][:]]
+
+    def train_ids(self) -> list[str]:
+        return [str(x) for x in self.group["train"][:]]
+
+    def pending_blocks(self) -> list[tuple[int, int]]:
+        """(query block, train block) indexes not yet written, in row-major order."""
+        done = np.asarray(self.group["block_complete"][:])
+        return [tuple(map(int, ix)) for ix in np.argwhere(done == 0)]
+
+    def bounds(self, qb: int, tb: int) -> tuple[slice, slice]:
+        rows, cols = self.block
+        n_query, n_train = self.shape
+        return slice(qb * rows, min(n_query, (qb + 1) * rows)), slice(tb * cols, min(n_train, (tb + 1) * cols))
+
+    # -- writing --------------------------------------------------------------------------
+
+    def write_block(self, qb: int, tb: int, values: np.ndarray) -> None:
+        """Write one block's scores, then flag it complete (the flag is the last write)."""
+        qs, ts = self.bounds(qb, tb)
+        expected = (qs.stop - qs.start, ts.stop - ts.start)
+        if values.shape != expected:
+            raise ValueError(f"block ({qb}, {tb}) of {self.path} has shape {expected}, got {values.shape}")
+        if not np.isfinite(values).all():
+            raise ValueError(f"block ({qb}, {tb}) of {self.path} holds non-finite scores")
+        self.group["scores"][qs, ts] = values.astype(self.group["scores"].dtype)
+        self.group["block_complete"][qb, tb] = 1
+
+    def write_rows(self, q_start: int, values: np.ndarray) -> None:
+        """Write whole rows of scores (all training samples) for queries starting at a block boundary."""
+        rows, _ = self.block
+        if q_start % rows:
+            raise ValueError(f"rows must start at a multiple of {rows}, not {q_start}")
+        n_train = self.shape[1]
+        for tb in range(-(-n_train // self.block[1])):
+            qb = q_start // rows
+            qs, ts = self.bounds(qb, tb)
+            self.write_block(qb, tb, values[: qs.stop - qs.start, ts])
+
+    def finish(self, **extra) -> None:
+        """Mark the group complete (after every block is), with extra facts such as compute seconds."""
+        pending = self.pending_blocks()
+        if pending:
+            raise LakeError(f"{self.path}: {len(pending)} blocks are not written yet, e.g. {pending[0]}")
+        self.group.attrs["gradlake"] = {**self.meta, **json.loads(json.dumps(extra)), "complete": True}
+
+    # -- reading --------------------------------------------------------------------------
+
+    def read(self) -> np.ndarray:
+        """The whole matrix (queries x training samples); one error if any block is missing."""
+        if not self.meta.get("complete"):
+            raise LakeError(f"scores at {self.path} are not complete ({len(self.pending_blocks())} blocks missing)")
+        return np.asarray(self.group["scores"][:], dtype=np.float32)
+
+    def row_blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(first query, scores of a block of query rows x all training samples), for matrices larger than memory."""
+        rows, _ = self.block
+        for q0 in range(0, self.shape[0], rows):
+            yield q0, np.asarray(self.group["scores"][q0:q0 + rows], dtype=np.float32)
+
+
+def list_score_groups(store: LakeStore) -> list[dict]:
+    """Every score group in the lake: its path (relative to the lake) and its attributes."""
+    out = []
+    prefix = store.path("") + "/"
+    for meta_path in store.glob("attribution/*/*/*/*/*/zarr.json"):
+        attrs = json.loads(store.fs.cat_file(meta_path)).get("attributes", {}).get("gradlake")
+        if attrs is not None:
+            out.append({"path": meta_path[len(prefix):].rsplit("/zarr.json", 1)[0], **attrs})
+    return out

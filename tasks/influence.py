@@ -1,0 +1,371 @@
+"""Influence functions with Kronfluence, under gradlake's loss convention, into the lake.
+
+Kronfluence (Grosse et al., 2023; Bae et al., 2024) approximates the inverse Hessian
+(Gauss-Newton) of the training loss per tracked ``nn.Linear`` module with one of four
+strategies: ``identity`` (no preconditioning: plain gradient dot products), ``diagonal``,
+``kfac`` (Kronecker factors of activation and output-gradient covariances) and ``ekfac``
+(K-FAC's eigenbasis with corrected eigenvalues).  The pairwise score of query q and
+training sample i is ``grad f_q . (G + damping I)^-1 . grad L_i``, positive when training
+on i lowers the query's loss.
+
+Here both gradients are of the extraction's loss (``tasks/loss.py``): each sample's mean
+token cross-entropy over its label positions (``sft``: assistant tokens; ``pre``: all), so
+``identity`` scores equal dot products of the per-sample gradients the lake stores.  The
+covariances are fitted with the true Fisher by default (labels sampled from the model at
+the label positions), or with the empirical Fisher (the data's own labels) on request.
+
+Nothing stays in Kronfluence's own output folder: its factors (safetensors, written by
+Kronfluence) are copied into the lake with their lineage, and its scores are computed a
+block of (queries x training samples) at a time and written into a `lake.scores`
+group, so a matrix larger than memory is fine and a killed run resumes at its first
+missing block; factors found in the lake are not fitted again.
+
+```
+<lake>/influence/<model>/<checkpoint>/<dataset>/<paradigm>-<strategy>-<key>/factors/*.safetensors   and factors.json (written last)
+<lake>/attribution/<model>/<checkpoint>/<dataset>/<query dataset>.<query variant>/<method>/              the scores (lake/scores.py)
+```
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from gradlake.lake.datasets import dataset_meta, read_dataset
+from gradlake.lake.scores import ScoreGroup, scores_path
+from gradlake.lake.store import LakeStore
+from gradlake.tasks.loss import IGNORE_INDEX, Encoded, Paradigm, encode_sample, pad_batch, sample_losses
+from gradlake.tasks.model import DTYPES, ModelError, ModelSpec, check_model, lake_names, resolved_commit
+
+STRATEGIES: tuple[str, ...] = ("identity", "diagonal", "kfac", "ekfac")
+SCORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class InfluenceError(ValueError):
+    """Influence settings that cannot run, named with what would be accepted."""
+
+
+class InfluenceSpec(BaseModel):
+    """Influence of every training sample on every query, by one Kronfluence strategy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelSpec = Field(title="Model", description="The (trained) model whose influences are computed, at its checkpoint.")
+    lake: str = Field(title="Lake", description="Lake URL: the data is read from it and the factors and scores written to it.")
+    dataset: str = Field(title="Training dataset", description="Dataset in the lake the model was trained on.")
+    train_variants: list[str] = Field(default=["original"], min_length=1, description="Its variants that make the training set (samples 'variant:id').")
+    train_ids: list[str] | None = Field(default=None, description="Only these dataset ids are training samples (e.g. the run's `keep`); empty: all.")
+    query_dataset: str | None = Field(default=None, description="Dataset of the queries; empty: the training dataset.")
+    queries: str = Field(default="paraphrased", description="Variant whose samples are the queries.")
+    max_queries: int | None = Field(default=None, ge=1, description="Only the first this many queries; empty: all.")
+    paradigm: Paradigm = Field(default="sft", description="Loss tokens: 'sft' assistant turns, 'pre' every token (as in training and extraction).")
+    strategy: Literal["identity", "diagonal", "kfac", "ekfac"] = Field(default="ekfac", description="Kronfluence's Hessian approximation.")
+    layers: list[str] = Field(default=[], description="Glob patterns over parameter names ('model.layers.*.mlp.*.weight'); tracked are the nn.Linear modules whose weight matches. Empty: every nn.Linear.")
+    damping: float | None = Field(default=None, ge=0, description="Damping added to the approximate Hessian; empty: Kronfluence's heuristic (0.1 x mean eigenvalue).")
+    empirical_fisher: bool = Field(default=False, description="Fit the covariances with the data's labels (empirical Fisher) instead of labels sampled from the model (true Fisher).")
+    max_length: int = Field(default=512, ge=8, description="Tokens per sample at most (as in extraction).")
+    train_batch_size: int = Field(default=8, ge=1, description="Training samples per pass (factor fitting and scoring).")
+    query_batch_size: int = Field(default=8, ge=1, description="Queries per pass.")
+    train_block: int = Field(default=4096, ge=1, description="Training samples per score block: the unit written to the lake and resumed.")
+    score_dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="Dtype of the score computation (half precision as Kronfluence offers it); stored as float32.")
+    query_low_rank: int | None = Field(default=None, ge=1, description="Kronfluence's low-rank query gradients (rank); empty: exact.")
+    seed: int = Field(default=0, description="Seeds the labels sampled for the true Fisher.")
+    method: str | None = Field(default=None, description="Name of the scores in the lake; empty: 'influence-<strategy>'.")
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _strategy(cls, value):
+        if value not in STRATEGIES:
+            raise ValueError(f"strategy {value!r} is not one Kronfluence knows; use one of {list(STRATEGIES)}")
+        return value
+
+    @property
+    def method_name(self) -> str:
+        return self.method or f"influence-{self.strategy}"
+
+
+# ---------------------------------------------------------------- the task: gradlake's loss for Kronfluence
+
+def _task_class():
+    from kronfluence.task import Task
+
+    class LossTask(Task):
+        """Train loss and measurement: the sum over the batch of each sample's mean token loss."""
+
+        def __init__(self, tracked: list[str], seed: int):
+            super().__init__()
+            self.tracked = tracked
+            self.generator = torch.Generator().manual_seed(seed)
+
+        def compute_train_loss(self, batch, model, sample: bool = False) -> torch.Tensor:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"]
+            if sample:  # the true Fisher: targets drawn from the model's own predictions
+                with torch.no_grad():
+                    probs = torch.softmax(logits.detach().float(), dim=-1)
+                    drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]).cpu(), 1,
+                                              generator=self.generator).reshape(labels.shape).to(labels.device)
+                    # position t predicts label t + 1: shift the draws so that they sit where their labels do
+                    shifted = torch.full_like(labels, IGNORE_INDEX)
+                    shifted[:, 1:] = drawn[:, :-1]
+                    labels = torch.where(labels != IGNORE_INDEX, shifted, labels)
+            return sample_losses(logits, labels).sum()
+
+        def compute_measurement(self, batch, model) -> torch.Tensor:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return sample_losses(logits, batch["labels"]).sum()
+
+        def get_influence_tracked_modules(self):
+            return self.tracked
+
+        def get_attention_mask(self, batch):
+            return batch["attention_mask"]
+
+    return LossTask
+
+
+class EncodedSet(torch.utils.data.Dataset):
+    """Encoded samples for Kronfluence's DataLoader."""
+
+    def __init__(self, encoded: list[Encoded]):
+        self.encoded = encoded
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def __getitem__(self, index: int) -> Encoded:
+        return self.encoded[index]
+
+
+def collate(pad_id: int) -> Callable[[list[Encoded]], dict]:
+    def batch(items: list[Encoded]) -> dict:
+        ids, labels = pad_batch(items, pad_id)
+        mask = torch.zeros_like(ids)
+        for row, item in enumerate(items):
+            mask[row, : len(item.input_ids)] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    return batch
+
+
+def tracked_modules(model: torch.nn.Module, patterns: list[str]) -> list[str]:
+    """Names of the nn.Linear modules whose '<name>.weight' matches any pattern; every pattern must match one."""
+    linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    if not patterns:
+        return linear
+    weights = [f"{name}.weight" for name in linear]
+    chosen = set()
+    for pattern in patterns:
+        hits = fnmatch.filter(weights, pattern)
+        if not hits:
+            raise InfluenceError(f"layer pattern {pattern!r} matches no nn.Linear weight Kronfluence can track; "
+                                 f"names look like {weights[0]!r} (e.g. 'model.layers.*.mlp.down_proj.weight')")
+        chosen.update(h[: -len(".weight")] for h in hits)
+    return [name for name in linear if name in chosen]
+
+
+# ---------------------------------------------------------------- data
+
+def _frame(store: LakeStore, dataset: str, variant: str):
+    meta = dataset_meta(store, dataset, variant)
+    return meta, read_dataset(store, dataset, variant, meta["version"])
+
+
+def load_sets(spec: InfluenceSpec) -> tuple[list[str], list[list[dict]], list[str], list[list[dict]], dict]:
+    """(train keys, train chats, query ids, query chats, dataset versions), or one clear error."""
+    store = LakeStore(spec.lake)
+    keys, chats, versions = [], [], {}
+    known: set[str] = set()
+    wanted = set(spec.train_ids) if spec.train_ids is not None else None
+    for variant in spec.train_variants:
+        meta, frame = _frame(store, spec.dataset, variant)
+        versions[f"{spec.dataset}/{variant}"] = meta["version"]
+        known.update(frame["id"])
+        for sample_id, messages in zip(frame["id"], frame["messages"]):
+            if wanted is None or sample_id in wanted:
+                keys.append(f"{variant}:{sample_id}")
+                chats.append(messages)
+    if wanted is not None and wanted - known:
+        raise InfluenceError(f"train_ids {sorted(wanted - known)[:5]} are not in dataset {spec.dataset!r}")
+    query_dataset = spec.query_dataset or spec.dataset
+    meta, frame = _frame(store, query_dataset, spec.queries)
+    versions[f"{query_dataset}/{spec.queries}"] = meta["version"]
+    if spec.max_queries:
+        frame = frame.head(spec.max_queries)
+    return keys, chats, [str(i) for i in frame["id"]], list(frame["messages"]), versions
+
+
+# ---------------------------------------------------------------- running
+
+def settings_key(spec: InfluenceSpec, versions: dict, commit: str) -> str:
+    """A hash of what determines the factors: model and commit, training data, loss, strategy, modules, Fisher."""
+    what = {"model": list(lake_names(spec.model)), "commit": commit, "dtype": spec.model.dtype, "versions": versions,
+            "train_variants": spec.train_variants, "train_ids": spec.train_ids, "paradigm": spec.paradigm,
+            "strategy": spec.strategy, "layers": spec.layers, "empirical_fisher": spec.empirical_fisher,
+            "max_length": spec.max_length, "seed": spec.seed}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _factor_args(spec: InfluenceSpec):
+    from kronfluence.arguments import FactorArguments
+
+    return FactorArguments(strategy=spec.strategy, use_empirical_fisher=spec.empirical_fisher)
+
+
+def _score_args(spec: InfluenceSpec):
+    from kronfluence.arguments import ScoreArguments
+
+    dtype = SCORE_DTYPES[spec.score_dtype]
+    return ScoreArguments(damping_factor=spec.damping, query_gradient_low_rank=spec.query_low_rank,
+                          score_dtype=dtype, per_sample_gradient_dtype=dtype, precondition_dtype=torch.float32)
+
+
+def _copy_factors_to_lake(store: LakeStore, local: Path, lake_dir: str, lineage: dict) -> None:
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    store.fs.makedirs(store.path(lake_dir), exist_ok=True)
+    for path in files:
+        if path.suffix in (".safetensors", ".json"):
+            store.fs.put_file(str(path), store.path(f"{lake_dir}/{path.relative_to(local).as_posix()}"))
+    manifest = {**lineage, "files": [p.relative_to(local).as_posix() for p in files if p.suffix in (".safetensors", ".json")]}
+    store.fs.pipe_file(store.path(f"{lake_dir}/factors.json"), json.dumps(manifest, indent=1).encode())
+
+
+def _factors_from_lake(store: LakeStore, lake_dir: str, local: Path) -> bool:
+    """Put factors the lake holds where Kronfluence looks for them; False when the lake has none (complete)."""
+    try:
+        manifest = json.loads(store.fs.cat_file(store.path(f"{lake_dir}/factors.json")))
+    except FileNotFoundError:
+        return False
+    for name in manifest["files"]:
+        target = local / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        store.fs.get_file(store.path(f"{lake_dir}/{name}"), str(target))
+    return True
+
+
+def load_factors(store: LakeStore, lake_dir: str) -> dict[str, dict[str, torch.Tensor]]:
+    """The factors stored in the lake: {file stem: {module name: tensor}}, read from safetensors."""
+    from safetensors.torch import load as load_bytes
+
+    manifest = json.loads(store.fs.cat_file(store.path(f"{lake_dir}/factors.json")))
+    return {Path(name).stem: load_bytes(store.fs.cat_file(store.path(f"{lake_dir}/{name}")))
+            for name in manifest["files"] if name.endswith(".safetensors")}
+
+
+def plan_influence(spec: InfluenceSpec) -> dict:
+    """Every check before any work: model config, data, tokenizer, tracked modules."""
+    from transformers import AutoModelForCausalLM
+
+    config = check_model(spec.model)
+    keys, _, query_ids, _, versions = load_sets(spec)
+    if not keys or not query_ids:
+        raise InfluenceError(f"{len(keys)} training samples and {len(query_ids)} queries: nothing to score")
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    modules = tracked_modules(skeleton, spec.layers)
+    return {"n_train": len(keys), "n_query": len(query_ids), "modules": modules, "versions": versions}
+
+
+def compute_influence(spec: InfluenceSpec, log: Callable[[str], None] = print, work_dir: str | None = None) -> str:
+    """Fit (or reuse) the factors, score every block not yet in the lake, mark complete; returns the score group path."""
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.utils.dataset import DataLoaderKwargs
+
+    from gradlake.tasks.evaluate import lake_keys
+    from gradlake.tasks.model import load_tokenizer
+
+    plan = plan_influence(spec)
+    store = LakeStore(spec.lake)
+    spec_model = spec.model.resolved()
+    commit = resolved_commit(spec_model)
+    keys, train_chats, query_ids, query_chats, versions = load_sets(spec)
+    key = settings_key(spec, versions, commit)
+    model_key, checkpoint_key = lake_keys(spec_model)
+    factors_dir = f"influence/{model_key}/{checkpoint_key}/{spec.dataset}/{spec.paradigm}-{spec.strategy}-{key}/factors"
+    path = scores_path(model_key, checkpoint_key, spec.dataset, spec.query_dataset or spec.dataset, spec.queries,
+                       spec.method_name)
+    settings = spec.model_dump(mode="json", exclude={"lake", "train_block", "train_batch_size", "query_batch_size"})
+    lineage = {"model": lake_names(spec_model)[0], "checkpoint": lake_names(spec_model)[1], "resolved_commit": commit,
+               "versions": versions, "tracked_modules": plan["modules"], "factors": factors_dir,
+               "tool": "kronfluence", "tool_version": _kronfluence_version()}
+    n_train = len(keys)
+    group = ScoreGroup.create(store, path, query_ids, keys, {"method": spec.method_name, "kind": "influence",
+                                                             "settings": settings, "lineage": lineage},
+                              query_rows=max(1, len(query_ids)), train_cols=spec.train_block)
+    # a block: every query (their gradients are computed once per block) x `train_block` training samples
+    if group.meta.get("complete"):
+        log(f"scores {path} are complete in the lake; nothing to do")
+        return path
+    tokenizer = load_tokenizer(spec_model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encode = lambda chats: [encode_sample(tokenizer, c, spec.paradigm, spec.max_length) for c in chats]  # noqa: E731
+    train_set, query_set = EncodedSet(encode(train_chats)), EncodedSet(encode(query_chats))
+    from transformers import AutoModelForCausalLM
+
+    source, revision = spec_model.source()
+    model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=DTYPES[spec_model.dtype],
+                                                 trust_remote_code=spec_model.trust_remote_code)
+    model = model.to(spec_model.torch_device()).eval()
+    task = _task_class()(plan["modules"], spec.seed)
+    model = prepare_model(model, task)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="gradlake-kronfluence-", dir=work_dir) as tmp:
+        analyzer = Analyzer(analysis_name="gradlake", model=model, task=task, cpu=spec_model.torch_device().type == "cpu",
+                            output_dir=tmp, disable_tqdm=True, log_level=30)
+        analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=collate(pad_id)))
+        local_factors = analyzer.factors_output_dir(factors_name=key)
+        if _factors_from_lake(store, factors_dir, local_factors):
+            log(f"factors ({spec.strategy}) found in the lake at {factors_dir}")
+        else:
+            log(f"fitting {spec.strategy} factors on {n_train} training samples, {len(plan['modules'])} modules")
+            torch.manual_seed(spec.seed)
+            analyzer.fit_all_factors(factors_name=key, dataset=train_set, per_device_batch_size=spec.train_batch_size,
+                                     factor_args=_factor_args(spec))
+            _copy_factors_to_lake(store, local_factors, factors_dir, {**lineage, "strategy": spec.strategy})
+        fit_seconds = time.perf_counter() - started
+        pending = group.pending_blocks()
+        for qb, tb in pending:
+            qs, ts = group.bounds(qb, tb)
+            name = f"block-{qb}-{tb}"
+            analyzer.compute_pairwise_scores(
+                scores_name=name, factors_name=key, query_dataset=query_set, train_dataset=train_set,
+                per_device_query_batch_size=spec.query_batch_size, per_device_train_batch_size=spec.train_batch_size,
+                query_indices=list(range(qs.start, qs.stop)), train_indices=list(range(ts.start, ts.stop)),
+                score_args=_score_args(spec))
+            group.write_block(qb, tb, analyzer.load_pairwise_scores(name)["all_modules"].float().cpu().numpy())
+            shutil.rmtree(analyzer.scores_output_dir(name), ignore_errors=True)
+            log(f"scores block ({qb}, {tb}) written: queries {qs.start}-{qs.stop - 1}, "
+                f"training samples {ts.start}-{ts.stop - 1} of {n_train}")
+    group.finish(compute_seconds=round(time.perf_counter() - started, 3), fit_seconds=round(fit_seconds, 3),
+                 lake_bytes=_bytes_under(store, factors_dir) + _bytes_under(store, path))
+    log(f"influence ({spec.strategy}) of {n_train} training samples on {len(query_ids)} queries: {path}")
+    return path
+
+
+def _bytes_under(store: LakeStore, relative: str) -> int:
+    try:
+        return int(sum(store.fs.du(store.path(relative), total=False).values()))
+    except FileNotFoundError:
+        return 0
+
+
+def _kronfluence_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("kronfluence")
+    except metadata.PackageNotFoundError:
+        raise ModelError("kronfluence is not installed; install it with `pip install --no-deps kronfluence==1.0.1` "
+                         "(its torchvision dependency is never used)") from None
+
