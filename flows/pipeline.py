@@ -148,12 +148,13 @@ def _cancel(client, runs: list[ShardRun], why: str) -> int:
     return cancelled
 
 
-def wait_for_shard_runs(runs: list[ShardRun], pool: str, spec: PipelineSettings, poll: float = 2.0,
-                        log_every: float = 30.0) -> None:
-    """Wait for every shard run together; on no worker, a timeout or a failure cancel the rest and raise.
+def wait_for_shard_runs(runs: list[ShardRun], pool: str, timeout_s: float, worker_wait_s: float, poll: float = 2.0,
+                        log_every: float = 30.0, what: str = "shard", rerun: str = "rerun the pipeline to redo only their shards") -> None:
+    """Wait for every submitted run together; on no worker, a timeout or a failure cancel the rest and raise.
 
     The time waited is bounded by `worker_wait_s` while no worker polls the pool, and by
-    `shard_timeout_s` per run once a worker has taken it: neither grows with the number of runs.
+    `timeout_s` per run once a worker has taken it: neither grows with the number of runs.
+    `what` names a unit of work in messages ('shard', 'training'); `rerun` says how to finish.
     """
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
     from prefect.client.orchestration import get_client
@@ -164,7 +165,7 @@ def wait_for_shard_runs(runs: list[ShardRun], pool: str, spec: PipelineSettings,
     began = time.monotonic()
     last_log = began
     no_worker_since = None
-    artifact = create_progress_artifact(progress=0.0, description=f"shards complete of {total} ({len(runs)} runs on pool {pool})")
+    artifact = create_progress_artifact(progress=0.0, description=f"{what}s complete of {total} ({len(runs)} runs on pool {pool})")
     with get_client(sync_client=True) as client:
         try:
             while True:
@@ -186,18 +187,18 @@ def wait_for_shard_runs(runs: list[ShardRun], pool: str, spec: PipelineSettings,
                 if not open_runs:
                     break
                 for run in open_runs:
-                    if run.started is not None and now - run.started > spec.shard_timeout_s:
-                        run.problem = (f"not finished {spec.shard_timeout_s:g}s (shard_timeout_s) after a worker "
+                    if run.started is not None and now - run.started > timeout_s:
+                        run.problem = (f"not finished {timeout_s:g}s (the run timeout) after a worker "
                                        f"took it ({run.state.name if run.state else 'unknown'})")
                 if any(r.problem for r in runs):
                     break
                 waiting = [r for r in open_runs if r.started is None]
                 if waiting and not polling_workers(client, pool):
                     no_worker_since = no_worker_since or now
-                    if now - no_worker_since > spec.worker_wait_s:
-                        why = (f"no worker is polling the {pool!r} work pool: {len(waiting)} shard runs waited "
-                               f"{now - no_worker_since:.0f}s (worker_wait_s={spec.worker_wait_s:g}); start one with "
-                               f"`prefect worker start --pool {pool}`, then rerun the pipeline")
+                    if now - no_worker_since > worker_wait_s:
+                        why = (f"no worker is polling the {pool!r} work pool: {len(waiting)} {what} runs waited "
+                               f"{now - no_worker_since:.0f}s (worker_wait_s={worker_wait_s:g}); start one with "
+                               f"`prefect worker start --pool {pool}`, then {rerun.split(' to ')[0]}")
                         for run in waiting:
                             run.problem = "never started: no worker"
                         raise ShardRunsFailed(why)
@@ -208,20 +209,19 @@ def wait_for_shard_runs(runs: list[ShardRun], pool: str, spec: PipelineSettings,
                     running = sum(1 for r in open_runs if r.started is not None)
                     rate = done / (now - began)
                     eta = f", about {(total - done) / rate / 60:.1f} min left" if rate > 0 else ""
-                    log.info("shards %d/%d complete, %d runs running, %d waiting%s%s", done, total, running,
+                    log.info("%ss %d/%d complete, %d runs running, %d waiting%s%s", what, done, total, running,
                              len(open_runs) - running, " (no worker polls pool %r)" % pool if no_worker_since else "", eta)
                 time.sleep(poll)
             failed = [r for r in runs if r.problem or not (r.state is not None and r.state.is_completed())]
             if failed:
                 described = "; ".join(f"{r.label}: {r.problem or r.state.name}" for r in failed)
-                raise ShardRunsFailed(f"{len(failed)} of {len(runs)} shard runs did not complete ({described}); "
-                                      "rerun the pipeline to redo only their shards")
+                raise ShardRunsFailed(f"{len(failed)} of {len(runs)} {what} runs did not complete ({described}); {rerun}")
         except BaseException as err:
-            n = _cancel(client, runs, f"the pipeline gave up: {err}"[:400])
+            n = _cancel(client, runs, f"the flow gave up: {err}"[:400])
             if n:
-                log.warning("cancelled %d shard runs that had not finished", n)
+                log.warning("cancelled %d %s runs that had not finished", n, what)
             raise
-    log.info("all %d shards complete in %.0fs", total, time.monotonic() - began)
+    log.info("all %d %ss complete in %.0fs", total, what, time.monotonic() - began)
 
 
 def wait_for_run(run_id, timeout: float, poll: float = 2.0):
@@ -260,7 +260,7 @@ def pipeline(spec: PipelineSpec) -> list[str]:
         runs = _submit(spec, work)
         log.info("%d shard runs (%d shards of %d variants) submitted to %s on pool %r", len(runs),
                  sum(len(p) for _, _, p in work), len(work), spec.shard_deployment, pool)
-        wait_for_shard_runs(runs, pool, spec)
+        wait_for_shard_runs(runs, pool, spec.shard_timeout_s, spec.worker_wait_s)
     else:
         for extraction, path, pending in work:
             for shard in pending:

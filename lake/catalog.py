@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -14,8 +15,9 @@ import zarr
 
 from gradlake.lake import layout
 from gradlake.lake.datasets import list_datasets, read_dataset
-from gradlake.lake.evaluations import list_evaluations, read_evaluation
+from gradlake.lake.evaluations import list_attribution_benchmarks, list_evaluations, read_evaluation
 from gradlake.lake.gradients import ATTR
+from gradlake.lake.scores import list_score_groups
 from gradlake.lake.store import LakeError, LakeStore
 
 _KEYS = ("model", "checkpoint", "dataset", "variant", "paradigm", "mode")
@@ -145,6 +147,20 @@ class Lake:
                 "paradigm": lineage.get("paradigm"), "complete": True,
                 **{f"lineage.{k}": v for k, v in lineage.items() if k not in _KEYS},
             })
+        for path, meta in list_attribution_benchmarks(self.store):
+            _, model_key, checkpoint_key, dataset_name, _, queries = path.split("/")
+            rows.append({
+                "kind": "attribution", "path": path, "model": model_key, "checkpoint": checkpoint_key,
+                "dataset": dataset_name, "variant": queries, "n_samples": meta.get("n_train"), "complete": True,
+                **{f"lineage.{k}": v for k, v in meta.items() if k not in ("model", "queries")},
+            })
+        for group in list_score_groups(self.store):
+            _, model_key, checkpoint_key, dataset_name, query_set, _ = group["path"].split("/")
+            rows.append({
+                "kind": "scores", "path": group["path"], "model": model_key, "checkpoint": checkpoint_key,
+                "dataset": dataset_name, "variant": query_set.split(".", 1)[-1], "complete": bool(group.get("complete")),
+                "lineage.method": group.get("method"), "lineage.compute_seconds": group.get("compute_seconds"),
+            })
         for meta in list_datasets(self.store):
             rows.append({
                 "kind": "dataset", "path": layout.dataset_version_dir(meta["dataset"], meta["variant"], meta["version"]),
@@ -210,18 +226,64 @@ class Lake:
             records.append({"path": path, "model": model_key, "checkpoint": checkpoint_key, "dataset": dataset_name,
                             "paradigm": paradigm_name})
         where = {"model": model, "checkpoint": checkpoint, "dataset": dataset, "paradigm": paradigm}
+        path = self._one(records, where, "evaluation")
+        with self.store.explained_errors():
+            return read_evaluation(self.store, path, table)
+
+    def _one(self, records: list[dict], where: dict, what: str) -> str:
+        """The path of the one record matching `where`; else an error listing what the lake holds or what separates the hits."""
         hits = [r for r in records if _matches(r, resolve(where))]
         if len(hits) == 1:
-            with self.store.explained_errors():
-                return read_evaluation(self.store, hits[0]["path"], table)
+            return hits[0]["path"]
         asked = {k: v for k, v in where.items() if v is not None}
         if not hits:
             if not records:
                 self.store.check_exists()
-            raise LakeError(f"no evaluation in {self.url} matches {asked}; the lake holds "
+            raise LakeError(f"no {what} in {self.url} matches {asked}; the lake holds "
                             f"{[r['path'] for r in records] or 'none'}")
-        raise LakeError(f"{len(hits)} evaluations match {asked} in {self.url}; tell them apart with "
+        raise LakeError(f"{len(hits)} {what}s match {asked} in {self.url}; tell them apart with "
                         f"{_tell_apart(hits, where)}")
+
+    def attribution(self, model: str | None = None, checkpoint: str | None = None, dataset: str | None = None,
+                    queries: str | None = None, table: str = "benchmark") -> pd.DataFrame:
+        """An attribution benchmark's table (``benchmark``: one row per method; ``lds_per_query``) as a DataFrame."""
+        if table not in ("benchmark", "lds_per_query"):
+            raise LakeError(f"attribution table {table!r} is not known; use 'benchmark' or 'lds_per_query'")
+        with self.store.explained_errors():
+            found = list_attribution_benchmarks(self.store)
+        records = []
+        for path, _ in found:
+            _, model_key, checkpoint_key, dataset_name, _, query_name = path.split("/")
+            records.append({"path": path, "model": model_key, "checkpoint": checkpoint_key, "dataset": dataset_name,
+                            "variant": query_name})
+        where = {"model": model, "checkpoint": checkpoint, "dataset": dataset, "variant": queries}
+        path = self._one(records, where, "attribution benchmark")
+        with self.store.explained_errors():
+            return pd.read_parquet(io.BytesIO(self.store.fs.cat_file(self.store.path(f"{path}/{table}.parquet"))))
+
+    def scores(self, method: str, model: str | None = None, checkpoint: str | None = None, dataset: str | None = None,
+               queries: str | None = None) -> xr.DataArray:
+        """One method's scores (queries x training samples) with the ids as coordinates."""
+        from gradlake.lake.scores import ScoreGroup
+
+        with self.store.explained_errors():
+            groups = list_score_groups(self.store)
+        records = []
+        for group in groups:
+            _, model_key, checkpoint_key, dataset_name, query_set, _ = group["path"].split("/")
+            records.append({"path": group["path"], "model": model_key, "checkpoint": checkpoint_key,
+                            "dataset": dataset_name, "variant": query_set.split(".", 1)[-1], "method": group.get("method")})
+        where = {"model": model, "checkpoint": checkpoint, "dataset": dataset, "variant": queries}
+        hits = [r for r in records if r["method"] == method and _matches(r, resolve(where))]
+        if len(hits) != 1:
+            asked = {k: v for k, v in {**where, "method": method}.items() if v is not None}
+            raise LakeError(f"{len(hits) or 'no'} score groups in {self.url} match {asked}; the lake holds "
+                            f"{sorted({(r['method'], r['checkpoint'], r['variant']) for r in records}) or 'none'} "
+                            "as (method, checkpoint, queries)")
+        with self.store.explained_errors():
+            group = ScoreGroup.open(self.store, hits[0]["path"])
+            return xr.DataArray(group.read(), dims=("query", "train"), name=method,
+                                coords={"query": group.query_ids(), "train": group.train_ids()}, attrs=group.meta)
 
     def dataset(self, name: str, variant: str = "original", model: str | None = None,
                 checkpoint: str | None = None, version: str | None = None) -> pd.DataFrame:

@@ -65,3 +65,12 @@ def list_evaluations(store: LakeStore) -> list[tuple[str, dict]]:
         relative = path[len(store.root) + 1: -len("/meta.json")]
         out.append((relative, json.loads(store.fs.cat_file(path))))
     return out
+
+
+def list_attribution_benchmarks(store: LakeStore) -> list[tuple[str, dict]]:
+    """(directory, meta) of every complete attribution benchmark (evaluations/<m>/<c>/<d>/attribution/<queries>/)."""
+    out = []
+    for path in store.glob("evaluations/*/*/*/attribution/*/meta.json"):
+        relative = path[len(store.root) + 1: -len("/meta.json")]
+        out.append((relative, json.loads(store.fs.cat_file(path))))
+    return out

@@ -407,3 +407,122 @@ def html_report(title: str, lineage: dict, results: pd.DataFrame, greedy: pd.Dat
             + (f"<ul>{notes}</ul>" if notes else "")
             + f"<h2>Metrics</h2><dl>{metrics}</dl>"
             + (f"<h2>Plots</h2>{images}" if images else "") + "</body></html>")
+
+
+# -- the attribution benchmark ---------------------------------------------------------------
+
+ATTRIBUTION_METRICS = (
+    ("method", "where the scores come from: influence-<strategy> (Kronfluence), trak:<projection>, grad-dot / "
+               "grad-cosine (the full stored gradient), grad-cosine:<tensor> (the tensor that finds paraphrases best), "
+               "proj-cosine:<projection>, bm25 and dense (text of the user turns); random is a reference of "
+               "normally distributed scores."),
+    ("lds", "linear datamodeling score: for each query, the Spearman correlation over the retrained subsets between "
+            "the summed scores of each subset's samples and minus the query's loss under the model retrained on that "
+            "subset; averaged over queries. 0 is chance, 1 a perfect ranking of subsets."),
+    ("lds_ci_low / lds_ci_high", "95% interval of the mean over queries (mean +- 1.96 standard errors)."),
+    ("top1_<queries>", "the share of queries whose highest-scored training sample is the one they were made from."),
+    ("cf_loss_change", "counterfactual removal: mean increase of a query's loss after retraining without the method's "
+                       "k highest-scored training samples for it (compare with cf_random_change: k random ones)."),
+    ("compute_seconds / lake_bytes", "time to compute the scores (and factors) and what they occupy in the lake."),
+)
+
+
+def attribution_figures(table: pd.DataFrame) -> dict[str, bytes]:
+    """LDS with its interval per method; LDS against retrieval top-1; counterfactual loss change when measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = {}
+    ordered = table.sort_values("lds", na_position="first")
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(ordered) + 1.2))
+    low = (ordered["lds"] - ordered["lds_ci_low"]).fillna(0).clip(lower=0)
+    high = (ordered["lds_ci_high"] - ordered["lds"]).fillna(0).clip(lower=0)
+    colors = ["0.6" if m == "random" else "C0" for m in ordered["method"]]
+    ax.barh(ordered["method"], ordered["lds"], xerr=[low, high], color=colors, capsize=3)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("LDS (Spearman, mean over queries, 95% interval)")
+    ax.set_title("Linear datamodeling score per method")
+    figures["lds.png"] = _png(fig)
+    top1 = next((c for c in table.columns if c.startswith("top1_")), None)
+    if top1 is not None:
+        rows = table.dropna(subset=[top1, "lds"])
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        ax.scatter(rows[top1], rows["lds"])
+        for _, row in rows.iterrows():
+            ax.annotate(str(row["method"]), (row[top1], row["lds"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(f"{top1}: the query's own training sample ranked first")
+        ax.set_ylabel("LDS")
+        ax.set_title("Retrieval against ground truth")
+        figures["lds_vs_top1.png"] = _png(fig)
+    if "cf_loss_change" in table.columns and table["cf_loss_change"].notna().any():
+        rows = table.dropna(subset=["cf_loss_change"])
+        fig, ax = plt.subplots(figsize=(6, 0.4 * len(rows) + 1.2))
+        ax.barh(rows["method"], rows["cf_loss_change"], color="C1")
+        ax.axvline(float(rows["cf_random_change"].iloc[0]), color="0.4", linestyle="--", label="k random samples removed")
+        ax.set_xlabel("query loss increase after retraining without the top-k")
+        ax.legend(fontsize=7)
+        ax.set_title("Counterfactual removal")
+        figures["counterfactual.png"] = _png(fig)
+    return figures
+
+
+def attribution_html(title: str, meta: dict, table: pd.DataFrame, figures: dict[str, bytes]) -> str:
+    images = "".join(f'<figure><img src="data:image/png;base64,{base64.b64encode(png).decode()}" alt="{html.escape(name)}">'
+                     f"<figcaption>{html.escape(name)}</figcaption></figure>" for name, png in figures.items())
+    metrics = "".join(f"<dt>{html.escape(name)}</dt><dd>{html.escape(text)}</dd>" for name, text in ATTRIBUTION_METRICS)
+    shown = table.sort_values("lds", ascending=False, na_position="last")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}dt{font-weight:bold}dd{margin:0 0 6px 20px}"
+            "</style></head><body>"
+            f"<h1>{html.escape(title)}</h1><h2>Setting</h2>{_lineage_html(_lineage_items(meta))}"
+            f"<h2>Methods, best LDS first</h2>{_html_table(shown)}"
+            f"<h2>Metrics</h2><dl>{metrics}</dl>" + (f"<h2>Plots</h2>{images}" if images else "") + "</body></html>")
+
+
+def attribution_report(store, directory: str) -> list[str]:
+    """Plots and the HTML report of a written benchmark, next to its tables; returns the files written."""
+    import json
+
+    table = pd.read_parquet(io.BytesIO(store.fs.cat_file(store.path(f"{directory}/benchmark.parquet"))))
+    meta = json.loads(store.fs.cat_file(store.path(f"{directory}/meta.json")))
+    figures = attribution_figures(table)
+    title = f"Attribution benchmark: {meta['model']['model']} @ {meta['model'].get('checkpoint')}, queries {meta['queries']}"
+    written = []
+    store.fs.makedirs(store.path(f"{directory}/plots"), exist_ok=True)
+    for name, png in figures.items():
+        store.fs.pipe_file(store.path(f"{directory}/plots/{name}"), png)
+        written.append(f"plots/{name}")
+    store.fs.pipe_file(store.path(f"{directory}/report.html"), attribution_html(title, meta, table, figures).encode())
+    return written + ["report.html"]
+
+
+def training_curve_png(curve: pd.DataFrame) -> bytes:
+    """Paraphrase top-1 (left) and LDS with the method names (right) against the training step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for column in [c for c in curve.columns if c.startswith("top1 ")]:
+        left.plot(curve["step"], curve[column], marker="o", label=column[len("top1 "):])
+    left.set_xlabel("training step")
+    left.set_ylabel("paraphrase top-1")
+    left.set_ylim(-0.02, 1.02)
+    left.set_title("Retrieval: the paraphrase finds its original")
+    left.legend(fontsize=7)
+    trained = curve[curve["step"] > 0]
+    lds_columns = [c for c in curve.columns if c.startswith("lds ")]
+    for column in sorted(lds_columns, key=lambda c: -float(trained[c].mean()) if trained[c].notna().any() else 0.0):
+        style = dict(color="0.5", linestyle="--") if column == "lds random" else {}
+        right.plot(trained["step"], trained[column], marker="o", label=column[len("lds "):], **style)
+    right.axhline(0, color="black", linewidth=0.8)
+    right.set_xlabel("training step")
+    right.set_ylabel("LDS (Spearman)")
+    right.set_title("Ground truth: linear datamodeling score")
+    right.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return _png(fig)

@@ -87,6 +87,7 @@ class TrainSpec(BaseModel):
     seed: int = Field(default=0, description="Seeds the data order and torch's RNG.")
     max_length: int = Field(default=512, ge=8, description="Tokens per sample at most (longer chats are cut, as in extraction).")
     checkpoint_every: int = Field(default=0, ge=0, description="Save a checkpoint every this many steps; 0: only the final one.")
+    save_steps: list[int] = Field(default=[], description="Further steps to save a checkpoint at (those beyond the run's end are ignored).")
     save_initial: bool = Field(default=False, description="Also save the base model as checkpoint-000000 (step 0).")
     keep: list[str] | None = Field(default=None, description="Train only on these sample ids (ids as in the dataset; all variants of each).")
     drop: list[str] | None = Field(default=None, description="Train on every sample except these ids.")
@@ -229,7 +230,7 @@ def check_output_writable(spec: TrainSpec) -> None:
 
 def run_fingerprint(spec: TrainSpec, base_commit: str, versions: dict[str, str]) -> str:
     """Everything that determines the weights, hashed: checkpoints of one run share it."""
-    what = spec.model_dump(mode="json", exclude={"output", "checkpoint_every", "save_initial", "storage_options", "lake",
+    what = spec.model_dump(mode="json", exclude={"output", "checkpoint_every", "save_steps", "save_initial", "storage_options", "lake",
                                                   "quality"})
     what["model"] = {"source": list(lake_names(spec.model)), "commit": base_commit, "dtype": spec.model.dtype}
     what["versions"] = versions
@@ -262,7 +263,8 @@ def plan_run(spec: TrainSpec) -> Plan:
     per_epoch = math.ceil(len(data.keys) / spec.batch_size)
     total = spec.steps or spec.epochs * per_epoch
     every = spec.checkpoint_every or total
-    saves = sorted({*range(every, total, every), total} | ({0} if spec.save_initial else set()))
+    saves = sorted({*range(every, total, every), total, *(s for s in spec.save_steps if 0 < s <= total)}
+                   | ({0} if spec.save_initial else set()))
     base_commit = resolved_commit(spec.model.resolved())
     fingerprint = run_fingerprint(spec, base_commit, data.versions)
     existing = existing_checkpoints(spec)

@@ -109,12 +109,14 @@ def test_prefect_yaml_deploys_every_stage(platform):
     names = {d["name"] for d in config["deployments"]}
     assert {"gradlake-pipeline", "extract-shards", "extract-gradients", "create-dataset", "project-gradients",
             "evaluate-select-vs-project", "watch-checkpoints", "train-model",
-            "compute-influence"} <= names
+            "compute-influence", "evaluate-attribution"} <= names
     listed = _prefect("deployment", "ls", env=platform["env"])
     for name in names:
         assert name in listed
     pools = {d["name"]: d["work_pool"]["name"] for d in config["deployments"]}
-    assert pools["extract-shards"] == pools["train-model"] == "gpu" and pools["gradlake-pipeline"] == "cpu"
+    assert pools["extract-shards"] == pools["train-model"] == pools["compute-influence"] == "gpu"
+    # Flows that wait on gpu runs never hold a gpu slot while they wait.
+    assert pools["gradlake-pipeline"] == pools["evaluate-attribution"] == "cpu"
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
