@@ -31,6 +31,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/extraction.py
 	$(BIN)/python benchmarks/projection.py
 	$(BIN)/python benchmarks/similarity.py
+	$(BIN)/python benchmarks/influence.py
 
 clean:
 	rm -rf $(VENV) demo-lake build

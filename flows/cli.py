@@ -219,28 +219,78 @@ def catalog(lake: Optional[str] = typer.Option(None, help="Lake URL.")) -> None:
 
 
 @app.command()
-def demo(lake: Optional[str] = typer.Option(None, help="Lake URL (default: $GRADLAKE_LAKE or ./demo-lake).")) -> None:
-    """Run the whole pipeline offline on tiny models and the bundled probe set."""
-    from gradlake.flows.demo import demo_pipeline
-    from gradlake.lake import open_lake
-    from gradlake.lake.store import normalize_url
+def demo(
+    lake: Optional[str] = typer.Option(None, help="Lake URL (default: $GRADLAKE_LAKE or ./demo-lake)."),
+    train_samples: int = typer.Option(32, help="Probe originals the tiny OLMo-2 is trained on."),
+    epochs: int = typer.Option(60, help="Passes over them."),
+    checkpoints: int = typer.Option(2, help="Checkpoints evaluated besides step 0."),
+    subsets: int = typer.Option(10, help="LDS retrainings (random halves of the training set); studies use 50-100."),
+    queries: int = typer.Option(16, help="Paraphrased queries in the LDS."),
+) -> None:
+    """Offline: train a tiny OLMo-2 on the probe set, then compare every attribution method on it, checkpoint by checkpoint."""
+    import pandas as pd
 
+    from gradlake.flows.demo import DemoSettings, demo_pipeline
+    from gradlake.lake import open_lake
+    from gradlake.lake.store import LakeStore, normalize_url
+    from gradlake.tasks.attribution import read_benchmark
+
+    try:
+        settings = DemoSettings(train_samples=train_samples, epochs=epochs, checkpoints=checkpoints, n_subsets=subsets,
+                                queries=queries)
+    except ValidationError as err:
+        _fail(err)
     url = normalize_url(_lake(lake))
-    demo_pipeline(url)
+    result = demo_pipeline(url, settings=settings)
+    store = LakeStore(url)
     frame = open_lake(url).catalog()
     grads = frame[frame["kind"] == "gradients"]
     typer.echo("")
     typer.echo(f"lake: {url}")
     typer.echo(f"  {len(frame[frame['kind'] == 'dataset'])} dataset variants, {len(grads)} gradient groups "
-               f"({int(grads['complete'].sum())} complete), {int(grads['numel'].max())} gradient values per sample at most")
-    for row in grads.itertuples():
-        typer.echo(f"  {row.path}  [{int(row.n_samples)} samples x {int(row.n_parameters)} tensors, "
-                   f"{'complete' if row.complete else 'incomplete'}]")
-    evaluations = frame[frame["kind"] == "evaluation"]
-    for row in evaluations.itertuples():
-        _print_headline(url, row.path)
+               f"({int(grads['complete'].sum())} complete)")
+    run = result["run"]
+    typer.echo("")
+    typer.echo(f"training: tiny OLMo-2 on {len(run['keep'])} probe originals, {run['epochs']} epochs -> {run['output']}")
+    quality = pd.DataFrame(result["quality"])
+    quality = quality[quality["variant"] == "original"].sort_values("checkpoint")
+    losses = _training_losses(run["output"])
+    with pd.option_context("display.width", 200, "display.float_format", "{:.3f}".format):
+        shown = quality[["checkpoint", "rouge_l", "bleu_corpus"]].assign(
+            train_loss=[losses.get(c, float("nan")) for c in quality["checkpoint"]])
+        typer.echo(shown.to_string(index=False))
+    _print_headline(url, result["selection"])
+    benchmarks = result["benchmarks"]
+    final = benchmarks[max(benchmarks)]
+    table = read_benchmark(store, final)
+    typer.echo("")
+    typer.echo(f"attribution benchmark of the final checkpoint ({final}; report: {url}/{final}/report.html)")
+    columns = [c for c in ("method", "lds", "lds_ci_low", "lds_ci_high", "top1_paraphrased", "top1_model_generated",
+                           "compute_seconds") if c in table]
+    with pd.option_context("display.width", 200, "display.max_columns", 12, "display.float_format", "{:.3f}".format):
+        typer.echo(table.sort_values("lds", ascending=False)[columns].to_string(index=False, na_rep=""))
+    curve = pd.read_parquet(store.fs.open(store.path(f"{result['curve']}/curve.parquet"), "rb"))
+    typer.echo("")
+    typer.echo(f"across training ({url}/{result['curve']}/curve.png):")
+    with pd.option_context("display.width", 250, "display.max_columns", 20, "display.float_format", "{:.3f}".format):
+        keep = ["step"] + [c for c in curve if c.startswith("top1 ")] + [
+            c for c in ("lds influence-ekfac", "lds grad-dot", "lds bm25", "lds random") if c in curve]
+        typer.echo(curve[keep].to_string(index=False, na_rep=""))
     typer.echo("read it with: python -c \"from gradlake.lake import open_lake; print(open_lake('%s').catalog())\"" % url)
     typer.echo("or open notebooks/explore_lake.ipynb")
+
+
+def _training_losses(output: str) -> dict[str, float]:
+    """Per checkpoint of a local training run: the mean loss of its last ten steps (from its lineage record)."""
+    import json
+    from pathlib import Path
+
+    out = {}
+    for record in Path(output).glob("checkpoint-*/gradlake_train.json"):
+        losses = json.loads(record.read_text()).get("recent_losses") or []
+        if losses:
+            out[record.parent.name] = sum(losses[-10:]) / len(losses[-10:])
+    return out
 
 
 def _print_headline(url: str, path: str) -> None:
@@ -331,6 +381,80 @@ def watch(
     except LookupError as err:
         _fail(err)
     typer.echo(text)
+
+
+def _spec_from(text: str, spec_class, what: str):
+    """A validated spec from JSON text or @file.json (the same document as the deployment's `spec` parameter)."""
+    import json
+    from pathlib import Path
+
+    try:
+        if text.startswith("@"):
+            path = Path(text[1:])
+            if not path.is_file():
+                raise ValueError(f"--spec {text!r}: no file {path}; give JSON text or @path/to/spec.json")
+            text = path.read_text()
+        document = json.loads(text)
+        if not isinstance(document, dict):
+            raise ValueError(f"--spec must be a JSON object of {what} settings, not {type(document).__name__}")
+        return spec_class.model_validate(document)
+    except json.JSONDecodeError as err:
+        _fail(ValueError(f"--spec is not JSON ({err}); give JSON text or @path/to/spec.json"))
+    except (ValueError, ValidationError, OSError) as err:
+        _fail(err)
+
+
+SPEC_HELP = "Settings as JSON text or @file.json: the same document as the deployment's `spec` parameter."
+
+
+@app.command("train")
+def train_command(spec: str = typer.Option(..., "--spec", help=SPEC_HELP)) -> None:
+    """Train a model on lake data (deterministic, resumable); checkpoints with lineage, answer quality per checkpoint."""
+    from gradlake.flows.train import train_model
+    from gradlake.tasks.train import TrainError, TrainSpec, plan_run
+
+    validated = _spec_from(spec, TrainSpec, "training")
+    try:
+        plan_run(validated)  # every check before Prefect starts
+    except (ValueError, TrainError, OSError) as err:
+        _fail(err)
+    for name in train_model(validated):
+        typer.echo(name)
+
+
+@app.command("influence")
+def influence_command(spec: str = typer.Option(..., "--spec", help=SPEC_HELP)) -> None:
+    """Kronfluence influence (identity, diagonal, kfac, ekfac) of training samples on queries, into the lake."""
+    from gradlake.flows.influence import compute_influence_flow
+    from gradlake.tasks.influence import InfluenceSpec, plan_influence
+
+    validated = _spec_from(spec, InfluenceSpec, "influence")
+    try:
+        plan_influence(validated)
+    except (ValueError, OSError) as err:
+        _fail(err)
+    typer.echo(f"{validated.lake}/{compute_influence_flow(validated)}")
+
+
+@app.command("attribution")
+def attribution_command(spec: str = typer.Option(..., "--spec", help=SPEC_HELP)) -> None:
+    """The attribution benchmark: LDS, counterfactual removal and retrieval of every method's scores."""
+    import pandas as pd
+
+    from gradlake.flows.attribution import evaluate_attribution, plan_attribution
+    from gradlake.tasks.attribution import AttributionSpec, read_benchmark
+    from gradlake.lake.store import LakeStore
+
+    validated = _spec_from(spec, AttributionSpec, "attribution")
+    try:
+        plan_attribution.fn(validated)
+    except (ValueError, OSError) as err:
+        _fail(err)
+    directory = evaluate_attribution(validated)
+    table = read_benchmark(LakeStore(validated.train.lake), directory)
+    typer.echo(f"attribution benchmark at {validated.train.lake}/{directory} (report.html next to it)")
+    with pd.option_context("display.width", 200, "display.max_columns", 14, "display.float_format", "{:.3f}".format):
+        typer.echo(table.sort_values("lds", ascending=False).to_string(index=False))
 
 
 def main() -> None:

@@ -273,15 +273,13 @@ class Lake:
             _, model_key, checkpoint_key, dataset_name, query_set, _ = group["path"].split("/")
             records.append({"path": group["path"], "model": model_key, "checkpoint": checkpoint_key,
                             "dataset": dataset_name, "variant": query_set.split(".", 1)[-1], "method": group.get("method")})
+        methods = sorted({r["method"] for r in records})
+        if records and method not in methods:
+            raise LakeError(f"no scores of method {method!r} in {self.url}; its methods are {methods}")
         where = {"model": model, "checkpoint": checkpoint, "dataset": dataset, "variant": queries}
-        hits = [r for r in records if r["method"] == method and _matches(r, resolve(where))]
-        if len(hits) != 1:
-            asked = {k: v for k, v in {**where, "method": method}.items() if v is not None}
-            raise LakeError(f"{len(hits) or 'no'} score groups in {self.url} match {asked}; the lake holds "
-                            f"{sorted({(r['method'], r['checkpoint'], r['variant']) for r in records}) or 'none'} "
-                            "as (method, checkpoint, queries)")
+        path = self._one([r for r in records if r["method"] == method], where, f"{method!r} score group")
         with self.store.explained_errors():
-            group = ScoreGroup.open(self.store, hits[0]["path"])
+            group = ScoreGroup.open(self.store, path)
             return xr.DataArray(group.read(), dims=("query", "train"), name=method,
                                 coords={"query": group.query_ids(), "train": group.train_ids()}, attrs=group.meta)
 

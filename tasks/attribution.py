@@ -195,22 +195,39 @@ def _accumulate(queries, docs, arrays: list[str], budget: int) -> tuple[np.ndarr
 def baseline_scores(spec: AttributionSpec, queries: str | None = None, log: Callable[[str], None] = print) -> list[str]:
     """Score groups for the gradient, projection, TRAK, BM25 and dense baselines over every query of a variant
     (default: the benchmark's); returns their method names."""
-    from gradlake.tasks.evaluate import EvaluationSpec, Evaluation, _meta, dense_scores
+    from gradlake.lake.datasets import read_dataset
+    from gradlake.tasks.evaluate import EvaluationSpec, Evaluation, _meta, _user_turns, dense_scores
     from gradlake.tasks.metrics import bm25_scores, cosine_from_parts
 
     queries = queries or spec.queries
     store = LakeStore(spec.train.lake)
-    evaluation = Evaluation(EvaluationSpec(model=spec.model, dataset=spec.train.dataset, queries=[queries],
-                                           paradigm=spec.train.paradigm, lake=spec.train.lake), queries, store)
-    fingerprints = {_meta(g)["lineage"].get("tokenizer_hash") for g in (evaluation.originals, evaluation.query)}
-    if len(fingerprints) != 1:
-        raise AttributionError(f"the queries ({queries}) and the training set (original) were tokenized with "
-                               f"different tokenizers ({sorted(map(str, fingerprints))}); extract both with one model")
-    n_query = len(evaluation.query_ids)
-    query_ids = evaluation.query_ids
-    train_keys = [f"{spec.train.variants[0]}:{i}" for i in evaluation.doc_ids]
-    lineage = {"model": spec.model.model, "checkpoint": spec.model.checkpoint,
-               "gradients": evaluation.original_dir, "queries": evaluation.query_dir}
+    try:
+        evaluation = Evaluation(EvaluationSpec(model=spec.model, dataset=spec.train.dataset, queries=[queries],
+                                               paradigm=spec.train.paradigm, lake=spec.train.lake), queries, store)
+    except LakeError as err:
+        if "no group at" not in str(err) and "not complete" not in str(err):
+            raise
+        log(f"no gradients of {spec.model.model}@{spec.model.checkpoint} for {queries!r} ({err}); "
+            "scoring the text baselines only (extract 'original' and the queries for the gradient baselines)")
+        evaluation = None
+    if evaluation is not None:
+        fingerprints = {_meta(g)["lineage"].get("tokenizer_hash") for g in (evaluation.originals, evaluation.query)}
+        if len(fingerprints) != 1:
+            raise AttributionError(f"the queries ({queries}) and the training set (original) were tokenized with "
+                                   f"different tokenizers ({sorted(map(str, fingerprints))}); extract both with one model")
+        query_ids, doc_ids = evaluation.query_ids, evaluation.doc_ids
+        query_text, doc_text = evaluation.query_text, evaluation.doc_text
+        lineage = {"model": spec.model.model, "checkpoint": spec.model.checkpoint,
+                   "gradients": evaluation.original_dir, "queries": evaluation.query_dir}
+    else:
+        texts = {v: _user_turns(read_dataset(store, spec.train.dataset, v))
+                 for v in ("original", query_variant(spec, queries))}
+        doc_text_by_id, query_text_by_id = texts["original"], texts[query_variant(spec, queries)]
+        doc_ids, query_ids = list(doc_text_by_id), [q for q in query_text_by_id if q in doc_text_by_id]
+        doc_text, query_text = [doc_text_by_id[i] for i in doc_ids], [query_text_by_id[q] for q in query_ids]
+        lineage = {"model": spec.model.model, "checkpoint": spec.model.checkpoint, "queries": query_variant(spec, queries)}
+    n_query = len(query_ids)
+    train_keys = [f"{spec.train.variants[0]}:{i}" for i in doc_ids]
     written = []
 
     def write(method: str, kind: str, scores: np.ndarray, seconds: float, settings: dict | None = None) -> None:
@@ -219,7 +236,7 @@ def baseline_scores(spec: AttributionSpec, queries: str | None = None, log: Call
                        "compute_seconds": round(seconds, 3)})
         written.append(method)
 
-    if evaluation.tensors:
+    if evaluation is not None and evaluation.tensors:
         started = time.perf_counter()
         dots, q_sq, d_sq = _accumulate(evaluation.query, evaluation.originals, evaluation.tensors, 1 << 30)
         seconds = time.perf_counter() - started
@@ -230,7 +247,7 @@ def baseline_scores(spec: AttributionSpec, queries: str | None = None, log: Call
             started = time.perf_counter()
             dots, q_sq, d_sq = _accumulate(evaluation.query, evaluation.originals, [best], 1 << 30)
             write(f"grad-cosine:{best}", "tensor", cosine_from_parts(dots, q_sq, d_sq), time.perf_counter() - started)
-    for label, projection, query_group, docs in evaluation.projection_pairs():
+    for label, projection, query_group, docs in (evaluation.projection_pairs() if evaluation is not None else []):
         arrays = sorted(set(query_group.array_keys()) - {"sample", "input_ids", "label_mask", "n_tokens", "shard_complete"})
         started = time.perf_counter()
         dots, q_sq, d_sq = _accumulate(query_group, docs, arrays, 1 << 30)
@@ -242,9 +259,9 @@ def baseline_scores(spec: AttributionSpec, queries: str | None = None, log: Call
         write(f"trak:{label}", "trak", trak_scores(features_q, features_t, spec.trak_lambda),
               time.perf_counter() - started, {"projection": projection, "trak_lambda": spec.trak_lambda})
     started = time.perf_counter()
-    write("bm25", "text", bm25_scores(evaluation.query_text, evaluation.doc_text), time.perf_counter() - started)
+    write("bm25", "text", bm25_scores(query_text, doc_text), time.perf_counter() - started)
     started = time.perf_counter()
-    write("dense", "text", dense_scores(evaluation.query_text, evaluation.doc_text), time.perf_counter() - started)
+    write("dense", "text", dense_scores(query_text, doc_text), time.perf_counter() - started)
     log(f"baselines for queries {queries!r} scored into the lake: {written}")
     return written
 

@@ -106,20 +106,26 @@ def _task_class():
         def __init__(self, tracked: list[str], seed: int):
             super().__init__()
             self.tracked = tracked
-            self.generator = torch.Generator().manual_seed(seed)
+            self.seed = seed
+            self.generators: dict[str, torch.Generator] = {}
+
+        def _generator(self, device: torch.device) -> torch.Generator:
+            """One seeded generator per device: the draws stay where the logits are."""
+            if str(device) not in self.generators:
+                self.generators[str(device)] = torch.Generator(device=device).manual_seed(self.seed)
+            return self.generators[str(device)]
 
         def compute_train_loss(self, batch, model, sample: bool = False) -> torch.Tensor:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             labels = batch["labels"]
             if sample:  # the true Fisher: targets drawn from the model's own predictions
                 with torch.no_grad():
-                    probs = torch.softmax(logits.detach().float(), dim=-1)
-                    drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]).cpu(), 1,
-                                              generator=self.generator).reshape(labels.shape).to(labels.device)
-                    # position t predicts label t + 1: shift the draws so that they sit where their labels do
-                    shifted = torch.full_like(labels, IGNORE_INDEX)
-                    shifted[:, 1:] = drawn[:, :-1]
-                    labels = torch.where(labels != IGNORE_INDEX, shifted, labels)
+                    # position t predicts label t + 1; draw only where a label is, on the logits' device
+                    where = labels[:, 1:] != IGNORE_INDEX
+                    probs = torch.softmax(logits[:, :-1][where].detach().float(), dim=-1)
+                    drawn = torch.multinomial(probs, 1, generator=self._generator(probs.device)).squeeze(1)
+                    labels = labels.clone()
+                    labels[:, 1:][where] = drawn.to(labels.dtype)
             return sample_losses(logits, labels).sum()
 
         def compute_measurement(self, batch, model) -> torch.Tensor:
@@ -265,16 +271,22 @@ def load_factors(store: LakeStore, lake_dir: str) -> dict[str, dict[str, torch.T
 
 def plan_influence(spec: InfluenceSpec) -> dict:
     """Every check before any work: model config, data, tokenizer, tracked modules."""
+    return _plan(spec)[0]
+
+
+def _plan(spec: InfluenceSpec) -> tuple[dict, tuple]:
+    """(the plan, the sets read from the lake) so that a run reads them once."""
     from transformers import AutoModelForCausalLM
 
     config = check_model(spec.model)
-    keys, _, query_ids, _, versions = load_sets(spec)
+    sets = load_sets(spec)
+    keys, _, query_ids, _, versions = sets
     if not keys or not query_ids:
         raise InfluenceError(f"{len(keys)} training samples and {len(query_ids)} queries: nothing to score")
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     modules = tracked_modules(skeleton, spec.layers)
-    return {"n_train": len(keys), "n_query": len(query_ids), "modules": modules, "versions": versions}
+    return {"n_train": len(keys), "n_query": len(query_ids), "modules": modules, "versions": versions}, sets
 
 
 def compute_influence(spec: InfluenceSpec, log: Callable[[str], None] = print, work_dir: str | None = None) -> str:
@@ -285,17 +297,20 @@ def compute_influence(spec: InfluenceSpec, log: Callable[[str], None] = print, w
     from gradlake.tasks.evaluate import lake_keys
     from gradlake.tasks.model import load_tokenizer
 
-    plan = plan_influence(spec)
+    plan, sets = _plan(spec)
     store = LakeStore(spec.lake)
     spec_model = spec.model.resolved()
     commit = resolved_commit(spec_model)
-    keys, train_chats, query_ids, query_chats, versions = load_sets(spec)
+    keys, train_chats, query_ids, query_chats, versions = sets
     key = settings_key(spec, versions, commit)
     model_key, checkpoint_key = lake_keys(spec_model)
     factors_dir = f"influence/{model_key}/{checkpoint_key}/{spec.dataset}/{spec.paradigm}-{spec.strategy}-{key}/factors"
     path = scores_path(model_key, checkpoint_key, spec.dataset, spec.query_dataset or spec.dataset, spec.queries,
                        spec.method_name)
-    settings = spec.model_dump(mode="json", exclude={"lake", "train_block", "train_batch_size", "query_batch_size"})
+    # What determines the scores; not where they run (a retry on another worker or device resumes the same group).
+    settings = spec.model_dump(mode="json", exclude={"lake", "train_block", "train_batch_size", "query_batch_size", "model"})
+    settings["model"] = {"model": lake_names(spec_model)[0], "checkpoint": lake_names(spec_model)[1],
+                         "dtype": spec.model.dtype}
     lineage = {"model": lake_names(spec_model)[0], "checkpoint": lake_names(spec_model)[1], "resolved_commit": commit,
                "versions": versions, "tracked_modules": plan["modules"], "factors": factors_dir,
                "tool": "kronfluence", "tool_version": _kronfluence_version()}

@@ -474,7 +474,7 @@ def attribution_html(title: str, meta: dict, table: pd.DataFrame, figures: dict[
     metrics = "".join(f"<dt>{html.escape(name)}</dt><dd>{html.escape(text)}</dd>" for name, text in ATTRIBUTION_METRICS)
     shown = table.sort_values("lds", ascending=False, na_position="last")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
+            "<style>body{font-family:sans-serif;max-width:1400px;margin:auto}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}dt{font-weight:bold}dd{margin:0 0 6px 20px}"
             "</style></head><body>"
             f"<h1>{html.escape(title)}</h1><h2>Setting</h2>{_lineage_html(_lineage_items(meta))}"
@@ -513,16 +513,21 @@ def training_curve_png(curve: pd.DataFrame) -> bytes:
     left.set_ylabel("paraphrase top-1")
     left.set_ylim(-0.02, 1.02)
     left.set_title("Retrieval: the paraphrase finds its original")
-    left.legend(fontsize=7)
     trained = curve[curve["step"] > 0]
     lds_columns = [c for c in curve.columns if c.startswith("lds ")]
-    for column in sorted(lds_columns, key=lambda c: -float(trained[c].mean()) if trained[c].notna().any() else 0.0):
-        style = dict(color="0.5", linestyle="--") if column == "lds random" else {}
-        right.plot(trained["step"], trained[column], marker="o", label=column[len("lds "):], **style)
+    colors = plt.get_cmap("tab20").colors
+    ordered = sorted(lds_columns, key=lambda c: -float(trained[c].mean()) if trained[c].notna().any() else 0.0)
+    for index, column in enumerate(c for c in ordered if c != "lds random"):
+        right.plot(trained["step"], trained[column], marker="o", color=colors[index % len(colors)],
+                   label=column[len("lds "):])
+    if "lds random" in curve:
+        right.plot(trained["step"], trained["lds random"], marker="x", color="black", linestyle="--",
+                   label="random scores (reference)")
     right.axhline(0, color="black", linewidth=0.8)
     right.set_xlabel("training step")
     right.set_ylabel("LDS (Spearman)")
     right.set_title("Ground truth: linear datamodeling score")
-    right.legend(fontsize=7, ncol=2)
+    right.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+    left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     fig.tight_layout()
     return _png(fig)

@@ -109,3 +109,29 @@ def test_bad_settings_fail_before_any_retraining(trained, change, message):
     with pytest.raises(ValueError, match=message):
         plan_attribution.fn(AttributionSpec(**{"train": run, "retrain_prefix": "s3://lake/never", **change}))
     assert not LakeStore("s3://lake/never").fs.exists("lake/never")
+
+
+def test_queries_tokenized_otherwise_than_the_training_set_are_refused_before_any_write(trained):
+    """Query gradients whose lineage names another tokenizer (a checkpoint re-saved with a new one): one error, no scores."""
+    import zarr
+
+    from gradlake.tasks.attribution import AttributionError, AttributionSpec, baseline_scores, method_path
+    from gradlake.tasks.evaluate import Evaluation, EvaluationSpec
+
+    run, lake = trained
+    spec = AttributionSpec(train=run, queries="paraphrased", retrain_prefix="s3://lake/never")
+    store = LakeStore(lake)
+    query = Evaluation(EvaluationSpec(model=spec.model, dataset="probe", queries=["paraphrased"], lake=lake),
+                       "paraphrased", store).query_dir + "/sft-store"
+    group = zarr.open_group(store.zarr_store, path=query, mode="r+", zarr_format=3)
+    attrs = dict(group.attrs)["gradlake"]
+    for method in ("grad-dot", "bm25"):  # what the benchmark test scored; gone, so a write would show
+        store.fs.rm(store.path(method_path(spec, method)), recursive=True)
+    try:
+        group.attrs["gradlake"] = {**attrs, "lineage": {**attrs["lineage"], "tokenizer_hash": "sha256:another"}}
+        with pytest.raises(AttributionError, match="were tokenized with different tokenizers .*sha256:another"):
+            baseline_scores(spec, log=lambda _: None)
+        for method in ("grad-dot", "bm25"):
+            assert not store.fs.exists(store.path(method_path(spec, method)))
+    finally:
+        group.attrs["gradlake"] = attrs

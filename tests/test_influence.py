@@ -3,6 +3,8 @@ and exact inverse-GGN influence on a model small enough to form it."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -59,6 +61,12 @@ def test_identity_scores_are_dot_products_of_the_lakes_gradients(tiny_models, la
     assert [f"original:{i}" for i in train_ids] == group.train_ids() and query_ids[:N_QUERY] == group.query_ids()
     dots = queries[:N_QUERY] @ train.T
     np.testing.assert_allclose(group.read(), dots, rtol=2e-3, atol=1e-6 * np.abs(dots).max())
+    # A retry on another worker (device 'auto', the model named by a relative path) finds the same group complete.
+    said: list[str] = []
+    moved = spec.model_copy(update={"model": ModelSpec(model=os.path.relpath(tiny_models["olmo2"]), checkpoint="checkpoint-1",
+                                                       device="auto")})
+    assert compute_influence(moved, log=said.append) == path
+    assert any("complete in the lake; nothing to do" in line for line in said), said
 
 
 def test_lake_scores_equal_kronfluence_in_memory_and_resume_by_block(tiny_models, lake, tmp_path):

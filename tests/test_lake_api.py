@@ -33,6 +33,9 @@ def rows(demo_lake):
     return catalog[(catalog["kind"] == "gradients") & catalog["projection"].isna()]
 
 
+TRAINED = "olmo2-probe"  # the demo's tiny OLMo-2 trained on the probe set; "olmo" and "olmo2" are the random bases
+
+
 def _row(rows, arch: str, checkpoint: str, variant: str):
     hit = rows[rows["path"].str.startswith(f"gradients/tiny-{arch}-") & (rows["checkpoint"] == checkpoint)
                & rows["variant"].str.startswith(variant)]
@@ -40,22 +43,33 @@ def _row(rows, arch: str, checkpoint: str, variant: str):
     return hit.iloc[0]
 
 
-def test_readme_snippet_from_a_directory_holding_lake_tasks_and_flows(demo_lake, rows, tmp_path):
+@pytest.fixture(scope="module")
+def checkpoints(rows) -> list[str]:
+    """The trained model's checkpoints the demo extracted, step 0 first."""
+    names = sorted(set(rows.loc[rows["path"].str.startswith(f"gradients/tiny-{TRAINED}-"), "checkpoint"]))
+    assert len(names) >= 2 and names[0] == "checkpoint-000000", names
+    return names
+
+
+def test_readme_snippet_from_a_directory_holding_lake_tasks_and_flows(demo_lake, rows, checkpoints, tmp_path):
     """A user's own ./lake, ./tasks and ./flows (here packages that fail on import) do not shadow gradlake's."""
     for name in ("lake", "tasks", "flows"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text(f"raise ImportError('the user\\'s own ./{name} was imported')\n")
-    key = _row(rows, "olmo2", "checkpoint-1", "original")["path"].split("/")[1]
+    final = checkpoints[-1]
+    key = _row(rows, TRAINED, final, "original")["path"].split("/")[1]
     snippet = textwrap.dedent(f"""
         from gradlake.lake import open_lake
         lake = open_lake({str(demo_lake)!r})
         print("catalog", len(lake.catalog()))
-        ds = lake.gradients(model={key!r}, checkpoint="checkpoint-1", dataset="probe", variant="paraphrased")
+        ds = lake.gradients(model={key!r}, checkpoint={final!r}, dataset="probe", variant="paraphrased")
         print("tensor", ds["model.layers.1.mlp.down_proj.weight"].shape)
-        print("projection", lake.projections(variant="paraphrased", kind="rademacher", dim=1024)["flat"].shape)
-        print("evaluation", sorted(set(lake.evaluation(dataset="probe")["query"])))
+        print("projection", lake.projections(checkpoint={final!r}, variant="paraphrased", kind="rademacher", dim=1024)["flat"].shape)
+        print("evaluation", sorted(set(lake.evaluation(checkpoint={final!r}, dataset="probe")["query"])))
         print("original", len(lake.dataset("probe", "original")))
-        print("generated", len(lake.dataset("probe", "model_generated", model={key!r}, checkpoint="checkpoint-1")))
+        print("generated", len(lake.dataset("probe", "model_generated", model={key!r}, checkpoint={final!r})))
+        print("attribution", len(lake.attribution(checkpoint={final!r})))
+        print("scores", lake.scores("influence-ekfac", checkpoint={final!r}, queries="paraphrased").shape)
         import gradlake.lake
         print("from", gradlake.lake.__file__)
     """)
@@ -66,38 +80,43 @@ def test_readme_snippet_from_a_directory_holding_lake_tasks_and_flows(demo_lake,
     assert printed["tensor"].startswith("(160, ") and printed["projection"] == "(160, 1024)"
     assert printed["evaluation"] == "['model_generated', 'paraphrased']"
     assert printed["original"] == printed["generated"] == "160"
+    assert int(printed["attribution"]) >= 8  # methods and the random reference
+    assert printed["scores"] == "(8, 16)"  # the LDS queries x the trained-on samples (tests' DEMO_OPTIONS)
     assert printed["from"] == str(REPO / "lake" / "__init__.py")
 
 
-def test_a_model_is_named_by_its_key_its_id_or_its_path(demo_lake, rows, monkeypatch):
+def test_a_model_is_named_by_its_key_its_id_or_its_path(demo_lake, rows, checkpoints, monkeypatch):
     lake = open_lake(str(demo_lake))
-    want = _row(rows, "olmo2", "checkpoint-1", "original")
+    final = checkpoints[-1]
+    want = _row(rows, TRAINED, final, "original")
     model_path, key = want["model"], want["path"].split("/")[1]
     monkeypatch.chdir(Path(model_path).parent.parent)
     names = [key, model_path, model_path + "/", os.path.relpath(model_path)]
     assert not names[-1].startswith("/")
     for name in names:
-        assert lake.find_gradients(model=name, checkpoint="checkpoint-1", variant="original", mode="store") == want["path"]
-    reference = lake.gradients(model=key, checkpoint="checkpoint-1", variant="original")["lm_head.weight"].values
-    assert np.array_equal(lake.gradients(model=names[-1], checkpoint="checkpoint-1", variant="original")["lm_head.weight"].values,
+        assert lake.find_gradients(model=name, checkpoint=final, variant="original", mode="store") == want["path"]
+    reference = lake.gradients(model=key, checkpoint=final, variant="original")["lm_head.weight"].values
+    assert np.array_equal(lake.gradients(model=names[-1], checkpoint=final, variant="original")["lm_head.weight"].values,
                           reference)
-    assert lake.evaluation(model=key).equals(lake.evaluation(model=model_path))
-    assert lake.dataset("probe", "model_generated", model=names[-1], checkpoint="checkpoint-1").equals(
-        lake.dataset("probe", "model_generated", model=key, checkpoint="checkpoint-1"))
+    assert lake.evaluation(model=key, checkpoint=final).equals(lake.evaluation(model=model_path, checkpoint=final))
+    assert lake.attribution(model=key, checkpoint=final).equals(lake.attribution(model=names[-1], checkpoint=final))
+    assert lake.dataset("probe", "model_generated", model=names[-1], checkpoint=final).equals(
+        lake.dataset("probe", "model_generated", model=key, checkpoint=final))
     with pytest.raises(LakeError, match=r"no gradient group in .* matches \{'model': 'tiny-olmo2'\}"):
         lake.find_gradients(model="tiny-olmo2")  # a key's name part alone is no model
 
 
-def test_model_generated_means_the_asked_models_own_answers(demo_lake, rows):
+def test_model_generated_means_the_asked_models_own_answers(demo_lake, rows, checkpoints):
     lake = open_lake(str(demo_lake))
-    want = _row(rows, "olmo2", "checkpoint-1", "model_generated")
+    final = checkpoints[-1]
+    want = _row(rows, TRAINED, final, "model_generated")
     key, full = want["path"].split("/")[1], want["variant"]
-    assert full == f"model_generated.{key}.checkpoint-1"
-    assert lake.find_gradients(model=key, checkpoint="checkpoint-1", variant="model_generated") == want["path"]
+    assert full == f"model_generated.{key}.{final}"
+    assert lake.find_gradients(model=key, checkpoint=final, variant="model_generated") == want["path"]
     assert lake.find_gradients(variant=full) == want["path"]
-    short = lake.projections(model=want["model"], checkpoint="checkpoint-1", variant="model_generated", kind="sparse")
+    short = lake.projections(model=want["model"], checkpoint=final, variant="model_generated", kind="sparse")
     assert np.array_equal(short["flat"].values, lake.projections(variant=full, kind="sparse")["flat"].values)
-    assert lake.dataset("probe", "model_generated", model=key, checkpoint="checkpoint-1").equals(lake.dataset("probe", full))
+    assert lake.dataset("probe", "model_generated", model=key, checkpoint=final).equals(lake.dataset("probe", full))
     for lookup in (lambda: lake.gradients(variant="model_generated"),
                    lambda: lake.gradients(model=key, variant="model_generated"),
                    lambda: lake.dataset("probe", "model_generated", model=key)):
@@ -105,26 +124,29 @@ def test_model_generated_means_the_asked_models_own_answers(demo_lake, rows):
             lookup()
         assert str(missing.value) == ("variant 'model_generated' means one model's own answers at one checkpoint; pass "
                                       f"model= and checkpoint= with it, or the variant's full name ({full!r})")
-    with pytest.raises(LakeError, match=f"has no model_generated variant .* at checkpoint 'checkpoint-0'.*{full}"):
-        lake.dataset("probe", "model_generated", model=key, checkpoint="checkpoint-0")
+    with pytest.raises(LakeError, match=f"has no model_generated variant .* at checkpoint '{checkpoints[0]}'.*{full}"):
+        lake.dataset("probe", "model_generated", model=key, checkpoint=checkpoints[0])
 
 
-def test_ambiguity_names_the_filters_that_separate_the_hits(demo_lake, rows):
+def test_ambiguity_names_the_filters_that_separate_the_hits(demo_lake, rows, checkpoints):
     lake = open_lake(str(demo_lake))
+    trained = _row(rows, TRAINED, checkpoints[-1], "original")["path"].split("/")[1]
     olmo, olmo2 = (_row(rows, arch, "checkpoint-1", "original")["path"].split("/")[1] for arch in ("olmo", "olmo2"))
     cases = {
-        # asked -> what tells the hits apart, and nothing else
-        (("model", olmo2), ("variant", "original")): "checkpoint='checkpoint-0' or 'checkpoint-1'",
-        (("checkpoint", "checkpoint-1"), ("variant", "paraphrased")): f"model={olmo!r} or {olmo2!r}",
+        # asked -> how many hits, and what tells them apart (nothing else)
+        (("model", trained), ("variant", "original")): (len(checkpoints), "checkpoint=" + " or ".join(map(repr, checkpoints))),
+        (("checkpoint", "checkpoint-1"), ("variant", "original")): (2, f"model={olmo!r} or {olmo2!r}"),
     }
-    for asked, apart in cases.items():
+    for asked, (n, apart) in cases.items():
         with pytest.raises(LakeError) as ambiguous:
             lake.gradients(**dict(asked))
         assert str(ambiguous.value).endswith(f"; tell them apart with {apart}")
-        assert str(ambiguous.value).startswith("2 gradient groups match")
+        assert str(ambiguous.value).startswith(f"{n} gradient groups match")
     with pytest.raises(LakeError) as ambiguous:
-        lake.projections(model=olmo2, variant="original")
+        lake.projections(model=trained, checkpoint=checkpoints[-1], variant="original")
     assert str(ambiguous.value).endswith("; tell them apart with kind='rademacher' or 'sparse'; dim=1024 or 8192")
+    with pytest.raises(LakeError, match=r"attribution benchmarks match .* tell them apart with checkpoint="):
+        lake.attribution(model=trained)
 
 
 def test_catalog_of_a_lake_that_is_not_there(tmp_path):

@@ -12,10 +12,13 @@ import pytest
 from conftest import REPO
 
 NOTEBOOK = REPO / "notebooks" / "explore_lake.ipynb"
+# Every stage of the demo, at a size that keeps the suite short: 16 training samples, 4 LDS subsets, 8 queries.
+DEMO_OPTIONS = ["--train-samples", "16", "--epochs", "30", "--subsets", "4", "--queries", "8"]
 
 
 def build_demo_lake(tiny_models: dict[str, Path], tmp_path_factory) -> Path:
-    """`gradlake demo --lake <base>/demo/demo-lake` (what `make demo` runs), once per session.
+    """`gradlake demo --lake <base>/demo/demo-lake` (what `make demo` runs, with a smaller training set and LDS:
+    DEMO_OPTIONS), once per session.
 
     The session's tiny models stand in for build/tiny-models and the session's Prefect server
     serves the runs.  A marker written after success lets every module that asks share one build.
@@ -27,7 +30,7 @@ def build_demo_lake(tiny_models: dict[str, Path], tmp_path_factory) -> Path:
         env = {**os.environ, "GRADLAKE_DEMO_MODELS": str(Path(tiny_models["olmo2"]).parent)}
         for name in ("GRADLAKE_LAKE", "OPENAI_API_KEY", "OPENAI_BASE_URL"):  # the offline demo, as a new user runs it
             env.pop(name, None)
-        done = subprocess.run([str(Path(sys.executable).parent / "gradlake"), "demo", "--lake", str(lake)], env=env,
+        done = subprocess.run([str(Path(sys.executable).parent / "gradlake"), "demo", "--lake", str(lake), *DEMO_OPTIONS], env=env,
                               cwd=root, capture_output=True, text=True, timeout=1800)
         assert done.returncode == 0, f"gradlake demo failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
         built.write_text(done.stdout)
@@ -64,11 +67,17 @@ def test_notebook_runs_unchanged_on_the_demo_lake(demo_lake, found_by, tmp_path,
     assert not [o for o in outputs if o.get("output_type") == "error"]
     printed = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     evaluated = next(p.name for p in (demo_lake / "evaluations").iterdir())
-    assert evaluated.startswith("tiny-olmo2-")
-    assert f"gradients/{evaluated}/checkpoint-1/probe/original/sft-store 25 tensors, 160 samples" in printed
-    assert f"model_generated: variant model_generated.{evaluated}.checkpoint-1, 160 samples" in printed
-    assert any("image/png" in o.get("data", {}) for o in outputs), "the redrawn plot is missing"
+    assert evaluated.startswith("tiny-olmo2-probe-")  # the demo's trained model
+    final = max(p.name for p in (demo_lake / "evaluations" / evaluated).glob("checkpoint-*"))
+    assert f"gradients/{evaluated}/{final}/probe/original/sft-store 25 tensors, 160 samples" in printed
+    assert f"model_generated: variant model_generated.{evaluated}.{final}, 160 samples" in printed
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2, "the redrawn plots are missing"
     assert any("proj:rademacher-flat-d1024-s0" in str(o.get("data", {})) for o in outputs)
+    # The attribution benchmark of the final checkpoint, its training curve and EK-FAC's top samples for a query.
+    assert f"evaluations/{evaluated}/{final}/probe/attribution/paraphrased" in printed
+    tables = "".join(str(o.get("data", {}).get("text/plain", "")) for o in outputs)
+    assert "influence-ekfac" in tables and "lds_ci_low" in tables and "top1 best tensor" in tables
+    assert "influence-ekfac: query probe-0001; its own original is 'original:probe-0001'" in printed
 
 
 def test_notebook_without_a_lake_says_where_it_looked(tmp_path, monkeypatch):

@@ -290,6 +290,48 @@ def test_trained_checkpoint_on_s3_goes_through_the_pipeline(platform, tiny_model
     assert watch_checkpoints(watch) == []
 
 
+def test_attribution_retrainings_fan_out_to_train_model_on_the_gpu_pool(platform, tiny_models):
+    """evaluate-attribution on the cpu worker sends each LDS retraining to train-model on the gpu workers, waits for
+    them, and writes the benchmark; asked again, it submits nothing."""
+    from prefect.deployments import run_deployment
+
+    from gradlake.lake.datasets import read_dataset
+    from gradlake.lake.scores import ScoreGroup
+    from gradlake.lake.store import LakeStore
+    from gradlake.tasks.attribution import AttributionSpec, benchmark_dir, method_path, read_benchmark
+    from gradlake.tasks.train import TrainSpec
+
+    lake = platform["lake"]
+    train = TrainSpec(model=ModelSpec(model=str(tiny_models["olmo2"]), checkpoint="checkpoint-1"), lake=lake,
+                      dataset="probe", output="s3://lake/attributed/tiny-olmo2", steps=2, batch_size=8,
+                      learning_rate=3e-3, quality=None)
+    done = run_deployment("train-model/train-model", parameters={"spec": train.model_dump(mode="json")}, timeout=600,
+                          as_subflow=False)
+    assert done.state.is_completed(), done.state
+    spec = AttributionSpec(train=train, max_queries=4, n_subsets=2, baselines=False, methods=["fixed"],
+                           retrain_prefix="s3://lake/attributed/groundtruth", run_timeout_s=600, worker_wait_s=120)
+    # A method's scores as any scorer leaves them in the lake: here fixed numbers, one row per query.
+    store = LakeStore(lake)
+    ids = [str(i) for i in read_dataset(store, "probe", "paraphrased")["id"]]
+    group = ScoreGroup.create(store, method_path(spec, "fixed"), ids, [f"original:{i}" for i in ids],
+                              {"method": "fixed", "kind": "test", "settings": {}})
+    group.write_rows(0, np.random.default_rng(0).normal(size=(N, N)).astype(np.float32))
+    group.finish()
+    before = {r.id for r in asyncio.run(_runs_of("train-model"))}
+    run = run_deployment("evaluate-attribution/evaluate-attribution", parameters={"spec": spec.model_dump(mode="json")},
+                         timeout=900, as_subflow=False)
+    assert run.state.is_completed(), run.state
+    retrainings = [r for r in asyncio.run(_runs_of("train-model")) if r.id not in before]
+    assert len(retrainings) == 2 and all(r.state.is_completed() for r in retrainings)
+    assert sorted(r.name.rsplit("/", 1)[-1] for r in retrainings) == ["subset-000", "subset-001"]
+    table = read_benchmark(store, benchmark_dir(spec)).set_index("method")
+    assert set(table.index) == {"fixed", "random"} and table.loc["fixed", "lds_queries"] > 0
+    again = run_deployment("evaluate-attribution/evaluate-attribution", parameters={"spec": spec.model_dump(mode="json")},
+                           timeout=600, as_subflow=False)
+    assert again.state.is_completed(), again.state
+    assert len(asyncio.run(_runs_of("train-model"))) == len(before) + 2
+
+
 def _worker_of(pid: int, workers: dict[str, subprocess.Popen]) -> str | None:
     """The name of the worker process that `pid` descends from."""
     by_pid = {proc.pid: name for name, proc in workers.items()}
