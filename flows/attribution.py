@@ -137,6 +137,10 @@ def evaluate_attribution(spec: AttributionSpec) -> str:
         from gradlake.tasks.attribution import _aligned
 
         chosen = [m for m in spec.counterfactual_methods if m in methods]
+        if len(chosen) < len(spec.counterfactual_methods):
+            raise AttributionError(f"counterfactual_methods {sorted(set(spec.counterfactual_methods) - set(chosen))} "
+                                   f"have no scores among the compared methods {methods}; compute them first or "
+                                   "name compared ones")
         scores = {m: _aligned(ScoreGroup.open(store, method_path(spec, m)), query_ids, plan["train_keys"], m)
                   for m in chosen}
         cf_key, per_method, random_runs = counterfactual_runs(spec, plan["fingerprint"], plan["train_ids"], *shape, scores)

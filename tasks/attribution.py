@@ -433,7 +433,9 @@ def benchmark_table(store: LakeStore, spec: AttributionSpec, methods: list[str],
     random = lds(rng.normal(size=(len(query_ids), len(train_keys))), masks, lds_losses)
     rows.append({"method": "random", "kind": "reference", "lds": random["lds"], "lds_ci_low": random["ci_low"],
                  "lds_ci_high": random["ci_high"], "lds_queries": random["n_queries"]})
-    return pd.DataFrame(rows), pd.DataFrame(per_query)
+    table = pd.DataFrame(rows)
+    table["lake_bytes"] = table["lake_bytes"].astype("Int64")
+    return table, pd.DataFrame(per_query)
 
 
 def retrieval_columns(store: LakeStore, spec: AttributionSpec, method: str, train_keys: list[str]) -> dict:

@@ -135,3 +135,16 @@ def test_queries_tokenized_otherwise_than_the_training_set_are_refused_before_an
             assert not store.fs.exists(store.path(method_path(spec, method)))
     finally:
         group.attrs["gradlake"] = attrs
+
+
+def test_counterfactual_methods_without_scores_fail_before_any_retraining(trained):
+    from gradlake.flows.attribution import evaluate_attribution
+    from gradlake.tasks.attribution import AttributionError, AttributionSpec
+
+    run, lake = trained
+    spec = AttributionSpec(train=run, max_queries=N_QUERY, n_subsets=4, counterfactual_k=2, baselines=False,
+                           counterfactual_methods=["influence-kfac"], retrain_prefix="s3://lake/cf-never",
+                           train_deployment=None)
+    with pytest.raises(AttributionError, match=r"counterfactual_methods \['influence-kfac'\] have no scores"):
+        evaluate_attribution(spec)
+    assert not LakeStore("s3://lake/cf-never").fs.exists("lake/cf-never")
