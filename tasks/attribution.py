@@ -51,11 +51,12 @@ class AttributionError(ValueError):
 
 
 class AttributionSpec(BaseModel):
-    """The attributed model (the final checkpoint of a training run), its queries, methods and ground truth."""
+    """The attributed model (a checkpoint of a training run, the final one unless named), its queries, methods and
+    ground truth."""
 
     model_config = ConfigDict(extra="forbid")
 
-    train: TrainSpec = Field(title="Training run", description="The run whose final checkpoint is attributed; the ground truth retrains it with only its data changed.")
+    train: TrainSpec = Field(title="Training run", description="The run whose checkpoint is attributed; the ground truth retrains it with only its data changed.")
     checkpoint: str | None = Field(default=None, description="Checkpoint of the run to attribute (e.g. checkpoint-000100); empty: the final one. The retrainings save the run's checkpoints too, so one set of retrainings serves every checkpoint.")
     queries: str = Field(default="paraphrased", description="Variant of the training dataset whose samples are the queries ('model_generated': the attributed model's answers).")
     retrieval_queries: list[str] = Field(default=["paraphrased", "model_generated"], description="Query variants whose retrieval top-1 is reported next to the LDS, for the methods with scores for them in the lake.")
