@@ -237,33 +237,49 @@ def baseline_scores(spec: AttributionSpec, queries: str | None = None, log: Call
                        "compute_seconds": round(seconds, 3)})
         written.append(method)
 
-    if evaluation is not None and evaluation.tensors:
+    def held(*methods: str, settings: dict | None = None) -> bool:
+        """Whether the lake holds these scores, complete, for these samples and settings: computed once, reused."""
+        for method in methods:
+            group = ScoreGroup.open(store, method_path(spec, method, queries), missing_ok=True)
+            if (group is None or not group.meta.get("complete") or group.meta.get("settings") != (settings or {})
+                    or group.query_ids() != query_ids or group.train_ids() != train_keys):
+                return False
+        written.extend(methods)
+        return True
+
+    if evaluation is not None and evaluation.tensors and not held("grad-dot", "grad-cosine"):
         started = time.perf_counter()
         dots, q_sq, d_sq = _accumulate(evaluation.query, evaluation.originals, evaluation.tensors, 1 << 30)
         seconds = time.perf_counter() - started
         write("grad-dot", "gradient", dots, seconds)
         write("grad-cosine", "gradient", cosine_from_parts(dots, q_sq, d_sq), seconds)
+    if evaluation is not None and evaluation.tensors:
         best = best_tensor(store, spec, queries)
-        if best is not None:
+        if best is not None and not held(f"grad-cosine:{best}"):
             started = time.perf_counter()
             dots, q_sq, d_sq = _accumulate(evaluation.query, evaluation.originals, [best], 1 << 30)
             write(f"grad-cosine:{best}", "tensor", cosine_from_parts(dots, q_sq, d_sq), time.perf_counter() - started)
     for label, projection, query_group, docs in (evaluation.projection_pairs() if evaluation is not None else []):
         arrays = sorted(set(query_group.array_keys()) - {"sample", "input_ids", "label_mask", "n_tokens", "shard_complete"})
-        started = time.perf_counter()
-        dots, q_sq, d_sq = _accumulate(query_group, docs, arrays, 1 << 30)
-        write(f"proj-cosine:{label}", "projection", cosine_from_parts(dots, q_sq, d_sq), time.perf_counter() - started,
-              {"projection": projection})
+        if not held(f"proj-cosine:{label}", settings={"projection": projection}):
+            started = time.perf_counter()
+            dots, q_sq, d_sq = _accumulate(query_group, docs, arrays, 1 << 30)
+            write(f"proj-cosine:{label}", "projection", cosine_from_parts(dots, q_sq, d_sq),
+                  time.perf_counter() - started, {"projection": projection})
+        if held(f"trak:{label}", settings={"projection": projection, "trak_lambda": spec.trak_lambda}):
+            continue
         started = time.perf_counter()
         features_q = np.concatenate([np.asarray(query_group[a][:], np.float32) for a in arrays], axis=1)
         features_t = np.concatenate([np.asarray(docs[a][:], np.float32) for a in arrays], axis=1)
         write(f"trak:{label}", "trak", trak_scores(features_q, features_t, spec.trak_lambda),
               time.perf_counter() - started, {"projection": projection, "trak_lambda": spec.trak_lambda})
-    started = time.perf_counter()
-    write("bm25", "text", bm25_scores(query_text, doc_text), time.perf_counter() - started)
-    started = time.perf_counter()
-    write("dense", "text", dense_scores(query_text, doc_text), time.perf_counter() - started)
-    log(f"baselines for queries {queries!r} scored into the lake: {written}")
+    if not held("bm25"):
+        started = time.perf_counter()
+        write("bm25", "text", bm25_scores(query_text, doc_text), time.perf_counter() - started)
+    if not held("dense"):
+        started = time.perf_counter()
+        write("dense", "text", dense_scores(query_text, doc_text), time.perf_counter() - started)
+    log(f"baselines for queries {queries!r} in the lake: {written}")
     return written
 
 

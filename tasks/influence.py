@@ -34,6 +34,7 @@ import json
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -96,6 +97,10 @@ class InfluenceSpec(BaseModel):
 
 
 # ---------------------------------------------------------------- the task: gradlake's loss for Kronfluence
+
+# Kronfluence 1.0.1 builds torch.cuda.amp.GradScaler, deprecated in torch 2.x, once per pass: one FutureWarning each.
+warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.cuda\.amp\.GradScaler")
+
 
 def _task_class():
     from kronfluence.task import Task

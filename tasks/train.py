@@ -28,6 +28,7 @@ CPU, as a run that was never interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -342,6 +343,20 @@ def _publish(local: Path, spec: TrainSpec, name: str) -> str:
     return f"{spec.output.rstrip('/')}/{name}"
 
 
+@contextlib.contextmanager
+def _no_progress_bars():
+    """transformers draws a 'Writing model shards' bar per save: noise in a training log that saves often."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def save_checkpoint(model, tokenizer, optimizer, plan: Plan, step: int, losses: list[float]) -> str:
     """Write checkpoint `step` (weights, tokenizer, lineage, optimizer and RNG state) and publish it whole."""
     from safetensors.torch import save_file
@@ -368,7 +383,8 @@ def save_checkpoint(model, tokenizer, optimizer, plan: Plan, step: int, losses: 
     }
     with tempfile.TemporaryDirectory(prefix="gradlake-ckpt-") as tmp:
         local = Path(tmp) / name
-        model.save_pretrained(local)
+        with _no_progress_bars():
+            model.save_pretrained(local)
         tokenizer.save_pretrained(local)
         (local / LINEAGE_FILE).write_text(json.dumps(lineage, indent=1))
         state_dir = local / STATE_DIR

@@ -79,18 +79,18 @@ def test_attribution_benchmark_through_prefect_on_s3(trained):
     assert good["top1_paraphrased"] >= 0.5
     for name in ("report.html", "plots/lds.png", "plots/lds_vs_top1.png", "plots/counterfactual.png", "lds_per_query.parquet"):
         assert store.fs.exists(store.path(f"{directory}/{name}")), name
-    # Asked again, nothing is retrained and no loss recomputed: every object under the retraining prefix and the
-    # ground truth is the same object as before (same key, size and modification time).
+    # Asked again, nothing is retrained, no loss or baseline recomputed: every object under the retraining prefix,
+    # the ground truth and the score groups is the same object as before (same key, size and modification time).
     def objects(prefix):
         store.fs.invalidate_cache()
         return {k: (v["size"], v.get("LastModified")) for k, v in store.fs.find(prefix, detail=True).items()}
 
-    truth = store.path("groundtruth")
-    before = objects("lake/attribution-retrain"), objects(truth)
-    assert len(before[0]) > 12 and len(before[1]) > 12
+    truth, scores = store.path("groundtruth"), store.path("attribution")  # scores: the baselines are computed once
+    before = objects("lake/attribution-retrain"), objects(truth), objects(scores)
+    assert len(before[0]) > 12 and len(before[1]) > 12 and len(before[2]) > 12
     again = read_benchmark(store, evaluate_attribution(spec)).set_index("method")
     pd.testing.assert_series_equal(again["lds"], table["lds"])
-    assert (objects("lake/attribution-retrain"), objects(truth)) == before
+    assert (objects("lake/attribution-retrain"), objects(truth), objects(scores)) == before
 
 
 @pytest.mark.parametrize("change, message", [
