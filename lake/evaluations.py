@@ -60,17 +60,19 @@ def read_evaluation(store: LakeStore, directory: str, table: str = "results") ->
 
 def list_evaluations(store: LakeStore) -> list[tuple[str, dict]]:
     """(directory, meta) of every complete evaluation."""
-    out = []
-    for path in store.glob("evaluations/*/*/*/*/meta.json"):
-        relative = path[len(store.root) + 1: -len("/meta.json")]
-        out.append((relative, json.loads(store.fs.cat_file(path))))
-    return out
+    return _complete_dirs(store, "evaluations/*/*/*/*")
 
 
 def list_attribution_benchmarks(store: LakeStore) -> list[tuple[str, dict]]:
     """(directory, meta) of every complete attribution benchmark (evaluations/<m>/<c>/<d>/attribution/<queries>/)."""
+    return _complete_dirs(store, "evaluations/*/*/*/attribution/*")
+
+
+def _complete_dirs(store: LakeStore, pattern: str) -> list[tuple[str, dict]]:
+    """(directory relative to the lake, its meta.json) of the directories matching `pattern` that hold a meta.json,
+    which is written last."""
     out = []
-    for path in store.glob("evaluations/*/*/*/attribution/*/meta.json"):
+    for path in store.glob(f"{pattern}/meta.json"):
         relative = path[len(store.root) + 1: -len("/meta.json")]
         out.append((relative, json.loads(store.fs.cat_file(path))))
     return out

@@ -27,21 +27,20 @@ import datetime as dt
 import hashlib
 import io
 import json
-import math
 import time
 from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from gradlake.lake import layout
 from gradlake.lake.scores import ScoreGroup, list_score_groups, scores_path
 from gradlake.lake.store import LakeError, LakeStore
 from gradlake.tasks.groundtruth import draw_subsets, lds, random_removals, top_k_removals
 from gradlake.tasks.model import ModelSpec
-from gradlake.tasks.train import CHECKPOINT_PREFIX, TrainSpec, checkpoint_name, plan_run
+from gradlake.tasks.train import CHECKPOINT_PREFIX, TrainSpec, checkpoint_name, total_steps
 
 TRAIN_DEPLOYMENT = "train-model/train-model"
 
@@ -76,6 +75,8 @@ class AttributionSpec(BaseModel):
     run_timeout_s: float = Field(default=6 * 3600, gt=0, description="Longest one retraining may take once a worker has taken it.")
     worker_wait_s: float = Field(default=900, gt=0, description="How long retrainings may wait while no worker polls their pool.")
 
+    _final: tuple[str, int] | None = PrivateAttr(default=None)  # (training spec as JSON, its total steps)
+
     @model_validator(mode="after")
     def _check(self) -> "AttributionSpec":
         if self.checkpoint is not None:
@@ -98,14 +99,15 @@ class AttributionSpec(BaseModel):
         return checkpoint_step(self.model.checkpoint)
 
     def _total_steps(self) -> int:
-        if self.train.steps:
-            return self.train.steps
-        return self.train.epochs * math.ceil(self._n_train() / self.train.batch_size)
-
-    def _n_train(self) -> int:
+        """The run's length; its data is read from the lake once per training spec, not on every use of `model`."""
         from gradlake.tasks.train import load_train_data
 
-        return len(load_train_data(self.train).keys)
+        if self.train.steps:
+            return self.train.steps
+        key = self.train.model_dump_json()
+        if self._final is None or self._final[0] != key:
+            self._final = (key, total_steps(self.train, len(load_train_data(self.train).keys)))
+        return self._final[1]
 
 
 def checkpoint_step(name: str) -> int:
@@ -142,7 +144,7 @@ def method_path(spec: AttributionSpec, method: str, queries: str | None = None) 
                        method)
 
 
-def ground_truth_key(spec: AttributionSpec, fingerprint: str, kind: str, **extra) -> str:
+def ground_truth_key(fingerprint: str, kind: str, **extra) -> str:
     what = {"run": fingerprint, "kind": kind, **extra}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -307,7 +309,7 @@ def lds_runs(spec: AttributionSpec, fingerprint: str, train_ids: list[str],
     `saves` and `total` are the attributed run's checkpoint steps and length: each retraining
     saves its counterpart of every checkpoint, so one set serves them all.
     """
-    key = ground_truth_key(spec, fingerprint, "lds", fraction=spec.fraction, seed=spec.subset_seed, saves=saves)
+    key = ground_truth_key(fingerprint, "lds", fraction=spec.fraction, seed=spec.subset_seed, saves=saves)
     masks = draw_subsets(len(train_ids), spec.fraction, spec.n_subsets, spec.subset_seed)
     runs = [_retrain(spec, f"lds-{key}/subset-{m:03d}", len(train_ids), saves, total,
                      keep=[train_ids[i] for i in np.flatnonzero(mask)])
@@ -320,7 +322,7 @@ def counterfactual_runs(spec: AttributionSpec, fingerprint: str, train_ids: list
     """(key, per method one TrainSpec per query with its top-k removed, random-removal TrainSpecs)."""
     k = spec.counterfactual_k
     # The removals follow the scores of the attributed checkpoint, so each checkpoint has its own retrainings.
-    key = ground_truth_key(spec, fingerprint, "counterfactual", k=k, seed=spec.subset_seed,
+    key = ground_truth_key(fingerprint, "counterfactual", k=k, seed=spec.subset_seed,
                            checkpoint=spec.model.checkpoint, saves=saves)
     n = len(train_ids)
     per_method = {}
@@ -330,7 +332,7 @@ def counterfactual_runs(spec: AttributionSpec, fingerprint: str, train_ids: list
                                        drop=[train_ids[i] for i in row])
                               for q, row in enumerate(top)]
     draws = random_removals(n, k, spec.random_draws, spec.subset_seed)
-    random_key = ground_truth_key(spec, fingerprint, "random-removal", k=k, seed=spec.subset_seed, saves=saves)
+    random_key = ground_truth_key(fingerprint, "random-removal", k=k, seed=spec.subset_seed, saves=saves)
     random = [_retrain(spec, f"cf-random-{random_key}/d{d:03d}", n, saves, total, drop=[train_ids[i] for i in row])
               for d, row in enumerate(draws)]
     return key, per_method, random
@@ -338,10 +340,7 @@ def counterfactual_runs(spec: AttributionSpec, fingerprint: str, train_ids: list
 
 def run_steps(run: TrainSpec, n_train: int) -> int:
     """Optimizer steps of a (re)training run whose data is `keep`, or `n_train` samples less `drop`."""
-    if run.steps:
-        return run.steps
-    n = len(run.keep) if run.keep is not None else n_train - len(run.drop or [])
-    return run.epochs * math.ceil(n / run.batch_size)
+    return total_steps(run, len(run.keep) if run.keep is not None else n_train - len(run.drop or []))
 
 
 def counterpart(step: int, total: int, run_total: int) -> int:
@@ -439,7 +438,7 @@ def benchmark_table(store: LakeStore, spec: AttributionSpec, methods: list[str],
         meta = group.meta
         row = {"method": method, "kind": meta.get("kind"), "lds": result["lds"], "lds_ci_low": result["ci_low"],
                "lds_ci_high": result["ci_high"], "lds_queries": result["n_queries"],
-               **retrieval_columns(store, spec, method, train_keys),
+               **retrieval_columns(store, spec, method, train_keys, query_ids, scores),
                "compute_seconds": meta.get("compute_seconds"), "lake_bytes": meta.get("lake_bytes")}
         if cf is not None:
             row["cf_loss_change"] = cf["method_change"].get(method, float("nan"))
@@ -455,10 +454,14 @@ def benchmark_table(store: LakeStore, spec: AttributionSpec, methods: list[str],
     return table, pd.DataFrame(per_query)
 
 
-def retrieval_columns(store: LakeStore, spec: AttributionSpec, method: str, train_keys: list[str]) -> dict:
-    """top1_<queries> for the benchmark's queries and each retrieval query variant the method has scores for."""
-    columns = {}
-    for queries in dict.fromkeys([spec.queries, *spec.retrieval_queries]):
+def retrieval_columns(store: LakeStore, spec: AttributionSpec, method: str, train_keys: list[str],
+                      query_ids: list[str], scores: np.ndarray) -> dict:
+    """top1_<queries> for the benchmark's queries (their scores already read: `query_ids`, `scores`) and each
+    retrieval query variant the method has scores for."""
+    columns = {f"top1_{spec.queries}": retrieval_top1(scores, query_ids, train_keys, spec.train.variants[0])}
+    for queries in dict.fromkeys(spec.retrieval_queries):
+        if queries == spec.queries:
+            continue
         group = ScoreGroup.open(store, method_path(spec, method, queries), missing_ok=True)
         if group is None or not group.meta.get("complete"):
             columns[f"top1_{queries}"] = float("nan")

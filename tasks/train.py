@@ -256,13 +256,18 @@ def existing_checkpoints(spec: TrainSpec) -> dict[int, dict]:
     return found
 
 
+def total_steps(spec: TrainSpec, n_samples: int) -> int:
+    """Optimizer steps of a run over `n_samples` training samples: `steps`, else `epochs` passes of ceil(n / batch)."""
+    return spec.steps or spec.epochs * math.ceil(n_samples / spec.batch_size)
+
+
 def plan_run(spec: TrainSpec) -> Plan:
     """Validate everything before any training or writing; the plan says what is left to do."""
     config = check_model(spec.model)
     data = load_train_data(spec)
     check_output_writable(spec)
     per_epoch = math.ceil(len(data.keys) / spec.batch_size)
-    total = spec.steps or spec.epochs * per_epoch
+    total = total_steps(spec, len(data.keys))
     every = spec.checkpoint_every or total
     saves = sorted({*range(every, total, every), total, *(s for s in spec.save_steps if 0 < s <= total)}
                    | ({0} if spec.save_initial else set()))
