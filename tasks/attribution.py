@@ -231,7 +231,7 @@ def baseline_scores(spec: AttributionSpec, queries: str | None = None, log: Call
         lineage = {"model": spec.model.model, "checkpoint": spec.model.checkpoint, "queries": query_variant(spec, queries)}
     n_query = len(query_ids)
     train_keys = [f"{spec.train.variants[0]}:{i}" for i in doc_ids]
-    written = []
+    written, reused = [], []
 
     def write(method: str, kind: str, scores: np.ndarray, seconds: float, settings: dict | None = None) -> None:
         _write_scores(store, method_path(spec, method, queries), query_ids, train_keys, scores[:n_query],
@@ -247,6 +247,7 @@ def baseline_scores(spec: AttributionSpec, queries: str | None = None, log: Call
                     or group.query_ids() != query_ids or group.train_ids() != train_keys):
                 return False
         written.extend(methods)
+        reused.extend(methods)
         return True
 
     if evaluation is not None and evaluation.tensors and not held("grad-dot", "grad-cosine"):
@@ -281,7 +282,8 @@ def baseline_scores(spec: AttributionSpec, queries: str | None = None, log: Call
     if not held("dense"):
         started = time.perf_counter()
         write("dense", "text", dense_scores(query_text, doc_text), time.perf_counter() - started)
-    log(f"baselines for queries {queries!r} in the lake: {written}")
+    log(f"baselines for queries {queries!r} in the lake: {written} "
+        f"(computed {[m for m in written if m not in reused]}, found in the lake {reused})")
     return written
 
 

@@ -3,7 +3,6 @@ answers, influence and baselines scored, LDS and counterfactual removal from rea
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -91,6 +90,13 @@ def test_attribution_benchmark_through_prefect_on_s3(trained):
     again = read_benchmark(store, evaluate_attribution(spec)).set_index("method")
     pd.testing.assert_series_equal(again["lds"], table["lds"])
     assert (objects("lake/attribution-retrain"), objects(truth), objects(scores)) == before
+    # and the baselines are not even computed again: they are found in the lake
+    from gradlake.tasks.attribution import baseline_scores
+
+    said: list[str] = []
+    methods = baseline_scores(spec, log=said.append)
+    assert "grad-dot" in methods and "bm25" in methods
+    assert said[-1].endswith(f"(computed [], found in the lake {methods})"), said
 
 
 @pytest.mark.parametrize("change, message", [
