@@ -249,7 +249,8 @@ def pipeline(spec: PipelineSpec) -> list[str]:
     planned = []
     for variant in spec.variants:
         extraction = spec.extraction(variant)
-        path, pending = prepare_extraction_task(extraction)
+        # With a shard deployment the shards run on GPU workers, which check the device themselves.
+        path, pending = prepare_extraction_task(extraction, device_here=not spec.shard_deployment)
         planned.append((extraction, path, pending))
     work = [item for item in planned if item[2]]
     if work and spec.shard_deployment:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
 import os
 from collections.abc import Iterable
@@ -18,7 +17,7 @@ from gradlake.lake.datasets import list_datasets, read_dataset
 from gradlake.lake.evaluations import list_attribution_benchmarks, list_evaluations, read_evaluation
 from gradlake.lake.gradients import ATTR
 from gradlake.lake.scores import list_score_groups
-from gradlake.lake.store import LakeError, LakeStore
+from gradlake.lake.store import LakeError, LakeStore, scan_json
 
 _KEYS = ("model", "checkpoint", "dataset", "variant", "paradigm", "mode")
 _PROJECTION_KEYS = ("kind", "dim", "seed", "scope")
@@ -93,14 +92,15 @@ class Lake:
     def url(self) -> str:
         return self.store.url
 
-    def _gradient_groups(self) -> list[tuple[str, dict]]:
-        fs = self.store.fs
+    def _gradient_groups(self, damaged: list | None = None) -> list[tuple[str, dict]]:
+        """(path, attrs) of every gradient and projection group; those whose metadata is damaged go to `damaged`."""
         groups = []
-        for meta_path in self.store.glob("gradients/*/*/*/*/*/zarr.json"):
-            attrs = json.loads(fs.cat_file(meta_path)).get("attributes", {}).get(ATTR)
-            if attrs:  # a group still being created has no attrs yet
-                relative = meta_path[len(self.store.root) + 1: -len("/zarr.json")]
-                groups.append((relative, attrs))
+        for path, record, damage in scan_json(self.store, "gradients/*/*/*/*/*/zarr.json"):
+            attrs = (record or {}).get("attributes", {}).get(ATTR)
+            if damage is not None and damaged is not None:
+                damaged.append((path, damage))
+            elif attrs:  # a group still being created has no attrs yet
+                groups.append((path, attrs))
         return groups
 
     def _gradient_records(self) -> list[dict]:
@@ -115,20 +115,27 @@ class Lake:
 
     def catalog(self) -> pd.DataFrame:
         """Everything in the lake, one row per gradient group or dataset variant, with lineage and completeness."""
-        with self.store.explained_errors():
-            rows = self._catalog_rows()
+        try:
+            with self.store.explained_errors():
+                rows = self._catalog_rows()
+        except LakeError as err:  # raised here afresh: the user's traceback ends at this call, not in the scan
+            raise type(err)(str(err)) from None
         if not rows:
             self.store.check_exists()  # an empty table for a lake that is not there would say nothing
         columns = ["kind", "path", *_KEYS, "projection", "n_samples", "n_parameters", "numel", "dtype", "chunks_done",
-                   "chunks_total", "complete"]
+                   "chunks_total", "complete", "damaged"]
         frame = pd.DataFrame(rows)
         return frame.reindex(columns=columns + sorted(c for c in frame.columns if c not in columns))
 
     def _catalog_rows(self) -> list[dict]:
-        rows = []
-        for path, attrs in self._gradient_groups():
+        rows, damaged = [], []
+        for path, attrs in self._gradient_groups(damaged):
             lineage, plan = attrs["lineage"], attrs["plan"]
-            flags = zarr.open_array(self.store.zarr_store, path=f"{path}/shard_complete", mode="r")[:]
+            try:
+                flags = zarr.open_array(self.store.zarr_store, path=f"{path}/shard_complete", mode="r")[:]
+            except (ValueError, KeyError, FileNotFoundError) as err:  # damaged flags: listed, not fatal
+                damaged.append((path, f"its completion flags cannot be read ({type(err).__name__}: {err})"))
+                continue
             rows.append({
                 "kind": "gradients", "path": path,
                 **{k: lineage.get(k) for k in _KEYS},
@@ -139,6 +146,10 @@ class Lake:
                 "projection": _projection_label(lineage.get("projection")),
                 **{f"lineage.{k}": v for k, v in lineage.items() if k not in _KEYS},
             })
+        for path, damage in damaged:
+            _, model_key, checkpoint_key, *_ = path.split("/")
+            rows.append({"kind": "gradients", "path": path, "model": model_key, "checkpoint": checkpoint_key,
+                         "complete": False, "damaged": damage})
         for path, meta in list_evaluations(self.store):
             lineage = meta["lineage"]
             rows.append({
@@ -159,9 +170,14 @@ class Lake:
             rows.append({
                 "kind": "scores", "path": group["path"], "model": model_key, "checkpoint": checkpoint_key,
                 "dataset": dataset_name, "variant": query_set.split(".", 1)[-1], "complete": bool(group.get("complete")),
+                "damaged": group.get("damaged"),
                 "lineage.method": group.get("method"), "lineage.compute_seconds": group.get("compute_seconds"),
             })
         for meta in list_datasets(self.store):
+            if meta.get("damaged"):
+                rows.append({"kind": "dataset", "path": meta["path"].rsplit("/", 1)[0], "dataset": meta["dataset"],
+                             "variant": meta["variant"], "complete": False, "damaged": meta["damaged"]})
+                continue
             rows.append({
                 "kind": "dataset", "path": layout.dataset_version_dir(meta["dataset"], meta["variant"], meta["version"]),
                 "dataset": meta["dataset"], "variant": meta["variant"], "n_samples": meta["n_samples"],

@@ -17,7 +17,7 @@ import json
 import pandas as pd
 
 from gradlake.lake import layout
-from gradlake.lake.store import LakeError, LakeStore
+from gradlake.lake.store import DamagedMetadata, LakeError, LakeStore, public_url, read_json, scan_json
 
 
 def content_hash(frame: pd.DataFrame) -> str:
@@ -63,23 +63,22 @@ def write_dataset(store: LakeStore, name: str, variant: str, frame: pd.DataFrame
 
 
 def dataset_meta(store: LakeStore, name: str, variant: str, version: str | None = None) -> dict:
-    """The meta record of a dataset variant's latest (or given) version; one clear error if absent."""
-    base = store.path(layout.dataset_dir(name, variant))
-    path = f"{base}/{version}/meta.json" if version else f"{base}/latest.json"
-    try:
-        return json.loads(store.fs.cat_file(path))
-    except FileNotFoundError:
-        if version:
-            versions = [m["version"] for m in list_versions(store, name, variant)]
-            raise LakeError(f"dataset {name!r} variant {variant!r} has no version {version!r}; "
-                            f"versions: {versions or 'none'}") from None
-        known = sorted({(m["dataset"], m["variant"]) for m in list_datasets(store)})
-        if not known:
-            store.check_exists()  # a lake that is not there says so, not that it lacks this dataset
-        raise LakeError(
-            f"dataset {name!r} variant {variant!r} is not in lake {store.url}; "
-            f"it holds {known or 'no datasets'} as (dataset, variant)"
-        ) from None
+    """The meta record of a dataset variant's latest (or given) version; one clear error if absent or damaged."""
+    base = layout.dataset_dir(name, variant)
+    meta = _read_meta(store, f"{base}/{version}/meta.json" if version else f"{base}/latest.json")
+    if meta is not None:
+        return meta
+    if version:
+        versions = [m["version"] for m in list_versions(store, name, variant)]
+        raise LakeError(f"dataset {name!r} variant {variant!r} has no version {version!r}; "
+                        f"versions: {versions or 'none'}")
+    known = sorted({(m["dataset"], m["variant"]) for m in list_datasets(store)})
+    if not known:
+        store.check_exists()  # a lake that is not there says so, not that it lacks this dataset
+    raise LakeError(
+        f"dataset {name!r} variant {variant!r} is not in lake {store.url}; "
+        f"it holds {known or 'no datasets'} as (dataset, variant)"
+    )
 
 
 def read_dataset(store: LakeStore, name: str, variant: str, version: str | None = None) -> pd.DataFrame:
@@ -92,11 +91,55 @@ def read_dataset(store: LakeStore, name: str, variant: str, version: str | None 
 
 
 def list_datasets(store: LakeStore) -> list[dict]:
-    """Meta records of every dataset variant's latest version."""
-    return [json.loads(store.fs.cat_file(p)) for p in store.glob("datasets/*/*/latest.json")]
+    """Meta records of every dataset variant's latest version.
+
+    A variant whose ``latest.json`` is damaged does not end the listing: its entry is
+    ``{"dataset", "variant", "path", "damaged"}``, ``damaged`` being the one line that
+    reading it raises, so that a catalog can show it.
+    """
+    metas = []
+    for directory, record, damage in scan_json(store, "datasets/*/*/latest.json"):
+        relative = f"{directory}/latest.json"
+        damage = f"{damage}; {_rewrite(relative)}" if damage else _not_a_record(store, relative, record)
+        if damage:
+            _, name, variant = directory.split("/")
+            metas.append({"dataset": name, "variant": variant, "path": relative, "damaged": damage})
+        else:
+            metas.append(record)
+    return metas
 
 
 def list_versions(store: LakeStore, name: str, variant: str) -> list[dict]:
-    """Meta records of every stored version of a dataset variant, oldest first."""
-    metas = [json.loads(store.fs.cat_file(p)) for p in store.glob(f"{layout.dataset_dir(name, variant)}/*/meta.json")]
-    return sorted(metas, key=lambda m: m["created_at"])
+    """Meta records of every stored version of a dataset variant, oldest first; a damaged one is a LakeError naming it."""
+    paths = store.glob(f"{layout.dataset_dir(name, variant)}/*/meta.json")
+    return sorted((_read_meta(store, p[len(store.root) + 1:]) for p in paths), key=lambda m: m["created_at"])
+
+
+_META_KEYS = ("dataset", "variant", "version", "n_samples", "content_hash", "created_at")
+
+
+def _read_meta(store: LakeStore, relative: str) -> dict | None:
+    """The meta record at `relative` in the lake, None where there is none; a damaged one is one DamagedMetadata line."""
+    try:
+        record = read_json(store, relative)
+    except DamagedMetadata as err:
+        raise DamagedMetadata(f"{err}; {_rewrite(relative)}") from None
+    problem = record is not None and _not_a_record(store, relative, record)
+    if problem:
+        raise DamagedMetadata(problem)
+    return record
+
+
+def _not_a_record(store: LakeStore, relative: str, record: dict) -> str | None:
+    """Why a JSON object read from `relative` is not a dataset meta record (a file cut or overwritten), or None."""
+    missing = [k for k in _META_KEYS if k not in record]
+    if not missing:
+        return None
+    return (f"damaged metadata: {public_url(store.url)}/{relative} is not a dataset meta record "
+            f"(no {', '.join(map(repr, missing))}); restore the file; {_rewrite(relative)}")
+
+
+def _rewrite(relative: str) -> str:
+    name = relative.split("/")[1]  # datasets/<name>/<variant>/...
+    return (f"writing dataset {name!r} again (`gradlake dataset create --name {name} ...`, "
+            "or `gradlake dataset probe` for the bundled probe set) also replaces it")

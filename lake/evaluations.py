@@ -18,7 +18,7 @@ import json
 
 import pandas as pd
 
-from gradlake.lake.store import LakeError, LakeStore
+from gradlake.lake.store import LakeError, LakeStore, scan_json
 
 TABLES = ("results", "self_similarity", "greedy")
 
@@ -71,8 +71,4 @@ def list_attribution_benchmarks(store: LakeStore) -> list[tuple[str, dict]]:
 def _complete_dirs(store: LakeStore, pattern: str) -> list[tuple[str, dict]]:
     """(directory relative to the lake, its meta.json) of the directories matching `pattern` that hold a meta.json,
     which is written last."""
-    out = []
-    for path in store.glob(f"{pattern}/meta.json"):
-        relative = path[len(store.root) + 1: -len("/meta.json")]
-        out.append((relative, json.loads(store.fs.cat_file(path))))
-    return out
+    return [(relative, meta) for relative, meta, damage in scan_json(store, f"{pattern}/meta.json") if damage is None]

@@ -14,17 +14,26 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from gradlake.lake import layout
-from gradlake.lake.store import LakeError, LakeStore
+from gradlake.lake import claims, layout
+from gradlake.lake.integrity import digest
+from gradlake.lake.store import LakeError, LakeStore, read_json_attrs
 
 ATTR = "gradlake"
 MODES = ("store", "mean", "mean_normalized")
 STORE_DTYPES = ("float32", "float16")
+CHECKSUMS = (None, "crc32c")
+# Layout choices: fixed when a group is created, never part of what makes two extractions the same.
+LAYOUT_FIELDS = ("chunk_rows", "checksum")
+CREATE_SECONDS = 120.0  # a creation claim lives this long unless renewed (it is, after every array)
+# The arrays of a group that are not gradients: its tokens and its bookkeeping.
+NOT_GRADIENTS = ("sample", "input_ids", "label_mask", "n_tokens", "shard_complete", "chunk_digest")
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,10 @@ class GradientPlan:
     dtype: str
     max_tokens: int
     chunk_rows: int  # fixed when the group is created; layout, not identity (left out of the fingerprint)
+    # Every chunk object of a group made since checksums carries a CRC32C (Zarr's crc32c codec), float
+    # arrays are filled with NaN (a missing chunk reads as NaN, never as plausible zeros) and each
+    # row-chunk's digest is kept beside its flag.  None: a group written before that, read as it was.
+    checksum: str | None = "crc32c"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -47,10 +60,21 @@ class GradientPlan:
             raise LakeError("the dataset has no samples; a gradient group needs at least one")
         if self.chunk_rows < 1:
             raise LakeError(f"chunk height {self.chunk_rows} must be at least 1 sample")
+        if self.checksum not in CHECKSUMS:
+            raise LakeError(f"checksum {self.checksum!r} is not known; use one of {CHECKSUMS}")
+
+    @classmethod
+    def stored(cls, record: dict) -> "GradientPlan":
+        """The plan recorded in a group's attrs (a group from before checksums has none)."""
+        return cls(**{"checksum": None, **record})
 
     def identity(self) -> dict:
-        """The fields that determine the stored values: everything but the chunk height."""
-        return {k: v for k, v in asdict(self).items() if k != "chunk_rows"}
+        """The fields that determine the stored values: everything but the layout (chunk height, checksums)."""
+        return {k: v for k, v in asdict(self).items() if k not in LAYOUT_FIELDS}
+
+    def data_arrays(self) -> list[str]:
+        """The arrays holding a row-chunk's values: per-sample rows, or each chunk's sums (mean modes)."""
+        return list(self.parameters) if self.mode == "store" else [f"{n}.partial_sum" for n in self.parameters]
 
     @property
     def n_chunks(self) -> int:
@@ -83,13 +107,25 @@ def fingerprint(lineage: dict, plan: GradientPlan) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _differences(meta: dict, lineage: dict, plan: GradientPlan) -> list[str]:
+    """What differs between a recorded extraction and the one asked for: lineage keys and `plan.` fields."""
+    old = meta.get("lineage", {})
+    differ = sorted(k for k in set(old) | set(lineage)
+                    if old.get(k) != lineage.get(k) and k not in ("created_at", "gradlake_version"))
+    held = {k: v for k, v in meta.get("plan", {}).items() if k not in LAYOUT_FIELDS}
+    asked = plan.identity()
+    return differ + sorted(f"plan.{k}" for k in set(held) | set(asked) if held.get(k) != asked.get(k))
+
+
 def _read_meta(store: LakeStore, path: str) -> dict:
-    """The group's `gradlake` attribute, {} where there is no group (or one whose creation did not finish)."""
-    try:
-        group = zarr.open_group(store.zarr_store, path=path, mode="r", zarr_format=3)
-    except FileNotFoundError:
+    """The group's `gradlake` attribute, {} where there is no group (or one whose creation did not finish).
+
+    A damaged group metadata file is one LakeError naming it, never a JSONDecodeError from deep inside Zarr.
+    """
+    attrs = read_json_attrs(store, f"{path}/zarr.json")
+    if attrs is None:
         return {}
-    return _checked(dict(group.attrs).get(ATTR) or {}, path)
+    return _checked(attrs.get(ATTR) or {}, path)
 
 
 def _checked(meta: dict, path: str) -> dict:
@@ -114,14 +150,14 @@ class GradientGroup:
         self.store, self.path, self.group = store, path, group
         meta = _checked(dict(group.attrs).get(ATTR) or {}, path)
         self.lineage: dict = meta.get("lineage", {})
-        self.plan = GradientPlan(**meta["plan"]) if "plan" in meta else None
+        self.plan = GradientPlan.stored(meta["plan"]) if "plan" in meta else None
 
     @classmethod
     def open(cls, store: LakeStore, path: str) -> "GradientGroup":
-        try:
+        if read_json_attrs(store, f"{path}/zarr.json") is None:  # a damaged file: one line naming it
+            raise LakeError(f"no gradient group at {path!r} in {store.url}")
+        with store.explained_errors():
             group = zarr.open_group(store.zarr_store, path=path, mode="r+", zarr_format=3)
-        except FileNotFoundError as err:
-            raise LakeError(f"no gradient group at {path!r} in {store.url}") from err
         return cls(store, path, group)
 
     @classmethod
@@ -135,26 +171,74 @@ class GradientGroup:
         input_ids: np.ndarray,
         label_mask: np.ndarray,
     ) -> "GradientGroup":
-        """Create the group, or reopen it if the same extraction already made it; refuse a different one."""
-        if cls.check_path(store, path, plan, lineage):
-            return cls.open(store, path)
-        # Attrs are written last: a group without them is a creation that did not finish.
-        group = zarr.open_group(store.zarr_store, path=path, mode="w", zarr_format=3)
+        """Create the group, or reopen it if the same extraction already made it; refuse a different one.
+
+        Creation is claimed first (an object created only if absent, see `lake.claims`), so of runs
+        starting together exactly one creates the group: one with the same settings waits for it and
+        shares it, one with other settings is refused at once with what differs.
+        """
+        fp = fingerprint(lineage, plan)
+        about = {"fingerprint": fp, "lineage": lineage, "plan": asdict(plan)}
+        owner, key = claims.new_owner(), f"create/{path}"
+        deadline = time.monotonic() + CREATE_SECONDS + 30
+        while True:
+            if cls.check_path(store, path, plan, lineage):
+                return cls.open(store, path)
+            if claims.take(store, key, owner, CREATE_SECONDS, about):
+                break
+            held = claims.read_claim(store, key)
+            if held is not None and held.about.get("fingerprint") not in (None, fp):
+                raise LakeError(
+                    f"another run with different settings is creating the group at {path!r} right now "
+                    f"(differs in {_differences(held.about, lineage, plan) or ['fingerprint']}); "
+                    "use another variant name, or wait for it to finish and remove that group to replace it"
+                )
+            if time.monotonic() > deadline:
+                raise LakeError(f"the group at {path!r} is being created by another run that has not finished in "
+                                f"{CREATE_SECONDS:.0f}s; run again once it has")
+            time.sleep(0.2)  # the same extraction is being created: wait, then share it
+        try:
+            if cls.check_path(store, path, plan, lineage):  # finished by another run just before our claim
+                return cls.open(store, path)
+            with store.explained_errors():
+                cls._write_new(store, path, plan, lineage, sample_ids, input_ids, label_mask,
+                               renew=lambda: claims.renew(store, key, owner, CREATE_SECONDS, about))
+        finally:
+            claims.release(store, key)
+        return cls.open(store, path)
+
+    @staticmethod
+    def _write_new(store: LakeStore, path: str, plan: GradientPlan, lineage: dict, sample_ids: list[str],
+                   input_ids: np.ndarray, label_mask: np.ndarray, renew) -> None:
+        """Write a new group under a creation claim we hold; its attrs last (a group without them is unfinished)."""
+        checked = plan.checksum == "crc32c"
+        crc = [Crc32cCodec()] if checked else []
+        packed = [ZstdCodec(), *crc] if checked else "auto"  # small metadata-like arrays: compressed
+        data_fill = np.nan if checked else 0  # a missing chunk of a checked group reads as NaN, never as zeros
+        group = zarr.open_group(store.zarr_store, path=path, mode="w", zarr_format=3)  # clears an unfinished one
         n, width = input_ids.shape
-        ids = group.create_array("sample", shape=(n,), dtype=str, chunks=(n,), dimension_names=["sample"])
+        ids = group.create_array("sample", shape=(n,), dtype=str, chunks=(n,), dimension_names=["sample"],
+                                 compressors=packed)
         ids[:] = np.asarray(sample_ids, dtype=str)
         rows = layout.token_rows(n, width)
         tokens = group.create_array("input_ids", shape=(n, width), dtype="int32", chunks=(rows, width),
-                                    dimension_names=["sample", "token"], fill_value=-1)
+                                    dimension_names=["sample", "token"], fill_value=-1, compressors=packed)
         tokens[:] = input_ids.astype("int32")
         mask = group.create_array("label_mask", shape=(n, width), dtype="bool", chunks=(rows, width),
-                                  dimension_names=["sample", "token"], fill_value=False)
+                                  dimension_names=["sample", "token"], fill_value=False, compressors=packed)
         mask[:] = label_mask
-        lengths = group.create_array("n_tokens", shape=(n,), dtype="int32", chunks=(n,), dimension_names=["sample"])
+        lengths = group.create_array("n_tokens", shape=(n,), dtype="int32", chunks=(n,), dimension_names=["sample"],
+                                     compressors=packed)
         lengths[:] = (input_ids >= 0).sum(axis=1).astype("int32")
+        renew()
         # One object per flag: runs writing different shards never write the same object.
         group.create_array("shard_complete", shape=(plan.n_chunks,), dtype="uint8", chunks=(1,),
-                           dimension_names=["chunk"], fill_value=0, attributes={"chunk_rows": plan.chunk_rows})
+                           dimension_names=["chunk"], fill_value=0, attributes={"chunk_rows": plan.chunk_rows},
+                           compressors=crc or None)
+        if checked:  # what each row-chunk held when it was flagged: a missing or swapped chunk is found
+            group.create_array("chunk_digest", shape=(plan.n_chunks,), dtype="uint32", chunks=(1,),
+                               dimension_names=["chunk"], fill_value=0, compressors=crc,
+                               attributes={"digest": "crc32 of the row-chunk's values, array by array in plan order"})
         itemsize = np.dtype(plan.dtype).itemsize
         for name in plan.parameters:
             numel = plan.numel(name)
@@ -162,17 +246,19 @@ class GradientGroup:
             if plan.mode == "store":
                 cols = layout.column_chunk(plan.chunk_rows, numel, itemsize)
                 group.create_array(name, shape=(n, numel), dtype=plan.dtype, chunks=(plan.chunk_rows, cols),
-                                   dimension_names=["sample", flat], compressors=None, fill_value=0,
+                                   dimension_names=["sample", flat], compressors=crc or None, fill_value=data_fill,
                                    attributes={"param_shape": plan.parameters[name]})
             else:
                 cols = layout.column_chunk(1, numel, 8)
                 group.create_array(f"{name}.partial_sum", shape=(plan.n_chunks, numel), dtype="float64",
-                                   chunks=(1, cols), dimension_names=["chunk", flat], compressors=None, fill_value=0)
+                                   chunks=(1, cols), dimension_names=["chunk", flat], compressors=crc or None,
+                                   fill_value=data_fill)
                 group.create_array(name, shape=(numel,), dtype=plan.dtype, chunks=(cols,), dimension_names=[flat],
-                                   compressors=None, fill_value=0, attributes={"param_shape": plan.parameters[name]})
+                                   compressors=crc or None, fill_value=data_fill,
+                                   attributes={"param_shape": plan.parameters[name]})
+            renew()
         lineage = {**lineage, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
         group.attrs[ATTR] = {"lineage": lineage, "plan": asdict(plan), "fingerprint": fingerprint(lineage, plan)}
-        return cls.open(store, path)
 
     @staticmethod
     def check_path(store: LakeStore, path: str, plan: GradientPlan, lineage: dict) -> bool:
@@ -186,12 +272,9 @@ class GradientGroup:
             return False
         if meta.get("fingerprint") == fingerprint(lineage, plan):
             return True
-        old, new = meta.get("lineage", {}), lineage
-        differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in ("created_at", "gradlake_version"))
-        held, asked = {k: v for k, v in meta.get("plan", {}).items() if k != "chunk_rows"}, plan.identity()
-        differ += sorted(f"plan.{k}" for k in set(held) | set(asked) if held.get(k) != asked.get(k))
         raise LakeError(
-            f"the lake already holds a different extraction at {path!r} (differs in {differ or ['fingerprint']}); "
+            f"the lake already holds a different extraction at {path!r} (differs in "
+            f"{_differences(meta, lineage, plan) or ['fingerprint']}); "
             "use another variant name, or remove that group to replace it"
         )
 
@@ -202,10 +285,13 @@ class GradientGroup:
         return self.group["shard_complete"][:].astype(bool)
 
     def pending_chunks(self, start: int = 0, stop: int | None = None) -> list[int]:
-        """The row-chunks holding samples in [start, stop) that are not written yet."""
-        done = self.done_chunks()
+        """The row-chunks holding samples in [start, stop) that are not written yet (only their flags are read)."""
         stop = self.plan.n_samples if stop is None else stop
-        return [k for k in layout.chunks_in(start, stop, self.plan.chunk_rows) if not done[k]]
+        chunks = layout.chunks_in(start, stop, self.plan.chunk_rows)
+        if not chunks:
+            return []
+        done = self.group["shard_complete"][chunks.start:chunks.stop].astype(bool)
+        return [k for k, flag in zip(chunks, done) if not flag]
 
     def shard_bounds(self, index: int, shard_size: int) -> tuple[int, int]:
         """Samples [start, stop) of shard `index` of a run cutting this group in shards of `shard_size`."""
@@ -219,21 +305,93 @@ class GradientGroup:
         return sorted({k // per_shard for k in np.flatnonzero(~self.done_chunks()).tolist()})
 
     def write_chunk(self, index: int, arrays: dict[str, np.ndarray]) -> None:
-        """Store mode: write row-chunk `index` of the named arrays, whole (every column chunk of its rows)."""
+        """Store mode: write row-chunk `index` of every array, whole (every column chunk of its rows)."""
         start, stop = self.plan.chunk_bounds(index)
-        for name, values in arrays.items():
-            if values.shape[0] != stop - start:
-                raise LakeError(f"chunk {index} of {name!r} holds samples {start}-{stop - 1}; got {values.shape[0]} rows")
-            self.group[name][start:stop] = values.astype(self.plan.dtype, copy=False)
+        self._check_covers(index, arrays)
+        values = {}
+        for name in self.plan.parameters:
+            if arrays[name].shape[0] != stop - start:
+                raise LakeError(f"chunk {index} of {name!r} holds samples {start}-{stop - 1}; got {arrays[name].shape[0]} rows")
+            values[name] = np.ascontiguousarray(arrays[name], dtype=self.plan.dtype)
+            self.group[name][start:stop] = values[name]
+        self._write_digest(index, values.values())
 
     def write_partial_sum(self, index: int, sums: dict[str, np.ndarray]) -> None:
         """Mean modes: write row-chunk `index`'s sum over its samples, in float64."""
-        for name, values in sums.items():
-            self.group[f"{name}.partial_sum"][index] = values.astype("float64", copy=False)
+        self._check_covers(index, sums)
+        values = [np.ascontiguousarray(sums[name], dtype="float64") for name in self.plan.parameters]
+        for name, value in zip(self.plan.parameters, values):
+            self.group[f"{name}.partial_sum"][index] = value
+        self._write_digest(index, values)
+
+    def _check_covers(self, index: int, arrays: dict) -> None:
+        if set(arrays) != set(self.plan.parameters):  # a chunk is written whole, so that its digest covers it
+            raise LakeError(f"chunk {index} of {self.path} is written with every array at once; got {sorted(arrays)[:3]}..., "
+                            f"expected the {len(self.plan.parameters)} arrays of its plan")
+
+    def _write_digest(self, index: int, values) -> None:
+        if self.plan.checksum:
+            self.group["chunk_digest"][index] = digest(values)
 
     def mark_complete(self, index: int) -> None:
         """Record that row-chunk `index` is fully written; the last write of a chunk."""
         self.group["shard_complete"][index] = 1
+
+    def expected_arrays(self) -> dict[str, tuple[tuple[int, ...], str | None]]:
+        """Every array the plan says the group holds: name to (shape, dtype)."""
+        plan = self.plan
+        n, chunks = plan.n_samples, plan.n_chunks
+        out = {"sample": ((n,), None), "input_ids": ((n, plan.max_tokens), "int32"),
+               "label_mask": ((n, plan.max_tokens), "bool"), "n_tokens": ((n,), "int32"),
+               "shard_complete": ((chunks,), "uint8")}
+        if plan.checksum:
+            out["chunk_digest"] = ((chunks,), "uint32")
+        for name in plan.parameters:
+            numel = plan.numel(name)
+            if plan.mode == "store":
+                out[name] = ((n, numel), plan.dtype)
+            else:
+                out[f"{name}.partial_sum"] = ((chunks, numel), "float64")
+                out[name] = ((numel,), plan.dtype)
+        return out
+
+    def metadata_problems(self) -> list[str]:
+        """Arrays missing, unreadable, or whose shape or dtype in their zarr.json disagrees with the plan."""
+        problems = []
+        for name, (shape, dtype) in self.expected_arrays().items():
+            try:
+                array = self.group[name]
+            except Exception as err:  # KeyError when absent, a JSON error when its zarr.json is damaged
+                problems.append(f"array {name!r} is missing or its metadata is damaged ({type(err).__name__})")
+                continue
+            if tuple(array.shape) != shape or (dtype and str(array.dtype) != dtype):
+                problems.append(f"array {name!r} is {tuple(array.shape)} {array.dtype} in its zarr.json; the plan says "
+                                f"{shape} {dtype}")
+        return problems
+
+    def meta_complete(self) -> bool:
+        return bool(dict(self.group.attrs)[ATTR].get("complete"))
+
+    def clear(self, chunks: list[int]) -> None:
+        """Mark row-chunks not written (found damaged), so that the next run recomputes exactly them."""
+        for k in chunks:
+            self.group["shard_complete"][k] = 0
+            if self.plan.checksum:
+                self.group["chunk_digest"][k] = 0
+        meta = dict(self.group.attrs)[ATTR]
+        if chunks or meta.get("complete"):
+            self.group.attrs[ATTR] = {**meta, "complete": False}
+
+    def read_chunk(self, index: int) -> list[np.ndarray]:
+        """Row-chunk `index` of every data array, in plan order, as stored (for checking it)."""
+        start, stop = self.plan.chunk_bounds(index)
+        if self.plan.mode == "store":
+            return [self.group[name][start:stop] for name in self.plan.data_arrays()]
+        return [self.group[name][index] for name in self.plan.data_arrays()]
+
+    def stored_digest(self, index: int) -> int | None:
+        """The digest recorded when row-chunk `index` was written, None for a group without checksums."""
+        return int(self.group["chunk_digest"][index]) if self.plan.checksum else None
 
     def finalize(self) -> bool:
         """For mean modes, combine the chunks' sums into the mean; True when the group is complete."""
@@ -259,8 +417,8 @@ class ChunkAssembly:
     and when a chunk has all its rows.  Only the chunks asked for are taken; rows of other
     chunks are ignored, so a finished chunk is never written again."""
 
-    def __init__(self, group: GradientGroup, chunks: list[int]):
-        self.group = group
+    def __init__(self, group: GradientGroup, chunks: list[int], leases=None):
+        self.group, self.leases = group, leases
         self.waiting = set(chunks)
         self._filled: dict[int, int] = {}
 
@@ -279,8 +437,10 @@ class ChunkAssembly:
         return self._filled[k] == c1 - c0
 
     def complete(self, k: int) -> None:
-        """Flag chunk `k` complete (after its data is written): the last write for it."""
+        """Flag chunk `k` complete (after its data is written): the last write for it; then free its lease."""
         self.group.mark_complete(k)
+        if self.leases is not None:
+            self.leases.release(self.group, k)
         self.waiting.discard(k)
         self._filled.pop(k, None)
 
@@ -292,8 +452,8 @@ class ChunkRows(ChunkAssembly):
     all its rows came, then is written once and flagged complete.
     """
 
-    def __init__(self, group: GradientGroup, chunks: list[int]):
-        super().__init__(group, chunks)
+    def __init__(self, group: GradientGroup, chunks: list[int], leases=None):
+        super().__init__(group, chunks, leases)
         self._rows: dict[int, dict[str, np.ndarray]] = {}
 
     def add(self, start: int, stop: int, arrays: dict[str, np.ndarray]) -> list[int]:
@@ -313,3 +473,4 @@ class ChunkRows(ChunkAssembly):
             self.complete(k)
             done.append(k)
         return done
+

@@ -27,9 +27,10 @@ from collections.abc import Iterator
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec
 
 from gradlake.lake import layout
-from gradlake.lake.store import LakeError, LakeStore
+from gradlake.lake.store import LakeError, LakeStore, scan_json
 
 QUERY_ROWS = 256
 
@@ -71,8 +72,9 @@ class ScoreGroup:
         rows = max(1, min(n_query, query_rows))
         cols = min(layout.column_chunk(rows, n_train, itemsize), train_cols or n_train)
         root = zarr.open_group(store.zarr_store, path=path, mode="w", zarr_format=3)
+        # A CRC32C per chunk: a damaged block fails on read; a missing one reads as NaN (scores are finite).
         root.create_array("scores", shape=(n_query, n_train), chunks=(rows, cols), dtype=dtype, fill_value=np.nan,
-                          compressors=None, dimension_names=("query", "train"))
+                          compressors=[Crc32cCodec()], dimension_names=("query", "train"))
         for name, ids in (("query", query_ids), ("train", train_ids)):
             array = root.create_array(name, shape=(len(ids),), dtype=str, chunks=(len(ids),), dimension_names=(name,))
             array[:] = np.asarray(ids, dtype=str)
@@ -151,6 +153,12 @@ class ScoreGroup:
             qs, ts = self.bounds(qb, tb)
             self.write_block(qb, tb, values[: qs.stop - qs.start, ts])
 
+    def clear(self, blocks: list[tuple[int, int]]) -> None:
+        """Mark blocks not written (found damaged), so that the next run recomputes exactly them."""
+        for qb, tb in blocks:
+            self.group["block_complete"][qb, tb] = 0
+        self.group.attrs["gradlake"] = {**self.meta, "complete": False}
+
     def finish(self, **extra) -> None:
         """Mark the group complete (after every block is), with extra facts such as compute seconds."""
         pending = self.pending_blocks()
@@ -174,11 +182,13 @@ class ScoreGroup:
 
 
 def list_score_groups(store: LakeStore) -> list[dict]:
-    """Every score group in the lake: its path (relative to the lake) and its attributes."""
+    """Every score group in the lake: its path (relative to the lake) and its attributes; a group whose
+    metadata is damaged as its path and `damaged` (the one-line reason)."""
     out = []
-    prefix = store.path("") + "/"
-    for meta_path in store.glob("attribution/*/*/*/*/*/zarr.json"):
-        attrs = json.loads(store.fs.cat_file(meta_path)).get("attributes", {}).get("gradlake")
-        if attrs is not None:
-            out.append({"path": meta_path[len(prefix):].rsplit("/zarr.json", 1)[0], **attrs})
+    for path, record, damage in scan_json(store, "attribution/*/*/*/*/*/zarr.json"):
+        attrs = (record or {}).get("attributes", {}).get("gradlake")
+        if damage is not None:
+            out.append({"path": path, "damaged": damage})
+        elif attrs is not None:
+            out.append({"path": path, **attrs})
     return out

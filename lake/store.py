@@ -9,6 +9,7 @@ variables and files.  Nothing here ever writes a credential anywhere.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Iterator
@@ -33,13 +34,33 @@ def default_lake() -> str:
     return os.environ.get("GRADLAKE_LAKE") or "demo-lake"
 
 
+_RETRY_VARS = ("AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE")
+# Connection resets are retried by botocore alone (s3fs retries only 503 SlowDown and closed
+# connections, aiohttp resends an idempotent request once), so a profile with max_attempts = 1
+# fails an extraction on the first reset; and botocore's default is set to change (legacy mode,
+# 5 attempts, today; 'standard', 3 attempts, under AWS_NEW_RETRIES_2026).  Pinned here to what
+# carries an extraction through 15-30% injected faults (tests/test_s3_faults.py): 5 attempts
+# with standard backoff.  Not more: a dead endpoint is reported only after the last
+# attempt (about 10 s with 5 attempts, a minute with 10); longer outages are the Prefect tasks' retries.
+_RETRIES = {"total_max_attempts": 5, "mode": "standard"}
+
+
 def storage_options_for(url: str, storage_options: dict | None = None) -> dict:
-    """fsspec options for a lake URL: the caller's, plus the S3 endpoint from the environment."""
+    """fsspec options for a lake URL: the caller's, plus the S3 endpoint from the environment and retries.
+
+    Retries (see `_RETRIES`) are added unless the caller's ``config_kwargs`` name some, or
+    ``AWS_MAX_ATTEMPTS`` / ``AWS_RETRY_MODE`` are set (then botocore's own choice stands).
+    """
     options = dict(storage_options or {})
-    if url.startswith(("s3://", "s3a://")) and "endpoint_url" not in options and "client_kwargs" not in options:
+    if not url.startswith(("s3://", "s3a://")):
+        return options
+    if "endpoint_url" not in options and "client_kwargs" not in options:
         endpoint = next((os.environ[v] for v in _ENDPOINT_VARS if os.environ.get(v)), None)
         if endpoint:
             options["endpoint_url"] = endpoint
+    config = dict(options.get("config_kwargs") or {})
+    if "retries" not in config and not any(os.environ.get(v) for v in _RETRY_VARS):
+        options["config_kwargs"] = {**config, "retries": dict(_RETRIES)}
     return options
 
 
@@ -219,3 +240,45 @@ class LakeStore:
                 raise LakeError(f"lake {public_url(self.url)!r} is not writable: {problem}") from None
             raise LakeError(f"lake {public_url(self.url)!r} is not writable ({type(err).__name__}: {err}); "
                             "pass a directory you can write, or an s3:// URL with credentials in the environment") from err
+
+
+class DamagedMetadata(LakeError):
+    """A metadata file in the lake that is there but cannot be read as JSON."""
+
+
+def read_json(store: LakeStore, relative: str) -> dict | None:
+    """A JSON metadata file of the lake, or None where there is none; a damaged one is one error naming it."""
+    with store.explained_errors():
+        try:
+            raw = store.fs.cat_file(store.path(relative))
+        except FileNotFoundError:
+            return None
+    try:
+        record = json.loads(raw)
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError alike
+        raise DamagedMetadata(
+            f"damaged metadata: {public_url(store.url)}/{relative} is not valid JSON ({err}); "
+            "run `gradlake verify` to list what is damaged, then restore the file or remove what holds it and rerun"
+        ) from None
+    if not isinstance(record, dict):
+        raise DamagedMetadata(f"damaged metadata: {public_url(store.url)}/{relative} holds {type(record).__name__}, "
+                              "not a JSON object")
+    return record
+
+
+def read_json_attrs(store: LakeStore, relative: str) -> dict | None:
+    """The attributes in a Zarr v3 `zarr.json`, or None where there is no such file."""
+    record = read_json(store, relative)
+    return None if record is None else dict(record.get("attributes") or {})
+
+
+def scan_json(store: LakeStore, pattern: str) -> Iterator[tuple[str, dict | None, str | None]]:
+    """(directory relative to the lake, its JSON record, None) for each file matching `pattern` (relative to
+    the lake), or (directory, None, the one-line reason) for a damaged one: one bad file never hides the rest."""
+    for path in store.glob(pattern):
+        relative = path[len(store.root) + 1:]
+        directory = relative.rsplit("/", 1)[0]
+        try:
+            yield directory, read_json(store, relative), None
+        except DamagedMetadata as err:
+            yield directory, None, str(err)

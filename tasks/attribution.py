@@ -36,6 +36,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from gradlake.lake import layout
+from gradlake.lake.gradients import NOT_GRADIENTS
+from gradlake.lake.integrity import read_checked
 from gradlake.lake.scores import ScoreGroup, list_score_groups, scores_path
 from gradlake.lake.store import LakeError, LakeStore
 from gradlake.tasks.groundtruth import draw_subsets, lds, random_removals, top_k_removals
@@ -263,7 +265,7 @@ def baseline_scores(spec: AttributionSpec, queries: str | None = None, log: Call
             dots, q_sq, d_sq = _accumulate(evaluation.query, evaluation.originals, [best], 1 << 30)
             write(f"grad-cosine:{best}", "tensor", cosine_from_parts(dots, q_sq, d_sq), time.perf_counter() - started)
     for label, projection, query_group, docs in (evaluation.projection_pairs() if evaluation is not None else []):
-        arrays = sorted(set(query_group.array_keys()) - {"sample", "input_ids", "label_mask", "n_tokens", "shard_complete"})
+        arrays = sorted(set(query_group.array_keys()) - set(NOT_GRADIENTS))
         if not held(f"proj-cosine:{label}", settings={"projection": projection}):
             started = time.perf_counter()
             dots, q_sq, d_sq = _accumulate(query_group, docs, arrays, 1 << 30)
@@ -272,8 +274,8 @@ def baseline_scores(spec: AttributionSpec, queries: str | None = None, log: Call
         if held(f"trak:{label}", settings={"projection": projection, "trak_lambda": spec.trak_lambda}):
             continue
         started = time.perf_counter()
-        features_q = np.concatenate([np.asarray(query_group[a][:], np.float32) for a in arrays], axis=1)
-        features_t = np.concatenate([np.asarray(docs[a][:], np.float32) for a in arrays], axis=1)
+        features_q = np.concatenate([read_checked(query_group[a], slice(None), np.float32) for a in arrays], axis=1)
+        features_t = np.concatenate([read_checked(docs[a], slice(None), np.float32) for a in arrays], axis=1)
         write(f"trak:{label}", "trak", trak_scores(features_q, features_t, spec.trak_lambda),
               time.perf_counter() - started, {"projection": projection, "trak_lambda": spec.trak_lambda})
     if not held("bm25"):

@@ -33,19 +33,38 @@ class WatchedModel(BaseModel):
     storage_options: dict = Field(default={}, description="fsspec options for an s3:// prefix (no credentials: those come from the environment).")
 
 
+def safetensors_header(fs, path: str) -> dict:
+    """The JSON header of a whole safetensors file (tensor name -> dtype, shape, data_offsets).
+
+    Only the head of the file is read, by two ranged reads: its 8-byte little-endian header
+    length, then the header.  A file shorter or longer than its header says (one still being
+    written, or truncated) is a ValueError whose text completes "weight file <path> ...".
+    """
+    size = fs.size(path)
+    if size < 8:
+        raise ValueError(f"is {size} bytes, too short for a safetensors header")
+    (header_len,) = struct.unpack("<Q", fs.cat_file(path, start=0, end=8))
+    if not 0 < header_len <= size - 8:
+        raise ValueError(f"is {size} bytes, less than the {header_len}-byte header its first 8 bytes announce: "
+                         "truncated, or not a safetensors file")
+    try:
+        header = json.loads(fs.cat_file(path, start=8, end=8 + header_len))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+        raise ValueError(f"has no valid safetensors header ({type(err).__name__}: {err})") from None
+    if size != 8 + header_len + end:
+        state = "truncated" if size < 8 + header_len + end else "longer than its tensors"
+        raise ValueError(f"is {size} bytes, but its header says {8 + header_len + end}: {state}")
+    return header
+
+
 def safetensors_whole(fs, path: str) -> bool:
     """True when a safetensors file is as long as its header says (a file still being written is shorter)."""
     try:
-        size = fs.size(path)
-        with fs.open(path, "rb") as handle:
-            (header_len,) = struct.unpack("<Q", handle.read(8))
-            if header_len <= 0 or 8 + header_len > size:
-                return False
-            header = json.loads(handle.read(header_len))
-    except (OSError, ValueError, struct.error):
+        safetensors_header(fs, path)
+    except (OSError, ValueError):
         return False
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    return size == 8 + header_len + end
+    return True
 
 
 def checkpoint_complete(fs, directory: str, marker: str | None = None) -> bool:

@@ -21,7 +21,7 @@ from functools import cached_property, lru_cache
 import numpy as np
 import pandas as pd
 import zarr
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gradlake.lake import layout
 from gradlake.lake.gradients import ATTR
@@ -47,6 +47,23 @@ class EvaluationSpec(BaseModel):
     greedy_steps: int = Field(default=8, ge=0, description="Steps of greedy layer selection (0: none).")
     memory_budget: int = Field(default=DEFAULT_BUDGET, ge=1 << 20, title="Memory budget (bytes)", description="Bytes of gradient slabs and score blocks held at once.")
     lake: str = Field(default_factory=default_lake, description="Lake URL.")
+
+    # Checked with the spec, so that the CLI and the Prefect UI refuse it at once: an 'original' query
+    # opens fine (it is the originals' own group) and was found only inside the run.
+    @field_validator("queries")
+    @classmethod
+    def _queries(cls, value: list[str]) -> list[str]:
+        check_queries(value)
+        return value
+
+
+def check_queries(queries: list[str]) -> None:
+    """One or more distinct query variants, 'original' not among them (it is what they are compared with)."""
+    if not queries or len(set(queries)) < len(queries):
+        raise ValueError(f"query variants {queries} must be one or more distinct names, e.g. ['paraphrased', 'model_generated']")
+    if "original" in queries:
+        raise ValueError("'original' is what queries are compared against; it cannot be a query variant "
+                         "(use 'paraphrased', 'model_generated' or another variant of the dataset)")
 
 
 def lake_keys(model: ModelSpec) -> tuple[str, str]:
@@ -371,10 +388,7 @@ def run_evaluation(spec: EvaluationSpec, log=print) -> tuple[str, pd.DataFrame]:
     from gradlake.lake.evaluations import evaluation_dir, write_evaluation
     from gradlake.tasks.report import html_report, markdown, plots
 
-    if not spec.queries or len(set(spec.queries)) < len(spec.queries):
-        raise ValueError(f"query variants {spec.queries} must be one or more distinct names, e.g. ['paraphrased', 'model_generated']")
-    if "original" in spec.queries:
-        raise ValueError("'original' is what queries are compared against; it cannot be a query variant")
+    check_queries(spec.queries)  # again: a spec changed by model_copy(update=...) is not validated
     store = LakeStore(spec.lake)
     evaluations = [Evaluation(spec, q, store) for q in spec.queries]  # every group checked before any work
     store.check_writable()

@@ -21,12 +21,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gradlake.lake import layout
 from gradlake.lake.datasets import dataset_meta, read_dataset
+from gradlake.lake.claims import LEASE_SECONDS, ChunkLeases
 from gradlake.lake.gradients import ChunkAssembly, ChunkRows, GradientGroup, GradientPlan, check_shard_size, stored_chunk_rows
 from gradlake.lake.store import LakeError, LakeStore, default_lake
 from gradlake.tasks.gradients import PerSampleGradients, Projection
 from gradlake.tasks.loss import IGNORE_INDEX, Encoded, encode_sample, pad_batch
-from gradlake.tasks.model import (ModelError, ModelSpec, check_model, lake_names, load_model, load_tokenizer, parameter_shapes,
-                         resolved_commit, select_parameters, tokenizer_fingerprint)
+from gradlake.tasks.model import (ModelError, ModelSpec, check_model, check_weights, lake_names, load_model, load_tokenizer,
+                                  parameter_shapes, resolved_commit, select_parameters, tokenizer_fingerprint)
 from gradlake.tasks.project import projection_group_plan, projection_path
 from gradlake.tasks.projection import ProjectionSpec, output_key, projector_choices, projectors_for
 from gradlake.tasks.retries import retry_unless_bad_input
@@ -87,8 +88,11 @@ def _encode_all(tokenizer, frame, spec: ExtractionSpec) -> list[Encoded]:
     return encoded
 
 
-def plan_extraction(spec: ExtractionSpec) -> ExtractionPlan:
-    """Check every input and tokenize the dataset, without loading weights or writing anything."""
+def plan_extraction(spec: ExtractionSpec, device_here: bool = True) -> ExtractionPlan:
+    """Check every input and tokenize the dataset, without loading weights or writing anything.
+
+    `device_here` off: the plan is made for work on other machines (the pipeline's shards on GPU
+    workers), so the device is checked by them, not here."""
     model = spec.model.resolved()
     layout.name_key("dataset", spec.dataset)
     layout.name_key("variant", spec.variant)
@@ -103,6 +107,7 @@ def plan_extraction(spec: ExtractionSpec) -> ExtractionPlan:
         raise ValueError(f"the same projection is asked for twice: {labels}")
     config = check_model(model)
     shapes = parameter_shapes(model, config)
+    check_weights(model, config, device_here)  # files, headers, shapes and device, before the lake is touched or a weight read
     label = f"{model.model}" + (f"@{model.checkpoint}" if model.checkpoint else "")
     names = select_parameters(list(shapes), spec.layers, label)
     selected = {n: shapes[n] for n in names}
@@ -203,8 +208,8 @@ class ChunkSums(ChunkAssembly):
     A chunk's rows may arrive over several batches; its sum is written when the last arrives.
     """
 
-    def __init__(self, group: GradientGroup, chunks: list[int], normalize: bool):
-        super().__init__(group, chunks)
+    def __init__(self, group: GradientGroup, chunks: list[int], normalize: bool, leases: ChunkLeases | None = None):
+        super().__init__(group, chunks, leases)
         self.normalize = normalize
         self._sums: dict[int, dict[str, torch.Tensor]] = {}
 
@@ -270,19 +275,48 @@ class Progress:
         return True
 
 
-def extract_shard(spec: ExtractionSpec, group: GradientGroup, shard: int, log=print) -> int:
+def extract_shard(spec: ExtractionSpec, group: GradientGroup, shard: int, log=print, poll: float = 2.0,
+                  lease_seconds: float = LEASE_SECONDS) -> int:
     """Compute and write one shard's unfinished chunks in the gradient group and its projection groups.
 
     Returns the number of samples computed.  Batches lie on the grid of `spec.batch_size` and
     a batch holding any unfinished chunk's sample is computed whole, so every chunk holds what
     an uninterrupted run with this batch size writes; finished chunks are never rewritten.
-    Progress (samples, rate, time left) is logged at most every 10 seconds, or every batch
-    when batches are slower.
+    Each chunk is leased before it is computed: chunks another live worker holds (a run with the
+    same settings at the same time) are waited for, not computed twice; a dead worker's lease runs
+    out after `lease_seconds` and its chunks are then computed here.  Progress (samples, rate,
+    time left) is logged at most every 10 seconds, or every batch when batches are slower.
     """
-    plan = group.plan
     start, stop = group.shard_bounds(shard, spec.shard_size)
     targets = [*projection_groups(spec, group.store, group.path), group]  # the gradient group's flags last
-    todo = [t.pending_chunks(start, stop) for t in targets]
+    label = f"{spec.variant} shard {shard} (samples {start}-{stop - 1})"
+    leases = ChunkLeases(lease_seconds)
+    computed, waited = 0, False
+    try:
+        while True:
+            todo = [t.pending_chunks(start, stop) for t in targets]
+            if not any(todo):
+                break
+            mine = [leases.take(t, chunks) for t, chunks in zip(targets, todo)]
+            if any(mine):
+                computed += _compute_chunks(spec, targets, mine, start, stop, label, leases, log)
+            else:  # all of them are another worker's right now
+                if not waited:
+                    log(f"{label}: {sum(map(len, todo))} chunks are being computed by another worker; waiting for them")
+                waited = True
+                time.sleep(poll)
+    finally:
+        leases.release_all()
+    if not computed:
+        log(f"{label}: " + ("completed by another worker" if waited else "already complete"))
+    return computed
+
+
+def _compute_chunks(spec: ExtractionSpec, targets: list[GradientGroup], todo: list[list[int]], start: int, stop: int,
+                    label: str, leases: ChunkLeases, log) -> int:
+    """Compute the batches that hold the chunks `todo` (one list per target) and write those chunks."""
+    group = targets[-1]
+    plan = group.plan
     wanted = np.zeros(stop - start, dtype=bool)
     for target, chunks in zip(targets, todo):
         for k in chunks:
@@ -290,10 +324,6 @@ def extract_shard(spec: ExtractionSpec, group: GradientGroup, shard: int, log=pr
             wanted[c0 - start:c1 - start] = True
     batches = [(o, min(o + spec.batch_size, stop)) for o in range(start, stop, spec.batch_size)
                if wanted[o - start:o - start + spec.batch_size].any()]
-    label = f"{spec.variant} shard {shard} (samples {start}-{stop - 1})"
-    if not batches:
-        log(f"{label}: already complete")
-        return 0
     model_spec = spec.model.resolved()
     model = load_model(model_spec)
     tokenizer = load_tokenizer(model_spec)
@@ -303,8 +333,9 @@ def extract_shard(spec: ExtractionSpec, group: GradientGroup, shard: int, log=pr
     layers = set(group.lineage["layers"])
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if n in layers}
     projections = [Projection(projectors_for(p, shapes, device), key=partial(output_key, p)) for p in spec.projections]
-    writers = [ChunkRows(t, chunks) for t, chunks in zip(targets[:-1], todo[:-1])]
-    stored = ChunkRows(group, todo[-1]) if plan.mode == "store" else ChunkSums(group, todo[-1], plan.mode == "mean_normalized")
+    writers = [ChunkRows(t, chunks, leases) for t, chunks in zip(targets[:-1], todo[:-1])]
+    stored = (ChunkRows(group, todo[-1], leases) if plan.mode == "store"
+              else ChunkSums(group, todo[-1], plan.mode == "mean_normalized", leases))
     progress = Progress(sum(e - o for o, e in batches), "samples", log)
     with PerSampleGradients(model, names, projections) as per_sample:
         for offset, end in batches:
@@ -313,6 +344,7 @@ def extract_shard(spec: ExtractionSpec, group: GradientGroup, shard: int, log=pr
             for writer, projected in zip(writers, per_sample.projected):
                 writer.add(offset, end, {k: v.cpu().numpy() for k, v in projected.items()})
             stored.add(offset, end, {n: g.cpu().numpy() for n, g in grads.items()} if plan.mode == "store" else grads)
+            leases.renew()
             progress.add(end - offset, f"{label}: ")
     unwritten = {t.path: sorted(w.waiting) for t, w in zip(targets, [*writers, stored]) if w.waiting}
     if unwritten:  # every chunk asked for lies in some computed batch; this guards that reasoning
@@ -325,9 +357,9 @@ def extract_shard(spec: ExtractionSpec, group: GradientGroup, shard: int, log=pr
 
 @task(name="plan-and-create-group", cache_policy=NONE, retries=2, retry_delay_seconds=[5, 30],
       retry_condition_fn=retry_unless_bad_input)
-def prepare_extraction_task(spec: ExtractionSpec) -> tuple[str, list[int]]:
+def prepare_extraction_task(spec: ExtractionSpec, device_here: bool = True) -> tuple[str, list[int]]:
     """Validate, then create (or reopen) the group; returns its path and the shards still to do."""
-    planned = plan_extraction(spec)
+    planned = plan_extraction(spec, device_here)
     group = create_group(planned)
     pending = pending_shards(spec, group)
     get_run_logger().info(
@@ -363,6 +395,10 @@ def finalize_task(lake: str, paths: list[str]) -> bool:
     store = LakeStore(lake)
     for path in paths:
         group = GradientGroup.open(store, path)
+        problems = group.metadata_problems()  # once per run: a changed zarr.json is not taken as complete
+        if problems:
+            raise LakeError(f"group {path} is damaged: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+                            + "; run `gradlake verify` on the lake, then remove that group and extract it again")
         if not group.finalize():
             chunks = group.pending_chunks()
             raise LakeError(f"group {path} still has {len(chunks)} chunks of {group.plan.chunk_rows} samples to do "

@@ -46,7 +46,7 @@ from gradlake.lake.datasets import dataset_meta, read_dataset
 from gradlake.lake.scores import ScoreGroup, scores_path
 from gradlake.lake.store import LakeStore
 from gradlake.tasks.loss import IGNORE_INDEX, Encoded, Paradigm, encode_sample, pad_batch, sample_losses
-from gradlake.tasks.model import DTYPES, ModelError, ModelSpec, check_model, lake_names, resolved_commit
+from gradlake.tasks.model import DTYPES, ModelError, ModelSpec, check_model, check_weights, lake_names, resolved_commit
 
 STRATEGIES: tuple[str, ...] = ("identity", "diagonal", "kfac", "ekfac")
 SCORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -283,6 +283,7 @@ def _plan(spec: InfluenceSpec) -> tuple[dict, tuple]:
     from transformers import AutoModelForCausalLM
 
     config = check_model(spec.model)
+    check_weights(spec.model, config)
     sets = load_sets(spec)
     keys, _, query_ids, _, versions = sets
     if not keys or not query_ids:

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gradlake.lake import layout
 from gradlake.lake.gradients import ChunkRows, GradientGroup, GradientPlan, check_shard_size, stored_chunk_rows
+from gradlake.lake.integrity import read_checked
 from gradlake.lake.store import LakeError, LakeStore, default_lake
 from gradlake.tasks.projection import ProjectionSpec, output_dims, project_batch, projector_choices, projectors_for
 from gradlake.tasks.retries import retry_unless_bad_input
@@ -128,7 +129,7 @@ def project_shard(spec: ProjectSpec, target: GradientGroup, shard: int, log=prin
             rows = max(1, min(hi - lo, READ_BUDGET // (4 * math.prod(shape))))
             for offset in range(lo, hi, rows):
                 end = min(offset + rows, hi)
-                grads = torch.from_numpy(np.asarray(source.group[name][offset:end], dtype=np.float32))
+                grads = torch.from_numpy(read_checked(source.group[name], slice(offset, end), np.float32))
                 for key, part in project_batch(spec.projection, {name: grads}, projectors).items():
                     block = out.setdefault(key, np.zeros((hi - lo, part.shape[1]), dtype=np.float32))
                     block[offset - lo:end - lo] += part.cpu().numpy()

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 import numpy as np
 import zarr
 
+from gradlake.lake.integrity import read_checked
+
 DEFAULT_BUDGET = 1 << 30  # bytes of gradient slabs held at once
 
 
@@ -54,11 +56,11 @@ def array_dots(queries: zarr.Array, docs: zarr.Array, q_start: int, q_stop: int,
         c1 = min(numel, c0 + width)
         for a0 in range(0, q, q_rows):
             a1 = min(q, a0 + q_rows)
-            a = np.asarray(queries[q_start + a0:q_start + a1, c0:c1], dtype=np.float32)
+            a = read_checked(queries, (slice(q_start + a0, q_start + a1), slice(c0, c1)), np.float32)
             q_sq[a0:a1] += np.einsum("ij,ij->i", a, a, dtype=np.float64)
             for b0 in range(0, n, d_rows):
                 b1 = min(n, b0 + d_rows)
-                b = np.asarray(docs[b0:b1, c0:c1], dtype=np.float32)
+                b = read_checked(docs, (slice(b0, b1), slice(c0, c1)), np.float32)
                 dots[a0:a1, b0:b1] += a @ b.T
                 if doc_sq is None and a0 == 0:
                     d_sq[b0:b1] += np.einsum("ij,ij->i", b, b, dtype=np.float64)

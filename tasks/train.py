@@ -52,7 +52,7 @@ from gradlake.lake.store import LakeStore, storage_options_for
 from gradlake.tasks.checkpoints import checkpoint_complete
 from gradlake.tasks.loss import Encoded, Paradigm, encode_sample, pad_batch, sample_losses
 from gradlake.tasks.quality import QualitySpec
-from gradlake.tasks.model import DTYPES, ModelError, ModelSpec, check_model, lake_names, resolved_commit
+from gradlake.tasks.model import DTYPES, ModelError, ModelSpec, check_model, check_weights, lake_names, resolved_commit
 
 LINEAGE_FILE = "gradlake_train.json"
 STATE_DIR = "trainer_state"
@@ -264,6 +264,7 @@ def total_steps(spec: TrainSpec, n_samples: int) -> int:
 def plan_run(spec: TrainSpec) -> Plan:
     """Validate everything before any training or writing; the plan says what is left to do."""
     config = check_model(spec.model)
+    check_weights(spec.model, config)
     data = load_train_data(spec)
     check_output_writable(spec)
     per_epoch = math.ceil(len(data.keys) / spec.batch_size)

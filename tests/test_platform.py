@@ -109,7 +109,7 @@ def test_prefect_yaml_deploys_every_stage(platform):
     names = {d["name"] for d in config["deployments"]}
     assert {"gradlake-pipeline", "extract-shards", "extract-gradients", "create-dataset", "project-gradients",
             "evaluate-select-vs-project", "watch-checkpoints", "train-model",
-            "compute-influence", "evaluate-attribution"} <= names
+            "compute-influence", "evaluate-attribution", "verify-lake"} <= names
     listed = _prefect("deployment", "ls", env=platform["env"])
     for name in names:
         assert name in listed

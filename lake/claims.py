@@ -1,0 +1,195 @@
+"""Claims: small objects created only if absent, so that concurrent runs agree on who does what.
+
+A claim is a JSON object under ``<lake>/.gradlake/`` holding its owner (a random token of the
+run that made it), what it is for, and when it expires.  It is created with a write that
+fails if the object exists: ``O_CREAT | O_EXCL`` on a local lake, ``If-None-Match: *`` on S3
+(AWS S3 and MinIO honour it; s3fs answers ``FileExistsError``).  Two runs racing for the same
+claim get one winner, on any number of machines.
+
+A claim that expires was left by a run that died; anyone may take it over.  Taking over
+deletes the stale object and creates a fresh one under the same rule, so two runs taking over
+the same stale claim at the same instant can both believe they hold it; the work they guard is
+written whole and deterministic, so the cost of that rare case is work done twice, never a
+mixed result.  Claims live outside the Zarr groups, where Zarr and xarray never see them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass
+
+from typing import TYPE_CHECKING
+
+from gradlake.lake.store import LakeStore
+
+if TYPE_CHECKING:
+    from gradlake.lake.gradients import GradientGroup
+
+ROOT = ".gradlake"
+LEASE_SECONDS = 600.0  # a chunk lease: renewed while its worker computes; a dead worker's runs out
+
+
+def new_owner() -> str:
+    """A token naming one run (or one worker of it) as the owner of its claims."""
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a claim object says."""
+
+    owner: str
+    expires: float
+    about: dict
+
+    @property
+    def expired(self) -> bool:
+        return time.time() > self.expires
+
+
+def claim_path(store: LakeStore, key: str) -> str:
+    return store.path(f"{ROOT}/{key}.json")
+
+
+def _create(store: LakeStore, path: str, data: bytes) -> bool:
+    """Write `data` at `path` if nothing is there; False if something is."""
+    if store.is_local:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            with open(path, "xb") as handle:
+                handle.write(data)
+        except FileExistsError:
+            return False
+        return True
+    with store.explained_errors():
+        try:
+            store.fs.pipe_file(path, data, mode="create")
+        except OSError as err:
+            # s3fs says FileExistsError when the 412's body names the If-None-Match condition, a plain
+            # OSError otherwise (stores differ in the body they send).
+            if not isinstance(err, FileExistsError) and "precondition" not in str(err).lower().replace("-", ""):
+                raise
+            # A retried request whose first attempt was applied (its answer lost) finds its own object.
+            return _read(store, path) == data
+    return True
+
+
+def _read(store: LakeStore, path: str) -> bytes | None:
+    with store.explained_errors():
+        try:
+            return store.fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+
+
+def read_claim(store: LakeStore, key: str) -> Claim | None:
+    """The claim at `key`, or None if there is none (or it is not readable JSON: a torn write)."""
+    raw = _read(store, claim_path(store, key))
+    if raw is None:
+        return None
+    try:
+        record = json.loads(raw)
+        return Claim(str(record["owner"]), float(record["expires"]), dict(record.get("about") or {}))
+    except (ValueError, KeyError, TypeError):
+        return Claim("", 0.0, {})  # unreadable: treated as expired, so it is taken over
+
+
+def _encode(owner: str, seconds: float, about: dict) -> bytes:
+    return json.dumps({"owner": owner, "expires": time.time() + seconds, "about": about}, sort_keys=True).encode()
+
+
+def take(store: LakeStore, key: str, owner: str, seconds: float, about: dict | None = None) -> bool:
+    """Claim `key` for `owner` for `seconds`; True if it is now ours (fresh, already ours, or taken over)."""
+    path = claim_path(store, key)
+    data = _encode(owner, seconds, about or {})
+    if _create(store, path, data):
+        return True
+    held = read_claim(store, key)
+    if held is not None and held.owner == owner:
+        renew(store, key, owner, seconds, about)
+        return True
+    if held is not None and not held.expired:
+        return False
+    release(store, key)  # stale (its run died) or gone meanwhile: try once more under the same rule
+    return _create(store, path, data)
+
+
+def renew(store: LakeStore, key: str, owner: str, seconds: float, about: dict | None = None) -> bool:
+    """Push a claim we hold further into the future (a long piece of work still in progress).
+
+    False, and nothing written, if it is no longer ours (it expired and another run took it over).
+    """
+    held = read_claim(store, key)
+    if held is not None and held.owner != owner:
+        return False
+    with store.explained_errors():
+        path = claim_path(store, key)
+        if store.is_local:
+            tmp = f"{path}.{owner}.tmp"
+            with open(tmp, "wb") as handle:
+                handle.write(_encode(owner, seconds, about or {}))
+            os.replace(tmp, path)
+        else:
+            store.fs.pipe_file(path, _encode(owner, seconds, about or {}))
+    return True
+
+
+def release(store: LakeStore, key: str) -> None:
+    """Remove a claim (ours, finished; or a stale one being taken over)."""
+    with store.explained_errors():
+        try:
+            store.fs.rm_file(claim_path(store, key))
+        except FileNotFoundError:
+            pass
+
+
+class ChunkLeases:
+    """Leases on row-chunks, so that workers of runs with the same settings never compute one chunk together.
+
+    A lease is a claim (see `lake.claims`) per group and row-chunk with an expiry: taken before a
+    chunk is computed, renewed while the work goes on, released once the chunk is flagged
+    complete.  A worker that dies leaves its leases to run out; then another takes them over.
+    """
+
+    def __init__(self, seconds: float = LEASE_SECONDS, owner: str | None = None):
+        self.seconds = seconds
+        self.owner = owner or new_owner()
+        self.held: dict[tuple[str, int], LakeStore] = {}
+        self._renewed = time.monotonic()
+
+    @staticmethod
+    def key(group: "GradientGroup", index: int) -> str:
+        return f"leases/{group.path}/{index}"
+
+    def take(self, group: "GradientGroup", chunks: list[int]) -> list[int]:
+        """The chunks among `chunks` now leased to us and still not complete (others are another worker's)."""
+        taken = [k for k in chunks if take(group.store, self.key(group, k), self.owner, self.seconds)]
+        if not taken:
+            return []
+        # Flags read after the lease: a chunk finished meanwhile is not redone.
+        pending = set(group.pending_chunks(group.plan.chunk_bounds(min(taken))[0], group.plan.chunk_bounds(max(taken))[1]))
+        for k in [k for k in taken if k not in pending]:
+            self.release(group, k)
+        mine = [k for k in taken if k in pending]
+        self.held.update({(group.path, k): group.store for k in mine})
+        return mine
+
+    def renew(self) -> None:
+        """Push our leases further into the future; cheap to call often (it acts every quarter lease)."""
+        if time.monotonic() - self._renewed < self.seconds / 4:
+            return
+        self._renewed = time.monotonic()
+        for (path, k), store in self.held.items():
+            renew(store, f"leases/{path}/{k}", self.owner, self.seconds)
+
+    def release(self, group: "GradientGroup", index: int) -> None:
+        self.held.pop((group.path, index), None)
+        release(group.store, self.key(group, index))
+
+    def release_all(self) -> None:
+        for (path, k), store in list(self.held.items()):
+            release(store, f"leases/{path}/{k}")
+        self.held.clear()

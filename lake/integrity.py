@@ -1,0 +1,60 @@
+"""Integrity of stored chunks: the digest recorded when a row-chunk is written, and reads that name damage.
+
+Every chunk object of a checked group carries a CRC32C (Zarr's crc32c codec), which catches a
+damaged object on any read.  What a codec cannot see (an object missing, which Zarr reads as the
+fill value; two valid objects swapped) the digest of each row-chunk's values catches.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import zarr
+
+from gradlake.lake.store import LakeError
+
+
+def digest(values) -> int:
+    """CRC32 of arrays' bytes, one after the other: what a row-chunk held when it was written."""
+    crc = 0
+    for value in values:
+        crc = zlib.crc32(memoryview(np.ascontiguousarray(value)).cast("B"), crc)
+    return crc
+
+
+def damaged_chunk(array: zarr.Array, rows: slice, err: Exception) -> str:
+    """Which chunk object of `array` among rows `rows` cannot be decoded, and why (read again chunk by chunk)."""
+    height = array.chunks[0]
+    first, last = (rows.start or 0) // height, -(-(array.shape[0] if rows.stop is None else rows.stop) // height)
+    columns = range(-(-array.shape[1] // array.chunks[1])) if array.ndim == 2 else [None]
+    for k in range(first, last):
+        for j in columns:
+            key = (k,) if j is None else (k, j)
+            try:
+                array.get_block_selection(key)
+            except Exception as inner:
+                what = ("its checksum does not match" if "checksum" in str(inner).lower()
+                        else f"{type(inner).__name__}: {inner}")
+                return f"chunk object {array.name.lstrip('/').rsplit('/', 1)[-1]}/c/{'/'.join(map(str, key))} is damaged ({what})"
+    return f"cannot be read ({type(err).__name__}: {err})"
+
+
+def read_checked(array: zarr.Array, selection, dtype=None) -> np.ndarray:
+    """`array[selection]`, or one LakeError naming the group, array and chunk object that is damaged.
+
+    A missing chunk of a checked group reads as NaN (its fill value); gradients and scores never
+    are, so NaN is reported the same way.
+    """
+    try:
+        values = np.asarray(array[selection], dtype=dtype)
+    except Exception as err:
+        rows = selection[0] if isinstance(selection, tuple) else selection
+        rows = rows if isinstance(rows, slice) else slice(rows, rows + 1)
+        raise LakeError(f"damaged data in {array.name.lstrip('/')}: {damaged_chunk(array, rows, err)}; run "
+                        "`gradlake verify --repair` on the lake, then the stage that wrote it again") from None
+    if values.dtype.kind == "f" and np.isnan(values).any():
+        rows = np.flatnonzero(np.isnan(values).reshape(values.shape[0], -1).any(axis=1)) if values.ndim else [0]
+        raise LakeError(f"{array.name.lstrip('/')} holds NaN (rows {list(rows[:5])} of the selection): a chunk "
+                        "object is missing or a value was NaN when written; run `gradlake verify` on the lake")
+    return values

@@ -1,0 +1,206 @@
+"""Is what the lake says complete really there and unchanged?  `verify_lake` walks it and says.
+
+For every gradient and projection group it checks the metadata against the group's plan (array
+shapes, dtypes, chunk shapes), then reads every row-chunk flagged complete: a chunk object whose
+CRC32C does not match (Zarr's crc32c codec), a chunk object that is missing (it reads as NaN, the
+fill value of checked groups) and a row-chunk whose values differ from the digest recorded when it
+was written (a chunk swapped or rewritten) are each found and named.  Score groups are read
+block by block the same way (a missing block reads as NaN; scores are always finite).  Datasets are
+checked against their content hash.  Groups written before checksums existed can only be read,
+not proven; they are reported as "unchecked" for what cannot be proven.
+
+`repair=True` clears the completion flags of exactly the damaged chunks and blocks, so the next
+run of the stage that wrote them recomputes those and nothing else.  Damaged metadata cannot be
+repaired by flags: those groups are named, with what to do.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from gradlake.lake.datasets import content_hash
+from gradlake.lake.gradients import ATTR, GradientGroup
+from gradlake.lake.integrity import damaged_chunk, digest
+from gradlake.lake.scores import ScoreGroup
+from gradlake.lake.store import DamagedMetadata, LakeStore, read_json, scan_json
+
+
+@dataclass
+class Finding:
+    """What verifying one group (or dataset version) found."""
+
+    kind: str
+    path: str
+    status: str = "ok"  # ok | damaged | unchecked
+    problems: list[str] = field(default_factory=list)
+    chunks: list = field(default_factory=list)  # damaged row-chunks (gradients) or (query, train) blocks (scores)
+    repairable: bool = True
+    repaired: bool = False
+
+    def damage(self, problem: str, chunk=None, repairable: bool = True) -> None:
+        self.status = "damaged"
+        self.problems.append(problem)
+        if chunk is not None and chunk not in self.chunks:
+            self.chunks.append(chunk)
+        self.repairable = self.repairable and repairable
+
+    def row(self) -> dict:
+        return {"kind": self.kind, "path": self.path, "status": self.status,
+                "damaged_chunks": len(self.chunks), "repaired": self.repaired,
+                "problem": "; ".join(self.problems[:3]) + (f"; and {len(self.problems) - 3} more" if len(self.problems) > 3 else "")}
+
+
+def _checksum_error(err: Exception) -> bool:
+    return isinstance(err, ValueError) and "checksum" in str(err).lower()
+
+
+def _read(array: zarr.Array, selection, label: str) -> tuple[np.ndarray | None, str | None]:
+    """Values at `selection`, or None and a one-line reason (which chunk object is damaged) if they cannot be read."""
+    try:
+        return np.asarray(array[selection]), None
+    except Exception as err:
+        rows = selection if isinstance(selection, slice) else slice(selection, selection + 1)
+        return None, f"{label}: {damaged_chunk(array, rows, err)}"
+
+
+def verify_gradient_group(store: LakeStore, path: str, repair: bool = False) -> Finding:
+    """Check one gradient (or projection) group; with `repair`, clear the flags of its damaged chunks."""
+    finding = Finding("projection" if "-proj-" in path.rsplit("/", 1)[-1] else "gradients", path)
+    try:
+        group = GradientGroup.open(store, path)
+    except DamagedMetadata as err:
+        finding.damage(str(err), repairable=False)
+        return finding
+    plan = group.plan
+    for problem in group.metadata_problems():
+        finding.damage(problem, repairable=False)
+    if finding.status == "damaged":
+        return finding
+    try:
+        flags = group.done_chunks()
+    except Exception as err:
+        finding.damage(f"completion flags cannot be read ({type(err).__name__})", repairable=False)
+        return finding
+    names = plan.data_arrays()
+    for k in np.flatnonzero(flags).tolist():
+        start, stop = plan.chunk_bounds(k)
+        label = f"row-chunk {k} (samples {start}-{stop - 1})"
+        selection = slice(start, stop) if plan.mode == "store" else k
+        values = []
+        for name in names:
+            value, problem = _read(group.group[name], selection, f"{label}, array {name!r}")
+            if problem:
+                finding.damage(problem, k)
+                break
+            values.append(value)
+        else:
+            if not plan.checksum:
+                continue
+            if any(np.isnan(v).all() for v in values if v.size):
+                finding.damage(f"{label}: a chunk object is missing (it reads as the fill value)", k)
+            elif digest(values) != group.stored_digest(k):
+                finding.damage(f"{label}: its values differ from the digest recorded when it was written", k)
+    if plan.mode != "store" and flags.all() and finding.status == "ok" and group.meta_complete():
+        for name in plan.parameters:  # the mean must be what its chunks' sums give
+            sums = group.group[f"{name}.partial_sum"]
+            total = np.zeros(sums.shape[1], dtype=np.float64)
+            for k in range(sums.shape[0]):
+                total += sums[k]
+            mean, problem = _read(group.group[name], slice(None), f"array {name!r}")
+            if problem or not np.array_equal(mean, (total / plan.n_samples).astype(plan.dtype), equal_nan=True):
+                finding.damage(problem or f"array {name!r}: the stored mean differs from its chunks' sums "
+                               "(it is recomputed from them)", "mean")
+    if finding.status == "ok" and not plan.checksum:
+        finding.status = "unchecked"
+        finding.problems.append("written before checksums: chunks were read, not proven")
+    if repair and finding.status == "damaged" and finding.repairable:
+        group.clear([k for k in finding.chunks if k != "mean"])
+        finding.repaired = True
+    return finding
+
+
+def verify_score_group(store: LakeStore, path: str, repair: bool = False) -> Finding:
+    """Check one score group: every block flagged complete can be read and is finite."""
+    finding = Finding("scores", path)
+    try:
+        scores = ScoreGroup.open(store, path)
+        flags = np.asarray(scores.group["block_complete"][:])
+    except DamagedMetadata as err:
+        finding.damage(str(err), repairable=False)
+        return finding
+    except Exception as err:
+        finding.damage(f"cannot be opened ({type(err).__name__}: {err})", repairable=False)
+        return finding
+    for qb, tb in np.argwhere(flags == 1).tolist():
+        qs, ts = scores.bounds(qb, tb)
+        label = f"block ({qb}, {tb}) (queries {qs.start}-{qs.stop - 1}, training samples {ts.start}-{ts.stop - 1})"
+        try:
+            values = np.asarray(scores.group["scores"][qs, ts])
+        except Exception as err:
+            what = "its checksum does not match" if _checksum_error(err) else f"{type(err).__name__}"
+            finding.damage(f"{label}: damaged ({what})", (qb, tb))
+            continue
+        if not np.isfinite(values).all():
+            finding.damage(f"{label}: holds NaN (a missing chunk object reads as NaN; scores are always finite)", (qb, tb))
+    if repair and finding.status == "damaged" and finding.repairable:
+        scores.clear(finding.chunks)
+        finding.repaired = True
+    return finding
+
+
+def verify_dataset(store: LakeStore, directory: str, repair: bool = False) -> Finding:
+    """Check one dataset version: its meta is readable and its data hash to what the meta says."""
+    finding = Finding("dataset", directory, repairable=False)
+    try:
+        meta = read_json(store, f"{directory}/meta.json")
+        if meta is None:
+            finding.damage("meta.json is missing", repairable=False)
+            return finding
+        frame = pd.read_parquet(store.fs.open(store.path(f"{directory}/data.parquet"), "rb"))
+        frame["messages"] = [json.loads(m) for m in frame["messages"]]
+    except DamagedMetadata as err:
+        finding.damage(str(err), repairable=False)
+        return finding
+    except Exception as err:
+        finding.damage(f"data.parquet cannot be read ({type(err).__name__}: {err})", repairable=False)
+        return finding
+    if content_hash(frame) != meta.get("content_hash"):
+        finding.damage(f"data.parquet does not hash to {meta.get('content_hash')}: it changed after it was written",
+                       repairable=False)
+    return finding
+
+
+def verify_lake(store: LakeStore, repair: bool = False, log=print) -> pd.DataFrame:
+    """Check everything in the lake; one row per group or dataset version (status ok, damaged or unchecked)."""
+    findings: list[Finding] = []
+    targets = []
+    for pattern, check in (("gradients/*/*/*/*/*/zarr.json", verify_gradient_group),
+                           ("attribution/*/*/*/*/*/zarr.json", verify_score_group)):
+        for path, record, damage in scan_json(store, pattern):
+            if damage is not None:
+                finding = Finding("gradients" if pattern.startswith("gradients") else "scores", path, repairable=False)
+                finding.damage(damage, repairable=False)
+                findings.append(finding)
+            elif ATTR in (record or {}).get("attributes", {}):
+                targets.append((check, path))
+    for directory, _, damage in scan_json(store, "datasets/*/*/*/meta.json"):
+        targets.append((verify_dataset, directory))
+    for directory, _, damage in scan_json(store, "datasets/*/*/latest.json"):
+        if damage is not None:
+            findings.append(Finding("dataset", directory, repairable=False))
+            findings[-1].damage(damage, repairable=False)
+    for i, (check, path) in enumerate(targets, 1):
+        finding = check(store, path, repair=repair)
+        findings.append(finding)
+        log(f"[{i}/{len(targets)}] {finding.status:9s} {path}" + (f": {finding.problems[0]}" if finding.status == "damaged" else ""))
+    columns = ["kind", "path", "status", "damaged_chunks", "repaired", "problem"]
+    return pd.DataFrame([f.row() for f in findings], columns=columns).sort_values(["status", "kind", "path"],
+                                                                                     ignore_index=True)
+
+
+__all__ = ["Finding", "verify_lake", "verify_gradient_group", "verify_score_group", "verify_dataset"]
