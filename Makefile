@@ -24,8 +24,10 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 demo: $(BIN)/.installed
 	$(BIN)/gradlake demo
 
+# Two test processes (files kept whole): the platform tests mostly wait on Prefect workers, so on two
+# cores the suite takes about two thirds of the time.  One torch thread each, or they would contend.
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/extraction.py

@@ -113,17 +113,22 @@ def _spec(model_dir: str, lake: str):
 
 def _worker(model_dir: str, lake: str, index: int, results) -> None:
     """One worker of a run: plans and creates (or joins) the group, then walks every shard from its own offset."""
+    import traceback
+
     import torch
 
     from gradlake.tasks.extract import create_group, extract_shard, plan_extraction
 
-    torch.set_num_threads(1)
-    spec = _spec(model_dir, lake)
-    group = create_group(plan_extraction(spec))
-    shards = list(range(N // SHARD))
-    computed = sum(extract_shard(spec, group, s, log=lambda *_: None, poll=0.2)
-                   for s in shards[index:] + shards[:index])
-    results.put((index, computed))
+    try:
+        torch.set_num_threads(1)
+        spec = _spec(model_dir, lake)
+        group = create_group(plan_extraction(spec))
+        shards = list(range(N // SHARD))
+        computed = sum(extract_shard(spec, group, s, log=lambda *_: None, poll=0.2)
+                       for s in shards[index:] + shards[:index])
+        results.put((index, computed))
+    except BaseException:  # said to the test, which shows it
+        results.put((index, traceback.format_exc()))
 
 
 def test_eight_workers_on_one_s3_group_compute_each_chunk_once(tiny_models, s3_endpoint, tmp_path):
@@ -139,12 +144,17 @@ def test_eight_workers_on_one_s3_group_compute_each_chunk_once(tiny_models, s3_e
     for s in range(N // SHARD):
         extract_shard(spec, group, s, log=lambda *_: None)
 
-    context = multiprocessing.get_context("fork")
+    # Workers fork from a clean server process that imported gradlake once (not from this process, whose
+    # threads (the S3 server's, pytest's) a fork would copy in whatever state they are in).
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["gradlake.tasks.extract"])
     results = context.Queue()
     procs = [context.Process(target=_worker, args=(model_dir, lake, i, results)) for i in range(WORKERS)]
     for p in procs:
         p.start()
     got = dict(results.get(timeout=300) for _ in procs)
+    failed = {i: r for i, r in got.items() if isinstance(r, str)}
+    assert not failed, next(iter(failed.values()))
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
