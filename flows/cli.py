@@ -364,7 +364,9 @@ def verify(
     except (ValueError, OSError) as err:
         _fail(err)
     with pd.option_context("display.max_colwidth", 120, "display.width", 200):
-        typer.echo(table.to_string(index=False) if len(table) else f"nothing to verify in {store.url}")
+        width = int(table["path"].str.len().max()) if len(table) else 0  # paths left-aligned: they are read, not compared
+        typer.echo(table.to_string(index=False, formatters={"path": lambda p: p.ljust(width)}, justify="left")
+                   if len(table) else f"nothing to verify in {store.url}")
     damaged = table[table["status"] == "damaged"]
     if len(damaged) and not damaged["repaired"].all():
         typer.secho(f"{len(damaged)} damaged; `gradlake verify --repair` clears what can be recomputed", fg=typer.colors.RED, err=True)
