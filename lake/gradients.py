@@ -393,19 +393,25 @@ class GradientGroup:
         """The digest recorded when row-chunk `index` was written, None for a group without checksums."""
         return int(self.group["chunk_digest"][index]) if self.plan.checksum else None
 
+    def mean_of_sums(self, name: str) -> np.ndarray:
+        """Mean modes: the mean of tensor `name` from its row-chunks' sums, in the stored dtype.
+
+        Added one chunk at a time in chunk order: the result depends on the chunks' sums alone,
+        never on which shard or run wrote which chunk, or when.
+        """
+        sums = self.group[f"{name}.partial_sum"]
+        total = np.zeros(sums.shape[1], dtype=np.float64)
+        for k in range(sums.shape[0]):
+            total += sums[k]
+        return (total / self.plan.n_samples).astype(self.plan.dtype)
+
     def finalize(self) -> bool:
         """For mean modes, combine the chunks' sums into the mean; True when the group is complete."""
         if self.pending_chunks():
             return False
         if self.plan.mode != "store":
             for name in self.plan.parameters:
-                # Added one chunk at a time in chunk order: the result depends on the chunks' sums
-                # alone, never on which shard or run wrote which chunk, or when.
-                sums = self.group[f"{name}.partial_sum"]
-                total = np.zeros(sums.shape[1], dtype=np.float64)
-                for k in range(sums.shape[0]):
-                    total += sums[k]
-                self.group[name][:] = (total / self.plan.n_samples).astype(self.plan.dtype)
+                self.group[name][:] = self.mean_of_sums(name)
         meta = dict(self.group.attrs)[ATTR]
         if not meta.get("complete"):
             self.group.attrs[ATTR] = {**meta, "complete": True}

@@ -16,18 +16,17 @@ repaired by flags: those groups are named, with what to do.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import zarr
 
-from gradlake.lake.datasets import content_hash
+from gradlake.lake.datasets import content_hash, dataset_meta, read_dataset
 from gradlake.lake.gradients import ATTR, GradientGroup
 from gradlake.lake.integrity import damaged_chunk, digest
 from gradlake.lake.scores import ScoreGroup
-from gradlake.lake.store import DamagedMetadata, LakeStore, read_json, scan_json
+from gradlake.lake.store import DamagedMetadata, LakeStore, scan_json
 
 
 @dataclass
@@ -55,16 +54,13 @@ class Finding:
                 "problem": "; ".join(self.problems[:3]) + (f"; and {len(self.problems) - 3} more" if len(self.problems) > 3 else "")}
 
 
-def _checksum_error(err: Exception) -> bool:
-    return isinstance(err, ValueError) and "checksum" in str(err).lower()
-
-
 def _read(array: zarr.Array, selection, label: str) -> tuple[np.ndarray | None, str | None]:
     """Values at `selection`, or None and a one-line reason (which chunk object is damaged) if they cannot be read."""
     try:
         return np.asarray(array[selection]), None
     except Exception as err:
-        rows = selection if isinstance(selection, slice) else slice(selection, selection + 1)
+        rows = selection[0] if isinstance(selection, tuple) else selection
+        rows = rows if isinstance(rows, slice) else slice(rows, rows + 1)
         return None, f"{label}: {damaged_chunk(array, rows, err)}"
 
 
@@ -107,12 +103,8 @@ def verify_gradient_group(store: LakeStore, path: str, repair: bool = False) -> 
                 finding.damage(f"{label}: its values differ from the digest recorded when it was written", k)
     if plan.mode != "store" and flags.all() and finding.status == "ok" and group.meta_complete():
         for name in plan.parameters:  # the mean must be what its chunks' sums give
-            sums = group.group[f"{name}.partial_sum"]
-            total = np.zeros(sums.shape[1], dtype=np.float64)
-            for k in range(sums.shape[0]):
-                total += sums[k]
             mean, problem = _read(group.group[name], slice(None), f"array {name!r}")
-            if problem or not np.array_equal(mean, (total / plan.n_samples).astype(plan.dtype), equal_nan=True):
+            if problem or not np.array_equal(mean, group.mean_of_sums(name), equal_nan=True):
                 finding.damage(problem or f"array {name!r}: the stored mean differs from its chunks' sums "
                                "(it is recomputed from them)", "mean")
     if finding.status == "ok" and not plan.checksum:
@@ -139,13 +131,10 @@ def verify_score_group(store: LakeStore, path: str, repair: bool = False) -> Fin
     for qb, tb in np.argwhere(flags == 1).tolist():
         qs, ts = scores.bounds(qb, tb)
         label = f"block ({qb}, {tb}) (queries {qs.start}-{qs.stop - 1}, training samples {ts.start}-{ts.stop - 1})"
-        try:
-            values = np.asarray(scores.group["scores"][qs, ts])
-        except Exception as err:
-            what = "its checksum does not match" if _checksum_error(err) else f"{type(err).__name__}"
-            finding.damage(f"{label}: damaged ({what})", (qb, tb))
-            continue
-        if not np.isfinite(values).all():
+        values, problem = _read(scores.group["scores"], (qs, ts), label)
+        if problem:
+            finding.damage(problem, (qb, tb))
+        elif not np.isfinite(values).all():
             finding.damage(f"{label}: holds NaN (a missing chunk object reads as NaN; scores are always finite)", (qb, tb))
     if repair and finding.status == "damaged" and finding.repairable:
         scores.clear(finding.chunks)
@@ -156,18 +145,15 @@ def verify_score_group(store: LakeStore, path: str, repair: bool = False) -> Fin
 def verify_dataset(store: LakeStore, directory: str, repair: bool = False) -> Finding:
     """Check one dataset version: its meta is readable and its data hash to what the meta says."""
     finding = Finding("dataset", directory, repairable=False)
+    _, name, variant, version = directory.split("/")
     try:
-        meta = read_json(store, f"{directory}/meta.json")
-        if meta is None:
-            finding.damage("meta.json is missing", repairable=False)
-            return finding
-        frame = pd.read_parquet(store.fs.open(store.path(f"{directory}/data.parquet"), "rb"))
-        frame["messages"] = [json.loads(m) for m in frame["messages"]]
+        meta = dataset_meta(store, name, variant, version)
+        frame = read_dataset(store, name, variant, version)
     except DamagedMetadata as err:
         finding.damage(str(err), repairable=False)
         return finding
     except Exception as err:
-        finding.damage(f"data.parquet cannot be read ({type(err).__name__}: {err})", repairable=False)
+        finding.damage(f"cannot be read ({type(err).__name__}: {err})", repairable=False)
         return finding
     if content_hash(frame) != meta.get("content_hash"):
         finding.damage(f"data.parquet does not hash to {meta.get('content_hash')}: it changed after it was written",

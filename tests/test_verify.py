@@ -179,3 +179,34 @@ def test_mean_mode_groups_are_checked_too(tiny_models, tmp_path):
     for name in before:
         assert np.array_equal(after[name], before[name], equal_nan=True), name
     assert set(before) - set(NOT_GRADIENTS)  # gradients were compared, not only bookkeeping
+
+
+def test_damaged_score_block_and_changed_dataset_are_found(tmp_path):
+    import pandas as pd
+
+    from gradlake.lake.scores import ScoreGroup
+
+    url = f"file://{tmp_path}/lake"
+    write_probe(url, N)
+    store = LakeStore(url)
+    path = "attribution/m/c/probe/probe.paraphrased/grad-dot"
+    scores = ScoreGroup.create(store, path, [f"q{i}" for i in range(4)], [f"t{i}" for i in range(6)],
+                               {"settings": {}}, query_rows=2, train_cols=3)
+    for qb in range(2):
+        scores.write_rows(2 * qb, np.arange(12, dtype=np.float32).reshape(2, 6) + qb)
+    scores.finish()
+    assert verify(url).exit_code == 0
+    block = tmp_path / "lake" / path / "scores" / "c" / "1" / "0"
+    data = bytearray(block.read_bytes())
+    data[3] ^= 0xFF
+    block.write_bytes(bytes(data))
+    parquet = next((tmp_path / "lake" / "datasets" / "probe" / "original").glob("*/data.parquet"))
+    frame = pd.read_parquet(parquet)
+    frame.loc[0, "messages"] = frame.loc[1, "messages"]
+    frame.to_parquet(parquet, index=False)
+
+    result = verify(url, "--repair")
+    assert result.exit_code == 1, result.output  # the dataset cannot be repaired by flags
+    assert "block (1, 0) (queries 2-3, training samples 0-2): chunk object scores/c/1/0 is damaged" in result.output
+    assert "does not hash to" in result.output
+    assert ScoreGroup.open(store, path).pending_blocks() == [(1, 0)]  # exactly the damaged block is to be redone
