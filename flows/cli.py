@@ -71,10 +71,11 @@ def extract(
     layers: list[str] = typer.Option([], "--layers", "-l", help="Glob over parameter names; repeat for several. None: all."),
     mode: str = typer.Option("store", help="store, mean or mean_normalized."),
     shard_size: int = typer.Option(64, help="Samples per shard."),
-    batch_size: int = typer.Option(8, help="Samples per backward pass (divides shard size)."),
+    batch_size: int = typer.Option(8, help="Samples per backward pass at most (divides shard size)."),
+    token_budget: int = typer.Option(4096, help="Tokens per backward pass at most, padding included; samples are sorted by length and packed. 0: batches of --batch-size in dataset order."),
     max_length: int = typer.Option(1024, help="Tokens per sample at most."),
     dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16, float16."),
-    store_dtype: str = typer.Option("float32", help="Stored gradient dtype: float32 or float16."),
+    store_dtype: str = typer.Option("float32", help="Stored gradient dtype: float32, float16 or bfloat16 (kept as raw bits, read back as float32)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     trust_remote_code: bool = typer.Option(False, help="Run the model repository's own code."),
     allow_pickled_weights: bool = typer.Option(False, help="Load pickled weights (pytorch_model.bin) of a checkpoint without safetensors."),
@@ -93,8 +94,8 @@ def extract(
             model=ModelSpec(model=model, checkpoint=checkpoint, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                             allow_pickled_weights=allow_pickled_weights),
             dataset=dataset, variant=variant, paradigm=paradigm, layers=layers, mode=mode, shard_size=shard_size,
-            batch_size=batch_size, max_length=max_length, store_dtype=store_dtype, lake=_lake(lake),
-            projections=[parse_projection(p) for p in project], keep_gradients=keep_gradients,
+            batch_size=batch_size, token_budget=token_budget or None, max_length=max_length, store_dtype=store_dtype,
+            lake=_lake(lake), projections=[parse_projection(p) for p in project], keep_gradients=keep_gradients,
         )
         plan_extraction(spec)  # every input checked here, before Prefect starts and before any write
     except (ValueError, ValidationError, OSError) as err:

@@ -8,12 +8,16 @@ import math
 import os
 from collections.abc import Iterable
 
+import numpy as np
 import pandas as pd
 import xarray as xr
 import zarr
+from xarray.backends import BackendArray
+from xarray.core import indexing
 
 from gradlake.lake import layout
 from gradlake.lake.datasets import list_datasets, read_dataset
+from gradlake.lake.dtypes import DTYPE_ATTR, from_bfloat16_bits, is_bfloat16
 from gradlake.lake.evaluations import list_attribution_benchmarks, list_evaluations, read_evaluation
 from gradlake.lake.gradients import ATTR
 from gradlake.lake.scores import list_score_groups
@@ -219,8 +223,22 @@ class Lake:
         """A gradient group as an xarray.Dataset: one variable per parameter tensor, coordinate ``sample``."""
         path = self.find_gradients(model=model, checkpoint=checkpoint, dataset=dataset, variant=variant,
                                    paradigm=paradigm, mode=mode)
+        return self._open_group(path)
+
+    def _open_group(self, path: str) -> xr.Dataset:
+        """A group as xarray, bfloat16 arrays read (lazily) as float32."""
         with self.store.explained_errors():
-            return xr.open_zarr(self.store.zarr_store, group=path, consolidated=False, zarr_format=3)
+            ds = xr.open_zarr(self.store.zarr_store, group=path, consolidated=False, zarr_format=3)
+            stored = [name for name, var in ds.data_vars.items() if var.attrs.get(DTYPE_ATTR)]
+            if stored:
+                group = zarr.open_group(self.store.zarr_store, path=path, mode="r", zarr_format=3)
+                for name in stored:
+                    if is_bfloat16(group[name]):
+                        var = ds[name]
+                        attrs = {k: v for k, v in var.attrs.items() if k != DTYPE_ATTR}
+                        ds[name] = xr.Variable(var.dims, indexing.LazilyIndexedArray(_Bfloat16(group[name])),
+                                               {**attrs, "stored_as": "bfloat16"})
+            return ds
 
     def projections(self, model: str | None = None, checkpoint: str | None = None, dataset: str | None = None,
                     variant: str | None = None, paradigm: str | None = None, kind: str | None = None,
@@ -228,8 +246,7 @@ class Lake:
         """A projection group as an xarray.Dataset: one variable per tensor (or ``flat``), coordinate ``sample``."""
         path = self.find_gradients(model=model, checkpoint=checkpoint, dataset=dataset, variant=variant,
                                    paradigm=paradigm, projection={"kind": kind, "dim": dim, "seed": seed, "scope": scope})
-        with self.store.explained_errors():
-            return xr.open_zarr(self.store.zarr_store, group=path, consolidated=False, zarr_format=3)
+        return self._open_group(path)
 
     def evaluation(self, model: str | None = None, checkpoint: str | None = None, dataset: str | None = None,
                    paradigm: str | None = None, table: str = "results") -> pd.DataFrame:
@@ -317,6 +334,17 @@ class Lake:
                                 f"{'s' if len(hits) > 1 else ''} of model {model!r} at checkpoint {checkpoint!r}; "
                                 f"its generated variants are {held or 'none'}")
             return read_dataset(self.store, name, hits[0], version)
+
+
+class _Bfloat16(BackendArray):
+    """A Zarr array of bfloat16 bits, read by xarray on demand as float32 (exact)."""
+
+    def __init__(self, array: zarr.Array):
+        self.array, self.shape, self.dtype = array, array.shape, np.dtype(np.float32)
+
+    def __getitem__(self, key):
+        return indexing.explicit_indexing_adapter(key, self.shape, indexing.IndexingSupport.BASIC,
+                                                  lambda k: from_bfloat16_bits(self.array[k]))
 
 
 def _projection_label(projection: dict | None) -> str | None:

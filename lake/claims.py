@@ -182,7 +182,7 @@ class ChunkLeases:
         if time.monotonic() - self._renewed < self.seconds / 4:
             return
         self._renewed = time.monotonic()
-        for (path, k), store in self.held.items():
+        for (path, k), store in list(self.held.items()):  # a copy: the writer thread releases chunks meanwhile
             renew(store, f"leases/{path}/{k}", self.owner, self.seconds)
 
     def release(self, group: "GradientGroup", index: int) -> None:

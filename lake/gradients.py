@@ -22,12 +22,12 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from gradlake.lake import claims, layout
+from gradlake.lake.dtypes import STORE_DTYPES, array_attrs, encode, fill_value, zarr_dtype
 from gradlake.lake.integrity import digest
 from gradlake.lake.store import LakeError, LakeStore, read_json_attrs
 
 ATTR = "gradlake"
 MODES = ("store", "mean", "mean_normalized")
-STORE_DTYPES = ("float32", "float16")
 CHECKSUMS = (None, "crc32c")
 # Layout choices: fixed when a group is created, never part of what makes two extractions the same.
 LAYOUT_FIELDS = ("chunk_rows", "checksum")
@@ -214,7 +214,6 @@ class GradientGroup:
         checked = plan.checksum == "crc32c"
         crc = [Crc32cCodec()] if checked else []
         packed = [ZstdCodec(), *crc] if checked else "auto"  # small metadata-like arrays: compressed
-        data_fill = np.nan if checked else 0  # a missing chunk of a checked group reads as NaN, never as zeros
         group = zarr.open_group(store.zarr_store, path=path, mode="w", zarr_format=3)  # clears an unfinished one
         n, width = input_ids.shape
         ids = group.create_array("sample", shape=(n,), dtype=str, chunks=(n,), dimension_names=["sample"],
@@ -239,23 +238,24 @@ class GradientGroup:
             group.create_array("chunk_digest", shape=(plan.n_chunks,), dtype="uint32", chunks=(1,),
                                dimension_names=["chunk"], fill_value=0, compressors=crc,
                                attributes={"digest": "crc32 of the row-chunk's values, array by array in plan order"})
-        itemsize = np.dtype(plan.dtype).itemsize
+        itemsize = np.dtype(zarr_dtype(plan.dtype)).itemsize
+        data_fill = fill_value(plan.dtype, nan=checked)  # a missing chunk of a checked group reads as NaN, never as zeros
         for name in plan.parameters:
             numel = plan.numel(name)
             flat = f"{name}.flat"
             if plan.mode == "store":
                 cols = layout.column_chunk(plan.chunk_rows, numel, itemsize)
-                group.create_array(name, shape=(n, numel), dtype=plan.dtype, chunks=(plan.chunk_rows, cols),
+                group.create_array(name, shape=(n, numel), dtype=zarr_dtype(plan.dtype), chunks=(plan.chunk_rows, cols),
                                    dimension_names=["sample", flat], compressors=crc or None, fill_value=data_fill,
-                                   attributes={"param_shape": plan.parameters[name]})
+                                   attributes={"param_shape": plan.parameters[name], **array_attrs(plan.dtype)})
             else:
                 cols = layout.column_chunk(1, numel, 8)
                 group.create_array(f"{name}.partial_sum", shape=(plan.n_chunks, numel), dtype="float64",
                                    chunks=(1, cols), dimension_names=["chunk", flat], compressors=crc or None,
-                                   fill_value=data_fill)
-                group.create_array(name, shape=(numel,), dtype=plan.dtype, chunks=(cols,), dimension_names=[flat],
+                                   fill_value=fill_value("float64", nan=checked))
+                group.create_array(name, shape=(numel,), dtype=zarr_dtype(plan.dtype), chunks=(cols,), dimension_names=[flat],
                                    compressors=crc or None, fill_value=data_fill,
-                                   attributes={"param_shape": plan.parameters[name]})
+                                   attributes={"param_shape": plan.parameters[name], **array_attrs(plan.dtype)})
             renew()
         lineage = {**lineage, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
         group.attrs[ATTR] = {"lineage": lineage, "plan": asdict(plan), "fingerprint": fingerprint(lineage, plan)}
@@ -312,7 +312,7 @@ class GradientGroup:
         for name in self.plan.parameters:
             if arrays[name].shape[0] != stop - start:
                 raise LakeError(f"chunk {index} of {name!r} holds samples {start}-{stop - 1}; got {arrays[name].shape[0]} rows")
-            values[name] = np.ascontiguousarray(arrays[name], dtype=self.plan.dtype)
+            values[name] = encode(arrays[name], self.plan.dtype)
             self.group[name][start:stop] = values[name]
         self._write_digest(index, values.values())
 
@@ -349,10 +349,10 @@ class GradientGroup:
         for name in plan.parameters:
             numel = plan.numel(name)
             if plan.mode == "store":
-                out[name] = ((n, numel), plan.dtype)
+                out[name] = ((n, numel), zarr_dtype(plan.dtype))
             else:
                 out[f"{name}.partial_sum"] = ((chunks, numel), "float64")
-                out[name] = ((numel,), plan.dtype)
+                out[name] = ((numel,), zarr_dtype(plan.dtype))
         return out
 
     def metadata_problems(self) -> list[str]:
@@ -403,7 +403,7 @@ class GradientGroup:
         total = np.zeros(sums.shape[1], dtype=np.float64)
         for k in range(sums.shape[0]):
             total += sums[k]
-        return (total / self.plan.n_samples).astype(self.plan.dtype)
+        return encode(total / self.plan.n_samples, self.plan.dtype)
 
     def finalize(self) -> bool:
         """For mean modes, combine the chunks' sums into the mean; True when the group is complete."""
@@ -420,7 +420,8 @@ class GradientGroup:
 
 class ChunkAssembly:
     """Row-chunks of a group filled a batch at a time: which rows of a batch a waiting chunk takes,
-    and when a chunk has all its rows.  Only the chunks asked for are taken; rows of other
+    and when a chunk has all its rows.  A batch's samples may come in any order (batches packed
+    by length); each goes to its own row.  Only the chunks asked for are taken; rows of other
     chunks are ignored, so a finished chunk is never written again."""
 
     def __init__(self, group: GradientGroup, chunks: list[int], leases=None):
@@ -428,13 +429,15 @@ class ChunkAssembly:
         self.waiting = set(chunks)
         self._filled: dict[int, int] = {}
 
-    def pieces(self, start: int, stop: int):
-        """(chunk, lo, hi): for each waiting chunk that samples [start, stop) reach, its rows [lo, hi) among them."""
-        plan = self.group.plan
-        for k in layout.chunks_in(start, stop, plan.chunk_rows):
-            if k in self.waiting:
-                c0, c1 = plan.chunk_bounds(k)
-                yield k, max(c0, start), min(c1, stop)
+    def pieces(self, rows: np.ndarray):
+        """(chunk, positions, offsets): for each waiting chunk the batch's samples `rows` reach, which
+        positions of the batch it takes and their rows within the chunk."""
+        rows = np.asarray(rows)
+        height = self.group.plan.chunk_rows
+        chunk_of = rows // height
+        for k in sorted(set(chunk_of.tolist()) & self.waiting):
+            positions = np.flatnonzero(chunk_of == k)
+            yield k, positions, rows[positions] - self.group.plan.chunk_bounds(k)[0]
 
     def arrived(self, k: int, rows: int) -> bool:
         """Count `rows` more rows of chunk `k`; True once it has all of them."""
@@ -454,8 +457,8 @@ class ChunkAssembly:
 class ChunkRows(ChunkAssembly):
     """Per-sample rows written to a group one whole row-chunk at a time.
 
-    A run's batch size need not match the group's chunk height: a chunk waits here until
-    all its rows came, then is written once and flagged complete.
+    A run's batches need not match the group's chunks: a chunk waits here until all its rows
+    came, then is written once and flagged complete.
     """
 
     def __init__(self, group: GradientGroup, chunks: list[int], leases=None):
@@ -464,19 +467,27 @@ class ChunkRows(ChunkAssembly):
 
     def add(self, start: int, stop: int, arrays: dict[str, np.ndarray]) -> list[int]:
         """Take samples [start, stop) (`arrays` of `stop - start` rows each); returns the chunks completed."""
+        return self.add_rows(np.arange(start, stop), arrays)
+
+    def add_rows(self, rows: np.ndarray, arrays: dict[str, np.ndarray]) -> list[int]:
+        """Take the samples `rows` (`arrays` hold their values in that order); returns the chunks completed."""
         done = []
-        for k, lo, hi in list(self.pieces(start, stop)):
+        for k, positions, offsets in list(self.pieces(rows)):
             c0, c1 = self.group.plan.chunk_bounds(k)
-            if (lo, hi) == (c0, c1):  # the whole chunk in one go: no copy
-                self.group.write_chunk(k, {n: a[lo - start:hi - start] for n, a in arrays.items()})
-            else:
-                rows = self._rows.setdefault(k, {n: np.empty((c1 - c0, *a.shape[1:]), a.dtype) for n, a in arrays.items()})
-                for n, a in arrays.items():
-                    rows[n][lo - c0:hi - c0] = a[lo - start:hi - start]
-                if not self.arrived(k, hi - lo):
+            in_order = len(offsets) == c1 - c0 and bool((offsets == np.arange(c1 - c0)).all())
+            if in_order and k not in self._rows:  # the whole chunk in one go, in order: no copy
+                lo = int(positions[0])
+                if bool((positions == np.arange(lo, lo + len(positions))).all()):
+                    self.group.write_chunk(k, {n: a[lo:lo + len(positions)] for n, a in arrays.items()})
+                    self.complete(k)
+                    done.append(k)
                     continue
-                self.group.write_chunk(k, self._rows.pop(k))
+            held = self._rows.setdefault(k, {n: np.empty_like(a, shape=(c1 - c0, *a.shape[1:])) for n, a in arrays.items()})
+            for n, a in arrays.items():
+                held[n][offsets] = a[positions]
+            if not self.arrived(k, len(offsets)):
+                continue
+            self.group.write_chunk(k, self._rows.pop(k))
             self.complete(k)
             done.append(k)
         return done
-

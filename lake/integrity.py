@@ -12,6 +12,7 @@ import zlib
 import numpy as np
 import zarr
 
+from gradlake.lake.dtypes import decode
 from gradlake.lake.store import LakeError
 
 
@@ -44,10 +45,10 @@ def read_checked(array: zarr.Array, selection, dtype=None) -> np.ndarray:
     """`array[selection]`, or one LakeError naming the group, array and chunk object that is damaged.
 
     A missing chunk of a checked group reads as NaN (its fill value); gradients and scores never
-    are, so NaN is reported the same way.
+    are, so NaN is reported the same way.  bfloat16 arrays come back as float32 (see `lake.dtypes`).
     """
     try:
-        values = np.asarray(array[selection], dtype=dtype)
+        values = np.asarray(decode(array[selection], array.attrs), dtype=dtype)
     except Exception as err:
         rows = selection[0] if isinstance(selection, tuple) else selection
         rows = rows if isinstance(rows, slice) else slice(rows, rows + 1)

@@ -7,6 +7,7 @@ the Prefect wrappers at the bottom add retries and logging.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -22,8 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from gradlake.lake import layout
 from gradlake.lake.datasets import dataset_meta, read_dataset
 from gradlake.lake.claims import LEASE_SECONDS, ChunkLeases
+from gradlake.lake.dtypes import tensor_to_host, zarr_dtype
 from gradlake.lake.gradients import ChunkAssembly, ChunkRows, GradientGroup, GradientPlan, check_shard_size, stored_chunk_rows
+from gradlake.lake.overlap import BackgroundWrites
 from gradlake.lake.store import LakeError, LakeStore, default_lake
+from gradlake.tasks.batching import WINDOW_BYTES, shard_batches, window_chunks
 from gradlake.tasks.gradients import PerSampleGradients, Projection
 from gradlake.tasks.loss import IGNORE_INDEX, Encoded, encode_sample, pad_batch
 from gradlake.tasks.model import (ModelError, ModelSpec, check_model, check_weights, lake_names, load_model, load_tokenizer,
@@ -31,6 +35,12 @@ from gradlake.tasks.model import (ModelError, ModelSpec, check_model, check_weig
 from gradlake.tasks.project import projection_group_plan, projection_path
 from gradlake.tasks.projection import ProjectionSpec, output_key, projector_choices, projectors_for
 from gradlake.tasks.retries import retry_unless_bad_input
+
+
+# Measured on the probe set (benchmarks/peers.py): sorting by length is what pays (padding from 1.47x
+# the real tokens to 1.03x); on a CPU, batches larger than eight gained nothing.  The budget bounds a
+# batch of long chats (8 x 1024 tokens would be 8192): four of them per pass.
+DEFAULT_TOKEN_BUDGET = 4096
 
 
 class ExtractionSpec(BaseModel):
@@ -45,9 +55,10 @@ class ExtractionSpec(BaseModel):
     layers: list[str] = Field(default_factory=list, description="Glob patterns over parameter names, e.g. 'model.layers.*.mlp.down_proj.weight'; empty selects every parameter.")
     mode: Literal["store", "mean", "mean_normalized"] = Field(default="store", description="'store': every sample's gradient; 'mean': their mean; 'mean_normalized': the mean of per-tensor unit-normalised gradients.")
     shard_size: int = Field(default=64, ge=1, description="Samples per shard: the unit of retry and of distribution over workers. A scheduling choice: a run with another shard size reuses finished gradients. Must be a multiple of the batch size and of the group's chunk height.")
-    batch_size: int = Field(default=8, ge=1, description="Samples per backward pass; must divide the shard size. A scheduling choice too; the run that creates a group fixes its chunk height (samples per stored chunk) to it.")
+    batch_size: int = Field(default=8, ge=1, description="Samples per backward pass at most; must divide the shard size. A scheduling choice too; the run that creates a group fixes its chunk height (samples per stored chunk) to it.")
+    token_budget: int | None = Field(default=DEFAULT_TOKEN_BUDGET, ge=1, description="Tokens per backward pass at most, padding included: a shard's samples are sorted by length and packed into batches of up to batch_size samples within this budget (a longer sample runs alone). Empty: batches of batch_size in dataset order. A scheduling choice; results agree to float rounding, and are bitwise equal between runs with the same settings.")
     max_length: int = Field(default=1024, ge=2, description="Tokens per sample at most; longer chats are cut on the right.")
-    store_dtype: Literal["float32", "float16"] = Field(default="float32", description="Dtype of the stored gradients.")
+    store_dtype: Literal["float32", "float16", "bfloat16"] = Field(default="float32", description="Dtype of the stored gradients; 'bfloat16' is kept as its raw 16 bits and read back as float32 (see docs/lake.md).")
     projections: list[ProjectionSpec] = Field(default_factory=list, description="Random projections made on the fly, each stored in a group of its own beside the gradients (mode 'store' only).")
     keep_gradients: bool = Field(default=True, description="Store the full per-sample gradients too; turn off for models whose gradients are too large to keep (only the projections are stored).")
     lake: str = Field(default_factory=default_lake, description="Lake URL: file:///path, a directory, or s3://bucket/prefix (endpoint from GRADLAKE_S3_ENDPOINT_URL).")
@@ -107,13 +118,13 @@ def plan_extraction(spec: ExtractionSpec, device_here: bool = True) -> Extractio
         raise ValueError(f"the same projection is asked for twice: {labels}")
     config = check_model(model)
     shapes = parameter_shapes(model, config)
-    check_weights(model, config, device_here)  # files, headers, shapes and device, before the lake is touched or a weight read
     label = f"{model.model}" + (f"@{model.checkpoint}" if model.checkpoint else "")
     names = select_parameters(list(shapes), spec.layers, label)
     selected = {n: shapes[n] for n in names}
     device = model.torch_device()
-    for projection in spec.projections:  # every setting checked before anything is read or written
+    for projection in spec.projections:  # every setting checked (from the config alone) before anything is read or written
         projector_choices(projection, selected, device)
+    check_weights(model, config, device_here)  # files, headers, shapes and device, before the lake is touched or a weight read
     store = LakeStore(spec.lake)
     store.check_writable()
     model_name, checkpoint = lake_names(model)
@@ -190,12 +201,10 @@ def projection_groups(spec: ExtractionSpec, store: LakeStore, path: str) -> list
     return [GradientGroup.open(store, p) for p in group_paths(spec, path)[:-1]]
 
 
-def _batch(group: GradientGroup, start: int, stop: int, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The stored tokens of samples [start, stop) as a right-padded batch."""
-    ids = group.group["input_ids"][start:stop]
-    mask = group.group["label_mask"][start:stop]
+def _batch(ids: np.ndarray, mask: np.ndarray, rows: np.ndarray, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples `rows` (indexes into the shard's stored tokens `ids`, `mask`) as a right-padded batch."""
     encoded = []
-    for row_ids, row_mask in zip(ids, mask):
+    for row_ids, row_mask in zip(ids[rows], mask[rows]):
         keep = row_ids >= 0
         encoded.append(Encoded(row_ids[keep].tolist(), row_mask[keep].tolist()))
     input_ids, labels = pad_batch(encoded, pad_id)
@@ -213,17 +222,19 @@ class ChunkSums(ChunkAssembly):
         self.normalize = normalize
         self._sums: dict[int, dict[str, torch.Tensor]] = {}
 
-    def add(self, start: int, stop: int, grads: dict[str, torch.Tensor]) -> list[int]:
+    def add_rows(self, rows: np.ndarray, grads: dict[str, torch.Tensor]) -> list[int]:
+        """Take the samples `rows` (`grads` hold theirs in that order); returns the chunks completed."""
         done = []
-        for k, lo, hi in list(self.pieces(start, stop)):
+        for k, positions, offsets in list(self.pieces(rows)):
             sums = self._sums.setdefault(k, {})
+            index = torch.as_tensor(positions, device=next(iter(grads.values())).device)
             for n, g in grads.items():
-                g = g[lo - start:hi - start]
+                g = g.index_select(0, index).float()  # float32 at least: a bfloat16 norm or sum would round
                 if self.normalize:
                     g = g / g.norm(dim=1, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
                 part = g.sum(dim=0, dtype=torch.float64)
                 sums[n] = sums[n] + part if n in sums else part
-            if self.arrived(k, hi - lo):
+            if self.arrived(k, len(offsets)):
                 self.group.write_partial_sum(k, {n: s.cpu().numpy() for n, s in self._sums.pop(k).items()})
                 self.complete(k)
                 done.append(k)
@@ -276,7 +287,7 @@ class Progress:
 
 
 def extract_shard(spec: ExtractionSpec, group: GradientGroup, shard: int, log=print, poll: float = 2.0,
-                  lease_seconds: float = LEASE_SECONDS) -> int:
+                  lease_seconds: float = LEASE_SECONDS, wait: bool = True) -> int | None:
     """Compute and write one shard's unfinished chunks in the gradient group and its projection groups.
 
     Returns the number of samples computed.  Batches lie on the grid of `spec.batch_size` and
@@ -284,8 +295,10 @@ def extract_shard(spec: ExtractionSpec, group: GradientGroup, shard: int, log=pr
     an uninterrupted run with this batch size writes; finished chunks are never rewritten.
     Each chunk is leased before it is computed: chunks another live worker holds (a run with the
     same settings at the same time) are waited for, not computed twice; a dead worker's lease runs
-    out after `lease_seconds` and its chunks are then computed here.  Progress (samples, rate,
-    time left) is logged at most every 10 seconds, or every batch when batches are slower.
+    out after `lease_seconds` and its chunks are then computed here.  With `wait` off, chunks another
+    live worker holds are left to it: once only such chunks remain, None is returned (what this call
+    computed is kept), so that the caller can do other work first and come back.  Progress (samples,
+    rate, time left) is logged at most every 10 seconds, or every batch when batches are slower.
     """
     start, stop = group.shard_bounds(shard, spec.shard_size)
     targets = [*projection_groups(spec, group.store, group.path), group]  # the gradient group's flags last
@@ -301,6 +314,9 @@ def extract_shard(spec: ExtractionSpec, group: GradientGroup, shard: int, log=pr
             if any(mine):
                 computed += _compute_chunks(spec, targets, mine, start, stop, label, leases, log)
             else:  # all of them are another worker's right now
+                if not wait:
+                    log(f"{label}: {sum(map(len, todo))} chunks are being computed by another worker; left to it for now")
+                    return None
                 if not waited:
                     log(f"{label}: {sum(map(len, todo))} chunks are being computed by another worker; waiting for them")
                 waited = True
@@ -312,9 +328,24 @@ def extract_shard(spec: ExtractionSpec, group: GradientGroup, shard: int, log=pr
     return computed
 
 
+def _window_rows(targets: list[GradientGroup]) -> int:
+    """Samples per batching window: whole chunks of every target whose stored values fit `WINDOW_BYTES`."""
+    unit = math.lcm(*(t.plan.chunk_rows for t in targets))
+    per_sample = 0
+    for t in targets:
+        itemsize = np.dtype(zarr_dtype(t.plan.dtype)).itemsize
+        numel = sum(t.plan.numel(n) for n in t.plan.parameters)
+        per_sample += numel * itemsize if t.plan.mode == "store" else -(-numel * 8 // t.plan.chunk_rows)
+    return unit * window_chunks(unit, per_sample, WINDOW_BYTES)
+
+
 def _compute_chunks(spec: ExtractionSpec, targets: list[GradientGroup], todo: list[list[int]], start: int, stop: int,
                     label: str, leases: ChunkLeases, log) -> int:
-    """Compute the batches that hold the chunks `todo` (one list per target) and write those chunks."""
+    """Compute the batches that hold the chunks `todo` (one list per target) and write those chunks.
+
+    The shard's batches are planned from its lengths alone (`tasks.batching`); those holding a
+    wanted sample are computed.  Lake writes of a batch run on a thread of their own while the
+    next batch is computed (`lake.overlap`)."""
     group = targets[-1]
     plan = group.plan
     wanted = np.zeros(stop - start, dtype=bool)
@@ -322,8 +353,10 @@ def _compute_chunks(spec: ExtractionSpec, targets: list[GradientGroup], todo: li
         for k in chunks:
             c0, c1 = target.plan.chunk_bounds(k)
             wanted[c0 - start:c1 - start] = True
-    batches = [(o, min(o + spec.batch_size, stop)) for o in range(start, stop, spec.batch_size)
-               if wanted[o - start:o - start + spec.batch_size].any()]
+    ids, mask = group.group["input_ids"][start:stop], group.group["label_mask"][start:stop]
+    lengths = (ids >= 0).sum(axis=1)
+    batches = [b for b in shard_batches(lengths, start, spec.batch_size, spec.token_budget, _window_rows(targets))
+               if wanted[b - start].any()]
     model_spec = spec.model.resolved()
     model = load_model(model_spec)
     tokenizer = load_tokenizer(model_spec)
@@ -336,20 +369,31 @@ def _compute_chunks(spec: ExtractionSpec, targets: list[GradientGroup], todo: li
     writers = [ChunkRows(t, chunks, leases) for t, chunks in zip(targets[:-1], todo[:-1])]
     stored = (ChunkRows(group, todo[-1], leases) if plan.mode == "store"
               else ChunkSums(group, todo[-1], plan.mode == "mean_normalized", leases))
-    progress = Progress(sum(e - o for o, e in batches), "samples", log)
-    with PerSampleGradients(model, names, projections) as per_sample:
-        for offset, end in batches:
-            input_ids, labels = _batch(group, offset, end, pad_id, device)
+
+    def write(rows: np.ndarray, projected: list[dict[str, np.ndarray]], grads: dict[str, np.ndarray] | None) -> None:
+        for writer, arrays in zip(writers, projected):
+            writer.add_rows(rows, arrays)
+        if grads is not None:
+            stored.add_rows(rows, grads)
+        leases.renew()
+
+    progress = Progress(sum(len(b) for b in batches), "samples", log)
+    with PerSampleGradients(model, names, projections) as per_sample, BackgroundWrites() as writes:
+        for rows in batches:
+            input_ids, labels = _batch(ids, mask, rows - start, pad_id, device)
             grads = per_sample(input_ids, labels)
-            for writer, projected in zip(writers, per_sample.projected):
-                writer.add(offset, end, {k: v.cpu().numpy() for k, v in projected.items()})
-            stored.add(offset, end, {n: g.cpu().numpy() for n, g in grads.items()} if plan.mode == "store" else grads)
-            leases.renew()
-            progress.add(end - offset, f"{label}: ")
+            projected = [{k: tensor_to_host(v, t.plan.dtype) for k, v in out.items()}
+                         for t, out in zip(targets, per_sample.projected)]
+            if plan.mode == "store":
+                writes.submit(write, rows, projected, {n: tensor_to_host(g, plan.dtype) for n, g in grads.items()})
+            else:  # the sums are taken now, from buffers the next batch reuses; their writes are small
+                stored.add_rows(rows, grads)
+                writes.submit(write, rows, projected, None)
+            progress.add(len(rows), f"{label}: ")
     unwritten = {t.path: sorted(w.waiting) for t, w in zip(targets, [*writers, stored]) if w.waiting}
     if unwritten:  # every chunk asked for lies in some computed batch; this guards that reasoning
         raise RuntimeError(f"{label}: chunks {unwritten} were not written")
-    log(progress.line(f"{label}: computed "))
+    log(progress.line(f"{label}: computed ", f", lake writes busy {writes.busy_s / max(progress.elapsed, 1e-9):.0%} of the time"))
     return progress.done
 
 
@@ -382,10 +426,10 @@ def pending_shards(spec: ExtractionSpec, group: GradientGroup) -> list[int]:
 
 @task(name="extract-shard", cache_policy=NONE, retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_bad_input,
       task_run_name="extract-{spec.variant}-shard-{shard}")
-def extract_shard_task(spec: ExtractionSpec, path: str, shard: int) -> int:
-    """Compute one shard's unfinished chunks; returns the number of samples computed."""
+def extract_shard_task(spec: ExtractionSpec, path: str, shard: int, wait: bool = True) -> int | None:
+    """Compute one shard's unfinished chunks; returns the number of samples computed (None: left to another live worker, `wait` off)."""
     group = GradientGroup.open(LakeStore(spec.lake), path)
-    return extract_shard(spec, group, shard, log=get_run_logger().info)
+    return extract_shard(spec, group, shard, log=get_run_logger().info, wait=wait)
 
 
 @task(name="finalize-groups", cache_policy=NONE, retries=2, retry_delay_seconds=[5, 30],
