@@ -6,8 +6,19 @@ studies' loop (one sample per backward pass, every gradient copied to CPU), and
 measured here, now.  The three are measured interleaved, round after round, and the
 median round is reported, so that load from other processes hits them alike.
 
+``--projections`` instead prints what on-the-fly projection costs: for each projection
+(gradients not kept), its time per batch over that of extracting the same tensors'
+per-sample gradients with nothing projected, both measured in every round (CPU time of
+this process and wall time; the medians of the per-round ratios).  ``--fly`` extracts a
+few batches with on-the-fly kronecker and sparse projections, gradients not kept, and
+prints samples/s, the fraction of the floor and the peak RSS of each (for the
+amd-olmo-1b shape, where one call takes minutes on a CPU).
+
     python benchmarks/extraction.py                       # small OLMo-2, 128 tokens, CPU
     python benchmarks/extraction.py --shape amd-olmo-1b --device cuda --dtype bfloat16 --tokens 512
+    OMP_NUM_THREADS=1 python benchmarks/extraction.py --projections --shape olmo2-10m --tokens 256
+    OMP_NUM_THREADS=1 python benchmarks/extraction.py --projections --shape olmo2-100m --tokens 256 --batch 4
+    OMP_NUM_THREADS=1 python benchmarks/extraction.py --fly --shape amd-olmo-1b --tokens 128 --batch 2
 """
 
 from __future__ import annotations
@@ -15,23 +26,33 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from functools import partial
 
 import torch
 from transformers import Olmo2Config, Olmo2ForCausalLM, OlmoConfig, OlmoForCausalLM
 
-from gradlake.tasks.gradients import PerSampleGradients
+from gradlake.tasks.gradients import PerSampleGradients, Projection
 from gradlake.tasks.loss import sample_losses
+from gradlake.tasks.projection import output_key, parse_projection, projector_choices, projectors_for
 
 SHAPES = {
     # A small OLMo-2 of a few million parameters.
     "small-olmo2": (Olmo2Config, Olmo2ForCausalLM, dict(vocab_size=2048, hidden_size=384, intermediate_size=1024,
                                                           num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=6)),
+    # ~100M parameters: 12 layers of 768, MLP 2048, vocab 8192.
+    "olmo2-100m": (Olmo2Config, Olmo2ForCausalLM, dict(vocab_size=8192, hidden_size=768, intermediate_size=2048,
+                                                        num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12)),
     "small-olmo2-wide": (Olmo2Config, Olmo2ForCausalLM, dict(vocab_size=2048, hidden_size=512, intermediate_size=1024,
                                                                num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=8)),
     # AMD-OLMo-1B's shapes (random weights): 16 layers, 2048 wide, MLP 8192, vocab 50304.
     "amd-olmo-1b": (OlmoConfig, OlmoForCausalLM, dict(vocab_size=50304, hidden_size=2048, intermediate_size=8192,
                                                        num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16)),
 }
+SHAPES["olmo2-10m"] = SHAPES["small-olmo2"]  # 8.6M parameters
+# What --projections compares; dense kinds at dimensions whose matrix fits the cache at ~10M
+# parameters (at ~100M they are drawn again for every batch, which is what they cost there).
+PROJECTIONS = ["sparse:flat:8192", "sparse:per_tensor:1024", "rademacher:flat:16", "rademacher:per_tensor:16",
+               "gaussian:flat:16", "gaussian:per_tensor:16", "kronecker:32x32", "kronecker:64x128"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -56,6 +77,89 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
+def peak_rss_gib() -> float:
+    """This process's peak resident memory since the last reset_peak_rss()."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2**20
+
+
+def reset_peak_rss() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux)
+    except OSError:
+        pass
+
+
+def timed_call(fn, device: torch.device) -> tuple[float, float]:
+    """(CPU seconds of this process, wall seconds) of one call."""
+    sync(device)
+    cpu, wall = time.process_time(), time.perf_counter()
+    fn()
+    sync(device)
+    return time.process_time() - cpu, time.perf_counter() - wall
+
+
+def on_the_fly(model, names: list[str], spec) -> PerSampleGradients:
+    """An extractor that projects `names` with `spec` during the backward pass and keeps no gradient."""
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if n in set(names)}
+    device = next(model.parameters()).device
+    return PerSampleGradients(model, [], [Projection(projectors_for(spec, shapes, device), key=partial(output_key, spec))])
+
+
+def projection_costs(model, ids, labels, names: list[str], texts: list[str], rounds: int, device) -> None:
+    """Each projection's time over plain extraction of the same tensors, interleaved round by round."""
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if n in set(names)}
+    batch = ids.shape[0]
+    runs = {"none": PerSampleGradients(model, names)}
+    for text in texts:
+        spec = parse_projection(text)
+        start = time.perf_counter()
+        choices = set(projector_choices(spec, shapes, device).values())
+        runs[text] = on_the_fly(model, names, spec)
+        print(f"  built {text} ({', '.join(sorted(choices))}) in {time.perf_counter() - start:.1f} s", flush=True)
+    times = {k: [] for k in runs}
+    for extractor in runs.values():  # warm-up: buffers, caches
+        with extractor:
+            extractor(ids, labels)
+    for _ in range(rounds):
+        for key, extractor in runs.items():
+            with extractor:
+                times[key].append(timed_call(lambda: extractor(ids, labels), device))
+    base = times["none"]
+    cpu0, wall0 = (statistics.median(t[i] for t in base) for i in (0, 1))
+    print(f"  {'projection':26s} {'CPU s/sample':>12s} {'CPU ratio':>10s} {'wall ratio':>10s}")
+    print(f"  {'none (per-sample grads)':26s} {cpu0 / batch:12.4f} {1:10.2f} {1:10.2f}")
+    for key in texts:
+        cpu = statistics.median(t[0] / b[0] for t, b in zip(times[key], base))
+        wall = statistics.median(t[1] / b[1] for t, b in zip(times[key], base))
+        print(f"  {key:26s} {statistics.median(t[0] for t in times[key]) / batch:12.4f} {cpu:10.2f} {wall:10.2f}", flush=True)
+    print("  ratio = time with the projection (gradients not kept) / time of extracting the same tensors' per-sample "
+          "gradients with nothing projected; median of per-round ratios")
+
+
+def fly(model, ids, labels, names: list[str], texts: list[str], rounds: int, n_params: int, tokens: int, side: int,
+        device, dtype) -> None:
+    """Samples/s, fraction of the floor and peak RSS of extraction with one on-the-fly projection at a time."""
+    batch = ids.shape[0]
+    for text in texts:
+        reset_peak_rss()
+        spec = parse_projection(text)
+        start = time.perf_counter()
+        extractor = on_the_fly(model, names, spec)
+        build = time.perf_counter() - start
+        with extractor:
+            first = timed_call(lambda: extractor(ids, labels), device)
+            steady = [timed_call(lambda: extractor(ids, labels), device) for _ in range(rounds)]
+        floor = matmul_rate(device, dtype, side) / (6 * n_params * tokens)
+        wall = statistics.median(t[1] for t in steady)
+        cpu = statistics.median(t[0] for t in steady)
+        print(f"  {text:20s} {batch / wall:8.4f} samples/s = {batch / wall / floor:.3f} x floor ({floor:.3f} samples/s), "
+              f"{cpu / batch:7.2f} CPU-s/sample, first call {first[1]:.0f} s, build {build:.0f} s, "
+              f"peak RSS {peak_rss_gib():.1f} GiB", flush=True)
+        del extractor
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="small-olmo2")
@@ -65,6 +169,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--matmul-size", type=int, default=None, help="side of the square product for the FLOP rate")
+    parser.add_argument("--projections", action="store_true", help="cost of each on-the-fly projection over plain extraction")
+    parser.add_argument("--fly", action="store_true", help="samples/s and peak RSS with on-the-fly kronecker and sparse projections")
+    parser.add_argument("--kinds", default="", help="comma-separated projections (KIND:SCOPE:DIM or kronecker:KOUTxKIN) "
+                        f"for --projections/--fly; default {','.join(PROJECTIONS)} / kronecker:64x128,sparse:flat:8192")
     args = parser.parse_args()
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -78,6 +186,18 @@ def main() -> None:
     ids = torch.randint(3, config.vocab_size, (args.batch, args.tokens), device=device)
     labels = ids.clone()
     side = args.matmul_size or (4096 if device.type == "cuda" else 1024)
+    if args.projections or args.fly:
+        weights = [n for n, p in model.named_parameters() if p.dim() == 2]  # what every kind can project (kronecker: 2-D)
+        print(f"model {args.shape} ({model_cls.__name__}), {n_params / 1e6:.1f}M parameters ({len(weights)} 2-D weights, "
+              f"{sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2) / 1e6:.1f}M), {args.tokens} tokens, "
+              f"batch {args.batch}, {args.dtype} on {device} ({torch.get_num_threads()} CPU threads)", flush=True)
+        if args.projections:
+            projection_costs(model, ids, labels, weights, args.kinds.split(",") if args.kinds else PROJECTIONS,
+                             args.rounds, device)
+        else:
+            fly(model, ids, labels, weights, (args.kinds or "kronecker:64x128,sparse:flat:8192").split(","), args.rounds,
+                n_params, args.tokens, side, device, dtype)
+        return
 
     def batched() -> float:
         with PerSampleGradients(model, names) as grads:

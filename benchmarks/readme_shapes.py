@@ -2,7 +2,7 @@
 
 Builds AMD-OLMo-1B's shape (random bfloat16 weights, ~2.4 GB on disk) and OLMo-2-1124-7B's
 (its config alone: nothing is loaded unless an example gets past planning), stores the
-first few probe samples in a scratch lake, and runs each README command as written, with
+first few probe samples in a scratch lake per example, and runs each README command as written, with
 the preset replaced by the local directory and shards sized to the few samples.  Each
 example either runs, reported with its wall time and the peak memory of its process, or is
 refused at plan time, reported with the refusal (which states the estimated cost).
@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -36,7 +38,8 @@ EXAMPLES = [
     ("1b-store-bf16", "amd-olmo-1b", "extract --dataset probe --variant original --paradigm sft "
      "--layers 'model.layers.*.mlp.down_proj.weight' --mode store --shard-size {n} --batch-size 2 --dtype bfloat16 "
      "--store-dtype bfloat16"),
-    ("1b-mean", "amd-olmo-1b", "extract --dataset probe --variant original --paradigm sft --mode mean "
+    ("1b-mean", "amd-olmo-1b", "extract --dataset probe --variant original --paradigm sft --mode mean_normalized "
+     "--layers 'model.layers.*.mlp.down_proj.weight' "
      "--shard-size {n} --batch-size 2 --dtype bfloat16"),
     ("1b-project-dense", "amd-olmo-1b", "extract --dataset probe --variant paraphrased --dtype bfloat16 "
      "--layers 'model.layers.*.mlp.*_proj.weight' --no-keep-gradients --project rademacher:flat:8192 "
@@ -84,14 +87,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--scratch", default="build/readme-shapes")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds an example may run before it is stopped")
     parser.add_argument("--only", action="append", default=[], help="run only these examples (repeatable)")
     args = parser.parse_args()
 
     from gradlake.tasks.probes import store_probe_set
 
     root = Path(args.scratch).resolve()
-    lake = f"file://{root / 'lake'}"
-    store_probe_set(lake, "probe", args.samples)
+    shutil.rmtree(root / "lakes", ignore_errors=True)  # every example computes afresh
+    lakes: dict[str, str] = {}  # one lake per example (two examples with other layers on one variant would clash)
     gradlake = str(Path(sys.executable).with_name("gradlake"))
     stored = None
     rows = []
@@ -107,18 +111,27 @@ def main() -> None:
         argv = [gradlake, *shlex.split(text)]
         if argv[1] == "extract":
             argv += ["--model", str(model)]
+        lake = lakes["1b-store"] if "{stored}" in command else f"file://{root / 'lakes' / name}"
+        if lake not in lakes.values():
+            store_probe_set(lake, "probe", args.samples)
+        lakes[name] = lake
         argv += ["--lake", lake]
         began = time.perf_counter()
         log = root / f"{name}.log"
         with open(log, "w") as sink:
             child = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"})
+            timer = threading.Timer(args.timeout, child.kill)  # what cannot finish here is reported as such
+            timer.start()
             _, status, usage = os.wait4(child.pid, 0)  # this child's own peak memory
+            timer.cancel()
         wall = time.perf_counter() - began
         peak = usage.ru_maxrss / 2**20  # GiB (ru_maxrss is in KiB)
         returncode = os.waitstatus_to_exitcode(status)
         out = log.read_text().strip().splitlines()
-        if returncode == 0:
+        if returncode == -9:
+            rows.append((name, "killed at timeout", f"still running after {args.timeout:.0f}s; log in {log}", wall, peak))
+        elif returncode == 0:
             if name == "1b-store":
                 stored = next(line.split(f"{lake}/", 1)[1] for line in out if line.startswith("gradients:"))
             rows.append((name, "ran", out[-1][:160] if out else "", wall, peak))

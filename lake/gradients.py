@@ -15,7 +15,9 @@ import datetime as dt
 import hashlib
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 import numpy as np
 import zarr
@@ -31,6 +33,7 @@ MODES = ("store", "mean", "mean_normalized")
 CHECKSUMS = (None, "crc32c")
 # Layout choices: fixed when a group is created, never part of what makes two extractions the same.
 LAYOUT_FIELDS = ("chunk_rows", "checksum")
+WRITE_THREADS = 8  # arrays of one row-chunk written at once
 CREATE_SECONDS = 120.0  # a creation claim lives this long unless renewed (it is, after every array)
 # The arrays of a group that are not gradients: its tokens and its bookkeeping.
 NOT_GRADIENTS = ("sample", "input_ids", "label_mask", "n_tokens", "shard_complete", "chunk_digest")
@@ -100,6 +103,12 @@ def check_shard_size(shard_size: int, chunk_rows: int, path: str) -> None:
         )
 
 
+@lru_cache(maxsize=1)
+def _chunk_writers() -> ThreadPoolExecutor:
+    """Threads that write a row-chunk's arrays at the same time (a remote store's latency is paid once, not per array)."""
+    return ThreadPoolExecutor(max_workers=WRITE_THREADS, thread_name_prefix="gradlake-chunk")
+
+
 def fingerprint(lineage: dict, plan: GradientPlan) -> str:
     """What makes two extractions the same: their lineage and what the group holds (not when or how they ran)."""
     stable = {k: v for k, v in lineage.items() if k not in ("created_at", "gradlake_version")}
@@ -148,6 +157,7 @@ class GradientGroup:
 
     def __init__(self, store: LakeStore, path: str, group: zarr.Group):
         self.store, self.path, self.group = store, path, group
+        self._arrays: dict[str, zarr.Array] = {}
         meta = _checked(dict(group.attrs).get(ATTR) or {}, path)
         self.lineage: dict = meta.get("lineage", {})
         self.plan = GradientPlan.stored(meta["plan"]) if "plan" in meta else None
@@ -278,11 +288,17 @@ class GradientGroup:
             "use another variant name, or remove that group to replace it"
         )
 
+    def array(self, name: str) -> zarr.Array:
+        """Array `name`, its metadata read once (each opening is a request to the store)."""
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
+
     # -- chunks and shards ----------------------------------------------------------------
 
     def done_chunks(self) -> np.ndarray:
         """One bool per row-chunk: True once it is written in full."""
-        return self.group["shard_complete"][:].astype(bool)
+        return self.array("shard_complete")[:].astype(bool)
 
     def pending_chunks(self, start: int = 0, stop: int | None = None) -> list[int]:
         """The row-chunks holding samples in [start, stop) that are not written yet (only their flags are read)."""
@@ -290,7 +306,7 @@ class GradientGroup:
         chunks = layout.chunks_in(start, stop, self.plan.chunk_rows)
         if not chunks:
             return []
-        done = self.group["shard_complete"][chunks.start:chunks.stop].astype(bool)
+        done = self.array("shard_complete")[chunks.start:chunks.stop].astype(bool)
         return [k for k, flag in zip(chunks, done) if not flag]
 
     def shard_bounds(self, index: int, shard_size: int) -> tuple[int, int]:
@@ -313,15 +329,16 @@ class GradientGroup:
             if arrays[name].shape[0] != stop - start:
                 raise LakeError(f"chunk {index} of {name!r} holds samples {start}-{stop - 1}; got {arrays[name].shape[0]} rows")
             values[name] = encode(arrays[name], self.plan.dtype)
-            self.group[name][start:stop] = values[name]
+        # The arrays' writes go out together (each waits on its requests), the digest and the flag after all.
+        list(_chunk_writers().map(lambda name: self.array(name).__setitem__(slice(start, stop), values[name]), values))
         self._write_digest(index, values.values())
 
     def write_partial_sum(self, index: int, sums: dict[str, np.ndarray]) -> None:
         """Mean modes: write row-chunk `index`'s sum over its samples, in float64."""
         self._check_covers(index, sums)
         values = [np.ascontiguousarray(sums[name], dtype="float64") for name in self.plan.parameters]
-        for name, value in zip(self.plan.parameters, values):
-            self.group[f"{name}.partial_sum"][index] = value
+        names = [f"{name}.partial_sum" for name in self.plan.parameters]
+        list(_chunk_writers().map(lambda nv: self.array(nv[0]).__setitem__(index, nv[1]), zip(names, values)))
         self._write_digest(index, values)
 
     def _check_covers(self, index: int, arrays: dict) -> None:
@@ -331,11 +348,11 @@ class GradientGroup:
 
     def _write_digest(self, index: int, values) -> None:
         if self.plan.checksum:
-            self.group["chunk_digest"][index] = digest(values)
+            self.array("chunk_digest")[index] = digest(values)
 
     def mark_complete(self, index: int) -> None:
         """Record that row-chunk `index` is fully written; the last write of a chunk."""
-        self.group["shard_complete"][index] = 1
+        self.array("shard_complete")[index] = 1
 
     def expected_arrays(self) -> dict[str, tuple[tuple[int, ...], str | None]]:
         """Every array the plan says the group holds: name to (shape, dtype)."""

@@ -28,10 +28,11 @@ from gradlake.lake.gradients import ChunkAssembly, ChunkRows, GradientGroup, Gra
 from gradlake.lake.overlap import BackgroundWrites
 from gradlake.lake.store import LakeError, LakeStore, default_lake
 from gradlake.tasks.batching import WINDOW_BYTES, shard_batches, window_chunks
+from gradlake.tasks.footprint import check_extraction_memory
 from gradlake.tasks.gradients import PerSampleGradients, Projection
 from gradlake.tasks.loss import IGNORE_INDEX, Encoded, encode_sample, pad_batch
-from gradlake.tasks.model import (ModelError, ModelSpec, check_model, check_weights, lake_names, load_model, load_tokenizer,
-                                  parameter_shapes, resolved_commit, select_parameters, tokenizer_fingerprint)
+from gradlake.tasks.model import (ModelError, ModelSpec, check_device, check_model, check_weights, lake_names, load_model,
+                                  load_tokenizer, parameter_shapes, resolved_commit, select_parameters, tokenizer_fingerprint)
 from gradlake.tasks.project import projection_group_plan, projection_path
 from gradlake.tasks.projection import ProjectionSpec, output_key, projector_choices, projectors_for
 from gradlake.tasks.retries import retry_unless_bad_input
@@ -123,7 +124,12 @@ def plan_extraction(spec: ExtractionSpec, device_here: bool = True) -> Extractio
     selected = {n: shapes[n] for n in names}
     device = model.torch_device()
     for projection in spec.projections:  # every setting checked (from the config alone) before anything is read or written
-        projector_choices(projection, selected, device)
+        projector_choices(projection, selected, device, check_cost=device_here)
+    if device_here:  # what the device must hold at least: refused now, not after loading the weights
+        check_device(model)
+        formed = names if any(p.kind != "kronecker" for p in spec.projections) else []
+        check_extraction_memory(shapes, names if spec.keep_gradients else [], formed, model.dtype, spec.batch_size,
+                                spec.mode != "store", device)
     check_weights(model, config, device_here)  # files, headers, shapes and device, before the lake is touched or a weight read
     store = LakeStore(spec.lake)
     store.check_writable()
@@ -176,7 +182,7 @@ def plan_extraction(spec: ExtractionSpec, device_here: bool = True) -> Extractio
     )
     if not spec.keep_gradients:
         lineage["gradients_kept"] = False
-    projections = [projection_group_plan(path, plan, lineage, selected, p, device) for p in spec.projections]
+    projections = [projection_group_plan(path, plan, lineage, selected, p, device, check_cost=device_here) for p in spec.projections]
     return ExtractionPlan(store, path, plan, lineage, [str(i) for i in frame["id"]], input_ids, label_mask, projections)
 
 

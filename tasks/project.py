@@ -52,19 +52,20 @@ def projection_path(gradient_path: str, spec: ProjectionSpec) -> str:
 
 def projection_group_plan(source_path: str, source_plan: GradientPlan, source_lineage: dict,
                           shapes: dict[str, tuple[int, ...]], spec: ProjectionSpec,
-                          device="cpu") -> tuple[str, GradientPlan, dict]:
+                          device="cpu", check_cost: bool = True) -> tuple[str, GradientPlan, dict]:
     """Path, plan and lineage of the group holding `spec`'s projections of a gradient group.
 
     The same whether the projections are made on the fly during extraction or afterwards
     from stored gradients, so either run recognises the other's group.  Checks the
-    settings (one clear error) and builds no matrix.
+    settings (one clear error) and builds no matrix.  `check_cost` off: a plan made for other machines,
+    whose cost there is not known here (the workers check it when they build the projectors).
     """
     dims = output_dims(spec, shapes)
     plan = GradientPlan(n_samples=source_plan.n_samples, parameters={n: [d] for n, d in dims.items()},
                         mode="store", dtype="float32", max_tokens=source_plan.max_tokens,
                         chunk_rows=source_plan.chunk_rows)
     lineage = {k: v for k, v in source_lineage.items() if k not in ("created_at", "gradients_kept")}
-    lineage["projection"] = {**spec.model_dump(), "dims": dims, "projectors": projector_choices(spec, shapes, device),
+    lineage["projection"] = {**spec.model_dump(), "dims": dims, "projectors": projector_choices(spec, shapes, device, check_cost),
                              "source_group": source_path}
     return projection_path(source_path, spec), plan, lineage
 

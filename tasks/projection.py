@@ -27,8 +27,19 @@ products grow by the dimension, cosines are preserved.  ``sparse`` is a sparse J
 coordinates with random signs.  It costs a few additions per gradient entry whatever the
 output dimension, which makes projections such as 2,048,000 dimensions of a layer of
 several million parameters possible on a CPU, where a dense matrix would not even fit
-on disk.  (Dense kinds stream through tiles in bounded memory too, but generating
-trillions of random entries on a CPU takes hours; on a GPU TRAK's kernel does it.)
+on disk.  Its indices and signs are drawn once per tensor and seed and kept on the
+device (20 bytes per gradient coordinate, within ``SPARSE_CACHE_BUDGET`` per projection;
+beyond it, tiles are drawn again on every call, with the same result bit for bit).
+
+Dense kinds stream through tiles in bounded memory too, but drawing their entries on a
+CPU costs ``NS_PER_DENSE_ENTRY`` (5.86 ns) each, for every batch when the matrix is not
+cached: about 17 CPU-hours per batch for AMD-OLMo-1B flat to 8192.  On a CPU, a
+projection whose uncached matrices cost more than ``REGENERATION_LIMIT_CPU_HOURS`` (1) per
+batch is refused when it is planned, before anything is written, pointing to
+``kronecker`` or ``sparse``; on a GPU, TRAK's kernel (``fast_jl``, the ``cuda`` extra)
+never stores the matrix at all.  Even cached, a dense projection costs ``2 k`` FLOPs per
+gradient entry and sample, which outweighs extracting the gradient once ``k`` exceeds a
+few hundred: dense kinds suit small ``k`` or a GPU.
 
 Scopes: ``per_tensor`` projects every parameter tensor to ``dim``; ``proportional`` gives
 each tensor a share of ``dim`` proportional to its size, rounded to a multiple of 512 (at
@@ -51,7 +62,15 @@ MEMORY_BUDGET = 1 << 30  # bytes a projector may hold for its matrix
 TILE_ROWS = 1 << 16
 TILE_COLS = 1 << 12
 ROUND_TO = 512
+# CPU time to draw one entry of a dense random matrix (torch's CPU generator, rademacher or
+# gaussian, one thread of an AMD EPYC): the cost of a projection whose matrix cannot be cached.
+NS_PER_DENSE_ENTRY = 5.86
+# A dense projection on a CPU costing more than this per batch to redraw is refused at plan time
+# (e.g. a 100M-parameter model flat to 8192: 1.3 CPU-hours; AMD-OLMo-1B: 17).
+REGENERATION_LIMIT_CPU_HOURS = 1.0
 SPARSE_NONZEROS = 4
+SPARSE_BYTES_PER_COORDINATE = SPARSE_NONZEROS * (4 + 1)  # cached int32 index + int8 sign per nonzero
+SPARSE_CACHE_BUDGET = 2 << 30  # bytes of cached sparse indices and signs, shared by the tensors of one projection
 
 
 class ProjectionError(ValueError):
@@ -218,29 +237,67 @@ class BlockProjector:
 
 
 class SparseProjector:
-    """A sparse JL transform: input coordinate r adds sign[r, j] * x_r to output idx[r, j], j < SPARSE_NONZEROS."""
+    """A sparse JL transform: input coordinate r adds sign[r, j] * x_r to output idx[r, j], j < SPARSE_NONZEROS.
+
+    Indices and signs are drawn once, tile by tile from ``(seed, stream, tile)``, and kept on
+    the projector's device for every later call, as long as ``memory_budget`` allows
+    (``SPARSE_BYTES_PER_COORDINATE`` bytes per input coordinate: an int32 output index
+    and an int8 sign per nonzero, 20 bytes in all, so 84 MB for a 4,194,304-parameter
+    layer); tiles beyond the budget are drawn again on every call.  Either way the
+    result is the same, bit for bit: each output coordinate sums its inputs in the same
+    order (index_add_ over the tiles in order).
+    """
 
     name = "gradlake.sparse"
 
-    def __init__(self, n: int, k: int, seed: int, stream: str, device="cpu"):
+    def __init__(self, n: int, k: int, seed: int, stream: str, device="cpu", memory_budget: int = SPARSE_CACHE_BUDGET):
         self.n, self.k, self.seed, self.stream = n, k, seed, stream
         self.device = torch.device(device)
+        tiles = math.ceil(n / TILE_ROWS)
+        self.cached_tiles = min(tiles, max(0, memory_budget) // (TILE_ROWS * SPARSE_BYTES_PER_COORDINATE))
+        self._cache = [self._draw(i, compact=True) for i in range(self.cached_tiles)]
+        self._part: torch.Tensor | None = None  # (batch, rows, nonzeros) products, reused across calls
+        self._wide: tuple[torch.Tensor, torch.Tensor] | None = None  # a cached tile widened to int64 / float32
 
-    def _tile(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes the cached indices and signs hold."""
+        return sum(index.numel() * index.element_size() + sign.numel() * sign.element_size() for index, sign in self._cache)
+
+    def _draw(self, i: int, compact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         rows = min(TILE_ROWS, self.n - i * TILE_ROWS)
         generator = torch.Generator(device="cpu").manual_seed(stream_seed(self.seed, self.stream, i))
         index = torch.randint(0, self.k, (rows, SPARSE_NONZEROS), generator=generator)
-        sign = torch.randint(0, 2, (rows, SPARSE_NONZEROS), generator=generator).mul_(2).sub_(1).float()
-        return index.to(self.device), sign.to(self.device)
+        sign = torch.randint(0, 2, (rows, SPARSE_NONZEROS), generator=generator).mul_(2).sub_(1)
+        if compact:  # stored small; widened per call (index_add_ is ~10x slower with int32 indices)
+            return index.to(self.device, torch.int32 if self.k < 2**31 else torch.long), sign.to(self.device, torch.int8)
+        return index.to(self.device), sign.float().to(self.device)
+
+    def _tile(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tile i's (rows, nonzeros) output indices (int64) and signs (float32)."""
+        if i >= self.cached_tiles:
+            return self._draw(i)
+        index, sign = self._cache[i]
+        if self._wide is None or self._wide[0].device != self.device:
+            # reused buffers: fresh multi-megabyte tensors per tile cost page faults
+            self._wide = (torch.empty(TILE_ROWS, SPARSE_NONZEROS, dtype=torch.long, device=self.device),
+                          torch.empty(TILE_ROWS, SPARSE_NONZEROS, device=self.device))
+        return self._wide[0][: len(index)].copy_(index), self._wide[1][: len(sign)].copy_(sign)
 
     def project(self, grads: torch.Tensor) -> torch.Tensor:
         """(batch, n) -> (batch, k) in float32, one tile of input coordinates at a time."""
         grads = grads.to(self.device, torch.float32)
-        out = torch.zeros(grads.shape[0], self.k, device=self.device)
+        batch = grads.shape[0]
+        out = torch.zeros(batch, self.k, device=self.device)
+        need = batch * min(TILE_ROWS, self.n) * SPARSE_NONZEROS
+        if self._part is None or self._part.numel() < need or self._part.device != self.device:
+            # reused: a fresh multi-megabyte product per tile costs page faults that double its time
+            self._part = torch.empty(need, device=self.device)
         for i in range(math.ceil(self.n / TILE_ROWS)):
             index, sign = self._tile(i)
-            part = grads[:, i * TILE_ROWS:(i + 1) * TILE_ROWS, None] * sign  # (batch, rows, nonzeros)
-            out.index_add_(1, index.flatten(), part.reshape(grads.shape[0], -1))
+            part = self._part[: batch * sign.numel()].view(batch, *sign.shape)
+            torch.mul(grads[:, i * TILE_ROWS:(i + 1) * TILE_ROWS, None], sign, out=part)
+            out.index_add_(1, index.flatten(), part.view(batch, -1))
         return out
 
 
@@ -322,7 +379,7 @@ def make_projector(n: int, k: int, kind: str, seed: int, stream: str, device="cp
     """The projector for an (n -> k) projection of dense kinds: TRAK's where it serves, gradlake's beyond that."""
     choice = choose_projector(n, k, kind, device, memory_budget, backend)
     if choice == SparseProjector.name:
-        return SparseProjector(n, k, seed, stream, device)
+        return SparseProjector(n, k, seed, stream, device, memory_budget)
     if choice.startswith("traker."):
         return TrakProjector(n, k, kind, seed, stream, device)
     return BlockProjector(n, k, kind, seed, stream, device, memory_budget)
@@ -344,22 +401,65 @@ def output_key(spec: ProjectionSpec, name: str) -> str:
     return FLAT if spec.scope == "flat" else name
 
 
-def _plan(spec: ProjectionSpec, shapes: dict[str, tuple[int, ...]], device) -> list[tuple[str, int, int, str, int]]:
-    """(tensor, n, k, projector, its memory budget) in tensor order; cached matrices share one budget."""
+def _plan(spec: ProjectionSpec, shapes: dict[str, tuple[int, ...]], device, check_cost: bool = True) -> list[tuple[str, int, int, str, int]]:
+    """(tensor, n, k, projector, its memory budget) in tensor order, or one clear error.
+
+    Cached dense matrices share MEMORY_BUDGET, cached sparse indices SPARSE_CACHE_BUDGET.
+    On a CPU, a dense projection whose matrix must be drawn again for every batch
+    (too large to cache) is refused when that costs more than
+    ``REGENERATION_LIMIT_CPU_HOURS`` per batch.
+    """
     dims = check_projection(spec, shapes)
-    planned, budget = [], MEMORY_BUDGET
+    planned, budget, sparse_budget = [], MEMORY_BUDGET, SPARSE_CACHE_BUDGET
     for name, shape in shapes.items():
         n, k = math.prod(shape), dims[name]
         choice = choose_projector(n, k, spec.kind, device, budget)
+        if choice == SparseProjector.name:
+            planned.append((name, n, k, choice, sparse_budget))
+            cached = min(math.ceil(n / TILE_ROWS), sparse_budget // (TILE_ROWS * SPARSE_BYTES_PER_COORDINATE))
+            sparse_budget -= cached * TILE_ROWS * SPARSE_BYTES_PER_COORDINATE
+            continue
         planned.append((name, n, k, choice, budget))
         if choice == BlockProjector.name and n * k * 4 <= budget:
             budget -= n * k * 4
+    if check_cost:
+        _refuse_regeneration(spec, planned, device)
     return planned
 
 
-def projector_choices(spec: ProjectionSpec, shapes: dict[str, tuple[int, ...]], device="cpu") -> dict[str, str]:
+def regeneration_cpu_hours(planned: list[tuple[str, int, int, str, int]]) -> float:
+    """Estimated CPU-hours per batch (per ``project`` call) spent drawing dense matrices that are not cached."""
+    entries = sum(n * k for _, n, k, choice, budget in planned if _regenerates(choice, n, k, budget))
+    return entries * NS_PER_DENSE_ENTRY / 3.6e12
+
+
+def _regenerates(choice: str, n: int, k: int, budget: int) -> bool:
+    return choice == "traker.basic" or (choice == BlockProjector.name and n * k * 4 > budget)
+
+
+def _refuse_regeneration(spec: ProjectionSpec, planned: list, device) -> None:
+    if torch.device(device).type != "cpu":
+        return  # on a GPU, traker draws its matrices on the device (or fast_jl never stores them)
+    hours = regeneration_cpu_hours(planned)
+    if hours <= REGENERATION_LIMIT_CPU_HOURS:
+        return
+    slow = [(name, n) for name, n, k, choice, budget in planned if _regenerates(choice, n, k, budget)]
+    params = sum(n for _, n in slow)
+    k = max(k for _, _, k, _, _ in planned)
+    raise ProjectionError(
+        f"projection {spec.label} on the CPU would draw its dense random matrix again for every batch: "
+        f"{len(slow)} tensors of {params:,} parameters (the largest {max(slow, key=lambda s: s[1])[0]!r}) to "
+        f"{k:,} dimensions, about {hours:,.1f} CPU-hours per batch at {NS_PER_DENSE_ENTRY} ns per matrix entry "
+        f"(the limit is {REGENERATION_LIMIT_CPU_HOURS:g}; only {MEMORY_BUDGET >> 20} MiB of matrix is cached). "
+        f"Use kind 'kronecker' for linear and embedding weights (e.g. 'kronecker:64x64') or kind 'sparse' "
+        f"(e.g. 'sparse:{spec.scope}:{spec.dim}'), which cost a few operations per gradient entry; or fewer "
+        f"tensors or a smaller dim; or a GPU with fast_jl (pip install 'gradlake[cuda]')")
+
+
+def projector_choices(spec: ProjectionSpec, shapes: dict[str, tuple[int, ...]], device="cpu",
+                      check_cost: bool = True) -> dict[str, str]:
     """Tensor -> the name of the projector that will serve it (recorded in the group's attrs); builds nothing."""
-    return {name: choice for name, _, _, choice, _ in _plan(spec, shapes, device)}
+    return {name: choice for name, _, _, choice, _ in _plan(spec, shapes, device, check_cost)}
 
 
 def projectors_for(spec: ProjectionSpec, shapes: dict[str, tuple[int, ...]], device="cpu") -> dict:

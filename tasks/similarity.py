@@ -1,16 +1,19 @@
 """Block-wise similarities straight from Zarr: queries against all originals, in bounded memory.
 
 For one query block at a time, each array's dot products with every original are
-accumulated over column slabs read from the lake, sized so that the query slab and
-the originals' slab together stay within the memory budget.  Squared norms come from the
-same slabs.  Dot products and squared norms add over tensors, so any set of tensors
-(a layer group, the full gradient, a projection group's arrays) gets its cosine
+accumulated over column slabs read from the lake.  Within a slab as many query rows as the
+budget allows are held while the originals stream past them a block at a time, each block
+read once for every such set of queries (once per pass when all queries fit), and the next
+block is read on a thread of its own while the current one is multiplied.  Squared norms
+come from the same slabs.  Dot products and squared norms add over tensors, so any set of
+tensors (a layer group, the full gradient, a projection group's arrays) gets its cosine
 without its vectors ever being concatenated.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import zarr
@@ -26,14 +29,39 @@ def query_block_rows(n_queries: int, n_docs: int, n_accumulators: int, budget: i
     return max(1, min(n_queries, budget // 2 // per_query))
 
 
+def _whole_chunks(rows: int, height: int, limit: int) -> int:
+    """At most `limit` rows (never fewer than one chunk's), rounded down to whole chunks of `height`."""
+    return min(limit, max(height, rows // height * height))
+
+
+def read_ahead(reads: list[Callable[[], np.ndarray]]) -> Iterator[np.ndarray]:
+    """The results of `reads` in order, each next one read on a thread of its own while the caller
+    works on the current one: at most two results are held at a time.  A failed read is raised here."""
+    if not reads:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradlake-read-ahead") as pool:
+        pending = pool.submit(reads[0])
+        try:
+            for i in range(len(reads)):
+                current = pending.result()
+                if i + 1 < len(reads):
+                    pending = pool.submit(reads[i + 1])
+                yield current
+                del current
+        finally:
+            pending.cancel()
+
+
 def array_dots(queries: zarr.Array, docs: zarr.Array, q_start: int, q_stop: int, budget: int,
                doc_sq: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Dot products of query rows [q_start, q_stop) with every doc row, and both sides' squared norms.
 
     Reads whole chunks only: column slabs are whole column chunks, as many as fit half
-    the budget with every query and doc row; when even one column chunk of all rows does
-    not fit, rows are cut into blocks and the docs' blocks are read once per query block.
-    ``doc_sq`` (the docs' squared norms, when already known) saves their recomputation.
+    the budget with every query and doc row (then each side is read once).  Otherwise a
+    slab is one column chunk; 3/8 of the budget holds as many query rows as fit, and the docs
+    stream past them in blocks of 1/8 (the block after the current one is read meanwhile), so
+    the docs are read once per set of held queries.  ``doc_sq`` (the docs' squared norms, when
+    already known) saves their recomputation.
     Returns (dots (q x n) float64, query squared norms (q,), doc squared norms (n,)).
     """
     q, n = q_stop - q_start, docs.shape[0]
@@ -47,23 +75,32 @@ def array_dots(queries: zarr.Array, docs: zarr.Array, q_start: int, q_stop: int,
     chunk_cols = min(numel, queries.chunks[1])
     if 4 * (q + n) * chunk_cols <= half:  # all rows of several column chunks at once
         width, q_rows, d_rows = chunk_cols * max(1, half // (4 * (q + n) * chunk_cols)), q, n
-    else:  # one column chunk, rows in blocks that are whole row chunks
+    else:  # one column chunk; held query rows and streamed doc rows in whole row chunks
         width = chunk_cols
-        rows = max(1, half // (8 * chunk_cols))
-        q_rows = min(q, max(queries.chunks[0], rows // queries.chunks[0] * queries.chunks[0]))
-        d_rows = min(n, max(docs.chunks[0], rows // docs.chunks[0] * docs.chunks[0]))
+        q_rows = _whole_chunks(3 * budget // 8 // (4 * width), queries.chunks[0], q)
+        d_rows = _whole_chunks(budget // 8 // (4 * width), docs.chunks[0], n)
+    # Every read of the pass in order, so that each is started while the one before is in use.
+    plan: list[tuple[str, int, int, int, int]] = []
     for c0 in range(0, numel, width):
         c1 = min(numel, c0 + width)
         for a0 in range(0, q, q_rows):
-            a1 = min(q, a0 + q_rows)
-            a = read_checked(queries, (slice(q_start + a0, q_start + a1), slice(c0, c1)), np.float32)
+            plan.append(("q", c0, c1, a0, min(q, a0 + q_rows)))
+            plan.extend(("d", c0, c1, b0, min(n, b0 + d_rows)) for b0 in range(0, n, d_rows))
+
+    def reader(side: str, c0: int, c1: int, r0: int, r1: int) -> Callable[[], np.ndarray]:
+        array, offset = (queries, q_start) if side == "q" else (docs, 0)
+        return lambda: read_checked(array, (slice(offset + r0, offset + r1), slice(c0, c1)), np.float32)
+
+    a = None
+    for (side, _, _, r0, r1), values in zip(plan, read_ahead([reader(*step) for step in plan])):
+        if side == "q":
+            a, a0, a1 = values, r0, r1
             q_sq[a0:a1] += np.einsum("ij,ij->i", a, a, dtype=np.float64)
-            for b0 in range(0, n, d_rows):
-                b1 = min(n, b0 + d_rows)
-                b = read_checked(docs, (slice(b0, b1), slice(c0, c1)), np.float32)
-                dots[a0:a1, b0:b1] += a @ b.T
-                if doc_sq is None and a0 == 0:
-                    d_sq[b0:b1] += np.einsum("ij,ij->i", b, b, dtype=np.float64)
+            continue
+        dots[a0:a1, r0:r1] += a @ values.T
+        if doc_sq is None and a0 == 0:
+            d_sq[r0:r1] += np.einsum("ij,ij->i", values, values, dtype=np.float64)
+        del values  # not held while the block after next is read
     return dots, q_sq, d_sq
 
 

@@ -146,12 +146,19 @@ def test_pipeline_fans_out_over_both_gpu_workers(platform, tiny_models, tmp_path
     run = _run_pipeline(spec)
     assert run.state.is_completed(), run.state
     assert run.name.startswith("watched-olmo2-") and run.name.endswith("@checkpoint-1 created"), run.name
-    shard_runs = [r for r in asyncio.run(_runs_of("extract-shards")) if r.state and r.state.is_completed()]
-    assert len(shard_runs) == 2 * N // SETTINGS["shard_size"]
-    assert len({r.name for r in shard_runs}) == len(shard_runs), "shard runs must be told apart by name"
-    assert any(r.name.endswith("paraphrased shards 2") for r in shard_runs), [r.name for r in shard_runs]
-    messages = " ".join(log.message for log in asyncio.run(_logs_of(r.id for r in shard_runs)))
-    assert "on worker gpu-1" in messages and "on worker gpu-2" in messages, "both GPU workers must have run shards"
+    # One GPU run per polling worker, each given all 6 shards of both variants, starting half way apart;
+    # one of them completing means every shard is done, and any other is cancelled.
+    gpu_runs = asyncio.run(_runs_of("extract-shards"))
+    names = sorted(r.name for r in gpu_runs)
+    assert len(names) == 2 and [n.rsplit(" ", 3)[-3:] for n in names] == [["original+paraphrased", "run", "1/2"],
+                                                                           ["original+paraphrased", "run", "2/2"]], names
+    assert sorted(r.parameters["start"] for r in gpu_runs) == [0, 2 * N // SETTINGS["shard_size"] // 2]
+    assert all(sum(len(w["shards"]) for w in r.parameters["work"]) == 2 * N // SETTINGS["shard_size"] for r in gpu_runs)
+    assert any(r.state.is_completed() for r in gpu_runs) and all(r.state.is_completed() or r.state.name in
+                                                                 ("Cancelling", "Cancelled") for r in gpu_runs)
+    ran = [r for r in gpu_runs if r.start_time]
+    messages = " ".join(log.message for log in asyncio.run(_logs_of(r.id for r in ran)))
+    assert ran and "on worker gpu-" in messages
     # the dataset landed in the pipeline's lake, not in a worker's working directory
     assert len(read_dataset(LakeStore(lake), "created", "paraphrased")) == N
     assert not list(platform["root"].rglob("datasets")), "nothing may be written next to a worker"
@@ -190,8 +197,8 @@ def test_without_a_gpu_worker_the_pipeline_fails_fast_and_cancels_its_shard_runs
     assert state.is_failed()
     message = str(state.result(raise_on_failure=False))
     assert "no worker is polling the 'gpu-idle' work pool" in message and "prefect worker start --pool gpu-idle" in message
-    idle = asyncio.run(_runs_of("idle-shards"))
-    assert len(idle) == N // SETTINGS["shard_size"] and all(r.state.is_cancelled() for r in idle), [r.state for r in idle]
+    idle = asyncio.run(_runs_of("idle-shards"))  # one run (no worker polls), given every shard
+    assert len(idle) == 1 and all(r.state.is_cancelled() for r in idle), [r.state for r in idle]
     # bounded by worker_wait_s plus planning and polling, not by shards x shard_timeout_s (6 h each by default)
     assert waited < 5 + 120, waited
     row = open_lake(lake).catalog().query("kind == 'gradients'").iloc[0]
@@ -343,47 +350,60 @@ def _worker_of(pid: int, workers: dict[str, subprocess.Popen]) -> str | None:
     return None
 
 
-def test_killed_gpu_worker_leaves_a_run_that_a_rerun_completes(platform, tmp_path):
-    """SIGKILL a GPU worker and its flow run mid-shard: the pipeline gives up on that shard; a rerun redoes it only."""
+def test_killed_gpu_worker_leaves_its_share_to_the_other(platform, tmp_path):
+    """SIGKILL a GPU worker and its flow run as it starts: the other GPU run does every shard but the one done
+    before (never recomputed), the pipeline completes and cancels the dead run; a rerun has nothing to do."""
     from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    from gradlake.lake.store import LakeStore
+    from gradlake.tasks.extract import create_group, extract_shard, plan_extraction
 
     lake = "s3://lake/killed"
     write_probe(lake, N)
     model = {"model": str(platform["watched"]), "checkpoint": "checkpoint-1"}
-    spec = {"model": model, "variants": ["original"], **SETTINGS, "evaluate": False, "shard_timeout_s": 45, "lake": lake}
-    from prefect.deployments import run_deployment
+    spec = {"model": model, "variants": ["original"], **SETTINGS, "evaluate": False, "lake": lake}
+    # shard 1 (samples 8-15) is already done: what an earlier, failed pipeline run leaves
+    extraction = ExtractionSpec(model=ModelSpec(**model), **SETTINGS, lake=lake)
+    group = create_group(plan_extraction(extraction, device_here=False))
+    extract_shard(extraction, group, 1, log=lambda *_: None)
+    store = LakeStore(lake)
+    done_before = {p: store.fs.info(p)["LastModified"] for p in store.fs.find(store.path(group.path)) if "/c/2" in p or "/c/3" in p}
+    assert done_before
 
     before = {r.id for r in asyncio.run(_runs_of("extract-shards"))}
     first = run_deployment("gradlake-pipeline/gradlake-pipeline", parameters={"spec": spec}, timeout=0, as_subflow=False)
     # The node is lost: the worker and the flow run process it started (in a session of its own) die together.
     # The flow process is frozen the moment its pid is known, seconds before its imports could finish,
-    # so its shard cannot complete before the kill.
-    victim = flow_pid = None
+    # so it takes no chunk lease before the kill.
+    victim = flow_pid = victim_run = None
     deadline = time.monotonic() + 300
-    with get_client(sync_client=True) as client:
-        while victim is None and time.monotonic() < deadline:
-            for run in asyncio.run(_runs_of("extract-shards")):
-                if run.id in before or not run.infrastructure_pid or (run.state and run.state.is_final()):
-                    continue
-                flow_pid = int(str(run.infrastructure_pid).rsplit(":", 1)[-1])
-                os.killpg(os.getpgid(flow_pid), signal.SIGSTOP)
-                victim = _worker_of(flow_pid, platform["workers"])
-                break
-            time.sleep(0.2)
-        assert victim, "no shard run started on a GPU worker"
-        os.killpg(os.getpgid(flow_pid), signal.SIGKILL)
-        os.killpg(platform["workers"][victim].pid, signal.SIGKILL)
-        platform["workers"][victim].wait(timeout=30)
-        from gradlake.flows.pipeline import wait_for_run
+    while victim is None and time.monotonic() < deadline:
+        for run in asyncio.run(_runs_of("extract-shards")):
+            if run.id in before or not run.infrastructure_pid or (run.state and run.state.is_final()):
+                continue
+            flow_pid = int(str(run.infrastructure_pid).rsplit(":", 1)[-1])
+            os.killpg(os.getpgid(flow_pid), signal.SIGSTOP)
+            victim, victim_run = _worker_of(flow_pid, platform["workers"]), run.id
+            break
+        time.sleep(0.2)
+    assert victim, "no GPU run started on a GPU worker"
+    os.killpg(os.getpgid(flow_pid), signal.SIGKILL)
+    os.killpg(platform["workers"][victim].pid, signal.SIGKILL)
+    platform["workers"][victim].wait(timeout=30)
+    from gradlake.flows.pipeline import wait_for_run
 
-        state = wait_for_run(first.id, timeout=600)
-        assert state is not None and state.is_failed(), state
-        assert "did not complete" in str(client.read_flow_run(first.id).state.message)
-    opened = open_lake(lake)
-    row = opened.catalog().query("kind == 'gradients'").iloc[0]
-    assert not row["complete"] and 0 < row["chunks_done"] < row["chunks_total"]
+    state = wait_for_run(first.id, timeout=600)
+    assert state is not None and state.is_completed(), state
+    with get_client(sync_client=True) as client:
+        gpu_runs = [r for r in asyncio.run(_runs_of("extract-shards")) if r.id not in before]
+        dead = client.read_flow_run(victim_run).state
+    assert len(gpu_runs) == 2 and sum(r.state.is_completed() for r in gpu_runs) == 1, [r.state for r in gpu_runs]
+    assert dead.name == "Cancelling" and "not needed" in dead.message, dead
+    assert {p: store.fs.info(p)["LastModified"] for p in done_before} == done_before, "a finished chunk was recomputed"
     second = _run_pipeline(spec)
     assert second.state.is_completed(), second.state
+    assert len(asyncio.run(_runs_of("extract-shards"))) == len(gpu_runs) + len(before), "nothing was left to do"
     reference_lake = f"file://{tmp_path / 'reference'}"
     write_probe(reference_lake, N)
     reference = extract_gradients(ExtractionSpec(model=ModelSpec(**model), **SETTINGS, lake=reference_lake))

@@ -141,6 +141,126 @@ def test_huge_sparse_projection_runs_in_bounded_memory():
     assert abs(cos_out - cos_in) < 0.01 and abs(gain / 4 - 1) < 0.01
 
 
+def _sparse_formula(grads: torch.Tensor, k: int, seed: int, stream: str) -> torch.Tensor:
+    """The sparse JL transform as first written: every tile's indices and signs drawn afresh, index_add_ tile by tile."""
+    from gradlake.tasks.projection import SPARSE_NONZEROS, TILE_ROWS, stream_seed
+
+    out = torch.zeros(grads.shape[0], k)
+    for i in range(math.ceil(grads.shape[1] / TILE_ROWS)):
+        rows = min(TILE_ROWS, grads.shape[1] - i * TILE_ROWS)
+        generator = torch.Generator().manual_seed(stream_seed(seed, stream, i))
+        index = torch.randint(0, k, (rows, SPARSE_NONZEROS), generator=generator)
+        sign = torch.randint(0, 2, (rows, SPARSE_NONZEROS), generator=generator).mul_(2).sub_(1).float()
+        part = grads[:, i * TILE_ROWS:(i + 1) * TILE_ROWS, None] * sign
+        out.index_add_(1, index.flatten(), part.reshape(grads.shape[0], -1))
+    return out
+
+
+def test_sparse_projector_draws_once_and_equals_the_formula_bit_for_bit(monkeypatch):
+    """Cached, partly cached and uncached indices give the formula's output exactly; cached tiles are never redrawn."""
+    from gradlake.tasks import projection
+    from gradlake.tasks.projection import SPARSE_BYTES_PER_COORDINATE, TILE_ROWS, SparseProjector
+
+    n, k = 2 * TILE_ROWS + 1234, 3000  # a ragged last tile
+    grads = torch.randn(3, n, generator=torch.Generator().manual_seed(1))
+    want = _sparse_formula(grads, k, 4, "w")
+    tile_bytes = TILE_ROWS * SPARSE_BYTES_PER_COORDINATE
+    for budget, cached in ((1 << 30, 3), (tile_bytes + 1, 1), (0, 0)):
+        projector = SparseProjector(n, k, 4, "w", memory_budget=budget)
+        assert projector.cached_tiles == cached
+        draws = []
+        monkeypatch.setattr(projector, "_draw", lambda i, compact=False, f=projector._draw: draws.append(i) or f(i, compact))
+        for _ in range(2):  # the second call reuses the buffers of the first
+            got = projector.project(grads)
+            assert torch.equal(got, want), f"budget {budget}: max difference {(got - want).abs().max():.3g}"
+        assert draws == [i for _ in range(2) for i in range(cached, 3)], "a cached tile was drawn again"
+    assert SparseProjector(n, k, 4, "w").cached_bytes == n * SPARSE_BYTES_PER_COORDINATE == n * 20
+    assert not torch.equal(SparseProjector(n, k, 5, "w").project(grads), want)  # another seed, another matrix
+    # one projection's tensors share SPARSE_CACHE_BUDGET, in tensor order
+    monkeypatch.setattr(projection, "SPARSE_CACHE_BUDGET", 3 * tile_bytes)
+    shapes = {"a": (2, TILE_ROWS), "b": (2, TILE_ROWS), "c": (TILE_ROWS,)}
+    built = projection._projectors(ProjectionSpec(kind="sparse", dim=64, scope="flat"), tuple(shapes.items()), "cpu")
+    assert [p.cached_tiles for _, p in built] == [2, 1, 0]
+
+
+# AMD-OLMo-1B's and a 7B model's weights as shapes alone (no model is built)
+def _shapes(layers: int, width: int, mlp: int, vocab: int) -> dict[str, tuple[int, int]]:
+    shapes = {"model.embed_tokens.weight": (vocab, width)}
+    for i in range(layers):
+        shapes |= {f"model.layers.{i}.self_attn.{p}_proj.weight": (width, width) for p in "qkvo"}
+        shapes |= {f"model.layers.{i}.mlp.{p}_proj.weight": (mlp, width) for p in ("gate", "up")}
+        shapes[f"model.layers.{i}.mlp.down_proj.weight"] = (width, mlp)
+    return shapes | {"lm_head.weight": (vocab, width)}
+
+
+def test_dense_projections_that_would_take_hours_per_batch_on_a_cpu_are_refused_at_plan_time():
+    from gradlake.tasks.projection import (NS_PER_DENSE_ENTRY, REGENERATION_LIMIT_CPU_HOURS, _plan, projector_choices,
+                                           regeneration_cpu_hours)
+
+    olmo_1b, olmo_7b = _shapes(16, 2048, 8192, 50304), _shapes(32, 4096, 11008, 50304)
+    for shapes, spec in ((olmo_1b, ProjectionSpec(kind="rademacher", dim=8192, scope="flat")),
+                         (olmo_7b, ProjectionSpec(kind="gaussian", dim=4096, scope="per_tensor"))):
+        with pytest.raises(ProjectionError) as refused:
+            projector_choices(spec, shapes, "cpu")
+        message = str(refused.value)
+        params = sum(math.prod(s) for s in shapes.values())
+        hours = params * spec.dim * NS_PER_DENSE_ENTRY / 3.6e12
+        assert f"{len(shapes)} tensors of {params:,} parameters" in message and f"{hours:,.1f} CPU-hours per batch" in message
+        assert "'kronecker" in message and f"'sparse:{spec.scope}:{spec.dim}'" in message and "fast_jl" in message
+        # the alternatives named are accepted at the same shape
+        for other in (ProjectionSpec(kind="kronecker", dim=4096), spec.model_copy(update={"kind": "sparse"})):
+            assert len(projector_choices(other, shapes, "cpu")) == len(shapes)
+        assert len(projector_choices(spec, shapes, "cuda")) == len(shapes)  # on a GPU the matrix is drawn there
+    # the threshold itself: just under the limit passes, just over is refused
+    width = 4096
+    for rows, refused in ((1, False), (2, True)):
+        shapes = {"w": (rows * 1_000_000, width)}
+        spec = ProjectionSpec(kind="rademacher", dim=int(REGENERATION_LIMIT_CPU_HOURS * 3.6e12 / NS_PER_DENSE_ENTRY
+                                                         / (1.5 * 1_000_000 * width)), scope="flat")
+        hours = rows * 1_000_000 * width * spec.dim * NS_PER_DENSE_ENTRY / 3.6e12
+        if refused:
+            with pytest.raises(ProjectionError, match="CPU-hours per batch"):
+                _plan(spec, shapes, "cpu")
+        else:
+            assert regeneration_cpu_hours(_plan(spec, shapes, "cpu")) == pytest.approx(hours)
+    # a matrix that fits the cache is drawn once and never refused
+    assert projector_choices(ProjectionSpec(kind="rademacher", dim=16, scope="flat"), {"w": (4096, 4096)}, "cpu") == {"w": "gradlake.block"}
+
+
+def test_fast_jl_wiring_selects_traker_cuda_on_a_gpu(monkeypatch):
+    """Where fast_jl imports and the device is a GPU, dense kinds go to TRAK's CudaProjector (the kernel itself is not run)."""
+    import types
+
+    import trak.projectors
+
+    from gradlake.tasks import projection
+    from gradlake.tasks.projection import choose_projector, projector_choices
+
+    monkeypatch.setitem(sys.modules, "fast_jl", None)  # an import that fails
+    assert not projection._fast_jl_available()
+    assert choose_projector(10**6, 4096, "rademacher", "cuda") == "traker.basic"
+    monkeypatch.setitem(sys.modules, "fast_jl", types.ModuleType("fast_jl"))
+    assert projection._fast_jl_available()
+    for kind in ("rademacher", "gaussian"):
+        assert choose_projector(10**6, 4096, kind, "cuda") == "traker.cuda"
+        assert choose_projector(10**6, 4096, kind, "cpu") != "traker.cuda"
+    assert choose_projector(10**6, 4096, "sparse", "cuda") == "gradlake.sparse"
+    made = []
+
+    class FakeCudaProjector:
+        def __init__(self, *args):
+            made.append(args)
+
+    monkeypatch.setattr(trak.projectors, "CudaProjector", FakeCudaProjector)
+    olmo_1b = _shapes(16, 2048, 8192, 50304)
+    spec = ProjectionSpec(kind="rademacher", dim=8192, scope="flat")
+    assert set(projector_choices(spec, olmo_1b, "cuda").values()) == {"traker.cuda"}  # not refused: the kernel serves
+    projector = make_projector(3000, 512, "rademacher", 3, "layer", device="cuda")
+    assert isinstance(projector, TrakProjector) and projector.name == "traker.cuda"
+    n, k, seed, kind, device, batch = made[0]
+    assert (n, k, seed, kind.value, str(device)) == (3000, 512, projector.seed, "rademacher", "cuda")
+
+
 def test_bad_settings_fail_before_any_work(stored):
     lake, path = stored
     with pytest.raises(ProjectionError, match="at least 1"):

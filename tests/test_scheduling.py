@@ -4,6 +4,10 @@ Per-sample gradients are not bitwise independent of the batch a sample was compu
 (padding changes the shapes of the batched products; about 1e-8 apart on the tiny models),
 so "the same bytes" means: every row-chunk holds exactly what an uninterrupted run with
 the settings of the run that wrote it holds, and a finished chunk is never rewritten.
+
+Batches here are in dataset order (`token_budget=None`): their grid does not depend on the
+shard size, so these tests can say which run computed each chunk.  Packed batches
+(tests/test_batching.py) are planned per shard, so their bits depend on the shard size too.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ LAYERS = ["model.embed_tokens.weight", "model.layers.1.mlp.*", "model.layers.1.p
 
 def spec_for(model_dir, lake: str, shard_size: int, batch_size: int, **kw) -> ExtractionSpec:
     return ExtractionSpec(model=ModelSpec(model=str(model_dir), checkpoint="checkpoint-1"), dataset="probe",
-                          layers=LAYERS, shard_size=shard_size, batch_size=batch_size, max_length=256, lake=lake, **kw)
+                          layers=LAYERS, shard_size=shard_size, batch_size=batch_size, max_length=256, lake=lake,
+                          **{"token_budget": None, **kw})
 
 
 def new_lake(tmp_path: Path, name: str) -> str:

@@ -1,0 +1,262 @@
+"""Lake write and read throughput against raw s3fs and raw files, side by side in one run.
+
+A gradient group of random per-sample values (row-chunks of ``--chunk-rows`` samples, column
+chunks as `lake.layout.column_chunk` cuts them, crc32c on every chunk object) is written and
+read through gradlake (`GradientGroup.write_chunk`, `read_checked`) and the same bytes as the
+same objects through the filesystem alone (s3fs ``pipe`` / ``cat`` of the chunk objects, many at
+once; plain ``open`` on a local disk), on an S3 served by moto in a process of its own (as MinIO
+would be) and on a local directory.  Each round does every measurement once, interleaved; printed
+are the medians in MiB/s and the ratios lake / raw, and a whole-array read against reading the
+same array a row-chunk at a time.  ``--sharded`` adds a Zarr v3 sharded layout (one object per
+row-chunk of a tensor, its column chunks inside) read the same two ways, and the request counts
+of both layouts for a 7B model.  The lake's layout is not changed by any of this.
+
+    python benchmarks/io.py                                   # 64 samples, tensors of 2M and 1M float32, S3 and local
+    python benchmarks/io.py --places local --rounds 5
+    python benchmarks/io.py --samples 128 --tensors 4194304,1048576 --dtype float16 --sharded
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from moto_s3 import moto_server  # benchmarks/moto_s3.py
+
+REPO = Path(__file__).resolve().parents[1]
+MIB = 1 << 20
+
+
+class Bench:
+    """One place (an S3 prefix or a local directory) and the group's shapes; each method is one measurement."""
+
+    def __init__(self, url: str, args, blocks: dict[str, np.ndarray]):
+        from gradlake.lake import layout
+        from gradlake.lake.store import LakeStore
+
+        self.store, self.args, self.blocks = LakeStore(url), args, blocks
+        self.n, self.rows = args.samples, args.chunk_rows
+        self.itemsize = np.dtype(args.dtype).itemsize
+        self.cols = {name: layout.column_chunk(self.rows, b.shape[1], self.itemsize) for name, b in blocks.items()}
+        self.bytes = sum(self.n * b.shape[1] * self.itemsize for b in blocks.values())
+
+    # -- gradlake ------------------------------------------------------------------------
+
+    def lake_write(self, path: str) -> None:
+        from gradlake.lake.gradients import GradientGroup, GradientPlan
+
+        plan = GradientPlan(n_samples=self.n, parameters={k: [b.shape[1]] for k, b in self.blocks.items()}, mode="store",
+                            dtype=self.args.dtype, max_tokens=4, chunk_rows=self.rows)
+        tokens = np.zeros((self.n, 4), dtype=np.int32)
+        group = GradientGroup.create(self.store, path, plan, {"benchmark": path}, [f"s{i}" for i in range(self.n)],
+                                     tokens, tokens > 0)
+        for k in range(plan.n_chunks):
+            start, stop = plan.chunk_bounds(k)
+            group.write_chunk(k, {name: b[: stop - start] for name, b in self.blocks.items()})
+            group.mark_complete(k)
+
+    def _arrays(self, path: str):
+        import zarr
+
+        group = zarr.open_group(self.store.zarr_store, path=path, mode="r", zarr_format=3)
+        return [group[name] for name in self.blocks]
+
+    def lake_read_whole(self, path: str) -> None:
+        from gradlake.lake.integrity import read_checked
+
+        for array in self._arrays(path):
+            read_checked(array, slice(None))
+
+    def lake_read_rows(self, path: str) -> None:
+        from gradlake.lake.integrity import read_checked
+
+        for array in self._arrays(path):
+            for r in range(0, self.n, self.rows):
+                read_checked(array, slice(r, r + self.rows))
+
+    # -- the filesystem alone -------------------------------------------------------------
+
+    def _objects(self, path: str, name: str) -> list[tuple[str, int, int, int, int]]:
+        """(object path, row start, row stop, column start, column stop) of every chunk object of an array."""
+        numel, cols = self.blocks[name].shape[1], self.cols[name]
+        return [(self.store.path(f"{path}/{name}/c/{r // self.rows}/{c // cols}"), r, min(self.n, r + self.rows),
+                 c, min(numel, c + cols)) for r in range(0, self.n, self.rows) for c in range(0, numel, cols)]
+
+    def raw_write(self, path: str) -> None:
+        import google_crc32c
+
+        fs = self.store.fs
+        for r in range(0, self.n, self.rows):  # a row-chunk at a time, as extraction hands them over
+            objects = {}
+            for name, block in self.blocks.items():
+                for key, r0, r1, c0, c1 in self._objects(path, name):
+                    if r0 == r:
+                        data = np.ascontiguousarray(block[: r1 - r0, c0:c1]).tobytes()
+                        objects[key] = data + np.uint32(google_crc32c.value(data)).tobytes()
+            if self.store.is_local:
+                for key, data in objects.items():
+                    os.makedirs(os.path.dirname(key), exist_ok=True)
+                    with open(key, "wb") as f:
+                        f.write(data)
+            else:
+                fs.pipe(objects)
+
+    def raw_read(self, path: str) -> None:
+        fs = self.store.fs
+        for name, block in self.blocks.items():
+            out = np.empty((self.n, block.shape[1]), dtype=block.dtype)
+            objects = self._objects(path, name)
+            if self.store.is_local:
+                got = {}
+                for key, *_ in objects:
+                    with open(key, "rb") as f:
+                        got[key] = f.read()
+            else:
+                got = fs.cat([key for key, *_ in objects])
+            for key, r0, r1, c0, c1 in objects:
+                out[r0:r1, c0:c1] = np.frombuffer(got[key], dtype=block.dtype, count=(r1 - r0) * (c1 - c0)).reshape(
+                    r1 - r0, c1 - c0)
+
+    # -- a sharded layout (measured only) ----------------------------------------------------
+
+    def sharded_write(self, path: str) -> None:
+        import zarr
+        from zarr.codecs import Crc32cCodec
+
+        group = zarr.open_group(self.store.zarr_store, path=path, mode="w", zarr_format=3)
+        for name, block in self.blocks.items():
+            numel, cols = block.shape[1], self.cols[name]
+            array = group.create_array(name, shape=(self.n, numel), dtype=self.args.dtype, chunks=(self.rows, cols),
+                                       shards=(self.rows, cols * -(-numel // cols)), compressors=[Crc32cCodec()],
+                                       fill_value=np.nan)
+            for r in range(0, self.n, self.rows):
+                array[r: r + self.rows] = block[: min(self.rows, self.n - r)]
+
+    def sharded_read_whole(self, path: str) -> None:
+        for array in self._arrays(path):
+            array[:]
+
+    def sharded_read_rows(self, path: str) -> None:
+        for array in self._arrays(path):
+            for r in range(0, self.n, self.rows):
+                array[r: r + self.rows]
+
+    def remove(self, path: str) -> None:
+        if self.store.is_local:
+            shutil.rmtree(self.store.path(path), ignore_errors=True)
+        else:
+            try:
+                self.store.fs.rm(self.store.path(path), recursive=True)
+            except FileNotFoundError:  # never written (no --sharded)
+                pass
+
+
+def timed(fn, *args) -> float:
+    began = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - began
+
+
+def one_round(bench: Bench, sharded: bool, turn: int) -> dict[str, float]:
+    """Every measurement once, in an order rotated by `turn` (the machine is noisy, and what runs just after
+    the writes shares the disk with their writeback)."""
+    tag = uuid.uuid4().hex[:8]
+    lake, raw, shard = f"bench/{tag}/lake", f"bench/{tag}/raw", f"bench/{tag}/sharded"
+    writes = [("lake write", bench.lake_write, lake), ("raw write", bench.raw_write, raw)]
+    reads = [("lake read", bench.lake_read_whole, lake), ("raw read", bench.raw_read, raw),
+             ("lake read by row-chunk", bench.lake_read_rows, lake)]
+    if sharded:
+        writes.append(("sharded write", bench.sharded_write, shard))
+        reads += [("sharded read", bench.sharded_read_whole, shard),
+                  ("sharded read by row-chunk", bench.sharded_read_rows, shard)]
+    seconds = {}
+    for what, fn, path in writes[turn % len(writes):] + writes[:turn % len(writes)]:
+        seconds[what] = timed(fn, path)
+    if bench.store.is_local:
+        os.sync()  # reads are not to wait on the writes' writeback
+    for what, fn, path in reads[turn % len(reads):] + reads[:turn % len(reads)]:
+        seconds[what] = timed(fn, path)
+    for path in (lake, raw, shard):
+        bench.remove(path)
+    return {k: seconds[k] for k, *_ in writes + reads}
+
+
+def requests_7b(dtype: str, rows: int) -> tuple[int, int]:
+    """Chunk objects per row-chunk of a 7B model's per-sample gradients (OLMo-7B shapes: 32 layers, hidden 4096,
+    MLP 11008, vocabulary 50304): in the lake's layout, and sharded one object per tensor."""
+    from gradlake.lake import layout
+
+    itemsize = np.dtype(dtype).itemsize
+    per_layer = [4096 * 4096] * 4 + [11008 * 4096] * 3 + [4096] * 2
+    tensors = per_layer * 32 + [50304 * 4096] * 2 + [4096]
+    return sum(-(-n // layout.column_chunk(rows, n, itemsize)) for n in tensors), len(tensors)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--tensors", default="2097152,1048576", help="values per sample of each tensor, comma-separated")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16"))
+    parser.add_argument("--chunk-rows", type=int, default=8)
+    parser.add_argument("--places", default="s3,local", help="s3, local or both")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sharded", action="store_true", help="also measure a Zarr v3 sharded layout")
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+    rng = np.random.default_rng(0)
+    # One row-chunk of values per tensor, written to every row-chunk: the contents do not change the cost.
+    blocks = {f"model.layers.{i}.weight": rng.standard_normal((args.chunk_rows, int(n)), dtype=np.float32)
+              .astype(args.dtype) for i, n in enumerate(args.tensors.split(","))}
+    places = args.places.split(",")
+    proc = None
+    scratch = tempfile.mkdtemp(prefix="gradlake-io-")
+    try:
+        urls = {}
+        if "s3" in places:
+            proc, endpoint = moto_server()
+            os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                              AWS_DEFAULT_REGION="us-east-1", GRADLAKE_S3_ENDPOINT_URL=endpoint)
+            urls["s3"] = "s3://lake/io"
+        if "local" in places:
+            urls["local"] = f"file://{scratch}/lake"
+        benches = {p: Bench(url, args, blocks) for p, url in urls.items()}
+        results: dict[str, list[dict[str, float]]] = {p: [] for p in benches}
+        for turn in range(args.rounds):
+            for place, bench in benches.items():
+                results[place].append(one_round(bench, args.sharded, turn))
+    finally:
+        if proc is not None:
+            proc.terminate()
+        shutil.rmtree(scratch, ignore_errors=True)
+    some = next(iter(benches.values()))
+    print(f"{args.samples} samples x {len(blocks)} tensors ({args.tensors} values, {args.dtype}), chunk_rows "
+          f"{args.chunk_rows}: {some.bytes / MIB:.0f} MiB per write; median of {args.rounds} interleaved rounds")
+    for place, rounds in results.items():
+        mib = some.bytes / MIB
+        rate = {k: mib / statistics.median(r[k] for r in rounds) for k in rounds[0]}
+        print(f"\n{place}: MiB/s " + ", ".join(f"{k} {v:.0f}" for k, v in rate.items()))
+        print(f"  write lake / raw {rate['lake write'] / rate['raw write']:.2f}x; read lake / raw "
+              f"{rate['lake read'] / rate['raw read']:.2f}x; whole-array / row-chunk reads "
+              f"{rate['lake read'] / rate['lake read by row-chunk']:.2f}x")
+        if args.sharded:
+            print(f"  sharded / lake: write {rate['sharded write'] / rate['lake write']:.2f}x, whole read "
+                  f"{rate['sharded read'] / rate['lake read']:.2f}x, row-chunk reads "
+                  f"{rate['sharded read by row-chunk'] / rate['lake read by row-chunk']:.2f}x")
+    if args.sharded:
+        chunked, sharded = requests_7b("float16", args.chunk_rows)
+        print(f"\n7B model (OLMo-7B shapes, 16-bit): {chunked} chunk objects per row-chunk of {args.chunk_rows} samples "
+              f"in the lake's layout, {sharded} if sharded one object per tensor (mean "
+              f"{13.8e9 * args.chunk_rows / chunked / MIB:.1f} MiB vs {13.8e9 * args.chunk_rows / sharded / MIB:.0f} MiB each)")
+
+
+if __name__ == "__main__":
+    main()
