@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PIP_QUIET := 2>&1 | { grep -v -e 'is ignored: it is neither a file nor a directory' || true; }
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench bench-peers clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,17 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/projection.py
 	$(BIN)/python benchmarks/similarity.py
 	$(BIN)/python benchmarks/influence.py
+
+# gradlake beside Bergson and a one-sample loop.  Bergson is for this benchmark only: installed with --no-deps
+# (its declared torchvision would pull a CUDA torch), with just the packages it imports, pinned in constraints.txt.
+BERGSON := bergson jaxtyping ml_dtypes peft petname simple-parsing wadler_lindig
+
+$(BIN)/.bergson: $(BIN)/.installed constraints.txt
+	$(BIN)/pip install -q --no-deps -c constraints.txt $(BERGSON) $(PIP_QUIET)
+	touch $@
+
+bench-peers: $(BIN)/.bergson
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/peers.py
 
 clean:
 	rm -rf $(VENV) demo-lake build
