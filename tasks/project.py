@@ -23,7 +23,8 @@ from gradlake.lake import layout
 from gradlake.lake.gradients import ChunkRows, GradientGroup, GradientPlan, check_shard_size, stored_chunk_rows
 from gradlake.lake.integrity import read_checked
 from gradlake.lake.store import LakeError, LakeStore, default_lake
-from gradlake.tasks.projection import ProjectionSpec, output_dims, project_batch, projector_choices, projectors_for
+from gradlake.tasks.projection import (ProjectionSpec, output_dims, project_batch, projector_choices, projectors_for,
+                                      regeneration_seconds)
 from gradlake.tasks.retries import retry_unless_bad_input
 
 
@@ -141,6 +142,16 @@ def project_shard(spec: ProjectSpec, target: GradientGroup, shard: int, log=prin
     return projected
 
 
+def redraw_hours(spec: ProjectSpec, group: GradientGroup, shard_samples: int, shards: int) -> float:
+    """Estimated CPU-hours the pending shards spend drawing dense matrices that are not cached (0 on a GPU)."""
+    shapes = {n: tuple(s) for n, s in GradientGroup.open(group.store, spec.gradients).plan.parameters.items()}
+    seconds = 0.0
+    for name, per_call in regeneration_seconds(spec.projection, shapes, spec.device).items():
+        rows = max(1, READ_BUDGET // (4 * math.prod(shapes[name])))
+        seconds += per_call * shards * math.ceil(shard_samples / rows)
+    return seconds / 3600
+
+
 @task(name="create-projection-group", cache_policy=NONE, retries=2, retry_delay_seconds=[5, 30],
       retry_condition_fn=retry_unless_bad_input)
 def create_projection_task(spec: ProjectSpec) -> tuple[str, list[int]]:
@@ -148,6 +159,12 @@ def create_projection_task(spec: ProjectSpec) -> tuple[str, list[int]]:
     group = create_projection_group(spec)
     size = shard_size(spec, group.plan.chunk_rows, group.path)
     pending = group.pending_shards(size)
+    hours = redraw_hours(spec, group, size, len(pending))
+    if hours > 0.1:  # allowed (each call stays under the per-batch limit), but the user should know now
+        get_run_logger().warning(
+            "projecting on %s redraws dense random matrices on every call of %d MiB of stored rows: about %.1f "
+            "CPU-hours for the %d shards to do; kind 'kronecker' or 'sparse', or a GPU with fast_jl, costs far less",
+            spec.device, READ_BUDGET >> 20, hours, len(pending))
     get_run_logger().info("projection group %s: %d/%d shards of %d samples to do", group.path, len(pending),
                           layout.n_shards(group.plan.n_samples, size), size)
     return group.path, pending

@@ -433,6 +433,15 @@ def regeneration_cpu_hours(planned: list[tuple[str, int, int, str, int]]) -> flo
     return entries * NS_PER_DENSE_ENTRY / 3.6e12
 
 
+def regeneration_seconds(spec: ProjectionSpec, shapes: dict[str, tuple[int, ...]], device="cpu") -> dict[str, float]:
+    """Tensor -> estimated CPU seconds spent drawing its dense matrix again on every ``project`` call (0 when it
+    is cached, sparse, kronecker, or on a GPU); builds nothing."""
+    if torch.device(device).type != "cpu":
+        return {name: 0.0 for name in shapes}
+    return {name: n * k * NS_PER_DENSE_ENTRY * 1e-9 if _regenerates(choice, n, k, budget) else 0.0
+            for name, n, k, choice, budget in _plan(spec, shapes, device, check_cost=False)}
+
+
 def _regenerates(choice: str, n: int, k: int, budget: int) -> bool:
     return choice == "traker.basic" or (choice == BlockProjector.name and n * k * 4 > budget)
 

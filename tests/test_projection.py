@@ -461,3 +461,18 @@ def test_refused_extraction_writes_no_projection_group(on_the_fly):
         create_group(plan_extraction(changed))
     assert sorted(open_lake(lake).catalog()["path"]) == before
     assert not any("sparse" in p for p in before)
+
+
+def test_redraw_estimate_of_a_post_hoc_projection_counts_every_uncached_matrix():
+    from gradlake.tasks.projection import NS_PER_DENSE_ENTRY, regeneration_seconds
+
+    # AMD-OLMo-1B's 16 down_proj weights, proportional to 16384: 1024 dimensions each, none cached.
+    shapes = {f"model.layers.{i}.mlp.down_proj.weight": (2048, 8192) for i in range(16)}
+    spec = ProjectionSpec(kind="rademacher", scope="proportional", dim=16384)
+    per_call = regeneration_seconds(spec, shapes, "cpu")
+    assert set(per_call) == set(shapes)
+    assert sum(per_call.values()) == pytest.approx(16 * 2048 * 8192 * 1024 * NS_PER_DENSE_ENTRY * 1e-9)
+    # A cached matrix, a sparse or kronecker projection, or a GPU redraw nothing.
+    assert regeneration_seconds(ProjectionSpec(kind="rademacher", scope="per_tensor", dim=16), {"w": (64, 64)}, "cpu") == {"w": 0.0}
+    assert set(regeneration_seconds(ProjectionSpec(kind="sparse", scope="flat", dim=8192), shapes, "cpu").values()) == {0.0}
+    assert set(regeneration_seconds(spec, shapes, "cuda").values()) == {0.0}
