@@ -6,7 +6,10 @@ fails if the object exists: ``O_CREAT | O_EXCL`` on a local lake, ``If-None-Matc
 (AWS S3 and MinIO honour it; s3fs answers ``FileExistsError``).  Two runs racing for the same
 claim get one winner, on any number of machines.
 
-A claim that expires was left by a run that died; anyone may take it over.  Taking over
+A claim that expires was left by a run that died; anyone may take it over.  A claim also
+names the process that made it (host, pid namespace, pid): on that same machine a claim whose
+process is gone is taken over at once, so a run killed with SIGKILL and started again there
+does not wait for its own leases to run out.  Taking over
 deletes the stale object and creates a fresh one under the same rule, so two runs taking over
 the same stale claim at the same instant can both believe they hold it; the work they guard is
 written whole and deterministic, so the cost of that rare case is work done twice, never a
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -98,7 +102,44 @@ def read_claim(store: LakeStore, key: str) -> Claim | None:
 
 
 def _encode(owner: str, seconds: float, about: dict) -> bytes:
+    about = {**about, "process": this_process()}
     return json.dumps({"owner": owner, "expires": time.time() + seconds, "about": about}, sort_keys=True).encode()
+
+
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:  # not Linux: a holder's liveness is never judged, its claim simply expires
+        return ""
+
+
+def this_process() -> dict:
+    """Which process makes a claim: its host, pid namespace and pid."""
+    return {"host": socket.gethostname(), "pidns": _pid_namespace(), "pid": os.getpid()}
+
+
+def died_here(about: dict) -> bool:
+    """True when the claim's process ran on this machine, in this pid namespace, and is gone (or a zombie).
+
+    A claim from another machine, or without a process, is never judged: it expires."""
+    process = about.get("process") or {}
+    here = this_process()
+    if not here["pidns"] or process.get("host") != here["host"] or process.get("pidns") != here["pidns"]:
+        return False
+    pid = process.get("pid")
+    if not isinstance(pid, int) or pid <= 0 or pid == here["pid"]:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"  # killed, not yet reaped
+    except (OSError, IndexError):
+        return False
 
 
 def take(store: LakeStore, key: str, owner: str, seconds: float, about: dict | None = None) -> bool:
@@ -111,7 +152,7 @@ def take(store: LakeStore, key: str, owner: str, seconds: float, about: dict | N
     if held is not None and held.owner == owner:
         renew(store, key, owner, seconds, about)
         return True
-    if held is not None and not held.expired:
+    if held is not None and not held.expired and not died_here(held.about):
         return False
     release(store, key)  # stale (its run died) or gone meanwhile: try once more under the same rule
     return _create(store, path, data)

@@ -97,6 +97,35 @@ def test_stale_creation_claim_is_taken_over(store):
     assert isinstance(create(store, "float16", 1), GradientGroup)
 
 
+def _hold(url: str, key: str, ready, stop) -> None:
+    claims.take(LakeStore(url), key, "other-process", 600)
+    ready.set()
+    stop.wait(60)
+
+
+def test_a_claim_of_a_dead_process_on_this_machine_is_taken_over_at_once(store):
+    """Not expired, but its process is gone (a SIGKILL): taken over; a live process's claim is not."""
+    context = multiprocessing.get_context("spawn")
+    for key, stays_alive in (("leases/g/0", True), ("leases/g/1", False)):
+        ready, stop = context.Event(), context.Event()
+        holder = context.Process(target=_hold, args=(store.url, key, ready, stop))
+        holder.start()
+        assert ready.wait(60)
+        held = claims.read_claim(store, key)
+        assert held.about["process"]["pid"] == holder.pid and not held.expired
+        if not stays_alive:
+            holder.kill()  # killed inside stop.wait(): setting `stop` after that would block on its condition
+            holder.join()
+        assert claims.take(store, key, "next-run", 600) is not stays_alive
+        if stays_alive:
+            stop.set()
+            holder.join()
+    assert claims.read_claim(store, "leases/g/1").owner == "next-run"
+    assert claims.read_claim(store, "leases/g/0").owner == "other-process"
+    # A claim from another machine is only ever judged by its expiry.
+    assert not claims.died_here({"process": {"host": "elsewhere", "pidns": claims.this_process()["pidns"], "pid": 1}})
+
+
 # -- eight shard workers on one S3 group ------------------------------------------------------------
 
 WORKERS, N, SHARD = 8, 16, 2
