@@ -1,19 +1,19 @@
 """Lake write and read throughput against raw s3fs and raw files, side by side in one run.
 
 A gradient group of random per-sample values (row-chunks of ``--chunk-rows`` samples, column
-chunks as `lake.layout.column_chunk` cuts them, crc32c on every chunk object) is written and
-read through gradlake (`GradientGroup.write_chunk`, `read_checked`) and the same bytes as the
-same objects through the filesystem alone (s3fs ``pipe`` / ``cat`` of the chunk objects, many at
-once; plain ``open`` on a local disk), on an S3 served by moto in a process of its own (as MinIO
-would be) and on a local directory.  Each round does every measurement once, interleaved; printed
-are the medians in MiB/s and the ratios lake / raw, and a whole-array read against reading the
-same array a row-chunk at a time.  ``--sharded`` adds a Zarr v3 sharded layout (one object per
-row-chunk of a tensor, its column chunks inside) read the same two ways, and the request counts
-of both layouts for a 7B model.  The lake's layout is not changed by any of this.
+chunks as `lake.layout.column_chunk` cuts them, crc32c on every chunk object) is written and read through gradlake
+(`GradientGroup.write_chunk`, `read_checked`) and the same bytes as the same objects through the
+filesystem alone (s3fs ``pipe`` / ``cat``, many at once; plain ``open`` on a local disk), on an S3
+served by moto in a process of its own (as MinIO would be) and on a local directory.  Each round
+does every measurement once, interleaved; printed are the medians in MiB/s and the ratios lake /
+raw, and a whole-array read against reading the same array a row-chunk at a time.
+``--object-mb N`` adds the lake with a row-chunk's column chunks gathered into objects of up to
+N MiB (Zarr v3 shards, the extraction's ``object_mb``), read the same two ways, and prints the
+objects per row-chunk of OLMo-2-7B in both layouts.
 
     python benchmarks/io.py                                   # 64 samples, tensors of 2M and 1M float32, S3 and local
     python benchmarks/io.py --places local --rounds 5
-    python benchmarks/io.py --samples 128 --tensors 4194304,1048576 --dtype float16 --sharded
+    python benchmarks/io.py --samples 128 --tensors 4194304,1048576 --dtype float16 --object-mb 256
 """
 
 from __future__ import annotations
@@ -51,11 +51,11 @@ class Bench:
 
     # -- gradlake ------------------------------------------------------------------------
 
-    def lake_write(self, path: str) -> None:
+    def lake_write(self, path: str, object_bytes: int = 0) -> None:
         from gradlake.lake.gradients import GradientGroup, GradientPlan
 
         plan = GradientPlan(n_samples=self.n, parameters={k: [b.shape[1]] for k, b in self.blocks.items()}, mode="store",
-                            dtype=self.args.dtype, max_tokens=4, chunk_rows=self.rows)
+                            dtype=self.args.dtype, max_tokens=4, chunk_rows=self.rows, object_bytes=object_bytes)
         tokens = np.zeros((self.n, 4), dtype=np.int32)
         group = GradientGroup.create(self.store, path, plan, {"benchmark": path}, [f"s{i}" for i in range(self.n)],
                                      tokens, tokens > 0)
@@ -63,6 +63,9 @@ class Bench:
             start, stop = plan.chunk_bounds(k)
             group.write_chunk(k, {name: b[: stop - start] for name, b in self.blocks.items()})
             group.mark_complete(k)
+
+    def lake_write_sharded(self, path: str) -> None:
+        self.lake_write(path, self.args.object_mb << 20)
 
     def _arrays(self, path: str):
         import zarr
@@ -126,37 +129,13 @@ class Bench:
                 out[r0:r1, c0:c1] = np.frombuffer(got[key], dtype=block.dtype, count=(r1 - r0) * (c1 - c0)).reshape(
                     r1 - r0, c1 - c0)
 
-    # -- a sharded layout (measured only) ----------------------------------------------------
-
-    def sharded_write(self, path: str) -> None:
-        import zarr
-        from zarr.codecs import Crc32cCodec
-
-        group = zarr.open_group(self.store.zarr_store, path=path, mode="w", zarr_format=3)
-        for name, block in self.blocks.items():
-            numel, cols = block.shape[1], self.cols[name]
-            array = group.create_array(name, shape=(self.n, numel), dtype=self.args.dtype, chunks=(self.rows, cols),
-                                       shards=(self.rows, cols * -(-numel // cols)), compressors=[Crc32cCodec()],
-                                       fill_value=np.nan)
-            for r in range(0, self.n, self.rows):
-                array[r: r + self.rows] = block[: min(self.rows, self.n - r)]
-
-    def sharded_read_whole(self, path: str) -> None:
-        for array in self._arrays(path):
-            array[:]
-
-    def sharded_read_rows(self, path: str) -> None:
-        for array in self._arrays(path):
-            for r in range(0, self.n, self.rows):
-                array[r: r + self.rows]
-
     def remove(self, path: str) -> None:
         if self.store.is_local:
             shutil.rmtree(self.store.path(path), ignore_errors=True)
         else:
             try:
                 self.store.fs.rm(self.store.path(path), recursive=True)
-            except FileNotFoundError:  # never written (no --sharded)
+            except FileNotFoundError:  # never written (no --object-mb)
                 pass
 
 
@@ -175,9 +154,9 @@ def one_round(bench: Bench, sharded: bool, turn: int) -> dict[str, float]:
     reads = [("lake read", bench.lake_read_whole, lake), ("raw read", bench.raw_read, raw),
              ("lake read by row-chunk", bench.lake_read_rows, lake)]
     if sharded:
-        writes.append(("sharded write", bench.sharded_write, shard))
-        reads += [("sharded read", bench.sharded_read_whole, shard),
-                  ("sharded read by row-chunk", bench.sharded_read_rows, shard)]
+        writes.append(("sharded write", bench.lake_write_sharded, shard))
+        reads += [("sharded read", bench.lake_read_whole, shard),
+                  ("sharded read by row-chunk", bench.lake_read_rows, shard)]
     seconds = {}
     for what, fn, path in writes[turn % len(writes):] + writes[:turn % len(writes)]:
         seconds[what] = timed(fn, path)
@@ -190,15 +169,18 @@ def one_round(bench: Bench, sharded: bool, turn: int) -> dict[str, float]:
     return {k: seconds[k] for k, *_ in writes + reads}
 
 
-def requests_7b(dtype: str, rows: int) -> tuple[int, int]:
-    """Chunk objects per row-chunk of a 7B model's per-sample gradients (OLMo-7B shapes: 32 layers, hidden 4096,
-    MLP 11008, vocabulary 50304): in the lake's layout, and sharded one object per tensor."""
+def objects_7b(dtype: str, rows: int, object_bytes: int) -> tuple[int, int, int]:
+    """Objects per row-chunk of OLMo-2-7B's per-sample gradients (32 layers, hidden 4096, MLP 11008, vocabulary
+    100352; 355 tensors): one per chunk, and in objects of up to `object_bytes`; and the number of tensors."""
     from gradlake.lake import layout
 
     itemsize = np.dtype(dtype).itemsize
-    per_layer = [4096 * 4096] * 4 + [11008 * 4096] * 3 + [4096] * 2
-    tensors = per_layer * 32 + [50304 * 4096] * 2 + [4096]
-    return sum(-(-n // layout.column_chunk(rows, n, itemsize)) for n in tensors), len(tensors)
+    per_layer = [4096 * 4096] * 4 + [11008 * 4096] * 3 + [4096] * 4
+    tensors = per_layer * 32 + [100352 * 4096] * 2 + [4096]
+    chunks = sum(-(-n // layout.column_chunk(rows, n, itemsize)) for n in tensors)
+    objects = sum(-(-n // (layout.shard_columns(rows, n, itemsize, object_bytes) or layout.column_chunk(rows, n, itemsize)))
+                  for n in tensors)
+    return chunks, objects, len(tensors)
 
 
 def main() -> None:
@@ -209,7 +191,7 @@ def main() -> None:
     parser.add_argument("--chunk-rows", type=int, default=8)
     parser.add_argument("--places", default="s3,local", help="s3, local or both")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--sharded", action="store_true", help="also measure a Zarr v3 sharded layout")
+    parser.add_argument("--object-mb", type=int, default=0, help="also measure the lake with objects of up to this many MiB")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     rng = np.random.default_rng(0)
@@ -232,7 +214,7 @@ def main() -> None:
         results: dict[str, list[dict[str, float]]] = {p: [] for p in benches}
         for turn in range(args.rounds):
             for place, bench in benches.items():
-                results[place].append(one_round(bench, args.sharded, turn))
+                results[place].append(one_round(bench, args.object_mb > 0, turn))
     finally:
         if proc is not None:
             proc.terminate()
@@ -247,16 +229,14 @@ def main() -> None:
         print(f"  write lake / raw {rate['lake write'] / rate['raw write']:.2f}x; read lake / raw "
               f"{rate['lake read'] / rate['raw read']:.2f}x; whole-array / row-chunk reads "
               f"{rate['lake read'] / rate['lake read by row-chunk']:.2f}x")
-        if args.sharded:
-            print(f"  sharded / lake: write {rate['sharded write'] / rate['lake write']:.2f}x, whole read "
-                  f"{rate['sharded read'] / rate['lake read']:.2f}x, row-chunk reads "
+        if args.object_mb:
+            print(f"  objects of {args.object_mb} MiB / one per chunk: write {rate['sharded write'] / rate['lake write']:.2f}x, "
+                  f"whole read {rate['sharded read'] / rate['lake read']:.2f}x, row-chunk reads "
                   f"{rate['sharded read by row-chunk'] / rate['lake read by row-chunk']:.2f}x")
-    if args.sharded:
-        chunked, sharded = requests_7b("float16", args.chunk_rows)
-        print(f"\n7B model (OLMo-7B shapes, 16-bit): {chunked} chunk objects per row-chunk of {args.chunk_rows} samples "
-              f"in the lake's layout, {sharded} if sharded one object per tensor (mean "
-              f"{13.8e9 * args.chunk_rows / chunked / MIB:.1f} MiB vs {13.8e9 * args.chunk_rows / sharded / MIB:.0f} MiB each)")
-
+    if args.object_mb:
+        chunks, objects, tensors = objects_7b("float16", args.chunk_rows, args.object_mb << 20)
+        print(f"\nOLMo-2-7B, 16-bit, every tensor ({tensors}): {objects} objects per row-chunk of {args.chunk_rows} "
+              f"samples in objects of up to {args.object_mb} MiB, {chunks} with one object per chunk")
 
 if __name__ == "__main__":
     main()

@@ -76,6 +76,7 @@ def extract(
     max_length: int = typer.Option(1024, help="Tokens per sample at most."),
     dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16, float16."),
     store_dtype: str = typer.Option("float32", help="Stored gradient dtype: float32, float16 or bfloat16 (kept as raw bits, read back as float32)."),
+    object_mb: int = typer.Option(0, help="Lake objects of up to this many MiB, each a row-chunk's column chunks of a wide tensor (Zarr shards; fewer S3 requests at 7B). 0: one object per 16 MiB chunk."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     trust_remote_code: bool = typer.Option(False, help="Run the model repository's own code."),
     allow_pickled_weights: bool = typer.Option(False, help="Load pickled weights (pytorch_model.bin) of a checkpoint without safetensors."),
@@ -96,6 +97,7 @@ def extract(
             dataset=dataset, variant=variant, paradigm=paradigm, layers=layers, mode=mode, shard_size=shard_size,
             batch_size=batch_size, token_budget=token_budget or None, max_length=max_length, store_dtype=store_dtype,
             lake=_lake(lake), projections=[parse_projection(p) for p in project], keep_gradients=keep_gradients,
+            object_mb=object_mb,
         )
         plan_extraction(spec)  # every input checked here, before Prefect starts and before any write
     except (ValueError, ValidationError, OSError) as err:

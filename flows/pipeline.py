@@ -66,6 +66,7 @@ class PipelineSettings(BaseModel):
     max_length: int = Field(default=1024, ge=2, title="Max length (tokens)", description="Tokens per sample at most; longer chats are cut on the right.")
     projections: list[ProjectionSpec] = Field(default=[], title="Projections", description="Random projections made on the fly, each stored in a group of its own.")
     keep_gradients: bool = Field(default=True, title="Keep gradients", description="Store the full per-sample gradients too (off: only the projections).")
+    object_mb: int = Field(default=0, ge=0, title="Lake object size (MiB)", description="Gather a row-chunk's column chunks of a wide tensor into objects of up to this many MiB (Zarr shards): about 12x fewer S3 objects and requests at OLMo-2-7B with 256, less concurrency per array. 0: one object per 16 MiB chunk. Fixed by the run that creates a group.")
     evaluate: bool = Field(default=True, title="Evaluate", description="Evaluate select vs project at the end (needs 'original' and at least one other variant).")
     shard_deployment: str | None = Field(default=SHARD_DEPLOYMENT, title="Shard deployment", description="Deployment that runs shards on the GPU pool ('flow/deployment'); empty runs them inside this flow run.")
     gpu_runs: int | None = Field(default=None, ge=1, title="GPU runs", description="GPU flow runs that share the shards, each given every shard of every variant and loading the model once. Empty: one per worker polling the GPU pool when the shards are sent (at most the pool's concurrency limit).")
@@ -95,7 +96,8 @@ class PipelineSpec(PipelineSettings, _Target):
         return ExtractionSpec(model=self.model, dataset=self.dataset, variant=name, paradigm=self.paradigm, layers=self.layers,
                               shard_size=self.shard_size, batch_size=self.batch_size, token_budget=self.token_budget,
                               max_length=self.max_length,
-                              projections=self.projections, keep_gradients=self.keep_gradients, lake=self.lake)
+                              projections=self.projections, keep_gradients=self.keep_gradients, object_mb=self.object_mb,
+                              lake=self.lake)
 
 
 class ShardWork(BaseModel):

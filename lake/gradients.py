@@ -32,7 +32,7 @@ ATTR = "gradlake"
 MODES = ("store", "mean", "mean_normalized")
 CHECKSUMS = (None, "crc32c")
 # Layout choices: fixed when a group is created, never part of what makes two extractions the same.
-LAYOUT_FIELDS = ("chunk_rows", "checksum")
+LAYOUT_FIELDS = ("chunk_rows", "checksum", "object_bytes")
 WRITE_THREADS = 8  # arrays of one row-chunk written at once
 CREATE_SECONDS = 120.0  # a creation claim lives this long unless renewed (it is, after every array)
 # The arrays of a group that are not gradients: its tokens and its bookkeeping.
@@ -53,6 +53,9 @@ class GradientPlan:
     # arrays are filled with NaN (a missing chunk reads as NaN, never as plausible zeros) and each
     # row-chunk's digest is kept beside its flag.  None: a group written before that, read as it was.
     checksum: str | None = "crc32c"
+    # Wide arrays' column chunks of a row-chunk gathered into objects of up to this many bytes (Zarr
+    # v3 shards): fewer objects and requests, less concurrency per array.  0: one object per chunk.
+    object_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -63,6 +66,8 @@ class GradientPlan:
             raise LakeError("the dataset has no samples; a gradient group needs at least one")
         if self.chunk_rows < 1:
             raise LakeError(f"chunk height {self.chunk_rows} must be at least 1 sample")
+        if self.object_bytes < 0:
+            raise LakeError(f"object size {self.object_bytes} bytes must be 0 (one object per chunk) or more")
         if self.checksum not in CHECKSUMS:
             raise LakeError(f"checksum {self.checksum!r} is not known; use one of {CHECKSUMS}")
 
@@ -253,17 +258,22 @@ class GradientGroup:
         for name in plan.parameters:
             numel = plan.numel(name)
             flat = f"{name}.flat"
+            # A row-chunk's column chunks share objects (shards) if the plan asks: see layout.shard_columns.
             if plan.mode == "store":
                 cols = layout.column_chunk(plan.chunk_rows, numel, itemsize)
+                wide = layout.shard_columns(plan.chunk_rows, numel, itemsize, plan.object_bytes)
                 group.create_array(name, shape=(n, numel), dtype=zarr_dtype(plan.dtype), chunks=(plan.chunk_rows, cols),
+                                   shards=(plan.chunk_rows, wide) if wide else None,
                                    dimension_names=["sample", flat], compressors=crc or None, fill_value=data_fill,
                                    attributes={"param_shape": plan.parameters[name], **array_attrs(plan.dtype)})
             else:
-                cols = layout.column_chunk(1, numel, 8)
+                cols, wide = layout.column_chunk(1, numel, 8), layout.shard_columns(1, numel, 8, plan.object_bytes)
                 group.create_array(f"{name}.partial_sum", shape=(plan.n_chunks, numel), dtype="float64",
-                                   chunks=(1, cols), dimension_names=["chunk", flat], compressors=crc or None,
+                                   chunks=(1, cols), shards=(1, wide) if wide else None,
+                                   dimension_names=["chunk", flat], compressors=crc or None,
                                    fill_value=fill_value("float64", nan=checked))
-                group.create_array(name, shape=(numel,), dtype=zarr_dtype(plan.dtype), chunks=(cols,), dimension_names=[flat],
+                group.create_array(name, shape=(numel,), dtype=zarr_dtype(plan.dtype), chunks=(cols,),
+                                   shards=(wide,) if wide else None, dimension_names=[flat],
                                    compressors=crc or None, fill_value=data_fill,
                                    attributes={"param_shape": plan.parameters[name], **array_attrs(plan.dtype)})
             renew()
@@ -330,7 +340,7 @@ class GradientGroup:
                 raise LakeError(f"chunk {index} of {name!r} holds samples {start}-{stop - 1}; got {arrays[name].shape[0]} rows")
             values[name] = encode(arrays[name], self.plan.dtype)
         # The arrays' writes go out together (each waits on its requests), the digest and the flag after all.
-        list(_chunk_writers().map(lambda name: self.array(name).__setitem__(slice(start, stop), values[name]), values))
+        list(_chunk_writers().map(lambda name: self._write_rows(name, index, slice(start, stop), values[name]), values))
         self._write_digest(index, values.values())
 
     def write_partial_sum(self, index: int, sums: dict[str, np.ndarray]) -> None:
@@ -338,8 +348,27 @@ class GradientGroup:
         self._check_covers(index, sums)
         values = [np.ascontiguousarray(sums[name], dtype="float64") for name in self.plan.parameters]
         names = [f"{name}.partial_sum" for name in self.plan.parameters]
-        list(_chunk_writers().map(lambda nv: self.array(nv[0]).__setitem__(index, nv[1]), zip(names, values)))
+        list(_chunk_writers().map(lambda nv: self._write_rows(nv[0], index, index, nv[1]), zip(names, values)))
         self._write_digest(index, values)
+
+    def _write_rows(self, name: str, index: int, rows: slice | int, value: np.ndarray) -> None:
+        """Write row-chunk `index` of array `name` (its `rows`), whole.
+
+        Zarr writes a shard by reading the one it replaces and merging into it, although ours
+        are always replaced whole; a shard damaged beyond reading (the row-chunk is being
+        recomputed because of it) is removed with the rest of the row-chunk's objects and
+        written anew."""
+        array = self.array(name)
+        try:
+            array[rows] = value
+        except Exception as err:
+            if array.shards is None:
+                raise
+            try:
+                self.store.fs.rm(self.store.path(f"{self.path}/{name}/c/{index}"), recursive=True)
+            except FileNotFoundError:
+                raise err from None
+            array[rows] = value
 
     def _check_covers(self, index: int, arrays: dict) -> None:
         if set(arrays) != set(self.plan.parameters):  # a chunk is written whole, so that its digest covers it

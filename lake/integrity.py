@@ -26,9 +26,10 @@ def digest(values) -> int:
 
 def damaged_chunk(array: zarr.Array, rows: slice, err: Exception) -> str:
     """Which chunk object of `array` among rows `rows` cannot be decoded, and why (read again chunk by chunk)."""
-    height = array.chunks[0]
+    grid = array.shards or array.chunks  # the objects: shards where the array has them
+    height = grid[0]
     first, last = (rows.start or 0) // height, -(-(array.shape[0] if rows.stop is None else rows.stop) // height)
-    columns = range(-(-array.shape[1] // array.chunks[1])) if array.ndim == 2 else [None]
+    columns = range(-(-array.shape[1] // grid[1])) if array.ndim == 2 else [None]
     for k in range(first, last):
         for j in columns:
             key = (k,) if j is None else (k, j)

@@ -19,7 +19,7 @@ import hashlib
 import math
 import re
 
-CHUNK_BYTES = 16 << 20  # one chunk object is at most this size: large enough for S3, small enough for RAM
+CHUNK_BYTES = 16 << 20  # one chunk is at most this size: large enough for S3, small enough for RAM
 
 
 def key(text: str) -> str:
@@ -74,6 +74,19 @@ def generated_variant(model: str, checkpoint: str) -> str:
 def column_chunk(rows: int, numel: int, itemsize: int) -> int:
     """Columns per chunk so that a chunk of `rows` samples stays under CHUNK_BYTES."""
     return max(1, min(numel, CHUNK_BYTES // max(1, rows * itemsize)))
+
+
+def shard_columns(rows: int, numel: int, itemsize: int, object_bytes: int) -> int | None:
+    """Columns per object (Zarr v3 shard) of a gradient array: a row-chunk's column chunks gathered into
+    objects of up to `object_bytes`; None where that gathers nothing (one chunk per object).
+
+    A row-chunk of one tensor is written whole by one worker (its lease), so a shard never has
+    two writers, and every write covers whole shards.  OLMo-2-7B, every tensor in 16 bits, 8
+    rows: 7,089 objects per row-chunk with one per chunk, 595 with objects of up to 256 MiB.
+    """
+    cols = column_chunk(rows, numel, itemsize)
+    per_object = min(-(-numel // cols), object_bytes // max(1, rows * cols * itemsize))
+    return cols * per_object if per_object > 1 else None
 
 
 def token_rows(n_samples: int, width: int) -> int:

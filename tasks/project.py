@@ -64,7 +64,7 @@ def projection_group_plan(source_path: str, source_plan: GradientPlan, source_li
     dims = output_dims(spec, shapes)
     plan = GradientPlan(n_samples=source_plan.n_samples, parameters={n: [d] for n, d in dims.items()},
                         mode="store", dtype="float32", max_tokens=source_plan.max_tokens,
-                        chunk_rows=source_plan.chunk_rows)
+                        chunk_rows=source_plan.chunk_rows, object_bytes=source_plan.object_bytes)
     lineage = {k: v for k, v in source_lineage.items() if k not in ("created_at", "gradients_kept")}
     lineage["projection"] = {**spec.model_dump(), "dims": dims, "projectors": projector_choices(spec, shapes, device, check_cost),
                              "source_group": source_path}

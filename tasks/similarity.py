@@ -56,8 +56,9 @@ def array_dots(queries: zarr.Array, docs: zarr.Array, q_start: int, q_stop: int,
                doc_sq: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Dot products of query rows [q_start, q_stop) with every doc row, and both sides' squared norms.
 
-    Reads whole chunks only: column slabs are whole column chunks, as many as fit half
-    the budget with every query and doc row (then each side is read once).  Otherwise a
+    Reads whole chunks only: column slabs are whole column chunks (whole shards, one request
+    each, where a shard's rows fit), as many as fit half the budget with every query and doc
+    row (then each side is read once).  Otherwise a
     slab is one column chunk; 3/8 of the budget holds as many query rows as fit, and the docs
     stream past them in blocks of 1/8 (the block after the current one is read meanwhile), so
     the docs are read once per set of held queries.  ``doc_sq`` (the docs' squared norms, when
@@ -73,8 +74,10 @@ def array_dots(queries: zarr.Array, docs: zarr.Array, q_start: int, q_stop: int,
     d_sq = np.zeros(n, dtype=np.float64) if doc_sq is None else doc_sq
     half = max(1, budget // 2)
     chunk_cols = min(numel, queries.chunks[1])
-    if 4 * (q + n) * chunk_cols <= half:  # all rows of several column chunks at once
-        width, q_rows, d_rows = chunk_cols * max(1, half // (4 * (q + n) * chunk_cols)), q, n
+    object_cols = min(numel, (queries.shards or queries.chunks)[1])  # a shard is one request, its chunks one each
+    unit = object_cols if 4 * (q + n) * object_cols <= half else chunk_cols
+    if 4 * (q + n) * unit <= half:  # all rows of several column chunks (whole objects where they fit) at once
+        width, q_rows, d_rows = unit * max(1, half // (4 * (q + n) * unit)), q, n
     else:  # one column chunk; held query rows and streamed doc rows in whole row chunks
         width = chunk_cols
         q_rows = _whole_chunks(3 * budget // 8 // (4 * width), queries.chunks[0], q)

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from conftest import write_probe
 from gradlake.flows.cli import app
-from gradlake.lake import open_lake
+from gradlake.lake import layout, open_lake
 from gradlake.lake.gradients import NOT_GRADIENTS, GradientGroup
 from gradlake.lake.integrity import read_checked
 from gradlake.lake.store import LakeError, LakeStore
@@ -31,9 +31,9 @@ N = 8
 LAYERS = ["model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight", "model.norm.weight"]
 
 
-def extract(model_dir: Path, lake: str, mode: str = "store") -> str:
+def extract(model_dir: Path, lake: str, mode: str = "store", object_mb: int = 0) -> str:
     spec = ExtractionSpec(model=ModelSpec(model=str(model_dir), checkpoint="checkpoint-1"), dataset="probe", mode=mode,
-                          layers=LAYERS, shard_size=4, batch_size=2, max_length=128, lake=lake)
+                          layers=LAYERS, shard_size=4, batch_size=2, max_length=128, lake=lake, object_mb=object_mb)
     group = create_group(plan_extraction(spec))
     for shard in pending_shards(spec, group):
         extract_shard(spec, group, shard, log=lambda *_: None)
@@ -46,13 +46,19 @@ def arrays(lake: str, path: str) -> dict[str, np.ndarray]:
     return {name: np.asarray(array[:]) for name, array in group.arrays()}
 
 
-@pytest.fixture(scope="module")
-def clean(tiny_models, tmp_path_factory):
-    """One undamaged extraction, copied for every case."""
+@pytest.fixture(scope="module", params=["chunks", "shards"])
+def clean(tiny_models, tmp_path_factory, request):
+    """One undamaged extraction, copied for every case; "shards": its wide arrays hold several
+    column chunks per object (the chunk size shrunk so that the tiny model's tensors have several)."""
     root = tmp_path_factory.mktemp("clean")
     lake = f"file://{root}/lake"
     write_probe(lake, N)
-    path = extract(tiny_models["olmo2"], lake)
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "shards":
+            patch.setattr(layout, "CHUNK_BYTES", 2 << 10)
+        path = extract(tiny_models["olmo2"], lake, object_mb=int(request.param == "shards"))
+    group = zarr.open_group(LakeStore(lake).zarr_store, path=path, mode="r")
+    assert (group[LAYERS[1]].shards is not None) is (request.param == "shards")
     return root / "lake", path, arrays(lake, path)
 
 
@@ -98,7 +104,10 @@ def test_damaged_chunk_is_found_named_repaired_and_recomputed(lake, clean, tiny_
             open_lake(url).gradients(dataset="probe")[LAYERS[1]].values
     else:  # a missing chunk reads as NaN (the fill value of a checked group), never as plausible zeros
         values = open_lake(url).gradients(dataset="probe")[LAYERS[1]].values
-        assert np.isnan(values[4:6]).all() and not np.isnan(values[:4]).any()
+        array = zarr.open_group(LakeStore(url).zarr_store, path=clean[1], mode="r")[LAYERS[1]]
+        width = (array.shards or array.chunks)[1]  # the columns the deleted object held
+        assert np.isnan(values[4:6, :width]).all() and not np.isnan(values[4:6, width:]).any()
+        assert not np.isnan(values[:4]).any()
     # gradlake's own readers (evaluation, projection, attribution) say which group, array and chunk
     array = zarr.open_group(LakeStore(url).zarr_store, path=clean[1], mode="r")[LAYERS[1]]
     with pytest.raises(LakeError) as err:
