@@ -14,6 +14,7 @@ original has the strictly highest similarity among its candidates.
 from __future__ import annotations
 
 import re
+import unicodedata
 
 import numpy as np
 
@@ -57,12 +58,17 @@ def candidate_correct(scores_at_candidates: np.ndarray, truth_position: np.ndarr
 
 # -- BM25 --------------------------------------------------------------------------------------------
 
-_TOKEN = re.compile(r"[a-z0-9]+")
+# Han ideographs and kana: one token per character (no spaces separate their words), as Lucene's
+# standard tokenizer does; any other run of letters and digits, in any script, is a word.
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_TOKEN = re.compile(f"[{_CJK}]|[^\\W_{_CJK}]+")
 
 
 def bm25_tokens(text: str) -> list[str]:
-    """Lower-cased alphanumeric words: the tokenisation BM25 uses here (no stemming, no stop words)."""
-    return _TOKEN.findall(text.lower())
+    """Case-folded words of letters and digits in any script, each Han or kana character on its own
+    (NFKC first, so that composed and decomposed accents agree): the tokenisation BM25 uses here (no
+    stemming, no stop words).  On ASCII text these are the runs of ``[a-z0-9]`` of the lower-cased text."""
+    return _TOKEN.findall(unicodedata.normalize("NFKC", text).casefold())
 
 
 def bm25_scores(queries: list[str], documents: list[str], k1: float = 1.5, b: float = 0.75) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -75,6 +76,29 @@ def _direct_bm25(query: str, docs: list[str], k1=1.5, b=0.75) -> np.ndarray:
             tf = doc.count(term)
             out[j] += idf * tf / (tf + k1 * (1 - b + b * len(doc) / avgdl))
     return out
+
+
+def test_bm25_tokens_are_unicode_words_and_unchanged_on_ascii():
+    assert bm25_tokens("Как приготовить БОРЩ?") == ["как", "приготовить", "борщ"]
+    assert bm25_tokens("如何做红烧肉？") == ["如", "何", "做", "红", "烧", "肉"]  # no spaces: one token per ideograph
+    composed, decomposed = "Crème brûlée", "Cre\u0300me bru\u0302le\u0301e"
+    assert bm25_tokens(composed) == bm25_tokens(decomposed) == ["crème", "brûlée"]
+    assert bm25_tokens("STRASSE straße") == ["strasse", "strasse"]  # case folded, not only lower-cased
+    rng = np.random.default_rng(0)
+    alphabet = [chr(c) for c in range(32, 127)]
+    for _ in range(200):  # on ASCII text: the lower-cased [a-z0-9] runs, as before
+        text = "".join(rng.choice(alphabet, size=int(rng.integers(0, 60))))
+        assert bm25_tokens(text) == re.findall(r"[a-z0-9]+", text.lower()), text
+
+
+def test_bm25_finds_queries_in_other_scripts():
+    docs = ["Как приготовить борщ с говядиной", "Как починить велосипед дома", "如何做红烧肉", "如何学习游泳",
+            "Recette de la crème brûlée", "Recette de la tarte aux pommes"]
+    queries = ["рецепт борща с говядиной как приготовить", "红烧肉怎么做", "crème brûlée facile"]
+    scores = bm25_scores(queries, docs)
+    np.testing.assert_allclose(scores, np.stack([_direct_bm25(q, docs) for q in queries]), rtol=1e-5, atol=1e-6)
+    assert list(scores.argmax(axis=1)) == [0, 2, 4]
+    assert (scores.max(axis=1) > 0).all()
 
 
 def test_bm25_candidate_protocol_against_a_direct_implementation():
