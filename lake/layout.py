@@ -8,6 +8,7 @@
   gradients/<model>/<checkpoint>/<dataset>/<variant>/<paradigm>-<mode>/
                                                     one Zarr v3 group per extraction
   quality/<model>/<checkpoint>/<dataset>/<variant>/  a checkpoint's answers scored (answers.parquet, summary.json)
+  evaluations/<model>/<checkpoint>/<dataset>/<paradigm>[-thesis]/   select vs project (lake.evaluations)
 ```
 
 See ``docs/lake.md`` for the arrays inside a gradient group.

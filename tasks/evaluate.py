@@ -26,7 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from gradlake.lake import layout
 from gradlake.lake.gradients import ATTR
 from gradlake.lake.store import LakeError, LakeStore, default_lake
-from gradlake.tasks.metrics import bm25_candidates, bm25_scores, candidate_correct, cosine_from_parts, rank_metrics, true_ranks
+from gradlake.tasks.metrics import (bm25_candidates, bm25_scores, candidate_correct, cosine_from_parts, rank_metrics,
+                                    thesis_bm25_scores, thesis_candidates, true_ranks)
 from gradlake.tasks.model import ModelSpec, lake_names
 from gradlake.tasks.similarity import DEFAULT_BUDGET, blocks
 
@@ -45,6 +46,7 @@ class EvaluationSpec(BaseModel):
     paradigm: Literal["sft", "pre"] = Field(default="sft", description="Paradigm of the gradient groups ('sft' or 'pre').")
     dense_baseline: bool = Field(default=True, description="Also rank by a sentence-embedding model on the user turn (all-MiniLM-L6-v2).")
     greedy_steps: int = Field(default=8, ge=0, description="Steps of greedy layer selection (0: none).")
+    bm25: Literal["lucene", "thesis"] = Field(default="lucene", title="BM25 protocol", description="'lucene': bm25s's Lucene BM25 over the user turns, Unicode words, candidates and ties in a fixed order (a tie is not a hit). 'thesis': the 'Select or Project?' thesis's choices: rank_bm25's Okapi on words split at single spaces over each sample's first message, numpy's default sort order for the candidates, a tie in the final choice going to the candidate BM25 ranked higher. Written beside the default evaluation (<paradigm>-thesis), never over it.")
     memory_budget: int = Field(default=DEFAULT_BUDGET, ge=1 << 20, title="Memory budget (bytes)", description="Bytes of gradient slabs and score blocks held at once.")
     lake: str = Field(default_factory=default_lake, description="Lake URL.")
 
@@ -107,6 +109,7 @@ def layer_groups(names: list[str]) -> dict[str, list[str]]:
 class _Scores:
     """What is kept of one vector set's similarities: ranks and the scores at the BM25 candidates."""
 
+    ties: str = "strict"  # how a tie among the candidates counts (metrics.candidate_correct)
     ranks: dict[str, list[np.ndarray]] = field(default_factory=lambda: {s: [] for s in SIMILARITIES})
     correct: dict[str, list[np.ndarray]] = field(default_factory=lambda: {s: [] for s in SIMILARITIES})
     self_cosine: list[np.ndarray] = field(default_factory=list)
@@ -117,7 +120,7 @@ class _Scores:
         rows = np.arange(len(truth))
         for sim, scores in (("cosine", cosine), ("dot", dots)):
             self.ranks[sim].append(true_ranks(scores, truth))
-            self.correct[sim].append(candidate_correct(np.take_along_axis(scores, cand, axis=1), cand_pos))
+            self.correct[sim].append(candidate_correct(np.take_along_axis(scores, cand, axis=1), cand_pos, self.ties))
         self.self_cosine.append(cosine[rows, truth])
 
 
@@ -130,6 +133,16 @@ def _open(store: LakeStore, path: str) -> zarr.Group:
 
 def _user_turns(frame: pd.DataFrame) -> dict[str, str]:
     return {str(i): " ".join(m["content"] for m in msgs if m["role"] == "user") for i, msgs in zip(frame["id"], frame["messages"])}
+
+
+def _first_messages(frame: pd.DataFrame) -> dict[str, str]:
+    """Each sample's first message, whatever its role (a system prompt where there is one): the thesis's BM25 text."""
+    return {str(i): (msgs[0]["content"] if len(msgs) else "") for i, msgs in zip(frame["id"], frame["messages"])}
+
+
+def evaluation_subdir(spec: "EvaluationSpec") -> str:
+    """The paradigm, and '-thesis' for the thesis's BM25 protocol, so that neither replaces the other."""
+    return spec.paradigm if spec.bm25 == "lucene" else f"{spec.paradigm}-thesis"
 
 
 def _meta(group: zarr.Group) -> dict:
@@ -162,21 +175,28 @@ class Evaluation:
                             "query and original variants must share sample ids")
         self.doc_ids, self.query_ids = doc_ids, query_ids
         self.truth = np.array([position[s] for s in query_ids])
-        text_docs = _user_turns(read_dataset(self.store, spec.dataset, "original", _meta(self.originals)["lineage"]["dataset_version"]))
-        text_queries = _user_turns(read_dataset(self.store, spec.dataset, self.variant, _meta(self.query)["lineage"]["dataset_version"]))
+        frame_docs = read_dataset(self.store, spec.dataset, "original", _meta(self.originals)["lineage"]["dataset_version"])
+        frame_queries = read_dataset(self.store, spec.dataset, self.variant, _meta(self.query)["lineage"]["dataset_version"])
+        text_docs, text_queries = _user_turns(frame_docs), _user_turns(frame_queries)
         self.doc_text = [text_docs[s] for s in doc_ids]
         self.query_text = [text_queries[s] for s in query_ids]
+        self.ties = "first" if spec.bm25 == "thesis" else "strict"
+        if spec.bm25 == "thesis":
+            first_docs, first_queries = _first_messages(frame_docs), _first_messages(frame_queries)
+            self.bm25_text = ([first_queries[s] for s in query_ids], [first_docs[s] for s in doc_ids])
+        else:
+            self.bm25_text = (self.query_text, self.doc_text)
         self.tensors = list(_meta(self.originals)["plan"]["parameters"])
 
     # BM25 and its candidates are scored when first needed, so that opening an Evaluation
     # (the CLI does, to check every group before Prefect starts) stays cheap.
     @cached_property
     def bm25(self) -> np.ndarray:
-        return bm25_scores(self.query_text, self.doc_text)
+        return (thesis_bm25_scores if self.spec.bm25 == "thesis" else bm25_scores)(*self.bm25_text)
 
     @cached_property
     def _bm25_candidates(self) -> tuple[np.ndarray, np.ndarray]:
-        return bm25_candidates(self.bm25, self.truth)
+        return (thesis_candidates if self.spec.bm25 == "thesis" else bm25_candidates)(self.bm25, self.truth)
 
     @property
     def candidates(self) -> np.ndarray:
@@ -206,7 +226,7 @@ class Evaluation:
                 current, parts = (q0, q1), {}
             truth, cand, pos = self.truth[q0:q1], self.candidates[q0:q1], self.candidate_pos[q0:q1]
             if per_array:
-                scored.setdefault(name, _Scores()).add(dots, q_sq, d_sq, truth, cand, pos)
+                scored.setdefault(name, _Scores(self.ties)).add(dots, q_sq, d_sq, truth, cand, pos)
             if keep_candidates:
                 kept = candidates.setdefault(name, {"dots": [], "q_sq": [], "d_sq": []})
                 kept["dots"].append(np.take_along_axis(dots, cand, axis=1))
@@ -226,7 +246,7 @@ class Evaluation:
             return
         q0, q1 = current
         for g, (dots, q_sq, d_sq) in parts.items():
-            scored.setdefault(g, _Scores()).add(dots, q_sq, d_sq, self.truth[q0:q1], self.candidates[q0:q1],
+            scored.setdefault(g, _Scores(self.ties)).add(dots, q_sq, d_sq, self.truth[q0:q1], self.candidates[q0:q1],
                                                  self.candidate_pos[q0:q1])
 
     def gradient_scores(self) -> tuple[dict[str, _Scores], dict]:
@@ -282,7 +302,7 @@ class Evaluation:
             selfsim.append(pd.DataFrame({"vectors": f"proj:{label}", "kind": "projection", "sample": self.query_ids,
                                          "self_cosine": np.concatenate(got[label].self_cosine)}))
         rows += self._text_rows()
-        greedy = greedy_selection(candidates, self.candidate_pos, self.spec.greedy_steps, sizes)
+        greedy = greedy_selection(candidates, self.candidate_pos, self.spec.greedy_steps, sizes, self.ties)
         table = pd.DataFrame(rows)
         table.insert(0, "query", self.query_label)
         selfsim_frame = pd.concat(selfsim, ignore_index=True) if selfsim else pd.DataFrame()
@@ -311,7 +331,7 @@ class Evaluation:
         rows = np.arange(len(self.truth))
         for name, scores in baselines.items():
             ranks = true_ranks(scores, self.truth)
-            correct = candidate_correct(np.take_along_axis(scores, self.candidates, axis=1), self.candidate_pos)
+            correct = candidate_correct(np.take_along_axis(scores, self.candidates, axis=1), self.candidate_pos, self.ties)
             out.append({"vectors": name, "kind": "text", "part": name.split(":")[0], "block": None, "n_values": None,
                         "similarity": "bm25" if name == "bm25" else "cosine", **rank_metrics(ranks),
                         "bm25_top5_accuracy": float(correct.mean()), "self_cosine_mean": float(scores[rows, self.truth].mean())
@@ -319,7 +339,8 @@ class Evaluation:
         return out
 
 
-def greedy_selection(candidates: dict, truth_position: np.ndarray, steps: int, sizes: dict[str, int]) -> pd.DataFrame:
+def greedy_selection(candidates: dict, truth_position: np.ndarray, steps: int, sizes: dict[str, int],
+                     ties: str = "strict") -> pd.DataFrame:
     """Add, step by step, the tensor that most raises cosine accuracy on the BM25 candidates (thesis protocol).
 
     ``candidates[name]`` holds that tensor's dot products with each query's candidates
@@ -348,7 +369,7 @@ def greedy_selection(candidates: dict, truth_position: np.ndarray, steps: int, s
             q_sq = c["q_sq"] if total_q is None else total_q + c["q_sq"]
             d_sq = c["d_sq"] if total_d is None else total_d + c["d_sq"]
             cosine = dots / np.maximum(np.sqrt(q_sq[:, None] * d_sq), np.finfo(np.float64).tiny)
-            accuracy = float(candidate_correct(cosine, truth_position).mean())
+            accuracy = float(candidate_correct(cosine, truth_position, ties).mean())
             if best is None or accuracy > best[1]:
                 best = (name, accuracy, dots, q_sq, d_sq)
         name, accuracy = best[:2]
@@ -400,7 +421,7 @@ def run_evaluation(spec: EvaluationSpec, log=print) -> tuple[str, pd.DataFrame]:
             tables[name].append(frame)
     merged = {name: pd.concat(frames, ignore_index=True) for name, frames in tables.items()}
     model_key, checkpoint_key = lake_keys(spec.model)
-    directory = evaluation_dir(model_key, checkpoint_key, spec.dataset, spec.paradigm)
+    directory = evaluation_dir(model_key, checkpoint_key, spec.dataset, evaluation_subdir(spec))
     original_meta = _meta(evaluations[0].originals)["lineage"]
     lineage = {
         "model": original_meta["model"], "checkpoint": original_meta["checkpoint"],
@@ -413,7 +434,8 @@ def run_evaluation(spec: EvaluationSpec, log=print) -> tuple[str, pd.DataFrame]:
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     figures = plots(merged["results"], merged["self_similarity"], merged["greedy"])
-    title = f"Select vs project: {model_key} @ {checkpoint_key}, {spec.dataset} ({spec.paradigm})"
+    protocol = "" if spec.bm25 == "lucene" else ", thesis BM25 protocol"
+    title = f"Select vs project: {model_key} @ {checkpoint_key}, {spec.dataset} ({spec.paradigm}{protocol})"
     reports = {"report.md": markdown(title, lineage, merged["results"], merged["greedy"], sorted(figures)),
                "report.html": html_report(title, lineage, merged["results"], merged["greedy"], figures)}
     write_evaluation(store, directory, merged, figures, reports, lineage)

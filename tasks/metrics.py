@@ -9,6 +9,11 @@ The thesis protocol ("Select or Project?"): each query's candidates are the 5 or
 BM25 ranks highest for its user turn, with the true original forced in (replacing the
 lowest-ranked candidate) when BM25 missed it; the query counts as correct when the true
 original has the strictly highest similarity among its candidates.
+
+``bm25: thesis`` reproduces the thesis's own choices instead (`thesis_bm25_scores`,
+`thesis_candidates`, ties ``"first"``): Okapi BM25 on words split at single spaces, over
+each sample's first message, candidates in numpy's default (unstable) sort order, and a
+tie in the final choice going to the candidate BM25 ranked higher.
 """
 
 from __future__ import annotations
@@ -47,8 +52,18 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return index, np.take_along_axis(scores, index, axis=1)
 
 
-def candidate_correct(scores_at_candidates: np.ndarray, truth_position: np.ndarray) -> np.ndarray:
-    """Per query: does the true original score strictly highest among its candidates?"""
+TIES = ("strict", "first")
+
+
+def candidate_correct(scores_at_candidates: np.ndarray, truth_position: np.ndarray, ties: str = "strict") -> np.ndarray:
+    """Per query: does the true original score strictly highest among its candidates?
+
+    ``ties="first"`` (the thesis's choice, the first best candidate in BM25's order): correct
+    when the truth scores above every candidate before it and at least as high as those after it."""
+    if ties not in TIES:
+        raise ValueError(f"tie rule {ties!r} is not known; use one of {TIES}")
+    if ties == "first":
+        return np.argmax(scores_at_candidates, axis=1) == truth_position
     rows = np.arange(scores_at_candidates.shape[0])
     own = scores_at_candidates[rows, truth_position]
     others = scores_at_candidates.copy()
@@ -90,6 +105,32 @@ def bm25_scores(queries: list[str], documents: list[str], k1: float = 1.5, b: fl
         if tokens:
             out[row] = retriever.get_scores(tokens)
     return out
+
+
+def thesis_bm25_scores(queries: list[str], documents: list[str], k1: float = 1.5, b: float = 0.75,
+                       epsilon: float = 0.25) -> np.ndarray:
+    """The thesis's BM25 (queries x documents): ``rank_bm25``'s Okapi (negative idf floored at epsilon
+    times the mean idf) on words split at single spaces, case and punctuation kept."""
+    from rank_bm25 import BM25Okapi
+
+    if not documents:
+        return np.zeros((len(queries), 0))
+    index = BM25Okapi([d.split(" ") for d in documents], k1=k1, b=b, epsilon=epsilon)
+    return np.array([index.get_scores(q.split(" ")) for q in queries], dtype=np.float64).reshape(len(queries), -1)
+
+
+def thesis_candidates(bm25: np.ndarray, truth: np.ndarray, k: int = CANDIDATES) -> tuple[np.ndarray, np.ndarray]:
+    """The thesis's candidates: each query's first k of numpy's default argsort of its negated scores
+    (equal scores in the order that sort leaves them), the truth replacing the last when missing."""
+    index = np.stack([np.argsort(-row)[:k] for row in bm25]) if len(bm25) else np.zeros((0, k), dtype=np.int64)
+    position = np.empty(len(truth), dtype=np.int64)
+    for row, t in enumerate(truth):
+        hit = np.flatnonzero(index[row] == t)
+        if not hit.size:
+            index[row, -1] = t
+            hit = [index.shape[1] - 1]
+        position[row] = hit[0]
+    return index, position
 
 
 def bm25_candidates(bm25: np.ndarray, truth: np.ndarray, k: int = CANDIDATES) -> tuple[np.ndarray, np.ndarray]:

@@ -18,7 +18,7 @@ from gradlake.lake.store import LakeError
 from gradlake.tasks.evaluate import EvaluationSpec, layer_groups, run_evaluation
 from gradlake.tasks.extract import ExtractionSpec
 from gradlake.tasks.metrics import (bm25_candidates, bm25_scores, bm25_tokens, candidate_correct, cosine_from_parts, rank_metrics,
-                           top_k, true_ranks)
+                                    thesis_bm25_scores, thesis_candidates, top_k, true_ranks)
 from gradlake.tasks.model import ModelSpec
 from gradlake.tasks.projection import ProjectionSpec
 from gradlake.tasks.similarity import array_dots, blocks
@@ -125,6 +125,48 @@ def test_bm25_candidate_protocol_against_a_direct_implementation():
     got = candidate_correct(np.take_along_axis(sims, index, axis=1), position)
     want = [sims[r, r] > max(sims[r, j] for j in index[r] if j != r) for r in range(len(queries))]
     np.testing.assert_array_equal(got, want)
+
+
+def _thesis_choice(similarities: list[float]) -> int:
+    """The thesis's final choice among its candidates, written out: the first best in BM25's order."""
+    best = 0
+    for j, value in enumerate(similarities):
+        if value > similarities[best]:
+            best = j
+    return best
+
+
+def test_thesis_bm25_protocol_against_its_rules_written_out():
+    from rank_bm25 import BM25Okapi
+
+    from gradlake.tasks.probes import load_probe_set, probe_variant
+
+    originals = probe_variant(load_probe_set(), "original").head(40)
+    paraphrased = probe_variant(load_probe_set(), "paraphrased").head(40)
+    docs = [m[0]["content"] for m in originals["messages"]]
+    queries = [m[0]["content"] for m in paraphrased["messages"]]
+    truth = np.arange(len(queries))
+    scores = thesis_bm25_scores(queries, docs)
+    index = BM25Okapi([d.split(" ") for d in docs])
+    np.testing.assert_array_equal(scores, np.stack([index.get_scores(q.split(" ")) for q in queries]))
+    cand, pos = thesis_candidates(scores, truth)
+    forced = 0
+    for row in range(len(queries)):
+        want = np.argsort(-index.get_scores(queries[row].split(" ")))[:5]
+        if row not in want:
+            want[-1] = row
+            forced += 1
+        assert list(cand[row]) == list(want) and cand[row, pos[row]] == row
+    assert 0 < forced < len(queries), "the sample should exercise both cases"
+    # ties: the thesis counts a tie won by the truth when it comes first in BM25's order; gradlake's default never
+    rng = np.random.default_rng(3)
+    sims = rng.integers(0, 3, size=(len(queries), 5)).astype(float)  # many ties
+    first = candidate_correct(sims, pos, "first")
+    assert list(first) == [_thesis_choice(list(s)) == p for s, p in zip(sims, pos)]
+    strict = candidate_correct(sims, pos)
+    assert (strict <= first).all() and (strict < first).any()
+    with pytest.raises(ValueError, match="tie rule 'loose' is not known"):
+        candidate_correct(sims, pos, "loose")
 
 
 def test_blockwise_dots_equal_in_memory(tmp_path):
@@ -294,6 +336,46 @@ def test_blockwise_evaluation_in_a_small_budget_gives_the_same_table(evaluated):
     reference = open_lake(lake).evaluation(dataset="probe")
     columns = ["top1", "recall@5", "mrr", "mean_rank", "bm25_top5_accuracy", "self_cosine_mean"]
     pd.testing.assert_frame_equal(results[columns], reference[columns], rtol=1e-9)
+
+
+def test_thesis_protocol_evaluation_beside_the_default_one(evaluated, tmp_path):
+    """bm25: thesis scores every vector set on the thesis's candidates with its tie rule, in <paradigm>-thesis."""
+    import shutil
+
+    from rank_bm25 import BM25Okapi
+
+    lake, spec, directory = evaluated
+    copy = tmp_path / "lake"
+    shutil.copytree(lake[len("file://"):], copy)
+    url = f"file://{copy}"
+    default_meta = (copy / directory / "meta.json").read_bytes()
+    written, results = run_evaluation(spec.model_copy(update={"bm25": "thesis", "lake": url}), log=lambda *_: None)
+    assert written == directory + "-thesis" and (copy / directory / "meta.json").read_bytes() == default_meta
+    opened = open_lake(url)
+    with pytest.raises(LakeError, match="paradigm"):  # two evaluations of the same groups: the protocol tells them apart
+        opened.evaluation(dataset="probe")
+    stored = opened.evaluation(dataset="probe", paradigm="sft-thesis")
+    pd.testing.assert_frame_equal(stored, results)
+
+    docs = [m[0]["content"] for m in opened.dataset("probe", "original")["messages"]]
+    queries = [m[0]["content"] for m in opened.dataset("probe", "paraphrased")["messages"]]
+    index = BM25Okapi([d.split(" ") for d in docs])
+    name = "model.layers.1.mlp.down_proj.weight"
+    q = opened.gradients(dataset="probe", variant="paraphrased")[name].values.astype(np.float64)
+    d = opened.gradients(dataset="probe", variant="original")[name].values.astype(np.float64)
+    hits = {"bm25": [], name: []}
+    for row, text in enumerate(queries):  # the thesis's loop, written out
+        scores = index.get_scores(text.split(" "))
+        cand = np.argsort(-scores)[:5]
+        if row not in cand:
+            cand[-1] = row
+        cosines = [float(q[row] @ d[j] / np.linalg.norm(q[row]) / np.linalg.norm(d[j])) for j in cand]
+        hits[name].append(cand[_thesis_choice(cosines)] == row)
+        hits["bm25"].append(cand[_thesis_choice([scores[j] for j in cand])] == row)
+    for vectors, correct in hits.items():
+        row = results[(results["vectors"] == vectors) & (results["similarity"].isin(["cosine", "bm25"]))].iloc[0]
+        assert math.isclose(row["bm25_top5_accuracy"], np.mean(correct)), (vectors, row["bm25_top5_accuracy"], np.mean(correct))
+    assert open_lake(url).catalog().query("kind == 'evaluation'")["path"].str.endswith("-thesis").sum() == 1
 
 
 def test_outputs_in_the_lake_and_as_artifacts(evaluated, prefect_server):
