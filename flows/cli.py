@@ -69,6 +69,8 @@ def extract(
     variant: str = typer.Option("original", help="Dataset variant."),
     paradigm: str = typer.Option("sft", help="sft (assistant tokens) or pre (all tokens)."),
     layers: list[str] = typer.Option([], "--layers", "-l", help="Glob over parameter names; repeat for several. None: all."),
+    chat_template: str = typer.Option("tokenizer", help="tokenizer (its own template), tulu (the thesis's format) or a Jinja file."),
+    labels: str = typer.Option("assistant", help="sft loss on every assistant turn (assistant) or the last one only (last_assistant)."),
     mode: str = typer.Option("store", help="store, mean or mean_normalized."),
     shard_size: int = typer.Option(64, help="Samples per shard."),
     batch_size: int = typer.Option(8, help="Samples per backward pass at most (divides shard size)."),
@@ -94,7 +96,8 @@ def extract(
         spec = ExtractionSpec(
             model=ModelSpec(model=model, checkpoint=checkpoint, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                             allow_pickled_weights=allow_pickled_weights),
-            dataset=dataset, variant=variant, paradigm=paradigm, layers=layers, mode=mode, shard_size=shard_size,
+            dataset=dataset, variant=variant, paradigm=paradigm, layers=layers, chat_template=chat_template, labels=labels,
+            mode=mode, shard_size=shard_size,
             batch_size=batch_size, token_budget=token_budget or None, max_length=max_length, store_dtype=store_dtype,
             lake=_lake(lake), projections=[parse_projection(p) for p in project], keep_gradients=keep_gradients,
             object_mb=object_mb,

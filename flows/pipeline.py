@@ -60,6 +60,8 @@ class PipelineSettings(BaseModel):
     variants: list[str] = Field(default=["original", "paraphrased"], title="Variants", description="Dataset variants to extract; 'model_generated' means this model and checkpoint's own answers. 'original' is needed for the evaluation.")
     paradigm: Literal["sft", "pre"] = Field(default="sft", title="Paradigm", description="'sft': loss on assistant tokens only; 'pre': loss on every token.")
     layers: list[str] = Field(default=[], title="Layers", description="Glob patterns over parameter names, e.g. 'model.layers.*.mlp.down_proj.weight'; empty selects every parameter.")
+    chat_template: str = Field(default="tokenizer", title="Chat template", description="'tokenizer' (its own), 'tulu' (open-instruct's format, as the thesis used) or the path of a Jinja file readable where this flow runs.")
+    labels: Literal["assistant", "last_assistant"] = Field(default="assistant", title="Loss on", description="Paradigm 'sft': every assistant turn, or the last one only (as the thesis).")
     shard_size: int = Field(default=64, ge=1, title="Shard size", description="Samples per shard: the unit of retry, resume and sharing between GPU runs. A scheduling choice: changing it reuses finished gradients.")
     batch_size: int = Field(default=8, ge=1, title="Batch size", description="Samples per backward pass at most. A scheduling choice too.")
     token_budget: int | None = Field(default=DEFAULT_TOKEN_BUDGET, ge=1, title="Token budget", description="Tokens per backward pass at most, padding included: a shard's samples are sorted by length and packed. Empty: batches of the batch size in dataset order.")
@@ -94,6 +96,7 @@ class PipelineSpec(PipelineSettings, _Target):
     def extraction(self, variant: str) -> ExtractionSpec:
         name = layout.generated_variant(*lake_keys(self.model)) if variant == "model_generated" else variant
         return ExtractionSpec(model=self.model, dataset=self.dataset, variant=name, paradigm=self.paradigm, layers=self.layers,
+                              chat_template=self.chat_template, labels=self.labels,
                               shard_size=self.shard_size, batch_size=self.batch_size, token_budget=self.token_budget,
                               max_length=self.max_length,
                               projections=self.projections, keep_gradients=self.keep_gradients, object_mb=self.object_mb,

@@ -166,6 +166,13 @@ class Evaluation:
         for group, path in ((self.originals, self.original_dir), (self.query, self.query_dir)):
             if not _meta(group).get("complete"):
                 raise LakeError(f"gradient group {path}/{spec.paradigm}-store is not complete; finish its extraction first")
+        rendering = [{k: _meta(g)["lineage"].get(k) for k in ("chat_template", "labels")} for g in (self.originals, self.query)]
+        if rendering[0] != rendering[1]:
+            said = [f"chat_template {(r['chat_template'] or {}).get('name', 'tokenizer')} "
+                    f"(sha256 {(r['chat_template'] or {}).get('sha256', '-')[:12]}), labels {r['labels'] or 'assistant'}"
+                    for r in rendering]
+            raise LakeError(f"the original and {query_variant} gradients were rendered differently ({said[0]} vs "
+                            f"{said[1]}); extract both with the same chat_template and labels")
         doc_ids = [str(s) for s in self.originals["sample"][:]]
         query_ids = [str(s) for s in self.query["sample"][:]]
         position = {s: i for i, s in enumerate(doc_ids)}

@@ -7,7 +7,9 @@ the Prefect wrappers at the bottom add retries and logging.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -30,7 +32,7 @@ from gradlake.lake.store import LakeError, LakeStore, default_lake
 from gradlake.tasks.batching import WINDOW_BYTES, shard_batches, window_chunks
 from gradlake.tasks.footprint import check_extraction_memory
 from gradlake.tasks.gradients import PerSampleGradients, Projection
-from gradlake.tasks.loss import IGNORE_INDEX, Encoded, encode_sample, pad_batch
+from gradlake.tasks.loss import CHAT_TEMPLATES, IGNORE_INDEX, Encoded, chat_template_text, encode_sample, pad_batch
 from gradlake.tasks.model import (ModelError, ModelSpec, check_device, check_model, check_weights, lake_names, load_model,
                                   load_tokenizer, parameter_shapes, resolved_commit, select_parameters, tokenizer_fingerprint)
 from gradlake.tasks.project import projection_group_plan, projection_path
@@ -54,6 +56,8 @@ class ExtractionSpec(BaseModel):
     variant: str = Field(default="original", description="Dataset variant: 'original', 'paraphrased', 'model_generated', ...")
     paradigm: Literal["sft", "pre"] = Field(default="sft", description="'sft': loss on assistant tokens only; 'pre': loss on every token.")
     layers: list[str] = Field(default_factory=list, description="Glob patterns over parameter names, e.g. 'model.layers.*.mlp.down_proj.weight'; empty selects every parameter.")
+    chat_template: str = Field(default="tokenizer", description="How chats are rendered: 'tokenizer' (its own chat template), 'tulu' (open-instruct's format, as the 'Select or Project?' thesis rendered them) or the path of a Jinja file. Recorded in the lineage; part of what identifies the gradients.")
+    labels: Literal["assistant", "last_assistant"] = Field(default="assistant", description="Paradigm 'sft': the loss is on every assistant turn ('assistant') or on the last one only ('last_assistant', as in the thesis).")
     mode: Literal["store", "mean", "mean_normalized"] = Field(default="store", description="'store': every sample's gradient; 'mean': their mean; 'mean_normalized': the mean of per-tensor unit-normalised gradients.")
     shard_size: int = Field(default=64, ge=1, description="Samples per shard: the unit of retry and of distribution over workers. A scheduling choice: a run with another shard size reuses finished gradients. Must be a multiple of the batch size and of the group's chunk height.")
     batch_size: int = Field(default=8, ge=1, description="Samples per backward pass at most; must divide the shard size. A scheduling choice too; the run that creates a group fixes its chunk height (samples per stored chunk) to it.")
@@ -64,7 +68,6 @@ class ExtractionSpec(BaseModel):
     projections: list[ProjectionSpec] = Field(default_factory=list, description="Random projections made on the fly, each stored in a group of its own beside the gradients (mode 'store' only).")
     keep_gradients: bool = Field(default=True, description="Store the full per-sample gradients too; turn off for models whose gradients are too large to keep (only the projections are stored).")
     lake: str = Field(default_factory=default_lake, description="Lake URL: file:///path, a directory, or s3://bucket/prefix (endpoint from GRADLAKE_S3_ENDPOINT_URL).")
-
 
 @dataclass
 class ExtractionPlan:
@@ -88,9 +91,12 @@ def gradlake_version() -> str:
 
 
 def _encode_all(tokenizer, frame, spec: ExtractionSpec) -> list[Encoded]:
-    if spec.paradigm == "sft" and not tokenizer.chat_template:
-        raise ModelError(f"the tokenizer of {spec.model.model!r} has no chat template; paradigm 'sft' needs one (or use 'pre')")
-    encoded = [encode_sample(tokenizer, messages, spec.paradigm, spec.max_length) for messages in frame["messages"]]
+    template = chat_template_text(spec.chat_template)
+    if template is None and not tokenizer.chat_template:
+        raise ModelError(f"the tokenizer of {spec.model.model!r} has no chat template; give one (chat_template 'tulu' "
+                         "or a Jinja file)")
+    encoded = [encode_sample(tokenizer, messages, spec.paradigm, spec.max_length, template, spec.labels)
+               for messages in frame["messages"]]
     # The first token is never predicted (labels shift by one): a sample needs a label after it.
     empty = [sid for sid, e in zip(frame["id"], encoded) if not any(e.label_mask[1:])]
     if empty:
@@ -115,6 +121,7 @@ def plan_extraction(spec: ExtractionSpec, device_here: bool = True) -> Extractio
         raise ValueError(f"projections are made of per-sample gradients; they need mode 'store', not {spec.mode!r}")
     if not spec.keep_gradients and not spec.projections:
         raise ValueError("keep_gradients is off and no projection is asked for: nothing would be stored")
+    chat_template_text(spec.chat_template)  # a named file must be readable where the plan is made
     labels = [p.label for p in spec.projections]
     if len(set(labels)) < len(labels):
         raise ValueError(f"the same projection is asked for twice: {labels}")
@@ -183,6 +190,14 @@ def plan_extraction(spec: ExtractionSpec, device_here: bool = True) -> Extractio
     )
     if not spec.keep_gradients:
         lineage["gradients_kept"] = False
+    # Recorded only when not the default, so that groups made before these settings keep their fingerprint.
+    if spec.chat_template != "tokenizer":
+        text = chat_template_text(spec.chat_template)
+        lineage["chat_template"] = {"name": spec.chat_template if spec.chat_template in CHAT_TEMPLATES
+                                    else os.path.basename(spec.chat_template),
+                                    "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    if spec.labels != "assistant":
+        lineage["labels"] = spec.labels
     projections = [projection_group_plan(path, plan, lineage, selected, p, device, check_cost=device_here) for p in spec.projections]
     return ExtractionPlan(store, path, plan, lineage, [str(i) for i in frame["id"]], input_ids, label_mask, projections)
 

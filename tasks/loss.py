@@ -1,11 +1,13 @@
 """The one loss convention: what is differentiated, for every stage.
 
 A sample is a chat (``messages``: role/content dicts).  It is rendered with the
-tokenizer's chat template; the loss is the mean token cross-entropy over the label
-positions, exactly as ``transformers`` computes it from ``labels`` (shifted by one,
-ignore index -100, in float32).  Two paradigms choose the label positions:
+tokenizer's chat template (or one given: `CHAT_TEMPLATES`, or a Jinja file); the loss is
+the mean token cross-entropy over the label positions, exactly as ``transformers``
+computes it from ``labels`` (shifted by one, ignore index -100, in float32).  Two
+paradigms choose the label positions:
 
-- ``sft``: only the tokens of assistant turns (each assistant turn's rendered span);
+- ``sft``: only the tokens of assistant turns (each assistant turn's rendered span), or of
+  the last assistant turn alone with ``labels="last_assistant"``;
 - ``pre``: every token of the rendered conversation.
 """
 
@@ -20,6 +22,35 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 Paradigm = Literal["sft", "pre"]
 PARADIGMS: tuple[str, ...] = ("sft", "pre")
+LABELS: tuple[str, ...] = ("assistant", "last_assistant")
+
+# open-instruct's "tulu" format, as the "Select or Project?" thesis rendered its chats: each turn
+# opens with <|system|>, <|user|> or <|assistant|> and a newline; user and system turns end in a
+# newline, an assistant turn in the eos token, followed by a newline unless it is the last turn.
+TULU = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' + message['content'] + eos_token }}"
+    "{% if not loop.last %}{{ '\n' }}{% endif %}{% endif %}"
+    "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    "{% endfor %}"
+)
+CHAT_TEMPLATES = {"tulu": TULU}
+
+
+def chat_template_text(setting: str) -> str | None:
+    """The template a setting names: None for the tokenizer's own ('tokenizer'), a built-in by name, or a Jinja file's text."""
+    if setting == "tokenizer":
+        return None
+    if setting in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[setting]
+    try:
+        with open(setting, encoding="utf-8") as f:
+            return f.read()
+    except OSError as err:
+        raise ValueError(f"chat template {setting!r} is neither 'tokenizer', a built-in ({sorted(CHAT_TEMPLATES)}) "
+                         f"nor a readable Jinja file ({type(err).__name__})") from None
 
 
 @dataclass(frozen=True)
@@ -33,32 +64,36 @@ class Encoded:
         return [t if m else IGNORE_INDEX for t, m in zip(self.input_ids, self.label_mask)]
 
 
-def _render(tokenizer, messages, add_generation_prompt: bool = False) -> list[int]:
+def _render(tokenizer, messages, add_generation_prompt: bool = False, chat_template: str | None = None) -> list[int]:
     out = tokenizer.apply_chat_template(
-        messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=True
+        messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=True,
+        **({"chat_template": chat_template} if chat_template is not None else {}),
     )
     return list(out["input_ids"])
 
 
-def encode_sample(tokenizer, messages: list[dict], paradigm: Paradigm, max_length: int) -> Encoded:
-    """Tokenize a chat with the tokenizer's chat template and mark its loss tokens.
+def encode_sample(tokenizer, messages: list[dict], paradigm: Paradigm, max_length: int,
+                  chat_template: str | None = None, labels: str = "assistant") -> Encoded:
+    """Tokenize a chat with the tokenizer's chat template (or `chat_template`, a Jinja text) and mark its loss tokens.
 
-    For ``sft`` the span of each assistant turn is found by rendering the chat up to
-    that turn (with the generation prompt) and through it; the template must render
-    prefixes consistently, which every standard chat template does.
+    For ``sft`` the span of each assistant turn (``labels="last_assistant"``: of the last
+    one only) is found by rendering the chat up to that turn (with the generation prompt)
+    and through it; the template must render prefixes consistently, which every standard
+    chat template does.
     """
     if paradigm not in PARADIGMS:
         raise ValueError(f"paradigm {paradigm!r} is not known; use one of {PARADIGMS}")
-    ids = _render(tokenizer, messages)
+    if labels not in LABELS:
+        raise ValueError(f"labels {labels!r} is not known; use one of {LABELS}")
+    ids = _render(tokenizer, messages, chat_template=chat_template)
     if paradigm == "pre":
         mask = [True] * len(ids)
     else:
         mask = [False] * len(ids)
-        for i, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            start = len(_render(tokenizer, messages[:i], add_generation_prompt=True))
-            through = _render(tokenizer, messages[: i + 1])
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        for i in turns[-1:] if labels == "last_assistant" else turns:
+            start = len(_render(tokenizer, messages[:i], add_generation_prompt=True, chat_template=chat_template))
+            through = _render(tokenizer, messages[: i + 1], chat_template=chat_template)
             if through != ids[: len(through)]:
                 raise ValueError(
                     "the chat template does not render conversation prefixes consistently, "
