@@ -356,18 +356,26 @@ class GradientGroup:
 
         Zarr writes a shard by reading the one it replaces and merging into it, although ours
         are always replaced whole; a shard damaged beyond reading (the row-chunk is being
-        recomputed because of it) is removed with the rest of the row-chunk's objects and
-        written anew."""
+        recomputed because of it) is removed, and the row-chunk written again."""
         array = self.array(name)
         try:
             array[rows] = value
-        except Exception as err:
+        except Exception:
             if array.shards is None:
                 raise
-            try:
-                self.store.fs.rm(self.store.path(f"{self.path}/{name}/c/{index}"), recursive=True)
-            except FileNotFoundError:
-                raise err from None
+            damaged = []
+            for j in range(-(-array.shape[1] // array.shards[1])):
+                try:
+                    array.get_block_selection((index, j))
+                except Exception:
+                    damaged.append(self.store.path(f"{self.path}/{name}/c/{index}/{j}"))
+            if not damaged:
+                raise
+            for path in damaged:  # one still being written by the failed attempt may read as damaged: same bytes
+                try:
+                    self.store.fs.rm_file(path)
+                except FileNotFoundError:
+                    pass
             array[rows] = value
 
     def _check_covers(self, index: int, arrays: dict) -> None:
