@@ -169,8 +169,8 @@ def keep_chunk_buffers() -> bool:
     reads at a time a whole-array read from S3 spent more time in page faults than in moving bytes
     (118,000 faults for 512 MiB, at 0.4x the rate of the same chunks read a row-chunk at a time).
     One arena, chunk-sized allocations kept in it and up to 512 MiB of free memory kept for reuse
-    make that 800 faults (on a local lake 57,600 become 24,600; benchmarks/io.py; tests/test_io.py checks that such a buffer comes from the heap).
-    Process-wide, so done once; skipped off glibc, when
+    make that 800 faults (on a local lake 57,600 become 24,600; benchmarks/io.py).  tests/test_io.py
+    checks that such a buffer comes from the heap.  Process-wide, so done once; skipped off glibc, when
     the process sets any MALLOC_* variable itself, or with GRADLAKE_MALLOC=default.
     Arenas made before this call keep their own limits, so it runs as the first lake is opened.
     """
