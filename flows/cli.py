@@ -332,7 +332,7 @@ def evaluate_command(
     paradigm: str = typer.Option("sft", help="Paradigm of the gradient groups."),
     dense_baseline: bool = typer.Option(True, help="Also rank by all-MiniLM-L6-v2 sentence embeddings."),
     greedy_steps: int = typer.Option(8, help="Steps of greedy layer selection."),
-    bm25: str = typer.Option("lucene", help="BM25 protocol: lucene (user turns, Unicode words) or thesis (the thesis's Okapi, first message, its sort and tie rules); thesis results go to <paradigm>-thesis."),
+    bm25: str = typer.Option("lucene", help="BM25 protocol: lucene (user turns, Unicode words) or thesis (the thesis's Okapi, first message, its sort and tie rules); thesis results go to sft-thesis (or pre-thesis)."),
     memory_budget_mb: int = typer.Option(1024, help="MiB of gradient slabs and score blocks held at once."),
     lake: Optional[str] = typer.Option(None, help="Lake URL."),
 ) -> None:

@@ -46,7 +46,7 @@ class EvaluationSpec(BaseModel):
     paradigm: Literal["sft", "pre"] = Field(default="sft", description="Paradigm of the gradient groups ('sft' or 'pre').")
     dense_baseline: bool = Field(default=True, description="Also rank by a sentence-embedding model on the user turn (all-MiniLM-L6-v2).")
     greedy_steps: int = Field(default=8, ge=0, description="Steps of greedy layer selection (0: none).")
-    bm25: Literal["lucene", "thesis"] = Field(default="lucene", title="BM25 protocol", description="'lucene': bm25s's Lucene BM25 over the user turns, Unicode words, candidates and ties in a fixed order (a tie is not a hit). 'thesis': the 'Select or Project?' thesis's choices: rank_bm25's Okapi on words split at single spaces over each sample's first message, numpy's default sort order for the candidates, a tie in the final choice going to the candidate BM25 ranked higher. Written beside the default evaluation (<paradigm>-thesis), never over it.")
+    bm25: Literal["lucene", "thesis"] = Field(default="lucene", title="BM25 protocol", description="'lucene': bm25s's Lucene BM25 over the user turns, Unicode words, candidates and ties in a fixed order (a tie is not a hit). 'thesis': the 'Select or Project?' thesis's choices: rank_bm25's Okapi on words split at single spaces over each sample's first message, numpy's default sort order for the candidates, a tie in the final choice going to the candidate BM25 ranked higher. Written beside the default evaluation (in sft-thesis or pre-thesis), never over it.")
     memory_budget: int = Field(default=DEFAULT_BUDGET, ge=1 << 20, title="Memory budget (bytes)", description="Bytes of gradient slabs and score blocks held at once.")
     lake: str = Field(default_factory=default_lake, description="Lake URL.")
 
