@@ -227,7 +227,10 @@ def test_the_prefect_task_runs_and_does_not_retry_a_bad_key(openai_server, tmp_p
     assert state.is_failed()
     with pytest.raises(ParaphraseError, match="rejected the key"):
         state.result()
-    assert openai_server.statuses()[4:] == [401] * 4  # one try: a ValueError is not retried
+    # One try: a ValueError is not retried. The samples' requests run concurrently and the first 401 ends the
+    # task, so the others may be cancelled before they reach the server: at most one request per sample.
+    refused = openai_server.statuses()[4:]
+    assert 1 <= len(refused) <= 4 and set(refused) == {401}, refused
 
 
 def test_it_runs_from_code_that_already_has_an_event_loop(openai_server, tmp_path):
