@@ -123,20 +123,17 @@ def thesis_candidates(bm25: np.ndarray, truth: np.ndarray, k: int = CANDIDATES) 
     """The thesis's candidates: each query's first k of numpy's default argsort of its negated scores
     (equal scores in the order that sort leaves them), the truth replacing the last when missing."""
     index = np.stack([np.argsort(-row)[:k] for row in bm25]) if len(bm25) else np.zeros((0, k), dtype=np.int64)
-    position = np.empty(len(truth), dtype=np.int64)
-    for row, t in enumerate(truth):
-        hit = np.flatnonzero(index[row] == t)
-        if not hit.size:
-            index[row, -1] = t
-            hit = [index.shape[1] - 1]
-        position[row] = hit[0]
-    return index, position
+    return _truth_forced_in(index, truth)
 
 
 def bm25_candidates(bm25: np.ndarray, truth: np.ndarray, k: int = CANDIDATES) -> tuple[np.ndarray, np.ndarray]:
     """Each query's k candidates (BM25's best first, the truth forced in for the worst) and the truth's position."""
     index, _ = top_k(bm25, k)
-    index = index.copy()
+    return _truth_forced_in(index.copy(), truth)
+
+
+def _truth_forced_in(index: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates with each query's truth replacing its last one where missing (in place), and the truth's position."""
     position = np.empty(len(truth), dtype=np.int64)
     for row, t in enumerate(truth):
         hit = np.flatnonzero(index[row] == t)
