@@ -90,8 +90,7 @@ def gradlake_version() -> str:
         return "0+unknown"
 
 
-def _encode_all(tokenizer, frame, spec: ExtractionSpec) -> list[Encoded]:
-    template = chat_template_text(spec.chat_template)
+def _encode_all(tokenizer, frame, spec: ExtractionSpec, template: str | None) -> list[Encoded]:
     if template is None and not tokenizer.chat_template:
         raise ModelError(f"the tokenizer of {spec.model.model!r} has no chat template; give one (chat_template 'tulu' "
                          "or a Jinja file)")
@@ -121,7 +120,7 @@ def plan_extraction(spec: ExtractionSpec, device_here: bool = True) -> Extractio
         raise ValueError(f"projections are made of per-sample gradients; they need mode 'store', not {spec.mode!r}")
     if not spec.keep_gradients and not spec.projections:
         raise ValueError("keep_gradients is off and no projection is asked for: nothing would be stored")
-    chat_template_text(spec.chat_template)  # a named file must be readable where the plan is made
+    template = chat_template_text(spec.chat_template)  # read once; a named file must be readable where the plan is made
     labels = [p.label for p in spec.projections]
     if len(set(labels)) < len(labels):
         raise ValueError(f"the same projection is asked for twice: {labels}")
@@ -156,7 +155,7 @@ def plan_extraction(spec: ExtractionSpec, device_here: bool = True) -> Extractio
     if frame.empty:
         raise ValueError(f"dataset {spec.dataset!r} variant {spec.variant!r} is empty; nothing to extract")
     tokenizer = load_tokenizer(model)
-    encoded = _encode_all(tokenizer, frame, spec)
+    encoded = _encode_all(tokenizer, frame, spec, template)
 
     width = max(len(e.input_ids) for e in encoded)
     input_ids = np.full((len(encoded), width), -1, dtype=np.int32)
@@ -191,11 +190,10 @@ def plan_extraction(spec: ExtractionSpec, device_here: bool = True) -> Extractio
     if not spec.keep_gradients:
         lineage["gradients_kept"] = False
     # Recorded only when not the default, so that groups made before these settings keep their fingerprint.
-    if spec.chat_template != "tokenizer":
-        text = chat_template_text(spec.chat_template)
+    if template is not None:
         lineage["chat_template"] = {"name": spec.chat_template if spec.chat_template in CHAT_TEMPLATES
                                     else os.path.basename(spec.chat_template),
-                                    "sha256": hashlib.sha256(text.encode()).hexdigest()}
+                                    "sha256": hashlib.sha256(template.encode()).hexdigest()}
     if spec.labels != "assistant":
         lineage["labels"] = spec.labels
     projections = [projection_group_plan(path, plan, lineage, selected, p, device, check_cost=device_here) for p in spec.projections]
