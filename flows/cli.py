@@ -71,6 +71,7 @@ def extract(
     layers: list[str] = typer.Option([], "--layers", "-l", help="Glob over parameter names; repeat for several. None: all."),
     chat_template: str = typer.Option("tokenizer", help="tokenizer (its own template), tulu (the thesis's format) or a Jinja file."),
     labels: str = typer.Option("assistant", help="sft loss on every assistant turn (assistant) or the last one only (last_assistant)."),
+    target: str = typer.Option("parameters", help="Gradient with respect to: parameters (the --layers weights), inputs_embeds (the input embeddings per token, max-length x hidden a sample) or inputs_embeds_mean (their mean over the sample's tokens)."),
     mode: str = typer.Option("store", help="store, mean or mean_normalized."),
     shard_size: int = typer.Option(64, help="Samples per shard."),
     batch_size: int = typer.Option(8, help="Samples per backward pass at most (divides shard size)."),
@@ -97,7 +98,7 @@ def extract(
             model=ModelSpec(model=model, checkpoint=checkpoint, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                             allow_pickled_weights=allow_pickled_weights),
             dataset=dataset, variant=variant, paradigm=paradigm, layers=layers, chat_template=chat_template, labels=labels,
-            mode=mode, shard_size=shard_size,
+            target=target, mode=mode, shard_size=shard_size,
             batch_size=batch_size, token_budget=token_budget or None, max_length=max_length, store_dtype=store_dtype,
             lake=_lake(lake), projections=[parse_projection(p) for p in project], keep_gradients=keep_gradients,
             object_mb=object_mb,
@@ -221,9 +222,9 @@ def catalog(lake: Optional[str] = typer.Option(None, help="Lake URL.")) -> None:
     if frame.empty:
         typer.echo(f"lake {opened.url} is empty: no dataset, gradient group or evaluation yet")
         return
-    with pd.option_context("display.width", 200, "display.max_columns", 12, "display.max_colwidth", 40):
-        typer.echo(frame[["kind", "model", "checkpoint", "dataset", "variant", "paradigm", "mode", "projection", "n_samples",
-                          "chunks_done", "chunks_total", "complete"]].to_string(index=False))
+    with pd.option_context("display.width", 220, "display.max_columns", 13, "display.max_colwidth", 40):
+        typer.echo(frame[["kind", "model", "checkpoint", "dataset", "variant", "paradigm", "target", "mode", "projection",
+                          "n_samples", "chunks_done", "chunks_total", "complete"]].to_string(index=False))
     damaged = frame[frame["damaged"].notna()]
     for _, row in damaged.iterrows():  # listed above as incomplete; the reason in full, one line each
         typer.secho(f"damaged: {row['path']}: {row['damaged']}", fg=typer.colors.RED, err=True)
@@ -330,6 +331,7 @@ def evaluate_command(
     dataset: str = typer.Option("probe", help="Dataset name in the lake."),
     query: list[str] = typer.Option(["paraphrased", "model_generated"], "--query", "--queries", "-q", help="Query variant; repeatable."),
     paradigm: str = typer.Option("sft", help="Paradigm of the gradient groups."),
+    target: str = typer.Option("parameters", help="Extraction target of the gradient groups: parameters, inputs_embeds or inputs_embeds_mean."),
     dense_baseline: bool = typer.Option(True, help="Also rank by all-MiniLM-L6-v2 sentence embeddings."),
     greedy_steps: int = typer.Option(8, help="Steps of greedy layer selection."),
     bm25: str = typer.Option("lucene", help="BM25 protocol: lucene (user turns, Unicode words) or thesis (the thesis's Okapi, first message, its sort and tie rules); thesis results go to sft-thesis (or pre-thesis)."),
@@ -343,7 +345,7 @@ def evaluate_command(
 
     try:
         spec = EvaluationSpec(model=ModelSpec(model=model, checkpoint=checkpoint), dataset=dataset, queries=query,
-                              paradigm=paradigm, dense_baseline=dense_baseline, greedy_steps=greedy_steps, bm25=bm25,
+                              paradigm=paradigm, target=target, dense_baseline=dense_baseline, greedy_steps=greedy_steps, bm25=bm25,
                               memory_budget=memory_budget_mb << 20, lake=_lake(lake))
         for q in spec.queries:
             Evaluation(spec, q)  # every group and dataset checked before Prefect starts

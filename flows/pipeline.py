@@ -62,6 +62,7 @@ class PipelineSettings(BaseModel):
     layers: list[str] = Field(default=[], title="Layers", description="Glob patterns over parameter names, e.g. 'model.layers.*.mlp.down_proj.weight'; empty selects every parameter.")
     chat_template: str = Field(default="tokenizer", title="Chat template", description="'tokenizer' (its own), 'tulu' (open-instruct's format, as the thesis used) or the path of a Jinja file readable where this flow runs.")
     labels: Literal["assistant", "last_assistant"] = Field(default="assistant", title="Loss on", description="Paradigm 'sft': every assistant turn, or the last one only (as the thesis).")
+    target: Literal["parameters", "inputs_embeds", "inputs_embeds_mean"] = Field(default="parameters", title="Gradient with respect to", description="'parameters': the weights chosen by Layers. 'inputs_embeds': the input embeddings, per token (max length x hidden values a sample); 'inputs_embeds_mean': their mean over the sample's tokens. Each target has groups and evaluations of its own.")
     shard_size: int = Field(default=64, ge=1, title="Shard size", description="Samples per shard: the unit of retry, resume and sharing between GPU runs. A scheduling choice: changing it reuses finished gradients.")
     batch_size: int = Field(default=8, ge=1, title="Batch size", description="Samples per backward pass at most. A scheduling choice too.")
     token_budget: int | None = Field(default=DEFAULT_TOKEN_BUDGET, ge=1, title="Token budget", description="Tokens per backward pass at most, padding included: a shard's samples are sorted by length and packed. Empty: batches of the batch size in dataset order.")
@@ -70,6 +71,7 @@ class PipelineSettings(BaseModel):
     keep_gradients: bool = Field(default=True, title="Keep gradients", description="Store the full per-sample gradients too (off: only the projections).")
     object_mb: int = Field(default=0, ge=0, title="Lake object size (MiB)", description="Gather a row-chunk's column chunks of a wide tensor into objects of up to this many MiB (Zarr shards): about 12x fewer S3 objects and requests at OLMo-2-7B with 256, less concurrency per array. 0: one object per 16 MiB chunk. Fixed by the run that creates a group.")
     evaluate: bool = Field(default=True, title="Evaluate", description="Evaluate select vs project at the end (needs 'original' and at least one other variant).")
+    bm25: Literal["lucene", "thesis"] = Field(default="lucene", title="BM25 protocol", description="'lucene': bm25s over the user turns, Unicode words. 'thesis': the 'Select or Project?' thesis's Okapi over the first message, its sort and tie rules; results go beside the default ones (sft-thesis).")
     shard_deployment: str | None = Field(default=SHARD_DEPLOYMENT, title="Shard deployment", description="Deployment that runs shards on the GPU pool ('flow/deployment'); empty runs them inside this flow run.")
     gpu_runs: int | None = Field(default=None, ge=1, title="GPU runs", description="GPU flow runs that share the shards, each given every shard of every variant and loading the model once. Empty: one per worker polling the GPU pool when the shards are sent (at most the pool's concurrency limit).")
     shards_per_run: int | None = Field(default=None, ge=1, title="Shards per GPU run (fixed split)", description="Empty: the shards are shared by the GPU runs above. A number: instead one GPU run per this many shards of a variant, each computing only its own (a process start-up and model load per run).")
@@ -96,7 +98,7 @@ class PipelineSpec(PipelineSettings, _Target):
     def extraction(self, variant: str) -> ExtractionSpec:
         name = layout.generated_variant(*lake_keys(self.model)) if variant == "model_generated" else variant
         return ExtractionSpec(model=self.model, dataset=self.dataset, variant=name, paradigm=self.paradigm, layers=self.layers,
-                              chat_template=self.chat_template, labels=self.labels,
+                              chat_template=self.chat_template, labels=self.labels, target=self.target,
                               shard_size=self.shard_size, batch_size=self.batch_size, token_budget=self.token_budget,
                               max_length=self.max_length,
                               projections=self.projections, keep_gradients=self.keep_gradients, object_mb=self.object_mb,
@@ -409,7 +411,7 @@ def pipeline(spec: PipelineSpec) -> list[str]:
     if spec.evaluate and "original" in spec.variants and len(spec.variants) > 1:
         queries = [v for v in spec.variants if v != "original"]
         directory = evaluate(EvaluationSpec(model=spec.model, dataset=spec.dataset, queries=queries,
-                                            paradigm=spec.paradigm, lake=spec.lake))
+                                            paradigm=spec.paradigm, target=spec.target, bm25=spec.bm25, lake=spec.lake))
         publish_headline(spec.lake, directory)  # the headline on the pipeline's own run page, too
         paths.append(directory)
     log.info("pipeline for %s done: %s", spec.model.model, paths)

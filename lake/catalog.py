@@ -23,7 +23,12 @@ from gradlake.lake.gradients import ATTR
 from gradlake.lake.scores import list_score_groups
 from gradlake.lake.store import LakeError, LakeStore, scan_json
 
-_KEYS = ("model", "checkpoint", "dataset", "variant", "paradigm", "mode")
+_KEYS = ("model", "checkpoint", "dataset", "variant", "paradigm", "target", "mode")
+
+
+def _keys(lineage: dict) -> dict:
+    """A group's lookup keys from its lineage; the target is recorded only when not the weights."""
+    return {k: lineage.get(k) for k in _KEYS} | {"target": lineage.get("target", "parameters")}
 _PROJECTION_KEYS = ("kind", "dim", "seed", "scope")
 GENERATED = "model_generated"  # short for the asked model's own answers at the asked checkpoint
 
@@ -113,7 +118,7 @@ class Lake:
         for path, attrs in self._gradient_groups():
             lineage, projection = attrs["lineage"], attrs["lineage"].get("projection") or {}
             _, model, checkpoint, *_ = path.split("/")
-            records.append({"path": path, **{k: lineage.get(k) for k in _KEYS}, "model": model, "checkpoint": checkpoint,
+            records.append({"path": path, **_keys(lineage), "model": model, "checkpoint": checkpoint,
                             "projection": _projection_label(projection), **{k: projection.get(k) for k in _PROJECTION_KEYS}})
         return records
 
@@ -142,7 +147,7 @@ class Lake:
                 continue
             rows.append({
                 "kind": "gradients", "path": path,
-                **{k: lineage.get(k) for k in _KEYS},
+                **_keys(lineage),
                 "n_samples": plan["n_samples"], "n_parameters": len(plan["parameters"]),
                 "numel": sum(math.prod(shape) for shape in plan["parameters"].values()),
                 "dtype": plan["dtype"], "chunks_done": int(flags.sum()), "chunks_total": len(flags),
@@ -160,6 +165,7 @@ class Lake:
                 "kind": "evaluation", "path": path, "model": lineage.get("model"), "checkpoint": lineage.get("checkpoint"),
                 "dataset": lineage.get("dataset"), "variant": ",".join(lineage.get("queries", {})),
                 "paradigm": lineage.get("paradigm"), "complete": True,
+                "target": (lineage.get("settings") or {}).get("target", "parameters"),
                 **{f"lineage.{k}": v for k, v in lineage.items() if k not in _KEYS},
             })
         for path, meta in list_attribution_benchmarks(self.store):
@@ -219,10 +225,12 @@ class Lake:
                         f"{_tell_apart(hits, (*_KEYS, *_PROJECTION_KEYS))}")
 
     def gradients(self, model: str | None = None, checkpoint: str | None = None, dataset: str | None = None,
-                  variant: str | None = None, paradigm: str | None = None, mode: str | None = None) -> xr.Dataset:
-        """A gradient group as an xarray.Dataset: one variable per parameter tensor, coordinate ``sample``."""
+                  variant: str | None = None, paradigm: str | None = None, mode: str | None = None,
+                  target: str | None = None) -> xr.Dataset:
+        """A gradient group as an xarray.Dataset: one variable per parameter tensor (or ``inputs_embeds``), coordinate
+        ``sample``.  `target`: 'parameters', 'inputs_embeds' or 'inputs_embeds_mean', where a lake holds several."""
         path = self.find_gradients(model=model, checkpoint=checkpoint, dataset=dataset, variant=variant,
-                                   paradigm=paradigm, mode=mode)
+                                   paradigm=paradigm, mode=mode, target=target)
         return self._open_group(path)
 
     def _open_group(self, path: str) -> xr.Dataset:
@@ -242,10 +250,11 @@ class Lake:
 
     def projections(self, model: str | None = None, checkpoint: str | None = None, dataset: str | None = None,
                     variant: str | None = None, paradigm: str | None = None, kind: str | None = None,
-                    dim: int | None = None, seed: int | None = None, scope: str | None = None) -> xr.Dataset:
+                    dim: int | None = None, seed: int | None = None, scope: str | None = None,
+                    target: str | None = None) -> xr.Dataset:
         """A projection group as an xarray.Dataset: one variable per tensor (or ``flat``), coordinate ``sample``."""
         path = self.find_gradients(model=model, checkpoint=checkpoint, dataset=dataset, variant=variant,
-                                   paradigm=paradigm, projection={"kind": kind, "dim": dim, "seed": seed, "scope": scope})
+                                   paradigm=paradigm, target=target, projection={"kind": kind, "dim": dim, "seed": seed, "scope": scope})
         return self._open_group(path)
 
     def evaluation(self, model: str | None = None, checkpoint: str | None = None, dataset: str | None = None,

@@ -1,7 +1,7 @@
 """Evaluation results in the lake: tables as Parquet, plots as PNG, reports, and their lineage.
 
 ```
-evaluations/<model>/<checkpoint>/<dataset>/<paradigm>/
+evaluations/<model>/<checkpoint>/<dataset>/<stem>/   (<stem>: the paradigm, the target unless weights, -thesis; see lake.layout)
     results.parquet          metrics per query variant, vector set and similarity
     self_similarity.parquet  each query sample's cosine with its own original, per vector set
     greedy.parquet           greedy layer selection, step by step

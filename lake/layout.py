@@ -5,11 +5,15 @@
   datasets/<dataset>/<variant>/<version>/data.parquet   probe sets (one row per sample)
   datasets/<dataset>/<variant>/<version>/meta.json      their lineage and content hash
   datasets/<dataset>/<variant>/latest.json              the newest version's meta
-  gradients/<model>/<checkpoint>/<dataset>/<variant>/<paradigm>-<mode>/
+  gradients/<model>/<checkpoint>/<dataset>/<variant>/<stem>-<mode>/
                                                     one Zarr v3 group per extraction
   quality/<model>/<checkpoint>/<dataset>/<variant>/  a checkpoint's answers scored (answers.parquet, summary.json)
-  evaluations/<model>/<checkpoint>/<dataset>/<paradigm>[-thesis]/   select vs project (lake.evaluations)
+  evaluations/<model>/<checkpoint>/<dataset>/<stem>[-thesis]/   select vs project (lake.evaluations)
 ```
+
+The stem is the paradigm for weight gradients, and ``<paradigm>-<target>`` for the other
+extraction targets (``sft-inputs_embeds``, ``sft-inputs_embeds_mean``), so that a target's
+groups, projections and evaluations never meet another's.
 
 See ``docs/lake.md`` for the arrays inside a gradient group.
 """
@@ -46,8 +50,19 @@ def name_key(kind: str, value: str) -> str:
     return value
 
 
-def gradient_group_path(model: str, checkpoint: str, dataset: str, variant: str, paradigm: str, mode: str) -> str:
-    return f"gradients/{model}/{checkpoint}/{dataset}/{variant}/{paradigm}-{mode}"
+TARGETS = ("parameters", "inputs_embeds", "inputs_embeds_mean")
+
+
+def stem(paradigm: str, target: str = "parameters") -> str:
+    """The first part of a gradient group's name: the paradigm, and the target unless it is the weights."""
+    if target not in TARGETS:
+        raise ValueError(f"extraction target {target!r} is not one of {list(TARGETS)}")
+    return paradigm if target == "parameters" else f"{paradigm}-{target}"
+
+
+def gradient_group_path(model: str, checkpoint: str, dataset: str, variant: str, paradigm: str, mode: str,
+                        target: str = "parameters") -> str:
+    return f"gradients/{model}/{checkpoint}/{dataset}/{variant}/{stem(paradigm, target)}-{mode}"
 
 
 def quality_dir(model: str, checkpoint: str, dataset: str, variant: str) -> str:

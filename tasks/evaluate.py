@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from gradlake.lake import layout
 from gradlake.lake.gradients import ATTR
 from gradlake.lake.store import LakeError, LakeStore, default_lake
+from gradlake.tasks.gradients import INPUTS_EMBEDS
 from gradlake.tasks.metrics import (bm25_candidates, bm25_scores, candidate_correct, cosine_from_parts, rank_metrics,
                                     thesis_bm25_scores, thesis_candidates, true_ranks)
 from gradlake.tasks.model import ModelSpec, lake_names
@@ -44,6 +45,7 @@ class EvaluationSpec(BaseModel):
     dataset: str = Field(default="probe", description="Dataset name in the lake.")
     queries: list[str] = Field(default=["paraphrased", "model_generated"], description="Query variants compared with 'original'; 'model_generated' means this model and checkpoint's answers.")
     paradigm: Literal["sft", "pre"] = Field(default="sft", description="Paradigm of the gradient groups ('sft' or 'pre').")
+    target: Literal["parameters", "inputs_embeds", "inputs_embeds_mean"] = Field(default="parameters", description="Which extraction target's groups to evaluate: the weights ('parameters') or the input embeddings, per token or mean-pooled; each target's results go to a directory of its own.")
     dense_baseline: bool = Field(default=True, description="Also rank by a sentence-embedding model on the user turn (all-MiniLM-L6-v2).")
     greedy_steps: int = Field(default=8, ge=0, description="Steps of greedy layer selection (0: none).")
     bm25: Literal["lucene", "thesis"] = Field(default="lucene", title="BM25 protocol", description="'lucene': bm25s's Lucene BM25 over the user turns, Unicode words, candidates and ties in a fixed order (a tie is not a hit). 'thesis': the 'Select or Project?' thesis's choices: rank_bm25's Okapi on words split at single spaces over each sample's first message, numpy's default sort order for the candidates, a tie in the final choice going to the candidate BM25 ranked higher. Written beside the default evaluation (in sft-thesis or pre-thesis), never over it.")
@@ -75,7 +77,9 @@ def lake_keys(model: ModelSpec) -> tuple[str, str]:
 
 
 def tensor_part(name: str) -> tuple[int | None, str]:
-    """(block index or None, part): attention, mlp, norm, embeddings, lm_head or other."""
+    """(block index or None, part): attention, mlp, norm, embeddings, lm_head, inputs_embeds or other."""
+    if name == INPUTS_EMBEDS:
+        return None, INPUTS_EMBEDS
     match = _BLOCK.search(name)
     block = int(match.group(1)) if match else None
     if "embed_tokens" in name or "wte" in name:
@@ -141,8 +145,9 @@ def _first_messages(frame: pd.DataFrame) -> dict[str, str]:
 
 
 def evaluation_subdir(spec: "EvaluationSpec") -> str:
-    """The paradigm, and '-thesis' for the thesis's BM25 protocol, so that neither replaces the other."""
-    return spec.paradigm if spec.bm25 == "lucene" else f"{spec.paradigm}-thesis"
+    """The groups' stem (paradigm and target), and '-thesis' for the thesis's BM25 protocol, so that none replaces another."""
+    stem = layout.stem(spec.paradigm, spec.target)
+    return stem if spec.bm25 == "lucene" else f"{stem}-thesis"
 
 
 def _meta(group: zarr.Group) -> dict:
@@ -161,11 +166,12 @@ class Evaluation:
         self.query_label = query_variant
         base = f"gradients/{model_key}/{checkpoint_key}/{spec.dataset}"
         self.original_dir, self.query_dir = f"{base}/original", f"{base}/{self.variant}"
-        self.originals = _open(self.store, f"{self.original_dir}/{spec.paradigm}-store")
-        self.query = _open(self.store, f"{self.query_dir}/{spec.paradigm}-store")
+        self.stem = layout.stem(spec.paradigm, spec.target)
+        self.originals = _open(self.store, f"{self.original_dir}/{self.stem}-store")
+        self.query = _open(self.store, f"{self.query_dir}/{self.stem}-store")
         for group, path in ((self.originals, self.original_dir), (self.query, self.query_dir)):
             if not _meta(group).get("complete"):
-                raise LakeError(f"gradient group {path}/{spec.paradigm}-store is not complete; finish its extraction first")
+                raise LakeError(f"gradient group {path}/{self.stem}-store is not complete; finish its extraction first")
         rendering = [{k: _meta(g)["lineage"].get(k) for k in ("chat_template", "labels")} for g in (self.originals, self.query)]
         if rendering[0] != rendering[1]:
             said = [f"chat_template {(r['chat_template'] or {}).get('name', 'tokenizer')} "
@@ -173,6 +179,12 @@ class Evaluation:
                     for r in rendering]
             raise LakeError(f"the original and {query_variant} gradients were rendered differently ({said[0]} vs "
                             f"{said[1]}); extract both with the same chat_template and labels")
+        shapes = [_meta(g)["plan"]["parameters"] for g in (self.originals, self.query)]
+        if shapes[0] != shapes[1]:
+            differ = sorted(set(shapes[0]) ^ set(shapes[1])) or [n for n in shapes[0] if shapes[0][n] != shapes[1][n]]
+            raise LakeError(f"the original and {query_variant} gradients hold different tensors or shapes (first: "
+                            f"{differ[0]!r}: {shapes[0].get(differ[0])} vs {shapes[1].get(differ[0])}); extract both with "
+                            "the same layers and max_length")
         doc_ids = [str(s) for s in self.originals["sample"][:]]
         query_ids = [str(s) for s in self.query["sample"][:]]
         position = {s: i for i, s in enumerate(doc_ids)}
@@ -266,7 +278,7 @@ class Evaluation:
     def projection_pairs(self) -> list[tuple[str, dict, zarr.Group, zarr.Group]]:
         """(label, projection settings, query group, original group) for projections present for both variants."""
         pairs = []
-        for meta_path in self.store.glob(f"{self.original_dir}/{self.spec.paradigm}-proj-*/zarr.json"):
+        for meta_path in self.store.glob(f"{self.original_dir}/{self.stem}-proj-*/zarr.json"):
             leaf = meta_path.rsplit("/", 2)[-2]
             docs = _open(self.store, f"{self.original_dir}/{leaf}")
             try:
@@ -434,14 +446,15 @@ def run_evaluation(spec: EvaluationSpec, log=print) -> tuple[str, pd.DataFrame]:
         "model": original_meta["model"], "checkpoint": original_meta["checkpoint"],
         "resolved_commit": original_meta.get("resolved_commit"), "dataset": spec.dataset, "paradigm": spec.paradigm,
         "queries": {e.query_label: e.variant for e in evaluations},
-        "gradient_groups": {e.query_label: f"{e.query_dir}/{spec.paradigm}-store" for e in evaluations}
-        | {"original": f"{evaluations[0].original_dir}/{spec.paradigm}-store"},
+        "gradient_groups": {e.query_label: f"{e.query_dir}/{e.stem}-store" for e in evaluations}
+        | {"original": f"{evaluations[0].original_dir}/{evaluations[0].stem}-store"},
         "projections": sorted({r for r in merged["results"]["vectors"] if r.startswith("proj:")}),
         "settings": spec.model_dump(exclude={"lake", "model"}),
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     figures = plots(merged["results"], merged["self_similarity"], merged["greedy"])
-    protocol = "" if spec.bm25 == "lucene" else ", thesis BM25 protocol"
+    protocol = ("" if spec.target == "parameters" else f", gradients w.r.t. {spec.target}") + \
+        ("" if spec.bm25 == "lucene" else ", thesis BM25 protocol")
     title = f"Select vs project: {model_key} @ {checkpoint_key}, {spec.dataset} ({spec.paradigm}{protocol})"
     reports = {"report.md": markdown(title, lineage, merged["results"], merged["greedy"], sorted(figures)),
                "report.html": html_report(title, lineage, merged["results"], merged["greedy"], figures)}

@@ -31,7 +31,7 @@ from gradlake.lake.overlap import BackgroundWrites
 from gradlake.lake.store import LakeError, LakeStore, default_lake
 from gradlake.tasks.batching import WINDOW_BYTES, shard_batches, window_chunks
 from gradlake.tasks.footprint import check_extraction_memory
-from gradlake.tasks.gradients import PerSampleGradients, Projection
+from gradlake.tasks.gradients import INPUTS_EMBEDS, PerSampleGradients, Projection, embeds_shape
 from gradlake.tasks.loss import CHAT_TEMPLATES, IGNORE_INDEX, Encoded, chat_template_text, encode_sample, pad_batch
 from gradlake.tasks.model import (ModelError, ModelSpec, check_device, check_model, check_weights, lake_names, load_model,
                                   load_tokenizer, parameter_shapes, resolved_commit, select_parameters, tokenizer_fingerprint)
@@ -56,6 +56,7 @@ class ExtractionSpec(BaseModel):
     variant: str = Field(default="original", description="Dataset variant: 'original', 'paraphrased', 'model_generated', ...")
     paradigm: Literal["sft", "pre"] = Field(default="sft", description="'sft': loss on assistant tokens only; 'pre': loss on every token.")
     layers: list[str] = Field(default_factory=list, description="Glob patterns over parameter names, e.g. 'model.layers.*.mlp.down_proj.weight'; empty selects every parameter.")
+    target: Literal["parameters", "inputs_embeds", "inputs_embeds_mean"] = Field(default="parameters", description="What the gradient is taken with respect to: 'parameters' (the weights chosen by layers), 'inputs_embeds' (the input embeddings, per token: max_length x hidden values a sample, zero past its end) or 'inputs_embeds_mean' (their mean over the sample's tokens: hidden values). Each target has groups of its own (sft-inputs_embeds-store, ...), evaluated like any tensor.")
     chat_template: str = Field(default="tokenizer", description="How chats are rendered: 'tokenizer' (its own chat template), 'tulu' (open-instruct's format, as the 'Select or Project?' thesis rendered them) or the path of a Jinja file. Recorded in the lineage; part of what identifies the gradients.")
     labels: Literal["assistant", "last_assistant"] = Field(default="assistant", description="Paradigm 'sft': the loss is on every assistant turn ('assistant') or on the last one only ('last_assistant', as in the thesis).")
     mode: Literal["store", "mean", "mean_normalized"] = Field(default="store", description="'store': every sample's gradient; 'mean': their mean; 'mean_normalized': the mean of per-tensor unit-normalised gradients.")
@@ -106,6 +107,12 @@ def _encode_all(tokenizer, frame, spec: ExtractionSpec, template: str | None) ->
     return encoded
 
 
+def target_shape(spec: ExtractionSpec, config) -> tuple[int, ...]:
+    """One sample's stored shape for an input-embedding target: (max_length, hidden) per token, (hidden,) pooled."""
+    pooling = "mean" if spec.target == "inputs_embeds_mean" else "tokens"
+    return embeds_shape(config.hidden_size, pooling, spec.max_length)
+
+
 def plan_extraction(spec: ExtractionSpec, device_here: bool = True) -> ExtractionPlan:
     """Check every input and tokenize the dataset, without loading weights or writing anything.
 
@@ -124,26 +131,35 @@ def plan_extraction(spec: ExtractionSpec, device_here: bool = True) -> Extractio
     labels = [p.label for p in spec.projections]
     if len(set(labels)) < len(labels):
         raise ValueError(f"the same projection is asked for twice: {labels}")
+    if spec.target != "parameters" and spec.layers:
+        raise ValueError(f"layers {spec.layers} choose weights, but target {spec.target!r} is the gradient with respect to "
+                         "the input embeddings alone: leave layers empty, or use target 'parameters'")
     config = check_model(model)
     shapes = parameter_shapes(model, config)
     label = f"{model.model}" + (f"@{model.checkpoint}" if model.checkpoint else "")
-    names = select_parameters(list(shapes), spec.layers, label)
-    selected = {n: shapes[n] for n in names}
+    if spec.target == "parameters":
+        names = select_parameters(list(shapes), spec.layers, label)
+        selected = {n: shapes[n] for n in names}
+    else:
+        names = []
+        selected = {INPUTS_EMBEDS: target_shape(spec, config)}
     device = model.torch_device()
     for projection in spec.projections:  # every setting checked (from the config alone) before anything is read or written
         projector_choices(projection, selected, device, check_cost=device_here)
     if device_here:  # what the device must hold at least: refused now, not after loading the weights
         check_device(model)
-        formed = names if any(p.kind != "kronecker" for p in spec.projections) else []
-        check_extraction_memory(shapes, names if spec.keep_gradients else [], formed, model.dtype, spec.batch_size,
-                                spec.mode != "store", device)
+        # Only a weight's kronecker projection is made from its factors; every other projection forms the gradient.
+        forms = any(p.kind != "kronecker" for p in spec.projections) or (spec.projections and spec.target != "parameters")
+        formed = list(selected) if forms else []
+        check_extraction_memory(shapes, list(selected) if spec.keep_gradients else [], formed, model.dtype, spec.batch_size,
+                                spec.mode != "store", device, extra={n: s for n, s in selected.items() if n not in shapes})
     check_weights(model, config, device_here)  # files, headers, shapes and device, before the lake is touched or a weight read
     store = LakeStore(spec.lake)
     store.check_writable()
     model_name, checkpoint = lake_names(model)
     path = layout.gradient_group_path(
         layout.model_key(model_name, model.is_local), layout.key(checkpoint), spec.dataset, spec.variant,
-        spec.paradigm, spec.mode,
+        spec.paradigm, spec.mode, spec.target,
     )
     # A group that exists keeps the chunk height it was created with; a new one takes the batch size
     # (which divides the shard size).  Shards must be whole chunks of every group they write.
@@ -184,7 +200,7 @@ def plan_extraction(spec: ExtractionSpec, device_here: bool = True) -> Extractio
         "gradlake_version": gradlake_version(),
     }
     plan = GradientPlan(
-        n_samples=len(encoded), parameters={n: list(shapes[n]) for n in names} if spec.keep_gradients else {},
+        n_samples=len(encoded), parameters={n: list(s) for n, s in selected.items()} if spec.keep_gradients else {},
         mode=spec.mode, dtype=spec.store_dtype, max_tokens=width, chunk_rows=chunk_rows, object_bytes=spec.object_mb << 20,
     )
     if not spec.keep_gradients:
@@ -196,6 +212,8 @@ def plan_extraction(spec: ExtractionSpec, device_here: bool = True) -> Extractio
                                     "sha256": hashlib.sha256(template.encode()).hexdigest()}
     if spec.labels != "assistant":
         lineage["labels"] = spec.labels
+    if spec.target != "parameters":
+        lineage["target"] = spec.target
     projections = [projection_group_plan(path, plan, lineage, selected, p, device, check_cost=device_here) for p in spec.projections]
     return ExtractionPlan(store, path, plan, lineage, [str(i) for i in frame["id"]], input_ids, label_mask, projections)
 
@@ -383,8 +401,11 @@ def _compute_chunks(spec: ExtractionSpec, targets: list[GradientGroup], todo: li
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     names = list(plan.parameters)
-    layers = set(group.lineage["layers"])
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if n in layers}
+    if spec.target == "parameters":
+        layers = set(group.lineage["layers"])
+        shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if n in layers}
+    else:
+        shapes = {INPUTS_EMBEDS: target_shape(spec, model.config)}
     projections = [Projection(projectors_for(p, shapes, device), key=partial(output_key, p)) for p in spec.projections]
     writers = [ChunkRows(t, chunks, leases) for t, chunks in zip(targets[:-1], todo[:-1])]
     stored = (ChunkRows(group, todo[-1], leases) if plan.mode == "store"
@@ -398,10 +419,12 @@ def _compute_chunks(spec: ExtractionSpec, targets: list[GradientGroup], todo: li
         leases.renew()
 
     progress = Progress(sum(len(b) for b in batches), "samples", log)
-    with PerSampleGradients(model, names, projections) as per_sample, BackgroundWrites() as writes:
+    pooling = "mean" if spec.target == "inputs_embeds_mean" else "tokens"
+    with PerSampleGradients(model, names, projections, pooling, spec.max_length) as per_sample, \
+            BackgroundWrites() as writes:
         for rows in batches:
             input_ids, labels = _batch(ids, mask, rows - start, pad_id, device)
-            grads = per_sample(input_ids, labels)
+            grads = per_sample(input_ids, labels, torch.as_tensor(lengths[rows - start], device=device))
             projected = [{k: tensor_to_host(v, t.plan.dtype) for k, v in out.items()}
                          for t, out in zip(targets, per_sample.projected)]
             if plan.mode == "store":

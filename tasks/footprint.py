@@ -25,11 +25,16 @@ def device_memory(device: torch.device) -> int:
 
 
 def extraction_floor(shapes: dict[str, tuple[int, ...]], kept: list[str], projected: list[str], model_dtype: str,
-                     batch: int, mean: bool) -> dict[str, int]:
-    """Bytes an extraction needs at least on its device, by what needs them."""
+                     batch: int, mean: bool, extra: dict[str, tuple[int, ...]] | None = None) -> dict[str, int]:
+    """Bytes an extraction needs at least on its device, by what needs them.
+
+    `shapes` are the model's weights; `extra` the shapes of gradients that are not weights
+    (the input embeddings'), which may be kept or projected too."""
     numel = {n: int(torch.Size(s).numel()) for n, s in shapes.items()}
     item = DTYPE_BYTES[model_dtype]
-    need = {"weights": sum(numel.values()) * item,
+    weights = sum(numel.values()) * item
+    numel |= {n: int(torch.Size(s).numel()) for n, s in (extra or {}).items()}
+    need = {"weights": weights,
             "per-sample gradients": batch * sum(numel[n] for n in kept) * item}
     scratch = max((numel[n] for n in projected if n not in kept), default=0)
     if scratch:
@@ -40,9 +45,10 @@ def extraction_floor(shapes: dict[str, tuple[int, ...]], kept: list[str], projec
 
 
 def check_extraction_memory(shapes: dict[str, tuple[int, ...]], kept: list[str], projected: list[str], model_dtype: str,
-                            batch: int, mean: bool, device: torch.device) -> None:
+                            batch: int, mean: bool, device: torch.device,
+                            extra: dict[str, tuple[int, ...]] | None = None) -> None:
     """One clear error, before anything is loaded or written, when the certain part alone exceeds the device."""
-    need = extraction_floor(shapes, kept, projected, model_dtype, batch, mean)
+    need = extraction_floor(shapes, kept, projected, model_dtype, batch, mean, extra)
     total, have = sum(need.values()), device_memory(device)
     if total <= have:
         return

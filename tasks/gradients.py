@@ -28,10 +28,18 @@ formed in one scratch buffer shared by all tensors and projected at once, so mem
 holds one tensor's per-sample gradients rather than the whole model's.  A projector
 with ``factors`` (the Kronecker kind) is applied to the two factors of a linear or
 embedding layer's gradient, which is then never formed at all.
+
+The gradient with respect to the input embeddings (``inputs_embeds``, the embedding
+layer's output) can be asked for beside or instead of parameters, under the name
+:data:`INPUTS_EMBEDS`: per token (``embeds_pooling="tokens"``, a (max_tokens, hidden)
+row zero past the sample's end) or its mean over the sample's tokens ("mean").  It is the
+gradient of the output the hook already marks as requiring grad, read as it passes; a
+padded position past a sample's end gets exactly zero (nothing causal depends on it).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -40,6 +48,16 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 
 from gradlake.tasks.loss import sample_losses
+
+INPUTS_EMBEDS = "inputs_embeds"
+EMBEDS_POOLING = ("tokens", "mean")
+
+
+def embeds_shape(hidden: int, pooling: str, max_tokens: int) -> tuple[int, ...]:
+    """The stored shape of one sample's input-embedding gradient."""
+    if pooling not in EMBEDS_POOLING:
+        raise ValueError(f"embeds pooling {pooling!r} is not one of {list(EMBEDS_POOLING)}")
+    return (max_tokens, hidden) if pooling == "tokens" else (hidden,)
 
 
 @dataclass
@@ -62,24 +80,36 @@ class PerSampleGradients:
     Use as ``with PerSampleGradients(model, names) as grads: g = grads(ids, labels)``.
     The returned tensors are views of reused buffers, valid until the next call.  With
     ``projections``, ``grads.projected[i]`` holds the i-th projection's outputs
-    ``{key: (batch, k)}`` after each call; ``names`` may then be empty.
+    ``{key: (batch, k)}`` after each call; ``names`` may then be empty.  The name
+    :data:`INPUTS_EMBEDS` stands for the gradient with respect to the input embeddings,
+    pooled as ``embeds_pooling`` says; per token it is ``max_tokens`` positions wide.
     """
 
-    def __init__(self, model: nn.Module, names: Sequence[str], projections: Sequence[Projection] = ()):
+    def __init__(self, model: nn.Module, names: Sequence[str], projections: Sequence[Projection] = (),
+                 embeds_pooling: str = "tokens", max_tokens: int | None = None):
         self.projections = list(projections)
         hooked = list(dict.fromkeys([*names, *(n for p in self.projections for n in p.projectors)]))
         if not hooked:
             raise ValueError("no parameter selected: pass at least one parameter name or projection")
         by_name = dict(model.named_parameters())
-        unknown = [n for n in hooked if n not in by_name]
+        unknown = [n for n in hooked if n not in by_name and n != INPUTS_EMBEDS]
         if unknown:
-            raise ValueError(f"{unknown[:3]} are not parameters of the model; names look like {next(iter(by_name))!r}")
+            raise ValueError(f"{unknown[:3]} are not parameters of the model; names look like {next(iter(by_name))!r}"
+                             f" (or {INPUTS_EMBEDS!r} for the input embeddings)")
         self.model = model
         self.names = list(names)
         self._keep = set(names)
         self._hooked = hooked
-        self._wanted = {id(by_name[n]): n for n in hooked}
-        self._shapes = {n: by_name[n].numel() for n in hooked}
+        self._wanted = {id(by_name[n]): n for n in hooked if n != INPUTS_EMBEDS}
+        self._shapes = {n: by_name[n].numel() for n in hooked if n != INPUTS_EMBEDS}
+        self._embeds = INPUTS_EMBEDS in hooked
+        if self._embeds:
+            if embeds_pooling == "tokens" and not max_tokens:
+                raise ValueError("input-embedding gradients per token need max_tokens, the width of the token axis")
+            self._pooling, self._max_tokens = embeds_pooling, max_tokens
+            hidden = model.get_input_embeddings().weight.shape[1]
+            self._shapes[INPUTS_EMBEDS] = math.prod(embeds_shape(hidden, embeds_pooling, max_tokens or 1))
+        self._lengths: torch.Tensor | None = None
         # Tensors projected but not kept are formed one at a time in a scratch buffer this wide.
         self._scratch_width = max((self._shapes[n] for n in hooked if n not in self._keep), default=0)
         self._buffers: dict[str, torch.Tensor] = {}
@@ -98,7 +128,7 @@ class PerSampleGradients:
         # With every parameter frozen, the graph starts at the embedding output; this hook
         # is registered first so that it runs before the collector's hook on that module.
         embed = self.model.get_input_embeddings()
-        self._handles.append(embed.register_forward_hook(lambda m, i, o: o.requires_grad_(True)))
+        self._handles.append(embed.register_forward_hook(self._embedding_output))
         for module in self.model.modules():
             owned = {k: p for k, p in module.named_parameters(recurse=False) if id(p) in self._wanted}
             if owned:
@@ -112,14 +142,23 @@ class PerSampleGradients:
         for n, p in self.model.named_parameters():
             p.requires_grad_(self._requires[n])
 
-    def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                 lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Gradient of each sample's mean token loss: ``{name: (batch, numel)}``.
 
         ``input_ids`` and ``labels`` are (batch, tokens), right-padded, labels -100 where
-        no loss is taken.
+        no loss is taken.  ``lengths``: each sample's tokens before the padding (default:
+        all), which the mean over tokens of an input-embedding gradient divides by.
         """
         if not self._handles:
             raise RuntimeError("PerSampleGradients must be used inside a `with` block")
+        if self._embeds:
+            tokens = input_ids.shape[1]
+            if self._pooling == "tokens" and tokens > self._max_tokens:
+                raise ValueError(f"a batch {tokens} tokens wide does not fit the input-embedding gradients' token axis "
+                                 f"of {self._max_tokens}")
+            self._lengths = (torch.full((input_ids.shape[0],), tokens, device=input_ids.device) if lengths is None
+                             else torch.as_tensor(lengths, device=input_ids.device))
         self._written.clear()
         self._dense_after = {}
         self.projected = [{} for _ in self.projections]
@@ -187,6 +226,27 @@ class PerSampleGradients:
             buf = torch.empty(batch, self._shapes[name], dtype=like.dtype, device=like.device)
             self._buffers[name] = buf
         return buf[:batch]
+
+    def _embedding_output(self, mod, inputs, output):
+        # With every parameter frozen, the graph starts here.
+        output.requires_grad_(True)
+        if self._embeds and self._recording:
+            output.register_hook(lambda g: self._embeds_gradient(g.detach()))
+
+    def _embeds_gradient(self, g: torch.Tensor) -> None:
+        """The gradient of sum_b loss_b w.r.t. the embedding output: row b is d loss_b / d inputs_embeds[b]."""
+        batch, tokens, hidden = g.shape
+        real = torch.arange(tokens, device=g.device) < self._lengths[:, None]  # (batch, tokens)
+        g = g * real[..., None].to(g.dtype)
+        if self._pooling == "mean":
+            self._store(INPUTS_EMBEDS, g.sum(dim=1) / self._lengths[:, None].to(g.dtype))
+            return
+        _, dense = self._routes(INPUTS_EMBEDS, factorable=False)
+        out, add = self._dest(INPUTS_EMBEDS, batch, g)
+        out3 = out.view(batch, self._max_tokens, hidden)
+        out3[:, tokens:].zero_()
+        out3[:, :tokens] = g
+        self._contributed(INPUTS_EMBEDS, out, dense)
 
     def _forward_hook(self, owned: dict[str, nn.Parameter]):
         names = {local: self._wanted[id(p)] for local, p in owned.items()}

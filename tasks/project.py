@@ -45,10 +45,10 @@ class ProjectSpec(BaseModel):
 
 
 def projection_path(gradient_path: str, spec: ProjectionSpec) -> str:
-    """The projection group's path: a sibling of its gradient group, ``<paradigm>-proj-<setting>``."""
+    """The projection group's path: a sibling of its gradient group, ``<stem>-proj-<setting>``
+    (the stem is the paradigm, and the target unless it is the weights: ``lake.layout.stem``)."""
     parent, leaf = gradient_path.rsplit("/", 1)
-    paradigm = leaf.split("-", 1)[0]
-    return f"{parent}/{paradigm}-proj-{spec.label}"
+    return f"{parent}/{leaf.rsplit('-', 1)[0]}-proj-{spec.label}"
 
 
 def projection_group_plan(source_path: str, source_plan: GradientPlan, source_lineage: dict,

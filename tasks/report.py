@@ -186,7 +186,7 @@ def _per_tensor(tensors: pd.DataFrame, colors: dict, bars: bool):
     ax.set_xticks(np.arange(len(names)), [_short(n) for n in names], rotation=90, fontsize=7)
     ax.set_xlim(-0.6, len(names) - 0.4)
     ax.set_ylabel("top-1 accuracy (cosine)")
-    ax.set_title("Accuracy per parameter tensor")
+    ax.set_title("Accuracy per gradient tensor")
     _legend(ax)
     return fig
 

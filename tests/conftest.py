@@ -117,6 +117,16 @@ def tiny_models(tmp_path_factory, probe_chats) -> dict[str, Path]:
     return {arch: build_tiny_model(root / f"tiny-{arch}", arch, probe_chats) for arch in ("olmo", "olmo2")}
 
 
+def thesis_choice(values: list[float]) -> int:
+    """The "Select or Project?" thesis's final choice among BM25's candidates, written out: the first of the
+    highest, in BM25's order."""
+    best = 0
+    for j, value in enumerate(values):
+        if value > values[best]:
+            best = j
+    return best
+
+
 def write_probe(lake: str, n: int | None = None, name: str = "probe") -> None:
     """Store the bundled probe set (its first n rows) in a lake."""
     from gradlake.tasks.probes import store_probe_set

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import zarr
 
-from conftest import write_probe
+from conftest import thesis_choice, write_probe
 from gradlake.flows.evaluate import artifact_key, evaluate
 from gradlake.flows.extract import extract_gradients
 from gradlake.lake import open_lake
@@ -127,15 +127,6 @@ def test_bm25_candidate_protocol_against_a_direct_implementation():
     np.testing.assert_array_equal(got, want)
 
 
-def _thesis_choice(similarities: list[float]) -> int:
-    """The thesis's final choice among its candidates, written out: the first best in BM25's order."""
-    best = 0
-    for j, value in enumerate(similarities):
-        if value > similarities[best]:
-            best = j
-    return best
-
-
 def test_thesis_bm25_protocol_against_its_rules_written_out():
     from rank_bm25 import BM25Okapi
 
@@ -162,7 +153,7 @@ def test_thesis_bm25_protocol_against_its_rules_written_out():
     rng = np.random.default_rng(3)
     sims = rng.integers(0, 3, size=(len(queries), 5)).astype(float)  # many ties
     first = candidate_correct(sims, pos, "first")
-    assert list(first) == [_thesis_choice(list(s)) == p for s, p in zip(sims, pos)]
+    assert list(first) == [thesis_choice(list(s)) == p for s, p in zip(sims, pos)]
     strict = candidate_correct(sims, pos)
     assert (strict <= first).all() and (strict < first).any()
     with pytest.raises(ValueError, match="tie rule 'loose' is not known"):
@@ -370,8 +361,8 @@ def test_thesis_protocol_evaluation_beside_the_default_one(evaluated, tmp_path):
         if row not in cand:
             cand[-1] = row
         cosines = [float(q[row] @ d[j] / np.linalg.norm(q[row]) / np.linalg.norm(d[j])) for j in cand]
-        hits[name].append(cand[_thesis_choice(cosines)] == row)
-        hits["bm25"].append(cand[_thesis_choice([scores[j] for j in cand])] == row)
+        hits[name].append(cand[thesis_choice(cosines)] == row)
+        hits["bm25"].append(cand[thesis_choice([scores[j] for j in cand])] == row)
     for vectors, correct in hits.items():
         row = results[(results["vectors"] == vectors) & (results["similarity"].isin(["cosine", "bm25"]))].iloc[0]
         assert math.isclose(row["bm25_top5_accuracy"], np.mean(correct)), (vectors, row["bm25_top5_accuracy"], np.mean(correct))

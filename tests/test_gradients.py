@@ -118,3 +118,65 @@ def test_tied_embeddings_collect_both_uses(tiny_models, probe_chats, arch):
     for i, ref in enumerate(reference_gradients(model, encoded)):
         for name in names:
             assert relative_error(got[name][i], ref[name]) < RTOL, name
+
+
+def reference_embeds_gradients(model, encoded) -> list[torch.Tensor]:
+    """d loss / d inputs_embeds of each sample alone, through the model's `inputs_embeds` input."""
+    out = []
+    for e in encoded:
+        embeds = model.get_input_embeddings()(torch.tensor([e.input_ids])).detach().requires_grad_(True)
+        logits = model(inputs_embeds=embeds).logits
+        loss = sample_losses(logits, torch.tensor([e.labels()]))[0]
+        out.append(torch.autograd.grad(loss, embeds)[0][0])
+    return out
+
+
+@pytest.mark.parametrize("arch", ["olmo", "olmo2"])
+def test_input_embedding_gradients_equal_autograd_per_sample(tiny_models, probe_chats, arch):
+    """Per token (zero past each sample's end, up to max_tokens) and mean-pooled, beside a weight."""
+    model, tokenizer = load(tiny_models[arch] / "checkpoint-1")
+    encoded = [encode_sample(tokenizer, probe_chats[i], "sft", max_length=256) for i in (2, 9, 30)]
+    lengths = torch.tensor([len(e.input_ids) for e in encoded])
+    assert len(set(lengths.tolist())) == 3, "the batch must mix sequence lengths"
+    ids, labels = pad_batch(encoded, tokenizer.pad_token_id)
+    want = reference_embeds_gradients(model, encoded)
+    weights = reference_gradients(model, encoded)
+    weight = "model.layers.0.self_attn.q_proj.weight"
+    max_tokens = int(lengths.max()) + 7
+    hidden = model.config.hidden_size
+    with PerSampleGradients(model, ["inputs_embeds", weight], max_tokens=max_tokens) as grads:
+        got = grads(ids, labels, lengths)
+        per_token = got["inputs_embeds"].view(len(encoded), max_tokens, hidden)
+        for i, ref in enumerate(want):
+            n = len(encoded[i].input_ids)
+            assert ref.abs().max() > 0
+            assert relative_error(per_token[i, :n], ref) < RTOL, f"{arch} sample {i}"
+            assert per_token[i, n:].abs().max() == 0, "positions past the sample's end must be zero"
+            assert relative_error(got[weight][i], weights[i][weight]) < RTOL
+    with PerSampleGradients(model, ["inputs_embeds"], embeds_pooling="mean") as grads:
+        pooled = grads(ids, labels, lengths)["inputs_embeds"]
+        assert pooled.shape == (len(encoded), hidden)
+        for i, ref in enumerate(want):
+            assert relative_error(pooled[i], ref.mean(dim=0)) < RTOL
+
+
+def test_input_embedding_gradients_projected_during_backward(tiny_models, probe_chats):
+    """Projected but not kept: the projection of the autograd reference, through the shared scratch buffer."""
+    from gradlake.tasks.gradients import Projection
+    from gradlake.tasks.projection import ProjectionSpec, projectors_for
+
+    model, tokenizer = load(tiny_models["olmo2"] / "checkpoint-1")
+    encoded = [encode_sample(tokenizer, probe_chats[i], "sft", max_length=256) for i in (4, 11)]
+    lengths = torch.tensor([len(e.input_ids) for e in encoded])
+    ids, labels = pad_batch(encoded, tokenizer.pad_token_id)
+    max_tokens, hidden = 300, model.config.hidden_size
+    spec = ProjectionSpec(kind="rademacher", dim=32, seed=3, scope="per_tensor")
+    projectors = projectors_for(spec, {"inputs_embeds": (max_tokens, hidden)})
+    with PerSampleGradients(model, [], [Projection(projectors)], max_tokens=max_tokens) as grads:
+        assert grads(ids, labels, lengths) == {}
+        got = grads.projected[0]["inputs_embeds"]
+    for i, ref in enumerate(reference_embeds_gradients(model, encoded)):
+        full = torch.zeros(max_tokens, hidden)
+        full[: ref.shape[0]] = ref
+        want = projectors["inputs_embeds"].project(full.reshape(1, -1))[0]
+        assert relative_error(got[i], want) < 1e-4
