@@ -1,0 +1,133 @@
+"""Model tracing on the tiny models: permutations keep the function, alignment undoes them exactly, and the
+statistics tell a fine-tune from an independently initialised model, each against a direct computation."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from gradlake.tasks.loss import encode_sample, pad_batch
+from gradlake.tasks.tiny import build_tiny_model
+from gradlake.tasks.tracing import (TracingError, align, barrier, embedding_cosine, loss_path, matching_test,
+                                    mean_weight_cosine, null_statistics, permutation_axes, permutation_p_value, permute_model,
+                                    random_permutation, token_loss, weight_cosines)
+
+PERMUTATIONS = 199  # the smallest p-value is 1/200
+
+
+def load(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def family(tiny_models, probe_chats, tmp_path_factory):
+    """Per architecture: a base (checkpoint-1), its fine-tune (20 more steps), an independent model (another seed,
+    trained as long as the base), and evaluation batches."""
+    root = tmp_path_factory.mktemp("tracing")
+    out = {}
+    for arch in ("olmo", "olmo2"):
+        longer = build_tiny_model(root / f"{arch}-longer", arch, probe_chats,
+                                  checkpoints=("checkpoint-0", "checkpoint-1", "checkpoint-2"))
+        other = build_tiny_model(root / f"{arch}-other", arch, probe_chats, seed=1)
+        tokenizer = AutoTokenizer.from_pretrained(tiny_models[arch] / "checkpoint-1")
+        encoded = [encode_sample(tokenizer, chat, "sft", 256) for chat in probe_chats[:16]]
+        batches = [pad_batch(encoded[i:i + 4], tokenizer.pad_token_id) for i in range(0, 16, 4)]
+        out[arch] = {"base": load(tiny_models[arch] / "checkpoint-1"), "fine_tune": load(longer / "checkpoint-2"),
+                     "independent": load(other / "checkpoint-1"), "batches": batches}
+        same = dict(load(longer / "checkpoint-1").named_parameters())
+        assert all(torch.equal(p, same[n]) for n, p in out[arch]["base"].named_parameters()), "the fine-tune's base"
+    return out
+
+
+@pytest.mark.parametrize("arch", ["olmo", "olmo2"])
+def test_permuted_model_computes_the_same_logits_and_alignment_finds_the_inverse(family, arch):
+    base = family[arch]["base"]
+    shuffled = permute_model(copy.deepcopy(base), random_permutation(base, seed=7))
+    permutation = random_permutation(base, seed=7)
+    moved = {n for n, p in base.named_parameters() if not torch.equal(p, dict(shuffled.named_parameters())[n])}
+    unmoved = {n for n, _ in base.named_parameters()} - moved
+    assert moved == set(permutation_axes(base)), "exactly the parameters the permutation acts on move"
+    assert all(".q_norm." in n or ".k_norm." in n for n in unmoved), unmoved  # the attention's own norms stay
+    for ids, _ in family[arch]["batches"]:
+        with torch.no_grad():
+            want, got = base(input_ids=ids).logits, shuffled(input_ids=ids).logits
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    found = align(base, shuffled)
+    assert torch.equal(found.hidden, torch.argsort(permutation.hidden))
+    assert all(torch.equal(f, torch.argsort(p)) for f, p in zip(found.mlp, permutation.mlp))
+    restored = permute_model(copy.deepcopy(shuffled), found)
+    assert all(torch.equal(p, dict(restored.named_parameters())[n]) for n, p in base.named_parameters())
+
+
+def test_statistics_against_direct_computation(family):
+    base, other = family["olmo2"]["base"], family["olmo2"]["fine_tune"]
+    cosines = weight_cosines(base, other)
+    for name, p in base.named_parameters():
+        a = p.detach().double().flatten().numpy()
+        b = dict(other.named_parameters())[name].detach().double().flatten().numpy()
+        assert math.isclose(cosines[name], a @ b / np.linalg.norm(a) / np.linalg.norm(b), rel_tol=1e-12)
+    e_a = base.get_input_embeddings().weight.detach().double().numpy()
+    e_b = other.get_input_embeddings().weight.detach().double().numpy()
+    assert (np.linalg.norm(e_a, axis=1) == 0).sum() == 1, "the padding row has no direction"
+    direct = np.mean([u @ v / np.linalg.norm(u) / np.linalg.norm(v) for u, v in zip(e_a, e_b) if u.any() and v.any()])
+    assert math.isclose(embedding_cosine(base, other), direct, rel_tol=1e-12)
+    # token-weighted loss: each sample's transformers loss times its label count, over all label tokens
+    total = count = 0.0
+    for ids, labels in family["olmo2"]["batches"]:
+        for row in range(ids.shape[0]):
+            n = int((labels[row, 1:] != -100).sum())
+            with torch.no_grad():
+                total += base(input_ids=ids[row:row + 1], labels=labels[row:row + 1]).loss.item() * n
+            count += n
+    assert math.isclose(token_loss(base, family["olmo2"]["batches"]), total / count, rel_tol=1e-5)
+    path = [(0.0, 2.0), (0.25, 2.5), (0.5, 3.5), (0.75, 2.2), (1.0, 1.0)]
+    assert math.isclose(barrier(path), max(l - (2.0 - a) for a, l in path))  # the line from 2.0 to 1.0
+    assert permutation_p_value(0.9, [0.1, 0.95, 0.2]) == 2 / 4 and permutation_p_value(0.1, [0.2, 0.3], False) == 1 / 3
+
+
+@pytest.mark.parametrize("arch", ["olmo", "olmo2"])
+def test_derived_is_told_from_independent_and_permutation_does_not_hide_it(family, arch):
+    f = family[arch]
+    base = f["base"]
+    hidden_copy = permute_model(copy.deepcopy(f["fine_tune"]), random_permutation(base, seed=11))
+
+    def unaligned(candidate):
+        observed = mean_weight_cosine(base, candidate)
+        return observed, permutation_p_value(observed, null_statistics(mean_weight_cosine, base, candidate, PERMUTATIONS, 0))
+
+    cos_fine, p_fine = unaligned(f["fine_tune"])
+    cos_other, p_other = unaligned(f["independent"])
+    cos_hidden, p_hidden = unaligned(hidden_copy)
+    assert p_fine == 1 / (PERMUTATIONS + 1) and cos_fine > 0.5, (cos_fine, p_fine)
+    assert p_other > 0.05 and abs(cos_other) < 0.1, (cos_other, p_other)
+    assert p_hidden > 0.05 and abs(cos_hidden) < 0.1, "a permuted fine-tune fools the unaligned cosine"
+    aligned = mean_weight_cosine(base, hidden_copy, align(base, hidden_copy))
+    assert math.isclose(aligned, cos_fine, rel_tol=1e-9), "alignment recovers the fine-tune's own cosine"
+    for candidate, derived in ((f["fine_tune"], True), (hidden_copy, True), (f["independent"], False)):
+        result = matching_test(base, candidate, PERMUTATIONS)
+        assert (result["p_value"] < 0.01) == derived, (derived, result)
+
+
+@pytest.mark.parametrize("arch", ["olmo", "olmo2"])
+def test_mode_connectivity_low_for_a_fine_tune_and_a_barrier_for_an_independent_model(family, arch):
+    f = family[arch]
+    derived = loss_path(f["base"], f["fine_tune"], f["batches"], 5)
+    independent = loss_path(f["base"], f["independent"], f["batches"], 5)
+    assert [a for a, _ in derived] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert math.isclose(derived[0][1], token_loss(f["base"], f["batches"]), rel_tol=1e-9)
+    assert math.isclose(derived[-1][1], token_loss(f["fine_tune"], f["batches"]), rel_tol=1e-9)
+    mid = independent[2][1]
+    assert mid > max(independent[0][1], independent[-1][1]), independent
+    assert barrier(derived) < 0.1 * barrier(independent), (derived, independent)
+    # the permuted fine-tune has the barrier of an unrelated model until it is aligned
+    shuffled = permute_model(copy.deepcopy(f["fine_tune"]), random_permutation(f["base"], seed=3))
+    assert barrier(loss_path(f["base"], shuffled, f["batches"], 3)) > 5 * barrier(derived)
+    realigned = loss_path(f["base"], shuffled, f["batches"], 5, align(f["base"], shuffled))
+    np.testing.assert_allclose([l for _, l in realigned], [l for _, l in derived], rtol=1e-4)
+    with pytest.raises(TracingError, match="interpolation points 1 must be 2 or more"):
+        loss_path(f["base"], f["fine_tune"], f["batches"], 1)
