@@ -93,22 +93,12 @@ def run_retrainings(spec: AttributionSpec, runs: list[TrainSpec], label: str) ->
         for run in todo:
             retrain_task(run)
         return
-    from prefect.client.orchestration import get_client
-    from prefect.deployments import run_deployment
+    from gradlake.flows.pipeline import run_each_on_pool
 
-    from gradlake.flows.pipeline import ShardRun, wait_for_shard_runs
-
-    with get_client(sync_client=True) as client:
-        pool = client.read_deployment_by_name(spec.train_deployment).work_pool_name
-    submitted = []
-    for index, run in enumerate(todo):
-        name = run_label(spec.model, f"{label} {run.output.rsplit('/', 1)[-1]}")
-        flow_run = run_deployment(spec.train_deployment, parameters={"spec": run.model_dump(mode="json")}, timeout=0,
-                                  idempotency_key=f"{runtime.flow_run.id}:{run.output}", flow_run_name=name,
-                                  as_subflow=False)
-        submitted.append(ShardRun(name, [index], flow_run.id))
-    wait_for_shard_runs(submitted, pool, spec.run_timeout_s, spec.worker_wait_s, what="training",
-                        rerun="rerun the attribution evaluation to redo only those retrainings")
+    runs = [(run_label(spec.model, f"{label} {run.output.rsplit('/', 1)[-1]}"), {"spec": run.model_dump(mode="json")},
+             f"{runtime.flow_run.id}:{run.output}") for run in todo]
+    run_each_on_pool(spec.train_deployment, runs, spec.run_timeout_s, spec.worker_wait_s, what="training",
+                     rerun="rerun the attribution evaluation to redo only those retrainings")
 
 
 @flow(name="evaluate-attribution", log_prints=True,

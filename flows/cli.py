@@ -502,6 +502,57 @@ def attribution_command(spec: str = typer.Option(..., "--spec", help=SPEC_HELP))
         typer.echo(table.sort_values("lds", ascending=False).to_string(index=False))
 
 
+@app.command("trace")
+def trace_command(
+    base: str = typer.Option(..., help="Base model: Hugging Face id, local directory or preset."),
+    candidate: str = typer.Option(..., help="Candidate model, of the same architecture and size."),
+    base_checkpoint: Optional[str] = typer.Option(None, help="The base's revision or checkpoint subdirectory."),
+    candidate_checkpoint: Optional[str] = typer.Option(None, help="The candidate's revision or checkpoint subdirectory."),
+    statistic: list[str] = typer.Option(["cos", "emb", "mode"], "--statistic", "-s", help="cos, emb or mode; repeatable."),
+    permute: bool = typer.Option(False, help="Permute the candidate first (a function-preserving control)."),
+    permute_seed: int = typer.Option(0, help="Seed of that permutation."),
+    align: bool = typer.Option(True, help="Also align the candidate to the base and report every statistic aligned."),
+    mode_attention: bool = typer.Option(True, help="Attention weights move along the interpolation path."),
+    mode_embeddings: bool = typer.Option(True, help="Embeddings move along the interpolation path."),
+    dataset: str = typer.Option("probe", help="Dataset in the lake for the losses and perplexities."),
+    variant: str = typer.Option("original", help="Its variant."),
+    samples: int = typer.Option(64, help="The first this many samples."),
+    max_length: int = typer.Option(1024, help="Tokens per sample at most."),
+    points: int = typer.Option(11, help="Points on the interpolation path, end points included (2 or more)."),
+    permutations: int = typer.Option(100, help="Permutations per permutation test (the smallest p-value is 1/(n+1))."),
+    dtype: str = typer.Option("float32", help="Dtype both models are loaded in: float32, bfloat16, float16."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    lake: Optional[str] = typer.Option(None, help="Lake URL."),
+) -> None:
+    """Is the candidate derived from the base?  Weight and embedding similarity with p-values, mode connectivity, perplexity."""
+    import pandas as pd
+
+    from gradlake.flows.trace import trace_models
+    from gradlake.lake import open_lake
+    from gradlake.tasks.model import ModelSpec
+    from gradlake.tasks.tracing import TraceSpec, plan_trace
+
+    try:
+        spec = TraceSpec(base=ModelSpec(model=base, checkpoint=base_checkpoint, dtype=dtype, device=device),
+                         candidate=ModelSpec(model=candidate, checkpoint=candidate_checkpoint, dtype=dtype, device=device),
+                         statistics=statistic, permute=permute, permute_seed=permute_seed, align=align,
+                         mode_attention=mode_attention, mode_embeddings=mode_embeddings, dataset=dataset, variant=variant,
+                         n_samples=samples, max_length=max_length, points=points, permutations=permutations,
+                         lake=_lake(lake))
+        plan_trace(spec)  # both configs, shapes and the dataset checked before Prefect starts
+    except (ValueError, ValidationError, OSError) as err:
+        _fail(err)
+    directory = trace_models(spec)
+    opened = open_lake(spec.lake)
+    import json
+    meta = json.loads(opened.store.fs.cat_file(opened.store.path(f"{directory}/meta.json")))
+    typer.echo(f"{meta['verdict']}\nresults: {spec.lake}/{directory} (report.md, plots/loss_path.png)")
+    table = opened.tracing(base=base, candidate=candidate, base_checkpoint=base_checkpoint,
+                           candidate_checkpoint=candidate_checkpoint)
+    with pd.option_context("display.width", 200, "display.float_format", "{:.4g}".format):
+        typer.echo(table.to_string(index=False))
+
+
 def main() -> None:
     # The ephemeral server's start-up telemetry write can collide with a concurrent run's
     # on the shared SQLite file; gradlake has no use for it.

@@ -361,6 +361,24 @@ def wait_for_shard_runs(runs: list[ShardRun], pool: str, timeout_s: float, worke
     log.info("all %d %ss complete in %.0fs", len(units), what, time.monotonic() - began)
 
 
+def run_each_on_pool(deployment: str, runs: list[tuple[str, dict, str]], timeout_s: float, worker_wait_s: float,
+                     what: str, rerun: str) -> str:
+    """One flow run of `deployment` per (run name, parameters, idempotency key), all sent at once and waited on
+    together (`wait_for_shard_runs`: cancelled if they give up); returns the deployment's work pool."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        pool = client.read_deployment_by_name(deployment).work_pool_name
+    submitted = []
+    for index, (name, parameters, key) in enumerate(runs):
+        flow_run = run_deployment(deployment, parameters=parameters, timeout=0, idempotency_key=key, flow_run_name=name,
+                                  as_subflow=False)
+        submitted.append(ShardRun(name, [index], flow_run.id))
+    get_run_logger().info("%d %s runs sent to %s (pool %s)", len(submitted), what, deployment, pool)
+    wait_for_shard_runs(submitted, pool, timeout_s, worker_wait_s, what=what, rerun=rerun)
+    return pool
+
+
 def wait_for_run(run_id, timeout: float, poll: float = 2.0):
     """The final state of a flow run, or None if it is not final within `timeout` seconds."""
     from prefect.client.orchestration import get_client

@@ -18,7 +18,7 @@ from xarray.core import indexing
 from gradlake.lake import layout
 from gradlake.lake.datasets import list_datasets, read_dataset
 from gradlake.lake.dtypes import DTYPE_ATTR, from_bfloat16_bits, is_bfloat16
-from gradlake.lake.evaluations import list_attribution_benchmarks, list_evaluations, read_evaluation
+from gradlake.lake.evaluations import list_attribution_benchmarks, list_evaluations, list_tracing, read_evaluation
 from gradlake.lake.gradients import ATTR
 from gradlake.lake.scores import list_score_groups
 from gradlake.lake.store import LakeError, LakeStore, scan_json
@@ -168,6 +168,15 @@ class Lake:
                 "target": (lineage.get("settings") or {}).get("target", "parameters"),
                 **{f"lineage.{k}": v for k, v in lineage.items() if k not in _KEYS},
             })
+        for path, meta in list_tracing(self.store):
+            _, base_key, base_checkpoint, model_key, checkpoint_key = path.split("/")
+            lineage = meta.get("lineage", {})
+            rows.append({
+                "kind": "tracing", "path": path, "model": model_key, "checkpoint": checkpoint_key,
+                "dataset": lineage.get("dataset"), "variant": lineage.get("variant"), "complete": True,
+                "lineage.base": base_key, "lineage.base_checkpoint": base_checkpoint, "verdict": meta.get("verdict"),
+                "p_value": (meta.get("summary") or {}).get("p_value"),
+            })
         for path, meta in list_attribution_benchmarks(self.store):
             _, model_key, checkpoint_key, dataset_name, _, queries = path.split("/")
             rows.append({
@@ -302,6 +311,55 @@ class Lake:
         path = self._one(records, where, "attribution benchmark")
         with self.store.explained_errors():
             return pd.read_parquet(io.BytesIO(self.store.fs.cat_file(self.store.path(f"{path}/{table}.parquet"))))
+
+    def tracing(self, base: str | None = None, candidate: str | None = None, base_checkpoint: str | None = None,
+                candidate_checkpoint: str | None = None, table: str = "results") -> pd.DataFrame:
+        """A model-tracing result's table: ``results`` (one row per statistic, unaligned and aligned, with p-values),
+        ``path`` (the loss along the interpolation path) or ``tensors`` (each tensor's cosine)."""
+        if table not in ("results", "path", "tensors"):
+            raise LakeError(f"tracing table {table!r} is not known; use 'results', 'path' or 'tensors'")
+        with self.store.explained_errors():
+            found = list_tracing(self.store)
+        records = []
+        for path, _ in found:
+            _, base_key, base_ckpt, candidate_key, candidate_ckpt = path.split("/")
+            records.append({"path": path, "base": base_key, "base_checkpoint": base_ckpt, "candidate": candidate_key,
+                            "candidate_checkpoint": candidate_ckpt})
+        accepted = {}
+        for role, model, checkpoint in (("base", base, base_checkpoint), ("candidate", candidate, candidate_checkpoint)):
+            if model is not None:
+                accepted[role] = model_keys(model)
+            if checkpoint is not None:
+                accepted[f"{role}_checkpoint"] = {_checkpoint_key(checkpoint)}
+        hits = [r for r in records if all(r[k] in values for k, values in accepted.items())]
+        asked = {k: v for k, v in {"base": base, "candidate": candidate, "base_checkpoint": base_checkpoint,
+                                   "candidate_checkpoint": candidate_checkpoint}.items() if v is not None}
+        if not hits:
+            if not records:
+                self.store.check_exists()
+            raise LakeError(f"no tracing result in {self.url} matches {asked}; the lake holds "
+                            f"{[r['path'] for r in records] or 'none'}")
+        if len(hits) > 1:
+            raise LakeError(f"{len(hits)} tracing results match {asked} in {self.url}; tell them apart with "
+                            f"{_tell_apart(hits, ('base', 'base_checkpoint', 'candidate', 'candidate_checkpoint'))}")
+        with self.store.explained_errors():
+            return pd.read_parquet(io.BytesIO(self.store.fs.cat_file(self.store.path(f"{hits[0]['path']}/{table}.parquet"))))
+
+    def tracing_summary(self, base: str, base_checkpoint: str | None = None) -> pd.DataFrame:
+        """The summary of every candidate traced against a base (written by trace-many): verdicts, p-values, statistics."""
+        keys = model_keys(base)
+        with self.store.explained_errors():
+            found = self.store.glob("tracing/*/*/summary.parquet")
+        hits = []
+        for path in found:
+            base_key, checkpoint_key = path.split("/")[-3:-1]
+            if base_key in keys and (base_checkpoint is None or checkpoint_key == _checkpoint_key(base_checkpoint)):
+                hits.append(path)
+        if len(hits) != 1:
+            raise LakeError(f"{len(hits)} tracing summaries match base {base!r} checkpoint {base_checkpoint!r} in "
+                            f"{self.url}" + ("; give base_checkpoint" if hits else "; run trace-many first"))
+        with self.store.explained_errors():
+            return pd.read_parquet(io.BytesIO(self.store.fs.cat_file(hits[0])))
 
     def scores(self, method: str, model: str | None = None, checkpoint: str | None = None, dataset: str | None = None,
                queries: str | None = None) -> xr.DataArray:

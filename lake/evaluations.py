@@ -68,6 +68,11 @@ def list_attribution_benchmarks(store: LakeStore) -> list[tuple[str, dict]]:
     return _complete_dirs(store, "evaluations/*/*/*/attribution/*")
 
 
+def list_tracing(store: LakeStore) -> list[tuple[str, dict]]:
+    """(directory, meta) of every complete model-tracing result (tracing/<base>/<checkpoint>/<candidate>/<checkpoint>/)."""
+    return _complete_dirs(store, "tracing/*/*/*/*")
+
+
 def _complete_dirs(store: LakeStore, pattern: str) -> list[tuple[str, dict]]:
     """(directory relative to the lake, its meta.json) of the directories matching `pattern` that hold a meta.json,
     which is written last."""

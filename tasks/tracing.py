@@ -34,13 +34,22 @@ over layers with Fisher's method).
 from __future__ import annotations
 
 import copy
+import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from typing import Literal
+
 import numpy as np
+import pandas as pd
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+
+from gradlake.lake import layout
+from gradlake.lake.store import LakeStore, default_lake
+from gradlake.tasks.model import ModelSpec, check_model, check_weights, lake_names, parameter_shapes, resolved_commit
 
 HIDDEN = "hidden"
 MLP = "mlp"
@@ -183,7 +192,7 @@ def assignment(similarity: torch.Tensor) -> torch.Tensor:
     """For each row (a base unit) the column (a candidate unit) of a maximum-similarity perfect matching."""
     from scipy.optimize import linear_sum_assignment
 
-    rows, cols = linear_sum_assignment(similarity.cpu().numpy(), maximize=True)
+    rows, cols = linear_sum_assignment(similarity.detach().cpu().numpy(), maximize=True)
     out = torch.empty(len(rows), dtype=torch.long)
     out[torch.from_numpy(rows)] = torch.from_numpy(cols).long()
     return out
@@ -207,14 +216,18 @@ def align(base: nn.Module, candidate: nn.Module) -> Permutation:
     """
     check_comparable(base, candidate)
     hidden = align_hidden(base, candidate)
-    device = candidate.get_input_embeddings().weight.device
-    mlp = []
-    for lb, lc in zip(decoder_layers(base), decoder_layers(candidate)):
-        rows_b = torch.cat([lb.mlp.gate_proj.weight, lb.mlp.up_proj.weight], dim=1)
-        rows_c = torch.cat([lc.mlp.gate_proj.weight.index_select(1, hidden.to(device)),
-                            lc.mlp.up_proj.weight.index_select(1, hidden.to(device))], dim=1)
-        mlp.append(assignment(_unit_rows(rows_b) @ _unit_rows(rows_c).T))
-    return Permutation(hidden, mlp)
+    return Permutation(hidden, [align_mlp(lb, lc, hidden) for lb, lc in zip(decoder_layers(base), decoder_layers(candidate))])
+
+
+@torch.no_grad()
+def align_mlp(base_layer: nn.Module, candidate_layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The permutation of one layer's MLP units matching the candidate's gate and up rows (read in the aligned
+    residual order `hidden`) to the base's."""
+    device = candidate_layer.mlp.gate_proj.weight.device
+    rows_b = torch.cat([base_layer.mlp.gate_proj.weight, base_layer.mlp.up_proj.weight], dim=1)
+    rows_c = torch.cat([candidate_layer.mlp.gate_proj.weight.index_select(1, hidden.to(device)),
+                        candidate_layer.mlp.up_proj.weight.index_select(1, hidden.to(device))], dim=1)
+    return assignment(_unit_rows(rows_b) @ _unit_rows(rows_c).T)
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -375,3 +388,283 @@ def barrier(path: Sequence[tuple[float, float]]) -> float:
     """The largest excess of the loss along the path over the straight line between its end points' losses."""
     (a0, l0), (a1, l1) = path[0], path[-1]
     return max(loss - (l0 + (alpha - a0) / (a1 - a0) * (l1 - l0)) for alpha, loss in path)
+
+
+# -- the stage: one base and one candidate, results into the lake ---------------------------------
+
+STATISTICS = ("cos", "emb", "mode")
+ALPHA = 0.01  # the level at which a p-value reads "derived"
+
+
+class TraceSettings(BaseModel):
+    """How a candidate is compared with its base: everything but the two models."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    statistics: list[Literal["cos", "emb", "mode"]] = Field(default=list(STATISTICS), title="Statistics", description="'cos': cosine similarity of the weight matrices; 'emb': of the input embeddings, token by token; 'mode': the loss along the straight line between the two models (mode connectivity). Perplexity of both models is always reported.")
+    permute: bool = Field(default=False, title="Permute the candidate first", description="Apply a random function-preserving permutation (residual dimensions and MLP units) to the candidate before anything: the control that fools an unaligned comparison.")
+    permute_seed: int = Field(default=0, ge=0, title="Permutation seed", description="Seed of that permutation (recorded).")
+    align: bool = Field(default=True, title="Align", description="Also align the candidate to the base (Hungarian algorithm on embedding columns, then each MLP's gate and up rows) and report every statistic aligned, with the matching test's p-value.")
+    mode_attention: bool = Field(default=True, title="Attention on the path", description="Attention weights move along the interpolation path (off: they keep the base's values).")
+    mode_embeddings: bool = Field(default=True, title="Embeddings on the path", description="Input and output embeddings move along the path (off: they keep the base's values).")
+    dataset: str = Field(default="probe", title="Dataset", description="Dataset in the lake on which the losses and perplexities are measured.")
+    variant: str = Field(default="original", title="Variant", description="Its variant.")
+    paradigm: Literal["sft", "pre"] = Field(default="sft", title="Loss on", description="'sft': assistant tokens only; 'pre': every token (the extraction's loss convention).")
+    n_samples: int = Field(default=64, ge=1, title="Samples", description="The first this many samples of the dataset.")
+    max_length: int = Field(default=1024, ge=2, title="Max length (tokens)", description="Tokens per sample at most.")
+    batch_size: int = Field(default=8, ge=1, title="Batch size", description="Samples per forward pass.")
+    points: int = Field(default=11, ge=2, title="Interpolation points", description="Points on the line from the base (0) to the candidate (1), the end points included.")
+    permutations: int = Field(default=100, ge=1, title="Permutations", description="Random permutations in each permutation test (the smallest p-value is 1 / (permutations + 1)).")
+    seed: int = Field(default=0, ge=0, title="Test seed", description="Seed of the permutation tests' draws (recorded).")
+    lake: str = Field(default_factory=default_lake, title="Lake", description="Lake URL: the dataset is read from it, the results written to it.")
+
+
+class TraceSpec(TraceSettings):
+    """Is `candidate` derived from `base`?  Everything one tracing run needs."""
+
+    base: ModelSpec = Field(title="Base model", description="The model the candidate may derive from (any checkpoint).")
+    candidate: ModelSpec = Field(title="Candidate model", description="A fine-tune, a later checkpoint, or a model of unknown origin, of the same architecture and size.")
+
+    @property
+    def model(self) -> ModelSpec:  # run names and logs name the candidate
+        return self.candidate
+
+
+def _keys(model: ModelSpec) -> list[str]:
+    name, checkpoint = lake_names(model)
+    return [layout.model_key(name, model.resolved().is_local), layout.key(checkpoint)]
+
+
+def base_dir(base: ModelSpec) -> str:
+    """``tracing/<base>/<checkpoint>``: every candidate traced against this base, and their summary table."""
+    return "tracing/" + "/".join(_keys(base))
+
+
+def tracing_dir(spec: TraceSpec) -> str:
+    """``tracing/<base>/<checkpoint>/<candidate>/<checkpoint>`` with the lake's model and checkpoint keys."""
+    return base_dir(spec.base) + "/" + "/".join(_keys(spec.candidate))
+
+
+def summary_table(store: LakeStore, base: ModelSpec) -> pd.DataFrame:
+    """One row per candidate traced against `base` in the lake: its verdict, p-value and main statistics."""
+    from gradlake.lake.evaluations import list_tracing
+
+    prefix = base_dir(base) + "/"
+    rows = []
+    for path, meta in list_tracing(store):
+        if not path.startswith(prefix):
+            continue
+        results = pd.read_parquet(io.BytesIO(store.fs.cat_file(store.path(f"{path}/results.parquet"))))
+        values = {(f"{r.statistic}{'_aligned' if r.aligned else ''}"): r.value for r in results.itertuples()}
+        candidate = meta["lineage"]["candidate"]
+        rows.append({"candidate": candidate["model"], "checkpoint": candidate["checkpoint"], "path": path,
+                     "verdict": meta["verdict"], "derived": meta["summary"]["derived"],
+                     "p_value": meta["summary"]["p_value"], "test": meta["summary"]["test"], **values,
+                     "created_at": meta["lineage"]["created_at"]})
+    return pd.DataFrame(rows)
+
+
+def write_summary(store: LakeStore, base: ModelSpec) -> str:
+    """``tracing/<base>/<checkpoint>/summary.parquet`` and ``summary.md`` over every candidate traced so far."""
+    from gradlake.tasks.report import markdown_table
+
+    table = summary_table(store, base)
+    directory = base_dir(base)
+    buffer = io.BytesIO()
+    table.to_parquet(buffer, index=False)
+    store.fs.pipe_file(store.path(f"{directory}/summary.parquet"), buffer.getvalue())
+    shown = [c for c in ("candidate", "checkpoint", "verdict", "cos", "cos_aligned", "emb", "emb_aligned", "mode",
+                         "mode_aligned", "perplexity:candidate") if c in table.columns]
+    text = f"# Candidates traced against {base.model}@{base.checkpoint or 'main'}\n\n{markdown_table(table[shown])}\n"
+    store.fs.pipe_file(store.path(f"{directory}/summary.md"), text.encode())
+    return directory
+
+
+def plan_trace(spec: TraceSpec) -> dict:
+    """Every input checked from configs and the lake, before any weight is loaded or anything written."""
+    from gradlake.lake.datasets import dataset_meta
+
+    unknown = sorted(set(spec.statistics) - set(STATISTICS))
+    if unknown or not spec.statistics:
+        raise TracingError(f"statistics {spec.statistics} must be one or more of {list(STATISTICS)}")
+    shapes = []
+    for role, model in (("base", spec.base), ("candidate", spec.candidate)):
+        model = model.resolved()
+        config = check_model(model)
+        shapes.append(((config.architectures or [type(config).__name__])[0], parameter_shapes(model, config)))
+    (arch_b, shapes_b), (arch_c, shapes_c) = shapes
+    if arch_b != arch_c:
+        raise TracingError(f"the base is a {arch_b} and the candidate a {arch_c}; tracing compares models of one architecture")
+    if shapes_b != shapes_c:
+        differ = sorted(set(shapes_b) ^ set(shapes_c)) or [n for n in shapes_b if shapes_b[n] != shapes_c[n]]
+        raise TracingError(f"the base and the candidate differ in their parameters (first: {differ[0]!r}: "
+                           f"{shapes_b.get(differ[0])} vs {shapes_c.get(differ[0])}); tracing compares models of one size")
+    store = LakeStore(spec.lake)
+    meta = dataset_meta(store, spec.dataset, spec.variant)  # a missing dataset or variant is named here
+    for model in (spec.base, spec.candidate):
+        check_weights(model.resolved(), check_model(model.resolved()))
+    store.check_writable()
+    return {"architecture": arch_b, "dataset_version": meta["version"], "dataset_hash": meta["content_hash"],
+            "n_parameters": int(sum(math.prod(s) for s in shapes_b.values()))}
+
+
+def evaluation_batches(spec: TraceSpec, tokenizer) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    from gradlake.lake.datasets import read_dataset
+    from gradlake.tasks.loss import encode_sample, pad_batch
+
+    frame = read_dataset(LakeStore(spec.lake), spec.dataset, spec.variant).head(spec.n_samples)
+    encoded = [encode_sample(tokenizer, chat, spec.paradigm, spec.max_length) for chat in frame["messages"]]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return [pad_batch(encoded[i:i + spec.batch_size], pad) for i in range(0, len(encoded), spec.batch_size)]
+
+
+def trace_pair(spec: TraceSpec, log=print) -> tuple[dict[str, pd.DataFrame], dict]:
+    """Load both models, compute every statistic asked for; returns (tables, summary)."""
+    import time
+
+    from gradlake.tasks.model import load_model, load_tokenizer
+
+    started = time.monotonic()
+    base = load_model(spec.base.resolved())
+    candidate = load_model(spec.candidate.resolved())
+    check_comparable(base, candidate)
+    if spec.permute:  # a copy: the loaded model is cached for the next run in this process
+        candidate = permute_model(copy.deepcopy(candidate), random_permutation(candidate, spec.permute_seed))
+    batches = evaluation_batches(spec, load_tokenizer(spec.base.resolved()))
+    aligned = None
+    if spec.align:
+        log("aligning the candidate to the base (Hungarian algorithm)")
+        aligned = align(base, candidate)
+    rows, curves = [], []
+    variants = [(False, None)] + ([(True, aligned)] if spec.align else [])
+
+    def row(statistic, is_aligned, value, p, test, n=None):
+        rows.append({"statistic": statistic, "aligned": is_aligned, "value": float(value),
+                     "p_value": None if p is None else float(p), "test": test, "permutations": n})
+
+    matching = None
+    if spec.align and ({"cos", "emb"} & set(spec.statistics)):
+        log(f"matching test over {len(decoder_layers(base))} layers, {spec.permutations} permutations each")
+        matching = matching_test(base, candidate, spec.permutations, spec.seed)
+    for name, statistic in (("cos", mean_weight_cosine), ("emb", embedding_cosine)):
+        if name not in spec.statistics:
+            continue
+        for is_aligned, permutation in variants:
+            value = statistic(base, candidate, permutation)
+            if is_aligned:
+                row(name, True, value, matching["p_value"], "matching (gate vs up, Fisher)", spec.permutations)
+            else:
+                log(f"{name}: permutation test, {spec.permutations} permutations")
+                null = null_statistics(statistic, base, candidate, spec.permutations, spec.seed)
+                row(name, False, value, permutation_p_value(value, null), "permutation", spec.permutations)
+    if "mode" in spec.statistics:
+        for is_aligned, permutation in variants:
+            log(f"mode connectivity ({'aligned' if is_aligned else 'unaligned'}): {spec.points} points")
+            path = loss_path(base, candidate, batches, spec.points, permutation, spec.mode_attention, spec.mode_embeddings)
+            curves += [{"aligned": is_aligned, "alpha": a, "loss": loss} for a, loss in path]
+            row("mode", is_aligned, barrier(path), None, "none (loss barrier)")
+    for role, model in (("base", base), ("candidate", candidate)):
+        value = perplexity(model, batches)
+        row(f"perplexity:{role}", False, value, None, "none")
+    tensors = pd.DataFrame({"tensor": list(weight_cosines(base, candidate))})
+    tensors["cosine"] = list(weight_cosines(base, candidate).values())
+    if spec.align:
+        tensors["cosine_aligned"] = list(weight_cosines(base, candidate, aligned).values())
+    results = pd.DataFrame(rows)
+    results["permutations"] = results["permutations"].astype("Int64")
+    decisive = results[(results["aligned"] == spec.align) & results["p_value"].notna()]
+    p = float(decisive["p_value"].min()) if len(decisive) else None
+    summary = {"p_value": p, "derived": None if p is None else p < ALPHA, "test": None if p is None else
+               decisive.loc[decisive["p_value"].idxmin(), "test"], "seconds": time.monotonic() - started,
+               "matching_rho": None if matching is None else matching["rho"]}
+    tables = {"results": results, "path": pd.DataFrame(curves, columns=["aligned", "alpha", "loss"]), "tensors": tensors}
+    return tables, summary
+
+
+def verdict(summary: dict) -> str:
+    if summary["p_value"] is None:
+        return "no test was run (statistics without a p-value only)"
+    if summary["derived"]:
+        return f"derived (p = {summary['p_value']:.2g} < {ALPHA}, {summary['test']} test)"
+    return f"no evidence of derivation (p = {summary['p_value']:.2g}, {summary['test']} test)"
+
+
+def path_plot(curve: pd.DataFrame) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for is_aligned, part in curve.groupby("aligned"):
+        ax.plot(part["alpha"], part["loss"], marker="o", label="aligned" if is_aligned else "unaligned")
+    ax.set_xlabel("alpha (0: base, 1: candidate)")
+    ax.set_ylabel("mean token loss")
+    ax.set_title("Loss along the straight line between the models")
+    ax.legend()
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def tracing_report(spec: TraceSpec, tables: dict[str, pd.DataFrame], summary: dict) -> str:
+    from gradlake.tasks.report import markdown_table
+
+    lines = [f"# Model tracing: {spec.candidate.model}@{spec.candidate.checkpoint or 'main'} against "
+             f"{spec.base.model}@{spec.base.checkpoint or 'main'}", "",
+             f"**Verdict: {verdict(summary)}**", "",
+             "p-values: unaligned statistics against randomly permuted copies of the candidate "
+             f"({spec.permutations} permutations); aligned ones from the matching test (the alignments found from "
+             "each MLP's gate and from its up projection agree for a derived model). `mode` is the loss barrier "
+             "along the straight line between the models (no p-value).", "",
+             markdown_table(tables["results"]), ""]
+    if len(tables["path"]):
+        lines += ["![loss along the path](plots/loss_path.png)", ""]
+    return "\n".join(lines)
+
+
+def run_trace(spec: TraceSpec, log=print) -> str:
+    """Check, compute, write `tracing/...` (tables, plot, report, meta.json last); returns the directory."""
+    import datetime as dt
+    import io
+    import json
+
+    planned = plan_trace(spec)
+    directory = tracing_dir(spec)
+    tables, summary = trace_pair(spec, log)
+    store = LakeStore(spec.lake)
+    fs = store.fs
+    meta_path = store.path(f"{directory}/meta.json")
+    if fs.exists(meta_path):
+        fs.rm(meta_path)  # a rerun replaces the result; until meta.json is back it is not complete
+    fs.makedirs(store.path(f"{directory}/plots"), exist_ok=True)
+    for name, frame in tables.items():
+        buffer = io.BytesIO()
+        frame.to_parquet(buffer, index=False)
+        fs.pipe_file(store.path(f"{directory}/{name}.parquet"), buffer.getvalue())
+    plots = ["loss_path.png"] if len(tables["path"]) else []
+    if plots:
+        fs.pipe_file(store.path(f"{directory}/plots/loss_path.png"), path_plot(tables["path"]))
+    fs.pipe_file(store.path(f"{directory}/report.md"), tracing_report(spec, tables, summary).encode())
+    lineage = {role: {"model": lake_names(m)[0], "checkpoint": lake_names(m)[1], "resolved_commit": resolved_commit(m.resolved())}
+               for role, m in (("base", spec.base), ("candidate", spec.candidate))}
+    meta = {"lineage": lineage | {"architecture": planned["architecture"], "dataset": spec.dataset, "variant": spec.variant,
+                                  "dataset_version": planned["dataset_version"], "dataset_hash": planned["dataset_hash"],
+                                  "permute_seed": spec.permute_seed if spec.permute else None, "test_seed": spec.seed,
+                                  "settings": spec.model_dump(exclude={"lake", "base", "candidate"}),
+                                  "gradlake_version": _version(),
+                                  "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")},
+            "summary": summary, "verdict": verdict(summary), "tables": sorted(tables), "plots": plots}
+    fs.pipe_file(meta_path, json.dumps(meta, indent=2, default=str).encode())
+    log(f"{verdict(summary)}; results at {spec.lake}/{directory}")
+    return directory
+
+
+def _version() -> str:
+    from gradlake.tasks.extract import gradlake_version
+
+    return gradlake_version()

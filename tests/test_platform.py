@@ -109,14 +109,14 @@ def test_prefect_yaml_deploys_every_stage(platform):
     names = {d["name"] for d in config["deployments"]}
     assert {"gradlake-pipeline", "extract-shards", "extract-gradients", "create-dataset", "project-gradients",
             "evaluate-select-vs-project", "watch-checkpoints", "train-model",
-            "compute-influence", "evaluate-attribution", "verify-lake"} <= names
+            "compute-influence", "evaluate-attribution", "verify-lake", "trace-models", "trace-many"} <= names
     listed = _prefect("deployment", "ls", env=platform["env"])
     for name in names:
         assert name in listed
     pools = {d["name"]: d["work_pool"]["name"] for d in config["deployments"]}
-    assert pools["extract-shards"] == pools["train-model"] == pools["compute-influence"] == "gpu"
+    assert pools["extract-shards"] == pools["train-model"] == pools["compute-influence"] == pools["trace-models"] == "gpu"
     # Flows that wait on gpu runs never hold a gpu slot while they wait.
-    assert pools["gradlake-pipeline"] == pools["evaluate-attribution"] == "cpu"
+    assert pools["gradlake-pipeline"] == pools["evaluate-attribution"] == pools["trace-many"] == "cpu"
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
@@ -337,6 +337,29 @@ def test_attribution_retrainings_fan_out_to_train_model_on_the_gpu_pool(platform
                            timeout=600, as_subflow=False)
     assert again.state.is_completed(), again.state
     assert len(asyncio.run(_runs_of("train-model"))) == len(before) + 2
+
+
+def test_trace_many_fans_out_to_trace_models_on_the_gpu_pool(platform, tiny_models):
+    """trace-many on the cpu worker sends each candidate to trace-models on the gpu workers, then writes the summary."""
+    from prefect.deployments import run_deployment
+
+    from gradlake.lake import open_lake
+    from gradlake.flows.trace import TraceManySpec
+
+    base = ModelSpec(model=str(tiny_models["olmo2"]), checkpoint="checkpoint-1")
+    candidates = [ModelSpec(model=str(tiny_models["olmo2"]), checkpoint=c) for c in ("checkpoint-0", "checkpoint-1")]
+    spec = TraceManySpec(base=base, candidates=candidates, statistics=["cos", "mode"], n_samples=4, max_length=256,
+                         points=2, permutations=99, lake=platform["lake"], run_timeout_s=600, worker_wait_s=120)
+    before = {r.id for r in asyncio.run(_runs_of("trace-models"))}
+    run = run_deployment("trace-many/trace-many", parameters={"spec": spec.model_dump(mode="json")}, timeout=900,
+                         as_subflow=False)
+    assert run.state.is_completed(), run.state
+    pairs = [r for r in asyncio.run(_runs_of("trace-models")) if r.id not in before]
+    assert len(pairs) == 2 and all(r.state.is_completed() for r in pairs)
+    summary = open_lake(platform["lake"]).tracing_summary(base=str(tiny_models["olmo2"]), base_checkpoint="checkpoint-1")
+    assert sorted(summary["checkpoint"]) == ["checkpoint-0", "checkpoint-1"] and summary["derived"].all()
+    itself = summary.set_index("checkpoint").loc["checkpoint-1"]
+    assert itself["cos"] == pytest.approx(1.0) and itself["mode"] == pytest.approx(0.0, abs=1e-9)
 
 
 def _worker_of(pid: int, workers: dict[str, subprocess.Popen]) -> str | None:

@@ -38,7 +38,8 @@ def family(tiny_models, probe_chats, tmp_path_factory):
         encoded = [encode_sample(tokenizer, chat, "sft", 256) for chat in probe_chats[:16]]
         batches = [pad_batch(encoded[i:i + 4], tokenizer.pad_token_id) for i in range(0, 16, 4)]
         out[arch] = {"base": load(tiny_models[arch] / "checkpoint-1"), "fine_tune": load(longer / "checkpoint-2"),
-                     "independent": load(other / "checkpoint-1"), "batches": batches}
+                     "independent": load(other / "checkpoint-1"), "batches": batches,
+                     "dirs": {"base": tiny_models[arch], "fine_tune": longer, "independent": other}}
         same = dict(load(longer / "checkpoint-1").named_parameters())
         assert all(torch.equal(p, same[n]) for n, p in out[arch]["base"].named_parameters()), "the fine-tune's base"
     return out
@@ -131,3 +132,88 @@ def test_mode_connectivity_low_for_a_fine_tune_and_a_barrier_for_an_independent_
     np.testing.assert_allclose([l for _, l in realigned], [l for _, l in derived], rtol=1e-4)
     with pytest.raises(TracingError, match="interpolation points 1 must be 2 or more"):
         loss_path(f["base"], f["fine_tune"], f["batches"], 1)
+
+
+def test_trace_flow_writes_a_verdict_tables_and_a_plot_to_the_lake(family, tmp_path):
+    """The trace-models flow on a permuted fine-tune and on an independent model: verdicts, lake outputs, catalog, reader."""
+    import json
+
+    from conftest import write_probe
+    from gradlake.flows.trace import TraceManySpec, trace_many, trace_models
+    from gradlake.lake import open_lake
+    from gradlake.tasks.model import ModelSpec
+    from gradlake.tasks.tracing import TraceSpec, tracing_dir
+
+    lake = f"file://{tmp_path / 'lake'}"
+    write_probe(lake, 8)
+    dirs = family["olmo2"]["dirs"]
+    base = ModelSpec(model=str(dirs["base"]), checkpoint="checkpoint-1")
+    common = dict(base=base, n_samples=8, max_length=256, points=3, permutations=99, lake=lake)
+    derived_dir = trace_models(TraceSpec(candidate=ModelSpec(model=str(dirs["fine_tune"]), checkpoint="checkpoint-2"),
+                                         permute=True, permute_seed=5, **common))
+    # the many-pairs mode, in-process: its summary covers every candidate traced against the base so far
+    independent = ModelSpec(model=str(dirs["independent"]), checkpoint="checkpoint-1")
+    summary_dir = trace_many(TraceManySpec(candidates=[independent], statistics=["cos"], trace_deployment=None, **common))
+    independent_dir = tracing_dir(TraceSpec(candidate=independent, **common))
+    summary = open_lake(lake).tracing_summary(base=str(dirs["base"]), base_checkpoint="checkpoint-1")
+    assert summary_dir == independent_dir.rsplit("/", 2)[0]
+    assert sorted(summary["path"]) == sorted([derived_dir, independent_dir])
+    assert list(summary.sort_values("path")["derived"]) == [p == derived_dir for p in sorted(summary["path"])]
+    opened = open_lake(lake)
+    store = opened.store
+    meta = {d: json.loads(store.fs.cat_file(store.path(f"{d}/meta.json"))) for d in (derived_dir, independent_dir)}
+    assert meta[derived_dir]["verdict"].startswith("derived (p = ") and meta[derived_dir]["summary"]["derived"]
+    assert meta[independent_dir]["verdict"].startswith("no evidence of derivation")
+    lineage = meta[derived_dir]["lineage"]
+    assert lineage["permute_seed"] == 5 and lineage["test_seed"] == 0 and lineage["settings"]["permutations"] == 99
+    assert lineage["base"]["resolved_commit"].startswith("sha256:") and lineage["candidate"]["resolved_commit"] != lineage["base"]["resolved_commit"]
+    from gradlake.lake.datasets import dataset_meta
+    assert lineage["dataset_version"] == dataset_meta(store, "probe", "original")["version"]
+
+    results = opened.tracing(candidate=str(dirs["fine_tune"]), candidate_checkpoint="checkpoint-2")
+    cos = results.set_index(["statistic", "aligned"])
+    assert cos.loc[("cos", False), "p_value"] > 0.05, "the permuted fine-tune fools the unaligned cosine"
+    assert cos.loc[("cos", True), "p_value"] < 0.01 and cos.loc[("cos", True), "value"] > 0.5
+    path = opened.tracing(candidate=str(dirs["fine_tune"]), table="path")
+    assert sorted(path["alpha"].unique()) == [0.0, 0.5, 1.0] and set(path["aligned"]) == {False, True}
+    aligned = path[path["aligned"]].sort_values("alpha")["loss"].to_numpy()
+    unaligned = path[~path["aligned"]].sort_values("alpha")["loss"].to_numpy()
+    assert unaligned[1] > aligned[1], "unaligned, the midpoint of a permuted fine-tune is a different, worse model"
+    assert np.isclose(cos.loc[("perplexity:base", False), "value"], math.exp(aligned[0]), rtol=1e-9)
+    png = store.fs.cat_file(store.path(f"{derived_dir}/plots/loss_path.png"))
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not store.fs.glob(store.path("tracing/**/*.pkl")) and not store.fs.glob(store.path("tracing/**/*.pt"))
+    rows = opened.catalog().query("kind == 'tracing'")
+    assert set(rows["path"]) == {derived_dir, independent_dir} and rows["verdict"].notna().all()
+    with pytest.raises(Exception, match="2 tracing results match"):
+        opened.tracing(base=str(dirs["base"]))
+
+
+def test_bad_tracing_inputs_fail_before_any_weight_is_loaded(family, tiny_models, tmp_path):
+    from pydantic import ValidationError
+
+    from conftest import write_probe
+    from gradlake.lake.store import LakeError
+    from gradlake.tasks.model import ModelSpec
+    from gradlake.tasks.tiny import tiny_config
+    from gradlake.tasks.tracing import TraceSpec, plan_trace
+
+    lake = f"file://{tmp_path / 'lake'}"
+    write_probe(lake, 4)
+    olmo2 = ModelSpec(model=str(tiny_models["olmo2"]), checkpoint="checkpoint-1")
+    olmo = ModelSpec(model=str(tiny_models["olmo"]), checkpoint="checkpoint-1")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["olmo2"] / "checkpoint-1")
+    narrow = tmp_path / "narrow"
+    AutoModelForCausalLM.from_config(tiny_config("olmo2", tokenizer, intermediate_size=96)).save_pretrained(narrow)
+    tokenizer.save_pretrained(narrow)
+    with pytest.raises(TracingError, match="the base is a Olmo2ForCausalLM and the candidate a OlmoForCausalLM"):
+        plan_trace(TraceSpec(base=olmo2, candidate=olmo, lake=lake))
+    with pytest.raises(TracingError, match=r"mlp.gate_proj.weight': \(128, 64\) vs \(96, 64\)"):
+        plan_trace(TraceSpec(base=olmo2, candidate=ModelSpec(model=str(narrow)), lake=lake))
+    with pytest.raises(LakeError, match="nothere"):
+        plan_trace(TraceSpec(base=olmo2, candidate=olmo2, dataset="nothere", lake=lake))
+    for bad, match in (({"statistics": ["cka"]}, "statistics"), ({"points": 1}, "points"),
+                       ({"permutations": 0}, "permutations")):
+        with pytest.raises(ValidationError, match=match):
+            TraceSpec(base=olmo2, candidate=olmo2, lake=lake, **bad)
+    assert not (tmp_path / "lake" / "tracing").exists()

@@ -1,0 +1,100 @@
+"""The tracing flow: is a candidate model derived from a base?  Statistics, p-values and the loss path into the lake."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pandas as pd
+from prefect import flow, get_run_logger, runtime, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NONE
+from pydantic import Field
+
+from gradlake.flows.run_names import named_by_model, run_label
+from gradlake.lake.store import LakeStore
+from gradlake.tasks.model import ModelSpec
+from gradlake.tasks.retries import retry_unless_bad_input
+from gradlake.tasks.tracing import TraceSettings, TraceSpec, plan_trace, run_trace, tracing_dir, write_summary
+
+TRACE_DEPLOYMENT = "trace-models/trace-models"
+
+
+@task(name="plan-trace", cache_policy=NONE)
+def plan_trace_task(spec: TraceSpec) -> dict:
+    """Both configs, their shapes and the dataset checked before any weight is loaded."""
+    plan = plan_trace(spec)
+    get_run_logger().info("tracing a %s of %d parameters on %s/%s (version %s)", plan["architecture"],
+                          plan["n_parameters"], spec.dataset, spec.variant, plan["dataset_version"])
+    return plan
+
+
+@task(name="trace", cache_policy=NONE, retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_bad_input)
+def trace_task(spec: TraceSpec) -> str:
+    return run_trace(spec, log=get_run_logger().info)
+
+
+@flow(name="trace-models", log_prints=True,
+      flow_run_name=named_by_model(TraceSpec, lambda s: f"traced against {s.base.model}@{s.base.checkpoint or 'main'}",
+                                   "trace-models"))
+def trace_models(spec: TraceSpec) -> str:
+    """Statistics of the candidate against the base (unaligned and aligned), with p-values; returns the lake directory."""
+    plan_trace_task(spec)
+    directory = trace_task(spec)
+    store = LakeStore(spec.lake)
+    meta = json.loads(store.fs.cat_file(store.path(f"{directory}/meta.json")))
+    with store.fs.open(store.path(f"{directory}/report.md"), "r") as handle:
+        report = [line for line in handle.read().splitlines() if not line.startswith("![")]
+    create_markdown_artifact("\n".join(report) + f"\n\nfull results: `{spec.lake}/{directory}`",
+                             description=f"model tracing: {meta['verdict']}")
+    return directory
+
+
+class TraceManySpec(TraceSettings):
+    """Many candidates against one base: each a trace-models run of its own, then one summary table."""
+
+    base: ModelSpec = Field(title="Base model", description="The model every candidate is traced against.")
+    candidates: list[ModelSpec] = Field(min_length=1, title="Candidates", description="Models (or checkpoints of one training run) to trace against the base, each in a run of its own.")
+    trace_deployment: str | None = Field(default=TRACE_DEPLOYMENT, title="Tracing deployment", description="Deployment that runs each pair on the GPU pool ('flow/deployment'); empty runs them one after another inside this flow run.")
+    run_timeout_s: float = Field(default=6 * 3600, gt=0, title="Run timeout (seconds)", description="Longest the tracing runs may take together once a worker has taken one.")
+    worker_wait_s: float = Field(default=900, gt=0, title="Wait for a worker (seconds)", description="How long the runs may wait while no worker polls their pool; then they are cancelled and this flow fails, naming the pool.")
+
+    @property
+    def model(self) -> ModelSpec:
+        return self.base
+
+    def pair(self, candidate: ModelSpec) -> TraceSpec:
+        settings = self.model_dump(exclude={"base", "candidates", "trace_deployment", "run_timeout_s", "worker_wait_s"})
+        return TraceSpec(**settings, base=self.base, candidate=candidate)
+
+
+@flow(name="trace-many", log_prints=True,
+      flow_run_name=named_by_model(TraceManySpec, lambda s: f"{len(s.candidates)} candidates traced", "trace-many"))
+def trace_many(spec: TraceManySpec) -> str:
+    """Every candidate against the base (fanned out on the GPU pool), then the base's summary table; returns its directory."""
+    log = get_run_logger()
+    pairs = [spec.pair(c) for c in spec.candidates]
+    for pair in pairs:  # every pair checked before any run starts
+        plan_trace(pair)
+    if spec.trace_deployment is None:
+        for pair in pairs:
+            trace_task(pair)
+    else:
+        from gradlake.flows.pipeline import run_each_on_pool
+
+        runs = [(run_label(pair.candidate, f"traced against {pair.base.model}@{pair.base.checkpoint or 'main'}"),
+                 {"spec": pair.model_dump(mode="json")}, f"{runtime.flow_run.id}:{tracing_dir(pair)}") for pair in pairs]
+        run_each_on_pool(spec.trace_deployment, runs, spec.run_timeout_s, spec.worker_wait_s, what="tracing",
+                         rerun="rerun trace-many to redo only those pairs")
+    store = LakeStore(spec.lake)
+    directory = write_summary(store, spec.base)
+    table = pd.read_parquet(io.BytesIO(store.fs.cat_file(store.path(f"{directory}/summary.parquet"))))
+    create_table_artifact(json.loads(table.to_json(orient="records")),
+                          description=f"model tracing against {spec.base.model}: {int(table['derived'].sum())} of "
+                                      f"{len(table)} candidates derived")
+    log.info("summary of %d candidates at %s/%s/summary.parquet", len(table), spec.lake, directory)
+    return directory
+
+
+if __name__ == "__main__":
+    trace_models.serve(name="trace-models")
