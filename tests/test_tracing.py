@@ -217,3 +217,36 @@ def test_bad_tracing_inputs_fail_before_any_weight_is_loaded(family, tiny_models
         with pytest.raises(ValidationError, match=match):
             TraceSpec(base=olmo2, candidate=olmo2, lake=lake, **bad)
     assert not (tmp_path / "lake" / "tracing").exists()
+
+
+def test_matching_test_against_scipy_written_out(family):
+    """Per layer: Hungarian matchings from gate rows and from up rows (scipy on numpy cosines), their Spearman rho
+    (scipy.stats), the permutation p-value from the same draws, Fisher's combination (scipy.stats.chi2)."""
+    from scipy.optimize import linear_sum_assignment
+    from scipy.stats import chi2, spearmanr
+
+    base, other = family["olmo"]["base"], family["olmo"]["independent"]
+    got = matching_test(base, other, 49, seed=4)
+
+    def unit(x):
+        x = x.detach().double().numpy()
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    e_b, e_c = base.get_input_embeddings().weight, other.get_input_embeddings().weight
+    rows, cols = linear_sum_assignment(unit(e_b.T) @ unit(e_c.T).T, maximize=True)
+    hidden = cols[np.argsort(rows)]
+    rng = np.random.default_rng(4)
+    ps = []
+    for index, (lb, lc) in enumerate(zip(base.model.layers, other.model.layers)):
+        matched = []
+        for name in ("gate_proj", "up_proj"):
+            w_b, w_c = getattr(lb.mlp, name).weight, getattr(lc.mlp, name).weight[:, hidden]
+            r, c = linear_sum_assignment(unit(w_b) @ unit(w_c).T, maximize=True)
+            matched.append(c[np.argsort(r)])
+        rho = spearmanr(*matched).statistic
+        assert math.isclose(got["rho"][index], rho, abs_tol=1e-12)
+        null = [spearmanr(matched[0], rng.permutation(matched[1])).statistic for _ in range(49)]
+        p = (1 + sum(n >= rho - 1e-12 for n in null)) / 50
+        assert math.isclose(got["p_layers"][index], p)
+        ps.append(p)
+    assert math.isclose(got["p_value"], chi2.sf(-2 * sum(math.log(p) for p in ps), 2 * len(ps)), rel_tol=1e-12)
