@@ -9,13 +9,13 @@ import pandas as pd
 from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from gradlake.flows.run_names import named_by_model, run_label
 from gradlake.lake.store import LakeStore
 from gradlake.tasks.model import ModelSpec
 from gradlake.tasks.retries import retry_unless_bad_input
-from gradlake.tasks.tracing import TraceSettings, TraceSpec, plan_trace, run_trace, tracing_dir, write_summary
+from gradlake.tasks.tracing import LAKE_HELP, TraceSettings, TraceSpec, plan_trace, run_trace, tracing_dir, write_summary
 
 TRACE_DEPLOYMENT = "trace-models/trace-models"
 
@@ -50,11 +50,17 @@ def trace_models(spec: TraceSpec) -> str:
     return directory
 
 
-class TraceManySpec(TraceSettings):
-    """Many candidates against one base: each a trace-models run of its own, then one summary table."""
+class _Many(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
     base: ModelSpec = Field(title="Base model", description="The model every candidate is traced against.")
     candidates: list[ModelSpec] = Field(min_length=1, title="Candidates", description="Models (or checkpoints of one training run) to trace against the base, each in a run of its own.")
+    lake: str = Field(title="Lake", description=LAKE_HELP)
+
+
+class TraceManySpec(TraceSettings, _Many):  # the models and the lake come first in the Prefect form
+    """Many candidates against one base: each a trace-models run of its own, then one summary table."""
+
     trace_deployment: str | None = Field(default=TRACE_DEPLOYMENT, title="Tracing deployment", description="Deployment that runs each pair on the GPU pool ('flow/deployment'); empty runs them one after another inside this flow run.")
     run_timeout_s: float = Field(default=6 * 3600, gt=0, title="Run timeout (seconds)", description="Longest the tracing runs may take together once a worker has taken one.")
     worker_wait_s: float = Field(default=900, gt=0, title="Wait for a worker (seconds)", description="How long the runs may wait while no worker polls their pool; then they are cancelled and this flow fails, naming the pool.")
@@ -64,8 +70,8 @@ class TraceManySpec(TraceSettings):
         return self.base
 
     def pair(self, candidate: ModelSpec) -> TraceSpec:
-        settings = self.model_dump(exclude={"base", "candidates", "trace_deployment", "run_timeout_s", "worker_wait_s"})
-        return TraceSpec(**settings, base=self.base, candidate=candidate)
+        settings = self.model_dump(include=set(TraceSettings.model_fields))
+        return TraceSpec(**settings, base=self.base, candidate=candidate, lake=self.lake)
 
 
 @flow(name="trace-many", log_prints=True,

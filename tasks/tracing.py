@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from gradlake.lake import layout
-from gradlake.lake.store import LakeStore, default_lake
+from gradlake.lake.store import LakeStore
 from gradlake.tasks.model import ModelSpec, check_model, check_weights, lake_names, parameter_shapes, resolved_commit
 
 HIDDEN = "hidden"
@@ -416,14 +416,22 @@ class TraceSettings(BaseModel):
     points: int = Field(default=11, ge=2, title="Interpolation points", description="Points on the line from the base (0) to the candidate (1), the end points included.")
     permutations: int = Field(default=100, ge=1, title="Permutations", description="Random permutations in each permutation test (the smallest p-value is 1 / (permutations + 1)).")
     seed: int = Field(default=0, ge=0, title="Test seed", description="Seed of the permutation tests' draws (recorded).")
-    lake: str = Field(default_factory=default_lake, title="Lake", description="Lake URL: the dataset is read from it, the results written to it.")
 
 
-class TraceSpec(TraceSettings):
-    """Is `candidate` derived from `base`?  Everything one tracing run needs."""
+LAKE_HELP = ("Lake URL: the dataset is read from it, the results written to it (s3://bucket/prefix, or file:///path on "
+             "storage every worker shares).")
+
+
+class _Pair(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
     base: ModelSpec = Field(title="Base model", description="The model the candidate may derive from (any checkpoint).")
     candidate: ModelSpec = Field(title="Candidate model", description="A fine-tune, a later checkpoint, or a model of unknown origin, of the same architecture and size.")
+    lake: str = Field(title="Lake", description=LAKE_HELP)
+
+
+class TraceSpec(TraceSettings, _Pair):  # the models and the lake come first in the Prefect form
+    """Is `candidate` derived from `base`?  Everything one tracing run needs."""
 
     @property
     def model(self) -> ModelSpec:  # run names and logs name the candidate
