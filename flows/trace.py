@@ -30,8 +30,8 @@ def plan_trace_task(spec: TraceSpec) -> dict:
 
 
 @task(name="trace", cache_policy=NONE, retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_bad_input)
-def trace_task(spec: TraceSpec) -> str:
-    return run_trace(spec, log=get_run_logger().info)
+def trace_task(spec: TraceSpec, planned: dict | None = None) -> str:
+    return run_trace(spec, log=get_run_logger().info, planned=planned)
 
 
 @flow(name="trace-models", log_prints=True,
@@ -39,8 +39,7 @@ def trace_task(spec: TraceSpec) -> str:
                                    "trace-models"))
 def trace_models(spec: TraceSpec) -> str:
     """Statistics of the candidate against the base (unaligned and aligned), with p-values; returns the lake directory."""
-    plan_trace_task(spec)
-    directory = trace_task(spec)
+    directory = trace_task(spec, plan_trace_task(spec))
     store = LakeStore(spec.lake)
     meta = json.loads(store.fs.cat_file(store.path(f"{directory}/meta.json")))
     with store.fs.open(store.path(f"{directory}/report.md"), "r") as handle:
@@ -80,11 +79,10 @@ def trace_many(spec: TraceManySpec) -> str:
     """Every candidate against the base (fanned out on the GPU pool), then the base's summary table; returns its directory."""
     log = get_run_logger()
     pairs = [spec.pair(c) for c in spec.candidates]
-    for pair in pairs:  # every pair checked before any run starts
-        plan_trace(pair)
+    plans = [plan_trace(pair) for pair in pairs]  # every pair checked before any run starts
     if spec.trace_deployment is None:
-        for pair in pairs:
-            trace_task(pair)
+        for pair, planned in zip(pairs, plans):
+            trace_task(pair, planned)
     else:
         from gradlake.flows.pipeline import run_each_on_pool
 

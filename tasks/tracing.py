@@ -574,8 +574,8 @@ def trace_pair(spec: TraceSpec, log=print) -> tuple[dict[str, pd.DataFrame], dic
     for role, model in (("base", base), ("candidate", candidate)):
         value = perplexity(model, batches)
         row(f"perplexity:{role}", False, value, None, "none")
-    tensors = pd.DataFrame({"tensor": list(weight_cosines(base, candidate))})
-    tensors["cosine"] = list(weight_cosines(base, candidate).values())
+    unaligned = weight_cosines(base, candidate)
+    tensors = pd.DataFrame({"tensor": list(unaligned), "cosine": list(unaligned.values())})
     if spec.align:
         tensors["cosine_aligned"] = list(weight_cosines(base, candidate, aligned).values())
     results = pd.DataFrame(rows)
@@ -635,13 +635,14 @@ def tracing_report(spec: TraceSpec, tables: dict[str, pd.DataFrame], summary: di
     return "\n".join(lines)
 
 
-def run_trace(spec: TraceSpec, log=print) -> str:
-    """Check, compute, write `tracing/...` (tables, plot, report, meta.json last); returns the directory."""
+def run_trace(spec: TraceSpec, log=print, planned: dict | None = None) -> str:
+    """Check (unless `planned` is `plan_trace`'s result already), compute, write `tracing/...` (tables, plot, report,
+    meta.json last); returns the directory."""
     import datetime as dt
     import io
     import json
 
-    planned = plan_trace(spec)
+    planned = planned or plan_trace(spec)
     directory = tracing_dir(spec)
     tables, summary = trace_pair(spec, log)
     store = LakeStore(spec.lake)
