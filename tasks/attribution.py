@@ -378,9 +378,10 @@ def query_losses(model: ModelSpec, chats: list[list[dict]], paradigm: str, max_l
     from transformers import AutoModelForCausalLM
 
     from gradlake.tasks.loss import encode_sample, pad_batch, sample_losses
-    from gradlake.tasks.model import DTYPES, check_model, load_tokenizer
+    from gradlake.tasks.model import DTYPES, capped_length, check_model, load_tokenizer
 
-    check_model(model)  # a missing or incomplete checkpoint is one error naming it
+    config = check_model(model)  # a missing or incomplete checkpoint is one error naming it
+    max_length = capped_length(max_length, config, model.model)[0]
     spec = model.resolved()
     tokenizer = load_tokenizer(spec)
     path, revision = spec.source()

@@ -33,8 +33,9 @@ from gradlake.tasks.batching import WINDOW_BYTES, shard_batches, window_chunks
 from gradlake.tasks.footprint import check_extraction_memory
 from gradlake.tasks.gradients import INPUTS_EMBEDS, PerSampleGradients, Projection, embeds_shape
 from gradlake.tasks.loss import CHAT_TEMPLATES, IGNORE_INDEX, Encoded, chat_template_text, encode_sample, pad_batch
-from gradlake.tasks.model import (ModelError, ModelSpec, check_device, check_model, check_weights, lake_names, load_model,
-                                  load_tokenizer, parameter_shapes, resolved_commit, select_parameters, tokenizer_fingerprint)
+from gradlake.tasks.model import (ModelError, ModelSpec, capped_length, check_device, check_gradient_architecture, check_model,
+                                  check_weights, lake_names, load_model, load_tokenizer, parameter_shapes, resolved_commit,
+                                  select_parameters, tokenizer_fingerprint)
 from gradlake.tasks.project import projection_group_plan, projection_path
 from gradlake.tasks.projection import ProjectionSpec, output_key, projector_choices, projectors_for
 from gradlake.tasks.retries import retry_unless_bad_input
@@ -82,6 +83,7 @@ class ExtractionPlan:
     input_ids: np.ndarray
     label_mask: np.ndarray
     projections: list[tuple[str, GradientPlan, dict]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the plan changed of the spec, said once by the run
 
 
 def gradlake_version() -> str:
@@ -91,26 +93,31 @@ def gradlake_version() -> str:
         return "0+unknown"
 
 
-def _encode_all(tokenizer, frame, spec: ExtractionSpec, template: str | None) -> list[Encoded]:
+def _encode_all(tokenizer, frame, spec: ExtractionSpec, template: str | None, max_length: int) -> list[Encoded]:
     if template is None and not tokenizer.chat_template:
         raise ModelError(f"the tokenizer of {spec.model.model!r} has no chat template; give one (chat_template 'tulu' "
                          "or a Jinja file)")
-    encoded = [encode_sample(tokenizer, messages, spec.paradigm, spec.max_length, template, spec.labels)
+    encoded = [encode_sample(tokenizer, messages, spec.paradigm, max_length, template, spec.labels)
                for messages in frame["messages"]]
     # The first token is never predicted (labels shift by one): a sample needs a label after it.
     empty = [sid for sid, e in zip(frame["id"], encoded) if not any(e.label_mask[1:])]
     if empty:
         raise ValueError(
-            f"{len(empty)} samples have no {spec.paradigm} loss token within max_length {spec.max_length} "
+            f"{len(empty)} samples have no {spec.paradigm} loss token within max_length {max_length} "
             f"(first: {empty[:5]}); raise max_length or drop them from the dataset"
         )
     return encoded
 
 
+def max_tokens(spec: ExtractionSpec, config) -> int:
+    """Tokens per sample at most: `spec.max_length`, capped by the model's positions."""
+    return capped_length(spec.max_length, config, "the model")[0]
+
+
 def target_shape(spec: ExtractionSpec, config) -> tuple[int, ...]:
     """One sample's stored shape for an input-embedding target: (max_length, hidden) per token, (hidden,) pooled."""
     pooling = "mean" if spec.target == "inputs_embeds_mean" else "tokens"
-    return embeds_shape(config.hidden_size, pooling, spec.max_length)
+    return embeds_shape(config.hidden_size, pooling, max_tokens(spec, config))
 
 
 def plan_extraction(spec: ExtractionSpec, device_here: bool = True) -> ExtractionPlan:
@@ -135,8 +142,10 @@ def plan_extraction(spec: ExtractionSpec, device_here: bool = True) -> Extractio
         raise ValueError(f"layers {spec.layers} choose weights, but target {spec.target!r} is the gradient with respect to "
                          "the input embeddings alone: leave layers empty, or use target 'parameters'")
     config = check_model(model)
-    shapes = parameter_shapes(model, config)
     label = f"{model.model}" + (f"@{model.checkpoint}" if model.checkpoint else "")
+    check_gradient_architecture(config, label)
+    max_length, capped = capped_length(spec.max_length, config, label)
+    shapes = parameter_shapes(model, config)
     if spec.target == "parameters":
         names = select_parameters(list(shapes), spec.layers, label)
         selected = {n: shapes[n] for n in names}
@@ -171,7 +180,7 @@ def plan_extraction(spec: ExtractionSpec, device_here: bool = True) -> Extractio
     if frame.empty:
         raise ValueError(f"dataset {spec.dataset!r} variant {spec.variant!r} is empty; nothing to extract")
     tokenizer = load_tokenizer(model)
-    encoded = _encode_all(tokenizer, frame, spec, template)
+    encoded = _encode_all(tokenizer, frame, spec, template, max_length)
 
     width = max(len(e.input_ids) for e in encoded)
     input_ids = np.full((len(encoded), width), -1, dtype=np.int32)
@@ -196,7 +205,7 @@ def plan_extraction(spec: ExtractionSpec, device_here: bool = True) -> Extractio
         "loss": "mean token cross-entropy over label positions (transformers convention, ignore -100)",
         "layer_patterns": list(spec.layers),
         "layers": names,
-        "max_length": spec.max_length,
+        "max_length": max_length,
         "gradlake_version": gradlake_version(),
     }
     plan = GradientPlan(
@@ -215,7 +224,8 @@ def plan_extraction(spec: ExtractionSpec, device_here: bool = True) -> Extractio
     if spec.target != "parameters":
         lineage["target"] = spec.target
     projections = [projection_group_plan(path, plan, lineage, selected, p, device, check_cost=device_here) for p in spec.projections]
-    return ExtractionPlan(store, path, plan, lineage, [str(i) for i in frame["id"]], input_ids, label_mask, projections)
+    return ExtractionPlan(store, path, plan, lineage, [str(i) for i in frame["id"]], input_ids, label_mask, projections,
+                          [capped] if capped else [])
 
 
 def create_group(planned: ExtractionPlan) -> GradientGroup:
@@ -420,11 +430,12 @@ def _compute_chunks(spec: ExtractionSpec, targets: list[GradientGroup], todo: li
 
     progress = Progress(sum(len(b) for b in batches), "samples", log)
     pooling = "mean" if spec.target == "inputs_embeds_mean" else "tokens"
-    with PerSampleGradients(model, names, projections, pooling, spec.max_length) as per_sample, \
+    with PerSampleGradients(model, names, projections, pooling, max_tokens(spec, model.config)) as per_sample, \
             BackgroundWrites() as writes:
         for rows in batches:
             input_ids, labels = _batch(ids, mask, rows - start, pad_id, device)
             grads = per_sample(input_ids, labels, torch.as_tensor(lengths[rows - start], device=device))
+            check_finite(per_sample.losses, grads, per_sample.projected, rows, group, label, model)
             projected = [{k: tensor_to_host(v, t.plan.dtype) for k, v in out.items()}
                          for t, out in zip(targets, per_sample.projected)]
             if plan.mode == "store":
@@ -440,6 +451,40 @@ def _compute_chunks(spec: ExtractionSpec, targets: list[GradientGroup], todo: li
     return progress.done
 
 
+class NonFiniteError(ValueError):
+    """A batch whose loss or gradients are NaN or infinite: the same inputs give the same result, so no retry."""
+
+
+def check_finite(losses: torch.Tensor, grads: dict[str, torch.Tensor], projected: list[dict[str, torch.Tensor]],
+                 rows: np.ndarray, group: GradientGroup, label: str, model) -> None:
+    """Raise NonFiniteError, naming the samples and the first tensor affected, unless everything of the batch is finite.
+
+    Checked before anything of the batch is written, so no chunk holding a NaN is ever marked complete."""
+    tensors = {**grads, **{f"{key} (projection)": v for out in projected for key, v in out.items()}}
+    if bool(torch.stack([torch.isfinite(losses).all(), *(torch.isfinite(v).all() for v in tensors.values())]).all()):
+        return  # one device synchronisation for the whole batch
+    bad = ~torch.isfinite(losses)
+    first = None
+    for name, value in tensors.items():
+        rows_bad = ~torch.isfinite(value.reshape(value.shape[0], -1)).all(dim=1)
+        if first is None and bool(rows_bad.any()):
+            first = name
+        bad |= rows_bad
+    ids = np.asarray(group.group["sample"][:])[rows[bad.cpu().numpy()]].tolist()
+    loss_bad = bool((~torch.isfinite(losses)).any())
+    what = " and ".join([*(["the loss"] if loss_bad else []), *([f"the gradients ({first} first)"] if first else [])])
+    cause = ""
+    for name, parameter in model.named_parameters():
+        if not bool(torch.isfinite(parameter).all()):
+            cause = f"; the model's weights hold NaN or Inf values ({name} first): check the checkpoint"
+            break
+    else:
+        if model.dtype in (torch.float16, torch.bfloat16):
+            cause = f"; the weights are finite, so the {str(model.dtype).removeprefix('torch.')} computation overflowed: try dtype float32"
+    raise NonFiniteError(f"{label}: NaN or Inf in {what} of {len(ids)} samples {ids[:5]}; nothing of this batch "
+                         f"was written{cause}")
+
+
 # -- Prefect wrappers -------------------------------------------------------------------------
 
 @task(name="plan-and-create-group", cache_policy=NONE, retries=2, retry_delay_seconds=[5, 30],
@@ -449,6 +494,8 @@ def prepare_extraction_task(spec: ExtractionSpec, device_here: bool = True) -> t
     planned = plan_extraction(spec, device_here)
     group = create_group(planned)
     pending = pending_shards(spec, group)
+    for note in planned.notes:
+        get_run_logger().warning(note)
     get_run_logger().info(
         "group %s in %s: %d samples in chunks of %d, %d tensors%s; %d/%d shards of %d samples to do",
         planned.path, planned.store.url, planned.plan.n_samples, group.plan.chunk_rows, len(planned.lineage["layers"]),

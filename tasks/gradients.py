@@ -39,6 +39,7 @@ padded position past a sample's end gets exactly zero (nothing causal depends on
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -120,6 +121,8 @@ class PerSampleGradients:
         self._recording = False
         self._weight_roles: dict[int, str] = {}
         self._handles: list = []
+        self._takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+        self.losses: torch.Tensor | None = None
 
     def __enter__(self) -> "PerSampleGradients":
         self._requires = {n: p.requires_grad for n, p in self.model.named_parameters()}
@@ -163,16 +166,22 @@ class PerSampleGradients:
         self._dense_after = {}
         self.projected = [{} for _ in self.projections]
         self._recording = True
+        batch, tokens = input_ids.shape
+        # Positions given one row per sample: a learned position embedding (GPT-2's wpe) would otherwise see
+        # one (1, tokens) row broadcast over the batch, and its output gradient would be the batch's sum.
+        extra = {"position_ids": torch.arange(tokens, device=input_ids.device).expand(batch, tokens)} \
+            if self._takes_positions else {}
         try:
             with torch.enable_grad():
-                logits = self.model(input_ids=input_ids).logits
-                sample_losses(logits, labels).sum().backward()
+                logits = self.model(input_ids=input_ids, **extra).logits
+                losses = sample_losses(logits, labels)
+                losses.sum().backward()
         finally:
             self._recording = False
+        self.losses = losses.detach()
         missing = [n for n in self._hooked if n not in self._written]
         if missing:
             raise RuntimeError(f"no gradient reached {missing[:3]}: these parameters do not influence the loss")
-        batch = input_ids.shape[0]
         kept = {n: self._buffers[n][:batch] for n in self.names}
         for name, dense in self._dense_after.items():  # kept tensors are projected once, whole
             for j in dense:
@@ -253,8 +262,12 @@ class PerSampleGradients:
 
         def hook(mod, inputs, output):
             # Off while a module's own vector-Jacobian product re-runs its forward.
-            if not self._recording or not output.requires_grad:
+            if not self._recording or not isinstance(output, torch.Tensor):
                 return
+            if not output.requires_grad:
+                # A module fed by no other parameter (a learned position embedding reads only positions):
+                # with every parameter frozen, its output starts a graph of its own here.
+                output.requires_grad_(True)
             x, y = inputs[0].detach(), output.detach()
             output.register_hook(lambda g: self._per_sample(mod, x, y, g.detach(), owned, names))
 
@@ -262,23 +275,26 @@ class PerSampleGradients:
 
     def _per_sample(self, mod, x, y, g, owned, names) -> None:
         batch = g.shape[0]
-        if isinstance(mod, nn.Linear):
+        if isinstance(mod, nn.Linear) or _is_conv1d(mod):
             x = x.reshape(batch, -1, x.shape[-1]).to(g.dtype)
             g = g.reshape(batch, -1, g.shape[-1])
-            gt = g.transpose(1, 2)
+            # The weight's gradient is sum_t left_t^T right_t, (rows, cols) as the weight is stored: (out, in) for
+            # nn.Linear (y = x W^T), (in, out) for GPT-2's Conv1D (y = x W).
+            left, right = (g, x) if isinstance(mod, nn.Linear) else (x, g)
             if "weight" in owned:
                 name = names["weight"]
+                rows, cols = left.shape[-1], right.shape[-1]
                 factored, dense = self._routes(name, factorable=True)
-                for j in factored:  # sum_t (P_out^T g_t)(P_in^T a_t)^T: the gradient is never formed
+                for j in factored:  # sum_t (P_out^T left_t)(P_in^T right_t)^T: the gradient is never formed
                     p_out, p_in = self.projections[j].projectors[name].factors
-                    self._add_projection(j, name, torch.bmm((g.float() @ p_out).transpose(1, 2),
-                                                            x.float() @ p_in).reshape(batch, -1))
+                    self._add_projection(j, name, torch.bmm((left.float() @ p_out).transpose(1, 2),
+                                                            right.float() @ p_in).reshape(batch, -1))
                 if self._needs_full(name, dense):
                     out, add = self._dest(name, batch, g)
                     if add:  # a tied parameter collects from every use
-                        out.view(batch, mod.out_features, mod.in_features).baddbmm_(gt, x)
+                        out.view(batch, rows, cols).baddbmm_(left.transpose(1, 2), right)
                     else:
-                        torch.bmm(gt, x, out=out.view(batch, mod.out_features, mod.in_features))
+                        torch.bmm(left.transpose(1, 2), right, out=out.view(batch, rows, cols))
                     self._contributed(name, out, dense)
                 self._written.add(name)
             if "bias" in owned:
@@ -367,6 +383,15 @@ class PerSampleGradients:
                 out.copy_(value)
             value = out
         self._contributed(name, value, dense)
+
+
+def _is_conv1d(mod: nn.Module) -> bool:
+    """GPT-2's linear layer with the weight stored (in, out)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency; the class may move
+        return False
+    return isinstance(mod, Conv1D)
 
 
 def per_sample_gradients(

@@ -46,7 +46,7 @@ from gradlake.lake.datasets import dataset_meta, read_dataset
 from gradlake.lake.scores import ScoreGroup, scores_path
 from gradlake.lake.store import LakeStore
 from gradlake.tasks.loss import IGNORE_INDEX, Encoded, Paradigm, encode_sample, pad_batch, sample_losses
-from gradlake.tasks.model import DTYPES, ModelError, ModelSpec, check_model, check_weights, lake_names, resolved_commit
+from gradlake.tasks.model import DTYPES, ModelError, ModelSpec, capped_length, check_model, check_weights, lake_names, resolved_commit
 
 STRATEGIES: tuple[str, ...] = ("identity", "diagonal", "kfac", "ekfac")
 SCORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -329,7 +329,10 @@ def compute_influence(spec: InfluenceSpec, log: Callable[[str], None] = print, w
         return path
     tokenizer = load_tokenizer(spec_model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encode = lambda chats: [encode_sample(tokenizer, c, spec.paradigm, spec.max_length) for c in chats]  # noqa: E731
+    max_length, capped = capped_length(spec.max_length, check_model(spec.model), spec.model.model)
+    if capped:
+        log(capped)
+    encode = lambda chats: [encode_sample(tokenizer, c, spec.paradigm, max_length) for c in chats]  # noqa: E731
     train_set, query_set = EncodedSet(encode(train_chats)), EncodedSet(encode(query_chats))
     from transformers import AutoModelForCausalLM
 

@@ -5,9 +5,10 @@ fsspec URL (``s3://bucket/run``, where ``train-model`` writes).  A checkpoint is
 hub id, a revision (branch, tag or commit); for a directory or URL, a subdirectory
 holding a saved checkpoint (``checkpoint-1000``).  A checkpoint at a URL is downloaded
 once into ``$GRADLAKE_MODEL_CACHE`` (default ``~/.cache/gradlake/models``) and loaded
-from there.  One
-code path serves every causal LM that ``AutoModelForCausalLM`` knows, among them
-``OlmoForCausalLM`` (AMD-OLMo-1B) and ``Olmo2ForCausalLM`` (OLMo-2-7B).
+from there.  One code path loads every causal LM that ``AutoModelForCausalLM`` knows;
+per-sample gradients are taken of the architectures in :data:`GRADIENT_ARCHITECTURES`,
+each checked against one plain ``loss.backward()`` per sample (tests/test_gradients.py),
+and any other is refused when the extraction is planned.
 """
 
 from __future__ import annotations
@@ -35,6 +36,23 @@ PRESETS: dict[str, dict] = {
 
 class ModelError(ValueError):
     """A model or checkpoint that cannot be used, with what would be accepted."""
+
+
+# model_type -> the class AutoModelForCausalLM builds: the architectures whose per-sample gradients (every
+# parameter, and the input embeddings) are tested equal to a plain backward per sample.
+GRADIENT_ARCHITECTURES: dict[str, str] = {
+    "olmo": "OlmoForCausalLM", "olmo2": "Olmo2ForCausalLM", "gpt2": "GPT2LMHeadModel",
+    "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+}
+
+
+def check_gradient_architecture(config, label: str) -> None:
+    """One ModelError line unless per-sample gradients of this architecture are supported (from the config alone)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in GRADIENT_ARCHITECTURES:
+        found = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+        raise ModelError(f"{label} is a {found} (model_type {model_type!r}); per-sample gradients are supported for "
+                         f"{', '.join(GRADIENT_ARCHITECTURES.values())} only")
 
 
 class ModelSpec(BaseModel):
@@ -193,6 +211,21 @@ def parameter_shapes(spec: ModelSpec, config=None) -> dict[str, tuple[int, ...]]
     """Names and shapes of the model's trainable parameters, from its config alone (meta device)."""
     config = config if config is not None else check_model(spec)
     return {n: tuple(p.shape) for n, p in _skeleton(spec, config).named_parameters()}
+
+
+def position_limit(config) -> int | None:
+    """The most positions the model was built for (``max_position_embeddings``; GPT-2's ``n_positions``), if it says."""
+    limit = getattr(config, "max_position_embeddings", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
+
+
+def capped_length(max_length: int, config, label: str) -> tuple[int, str | None]:
+    """`max_length` capped by the model's positions, and the one line that says so when it is."""
+    limit = position_limit(config)
+    if limit is None or max_length <= limit:
+        return max_length, None
+    return limit, (f"max_length {max_length} is more than the {limit} positions of {label}: samples are cut at "
+                   f"{limit} tokens")
 
 
 def check_device(spec: ModelSpec) -> None:

@@ -2,7 +2,7 @@
 
 Nothing is downloaded: a byte-level BPE tokenizer is trained on the chats given, with
 an OLMo/Tulu-style chat template, and random-weight ``OlmoForCausalLM`` (AMD-OLMo-1B's
-architecture) or ``Olmo2ForCausalLM`` (OLMo-2-7B's) models are saved as checkpoint
+architecture), ``Olmo2ForCausalLM`` (OLMo-2-7B's) or ``GPT2LMHeadModel`` models are saved as checkpoint
 directories that ``from_pretrained`` loads like any other.  Later checkpoints are the
 earlier ones trained a few steps further, so checkpoints really differ.
 """
@@ -20,8 +20,8 @@ from gradlake.tasks.loss import encode_sample, pad_batch, sample_losses
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-Architecture = Literal["olmo", "olmo2"]
-ARCHITECTURES: dict[str, str] = {"olmo": "OlmoForCausalLM", "olmo2": "Olmo2ForCausalLM"}
+Architecture = Literal["olmo", "olmo2", "gpt2"]
+ARCHITECTURES: dict[str, str] = {"olmo": "OlmoForCausalLM", "olmo2": "Olmo2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
 SPECIAL_TOKENS: tuple[str, ...] = ("<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>")
 # The BPE trainer numbers the special tokens first, in the order given.
 EOS_ID, PAD_ID = 0, 1
@@ -63,12 +63,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTo
 def tiny_config(
     architecture: Architecture, vocab_size: int | PreTrainedTokenizerBase, **overrides
 ) -> PretrainedConfig:
-    """A config of the real architecture at toy size: 2 layers, width 64, SwiGLU MLP of 128.
+    """A config of the real architecture at toy size: 2 layers, width 64, MLP of 128 (SwiGLU for OLMo).
 
     `vocab_size` may be a tokenizer, which then gives the size and the pad/bos/eos ids;
     with a number the ids are those `train_tokenizer` assigns.  `overrides` win over all.
     """
-    from transformers import Olmo2Config, OlmoConfig
+    from transformers import GPT2Config, Olmo2Config, OlmoConfig
 
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture {architecture!r} is not known; use one of {sorted(ARCHITECTURES)}")
@@ -77,6 +77,10 @@ def tiny_config(
     else:
         ids = dict(vocab_size=len(vocab_size), pad_token_id=vocab_size.pad_token_id,
                    bos_token_id=vocab_size.bos_token_id, eos_token_id=vocab_size.eos_token_id)
+    if architecture == "gpt2":  # learned positions, Conv1D layers, LayerNorm with biases, tied embeddings as in GPT-2
+        settings = dict(n_embd=64, n_inner=128, n_layer=2, n_head=4, n_positions=512, tie_word_embeddings=True,
+                        architectures=[ARCHITECTURES[architecture]], **ids)
+        return GPT2Config(**{**settings, **overrides})
     settings = dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
         max_position_embeddings=512, tie_word_embeddings=False, architectures=[ARCHITECTURES[architecture]], **ids,

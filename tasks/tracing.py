@@ -70,6 +70,10 @@ class Axis:
     layer: int | None = None
 
 
+# model_type -> class: the architectures whose function-preserving permutations tracing knows (tests/test_tracing.py).
+TRACING_ARCHITECTURES = {"olmo": "OlmoForCausalLM", "olmo2": "Olmo2ForCausalLM"}
+
+
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
@@ -499,6 +503,9 @@ def plan_trace(spec: TraceSpec) -> dict:
     for role, model in (("base", spec.base), ("candidate", spec.candidate)):
         model = model.resolved()
         config = check_model(model)
+        if config.model_type not in TRACING_ARCHITECTURES:  # from the config: before any weight is read
+            raise TracingError(f"the {role} {model.model!r} is a {(config.architectures or [type(config).__name__])[0]}; "
+                               f"tracing knows {', '.join(TRACING_ARCHITECTURES.values())} only")
         shapes.append(((config.architectures or [type(config).__name__])[0], parameter_shapes(model, config)))
     (arch_b, shapes_b), (arch_c, shapes_c) = shapes
     if arch_b != arch_c:
@@ -516,12 +523,16 @@ def plan_trace(spec: TraceSpec) -> dict:
             "n_parameters": int(sum(math.prod(s) for s in shapes_b.values()))}
 
 
-def evaluation_batches(spec: TraceSpec, tokenizer) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def evaluation_batches(spec: TraceSpec, tokenizer, config, log=print) -> list[tuple[torch.Tensor, torch.Tensor]]:
     from gradlake.lake.datasets import read_dataset
     from gradlake.tasks.loss import encode_sample, pad_batch
+    from gradlake.tasks.model import capped_length
 
     frame = read_dataset(LakeStore(spec.lake), spec.dataset, spec.variant).head(spec.n_samples)
-    encoded = [encode_sample(tokenizer, chat, spec.paradigm, spec.max_length) for chat in frame["messages"]]
+    max_length, capped = capped_length(spec.max_length, config, spec.base.model)
+    if capped:
+        log(capped)
+    encoded = [encode_sample(tokenizer, chat, spec.paradigm, max_length) for chat in frame["messages"]]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return [pad_batch(encoded[i:i + spec.batch_size], pad) for i in range(0, len(encoded), spec.batch_size)]
 
@@ -538,7 +549,7 @@ def trace_pair(spec: TraceSpec, log=print) -> tuple[dict[str, pd.DataFrame], dic
     check_comparable(base, candidate)
     if spec.permute:  # a copy: the loaded model is cached for the next run in this process
         candidate = permute_model(copy.deepcopy(candidate), random_permutation(candidate, spec.permute_seed))
-    batches = evaluation_batches(spec, load_tokenizer(spec.base.resolved()))
+    batches = evaluation_batches(spec, load_tokenizer(spec.base.resolved()), base.config, log)
     aligned = None
     if spec.align:
         log("aligning the candidate to the base (Hungarian algorithm)")

@@ -52,7 +52,7 @@ from gradlake.lake.store import LakeStore, storage_options_for
 from gradlake.tasks.checkpoints import checkpoint_complete
 from gradlake.tasks.loss import Encoded, Paradigm, encode_sample, pad_batch, sample_losses
 from gradlake.tasks.quality import QualitySpec
-from gradlake.tasks.model import DTYPES, ModelError, ModelSpec, check_model, check_weights, lake_names, resolved_commit
+from gradlake.tasks.model import DTYPES, ModelError, ModelSpec, capped_length, check_model, check_weights, lake_names, resolved_commit
 
 LINEAGE_FILE = "gradlake_train.json"
 STATE_DIR = "trainer_state"
@@ -456,7 +456,8 @@ class TrainResult:
 
 def _encode(plan: Plan, tokenizer) -> list[Encoded]:
     spec = plan.spec
-    encoded = [encode_sample(tokenizer, chat, spec.paradigm, spec.max_length) for chat in plan.data.chats]
+    max_length = capped_length(spec.max_length, check_model(spec.model), spec.model.model)[0]
+    encoded = [encode_sample(tokenizer, chat, spec.paradigm, max_length) for chat in plan.data.chats]
     empty = [plan.data.keys[i] for i, e in enumerate(encoded) if sum(e.label_mask) < 2]
     if empty:
         raise TrainError(f"samples {empty[:5]} have no loss tokens under paradigm {spec.paradigm!r} "

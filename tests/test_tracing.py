@@ -210,6 +210,11 @@ def test_bad_tracing_inputs_fail_before_any_weight_is_loaded(family, tiny_models
         plan_trace(TraceSpec(base=olmo2, candidate=olmo, lake=lake))
     with pytest.raises(TracingError, match=r"mlp.gate_proj.weight': \(128, 64\) vs \(96, 64\)"):
         plan_trace(TraceSpec(base=olmo2, candidate=ModelSpec(model=str(narrow)), lake=lake))
+    gpt2 = tmp_path / "gpt2"  # an architecture whose permutations tracing does not know: refused from its config
+    AutoModelForCausalLM.from_config(tiny_config("gpt2", tokenizer)).save_pretrained(gpt2)
+    tokenizer.save_pretrained(gpt2)
+    with pytest.raises(TracingError, match="the base .* is a GPT2LMHeadModel; tracing knows OlmoForCausalLM, Olmo2ForCausalLM only"):
+        plan_trace(TraceSpec(base=ModelSpec(model=str(gpt2)), candidate=ModelSpec(model=str(gpt2)), lake=lake))
     with pytest.raises(LakeError, match="nothere"):
         plan_trace(TraceSpec(base=olmo2, candidate=olmo2, dataset="nothere", lake=lake))
     for bad, match in (({"statistics": ["cka"]}, "statistics"), ({"points": 1}, "points"),
