@@ -106,8 +106,10 @@ def extract(
         plan_extraction(spec)  # every input checked here, before Prefect starts and before any write
     except (ValueError, ValidationError, OSError) as err:
         _fail(err)
-    path = extract_gradients(spec)
-    typer.echo(f"gradients: {spec.lake}/{path}")
+    state = extract_gradients(spec, return_state=True)
+    if state.is_failed():  # what only the weights can show (NaN or Inf gradients) ends in one line too
+        _fail(state.result(raise_on_failure=False))
+    typer.echo(f"gradients: {spec.lake}/{state.result()}")
 
 
 @dataset_app.command("probe")
@@ -185,7 +187,7 @@ def dataset_create(
     """Create a probe set in the lake: original, paraphrased, model-generated (the create-dataset flow)."""
     from gradlake.flows.dataset import DatasetSpec, check_dataset_spec, create_dataset
     from gradlake.tasks.paraphrase import ParaphraseSpec
-    from gradlake.tasks.sources import SourceSpec
+    from gradlake.tasks.sources import SourceSpec, load_source
 
     try:
         spec = DatasetSpec(
@@ -198,6 +200,7 @@ def dataset_create(
             lake=_lake(lake),
         )
         check_dataset_spec(spec)
+        load_source(spec.source)  # the source read and checked here, before Prefect starts: a bad file is one line
     except (ValueError, ValidationError, OSError) as err:
         _fail(err)
     state = create_dataset(spec, return_state=True)
@@ -340,15 +343,14 @@ def evaluate_command(
 ) -> None:
     """Select vs project: retrieval metrics per tensor, layer group, full gradient, projection and BM25."""
     from gradlake.flows.evaluate import evaluate
-    from gradlake.tasks.evaluate import Evaluation, EvaluationSpec
+    from gradlake.tasks.evaluate import EvaluationSpec, plan_evaluation
     from gradlake.tasks.model import ModelSpec
 
     try:
         spec = EvaluationSpec(model=ModelSpec(model=model, checkpoint=checkpoint), dataset=dataset, queries=query,
                               paradigm=paradigm, target=target, dense_baseline=dense_baseline, greedy_steps=greedy_steps, bm25=bm25,
                               memory_budget=memory_budget_mb << 20, lake=_lake(lake))
-        for q in spec.queries:
-            Evaluation(spec, q)  # every group and dataset checked before Prefect starts
+        plan_evaluation(spec)  # every group, the dataset and the lake's writability checked before Prefect starts
     except (ValueError, ValidationError, OSError) as err:
         _fail(err)
     path = evaluate(spec)
@@ -557,6 +559,12 @@ def main() -> None:
     # The ephemeral server's start-up telemetry write can collide with a concurrent run's
     # on the shared SQLite file; gradlake has no use for it.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # That temporary server starts in about 25 s on a busy two-core machine, past Prefect's 20 s default wait.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # Without PREFECT_API_URL, Prefect starts a temporary server that a killed CLI would leave running.
+    from gradlake.flows.temporary_server import end_with_this_process
+
+    end_with_this_process()
     try:
         app()
     except Exception as err:

@@ -15,7 +15,7 @@ from gradlake.lake.store import default_lake
 from gradlake.tasks.retries import retry_unless_bad_input
 from gradlake.tasks.generate import generate_task
 from gradlake.tasks.model import ModelSpec, check_model, lake_names, resolved_commit
-from gradlake.tasks.paraphrase import ParaphraseSpec, paraphrase_task, prompt_hash
+from gradlake.tasks.paraphrase import ParaphraseSpec, paraphrase_task, prompt_hash, resolve_api_key
 from gradlake.tasks.sources import SourceSpec, load_source
 
 
@@ -61,6 +61,8 @@ def check_dataset_spec(spec: DatasetSpec) -> None:
                          "add paraphrase settings or set generate_from='original'")
     for model in spec.generate:
         check_model(model)
+    if spec.paraphrase is not None:
+        resolve_api_key(spec.paraphrase)  # a missing key is known now; a refused one at the API's first answer
     LakeStore(spec.lake).check_writable()
 
 
@@ -103,19 +105,19 @@ def create_dataset(spec: DatasetSpec) -> dict[str, str]:
     frame, report = load_source_task(spec.source)
     source_lineage = {**spec.source.model_dump(), "rows_read": report["rows_read"], "dropped": report["dropped"],
                       "dropped_by_reason": report["dropped_by_reason"], "dropped_ids": report["dropped_ids"]}
-    stored = {"original": store_variant_task(spec.lake, spec.name, "original", frame, {"source": source_lineage})}
-    variants = {"original": frame}
+    # The paraphrases come before the first write: the API's answer is where a refused key or an unknown
+    # model shows, and a bad paraphrase column fails here too, so a failed check leaves no variant behind.
+    paraphrased, paraphraser = None, None
     if spec.paraphrase is not None:
         paraphrased = paraphrase_task(frame, spec.paraphrase, spec.lake)
         settings = spec.paraphrase.model_dump(exclude={"api_key_env", "api_key_block", "system_prompt"})
-        lineage = {"source": source_lineage, "from_version": stored["original"]["version"],
-                   "paraphraser": {**settings, "prompt_hash": prompt_hash(spec.paraphrase)}}
-        stored["paraphrased"] = store_variant_task(spec.lake, spec.name, "paraphrased", paraphrased, lineage)
-        variants["paraphrased"] = paraphrased
+        paraphraser = {**settings, "prompt_hash": prompt_hash(spec.paraphrase)}
     if spec.paraphrase_column:
-        paraphrased = with_user_turn(frame, spec.paraphrase_column)
-        lineage = {"source": source_lineage, "from_version": stored["original"]["version"],
-                   "paraphraser": {"column": spec.paraphrase_column}}
+        paraphrased, paraphraser = with_user_turn(frame, spec.paraphrase_column), {"column": spec.paraphrase_column}
+    stored = {"original": store_variant_task(spec.lake, spec.name, "original", frame, {"source": source_lineage})}
+    variants = {"original": frame}
+    if paraphrased is not None:
+        lineage = {"source": source_lineage, "from_version": stored["original"]["version"], "paraphraser": paraphraser}
         stored["paraphrased"] = store_variant_task(spec.lake, spec.name, "paraphrased", paraphrased, lineage)
         variants["paraphrased"] = paraphrased
     for model in spec.generate:

@@ -144,6 +144,34 @@ def _first_messages(frame: pd.DataFrame) -> dict[str, str]:
     return {str(i): (msgs[0]["content"] if len(msgs) else "") for i, msgs in zip(frame["id"], frame["messages"])}
 
 
+def _some(names: list[str], shown: int = 3) -> str:
+    """A few names of a list, and how many there are in all when not all are shown."""
+    return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
+
+
+def tensor_mismatch(query_label: str, original: dict, query: dict) -> str | None:
+    """Why a query group's tensors cannot be compared with the originals' (one line), or None when they can.
+
+    `original` and `query` are the groups' gradlake metadata (plan and lineage).  Both must hold the
+    same tensors of the same shapes; the line names the tensors that differ and the extraction that
+    would give a query group the originals' tensors."""
+    ours, theirs = original["plan"]["parameters"], query["plan"]["parameters"]
+    if ours == theirs:
+        return None
+    only_original, only_query = [n for n in ours if n not in theirs], [n for n in theirs if n not in ours]
+    if only_original or only_query:
+        patterns = original["lineage"].get("layer_patterns")
+        layers = (" ".join(f"--layers {p!r}" for p in patterns) if patterns
+                  else "no --layers: every parameter" if patterns is not None else f"its {len(ours)} tensors")
+        held = "; ".join(f"only {side} has {_some(names)}" for side, names in
+                         ((f"the {query_label} group", only_query), ("the original group", only_original)) if names)
+        return (f"the {query_label} gradients hold other tensors than the originals' ({held}); extract "
+                f"{query_label} with the originals' layers ({layers}), or evaluate a query variant extracted with them")
+    shaped = _some([f"{n}: {ours[n]} vs {theirs[n]}" for n in ours if ours[n] != theirs[n]], 2)
+    return (f"the original and {query_label} gradients hold tensors of other shapes ({shaped}); extract "
+            f"{query_label} with the originals' max_length ({original['lineage'].get('max_length')})")
+
+
 def evaluation_subdir(spec: "EvaluationSpec") -> str:
     """The groups' stem (paradigm and target), and '-thesis' for the thesis's BM25 protocol, so that none replaces another."""
     stem = layout.stem(spec.paradigm, spec.target)
@@ -179,12 +207,9 @@ class Evaluation:
                     for r in rendering]
             raise LakeError(f"the original and {query_variant} gradients were rendered differently ({said[0]} vs "
                             f"{said[1]}); extract both with the same chat_template and labels")
-        shapes = [_meta(g)["plan"]["parameters"] for g in (self.originals, self.query)]
-        if shapes[0] != shapes[1]:
-            differ = sorted(set(shapes[0]) ^ set(shapes[1])) or [n for n in shapes[0] if shapes[0][n] != shapes[1][n]]
-            raise LakeError(f"the original and {query_variant} gradients hold different tensors or shapes (first: "
-                            f"{differ[0]!r}: {shapes[0].get(differ[0])} vs {shapes[1].get(differ[0])}); extract both with "
-                            "the same layers and max_length")
+        mismatch = tensor_mismatch(query_variant, _meta(self.originals), _meta(self.query))
+        if mismatch:
+            raise LakeError(mismatch)
         doc_ids = [str(s) for s in self.originals["sample"][:]]
         query_ids = [str(s) for s in self.query["sample"][:]]
         position = {s: i for i, s in enumerate(doc_ids)}
@@ -421,6 +446,20 @@ def dense_scores(queries: list[str], documents: list[str]) -> np.ndarray:
     return (q @ d.T).astype(np.float64)
 
 
+def plan_evaluation(spec: EvaluationSpec) -> list[Evaluation]:
+    """Check every input of an evaluation before any work and any write; each query variant's opened Evaluation.
+
+    The query variants (distinct, 'original' not among them), each variant's gradient group against
+    the originals' (there, complete, rendered alike, the same tensors and shapes, sample ids shared),
+    the dataset texts, and that the lake can be written.  The CLI calls it before Prefect starts, the
+    flow again (a deployment's run has no CLI before it)."""
+    check_queries(spec.queries)  # again: a spec changed by model_copy(update=...) is not validated
+    store = LakeStore(spec.lake)
+    evaluations = [Evaluation(spec, q, store) for q in spec.queries]
+    store.check_writable()  # after the groups: a lake that is not there is said as such, not created by the probe
+    return evaluations
+
+
 def run_evaluation(spec: EvaluationSpec, log=print) -> tuple[str, pd.DataFrame]:
     """Evaluate every query variant, write tables, plots and reports to the lake; returns (directory, results)."""
     import datetime as dt
@@ -428,10 +467,8 @@ def run_evaluation(spec: EvaluationSpec, log=print) -> tuple[str, pd.DataFrame]:
     from gradlake.lake.evaluations import evaluation_dir, write_evaluation
     from gradlake.tasks.report import html_report, markdown, plots
 
-    check_queries(spec.queries)  # again: a spec changed by model_copy(update=...) is not validated
-    store = LakeStore(spec.lake)
-    evaluations = [Evaluation(spec, q, store) for q in spec.queries]  # every group checked before any work
-    store.check_writable()
+    evaluations = plan_evaluation(spec)
+    store = evaluations[0].store
     tables: dict[str, list[pd.DataFrame]] = {"results": [], "self_similarity": [], "greedy": []}
     for evaluation in evaluations:
         log(f"evaluating {evaluation.query_label} ({len(evaluation.query_ids)} queries against "

@@ -11,7 +11,9 @@ their reason, never silently.  Accepted row shapes:
 
 The id is the source's own (``id``, ``prompt_id``, ``uid``, ``sample_id``) when it has
 one, else ``h-`` and 16 hex digits of a hash of the messages, which survives any
-reordering of the source.
+reordering of the source.  A row whose id column holds something that is not a string or
+an integer (a list, a mapping) is dropped and reported: its own id cannot be kept, and a
+hash in its place would hide that.
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ PROMPT_COLUMNS = ("prompt", "instruction", "question")
 RESPONSE_COLUMNS = ("response", "output", "answer", "completion")
 ROLES = ("system", "user", "assistant")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
+ROW_SHAPES = ("each row needs a 'messages' list of role/content pairs, a 'conversations' list of strings "
+              "(user and assistant alternating), or a prompt column (prompt, instruction, question) and a response "
+              "column (response, output, answer, completion), with at least one user and one assistant turn")
+READABLE = {".jsonl": "a .jsonl source is UTF-8 text, one JSON object per line",
+            ".json": "a .json source is UTF-8 text, one JSON object per line",
+            ".parquet": "pass a complete Parquet file, or a .jsonl or .arrow one",
+            ".arrow": "pass an Arrow file as `datasets` saves it, or a .jsonl or .parquet one"}
 
 
 class SourceError(ValueError):
@@ -102,7 +111,8 @@ def read_rows(spec: SourceSpec) -> pd.DataFrame:
         except SourceError:
             raise
         except Exception as err:
-            raise SourceError(f"cannot read {spec.source!r} as {suffix[1:]}: {err}") from err
+            detail = " ".join(str(err).split()).rstrip(".")  # one line, whatever the reader's message
+            raise SourceError(f"cannot read {spec.source!r} as {suffix[1:]}: {detail}; {READABLE[suffix]}") from err
         raise SourceError(f"source file {spec.source!r} has suffix {suffix!r}; use one of {LOCAL_SUFFIXES}")
     return _load_hub(spec)
 
@@ -181,16 +191,21 @@ def _problem(messages: list[dict]) -> str | None:
     return None
 
 
-def _row_id(row: dict, messages) -> str | None:
+def _row_id(row: dict, messages) -> tuple[str | None, str | None]:
+    """The row's id (its own, else a content hash), and why its own id is unusable when it has one that is."""
+    unusable = None
     for column in ID_COLUMNS:
         value = row.get(column)
         if isinstance(value, (float, np.floating)) and float(value).is_integer():
             value = int(value)
         if isinstance(value, (str, int, np.integer)) and str(value):
-            return str(value)
-    if isinstance(messages, list):
-        return "h-" + hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
-    return None
+            return str(value), None
+        if unusable is None and value is not None and not isinstance(value, str):
+            kind = "list" if isinstance(value, (list, tuple, np.ndarray)) else type(value).__name__
+            unusable = f"{column} is a {kind}, not a string or integer"
+    if unusable is None and isinstance(messages, list):
+        return "h-" + hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16], None
+    return None, unusable
 
 
 def normalise(rows: pd.DataFrame, keep_columns: list[str] | tuple[str, ...] = ()) -> Loaded:
@@ -204,7 +219,9 @@ def normalise(rows: pd.DataFrame, keep_columns: list[str] | tuple[str, ...] = ()
         row = {k: v for k, v in record.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
         messages = _message_list(row)
         reason = messages if isinstance(messages, str) else _problem(messages)
-        sample_id = _row_id(row, messages) or f"row-{index}"
+        sample_id, id_problem = _row_id(row, messages)
+        sample_id = sample_id or f"row-{index}"
+        reason = reason or id_problem
         if reason is None and sample_id in seen:
             reason = "duplicate id"
         if reason is None and any(not isinstance(row.get(c), str) or not row[c].strip() for c in keep_columns):
@@ -242,6 +259,6 @@ def load_source(spec: SourceSpec) -> tuple[pd.DataFrame, Loaded]:
     """Read, normalise and sample a source: (the samples, the full normalisation report)."""
     loaded = normalise(read_rows(spec), spec.keep_columns)
     if loaded.frame.empty:
-        raise SourceError(f"{spec.source!r} has no usable row ({loaded.n_rows} read); "
-                          f"dropped: {loaded.report()['dropped_by_reason']}")
+        dropped = f"; dropped: {loaded.report()['dropped_by_reason']}" if loaded.dropped else ""
+        raise SourceError(f"{spec.source!r} has no usable row ({loaded.n_rows} read{dropped}); {ROW_SHAPES}")
     return sample(loaded, spec), loaded

@@ -9,6 +9,9 @@ server's answer returned whole (status, headers, body), unless a fault is drawn 
 - ``"lost"``: forwarded and applied by the server, then the connection is reset instead of
   answering: the client cannot tell it from ``"reset"`` and retries a write that happened.
 
+With ``read_only`` set, every write (PUT, POST, DELETE) is answered ``403 AccessDenied`` and never
+forwarded, as S3 answers credentials that may read a bucket but not write it.
+
 Faults are drawn from a `random.Random` seeded by the proxy's seed, the request's method and
 target (with hex tokens such as uuids and hashes left out: they differ from run to run), and how
 many times that method and target were seen before: the order in which concurrent requests
@@ -35,6 +38,9 @@ _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authentica
 _TOKEN = re.compile(r"[0-9a-f]{8,}")
 _SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
               b"<Message>Please reduce your request rate.</Message><RequestId>gradlake-fault</RequestId></Error>")
+_ACCESS_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+                  b"<Message>Access Denied</Message><RequestId>gradlake-read-only</RequestId></Error>")
+_WRITES = ("PUT", "POST", "DELETE")
 
 
 class FaultyS3Proxy:
@@ -44,7 +50,7 @@ class FaultyS3Proxy:
     for the next requests, in order, before any drawn at random (``proxy.planned.append("lost")``).
     `stats` counts the requests seen and the faults of each kind; `puts` counts, per object
     (``bucket/key``), the writes the server applied (PUT of an object or a copy, and completed
-    multipart uploads).
+    multipart uploads).  `read_only` refuses every write with 403 AccessDenied (read-only credentials).
     """
 
     def __init__(self, upstream: str, seed: int = 0, fail: float = 0.1, kinds: tuple[str, ...] = ("503", "reset", "delay"),
@@ -57,6 +63,7 @@ class FaultyS3Proxy:
             raise ValueError(f"upstream {upstream!r} must be an http:// URL with a host")
         self.upstream = (parts.hostname, parts.port or 80)
         self.seed, self.fail, self.kinds, self.delay = seed, fail, tuple(kinds), delay
+        self.read_only = False
         self.stats: Counter = Counter()
         self.puts: Counter = Counter()
         self.planned: deque[str] = deque()
@@ -208,19 +215,25 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         finally:
             upstream.close()
 
+    def _error(self, status: int, reason: str, body: bytes) -> None:
+        """Answer with S3's XML error body, without forwarding."""
+        self.send_response_only(status, reason)
+        for name, value in (("Content-Type", "application/xml"), ("Content-Length", str(len(body))),
+                            ("x-amz-request-id", "gradlake-fault")):
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
     def _handle(self) -> None:
         body = self._body()  # read whole before any fault, so a kept-alive connection stays in step
+        if self.owner.read_only and self.command in _WRITES:
+            self.owner.count("refused")
+            return self._error(403, "Forbidden", _ACCESS_DENIED)
         kind, pause = self.owner.draw(self.command, self.path)
         if kind:
             self.owner.count(kind)
         if kind == "503":
-            self.send_response_only(503, "Slow Down")
-            for name, value in (("Content-Type", "application/xml"), ("Content-Length", str(len(_SLOW_DOWN))),
-                                ("x-amz-request-id", "gradlake-fault")):
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(_SLOW_DOWN)
-            return
+            return self._error(503, "Slow Down", _SLOW_DOWN)
         if kind == "reset":
             return self._abort()
         if kind == "delay":

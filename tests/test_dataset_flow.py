@@ -136,3 +136,25 @@ def test_paraphrase_then_generate_through_the_flow(tiny_models, probe_file, tmp_
     assert rows.loc[generated_variant, "lineage.from_version"] == versions["paraphrased"]
     create_dataset(spec)
     assert len(openai_server.successes()) == 5, "a rerun pays for nothing"
+
+
+def test_a_refused_key_or_a_missing_one_writes_nothing(probe_file, tmp_path, openai_server, monkeypatch):
+    """Every check of the flow, the API's acceptance of the key included, comes before the first write."""
+    from gradlake.tasks.paraphrase import ParaphraseError, ParaphraseSpec
+
+    lake = tmp_path / "lake"
+    spec = DatasetSpec(name="mini", source=SourceSpec(source=str(probe_file), n=5, seed=1),
+                       paraphrase=ParaphraseSpec(model=openai_server.models[0], base_url=openai_server.base_url,
+                                                 max_retries=0),
+                       lake=str(lake))
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-revoked")
+    state = create_dataset(spec, return_state=True)
+    with pytest.raises(ParaphraseError, match="rejected the key"):
+        state.result()
+    assert set(openai_server.statuses()) == {401}
+    assert not any(lake.rglob("*")), sorted(lake.rglob("*"))
+    monkeypatch.delenv("OPENAI_API_KEY")
+    state = create_dataset(spec, return_state=True)
+    with pytest.raises(ParaphraseError, match=r"\$OPENAI_API_KEY is unset"):
+        state.result()
+    assert not any(lake.rglob("*")), sorted(lake.rglob("*"))

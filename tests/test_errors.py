@@ -102,3 +102,53 @@ def test_bad_input_is_not_retried(tiny_models, lake_dir):
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
     assert [(r.name.rsplit("-", 1)[0], r.run_count) for r in runs] == [("plan-and-create-group", 1)]
     assert_nothing_written(lake_dir)
+
+
+def _bad_sources(directory: Path) -> dict[str, tuple[Path, str, str]]:
+    """Source files that cannot become a probe set: name -> (file, what the error says is wrong, what it accepts)."""
+    import json
+
+    rows = "each row needs a 'messages' list of role/content pairs, a 'conversations' list of strings"
+    cases = {
+        "invalid-json": ("bad.jsonl", "{not json\n{\"id\": 1,\n", "dropped: {'not valid JSON': 2}", rows),
+        "empty-file": ("empty.jsonl", "", "has no usable row (0 read", rows),
+        "non-utf8": ("latin1.jsonl", json.dumps({"id": "a", "prompt": "caf\u00e9", "response": "x"}, ensure_ascii=False)
+                     .encode("latin-1") + b"\n", "'utf-8' codec can't decode", "UTF-8 text, one JSON object per line"),
+        "system-turns-only": ("system.jsonl", json.dumps({"id": "a", "messages": [{"role": "system", "content": "Be brief."}]}),
+                              "dropped: {'no user turn': 1}", rows),
+        "unexpected-schema": ("schema.jsonl", json.dumps({"id": "a", "text": "no chat here"}),
+                              "dropped: {'no messages, conversations or prompt/response columns': 1}", rows),
+        "garbage-parquet": ("garbage.parquet", b"PAR1 this is not parquet", "Parquet magic bytes not found",
+                            "a complete Parquet file"),
+        "csv": ("data.csv", "prompt,response\nHi?,Hello.\n", "has suffix '.csv'", "'.jsonl', '.json', '.parquet', '.arrow'"),
+        "missing-file": ("missing.jsonl", None, "does not exist", "pass a .jsonl, .parquet or .arrow file"),
+    }
+    out = {}
+    for case, (name, content, wrong, accepted) in cases.items():
+        path = directory / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif content is not None:
+            path.write_text(content)
+        out[case] = (path, wrong, accepted)
+    return out
+
+
+@pytest.mark.parametrize("case", ["invalid-json", "empty-file", "non-utf8", "system-turns-only", "unexpected-schema",
+                                  "garbage-parquet", "csv", "missing-file"])
+def test_a_bad_dataset_source_is_one_line_before_prefect_starts(case, tmp_path):
+    """Through the real command: no Prefect traceback, only the error, and the lake stays empty."""
+    import os
+    import subprocess
+    import sys
+
+    path, wrong, accepted = _bad_sources(tmp_path)[case]
+    lake = tmp_path / "lake"
+    done = subprocess.run([str(Path(sys.executable).parent / "gradlake"), "dataset", "create", "--name", "mini",
+                           "--source", str(path), "--lake", str(lake)], env={**os.environ, "COLUMNS": "200"},
+                          capture_output=True, text=True, timeout=300)
+    lines = done.stderr.splitlines()
+    assert (done.returncode, done.stdout, len(lines)) == (2, "", 1), done.stderr
+    assert lines[0].startswith("error: ") and repr(str(path)) in lines[0], lines[0]
+    assert wrong in lines[0] and accepted in lines[0], lines[0]
+    assert not lake.exists() or not any(lake.rglob("*")), "an error must come before any write"

@@ -109,3 +109,23 @@ def test_unknown_hub_dataset_is_one_clear_error(monkeypatch):
 def test_missing_local_file():
     with pytest.raises(SourceError, match=r"source file '/no/such/file.jsonl' does not exist"):
         load_source(SourceSpec(source="/no/such/file.jsonl"))
+
+
+def test_an_id_that_is_not_a_string_or_integer_drops_its_row_and_says_why(tmp_path):
+    """The row's own id is unusable: it is reported, not silently replaced by a content hash."""
+    import numpy as np
+
+    rows = [{"id": "ok", "prompt": "Q?", "response": "A."},
+            {"id": ["x", "y"], "prompt": "Listed?", "response": "Yes."},
+            {"id": {"n": 1}, "prompt": "Mapped?", "response": "Yes."}]
+    frame, loaded = load_source(SourceSpec(source=str(write_jsonl(tmp_path / "ids.jsonl", rows))))
+    assert frame["id"].tolist() == ["ok"], "no row is kept under an id its source did not give"
+    report = loaded.report()
+    assert report["dropped_by_reason"] == {"id is a list, not a string or integer": 1,
+                                           "id is a dict, not a string or integer": 1}
+    assert report["dropped_ids"] == ["row-1", "row-2"] and report["rows_read"] == 3
+    # Parquet hands a list column over as numpy arrays: the same row, the same report.
+    from_parquet = normalise(pd.DataFrame({"id": [np.array(["x", "y"]), "ok"], "prompt": ["Listed?", "Q?"],
+                                           "response": ["Yes.", "A."]}))
+    assert from_parquet.frame["id"].tolist() == ["ok"]
+    assert from_parquet.report()["dropped_by_reason"] == {"id is a list, not a string or integer": 1}
