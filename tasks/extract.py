@@ -470,7 +470,7 @@ def check_finite(losses: torch.Tensor, grads: dict[str, torch.Tensor], projected
         if first is None and bool(rows_bad.any()):
             first = name
         bad |= rows_bad
-    ids = np.asarray(group.group["sample"][:])[rows[bad.cpu().numpy()]].tolist()
+    ids = sorted(np.asarray(group.group["sample"][:])[rows[bad.cpu().numpy()]].tolist())
     loss_bad = bool((~torch.isfinite(losses)).any())
     what = " and ".join([*(["the loss"] if loss_bad else []), *([f"the gradients ({first} first)"] if first else [])])
     cause = ""
