@@ -14,7 +14,7 @@ from gradlake.lake.store import LakeStore
 from gradlake.lake.store import default_lake
 from gradlake.tasks.retries import retry_unless_bad_input
 from gradlake.tasks.generate import generate_task
-from gradlake.tasks.model import ModelSpec, check_model, lake_names, resolved_commit
+from gradlake.tasks.model import ModelSpec, check_model, check_weights, lake_names, load_tokenizer, resolved_commit
 from gradlake.tasks.paraphrase import ParaphraseSpec, paraphrase_task, prompt_hash, resolve_api_key
 from gradlake.tasks.sources import SourceSpec, load_source
 
@@ -61,6 +61,10 @@ def check_dataset_spec(spec: DatasetSpec) -> None:
                          "add paraphrase settings or set generate_from='original'")
     for model in spec.generate:
         check_model(model)
+        check_weights(model.resolved(), check_model(model), device_here=False)  # files and headers, no weight read
+        if load_tokenizer(model.resolved()).chat_template is None:  # or generation would fail after the first writes
+            raise ValueError(f"the tokenizer of {model.model!r} has no chat template, so its prompts cannot be rendered "
+                             "for generation; generate with a chat model's checkpoint")
     if spec.paraphrase is not None:
         resolve_api_key(spec.paraphrase)  # a missing key is known now; a refused one at the API's first answer
     LakeStore(spec.lake).check_writable()

@@ -8,6 +8,7 @@ a max_length beyond the model's positions is capped when the extraction is plann
 from __future__ import annotations
 
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -198,8 +199,15 @@ def said(lake: str, text: str) -> int:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # run logs are shipped in batches, in the background
     with get_client(sync_client=True) as client:
         runs = [r.id for r in client.read_flow_runs(limit=200) if r.parameters.get("spec", {}).get("lake") == lake]
         assert runs, f"no flow run on {lake}"
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=runs)), limit=200)
+        for _ in range(60):  # and written by the server after it answers
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=runs)), limit=200)
+            if any(text in log.message for log in logs):
+                break
+            time.sleep(0.5)
     return sum(text in log.message for log in logs)

@@ -158,3 +158,25 @@ def test_a_refused_key_or_a_missing_one_writes_nothing(probe_file, tmp_path, ope
     with pytest.raises(ParaphraseError, match=r"\$OPENAI_API_KEY is unset"):
         state.result()
     assert not any(lake.rglob("*")), sorted(lake.rglob("*"))
+
+
+def test_a_generator_without_a_chat_template_writes_nothing(tiny_models, probe_file, tmp_path):
+    """Generation needs the tokenizer's chat template: a checkpoint without one is refused before the original is stored."""
+    import shutil
+
+    where = tmp_path / "no-template" / "checkpoint-1"
+    shutil.copytree(tiny_models["olmo2"] / "checkpoint-1", where)
+    (where / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((where / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (where / "tokenizer_config.json").write_text(json.dumps(config))
+    assert AutoTokenizer.from_pretrained(where).chat_template is None
+    lake = tmp_path / "lake"
+    spec = DatasetSpec(name="mini", source=SourceSpec(source=str(probe_file), n=4, seed=0),
+                       generate=[ModelSpec(model=str(where.parent), checkpoint="checkpoint-1")],
+                       generate_from="original", max_new_tokens=4, lake=str(lake))
+    state = create_dataset(spec, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ValueError, match="has no chat template, so its prompts cannot be rendered"):
+        state.result()
+    assert not (lake / "datasets").exists()

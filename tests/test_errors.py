@@ -134,21 +134,59 @@ def _bad_sources(directory: Path) -> dict[str, tuple[Path, str, str]]:
     return out
 
 
-@pytest.mark.parametrize("case", ["invalid-json", "empty-file", "non-utf8", "system-turns-only", "unexpected-schema",
-                                  "garbage-parquet", "csv", "missing-file"])
-def test_a_bad_dataset_source_is_one_line_before_prefect_starts(case, tmp_path):
-    """Through the real command: no Prefect traceback, only the error, and the lake stays empty."""
+BAD_SOURCES = ["invalid-json", "empty-file", "non-utf8", "system-turns-only", "unexpected-schema", "garbage-parquet", "csv",
+               "missing-file"]
+# Runs `gradlake.flows.cli.main` once per case in one process (a process start costs ~10 s here), each with
+# file descriptors 1 and 2 on files of its own: whatever Prefect or Python would print reaches them.
+_DRIVER = """
+import json, os, sys
+from gradlake.flows.cli import main
+where, cases, codes = sys.argv[1], json.loads(sys.argv[2]), {}
+for case, argv in cases.items():
+    saved = os.dup(1), os.dup(2)
+    with open(os.path.join(where, case + ".out"), "w") as out, open(os.path.join(where, case + ".err"), "w") as err:
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        try:
+            sys.argv = ["gradlake", *argv]
+            main()
+            codes[case] = 0
+        except SystemExit as ended:
+            codes[case] = ended.code if isinstance(ended.code, int) else 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+print(json.dumps(codes))
+"""
+
+
+@pytest.fixture(scope="module")
+def bad_source_runs(tmp_path_factory):
+    """Each bad source through the real command: (exit code, stdout, stderr lines, the file, the lake) by case."""
+    import json
     import os
     import subprocess
     import sys
 
-    path, wrong, accepted = _bad_sources(tmp_path)[case]
-    lake = tmp_path / "lake"
-    done = subprocess.run([str(Path(sys.executable).parent / "gradlake"), "dataset", "create", "--name", "mini",
-                           "--source", str(path), "--lake", str(lake)], env={**os.environ, "COLUMNS": "200"},
-                          capture_output=True, text=True, timeout=300)
-    lines = done.stderr.splitlines()
-    assert (done.returncode, done.stdout, len(lines)) == (2, "", 1), done.stderr
+    root = tmp_path_factory.mktemp("bad-sources")
+    sources = _bad_sources(root)
+    argv = {case: ["dataset", "create", "--name", "mini", "--source", str(sources[case][0]), "--lake", str(root / f"lake-{case}")]
+            for case in BAD_SOURCES}
+    done = subprocess.run([sys.executable, "-c", _DRIVER, str(root), json.dumps(argv)], env={**os.environ, "COLUMNS": "200"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    codes = json.loads(done.stdout.strip().splitlines()[-1])
+    return {case: (codes[case], (root / f"{case}.out").read_text(), (root / f"{case}.err").read_text().splitlines(),
+                   sources[case], root / f"lake-{case}") for case in BAD_SOURCES}
+
+
+@pytest.mark.parametrize("case", BAD_SOURCES)
+def test_a_bad_dataset_source_is_one_line_before_prefect_starts(case, bad_source_runs):
+    """Through the real command: no Prefect traceback, only the error, and the lake stays empty."""
+    code, stdout, lines, (path, wrong, accepted), lake = bad_source_runs[case]
+    assert (code, stdout, len(lines)) == (2, "", 1), "\n".join(lines)
     assert lines[0].startswith("error: ") and repr(str(path)) in lines[0], lines[0]
     assert wrong in lines[0] and accepted in lines[0], lines[0]
     assert not lake.exists() or not any(lake.rglob("*")), "an error must come before any write"
