@@ -122,12 +122,15 @@ def test_unsupported_architecture_is_refused_before_anything_is_written(tiny_gpt
     assert not (lake / "gradients").exists()
 
 
-def poisoned_copy(tiny_models, tmp_path, name: str) -> str:
-    """The tiny OLMo-2 checkpoint with one NaN in `name`."""
+def poisoned_copy(tiny_models, tmp_path, name: str, value: float = float("nan"), scale: float | None = None) -> str:
+    """The tiny OLMo-2 checkpoint with one `value` (NaN unless told) in `name`, or all of `name` times `scale`."""
     where = tmp_path / "poisoned" / "checkpoint-1"
     shutil.copytree(tiny_models["olmo2"] / "checkpoint-1", where)
     weights = load_file(where / "model.safetensors")
-    weights[name][0, 0] = float("nan")
+    if scale is None:
+        weights[name].view(-1)[0] = value
+    else:
+        weights[name] = weights[name] * scale
     save_file(weights, where / "model.safetensors", metadata={"format": "pt"})
     return str(where.parent)
 
@@ -163,6 +166,31 @@ def test_nan_weights_fail_the_shard_naming_the_samples_and_the_tensor(tiny_model
                                  "--batch-size", "2", "--max-length", "128", "--lake", lake,
                                  "--layers", "model.layers.*.mlp.down_proj.weight"])
     assert result.exit_code == 2 and result.output.startswith("error: original shard 0") and "NaN or Inf" in result.output
+
+
+@pytest.mark.parametrize("case", ["inf-weight", "float16-overflow"])
+def test_infinite_values_fail_the_shard_and_say_the_likely_cause(case, tiny_models, tmp_path):
+    """An Inf weight is named like a NaN one; finite weights whose float16 logits overflow (65504) are told apart."""
+    from gradlake.flows.extract import extract_gradients
+    from gradlake.tasks.extract import ExtractionSpec, plan_extraction
+    from gradlake.tasks.model import ModelSpec
+
+    if case == "inf-weight":
+        model, dtype = poisoned_copy(tiny_models, tmp_path, "model.layers.0.mlp.up_proj.weight", float("inf")), "float32"
+        cause = "weights hold NaN or Inf values (model.layers.0.mlp.up_proj.weight first)"
+    else:  # the final norm's scale times 2e4 is finite in float16, the logits it gives are not
+        model, dtype = poisoned_copy(tiny_models, tmp_path, "model.norm.weight", scale=2e4), "float16"
+        cause = "the weights are finite, so the float16 computation overflowed: try dtype float32"
+    lake = str(tmp_path / "lake")
+    write_probe(lake, 2)
+    spec = ExtractionSpec(model=ModelSpec(model=model, checkpoint="checkpoint-1", dtype=dtype), shard_size=2,
+                          batch_size=2, max_length=64, layers=["lm_head.weight"], lake=lake)
+    state = extract_gradients(spec, return_state=True)
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert "NaN or Inf in the loss and the gradients (lm_head.weight first) of 2 samples ['probe-0001', 'probe-0002']" in message, message
+    assert cause in message, message
+    assert GradientGroup.open(LakeStore(lake), plan_extraction(spec).path).pending_chunks() == [0]
 
 
 def test_max_length_beyond_the_positions_is_capped_and_said_once(tiny_models, tmp_path):
