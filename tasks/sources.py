@@ -12,8 +12,8 @@ their reason, never silently.  Accepted row shapes:
 The id is the source's own (``id``, ``prompt_id``, ``uid``, ``sample_id``) when it has
 one, else ``h-`` and 16 hex digits of a hash of the messages, which survives any
 reordering of the source.  A row whose id column holds something that is not a string or
-an integer (a list, a mapping) is dropped and reported: its own id cannot be kept, and a
-hash in its place would hide that.
+an integer (a list, a mapping, a boolean) or a blank string is dropped and reported: its own
+id cannot be kept, and a hash in its place would hide that.
 """
 
 from __future__ import annotations
@@ -198,11 +198,12 @@ def _row_id(row: dict, messages) -> tuple[str | None, str | None]:
         value = row.get(column)
         if isinstance(value, (float, np.floating)) and float(value).is_integer():
             value = int(value)
-        if isinstance(value, (str, int, np.integer)) and str(value):
+        if isinstance(value, (str, int, np.integer)) and not isinstance(value, (bool, np.bool_)) and str(value).strip():
             return str(value), None
-        if unusable is None and value is not None and not isinstance(value, str):
+        if unusable is None and value is not None:
             kind = "list" if isinstance(value, (list, tuple, np.ndarray)) else type(value).__name__
-            unusable = f"{column} is a {kind}, not a string or integer"
+            unusable = (f"{column} is empty" if isinstance(value, str)
+                        else f"{column} is a {kind}, not a string or integer")
     if unusable is None and isinstance(messages, list):
         return "h-" + hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16], None
     return None, unusable

@@ -117,13 +117,17 @@ def test_an_id_that_is_not_a_string_or_integer_drops_its_row_and_says_why(tmp_pa
 
     rows = [{"id": "ok", "prompt": "Q?", "response": "A."},
             {"id": ["x", "y"], "prompt": "Listed?", "response": "Yes."},
-            {"id": {"n": 1}, "prompt": "Mapped?", "response": "Yes."}]
+            {"id": {"n": 1}, "prompt": "Mapped?", "response": "Yes."},
+            {"id": True, "prompt": "Boolean?", "response": "Yes."},
+            {"id": " ", "prompt": "Blank?", "response": "Yes."},
+            {"id": 7, "prompt": "Numbered?", "response": "Yes."}]
     frame, loaded = load_source(SourceSpec(source=str(write_jsonl(tmp_path / "ids.jsonl", rows))))
-    assert frame["id"].tolist() == ["ok"], "no row is kept under an id its source did not give"
+    assert frame["id"].tolist() == ["ok", "7"], "no row is kept under an id its source did not give"
     report = loaded.report()
     assert report["dropped_by_reason"] == {"id is a list, not a string or integer": 1,
-                                           "id is a dict, not a string or integer": 1}
-    assert report["dropped_ids"] == ["row-1", "row-2"] and report["rows_read"] == 3
+                                           "id is a dict, not a string or integer": 1,
+                                           "id is a bool, not a string or integer": 1, "id is empty": 1}
+    assert report["dropped_ids"] == ["row-1", "row-2", "row-3", "row-4"] and report["rows_read"] == 6
     # Parquet hands a list column over as numpy arrays: the same row, the same report.
     from_parquet = normalise(pd.DataFrame({"id": [np.array(["x", "y"]), "ok"], "prompt": ["Listed?", "Q?"],
                                            "response": ["Yes.", "A."]}))
