@@ -104,11 +104,13 @@ def error_chain(err: BaseException) -> list[BaseException]:
     return seen
 
 
-def storage_problem(err: BaseException, url: str | None, storage_options: dict | None = None) -> str | None:
+def storage_problem(err: BaseException, url: str | None, storage_options: dict | None = None,
+                    writing: bool = False) -> str | None:
     """One line naming a storage failure the user can fix and what to check, or None for any other error.
 
     Covers an S3 endpoint that does not answer, missing or refused credentials, and a local directory
     without permission (`url` None: a lake not known here, so only what botocore raised is read).
+    `writing`: the refused request was a write, so the credentials need write access, not only read.
     No credential is ever part of the line.
     """
     chain = error_chain(err)
@@ -135,7 +137,7 @@ def storage_problem(err: BaseException, url: str | None, storage_options: dict |
     if on_s3 and (codes & _REFUSED_CODES or "PermissionError" in kinds):
         code = min(codes & _REFUSED_CODES, default="access denied")
         return (f"S3 refused access to {where} ({code}); check that the credentials in AWS_ACCESS_KEY_ID / "
-                "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) are current and may read this bucket")
+                f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) are current and may {'write to' if writing else 'read'} this bucket")
     if url and "PermissionError" in kinds:
         return f"permission denied on lake {where}; check the directory's owner and mode"
     return None
@@ -272,7 +274,7 @@ class LakeStore:
             self.fs.pipe_file(probe, b"")
             self.fs.rm_file(probe)
         except Exception as err:
-            problem = storage_problem(err, self.url, self.storage_options)
+            problem = storage_problem(err, self.url, self.storage_options, writing=True)
             if problem:
                 raise LakeError(f"lake {public_url(self.url)!r} is not writable: {problem}") from None
             raise LakeError(f"lake {public_url(self.url)!r} is not writable ({type(err).__name__}: {err}); "

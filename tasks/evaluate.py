@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gradlake.lake import layout
 from gradlake.lake.gradients import ATTR
-from gradlake.lake.store import LakeError, LakeStore, default_lake
+from gradlake.lake.store import LakeError, LakeStore, default_lake, public_url
 from gradlake.tasks.gradients import INPUTS_EMBEDS
 from gradlake.tasks.metrics import (bm25_candidates, bm25_scores, candidate_correct, cosine_from_parts, rank_metrics,
                                     thesis_bm25_scores, thesis_candidates, true_ranks)
@@ -149,15 +149,17 @@ def _some(names: list[str], shown: int = 3) -> str:
     return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
 
 
-def tensor_mismatch(query_label: str, original: dict, query: dict) -> str | None:
+def tensor_mismatch(query_label: str, original: dict, query: dict, query_at: str | None = None) -> str | None:
     """Why a query group's tensors cannot be compared with the originals' (one line), or None when they can.
 
     `original` and `query` are the groups' gradlake metadata (plan and lineage).  Both must hold the
     same tensors of the same shapes; the line names the tensors that differ and the extraction that
-    would give a query group the originals' tensors."""
+    would give a query group the originals' tensors.  An extraction never replaces a group made with
+    other settings, so the line says to remove the query group (at `query_at`, its URL) first."""
     ours, theirs = original["plan"]["parameters"], query["plan"]["parameters"]
     if ours == theirs:
         return None
+    redo = f"remove the {query_label} group{f' at {query_at}' if query_at else ''} and extract {query_label} again"
     only_original, only_query = [n for n in ours if n not in theirs], [n for n in theirs if n not in ours]
     if only_original or only_query:
         patterns = original["lineage"].get("layer_patterns")
@@ -165,11 +167,11 @@ def tensor_mismatch(query_label: str, original: dict, query: dict) -> str | None
                   else "no --layers: every parameter" if patterns is not None else f"its {len(ours)} tensors")
         held = "; ".join(f"only {side} has {_some(names)}" for side, names in
                          ((f"the {query_label} group", only_query), ("the original group", only_original)) if names)
-        return (f"the {query_label} gradients hold other tensors than the originals' ({held}); extract "
-                f"{query_label} with the originals' layers ({layers}), or evaluate a query variant extracted with them")
+        return (f"the {query_label} gradients hold other tensors than the originals' ({held}); {redo} "
+                f"with the originals' layers ({layers}), or evaluate a query variant extracted with them")
     shaped = _some([f"{n}: {ours[n]} vs {theirs[n]}" for n in ours if ours[n] != theirs[n]], 2)
-    return (f"the original and {query_label} gradients hold tensors of other shapes ({shaped}); extract "
-            f"{query_label} with the originals' max_length ({original['lineage'].get('max_length')})")
+    return (f"the original and {query_label} gradients hold tensors of other shapes ({shaped}); {redo} "
+            f"with the originals' max_length ({original['lineage'].get('max_length')})")
 
 
 def evaluation_subdir(spec: "EvaluationSpec") -> str:
@@ -207,7 +209,8 @@ class Evaluation:
                     for r in rendering]
             raise LakeError(f"the original and {query_variant} gradients were rendered differently ({said[0]} vs "
                             f"{said[1]}); extract both with the same chat_template and labels")
-        mismatch = tensor_mismatch(query_variant, _meta(self.originals), _meta(self.query))
+        mismatch = tensor_mismatch(query_variant, _meta(self.originals), _meta(self.query),
+                                   public_url(f"{self.store.url.rstrip('/')}/{self.query_dir}/{self.stem}-store"))
         if mismatch:
             raise LakeError(mismatch)
         doc_ids = [str(s) for s in self.originals["sample"][:]]

@@ -64,6 +64,9 @@ def test_query_group_with_other_layers_names_the_tensors_and_the_layers_to_use(l
     assert "only the paraphrased group has model.layers.0.mlp.down_proj.weight" in line, line
     assert "only the original group has model.layers.1.mlp.down_proj.weight" in line, line
     assert "--layers 'lm_head.weight' --layers 'model.layers.1.mlp.down_proj.weight'" in line, line
+    # an extraction never replaces a group of other settings: the line names the one to remove first
+    held = next(lake.glob("gradients/*/checkpoint-1/mixed/paraphrased/*-store"))
+    assert f"remove the paraphrased group at file://{held} and extract paraphrased again" in line, line
     assert files(lake) == before and not (lake / "evaluations").exists()
 
 
@@ -108,7 +111,7 @@ def test_read_only_s3_lake(read_only_s3_lake, tiny_models):
     before = keys()
     assert any(k.endswith("/paraphrased/sft-store/zarr.json") for k in before), "the lake must hold the groups to evaluate"
     code, line = evaluate_cli(tiny_models["olmo2"], url)
-    assert code == 2 and f"lake '{url}' is not writable" in line and "AccessDenied" in line, line
+    assert code == 2 and f"lake '{url}' is not writable" in line and "AccessDenied" in line and "may write to this bucket" in line, line
     assert proxy.stats["refused"] >= 1, "the write probe must have been refused, not skipped"
     assert keys() == before
 
@@ -143,6 +146,7 @@ def test_tensor_mismatch_names_shapes_and_the_default_layers():
     assert tensor_mismatch("paraphrased", embeds, meta({"inputs_embeds": [128, 64]})) is None
     line = tensor_mismatch("paraphrased", embeds, meta({"inputs_embeds": [256, 64]}))
     assert "tensors of other shapes (inputs_embeds: [128, 64] vs [256, 64])" in line and "max_length (128)" in line, line
+    assert "remove the paraphrased group and extract paraphrased again with the originals' max_length" in line, line
     everything = meta({f"t{i}": [2] for i in range(5)}, layer_patterns=[])
     line = tensor_mismatch("model_generated", everything, meta({"t0": [2]}))
     assert "only the original group has t1, t2, t3, ... (4 in all)" in line and "(no --layers: every parameter)" in line, line
