@@ -562,9 +562,11 @@ def main() -> None:
     # That temporary server starts in about 25 s on a busy two-core machine, past Prefect's 20 s default wait.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     # Without PREFECT_API_URL, Prefect starts a temporary server that a killed CLI would leave running.
+    from gradlake.flows.console import hide_told_tracebacks
     from gradlake.flows.temporary_server import end_with_this_process
 
     end_with_this_process()
+    hide_told_tracebacks()  # each such error ends the command in its own `error:` line
     try:
         app()
     except Exception as err:

@@ -103,7 +103,8 @@ def _encode_all(tokenizer, frame, spec: ExtractionSpec, template: str | None, ma
     empty = [sid for sid, e in zip(frame["id"], encoded) if not any(e.label_mask[1:])]
     if empty:
         raise ValueError(
-            f"{len(empty)} samples have no {spec.paradigm} loss token within max_length {max_length} "
+            f"{len(empty)} {'sample has' if len(empty) == 1 else 'samples have'} no {spec.paradigm} loss token "
+            f"within max_length {max_length} "
             f"(first: {empty[:5]}); raise max_length or drop them from the dataset"
         )
     return encoded
@@ -497,10 +498,11 @@ def prepare_extraction_task(spec: ExtractionSpec, device_here: bool = True) -> t
     for note in planned.notes:
         get_run_logger().warning(note)
     get_run_logger().info(
-        "group %s in %s: %d samples in chunks of %d, %d tensors%s; %d/%d shards of %d samples to do",
+        "group %s in %s: %d samples in chunks of %d, %d tensor%s%s; %d/%d shards of up to %d samples to do",
         planned.path, planned.store.url, planned.plan.n_samples, group.plan.chunk_rows, len(planned.lineage["layers"]),
+        "" if len(planned.lineage["layers"]) == 1 else "s",
         f", {len(planned.projections)} projections on the fly" if planned.projections else "",
-        len(pending), layout.n_shards(planned.plan.n_samples, spec.shard_size), spec.shard_size,
+        len(pending), layout.n_shards(planned.plan.n_samples, spec.shard_size), min(spec.shard_size, planned.plan.n_samples),
     )
     return planned.path, pending
 

@@ -190,3 +190,77 @@ def test_a_bad_dataset_source_is_one_line_before_prefect_starts(case, bad_source
     assert lines[0].startswith("error: ") and repr(str(path)) in lines[0], lines[0]
     assert wrong in lines[0] and accepted in lines[0], lines[0]
     assert not lake.exists() or not any(lake.rglob("*")), "an error must come before any write"
+
+
+# -- failures only the run can find ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def in_run_failures(tiny_models, tmp_path_factory):
+    """A NaN weight and a key the API refuses, each through the real command: (exit code, stdout, stderr lines) by case."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from gradlake.tasks.probes import load_probe_set
+    from openai_server import FakeOpenAI
+    from test_architectures import poisoned_copy
+
+    root = tmp_path_factory.mktemp("in-run")
+    model = poisoned_copy(tiny_models, root, "model.layers.1.mlp.down_proj.weight")
+    write_probe(str(root / "lake-nan"), 4)
+    source = root / "probes.jsonl"
+    rows = load_probe_set().head(4)[["id", "instruction", "answer"]].to_dict(orient="records")
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    server = FakeOpenAI().start()
+    argv = {"nan-weights": ["extract", "--model", model, "--checkpoint", "checkpoint-1", "--layers", "lm_head.weight",
+                            "--max-length", "256", "--lake", str(root / "lake-nan")],
+            "refused-key": ["dataset", "create", "--name", "mini", "--source", str(source), "--paraphrase",
+                            "--paraphrase-model", server.models[0], "--base-url", server.base_url,
+                            "--lake", str(root / "lake-key")]}
+    try:
+        done = subprocess.run([sys.executable, "-c", _DRIVER, str(root), json.dumps(argv)],
+                              env={**os.environ, "COLUMNS": "200", "OPENAI_API_KEY": "sk-revoked"},
+                              capture_output=True, text=True, timeout=600)
+    finally:
+        server.stop()
+    assert done.returncode == 0, done.stderr[-3000:]
+    codes = json.loads(done.stdout.strip().splitlines()[-1])
+    return {case: (codes[case], (root / f"{case}.out").read_text(), (root / f"{case}.err").read_text().splitlines())
+            for case in argv}
+
+
+@pytest.mark.parametrize("case, said", [("nan-weights", "NaN or Inf in the loss and the gradients"),
+                                        ("refused-key", "rejected the key from $OPENAI_API_KEY (401)")])
+def test_a_failure_found_in_the_run_ends_in_its_line_without_prefects_traceback(case, said, in_run_failures):
+    """Prefect logs the failed task and flow in a line each; the traceback of an error gradlake told stays on the server."""
+    code, stdout, lines = in_run_failures[case]
+    assert code == 2, "\n".join(lines)
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and said in errors[0], "\n".join(lines)
+    assert not any("Traceback" in line or line.startswith("  File ") for line in lines), "\n".join(lines)
+    assert "sk-revoked" not in stdout + "\n".join(lines)
+
+
+def test_only_an_error_gradlake_raised_loses_its_traceback():
+    """A ValueError from a library (a bug, not bad input) keeps its traceback on the console."""
+    import logging
+
+    import numpy as np
+
+    from gradlake.flows.console import _WithoutToldTraceback, told
+    from gradlake.tasks.tiny import tiny_config
+
+    caught = {}
+    for name, call in (("ours", lambda: tiny_config("gptneox", 10)), ("numpy's", lambda: np.zeros(2).reshape(3))):
+        try:
+            call()
+        except ValueError as err:
+            caught[name] = err
+    assert told(caught["ours"]) and not told(caught["numpy's"]) and not told(ValueError("never raised"))
+    formatter = _WithoutToldTraceback(logging.Formatter("%(message)s"))
+    for name, err in caught.items():
+        record = logging.LogRecord("prefect.flow_runs", logging.ERROR, __file__, 1, "failed", None, (type(err), err, err.__traceback__))
+        shown = formatter.format(record)
+        assert ("Traceback" in shown) == (name == "numpy's"), shown
+        assert record.exc_info is not None, "the record itself is left whole for the server's log"
