@@ -210,7 +210,7 @@ class Evaluation:
             raise LakeError(f"the original and {query_variant} gradients were rendered differently ({said[0]} vs "
                             f"{said[1]}); extract both with the same chat_template and labels")
         mismatch = tensor_mismatch(query_variant, _meta(self.originals), _meta(self.query),
-                                   public_url(f"{self.store.url.rstrip('/')}/{self.query_dir}/{self.stem}-store"))
+                                   public_url(f"{self.store.url}/{self.query.path}"))
         if mismatch:
             raise LakeError(mismatch)
         doc_ids = [str(s) for s in self.originals["sample"][:]]

@@ -198,7 +198,7 @@ def _row_id(row: dict, messages) -> tuple[str | None, str | None]:
         value = row.get(column)
         if isinstance(value, (float, np.floating)) and float(value).is_integer():
             value = int(value)
-        if isinstance(value, (str, int, np.integer)) and not isinstance(value, (bool, np.bool_)) and str(value).strip():
+        if isinstance(value, (str, int, np.integer)) and not isinstance(value, bool) and str(value).strip():
             return str(value), None
         if unusable is None and value is not None:
             kind = "list" if isinstance(value, (list, tuple, np.ndarray)) else type(value).__name__

@@ -162,24 +162,29 @@ print(json.dumps(codes))
 """
 
 
-@pytest.fixture(scope="module")
-def bad_source_runs(tmp_path_factory):
-    """Each bad source through the real command: (exit code, stdout, stderr lines, the file, the lake) by case."""
+def run_commands(root: Path, argv: dict[str, list[str]], **env: str) -> dict[str, tuple[int, str, list[str]]]:
+    """Each command line through `_DRIVER` in one process: (exit code, stdout, stderr lines) by case."""
     import json
     import os
     import subprocess
     import sys
 
+    done = subprocess.run([sys.executable, "-c", _DRIVER, str(root), json.dumps(argv)],
+                          env={**os.environ, "COLUMNS": "200", **env}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    codes = json.loads(done.stdout.strip().splitlines()[-1])
+    return {case: (codes[case], (root / f"{case}.out").read_text(), (root / f"{case}.err").read_text().splitlines())
+            for case in argv}
+
+
+@pytest.fixture(scope="module")
+def bad_source_runs(tmp_path_factory):
+    """Each bad source through the real command: (exit code, stdout, stderr lines, the file, the lake) by case."""
     root = tmp_path_factory.mktemp("bad-sources")
     sources = _bad_sources(root)
     argv = {case: ["dataset", "create", "--name", "mini", "--source", str(sources[case][0]), "--lake", str(root / f"lake-{case}")]
             for case in BAD_SOURCES}
-    done = subprocess.run([sys.executable, "-c", _DRIVER, str(root), json.dumps(argv)], env={**os.environ, "COLUMNS": "200"},
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    codes = json.loads(done.stdout.strip().splitlines()[-1])
-    return {case: (codes[case], (root / f"{case}.out").read_text(), (root / f"{case}.err").read_text().splitlines(),
-                   sources[case], root / f"lake-{case}") for case in BAD_SOURCES}
+    return {case: (*ran, sources[case], root / f"lake-{case}") for case, ran in run_commands(root, argv).items()}
 
 
 @pytest.mark.parametrize("case", BAD_SOURCES)
@@ -198,9 +203,6 @@ def test_a_bad_dataset_source_is_one_line_before_prefect_starts(case, bad_source
 def in_run_failures(tiny_models, tmp_path_factory):
     """A NaN weight and a key the API refuses, each through the real command: (exit code, stdout, stderr lines) by case."""
     import json
-    import os
-    import subprocess
-    import sys
 
     from gradlake.tasks.probes import load_probe_set
     from openai_server import FakeOpenAI
@@ -219,15 +221,9 @@ def in_run_failures(tiny_models, tmp_path_factory):
                             "--paraphrase-model", server.models[0], "--base-url", server.base_url,
                             "--lake", str(root / "lake-key")]}
     try:
-        done = subprocess.run([sys.executable, "-c", _DRIVER, str(root), json.dumps(argv)],
-                              env={**os.environ, "COLUMNS": "200", "OPENAI_API_KEY": "sk-revoked"},
-                              capture_output=True, text=True, timeout=600)
+        return run_commands(root, argv, OPENAI_API_KEY="sk-revoked")
     finally:
         server.stop()
-    assert done.returncode == 0, done.stderr[-3000:]
-    codes = json.loads(done.stdout.strip().splitlines()[-1])
-    return {case: (codes[case], (root / f"{case}.out").read_text(), (root / f"{case}.err").read_text().splitlines())
-            for case in argv}
 
 
 @pytest.mark.parametrize("case, said", [("nan-weights", "NaN or Inf in the loss and the gradients"),
