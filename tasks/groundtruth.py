@@ -7,12 +7,25 @@ tells what really happened:
 
 - **LDS** (Park et al., 2023, "TRAK"; Bae et al., 2024, Kronfluence): draw M random
   subsets S_m of the training set, each of ``round(fraction * n)`` samples, and retrain
-  on each.  The method predicts the group effect ``g[q, m] = sum_{i in S_m} tau[q, i]``;
-  the truth is the retrained model's loss on q.  LDS for q is the Spearman correlation
-  over the M subsets between ``g[q, m]`` and ``-loss[m, q]`` (more helpful samples
-  kept, lower loss); a method's LDS is the mean over queries, with a 95% interval
-  from the spread over queries (mean +- 1.96 standard errors).  Random scores give 0 in
-  expectation.
+  on each (with R data-order seeds, losses averaged).  The method predicts the group
+  effect ``g[q, m] = sum_{i in S_m} tau[q, i]``; the truth is the retrained model's loss
+  on q.  LDS for q is the Spearman correlation over the M subsets between ``g[q, m]`` and
+  ``-loss[m, q]`` (more helpful samples kept, lower loss); a method's LDS is the mean over
+  queries.  Its 95% interval is a percentile bootstrap over subsets and queries jointly
+  (both resampled in every draw, since every query shares the same subsets); two
+  methods are told apart only when the paired bootstrap interval of their difference
+  excludes 0.  Random scores give 0 in expectation.
+- **The source oracle**: where a query was made from one training sample (a paraphrase
+  of it, the model's answer to it), a score of 1 for that sample and random tie-breaking
+  noise for the rest.  It measures how much of an LDS is explained by knowing the
+  duplicate alone; on held-out queries it is a random score.
+- **LDS beyond the source**: for a query with a source sample s, the Spearman correlation
+  computed separately among the subsets that contain s and among those that lack it,
+  averaged with weights by subset count.  Within each stratum the duplicate's effect is
+  constant, so what remains is what a method knows beyond duplicate retrieval (the
+  oracle's is 0 in expectation).  Stratifying is a rank statistic like LDS itself and
+  assumes nothing about how the source's effect combines with the rest, which a partial
+  correlation (regressing the indicator out) would.
 - **Counterfactual removal**: for a query, drop the k training samples the method
   ranks most helpful, retrain, and measure the query loss increase over the model
   trained on everything; compare with dropping k random samples.  A method that knows
@@ -25,6 +38,7 @@ its retraining can be redone or skipped exactly.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -81,8 +95,13 @@ def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.where(denominator > 0, (ra * rb).sum(axis=1) / denominator, np.nan)
 
 
-def lds(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> dict:
-    """LDS of scores (Q, n) against retrained losses (M, Q) on subsets masks (M, n): per query, mean, 95% interval."""
+def lds(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
+    """LDS of scores (Q, n) against retrained losses (M, Q) on subsets masks (M, n).
+
+    Returns the per-query values, their mean, its 95% interval (`crossed_interval`) and the
+    per-query values on the subset resamples (`boot`, (B, Q); the same `seed` gives every
+    method the same resamples, so two methods' results can be compared with `compare`).
+    """
     scores, masks, losses = np.asarray(scores, np.float64), np.asarray(masks, bool), np.asarray(losses, np.float64)
     if scores.shape[1] != masks.shape[1] or losses.shape != (masks.shape[0], scores.shape[0]):
         raise GroundTruthError(f"shapes do not fit: scores {scores.shape} (queries, train), masks {masks.shape} "
@@ -91,8 +110,10 @@ def lds(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> dict:
     per_query = spearman_rows(predicted, -losses.T)
     valid = per_query[~np.isnan(per_query)]
     mean = float(valid.mean()) if len(valid) else float("nan")
-    half = float(1.96 * valid.std(ddof=1) / math.sqrt(len(valid))) if len(valid) > 1 else float("nan")
-    return {"per_query": per_query, "lds": mean, "ci_low": mean - half, "ci_high": mean + half, "n_queries": int(len(valid))}
+    boot = subset_bootstrap(predicted, losses, n_boot, seed)
+    low, high = crossed_interval(per_query, boot)
+    return {"per_query": per_query, "lds": mean, "ci_low": low, "ci_high": high, "n_queries": int(len(valid)),
+            "boot": boot}
 
 
 def top_k_removals(scores: np.ndarray, k: int) -> np.ndarray:
@@ -107,3 +128,119 @@ def random_removals(n_train: int, k: int, draws: int, seed: int) -> np.ndarray:
     if not 1 <= k < n_train:
         raise GroundTruthError(f"k={k} samples to remove out of {n_train}; use 1 <= k < {n_train}")
     return np.stack([np.random.default_rng([seed, d]).choice(n_train, size=k, replace=False) for d in range(draws)])
+
+
+# ---------------------------------------------------------------- intervals and references
+
+def _rank_last(values: np.ndarray) -> np.ndarray:
+    """Average ranks along the last axis of any array (ties share their mean rank)."""
+    from scipy.stats import rankdata
+
+    return rankdata(values, axis=-1, method="average")
+
+
+def _spearman_last(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman's rho along the last axis of equally shaped arrays; NaN where either side is constant."""
+    ra, rb = _rank_last(a), _rank_last(b)
+    ra -= ra.mean(axis=-1, keepdims=True)
+    rb -= rb.mean(axis=-1, keepdims=True)
+    denominator = np.sqrt((ra ** 2).sum(axis=-1) * (rb ** 2).sum(axis=-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, (ra * rb).sum(axis=-1) / np.where(denominator > 0, denominator, 1), np.nan)
+
+
+def subset_bootstrap(predicted: np.ndarray, losses: np.ndarray, n_boot: int, seed: int, chunk: int = 64) -> np.ndarray:
+    """Per-query LDS on `n_boot` resamples of the subsets: (B, Q), from predicted group effects (Q, M) and losses (M, Q).
+
+    Draw b resamples the M subsets with replacement (``default_rng([seed, 7919])``, so every
+    method sees the same resamples and differences between methods are paired).
+    """
+    predicted = np.asarray(predicted, np.float64)
+    target = -np.asarray(losses, np.float64).T
+    n_subsets = predicted.shape[1]
+    columns = np.random.default_rng([seed, 7919]).integers(0, n_subsets, size=(n_boot, n_subsets))
+    out = np.empty((n_boot, predicted.shape[0]))
+    for start in range(0, n_boot, chunk):
+        c = columns[start:start + chunk]
+        out[start:start + chunk] = _spearman_last(predicted[:, c].transpose(1, 0, 2), target[:, c].transpose(1, 0, 2))
+    return out
+
+
+def crossed_interval(per_query: np.ndarray, boot: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Interval for a mean over queries that all share one set of subsets (a crossed design).
+
+    The mean's variance is the between-query part ``s_q^2 / Q`` plus the part common to every
+    query that the finite set of subsets adds, ``var_c``.  With ``V_sub`` the variance of the
+    query mean over subset resamples and ``W`` the mean per-query variance over them,
+    ``V_sub = var_c + var_e / Q`` and ``W = var_c + var_e``, so
+    ``var_c = (Q V_sub - W) / (Q - 1)``.  A t interval with Q - 1 degrees of freedom.
+
+    Measured on synthetic scores with a known LDS (``tests/test_groundtruth.py``): covers at
+    about its nominal rate, where an interval over queries alone under-covers (it ignores
+    the shared subsets) and a bootstrap resampling queries and subsets together
+    over-covers (it counts the query-by-subset noise twice).
+    """
+    from scipy.stats import t
+
+    per_query, boot = np.asarray(per_query, np.float64), np.asarray(boot, np.float64)
+    keep = ~np.isnan(per_query)
+    values, boot = per_query[keep], boot[:, keep]
+    n = len(values)
+    if n < 2:
+        return float("nan"), float("nan")
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        v_sub = np.nanvar(np.nanmean(boot, axis=1), ddof=1) if len(boot) > 1 else 0.0
+        w = np.nanmean(np.nanvar(boot, axis=0, ddof=1)) if len(boot) > 1 else 0.0
+    var_c = max(0.0, (n * np.nan_to_num(v_sub) - np.nan_to_num(w)) / (n - 1))
+    half = float(t.ppf(0.5 + level / 2, n - 1) * np.sqrt(values.var(ddof=1) / n + var_c))
+    mean = float(values.mean())
+    return mean - half, mean + half
+
+
+def source_oracle(query_sources: list[int | None], n_train: int, seed: int) -> np.ndarray:
+    """Scores (Q, n): 1 for each query's source training sample (if it has one), tiny seeded noise elsewhere.
+
+    The noise only breaks ties so that the correlation is defined; it carries no information.
+    """
+    rng = np.random.default_rng([seed, 104729])
+    scores = rng.normal(scale=1e-6, size=(len(query_sources), n_train))
+    for q, source in enumerate(query_sources):
+        if source is not None:
+            scores[q, source] = 1.0
+    return scores
+
+
+def lds_beyond_source(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray,
+                      query_sources: list[int | None], min_stratum: int = 3) -> np.ndarray:
+    """Per-query LDS with the source sample's effect held fixed: (Q,), see the module docstring.
+
+    For a query without a source it is the ordinary LDS; for one with a source, the
+    subset-count-weighted mean of the Spearman correlations within the subsets that contain
+    it and within those that lack it (a stratum of fewer than `min_stratum` subsets is left
+    out; NaN if both are).
+    """
+    scores, masks, losses = np.asarray(scores, np.float64), np.asarray(masks, bool), np.asarray(losses, np.float64)
+    predicted = scores @ masks.T.astype(np.float64)
+    target = -losses.T
+    out = spearman_rows(predicted, target)
+    for q, source in enumerate(query_sources):
+        if source is None:
+            continue
+        total, weight = 0.0, 0
+        for stratum in (masks[:, source], ~masks[:, source]):
+            if stratum.sum() < min_stratum:
+                continue
+            rho = spearman_rows(predicted[q:q + 1, stratum], target[q:q + 1, stratum])[0]
+            if not np.isnan(rho):
+                total += rho * stratum.sum()
+                weight += int(stratum.sum())
+        out[q] = total / weight if weight else np.nan
+    return out
+
+
+def compare(a: dict, b: dict) -> tuple[float, float, float]:
+    """(mean difference, interval low, high) of two methods' LDS results from `lds` on the same subsets and seed."""
+    diff = np.asarray(a["per_query"]) - np.asarray(b["per_query"])
+    low, high = crossed_interval(diff, np.asarray(a["boot"]) - np.asarray(b["boot"]))
+    return float(np.nanmean(diff)), low, high
