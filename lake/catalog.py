@@ -182,7 +182,7 @@ class Lake:
             rows.append({
                 "kind": "attribution", "path": path, "model": model_key, "checkpoint": checkpoint_key,
                 "dataset": dataset_name, "variant": queries, "n_samples": meta.get("n_train"), "complete": True,
-                **{f"lineage.{k}": v for k, v in meta.items() if k not in ("model", "queries")},
+                **{f"lineage.{k}": v for k, v in meta.items() if k not in ("model", "queries", "query_ids", "best_tensor")},
             })
         for group in list_score_groups(self.store):
             _, model_key, checkpoint_key, dataset_name, query_set, _ = group["path"].split("/")
@@ -306,8 +306,8 @@ class Lake:
         for path, _ in found:
             _, model_key, checkpoint_key, dataset_name, _, query_name = path.split("/")
             records.append({"path": path, "model": model_key, "checkpoint": checkpoint_key, "dataset": dataset_name,
-                            "variant": query_name})
-        where = {"model": model, "checkpoint": checkpoint, "dataset": dataset, "variant": queries}
+                            "queries": query_name})
+        where = {"model": model, "checkpoint": checkpoint, "dataset": dataset, "queries": queries}
         path = self._one(records, where, "attribution benchmark")
         with self.store.explained_errors():
             return pd.read_parquet(io.BytesIO(self.store.fs.cat_file(self.store.path(f"{path}/{table}.parquet"))))

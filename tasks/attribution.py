@@ -1,24 +1,30 @@
 """One attribution benchmark: every method's scores against retraining (LDS, counterfactual removal) and retrieval.
 
 The methods are score groups in the lake (``lake/scores.py``): Kronfluence influence
-(``tasks/influence.py``) and the baselines made here from what the lake already holds
-for the attributed model:
+(``tasks/influence.py``) and the baselines made from what the lake already holds for the
+attributed model (``tasks/baselines.py``).
 
-- ``grad-dot`` and ``grad-cosine``: the full stored gradient (every tensor of the
-  ``store`` group), query against training sample, accumulated block by block;
-- ``grad-cosine:<tensor>``: the single tensor that finds paraphrases best (the
-  select-vs-project evaluation's top-1, when one was run);
-- ``proj-cosine:<setting>`` and ``trak:<setting>`` for each projection group: cosine of
-  the projected gradients, and TRAK's score on them with traker's own score computer
-  (``phi_q (Phi^T Phi + lambda I)^-1 phi_i``, one model, no ensemble; lambda is
-  ``trak_lambda`` times the mean diagonal of ``Phi^T Phi``);
-- ``bm25`` and ``dense``: the text baselines on the user turns.
+The queries (``AttributionSpec.queries``) are, by default, **held-out** samples of the
+training dataset that the attributed run never trained on: the setting of the LDS
+literature, where no training sample is a copy of a query.  They can also be paraphrases
+or the model's own answers of training samples (fact tracing: each such query has a
+*source* training sample), or any dataset and variant in the lake.  Where queries have a
+source, the table adds the source oracle and the LDS beyond the source
+(``tasks/groundtruth.py``), so that the part of a method's LDS that is duplicate
+retrieval shows.
 
 The ground truth retrains the attributed model's own training run (`TrainSpec`) with
-only its data changed: M seeded random subsets for LDS, and per query its top-k training
-samples removed (for the methods asked) or k random ones (several draws) for
-counterfactual removal.  Each retraining is an ordinary ``train-model`` run with its own
-checkpoint prefix, so a finished one is found and skipped and a killed one resumes.
+only its data changed: M seeded random subsets for LDS (each with ``retrain_seeds``
+data orders, losses averaged), and per query its top-k training samples removed (for the
+methods asked) or k random ones (several draws) for counterfactual removal.  Each
+retraining is an ordinary ``train-model`` run with its own checkpoint prefix, so a
+finished one is found and skipped and a killed one resumes.
+
+Every interval is the crossed-design interval of ``tasks/groundtruth.py`` (queries and
+subsets both vary); adjacent methods in the table are marked separated only when the
+paired interval of their difference excludes 0.  The ``grad-cosine:best-tensor`` row is
+cross-fitted: the queries are split into folds, and each fold is scored with the single
+tensor whose LDS was best on the other folds, so no query is scored by a choice made on it.
 """
 
 from __future__ import annotations
@@ -27,8 +33,7 @@ import datetime as dt
 import hashlib
 import io
 import json
-import time
-from collections.abc import Callable
+import math
 
 import numpy as np
 import pandas as pd
@@ -36,15 +41,17 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from gradlake.lake import layout
-from gradlake.lake.gradients import NOT_GRADIENTS
-from gradlake.lake.integrity import read_checked
 from gradlake.lake.scores import ScoreGroup, list_score_groups, scores_path
 from gradlake.lake.store import LakeError, LakeStore
-from gradlake.tasks.groundtruth import draw_subsets, lds, random_removals, top_k_removals
+from gradlake.tasks.baselines import QuerySet
+from gradlake.tasks.groundtruth import (compare, crossed_interval, draw_subsets, lds, lds_beyond_source, random_removals,
+                                        source_oracle, top_k_removals)
 from gradlake.tasks.model import ModelSpec
 from gradlake.tasks.train import CHECKPOINT_PREFIX, TrainSpec, checkpoint_name, total_steps
 
 TRAIN_DEPLOYMENT = "train-model/train-model"
+HELD_OUT = "held_out"
+BEST_TENSOR = "grad-cosine:best-tensor"
 
 
 class AttributionError(ValueError):
@@ -59,19 +66,26 @@ class AttributionSpec(BaseModel):
 
     train: TrainSpec = Field(title="Training run", description="The run whose checkpoint is attributed; the ground truth retrains it with only its data changed.")
     checkpoint: str | None = Field(default=None, description="Checkpoint of the run to attribute (e.g. checkpoint-000100); empty: the final one. The retrainings save the run's checkpoints too, so one set of retrainings serves every checkpoint.")
-    queries: str = Field(default="paraphrased", description="Variant of the training dataset whose samples are the queries ('model_generated': the attributed model's answers).")
+    queries: str = Field(default=HELD_OUT, description="The queries: 'held_out' (samples of the training dataset the run never trained on: the LDS literature's setting), 'paraphrased' or 'model_generated' (made from training samples: fact tracing, with the source oracle), or any variant of `query_dataset`.")
+    query_dataset: str | None = Field(default=None, description="Dataset of the queries; empty: the training dataset.")
+    query_ids: list[str] | None = Field(default=None, description="Only these query ids, in this order; empty: every sample of the query set (held out: every sample the run did not train on).")
     retrieval_queries: list[str] = Field(default=["paraphrased", "model_generated"], description="Query variants whose retrieval top-1 is reported next to the LDS, for the methods with scores for them in the lake.")
     max_queries: int | None = Field(default=None, ge=2, description="Only the first this many queries; empty: all.")
     methods: list[str] = Field(default=[], description="Score groups (method names) to compare; empty: every one the lake holds for this model, dataset and queries.")
     baselines: bool = Field(default=True, description="First score the gradient, projection, TRAK, BM25 and dense baselines from the lake's groups of the attributed model.")
     trak_lambda: float = Field(default=0.01, gt=0, description="TRAK's ridge: this times the mean diagonal of Phi^T Phi.")
+    trak_checkpoints: list[str] | None = Field(default=None, description="TRAK's ensemble: checkpoints of the run whose projected gradients are averaged over; empty: every saved checkpoint after step 0 up to the attributed one that holds the projection.")
     n_subsets: int = Field(default=16, ge=2, description="LDS: random training subsets, each retrained (studies use 50-100).")
     fraction: float = Field(default=0.5, description="LDS: fraction of the training set in each subset, in (0, 1).")
     subset_seed: int = Field(default=0, description="LDS: subset m is numpy's default_rng([seed, m]) choice.")
-    counterfactual_k: int = Field(default=0, ge=0, description="Counterfactual removal: training samples removed per query; 0: skip.")
-    counterfactual_queries: int = Field(default=4, ge=1, description="Counterfactual removal: the first this many queries.")
+    retrain_seeds: int = Field(default=1, ge=1, description="LDS: retrainings per subset with different data-order seeds (the run's seed, +1, ...); their query losses are averaged (TRAK and Kronfluence average 5).")
+    n_bootstrap: int = Field(default=1000, ge=100, description="Resamples of the subsets behind every interval.")
+    best_tensor_folds: int = Field(default=2, ge=2, description="Folds of queries for the cross-fitted best-tensor row: each fold is scored by the tensor chosen on the others.")
+    counterfactual_k: int = Field(default=0, ge=0, description="Counterfactual removal: training samples removed per query; 0: skip (unless counterfactual_fraction is set).")
+    counterfactual_fraction: float | None = Field(default=None, gt=0, lt=1, description="Counterfactual removal: remove this fraction of the training set per query instead of k (rounded up; 0.01: the top 1%).")
+    counterfactual_queries: int | None = Field(default=None, ge=1, description="Counterfactual removal: the first this many queries; empty: all.")
     counterfactual_methods: list[str] = Field(default=["influence-ekfac"], description="Methods whose top-k are removed (one retraining per method and query).")
-    random_draws: int = Field(default=3, ge=1, description="Counterfactual removal: retrainings with k random samples removed.")
+    random_draws: int = Field(default=10, ge=1, description="Counterfactual removal: retrainings with k random samples removed (the reference).")
     retrain_prefix: str = Field(title="Retraining prefix", description="Directory or s3:// prefix for the retrained models (one subdirectory per run).")
     train_deployment: str | None = Field(default=TRAIN_DEPLOYMENT, description="Deployment that runs each retraining on the gpu pool; empty: in this flow run, one after another.")
     run_timeout_s: float = Field(default=6 * 3600, gt=0, description="Longest one retraining may take once a worker has taken it.")
@@ -87,7 +101,20 @@ class AttributionSpec(BaseModel):
             raise ValueError(f"subset fraction {self.fraction} is outside (0, 1); use e.g. 0.5")
         if len(self.train.variants) != 1:
             raise ValueError(f"the ground truth retrains on subsets of one variant; the run trains on {self.train.variants}")
+        if self.counterfactual_k and self.counterfactual_fraction:
+            raise ValueError(f"give counterfactual_k ({self.counterfactual_k}) or counterfactual_fraction "
+                             f"({self.counterfactual_fraction}), not both")
         return self
+
+    @property
+    def query_set_dataset(self) -> str:
+        return self.query_dataset or self.train.dataset
+
+    def removal_k(self, n_train: int) -> int:
+        """Samples removed per query in counterfactual removal (0: none asked)."""
+        if self.counterfactual_fraction:
+            return max(1, math.ceil(self.counterfactual_fraction * n_train))
+        return self.counterfactual_k
 
     @property
     def model(self) -> ModelSpec:
@@ -123,9 +150,12 @@ def checkpoint_step(name: str) -> int:
 # ---------------------------------------------------------------- where things go
 
 def query_variant(spec: AttributionSpec, queries: str | None = None) -> str:
+    """The stored variant of a query label: held-out queries are the training variant's own samples."""
     from gradlake.tasks.evaluate import lake_keys
 
     queries = queries or spec.queries
+    if queries == HELD_OUT:
+        return spec.train.variants[0]
     if queries == "model_generated":
         return layout.generated_variant(*lake_keys(spec.model))
     return queries
@@ -135,15 +165,59 @@ def benchmark_dir(spec: AttributionSpec) -> str:
     from gradlake.tasks.evaluate import lake_keys
 
     model_key, checkpoint_key = lake_keys(spec.model)
-    return f"evaluations/{model_key}/{checkpoint_key}/{spec.train.dataset}/attribution/{spec.queries}"
+    label = spec.queries if spec.query_dataset in (None, spec.train.dataset) else f"{spec.query_dataset}.{spec.queries}"
+    return f"evaluations/{model_key}/{checkpoint_key}/{spec.train.dataset}/attribution/{label}"
 
 
 def method_path(spec: AttributionSpec, method: str, queries: str | None = None) -> str:
+    """A method's score group for the benchmark's queries (or a retrieval variant of the training dataset)."""
     from gradlake.tasks.evaluate import lake_keys
 
     model_key, checkpoint_key = lake_keys(spec.model)
-    return scores_path(model_key, checkpoint_key, spec.train.dataset, spec.train.dataset, query_variant(spec, queries),
-                       method)
+    dataset = spec.query_set_dataset if queries in (None, spec.queries) else spec.train.dataset
+    return scores_path(model_key, checkpoint_key, spec.train.dataset, dataset, query_variant(spec, queries), method)
+
+
+def resolve_queries(spec: AttributionSpec, train_ids: list[str], queries: str | None = None) -> QuerySet:
+    """The query set, checked: held-out queries are never training samples; each query's source training sample."""
+    from gradlake.lake.datasets import read_dataset
+
+    label = queries or spec.queries
+    own = label == spec.queries
+    dataset = spec.query_set_dataset if own else spec.train.dataset
+    variant = query_variant(spec, label)
+    frame = read_dataset(LakeStore(spec.train.lake), dataset, variant)
+    chats = {str(i): m for i, m in zip(frame["id"], frame["messages"])}
+    trained = set(train_ids)
+    asked = spec.query_ids if own else None
+    if asked is not None:
+        missing = [i for i in asked if i not in chats]
+        if missing:
+            raise AttributionError(f"query_ids {missing[:5]} are not in dataset {dataset!r} variant {variant!r}; "
+                                   f"ids look like {list(chats)[:3]}")
+    if label == HELD_OUT:
+        if asked is not None:
+            overlap = [i for i in asked if i in trained]
+            if overlap:
+                raise AttributionError(f"held-out query_ids {overlap[:5]} ({len(overlap)} in all) are training samples "
+                                       "of the run; held-out queries must be samples it never trained on")
+            ids = list(asked)
+        else:
+            ids = [i for i in chats if i not in trained]
+        if not ids:
+            raise AttributionError(f"the run trains on every sample of {dataset!r} {variant!r}, so none is held out; "
+                                   "train it on part of the dataset (`keep` or `drop`), or choose queries from "
+                                   "another variant or dataset")
+    else:
+        ids = list(asked) if asked is not None else list(chats)
+    if spec.max_queries and own:
+        ids = ids[: spec.max_queries]
+    if own and len(ids) < 2:
+        raise AttributionError(f"{len(ids)} queries give no LDS; the query set needs at least 2")
+    position = {i: k for k, i in enumerate(train_ids)}
+    same_data = dataset == spec.train.dataset and label != HELD_OUT
+    sources = [position.get(i) if same_data else None for i in ids]
+    return QuerySet(label, dataset, variant, ids, [chats[i] for i in ids], sources)
 
 
 def ground_truth_key(fingerprint: str, kind: str, **extra) -> str:
@@ -151,195 +225,73 @@ def ground_truth_key(fingerprint: str, kind: str, **extra) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
 
 
-# ---------------------------------------------------------------- the baselines as score groups
-
-def _write_scores(store: LakeStore, path: str, query_ids: list[str], train_keys: list[str], scores: np.ndarray,
-                  meta: dict) -> str:
-    try:
-        group = ScoreGroup.create(store, path, query_ids, train_keys, meta, query_rows=max(1, len(query_ids)))
-    except LakeError:  # a baseline of other samples (a new dataset version): cheap, derived, made again
-        store.fs.rm(store.path(path), recursive=True)
-        group = ScoreGroup.create(store, path, query_ids, train_keys, meta, query_rows=max(1, len(query_ids)))
-    if not group.meta.get("complete"):
-        group.write_rows(0, scores.astype(np.float32))
-        group.finish(lake_bytes=int(scores.size * 4), **{k: v for k, v in meta.items() if k == "compute_seconds"})
-    return path
-
-
-def trak_scores(query_features: np.ndarray, train_features: np.ndarray, ratio: float) -> np.ndarray:
-    """TRAK on stored projected gradients with traker's score computer: (queries, train)."""
-    from trak.score_computers import BasicScoreComputer
-
-    train = torch.as_tensor(train_features, dtype=torch.float32)
-    query = torch.as_tensor(query_features, dtype=torch.float32)
-    xtx = train.T @ train
-    computer = BasicScoreComputer(dtype=torch.float32, device=torch.device("cpu"),
-                                  lambda_reg=float(ratio * xtx.diagonal().mean()))
-    features = computer.get_x_xtx_inv(train, computer.get_xtx(train))
-    scores = torch.zeros(train.shape[0], query.shape[0])
-    computer.get_scores(features, query, scores)
-    return scores.T.numpy()
-
-
-def _accumulate(queries, docs, arrays: list[str], budget: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Dot products over a set of arrays, with both sides' squared norms, block by block from the lake."""
-    from gradlake.tasks.similarity import blocks
-
-    n_query, n_docs = queries[arrays[0]].shape[0], docs[arrays[0]].shape[0]
-    dots, q_sq, d_sq = np.zeros((n_query, n_docs)), np.zeros(n_query), np.zeros(n_docs)
-    seen = set()
-    for q0, q1, name, block, qs, ds in blocks(queries, docs, arrays, 1, budget):
-        dots[q0:q1] += block
-        q_sq[q0:q1] += qs
-        if name not in seen:
-            d_sq += ds
-            seen.add(name)
-    return dots, q_sq, d_sq
-
-
-def baseline_scores(spec: AttributionSpec, queries: str | None = None, log: Callable[[str], None] = print) -> list[str]:
-    """Score groups for the gradient, projection, TRAK, BM25 and dense baselines over every query of a variant
-    (default: the benchmark's); returns their method names."""
-    from gradlake.lake.datasets import read_dataset
-    from gradlake.tasks.evaluate import EvaluationSpec, Evaluation, _meta, _user_turns, dense_scores
-    from gradlake.tasks.metrics import bm25_scores, cosine_from_parts
-
-    queries = queries or spec.queries
-    store = LakeStore(spec.train.lake)
-    try:
-        evaluation = Evaluation(EvaluationSpec(model=spec.model, dataset=spec.train.dataset, queries=[queries],
-                                               paradigm=spec.train.paradigm, lake=spec.train.lake), queries, store)
-    except LakeError as err:
-        if "no group at" not in str(err) and "not complete" not in str(err):
-            raise
-        log(f"no gradients of {spec.model.model}@{spec.model.checkpoint} for {queries!r} ({err}); "
-            "scoring the text baselines only (extract 'original' and the queries for the gradient baselines)")
-        evaluation = None
-    if evaluation is not None:
-        fingerprints = {_meta(g)["lineage"].get("tokenizer_hash") for g in (evaluation.originals, evaluation.query)}
-        if len(fingerprints) != 1:
-            raise AttributionError(f"the queries ({queries}) and the training set (original) were tokenized with "
-                                   f"different tokenizers ({sorted(map(str, fingerprints))}); extract both with one model")
-        query_ids, doc_ids = evaluation.query_ids, evaluation.doc_ids
-        query_text, doc_text = evaluation.query_text, evaluation.doc_text
-        lineage = {"model": spec.model.model, "checkpoint": spec.model.checkpoint,
-                   "gradients": evaluation.original_dir, "queries": evaluation.query_dir}
-    else:
-        texts = {v: _user_turns(read_dataset(store, spec.train.dataset, v))
-                 for v in ("original", query_variant(spec, queries))}
-        doc_text_by_id, query_text_by_id = texts["original"], texts[query_variant(spec, queries)]
-        doc_ids, query_ids = list(doc_text_by_id), [q for q in query_text_by_id if q in doc_text_by_id]
-        doc_text, query_text = [doc_text_by_id[i] for i in doc_ids], [query_text_by_id[q] for q in query_ids]
-        lineage = {"model": spec.model.model, "checkpoint": spec.model.checkpoint, "queries": query_variant(spec, queries)}
-    n_query = len(query_ids)
-    train_keys = [f"{spec.train.variants[0]}:{i}" for i in doc_ids]
-    written, reused = [], []
-
-    def write(method: str, kind: str, scores: np.ndarray, seconds: float, settings: dict | None = None) -> None:
-        _write_scores(store, method_path(spec, method, queries), query_ids, train_keys, scores[:n_query],
-                      {"method": method, "kind": kind, "settings": settings or {}, "lineage": lineage,
-                       "compute_seconds": round(seconds, 3)})
-        written.append(method)
-
-    def held(*methods: str, settings: dict | None = None) -> bool:
-        """Whether the lake holds these scores, complete, for these samples and settings: computed once, reused."""
-        for method in methods:
-            group = ScoreGroup.open(store, method_path(spec, method, queries), missing_ok=True)
-            if (group is None or not group.meta.get("complete") or group.meta.get("settings") != (settings or {})
-                    or group.query_ids() != query_ids or group.train_ids() != train_keys):
-                return False
-        written.extend(methods)
-        reused.extend(methods)
-        return True
-
-    if evaluation is not None and evaluation.tensors and not held("grad-dot", "grad-cosine"):
-        started = time.perf_counter()
-        dots, q_sq, d_sq = _accumulate(evaluation.query, evaluation.originals, evaluation.tensors, 1 << 30)
-        seconds = time.perf_counter() - started
-        write("grad-dot", "gradient", dots, seconds)
-        write("grad-cosine", "gradient", cosine_from_parts(dots, q_sq, d_sq), seconds)
-    if evaluation is not None and evaluation.tensors:
-        best = best_tensor(store, spec, queries)
-        if best is not None and not held(f"grad-cosine:{best}"):
-            started = time.perf_counter()
-            dots, q_sq, d_sq = _accumulate(evaluation.query, evaluation.originals, [best], 1 << 30)
-            write(f"grad-cosine:{best}", "tensor", cosine_from_parts(dots, q_sq, d_sq), time.perf_counter() - started)
-    for label, projection, query_group, docs in (evaluation.projection_pairs() if evaluation is not None else []):
-        arrays = sorted(set(query_group.array_keys()) - set(NOT_GRADIENTS))
-        if not held(f"proj-cosine:{label}", settings={"projection": projection}):
-            started = time.perf_counter()
-            dots, q_sq, d_sq = _accumulate(query_group, docs, arrays, 1 << 30)
-            write(f"proj-cosine:{label}", "projection", cosine_from_parts(dots, q_sq, d_sq),
-                  time.perf_counter() - started, {"projection": projection})
-        if held(f"trak:{label}", settings={"projection": projection, "trak_lambda": spec.trak_lambda}):
-            continue
-        started = time.perf_counter()
-        features_q = np.concatenate([read_checked(query_group[a], slice(None), np.float32) for a in arrays], axis=1)
-        features_t = np.concatenate([read_checked(docs[a], slice(None), np.float32) for a in arrays], axis=1)
-        write(f"trak:{label}", "trak", trak_scores(features_q, features_t, spec.trak_lambda),
-              time.perf_counter() - started, {"projection": projection, "trak_lambda": spec.trak_lambda})
-    if not held("bm25"):
-        started = time.perf_counter()
-        write("bm25", "text", bm25_scores(query_text, doc_text), time.perf_counter() - started)
-    if not held("dense"):
-        started = time.perf_counter()
-        write("dense", "text", dense_scores(query_text, doc_text), time.perf_counter() - started)
-    log(f"baselines for queries {queries!r} in the lake: {written} "
-        f"(computed {[m for m in written if m not in reused]}, found in the lake {reused})")
-    return written
-
-
-def best_tensor(store: LakeStore, spec: AttributionSpec, queries: str) -> str | None:
-    """The single tensor with the best paraphrase top-1 (cosine) in the select-vs-project evaluation, if one ran."""
-    from gradlake.tasks.evaluate import lake_keys
-
-    model_key, checkpoint_key = lake_keys(spec.model)
-    path = store.path(f"evaluations/{model_key}/{checkpoint_key}/{spec.train.dataset}/{spec.train.paradigm}/results.parquet")
-    try:
-        results = pd.read_parquet(io.BytesIO(store.fs.cat_file(path)))
-    except FileNotFoundError:
-        return None
-    tensors = results[(results["kind"] == "tensor") & (results["similarity"] == "cosine")
-                      & (results["query"] == queries)]
-    return None if tensors.empty else str(tensors.sort_values("top1", ascending=False)["vectors"].iloc[0])
-
-
 # ---------------------------------------------------------------- retraining plans
 
 def lds_runs(spec: AttributionSpec, fingerprint: str, train_ids: list[str],
-             saves: list[int], total: int) -> tuple[str, np.ndarray, list[TrainSpec]]:
-    """(key, subset masks, one TrainSpec per subset) for the LDS retrainings.
+             saves: list[int], total: int) -> tuple[str, np.ndarray, list[list[TrainSpec]]]:
+    """(key, subset masks, per subset one TrainSpec per data-order seed) for the LDS retrainings.
 
     `saves` and `total` are the attributed run's checkpoint steps and length: each retraining
-    saves its counterpart of every checkpoint, so one set serves them all.
+    saves its counterpart of every checkpoint, so one set serves them all.  Seed r of a
+    subset trains with the run's seed + r (r = 0 is named as before seeds were added, so
+    adding seeds keeps every retraining already made).
     """
     key = ground_truth_key(fingerprint, "lds", fraction=spec.fraction, seed=spec.subset_seed, saves=saves)
     masks = draw_subsets(len(train_ids), spec.fraction, spec.n_subsets, spec.subset_seed)
-    runs = [_retrain(spec, f"lds-{key}/subset-{m:03d}", len(train_ids), saves, total,
-                     keep=[train_ids[i] for i in np.flatnonzero(mask)])
-            for m, mask in enumerate(masks)]
+    runs = []
+    for m, mask in enumerate(masks):
+        keep = [train_ids[i] for i in np.flatnonzero(mask)]
+        runs.append([_retrain(spec, f"lds-{key}/{subset_name(m, r)}", len(train_ids), saves, total, keep,
+                              seed=spec.train.seed + r)
+                     for r in range(spec.retrain_seeds)])
     return key, masks, runs
 
 
+def subset_name(m: int, r: int) -> str:
+    return f"subset-{m:03d}" if r == 0 else f"subset-{m:03d}-seed{r}"
+
+
+def check_counterfactual(spec: AttributionSpec, n_train: int) -> int:
+    """k, checked against the training set and the random draws before any retraining."""
+    k = spec.removal_k(n_train)
+    if not k:
+        return 0
+    if not 1 <= k < n_train:
+        raise AttributionError(f"counterfactual k={k} out of {n_train} training samples; use 1 <= k < {n_train}")
+    possible = math.comb(n_train, k)
+    if spec.random_draws > possible:
+        raise AttributionError(f"random_draws={spec.random_draws} random removals of {k} out of {n_train} training "
+                               f"samples cannot all differ (only {possible} exist); use at most {possible}")
+    return k
+
+
 def counterfactual_runs(spec: AttributionSpec, fingerprint: str, train_ids: list[str], saves: list[int], total: int,
-                        scores: dict[str, np.ndarray]) -> tuple[str, dict[str, list[TrainSpec]], list[TrainSpec]]:
-    """(key, per method one TrainSpec per query with its top-k removed, random-removal TrainSpecs)."""
-    k = spec.counterfactual_k
-    # The removals follow the scores of the attributed checkpoint, so each checkpoint has its own retrainings.
-    key = ground_truth_key(fingerprint, "counterfactual", k=k, seed=spec.subset_seed,
-                           checkpoint=spec.model.checkpoint, saves=saves)
+                        scores: dict[str, np.ndarray]) -> tuple[str, dict[str, list[TrainSpec]], list[TrainSpec], np.ndarray]:
+    """(key, per method one TrainSpec per query with its top-k removed, random-removal TrainSpecs, the random draws).
+
+    Each removal run trains on exactly the attributed run's samples less the k removed, with
+    the subsets' step rule (`counterpart`)."""
     n = len(train_ids)
+    k = check_counterfactual(spec, n)
+    # The removals follow the scores of the attributed checkpoint, so each checkpoint has its own retrainings.
+    key = ground_truth_key(fingerprint, "counterfactual-keep", k=k, seed=spec.subset_seed,
+                           checkpoint=spec.model.checkpoint, saves=saves)
     per_method = {}
     for method, matrix in scores.items():
-        top = top_k_removals(matrix[: spec.counterfactual_queries], k)
+        top = top_k_removals(matrix, k)
         per_method[method] = [_retrain(spec, f"cf-{key}/{layout.key(method)}/q{q:03d}", n, saves, total,
-                                       drop=[train_ids[i] for i in row])
+                                       _without(train_ids, row))
                               for q, row in enumerate(top)]
     draws = random_removals(n, k, spec.random_draws, spec.subset_seed)
-    random_key = ground_truth_key(fingerprint, "random-removal", k=k, seed=spec.subset_seed, saves=saves)
-    random = [_retrain(spec, f"cf-random-{random_key}/d{d:03d}", n, saves, total, drop=[train_ids[i] for i in row])
+    random_key = ground_truth_key(fingerprint, "random-removal-keep", k=k, seed=spec.subset_seed, saves=saves)
+    random = [_retrain(spec, f"cf-random-{random_key}/d{d:03d}", n, saves, total, _without(train_ids, row))
               for d, row in enumerate(draws)]
-    return key, per_method, random
+    return key, per_method, random, draws
+
+
+def _without(train_ids: list[str], removed) -> list[str]:
+    gone = {train_ids[i] for i in removed}
+    return [i for i in train_ids if i not in gone]
 
 
 def run_steps(run: TrainSpec, n_train: int) -> int:
@@ -357,10 +309,12 @@ def counterpart(step: int, total: int, run_total: int) -> int:
     return 0 if step == 0 else max(1, round(step * run_total / total))
 
 
-def _retrain(spec: AttributionSpec, name: str, n_train: int, saves: list[int], total: int,
-             keep: list[str] | None = None, drop: list[str] | None = None) -> TrainSpec:
-    run = spec.train.model_copy(update={"keep": keep, "drop": drop, "output": f"{spec.retrain_prefix.rstrip('/')}/{name}",
-                                        "quality": None, "save_initial": False, "checkpoint_every": 0})
+def _retrain(spec: AttributionSpec, name: str, n_train: int, saves: list[int], total: int, keep: list[str],
+             seed: int | None = None) -> TrainSpec:
+    """The attributed run with only its data changed: exactly `keep` (the run's own samples, some left out)."""
+    run = spec.train.model_copy(update={"keep": keep, "drop": None, "output": f"{spec.retrain_prefix.rstrip('/')}/{name}",
+                                        "quality": None, "save_initial": False, "checkpoint_every": 0,
+                                        "seed": spec.train.seed if seed is None else seed})
     run_total = run_steps(run, n_train)
     return run.model_copy(update={"save_steps": sorted({counterpart(s, total, run_total) for s in saves if s > 0})})
 
@@ -373,11 +327,12 @@ def retrained_model(run: TrainSpec, step: int, total: int, n_train: int) -> Mode
 
 # ---------------------------------------------------------------- query losses
 
-def query_losses(model: ModelSpec, chats: list[list[dict]], paradigm: str, max_length: int, batch_size: int = 8) -> np.ndarray:
-    """Each query's loss (the extraction's convention) under a model: shape (n_query,)."""
+def query_losses(model: ModelSpec, chats: list[list[dict]], paradigm: str, max_length: int, batch_size: int = 8,
+                 chat_template: str = "tokenizer") -> np.ndarray:
+    """Each query's loss (the extraction's convention, rendered by `chat_template` as in training): shape (n_query,)."""
     from transformers import AutoModelForCausalLM
 
-    from gradlake.tasks.loss import encode_sample, pad_batch, sample_losses
+    from gradlake.tasks.loss import chat_template_text, encode_sample, pad_batch, sample_losses
     from gradlake.tasks.model import DTYPES, capped_length, check_model, load_tokenizer
 
     config = check_model(model)  # a missing or incomplete checkpoint is one error naming it
@@ -387,7 +342,8 @@ def query_losses(model: ModelSpec, chats: list[list[dict]], paradigm: str, max_l
     path, revision = spec.source()
     net = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=DTYPES[spec.dtype]).to(spec.torch_device()).eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = [encode_sample(tokenizer, c, paradigm, max_length) for c in chats]
+    template = chat_template_text(chat_template)
+    encoded = [encode_sample(tokenizer, c, paradigm, max_length, template) for c in chats]
     out = []
     with torch.no_grad():
         for start in range(0, len(encoded), batch_size):
@@ -407,7 +363,7 @@ def stored_losses(store: LakeStore, directory: str, name: str, model: ModelSpec,
             return frame["loss"].to_numpy()
     except FileNotFoundError:
         pass
-    losses = query_losses(model, chats, spec.train.paradigm, spec.train.max_length)
+    losses = query_losses(model, chats, spec.train.paradigm, spec.train.max_length, chat_template=spec.train.chat_template)
     buffer = io.BytesIO()
     pd.DataFrame({"query": query_ids, "loss": losses, "model": model.model, "checkpoint": model.checkpoint}).to_parquet(buffer, index=False)
     store.fs.makedirs(store.path(f"{directory}/losses"), exist_ok=True)
@@ -417,63 +373,146 @@ def stored_losses(store: LakeStore, directory: str, name: str, model: ModelSpec,
 
 # ---------------------------------------------------------------- the table
 
-def retrieval_top1(scores: np.ndarray, query_ids: list[str], train_keys: list[str], train_variant: str) -> float:
-    """Fraction of queries whose top-scored training sample is the one they were made from (same id)."""
-    position = {k: i for i, k in enumerate(train_keys)}
-    truth = np.array([position.get(f"{train_variant}:{q}", -1) for q in query_ids])
+def available_methods(store: LakeStore, spec: AttributionSpec) -> list[str]:
+    """Complete score groups for the benchmark's queries, less the per-tensor candidates of the best-tensor row."""
+    prefix = method_path(spec, "x").rsplit("/", 1)[0] + "/"
+    return sorted(g["method"] for g in list_score_groups(store)
+                  if g["path"].startswith(prefix) and g.get("complete") and g.get("kind") != "tensor")
+
+
+def tensor_methods(store: LakeStore, spec: AttributionSpec) -> list[str]:
+    """The per-tensor cosine groups (candidates of the cross-fitted best-tensor row)."""
+    prefix = method_path(spec, "x").rsplit("/", 1)[0] + "/"
+    return sorted(g["method"] for g in list_score_groups(store)
+                  if g["path"].startswith(prefix) and g.get("complete") and g.get("kind") == "tensor")
+
+
+def query_folds(n_queries: int, folds: int, seed: int) -> np.ndarray:
+    """Fold of each query (Q,): a seeded permutation dealt round-robin, so folds differ in size by at most one."""
+    if folds > n_queries:
+        raise AttributionError(f"best_tensor_folds={folds} with {n_queries} queries leaves a fold with no query to "
+                               f"score; use at most {n_queries} folds or more queries")
+    order = np.random.default_rng([seed, 31337]).permutation(n_queries)
+    fold = np.empty(n_queries, dtype=int)
+    fold[order] = np.arange(n_queries) % folds
+    return fold
+
+
+def cross_fitted_choice(per_query: dict[str, np.ndarray], fold: np.ndarray) -> list[str]:
+    """For each fold, the candidate with the best mean per-query LDS over the queries of the other folds only."""
+    names = sorted(per_query)
+    chosen = []
+    for f in range(int(fold.max()) + 1):
+        train = fold != f
+        means = [np.nanmean(per_query[n][train]) if np.isfinite(per_query[n][train]).any() else -np.inf for n in names]
+        chosen.append(names[int(np.argmax(means))])
+    return chosen
+
+
+def _row(method: str, kind: str, result: dict) -> dict:
+    return {"method": method, "kind": kind, "lds": result["lds"], "lds_ci_low": result["ci_low"],
+            "lds_ci_high": result["ci_high"], "lds_queries": result["n_queries"]}
+
+
+def benchmark_table(store: LakeStore, spec: AttributionSpec, methods: list[str], queries: QuerySet,
+                    train_keys: list[str], masks: np.ndarray, lds_losses: np.ndarray,
+                    cf: dict | None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """(one row per method with the references, LDS per query per method, what the table rests on)."""
+    rows, per_query, results, notes = [], [], {}, {}
+    fit = lambda scores: lds(scores, masks, lds_losses, n_boot=spec.n_bootstrap, seed=spec.subset_seed)  # noqa: E731
+
+    def beyond(scores: np.ndarray) -> dict:
+        values, boot = lds_beyond_source(scores, masks, lds_losses, queries.sources, spec.n_bootstrap, spec.subset_seed)
+        low, high = crossed_interval(values, boot)
+        return {"lds_beyond_source": float(np.nanmean(values)), "beyond_ci_low": low, "beyond_ci_high": high}
+
+    for method in methods:
+        group = ScoreGroup.open(store, method_path(spec, method))
+        scores = _aligned(group, queries.ids, train_keys, method)
+        results[method] = result = fit(scores)
+        meta = group.meta
+        row = {**_row(method, meta.get("kind"), result),
+               **retrieval_columns(store, spec, method, train_keys, queries, scores),
+               "compute_seconds": meta.get("compute_seconds"), "lake_bytes": meta.get("lake_bytes")}
+        if queries.has_sources:
+            row.update(beyond(scores))
+        rows.append(row)
+    candidates = tensor_methods(store, spec)
+    if len(candidates) > 1:
+        fold = query_folds(len(queries.ids), spec.best_tensor_folds, spec.subset_seed)
+        tensor_scores = {m: _aligned(ScoreGroup.open(store, method_path(spec, m)), queries.ids, train_keys, m)
+                         for m in candidates}
+        tensor_lds = {m: lds(s, masks, lds_losses, n_boot=0)["per_query"] for m, s in tensor_scores.items()}
+        chosen = cross_fitted_choice(tensor_lds, fold)
+        scores = np.stack([tensor_scores[chosen[f]][q] for q, f in enumerate(fold)])
+        results[BEST_TENSOR] = result = fit(scores)
+        row = {**_row(BEST_TENSOR, "tensor", result), **retrieval_columns(store, spec, None, train_keys, queries, scores)}
+        if queries.has_sources:
+            row.update(beyond(scores))
+        rows.append(row)
+        notes["best_tensor"] = {"folds": spec.best_tensor_folds, "candidates": len(candidates),
+                                "chosen": [c.split(":", 1)[1] for c in chosen],
+                                "fold_of_query": dict(zip(queries.ids, fold.tolist()))}
+    rng = np.random.default_rng(spec.subset_seed)
+    references = {"random": rng.normal(size=(len(queries.ids), len(train_keys))),
+                  "source oracle": source_oracle(queries.sources, len(train_keys), spec.subset_seed)}
+    for name, scores in references.items():
+        results[name] = result = fit(scores)
+        row = _row(name, "reference", result)
+        if queries.has_sources:
+            row.update(beyond(scores))
+            row[f"top1_{queries.label}"] = retrieval_top1(scores, queries, train_keys)
+        rows.append(row)
+    if cf is not None:
+        for row in rows:
+            row.update(cf["columns"].get(row["method"], {}))
+    for name, result in results.items():
+        per_query += [{"method": name, "query": q, "lds": v} for q, v in zip(queries.ids, result["per_query"])]
+    table = pd.DataFrame(rows).sort_values("lds", ascending=False, na_position="last").reset_index(drop=True)
+    below = [None] * len(table)
+    for i in range(len(table) - 1):
+        a, b = table.loc[i, "method"], table.loc[i + 1, "method"]
+        diff, low, high = compare(results[a], results[b])
+        table.loc[i, "vs_next_low"], table.loc[i, "vs_next_high"] = low, high
+        below[i] = bool(low > 0 or high < 0)
+    table["separated_from_next"] = pd.array(below, dtype="boolean")
+    if "lake_bytes" in table:
+        table["lake_bytes"] = table["lake_bytes"].astype("Int64")
+    return table, pd.DataFrame(per_query), notes
+
+
+def retrieval_top1(scores: np.ndarray, queries: QuerySet, train_keys: list[str]) -> float:
+    """Fraction of the queries with a source training sample whose top-scored training sample is that source."""
+    truth = np.array([-1 if s is None else s for s in queries.sources])
     if (truth < 0).all():
         return float("nan")
     return float((scores.argmax(axis=1) == truth)[truth >= 0].mean())
 
 
-def available_methods(store: LakeStore, spec: AttributionSpec) -> list[str]:
-    prefix = method_path(spec, "x").rsplit("/", 1)[0] + "/"
-    return sorted(g["method"] for g in list_score_groups(store) if g["path"].startswith(prefix) and g.get("complete"))
-
-
-def benchmark_table(store: LakeStore, spec: AttributionSpec, methods: list[str], query_ids: list[str],
-                    train_keys: list[str], masks: np.ndarray, lds_losses: np.ndarray,
-                    cf: dict | None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(one row per method, LDS per query per method)."""
-    rows, per_query = [], []
-    for method in methods:
-        group = ScoreGroup.open(store, method_path(spec, method))
-        scores = _aligned(group, query_ids, train_keys, method)
-        result = lds(scores, masks, lds_losses)
-        meta = group.meta
-        row = {"method": method, "kind": meta.get("kind"), "lds": result["lds"], "lds_ci_low": result["ci_low"],
-               "lds_ci_high": result["ci_high"], "lds_queries": result["n_queries"],
-               **retrieval_columns(store, spec, method, train_keys, query_ids, scores),
-               "compute_seconds": meta.get("compute_seconds"), "lake_bytes": meta.get("lake_bytes")}
-        if cf is not None:
-            row["cf_loss_change"] = cf["method_change"].get(method, float("nan"))
-            row["cf_random_change"] = cf["random_change"]
-        rows.append(row)
-        per_query += [{"method": method, "query": q, "lds": v} for q, v in zip(query_ids, result["per_query"])]
-    rng = np.random.default_rng(spec.subset_seed)
-    random = lds(rng.normal(size=(len(query_ids), len(train_keys))), masks, lds_losses)
-    rows.append({"method": "random", "kind": "reference", "lds": random["lds"], "lds_ci_low": random["ci_low"],
-                 "lds_ci_high": random["ci_high"], "lds_queries": random["n_queries"]})
-    table = pd.DataFrame(rows)
-    table["lake_bytes"] = table["lake_bytes"].astype("Int64")
-    return table, pd.DataFrame(per_query)
-
-
-def retrieval_columns(store: LakeStore, spec: AttributionSpec, method: str, train_keys: list[str],
-                      query_ids: list[str], scores: np.ndarray) -> dict:
-    """top1_<queries> for the benchmark's queries (their scores already read: `query_ids`, `scores`) and each
-    retrieval query variant the method has scores for."""
-    columns = {f"top1_{spec.queries}": retrieval_top1(scores, query_ids, train_keys, spec.train.variants[0])}
-    for queries in dict.fromkeys(spec.retrieval_queries):
-        if queries == spec.queries:
+def retrieval_columns(store: LakeStore, spec: AttributionSpec, method: str | None, train_keys: list[str],
+                      queries: QuerySet, scores: np.ndarray) -> dict:
+    """top1_<queries> for the benchmark's queries when they have sources, and for each retrieval variant the method has
+    scores for (the training dataset's variants; a query counts where its source is a training sample)."""
+    columns = {}
+    if queries.has_sources:
+        columns[f"top1_{queries.label}"] = retrieval_top1(scores, queries, train_keys)
+    if method is None:
+        return columns
+    train_ids = [k.split(":", 1)[1] for k in train_keys]
+    position = {i: k for k, i in enumerate(train_ids)}
+    for label in dict.fromkeys(spec.retrieval_queries):
+        if label == spec.queries and spec.query_set_dataset == spec.train.dataset:
             continue
-        group = ScoreGroup.open(store, method_path(spec, method, queries), missing_ok=True)
+        group = ScoreGroup.open(store, method_path(spec, method, label), missing_ok=True)
         if group is None or not group.meta.get("complete"):
-            columns[f"top1_{queries}"] = float("nan")
+            columns[f"top1_{label}"] = float("nan")
             continue
-        ids = group.query_ids()[: spec.max_queries]  # the same first queries for every method
-        columns[f"top1_{queries}"] = retrieval_top1(_aligned(group, ids, train_keys, method), ids, train_keys,
-                                                    spec.train.variants[0])
+        ids = [q for q in group.query_ids() if q in position][: spec.max_queries]  # the same queries for every method
+        if not ids:
+            columns[f"top1_{label}"] = float("nan")
+            continue
+        other = QuerySet(label, spec.train.dataset, query_variant(spec, label), ids, [], [position[q] for q in ids])
+        columns[f"top1_{label}"] = retrieval_top1(_aligned(group, ids, train_keys, method), other, train_keys)
     return columns
 
 

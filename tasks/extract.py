@@ -32,7 +32,7 @@ from gradlake.lake.store import LakeError, LakeStore, default_lake
 from gradlake.tasks.batching import WINDOW_BYTES, shard_batches, window_chunks
 from gradlake.tasks.footprint import check_extraction_memory
 from gradlake.tasks.gradients import INPUTS_EMBEDS, PerSampleGradients, Projection, embeds_shape
-from gradlake.tasks.loss import CHAT_TEMPLATES, IGNORE_INDEX, Encoded, chat_template_text, encode_sample, pad_batch
+from gradlake.tasks.loss import CHAT_TEMPLATE_HELP, CHAT_TEMPLATES, IGNORE_INDEX, Encoded, chat_template_text, encode_sample, pad_batch
 from gradlake.tasks.model import (ModelError, ModelSpec, capped_length, check_device, check_gradient_architecture, check_model,
                                   check_weights, lake_names, load_model, load_tokenizer, parameter_shapes, resolved_commit,
                                   select_parameters, tokenizer_fingerprint)
@@ -58,7 +58,7 @@ class ExtractionSpec(BaseModel):
     paradigm: Literal["sft", "pre"] = Field(default="sft", description="'sft': loss on assistant tokens only; 'pre': loss on every token.")
     layers: list[str] = Field(default_factory=list, description="Glob patterns over parameter names, e.g. 'model.layers.*.mlp.down_proj.weight'; empty selects every parameter.")
     target: Literal["parameters", "inputs_embeds", "inputs_embeds_mean"] = Field(default="parameters", description="What the gradient is taken with respect to: 'parameters' (the weights chosen by layers), 'inputs_embeds' (the input embeddings, per token: max_length x hidden values a sample, zero past its end) or 'inputs_embeds_mean' (their mean over the sample's tokens: hidden values). Each target has groups of its own (sft-inputs_embeds-store, ...), evaluated like any tensor.")
-    chat_template: str = Field(default="tokenizer", description="How chats are rendered: 'tokenizer' (its own chat template), 'tulu' (open-instruct's format, as the 'Select or Project?' thesis rendered them) or the path of a Jinja file. Recorded in the lineage; part of what identifies the gradients.")
+    chat_template: str = Field(default="tokenizer", description=CHAT_TEMPLATE_HELP + " Recorded in the lineage; part of what identifies the gradients.")
     labels: Literal["assistant", "last_assistant"] = Field(default="assistant", description="Paradigm 'sft': the loss is on every assistant turn ('assistant') or on the last one only ('last_assistant', as in the thesis).")
     mode: Literal["store", "mean", "mean_normalized"] = Field(default="store", description="'store': every sample's gradient; 'mean': their mean; 'mean_normalized': the mean of per-tensor unit-normalised gradients.")
     shard_size: int = Field(default=64, ge=1, description="Samples per shard: the unit of retry and of distribution over workers. A scheduling choice: a run with another shard size reuses finished gradients. Must be a multiple of the batch size and of the group's chunk height.")

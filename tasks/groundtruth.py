@@ -157,8 +157,7 @@ def subset_bootstrap(predicted: np.ndarray, losses: np.ndarray, n_boot: int, see
     """
     predicted = np.asarray(predicted, np.float64)
     target = -np.asarray(losses, np.float64).T
-    n_subsets = predicted.shape[1]
-    columns = np.random.default_rng([seed, 7919]).integers(0, n_subsets, size=(n_boot, n_subsets))
+    columns = _resampled_columns(predicted.shape[1], n_boot, seed)
     out = np.empty((n_boot, predicted.shape[0]))
     for start in range(0, n_boot, chunk):
         c = columns[start:start + chunk]
@@ -211,32 +210,56 @@ def source_oracle(query_sources: list[int | None], n_train: int, seed: int) -> n
     return scores
 
 
+def _resampled_columns(n_subsets: int, n_boot: int, seed: int) -> np.ndarray:
+    """The subset resamples every bootstrap here draws: (B, M), ``default_rng([seed, 7919])``."""
+    return np.random.default_rng([seed, 7919]).integers(0, n_subsets, size=(n_boot, n_subsets))
+
+
+def _masked_spearman(a: np.ndarray, b: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Spearman's rho along the last axis over the entries where `keep` is true (NaN where fewer than 3 or constant)."""
+    ra = _rank_last(np.where(keep, a, np.inf))  # the kept entries rank among themselves, the rest above them
+    rb = _rank_last(np.where(keep, b, np.inf))
+    n = keep.sum(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ra = np.where(keep, ra - (n + 1) / 2, 0.0)
+        rb = np.where(keep, rb - (n + 1) / 2, 0.0)
+        denominator = np.sqrt((ra ** 2).sum(axis=-1) * (rb ** 2).sum(axis=-1))
+        rho = (ra * rb).sum(axis=-1) / np.where(denominator > 0, denominator, 1)
+    return np.where((denominator > 0) & (n[..., 0] >= 3), rho, np.nan)
+
+
 def lds_beyond_source(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray,
-                      query_sources: list[int | None], min_stratum: int = 3) -> np.ndarray:
-    """Per-query LDS with the source sample's effect held fixed: (Q,), see the module docstring.
+                      query_sources: list[int | None], n_boot: int = 0, seed: int = 0,
+                      min_stratum: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Per-query LDS with the source sample's effect held fixed (Q,), and the same on subset resamples (B, Q).
 
     For a query without a source it is the ordinary LDS; for one with a source, the
     subset-count-weighted mean of the Spearman correlations within the subsets that contain
     it and within those that lack it (a stratum of fewer than `min_stratum` subsets is left
-    out; NaN if both are).
+    out; NaN if both are).  The resamples are those of `subset_bootstrap` with the same seed,
+    so `crossed_interval` gives its interval.
     """
     scores, masks, losses = np.asarray(scores, np.float64), np.asarray(masks, bool), np.asarray(losses, np.float64)
     predicted = scores @ masks.T.astype(np.float64)
     target = -losses.T
-    out = spearman_rows(predicted, target)
+    columns = np.concatenate([np.arange(len(masks))[None, :], _resampled_columns(len(masks), n_boot, seed)])
+    out = np.empty((len(columns), len(scores)))
     for q, source in enumerate(query_sources):
+        a, b = predicted[q][columns], target[q][columns]                       # (1 + B, M)
         if source is None:
+            out[:, q] = _spearman_last(a, b)
             continue
-        total, weight = 0.0, 0
-        for stratum in (masks[:, source], ~masks[:, source]):
-            if stratum.sum() < min_stratum:
-                continue
-            rho = spearman_rows(predicted[q:q + 1, stratum], target[q:q + 1, stratum])[0]
-            if not np.isnan(rho):
-                total += rho * stratum.sum()
-                weight += int(stratum.sum())
-        out[q] = total / weight if weight else np.nan
-    return out
+        total, weight = np.zeros(len(columns)), np.zeros(len(columns))
+        for inside in (True, False):
+            keep = masks[columns, source] == inside
+            count = keep.sum(axis=1)
+            rho = _masked_spearman(a, b, keep)
+            use = (count >= min_stratum) & ~np.isnan(rho)
+            total += np.where(use, rho * count, 0.0)
+            weight += np.where(use, count, 0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[:, q] = np.where(weight > 0, total / np.where(weight > 0, weight, 1), np.nan)
+    return out[0], out[1:]
 
 
 def compare(a: dict, b: dict) -> tuple[float, float, float]:

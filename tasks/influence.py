@@ -6,7 +6,9 @@ strategies: ``identity`` (no preconditioning: plain gradient dot products), ``di
 ``kfac`` (Kronecker factors of activation and output-gradient covariances) and ``ekfac``
 (K-FAC's eigenbasis with corrected eigenvalues).  The pairwise score of query q and
 training sample i is ``grad f_q . (G + damping I)^-1 . grad L_i``, positive when training
-on i lowers the query's loss.
+on i lowers the query's loss.  GPT-2's ``Conv1D`` layers (y = x W + b, W stored transposed) are
+replaced by the equal ``nn.Linear`` (weight W^T) before Kronfluence sees the model, so they are
+tracked too; a weight gradient is then the transpose of the Conv1D one, and dot products are unchanged.
 
 Here both gradients are of the extraction's loss (``tasks/loss.py``): each sample's mean
 token cross-entropy over its label positions (``sft``: assistant tokens; ``pre``: all), so
@@ -31,13 +33,16 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import math
+import re
 import shutil
 import tempfile
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -45,11 +50,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from gradlake.lake.datasets import dataset_meta, read_dataset
 from gradlake.lake.scores import ScoreGroup, scores_path
 from gradlake.lake.store import LakeStore
-from gradlake.tasks.loss import IGNORE_INDEX, Encoded, Paradigm, encode_sample, pad_batch, sample_losses
+from gradlake.tasks.loss import (CHAT_TEMPLATE_HELP, IGNORE_INDEX, Encoded, Paradigm, chat_template_text, encode_sample,
+                                 pad_batch, sample_losses)
 from gradlake.tasks.model import DTYPES, ModelError, ModelSpec, capped_length, check_model, check_weights, lake_names, resolved_commit
 
 STRATEGIES: tuple[str, ...] = ("identity", "diagonal", "kfac", "ekfac")
 SCORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DAMPING_RULES: tuple[str, ...] = ("heuristic", "kronfluence")
+# A block's attention or MLP: the submodule right after the block's index ('model.layers.3.self_attn.',
+# 'transformer.h.3.attn.', '....3.mlp.'), as OLMo, OLMo-2, Llama, Qwen2 and GPT-2 name them.
+LAYER_KEYWORDS: dict[str, re.Pattern] = {"attention": re.compile(r"\.\d+\.(self_attn|attn)\."),
+                                         "mlp": re.compile(r"\.\d+\.mlp\.")}
 
 
 class InfluenceError(ValueError):
@@ -68,11 +79,13 @@ class InfluenceSpec(BaseModel):
     train_ids: list[str] | None = Field(default=None, description="Only these dataset ids are training samples (e.g. the run's `keep`); empty: all.")
     query_dataset: str | None = Field(default=None, description="Dataset of the queries; empty: the training dataset.")
     queries: str = Field(default="paraphrased", description="Variant whose samples are the queries.")
-    max_queries: int | None = Field(default=None, ge=1, description="Only the first this many queries; empty: all.")
+    query_ids: list[str] | None = Field(default=None, description="Only these ids of the query variant are queries, in this order (e.g. samples the run never trained on); empty: all.")
+    max_queries: int | None = Field(default=None, ge=1, description="Only the first this many queries (after query_ids); empty: all.")
     paradigm: Paradigm = Field(default="sft", description="Loss tokens: 'sft' assistant turns, 'pre' every token (as in training and extraction).")
+    chat_template: str = Field(default="tokenizer", description=CHAT_TEMPLATE_HELP + " As the model was trained.")
     strategy: Literal["identity", "diagonal", "kfac", "ekfac"] = Field(default="ekfac", description="Kronfluence's Hessian approximation.")
-    layers: list[str] = Field(default=[], description="Glob patterns over parameter names ('model.layers.*.mlp.*.weight'); tracked are the nn.Linear modules whose weight matches. Empty: every nn.Linear.")
-    damping: float | None = Field(default=None, ge=0, description="Damping added to the approximate Hessian; empty: Kronfluence's heuristic (0.1 x mean eigenvalue).")
+    layers: list[str] = Field(default=[], description="Tracked nn.Linear modules (GPT-2's Conv1D count as nn.Linear): glob patterns over their weights' names ('model.layers.*.mlp.*.weight'), or the keywords 'attention' and 'mlp' (every Linear in each block's self_attn/attn or mlp). Empty: every nn.Linear.")
+    damping: Annotated[float, Field(ge=0)] | Literal["heuristic", "kronfluence"] | None = Field(default=None, description="Damping added to the approximate Hessian: a number >= 0; 'heuristic' or empty: 0.1 x the mean eigenvalue of each module's approximation; 'kronfluence': Kronfluence's own default damping_factor (1e-08 in 1.0.1).")
     empirical_fisher: bool = Field(default=False, description="Fit the covariances with the data's labels (empirical Fisher) instead of labels sampled from the model (true Fisher).")
     max_length: int = Field(default=512, ge=8, description="Tokens per sample at most (as in extraction).")
     train_batch_size: int = Field(default=8, ge=1, description="Training samples per pass (factor fitting and scoring).")
@@ -88,6 +101,31 @@ class InfluenceSpec(BaseModel):
     def _strategy(cls, value):
         if value not in STRATEGIES:
             raise ValueError(f"strategy {value!r} is not one Kronfluence knows; use one of {list(STRATEGIES)}")
+        return value
+
+    @field_validator("damping", mode="before")
+    @classmethod
+    def _damping(cls, value):
+        if isinstance(value, str) and value not in DAMPING_RULES:  # a number typed into a form or a CLI: '1e-3'
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if value is None or value in DAMPING_RULES or (number and math.isfinite(value) and value >= 0):
+            return value
+        raise ValueError(f"damping {value!r} is neither a number >= 0 nor one of {list(DAMPING_RULES)}; use e.g. 0.001, "
+                         "'heuristic' (0.1 x the mean eigenvalue) or 'kronfluence' (Kronfluence's default)")
+
+    @field_validator("query_ids")
+    @classmethod
+    def _query_ids(cls, value):
+        if value is not None:
+            if not value:
+                raise ValueError("query_ids is an empty list: give at least one id, or leave it empty (null) for every query")
+            repeated = sorted(i for i, n in Counter(value).items() if n > 1)
+            if repeated:
+                raise ValueError(f"query_ids repeat {repeated[:5]}: give each id once (a query is one row of scores)")
         return value
 
     @property
@@ -169,18 +207,59 @@ def collate(pad_id: int) -> Callable[[list[Encoded]], dict]:
     return batch
 
 
+# ---------------------------------------------------------------- which modules are tracked
+
+def linear_from_conv1d(model: torch.nn.Module) -> list[str]:
+    """Replace every GPT-2 ``Conv1D`` in `model` by the equal ``nn.Linear``, in place; returns their names.
+
+    Kronfluence tracks only nn.Linear and nn.Conv2d.  Conv1D computes y = x W + b with W stored (in, out); the
+    Linear holding W^T computes the same y, and its weight gradient is the transpose of the Conv1D one, so every
+    dot product of gradients (the scores) is unchanged.  Works on the meta device too (the plan's skeleton).
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    names = [name for name, module in model.named_modules() if isinstance(module, Conv1D)]
+    for name in names:
+        conv = model.get_submodule(name)
+        n_in, n_out = conv.weight.shape
+        linear = torch.nn.Linear(n_in, n_out, bias=conv.bias is not None, device=conv.weight.device,
+                                 dtype=conv.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(conv.weight.T)
+            if conv.bias is not None:
+                linear.bias.copy_(conv.bias)
+        linear.weight.requires_grad_(conv.weight.requires_grad)
+        linear.train(conv.training)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, linear)
+    return names
+
+
 def tracked_modules(model: torch.nn.Module, patterns: list[str]) -> list[str]:
-    """Names of the nn.Linear modules whose '<name>.weight' matches any pattern; every pattern must match one."""
+    """Names of the nn.Linear modules chosen by `patterns`, in model order; every pattern must choose one.
+
+    A pattern is a glob over '<module>.weight' or a keyword of LAYER_KEYWORDS ('attention', 'mlp': every Linear in
+    each block's attention or MLP submodule).  Convert GPT-2's Conv1D first (:func:`linear_from_conv1d`).
+    """
     linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
     if not patterns:
         return linear
     weights = [f"{name}.weight" for name in linear]
+    if not weights:
+        raise InfluenceError(f"layers {patterns} choose nn.Linear modules, but this model has none Kronfluence can track")
     chosen = set()
     for pattern in patterns:
-        hits = fnmatch.filter(weights, pattern)
+        if pattern in LAYER_KEYWORDS:
+            hits = [w for w in weights if LAYER_KEYWORDS[pattern].search(w)]
+            part = "attention ('<block>.self_attn.' or '<block>.attn.')" if pattern == "attention" else "MLP ('<block>.mlp.')"
+            what = f"layer keyword {pattern!r} matches no nn.Linear weight inside a block's {part}"
+        else:
+            hits = fnmatch.filter(weights, pattern)
+            what = f"layer pattern {pattern!r} matches no nn.Linear weight Kronfluence can track"
         if not hits:
-            raise InfluenceError(f"layer pattern {pattern!r} matches no nn.Linear weight Kronfluence can track; "
-                                 f"names look like {weights[0]!r} (e.g. 'model.layers.*.mlp.down_proj.weight')")
+            examples = ", ".join(repr(w) for w in dict.fromkeys([weights[0], weights[len(weights) // 2], weights[-1]]))
+            raise InfluenceError(f"{what}; names look like {examples}: use a glob over such names "
+                                 f"(e.g. 'model.layers.*.mlp.down_proj.weight') or one of {list(LAYER_KEYWORDS)}")
         chosen.update(h[: -len(".weight")] for h in hits)
     return [name for name in linear if name in chosen]
 
@@ -211,20 +290,53 @@ def load_sets(spec: InfluenceSpec) -> tuple[list[str], list[list[dict]], list[st
     query_dataset = spec.query_dataset or spec.dataset
     meta, frame = _frame(store, query_dataset, spec.queries)
     versions[f"{query_dataset}/{spec.queries}"] = meta["version"]
+    frame = frame.assign(id=[str(i) for i in frame["id"]])
+    if spec.query_ids is not None:
+        frame = _chosen_queries(frame, spec.query_ids, f"dataset {query_dataset!r} variant {spec.queries!r}")
     if spec.max_queries:
         frame = frame.head(spec.max_queries)
-    return keys, chats, [str(i) for i in frame["id"]], list(frame["messages"]), versions
+    return keys, chats, list(frame["id"]), list(frame["messages"]), versions
+
+
+def _chosen_queries(frame, query_ids: list[str], where: str):
+    """The rows of `frame` with these ids, in their order; every id must be there."""
+    rows = {sample_id: row for row, sample_id in enumerate(frame["id"])}
+    missing = [i for i in query_ids if i not in rows]
+    if missing:
+        raise InfluenceError(f"query_ids {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)} of "
+                             f"{len(query_ids)}) are not in {where}; its ids look like {list(frame['id'][:3])}")
+    return frame.iloc[[rows[i] for i in query_ids]]
 
 
 # ---------------------------------------------------------------- running
 
-def settings_key(spec: InfluenceSpec, versions: dict, commit: str) -> str:
-    """A hash of what determines the factors: model and commit, training data, loss, strategy, modules, Fisher."""
+def settings_key(spec: InfluenceSpec, versions: dict, commit: str, converted: list[str] = ()) -> str:
+    """A hash of what determines the factors: model and commit, training data, loss, strategy, modules, Fisher.
+
+    `converted`: the tracked modules that are converted Conv1D (only then in the hash, so that keys made before
+    the conversion existed stay valid and a GPT-2 fitted on its lm_head alone is not taken for one with blocks).
+    """
     what = {"model": list(lake_names(spec.model)), "commit": commit, "dtype": spec.model.dtype, "versions": versions,
             "train_variants": spec.train_variants, "train_ids": spec.train_ids, "paradigm": spec.paradigm,
             "strategy": spec.strategy, "layers": spec.layers, "empirical_fisher": spec.empirical_fisher,
             "max_length": spec.max_length, "seed": spec.seed}
+    if converted:
+        what["converted_conv1d"] = list(converted)
+    if spec.chat_template != "tokenizer":  # keys made before the setting existed stay valid
+        what["chat_template"] = hashlib.sha256((chat_template_text(spec.chat_template) or "").encode()).hexdigest()
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def damping_factor(spec: InfluenceSpec) -> tuple[str, float | None]:
+    """(rule, the damping_factor given to Kronfluence): 'heuristic' -> None (Kronfluence then takes 0.1 x the
+    mean eigenvalue per module), 'kronfluence' -> ScoreArguments' default read now, 'value' -> the number given."""
+    if spec.damping is None or spec.damping == "heuristic":
+        return "heuristic", None
+    if spec.damping == "kronfluence":
+        from kronfluence.arguments import ScoreArguments
+
+        return "kronfluence", ScoreArguments().damping_factor
+    return "value", float(spec.damping)
 
 
 def _factor_args(spec: InfluenceSpec):
@@ -237,7 +349,7 @@ def _score_args(spec: InfluenceSpec):
     from kronfluence.arguments import ScoreArguments
 
     dtype = SCORE_DTYPES[spec.score_dtype]
-    return ScoreArguments(damping_factor=spec.damping, query_gradient_low_rank=spec.query_low_rank,
+    return ScoreArguments(damping_factor=damping_factor(spec)[1], query_gradient_low_rank=spec.query_low_rank,
                           score_dtype=dtype, per_sample_gradient_dtype=dtype, precondition_dtype=torch.float32)
 
 
@@ -284,14 +396,41 @@ def _plan(spec: InfluenceSpec) -> tuple[dict, tuple]:
 
     config = check_model(spec.model)
     check_weights(spec.model, config)
+    chat_template_text(spec.chat_template)  # a named Jinja file must be readable before any work
     sets = load_sets(spec)
     keys, _, query_ids, _, versions = sets
     if not keys or not query_ids:
         raise InfluenceError(f"{len(keys)} training samples and {len(query_ids)} queries: nothing to score")
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
+    converted = linear_from_conv1d(skeleton)  # as the run will, so that patterns and keywords see the same modules
     modules = tracked_modules(skeleton, spec.layers)
-    return {"n_train": len(keys), "n_query": len(query_ids), "modules": modules, "versions": versions}, sets
+    return {"n_train": len(keys), "n_query": len(query_ids), "modules": modules, "converted_conv1d": converted,
+            "versions": versions}, sets
+
+
+def _record(spec: InfluenceSpec, spec_model: ModelSpec, commit: str, plan: dict, tracked_conv1d: list[str],
+            factors_dir: str) -> tuple[dict, dict]:
+    """(settings, lineage) of a score group: what determines the scores, and how they were made."""
+    name, checkpoint = lake_names(spec_model)
+    # What determines the scores; not where they run (a retry on another worker or device resumes the same group).
+    settings = spec.model_dump(mode="json", exclude={"lake", "train_block", "train_batch_size", "query_batch_size", "model"})
+    settings["model"] = {"model": name, "checkpoint": checkpoint, "dtype": spec.model.dtype}
+    # Groups written before these choices existed keep equal settings: the heuristic stays None, an unset
+    # query_ids is left out, converted Conv1D appear only when tracked; 'kronfluence' is stored as its number.
+    damping_rule, damping_value = damping_factor(spec)
+    settings["damping"] = damping_value
+    if spec.query_ids is None:
+        del settings["query_ids"]
+    if spec.chat_template == "tokenizer":
+        del settings["chat_template"]
+    if tracked_conv1d:
+        settings["converted_conv1d"] = tracked_conv1d
+    lineage = {"model": name, "checkpoint": checkpoint, "resolved_commit": commit, "versions": plan["versions"],
+               "tracked_modules": plan["modules"], "converted_conv1d": plan["converted_conv1d"],
+               "damping_rule": damping_rule, "damping_factor": damping_value, "factors": factors_dir,
+               "tool": "kronfluence", "tool_version": _kronfluence_version()}
+    return settings, lineage
 
 
 def compute_influence(spec: InfluenceSpec, log: Callable[[str], None] = print, work_dir: str | None = None) -> str:
@@ -307,18 +446,14 @@ def compute_influence(spec: InfluenceSpec, log: Callable[[str], None] = print, w
     spec_model = spec.model.resolved()
     commit = resolved_commit(spec_model)
     keys, train_chats, query_ids, query_chats, versions = sets
-    key = settings_key(spec, versions, commit)
+    converted = set(plan["converted_conv1d"])
+    tracked_conv1d = [m for m in plan["modules"] if m in converted]
+    key = settings_key(spec, versions, commit, tracked_conv1d)
     model_key, checkpoint_key = lake_keys(spec_model)
     factors_dir = f"influence/{model_key}/{checkpoint_key}/{spec.dataset}/{spec.paradigm}-{spec.strategy}-{key}/factors"
     path = scores_path(model_key, checkpoint_key, spec.dataset, spec.query_dataset or spec.dataset, spec.queries,
                        spec.method_name)
-    # What determines the scores; not where they run (a retry on another worker or device resumes the same group).
-    settings = spec.model_dump(mode="json", exclude={"lake", "train_block", "train_batch_size", "query_batch_size", "model"})
-    settings["model"] = {"model": lake_names(spec_model)[0], "checkpoint": lake_names(spec_model)[1],
-                         "dtype": spec.model.dtype}
-    lineage = {"model": lake_names(spec_model)[0], "checkpoint": lake_names(spec_model)[1], "resolved_commit": commit,
-               "versions": versions, "tracked_modules": plan["modules"], "factors": factors_dir,
-               "tool": "kronfluence", "tool_version": _kronfluence_version()}
+    settings, lineage = _record(spec, spec_model, commit, plan, tracked_conv1d, factors_dir)
     n_train = len(keys)
     group = ScoreGroup.create(store, path, query_ids, keys, {"method": spec.method_name, "kind": "influence",
                                                              "settings": settings, "lineage": lineage},
@@ -332,13 +467,15 @@ def compute_influence(spec: InfluenceSpec, log: Callable[[str], None] = print, w
     max_length, capped = capped_length(spec.max_length, check_model(spec.model), spec.model.model)
     if capped:
         log(capped)
-    encode = lambda chats: [encode_sample(tokenizer, c, spec.paradigm, max_length) for c in chats]  # noqa: E731
+    template = chat_template_text(spec.chat_template)
+    encode = lambda chats: [encode_sample(tokenizer, c, spec.paradigm, max_length, template) for c in chats]  # noqa: E731
     train_set, query_set = EncodedSet(encode(train_chats)), EncodedSet(encode(query_chats))
     from transformers import AutoModelForCausalLM
 
     source, revision = spec_model.source()
     model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=DTYPES[spec_model.dtype],
                                                  trust_remote_code=spec_model.trust_remote_code)
+    linear_from_conv1d(model)  # the same modules as the plan's skeleton: both are built from the config
     model = model.to(spec_model.torch_device()).eval()
     task = _task_class()(plan["modules"], spec.seed)
     model = prepare_model(model, task)

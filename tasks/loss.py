@@ -36,7 +36,13 @@ TULU = (
     "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
     "{% endfor %}"
 )
-CHAT_TEMPLATES = {"tulu": TULU}
+# Plain text: the contents one after another, no role tags and no special tokens, as a language model reads a
+# document (with the `pre` paradigm every token carries loss): how text corpora such as WikiText are trained on.
+TEXT = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+CHAT_TEMPLATES = {"tulu": TULU, "text": TEXT}
+CHAT_TEMPLATE_HELP = ("How chats are rendered: 'tokenizer' (its own chat template), 'tulu' (open-instruct's format, "
+                      "as the 'Select or Project?' thesis rendered them), 'text' (the contents alone, no role tags: "
+                      "documents and text corpora) or the path of a Jinja file.")
 
 
 def chat_template_text(setting: str) -> str | None:

@@ -9,6 +9,17 @@ their reason, never silently.  Accepted row shapes:
 - a prompt column (``prompt``, ``instruction``, ``question``) and a response column
   (``response``, ``output``, ``answer``, ``completion``).
 
+A text corpus (rows with a ``text`` column, as WikiText) is read with ``blocks``: every
+row's text is tokenized by the model's tokenizer, the token streams are concatenated in
+source order and cut into blocks of ``block_tokens`` (the tail shorter than a block is
+left out), as causal language models are trained on corpora (the Hugging Face language-
+modeling example, and Kronfluence's WikiText example after it).  Each block is one
+sample, ``block-000000`` onwards, holding the block's decoded text as a single user turn;
+render it with the ``text`` chat template and the ``pre`` paradigm to train on every token.
+Decoding and tokenizing again can merge tokens differently at a block's edges, so a block
+may come back a token or two longer or shorter than ``block_tokens``: the report says how
+many blocks tokenize back to exactly their tokens.
+
 The id is the source's own (``id``, ``prompt_id``, ``uid``, ``sample_id``) when it has
 one, else ``h-`` and 16 hex digits of a hash of the messages, which survives any
 reordering of the source.  A row whose id column holds something that is not a string or
@@ -60,6 +71,7 @@ class SourceSpec(BaseModel):
     sampling: Literal["random", "first"] = Field(default="random", description="'random': n rows drawn with `seed`; 'first': the first n usable rows.")
     seed: int = Field(default=0, description="Seed of the random draw.")
     keep_columns: list[str] = Field(default_factory=list, description="Source columns carried along beside id and messages (e.g. a column of ready-made paraphrases).")
+    blocks: "BlockSpec | None" = Field(default=None, description="Read a text corpus: the rows' text tokenized, concatenated and cut into blocks of tokens, each block a sample (n and sampling then count blocks).")
 
     @model_validator(mode="after")
     def _split_given(self) -> "SourceSpec":
@@ -71,6 +83,20 @@ class SourceSpec(BaseModel):
         return self
 
 
+class BlockSpec(BaseModel):
+    """A text corpus cut into blocks of tokens by a model's tokenizer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tokenizer: str = Field(description="Model whose tokenizer cuts the text: a Hugging Face id or a local directory (e.g. 'openai-community/gpt2').")
+    revision: str | None = Field(default=None, description="Its revision or checkpoint subdirectory.")
+    block_tokens: int = Field(default=512, ge=8, description="Tokens per block (Kronfluence's WikiText example: 512).")
+    text_column: str = Field(default="text", description="The column holding the text.")
+
+
+SourceSpec.model_rebuild()
+
+
 @dataclass
 class Loaded:
     """A normalised source: the usable samples and the report of what was dropped."""
@@ -78,13 +104,15 @@ class Loaded:
     frame: pd.DataFrame
     n_rows: int
     dropped: list[dict] = field(default_factory=list)
+    blocks: dict | None = None      # a text corpus cut into blocks: tokens, blocks, what was left out
 
     def report(self) -> dict:
         reasons: dict[str, int] = {}
         for d in self.dropped:
             reasons[d["reason"]] = reasons.get(d["reason"], 0) + 1
         return {"rows_read": self.n_rows, "usable": len(self.frame), "dropped": len(self.dropped),
-                "dropped_by_reason": reasons, "dropped_ids": [d["id"] for d in self.dropped]}
+                "dropped_by_reason": reasons, "dropped_ids": [d["id"] for d in self.dropped],
+                **({"blocks": self.blocks} if self.blocks else {})}
 
 
 def _is_local(source: str) -> bool:
@@ -256,8 +284,40 @@ def sample(loaded: Loaded, spec: SourceSpec) -> pd.DataFrame:
     return frame.iloc[chosen].reset_index(drop=True)
 
 
+def text_blocks(rows: pd.DataFrame, spec: BlockSpec) -> Loaded:
+    """The rows' text as blocks of `block_tokens` tokens: the concatenated token stream, cut; one sample per block."""
+    from gradlake.tasks.model import ModelSpec, load_tokenizer
+
+    if spec.text_column not in rows.columns:
+        raise SourceError(f"blocks read column {spec.text_column!r}, which the source does not have; its columns are "
+                          f"{sorted(map(str, rows.columns))}")
+    tokenizer = load_tokenizer(ModelSpec(model=spec.tokenizer, checkpoint=spec.revision).resolved())
+    texts = [t for t in rows[spec.text_column] if isinstance(t, str)]
+    stream: list[int] = []
+    for start in range(0, len(texts), 1000):
+        for ids in tokenizer(texts[start:start + 1000], add_special_tokens=False)["input_ids"]:
+            stream += ids
+    size = spec.block_tokens
+    n_blocks = len(stream) // size
+    if n_blocks == 0:
+        raise SourceError(f"the source's {len(texts)} texts hold {len(stream)} tokens, fewer than one block of "
+                          f"{size}; lower block_tokens or give more text")
+    blocks = [stream[i * size:(i + 1) * size] for i in range(n_blocks)]
+    decoded = tokenizer.batch_decode(blocks)
+    exact = sum(tokenizer(d, add_special_tokens=False)["input_ids"] == b for d, b in zip(decoded, blocks))
+    frame = pd.DataFrame({"id": [f"block-{i:06d}" for i in range(n_blocks)],
+                          "messages": [[{"role": "user", "content": d}] for d in decoded]})
+    loaded = Loaded(frame, len(rows))
+    loaded.blocks = {"tokens": len(stream), "blocks": n_blocks, "left_out_tokens": len(stream) - n_blocks * size,
+                     "tokenize_back_exactly": int(exact)}
+    return loaded
+
+
 def load_source(spec: SourceSpec) -> tuple[pd.DataFrame, Loaded]:
     """Read, normalise and sample a source: (the samples, the full normalisation report)."""
+    if spec.blocks is not None:
+        loaded = text_blocks(read_rows(spec), spec.blocks)
+        return sample(loaded, spec), loaded
     loaded = normalise(read_rows(spec), spec.keep_columns)
     if loaded.frame.empty:
         dropped = f"; dropped: {loaded.report()['dropped_by_reason']}" if loaded.dropped else ""

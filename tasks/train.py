@@ -50,7 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from gradlake.lake.datasets import dataset_meta, read_dataset
 from gradlake.lake.store import LakeStore, storage_options_for
 from gradlake.tasks.checkpoints import checkpoint_complete
-from gradlake.tasks.loss import Encoded, Paradigm, encode_sample, pad_batch, sample_losses
+from gradlake.tasks.loss import CHAT_TEMPLATE_HELP, Encoded, Paradigm, chat_template_text, encode_sample, pad_batch, sample_losses
 from gradlake.tasks.quality import QualitySpec
 from gradlake.tasks.model import DTYPES, ModelError, ModelSpec, capped_length, check_model, check_weights, lake_names, resolved_commit
 
@@ -90,6 +90,7 @@ class TrainSpec(BaseModel):
     checkpoint_every: int = Field(default=0, ge=0, description="Save a checkpoint every this many steps; 0: only the final one.")
     save_steps: list[int] = Field(default=[], description="Further steps to save a checkpoint at (those beyond the run's end are ignored).")
     save_initial: bool = Field(default=False, description="Also save the base model as checkpoint-000000 (step 0).")
+    chat_template: str = Field(default="tokenizer", description=CHAT_TEMPLATE_HELP + " The same setting must render the gradients and influence of this model.")
     keep: list[str] | None = Field(default=None, description="Train only on these sample ids (ids as in the dataset; all variants of each).")
     drop: list[str] | None = Field(default=None, description="Train on every sample except these ids.")
     storage_options: dict = Field(default={}, description="fsspec options for an s3:// prefix (no credentials: those come from the environment).")
@@ -233,6 +234,10 @@ def run_fingerprint(spec: TrainSpec, base_commit: str, versions: dict[str, str])
     """Everything that determines the weights, hashed: checkpoints of one run share it."""
     what = spec.model_dump(mode="json", exclude={"output", "checkpoint_every", "save_steps", "save_initial", "storage_options", "lake",
                                                   "quality"})
+    if spec.chat_template == "tokenizer":  # runs made before the setting existed keep their fingerprint
+        del what["chat_template"]
+    else:  # a Jinja file counts by its text, not its path
+        what["chat_template"] = hashlib.sha256((chat_template_text(spec.chat_template) or "").encode()).hexdigest()
     what["model"] = {"source": list(lake_names(spec.model)), "commit": base_commit, "dtype": spec.model.dtype}
     what["versions"] = versions
     return "sha256:" + hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
@@ -267,6 +272,7 @@ def plan_run(spec: TrainSpec) -> Plan:
     check_weights(spec.model, config)
     data = load_train_data(spec)
     check_output_writable(spec)
+    chat_template_text(spec.chat_template)  # a named Jinja file must be readable before anything runs
     per_epoch = math.ceil(len(data.keys) / spec.batch_size)
     total = total_steps(spec, len(data.keys))
     every = spec.checkpoint_every or total
@@ -457,7 +463,11 @@ class TrainResult:
 def _encode(plan: Plan, tokenizer) -> list[Encoded]:
     spec = plan.spec
     max_length = capped_length(spec.max_length, check_model(spec.model), spec.model.model)[0]
-    encoded = [encode_sample(tokenizer, chat, spec.paradigm, max_length) for chat in plan.data.chats]
+    template = chat_template_text(spec.chat_template)
+    if template is None and not tokenizer.chat_template:
+        raise TrainError(f"the tokenizer of {spec.model.model!r} has no chat template; give chat_template 'text' "
+                         "(documents), 'tulu' or a Jinja file")
+    encoded = [encode_sample(tokenizer, chat, spec.paradigm, max_length, template) for chat in plan.data.chats]
     empty = [plan.data.keys[i] for i, e in enumerate(encoded) if sum(e.label_mask) < 2]
     if empty:
         raise TrainError(f"samples {empty[:5]} have no loss tokens under paradigm {spec.paradigm!r} "

@@ -146,9 +146,22 @@ def test_the_source_oracle_and_lds_beyond_the_source():
     losses = -(masks.astype(float) @ effects.T) + 0.5 * rng.normal(size=(m, q))
     oracle = source_oracle([int(s) for s in sources], n, seed=0)
     assert lds(oracle, masks, losses)["lds"] > 0.7
-    beyond = lds_beyond_source(oracle, masks, losses, [int(s) for s in sources])
+    beyond, beyond_boot = lds_beyond_source(oracle, masks, losses, [int(s) for s in sources], n_boot=200)
     assert abs(np.nanmean(beyond)) < 0.15
-    knows_more = lds_beyond_source(effects, masks, losses, [int(s) for s in sources])
+    low, high = crossed_interval(beyond, beyond_boot)
+    assert low < 0 < high  # the oracle knows nothing beyond the source
+    # the resamples, written out: the same subset resamples as the LDS's, strata taken within each
+    columns = np.random.default_rng([0, 7919]).integers(0, m, size=(200, m))
+    for b in (0, 7, 199):
+        for j in (0, 5):
+            c, s = columns[b], int(sources[j])
+            predicted, target = (oracle[j] @ masks.T.astype(float))[c], -losses[c, j]
+            parts = [(spearmanr(predicted[k], target[k]).statistic, k.sum()) for k in (masks[c, s], ~masks[c, s])
+                     if k.sum() >= 3]
+            parts = [(r, w) for r, w in parts if not np.isnan(r)]
+            expected = sum(r * w for r, w in parts) / sum(w for _, w in parts) if parts else np.nan
+            assert beyond_boot[b, j] == pytest.approx(expected, abs=1e-9, nan_ok=True)
+    knows_more = lds_beyond_source(effects, masks, losses, [int(s) for s in sources])[0]
     assert np.nanmean(knows_more) > 0.4
     # Within-stratum correlations, written out for one query.
     j, s = 0, int(sources[0])
@@ -160,5 +173,5 @@ def test_the_source_oracle_and_lds_beyond_the_source():
     held_losses = -(masks.astype(float) @ held_out_effects.T) + 0.5 * rng.normal(size=(m, 200))
     blind = lds(source_oracle([None] * 200, n, seed=0), masks, held_losses)
     assert abs(blind["lds"]) < 0.06
-    assert np.array_equal(lds_beyond_source(held_out_effects, masks, held_losses, [None] * 200),
+    assert np.array_equal(lds_beyond_source(held_out_effects, masks, held_losses, [None] * 200)[0],
                           lds(held_out_effects, masks, held_losses, n_boot=0)["per_query"], equal_nan=True)

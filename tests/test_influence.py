@@ -14,12 +14,15 @@ from scipy.stats import spearmanr
 from conftest import write_probe
 from gradlake.lake.scores import ScoreGroup, list_score_groups
 from gradlake.lake.store import LakeStore
-from gradlake.tasks.influence import (InfluenceError, InfluenceSpec, collate, compute_influence, load_factors,
-                                      EncodedSet, _task_class)
+from gradlake.tasks.influence import (InfluenceError, InfluenceSpec, collate, compute_influence, linear_from_conv1d,
+                                      load_factors, load_sets, plan_influence, tracked_modules, EncodedSet,
+                                      _score_args, _task_class)
 from gradlake.tasks.model import ModelSpec
 
 N_TRAIN, N_QUERY = 24, 6
 MLP = "model.layers.*.mlp.down_proj.weight"
+# The tiny GPT-2's Conv1D modules in model order, written out: c_attn, c_proj in attn; c_fc, c_proj in mlp.
+GPT2_CONV1D = [f"transformer.h.{i}.{p}" for i in (0, 1) for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +30,14 @@ def lake(tmp_path_factory) -> str:
     url = str(tmp_path_factory.mktemp("influence-lake"))
     write_probe(url, N_TRAIN)
     return url
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory, probe_chats):
+    """A tiny GPT-2 (Conv1D layers), checkpoints 'checkpoint-0' and 'checkpoint-1'."""
+    from gradlake.tasks.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-gpt2", "gpt2", probe_chats)
 
 
 def spec_for(tiny_models, lake, **overrides) -> InfluenceSpec:
@@ -47,6 +58,8 @@ def test_identity_scores_are_dot_products_of_the_lakes_gradients(tiny_models, la
     path = compute_influence(spec, log=lambda _: None)
     group = ScoreGroup.open(LakeStore(lake), path)
     assert group.meta["complete"] and group.meta["method"] == "influence-identity"
+    lineage = group.meta["lineage"]
+    assert (lineage["damping_rule"], lineage["damping_factor"], lineage["converted_conv1d"]) == ("heuristic", None, [])
     assert group.train_ids()[0].startswith("original:") and len(group.query_ids()) == N_QUERY
     grads = {}
     for variant in ("original", "paraphrased"):
@@ -144,6 +157,11 @@ def test_every_strategy_runs_and_half_precision_is_close(tiny_models, lake):
     ({"layers": ["model.layers.*.input_layernorm.weight"]}, "matches no nn.Linear weight"),
     ({"queries": "model_generated"}, "dataset 'probe' variant 'model_generated' is not in lake"),
     ({"train_ids": ["nope"]}, "train_ids \\['nope'\\] are not in dataset 'probe'"),
+    ({"query_ids": ["nope", "probe-9999"]}, "query_ids \\['nope', 'probe-9999'\\] \\(2 of 2\\) are not in dataset 'probe' "
+                                          "variant 'paraphrased'; its ids look like \\['probe-0001'"),
+    ({"query_ids": ["probe-0001", "probe-0001"]}, "query_ids repeat \\['probe-0001'\\]: give each id once"),
+    ({"damping": "huge"}, "damping 'huge' is neither a number >= 0 nor one of \\['heuristic', 'kronfluence'\\]"),
+    ({"damping": -1.0}, "damping -1.0 is neither a number >= 0"),
 ])
 def test_bad_input_is_one_clear_error_before_any_write(tiny_models, lake, tmp_path, change, message):
     before = sorted(LakeStore(lake).glob("attribution/**"))
@@ -216,3 +234,156 @@ def test_strategies_against_exact_inverse_ggn_influence(tmp_path):
     print("mean Spearman with exact inverse-GGN influence:", {k: round(v, 3) for k, v in rho.items()})
     assert rho["ekfac"] > 0.6 and rho["kfac"] > 0.6, rho
     assert rho["ekfac"] > rho["identity"] + 0.1 and rho["kfac"] > rho["diagonal"] + 0.1, rho
+
+
+# ---------------------------------------------------------------- GPT-2's Conv1D, layer keywords, damping, query ids
+
+def test_conv1d_becomes_an_equal_linear():
+    """The converted module computes what GPT-2's Conv1D computed, in its dtype; other modules are left alone."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Conv1D(6, 4), torch.nn.GELU(), torch.nn.Sequential(Conv1D(3, 6))).double()
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    before = model(x)
+    assert linear_from_conv1d(model) == ["0", "2.0"]
+    assert isinstance(model[0], torch.nn.Linear) and isinstance(model[2][0], torch.nn.Linear)
+    assert model[0].weight.shape == (6, 4) and model[0].weight.dtype == torch.float64
+    torch.testing.assert_close(model(x), before, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("architecture", ["olmo", "olmo2", "llama", "qwen2", "gpt2"])
+def test_layer_keywords_choose_each_blocks_attention_and_mlp(architecture):
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    from gradlake.tasks.tiny import tiny_config
+
+    sizes = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4)
+    config = {"llama": lambda: LlamaConfig(**sizes), "qwen2": lambda: Qwen2Config(**sizes)}.get(
+        architecture, lambda: tiny_config(architecture, 512))()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    converted = linear_from_conv1d(model)
+    if architecture == "gpt2":
+        attention, mlp = [n for n in GPT2_CONV1D if ".attn." in n], [n for n in GPT2_CONV1D if ".mlp." in n]
+        assert converted == GPT2_CONV1D
+    else:
+        attention = [f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qkvo"]
+        mlp = [f"model.layers.{i}.mlp.{p}_proj" for i in (0, 1) for p in ("gate", "up", "down")]
+        assert converted == []
+    assert tracked_modules(model, ["attention"]) == attention
+    assert tracked_modules(model, ["mlp"]) == mlp
+    # keywords and globs together, in model order
+    chosen = set(attention + mlp + ["lm_head"])
+    assert tracked_modules(model, ["mlp", "attention", "lm_head.weight"]) == [
+        n for n, m in model.named_modules() if n in chosen]
+
+
+def test_a_layer_keyword_or_pattern_that_matches_nothing_names_itself():
+    with pytest.raises(InfluenceError, match="layer keyword 'mlp' matches no nn.Linear weight inside a block's MLP "
+                                             "\\('<block>.mlp.'\\); names look like '0.weight', '1.weight'"):
+        tracked_modules(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)), ["mlp"])
+    from transformers import AutoModelForCausalLM
+
+    from gradlake.tasks.tiny import tiny_config
+
+    with torch.device("meta"):
+        gpt2 = AutoModelForCausalLM.from_config(tiny_config("gpt2", 512))
+    linear_from_conv1d(gpt2)
+    with pytest.raises(InfluenceError, match="layer pattern 'transformer.h.\\*.attn.q_proj.weight' matches no nn.Linear "
+                                             "weight Kronfluence can track; names look like 'transformer.h.0.attn.c_attn.weight'"):
+        tracked_modules(gpt2, ["transformer.h.*.attn.q_proj.weight"])
+
+
+def test_gpt2_identity_scores_are_dot_products_of_plain_backward_gradients(tiny_gpt2, lake):
+    """Kronfluence on the converted Conv1D against loss.backward() per sample on the original GPT-2 (Conv1D)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.pytorch_utils import Conv1D
+
+    from gradlake.lake.datasets import read_dataset
+    from gradlake.tasks.loss import encode_sample, pad_batch, sample_losses
+
+    layers = ["transformer.h.*.attn.c_attn.weight", "transformer.h.*.mlp.*.weight"]
+    spec = InfluenceSpec(model=ModelSpec(model=str(tiny_gpt2), checkpoint="checkpoint-1", device="cpu"), lake=lake,
+                         dataset="probe", max_queries=N_QUERY, strategy="identity", layers=layers, max_length=256)
+    group = ScoreGroup.open(LakeStore(lake), compute_influence(spec, log=lambda _: None))
+    tracked = [f"transformer.h.{i}.{m}" for i in (0, 1) for m in ("attn.c_attn", "mlp.c_fc", "mlp.c_proj")]
+    assert group.meta["lineage"]["tracked_modules"] == tracked
+    assert group.meta["lineage"]["converted_conv1d"] == GPT2_CONV1D
+    assert group.meta["settings"]["converted_conv1d"] == tracked
+    directory = tiny_gpt2 / "checkpoint-1"
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    modules = [model.get_submodule(name) for name in tracked]
+    assert all(isinstance(m, Conv1D) for m in modules)
+    # Kronfluence's tracked Linear carries its bias (a column of ones on the inputs): weight and bias both count.
+    params = [p for m in modules for p in (m.weight, m.bias)]
+
+    def gradient(chat) -> torch.Tensor:
+        ids, labels = pad_batch([encode_sample(tokenizer, chat, "sft", 256)], tokenizer.pad_token_id)
+        model.zero_grad()
+        sample_losses(model(input_ids=ids).logits, labels).sum().backward()
+        return torch.cat([p.grad.reshape(-1) for p in params]).double()
+
+    store = LakeStore(lake)
+    train = torch.stack([gradient(c) for c in read_dataset(store, "probe", "original")["messages"]])
+    queries = torch.stack([gradient(c) for c in read_dataset(store, "probe", "paraphrased")["messages"][:N_QUERY]])
+    dots = (queries @ train.T).numpy()
+    np.testing.assert_allclose(group.read(), dots, rtol=2e-3, atol=1e-6 * np.abs(dots).max())
+
+
+def test_gpt2_ekfac_on_attention_and_mlp_by_keyword(tiny_gpt2, lake):
+    spec = InfluenceSpec(model=ModelSpec(model=str(tiny_gpt2), checkpoint="checkpoint-1", device="cpu"), lake=lake,
+                         dataset="probe", max_queries=N_QUERY, strategy="ekfac", layers=["attention", "mlp"],
+                         max_length=256)
+    plan = plan_influence(spec)
+    assert plan["modules"] == GPT2_CONV1D and plan["converted_conv1d"] == GPT2_CONV1D
+    path = compute_influence(spec, log=lambda _: None)
+    scores = scores_of(lake, path)
+    assert scores.shape == (N_QUERY, N_TRAIN) and np.isfinite(scores).all() and np.abs(scores).max() > 0
+    meta = ScoreGroup.open(LakeStore(lake), path).meta
+    assert meta["lineage"]["tracked_modules"] == GPT2_CONV1D
+    for kind, per_module in load_factors(LakeStore(lake), meta["lineage"]["factors"]).items():
+        assert sorted(per_module) == sorted(GPT2_CONV1D), kind
+
+
+def test_damping_rules_are_explicit_and_recorded(tiny_models, lake):
+    from kronfluence.arguments import ScoreArguments
+
+    default = ScoreArguments().damping_factor
+    assert default == 1e-08  # Kronfluence 1.0.1's own default
+    assert _score_args(spec_for(tiny_models, lake, damping="kronfluence")).damping_factor == default
+    for damping in (None, "heuristic"):
+        assert _score_args(spec_for(tiny_models, lake, damping=damping)).damping_factor is None
+    assert _score_args(spec_for(tiny_models, lake, damping=0.25)).damping_factor == 0.25
+    # the rule and the number reach the lake, and the number reaches the scores: EK-FAC differs from the heuristic
+    heuristic = compute_influence(spec_for(tiny_models, lake, strategy="ekfac"), log=lambda _: None)
+    tiny = compute_influence(spec_for(tiny_models, lake, strategy="ekfac", damping="kronfluence",
+                                      method="influence-ekfac-kronfluence-damping"), log=lambda _: None)
+    store = LakeStore(lake)
+    meta = ScoreGroup.open(store, tiny).meta
+    assert (meta["lineage"]["damping_rule"], meta["lineage"]["damping_factor"]) == ("kronfluence", default)
+    assert meta["settings"]["damping"] == default
+    assert ScoreGroup.open(store, heuristic).meta["lineage"]["damping_rule"] == "heuristic"
+    assert not np.allclose(scores_of(lake, tiny), scores_of(lake, heuristic), rtol=0.05)
+
+
+def test_query_ids_choose_and_order_held_out_queries(tiny_models, lake):
+    """Held-out samples of the training variant as queries: the rows of the all-pairs matrix, in the order asked."""
+    from gradlake.lake.datasets import read_dataset
+
+    ids = [str(i) for i in read_dataset(LakeStore(lake), "probe", "original")["id"]]
+    held_out, trained = ids[-4:][::-1], ids[:-4]
+    every = compute_influence(spec_for(tiny_models, lake, strategy="identity", queries="original", max_queries=None,
+                                       method="influence-identity-all-pairs"), log=lambda _: None)
+    spec = spec_for(tiny_models, lake, strategy="identity", queries="original", max_queries=None, query_ids=held_out,
+                    train_ids=trained, method="influence-identity-held-out")
+    group = ScoreGroup.open(LakeStore(lake), compute_influence(spec, log=lambda _: None))
+    assert group.query_ids() == held_out and group.train_ids() == [f"original:{i}" for i in trained]
+    assert group.meta["settings"]["query_ids"] == held_out
+    full = scores_of(lake, every)
+    expected = full[[ids.index(i) for i in held_out]][:, [ids.index(i) for i in trained]]
+    np.testing.assert_allclose(group.read(), expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+    # max_queries applies after query_ids
+    assert load_sets(spec.model_copy(update={"max_queries": 2}))[2] == held_out[:2]

@@ -68,7 +68,7 @@ def test_readme_snippet_from_a_directory_holding_lake_tasks_and_flows(demo_lake,
         print("evaluation", sorted(set(lake.evaluation(checkpoint={final!r}, dataset="probe")["query"])))
         print("original", len(lake.dataset("probe", "original")))
         print("generated", len(lake.dataset("probe", "model_generated", model={key!r}, checkpoint={final!r})))
-        print("attribution", len(lake.attribution(checkpoint={final!r})))
+        print("attribution", len(lake.attribution(checkpoint={final!r}, queries="held_out")))
         print("scores", lake.scores("influence-ekfac", checkpoint={final!r}, queries="paraphrased").shape)
         import gradlake.lake
         print("from", gradlake.lake.__file__)
@@ -80,7 +80,7 @@ def test_readme_snippet_from_a_directory_holding_lake_tasks_and_flows(demo_lake,
     assert printed["tensor"].startswith("(160, ") and printed["projection"] == "(160, 1024)"
     assert printed["evaluation"] == "['model_generated', 'paraphrased']"
     assert printed["original"] == printed["generated"] == "160"
-    assert int(printed["attribution"]) >= 8  # methods and the random reference
+    assert int(printed["attribution"]) >= 9  # methods and the two references
     assert printed["scores"] == "(8, 16)"  # the LDS queries x the trained-on samples (tests' DEMO_OPTIONS)
     assert printed["from"] == str(REPO / "lake" / "__init__.py")
 
@@ -99,7 +99,8 @@ def test_a_model_is_named_by_its_key_its_id_or_its_path(demo_lake, rows, checkpo
     assert np.array_equal(lake.gradients(model=names[-1], checkpoint=final, variant="original")["lm_head.weight"].values,
                           reference)
     assert lake.evaluation(model=key, checkpoint=final).equals(lake.evaluation(model=model_path, checkpoint=final))
-    assert lake.attribution(model=key, checkpoint=final).equals(lake.attribution(model=names[-1], checkpoint=final))
+    assert lake.attribution(model=key, checkpoint=final, queries="held_out").equals(
+        lake.attribution(model=names[-1], checkpoint=final, queries="held_out"))
     assert lake.dataset("probe", "model_generated", model=names[-1], checkpoint=final).equals(
         lake.dataset("probe", "model_generated", model=key, checkpoint=final))
     with pytest.raises(LakeError, match=r"no gradient group in .* matches \{'model': 'tiny-olmo2'\}"):

@@ -315,7 +315,7 @@ def test_attribution_retrainings_fan_out_to_train_model_on_the_gpu_pool(platform
     done = run_deployment("train-model/train-model", parameters={"spec": train.model_dump(mode="json")}, timeout=600,
                           as_subflow=False)
     assert done.state.is_completed(), done.state
-    spec = AttributionSpec(train=train, max_queries=4, n_subsets=2, baselines=False, methods=["fixed"],
+    spec = AttributionSpec(train=train, queries="paraphrased", max_queries=4, n_subsets=2, baselines=False, methods=["fixed"],
                            retrain_prefix="s3://lake/attributed/groundtruth", run_timeout_s=600, worker_wait_s=120)
     # A method's scores as any scorer leaves them in the lake: here fixed numbers, one row per query.
     store = LakeStore(lake)
@@ -332,7 +332,7 @@ def test_attribution_retrainings_fan_out_to_train_model_on_the_gpu_pool(platform
     assert len(retrainings) == 2 and all(r.state.is_completed() for r in retrainings)
     assert sorted(r.name.rsplit("/", 1)[-1] for r in retrainings) == ["subset-000", "subset-001"]
     table = read_benchmark(store, benchmark_dir(spec)).set_index("method")
-    assert set(table.index) == {"fixed", "random"} and table.loc["fixed", "lds_queries"] > 0
+    assert set(table.index) == {"fixed", "random", "source oracle"} and table.loc["fixed", "lds_queries"] > 0
     again = run_deployment("evaluate-attribution/evaluate-attribution", parameters={"spec": spec.model_dump(mode="json")},
                            timeout=600, as_subflow=False)
     assert again.state.is_completed(), again.state
