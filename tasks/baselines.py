@@ -244,7 +244,7 @@ def baseline_scores(ctx: BaselineContext, queries: QuerySet, log: Callable[[str]
             f"baselines only (extract '{ctx.train_variant}' and the queries' variant for the gradient baselines)")
         pair = None
     if pair is not None and pair.tensors:
-        per_tensor = [f"grad-cosine:{t}" for t in pair.tensors]
+        per_tensor = [f"grad-cosine:{t}" for t in pair.tensors] if len(pair.tensors) > 1 else []
         if not all(held(m) for m in ["grad-dot", "grad-cosine", *per_tensor]):
             from gradlake.tasks.metrics import cosine_from_parts
 

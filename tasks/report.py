@@ -548,7 +548,7 @@ def attribution_report(store, directory: str) -> list[str]:
 
 
 def training_curve_png(curve: pd.DataFrame) -> bytes:
-    """Paraphrase top-1 (left) and LDS with the method names (right) against the training step."""
+    """Paraphrase top-1 (left) and held-out LDS with the method names (right) against the training step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -565,7 +565,7 @@ def training_curve_png(curve: pd.DataFrame) -> bytes:
     lds_columns = [c for c in curve.columns if c.startswith("lds ")]
     colors = plt.get_cmap("tab20").colors
     ordered = sorted(lds_columns, key=lambda c: -float(trained[c].mean()) if trained[c].notna().any() else 0.0)
-    for index, column in enumerate(c for c in ordered if c != "lds random"):
+    for index, column in enumerate(c for c in ordered if c not in ("lds random", "lds source oracle")):
         right.plot(trained["step"], trained[column], marker="o", color=colors[index % len(colors)],
                    label=column[len("lds "):])
     if "lds random" in curve:
@@ -574,7 +574,7 @@ def training_curve_png(curve: pd.DataFrame) -> bytes:
     right.axhline(0, color="black", linewidth=0.8)
     right.set_xlabel("training step")
     right.set_ylabel("LDS (Spearman)")
-    right.set_title("Ground truth: linear datamodeling score")
+    right.set_title("Ground truth: LDS on held-out queries (intervals: each report)")
     right.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     fig.tight_layout()

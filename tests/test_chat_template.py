@@ -78,7 +78,7 @@ def test_template_and_labels_are_in_the_lineage_and_a_bad_template_is_refused(ti
     from_file = plan_extraction(spec.model_copy(update={"chat_template": str(path), "labels": "last_assistant"}))
     assert from_file.lineage["chat_template"] == {"name": "tulu.jinja", "sha256": digest}
     assert (from_file.input_ids == thesis.input_ids).all()
-    with pytest.raises(ValueError, match=r"chat template '.*nowhere.jinja' is neither 'tokenizer', a built-in \(\['tulu'\]\)"):
+    with pytest.raises(ValueError, match=r"chat template '.*nowhere.jinja' is neither 'tokenizer', a built-in \(\['text', 'tulu'\]\)"):
         plan_extraction(spec.model_copy(update={"chat_template": str(tmp_path / "nowhere.jinja")}))
 
 

@@ -175,3 +175,23 @@ def test_the_source_oracle_and_lds_beyond_the_source():
     assert abs(blind["lds"]) < 0.06
     assert np.array_equal(lds_beyond_source(held_out_effects, masks, held_losses, [None] * 200)[0],
                           lds(held_out_effects, masks, held_losses, n_boot=0)["per_query"], equal_nan=True)
+
+
+def test_the_best_tensor_is_never_chosen_on_the_queries_it_scores():
+    """Cross-fitting: each fold's tensor is the best on the other folds; whatever a fold's own queries say, its choice
+    does not move, and a tensor that is best only on a fold's own queries is never that fold's choice."""
+    from gradlake.tasks.attribution import AttributionError, cross_fitted_choice, query_folds
+
+    fold = query_folds(10, 2, seed=0)
+    assert sorted(np.bincount(fold)) == [5, 5] and np.array_equal(fold, query_folds(10, 2, seed=0))
+    rng = np.random.default_rng(0)
+    per_query = {f"t{i}": rng.uniform(-0.2, 0.2, size=10) for i in range(4)}
+    per_query["t0"][fold == 0] = 0.9   # best on fold 0's own queries only
+    per_query["t1"][fold == 1] = 0.9   # best on fold 1's own queries only
+    chosen = cross_fitted_choice(per_query, fold)
+    assert chosen == ["t1", "t0"]       # fold 0 is scored by what fold 1 found best, and the other way round
+    for f in (0, 1):                    # a fold's own values never change its choice
+        shuffled = {name: np.where(fold == f, rng.uniform(-1, 1, size=10), values) for name, values in per_query.items()}
+        assert cross_fitted_choice(shuffled, fold)[f] == chosen[f]
+    with pytest.raises(AttributionError, match="best_tensor_folds=5 with 4 queries leaves a fold with no query"):
+        query_folds(4, 5, seed=0)

@@ -132,11 +132,11 @@ def test_model_generated_means_the_asked_models_own_answers(demo_lake, rows, che
 def test_ambiguity_names_the_filters_that_separate_the_hits(demo_lake, rows, checkpoints):
     lake = open_lake(str(demo_lake))
     trained = _row(rows, TRAINED, checkpoints[-1], "original")["path"].split("/")[1]
-    olmo, olmo2 = (_row(rows, arch, "checkpoint-1", "original")["path"].split("/")[1] for arch in ("olmo", "olmo2"))
+    olmo, olmo2 = (_row(rows, arch, "checkpoint-0", "original")["path"].split("/")[1] for arch in ("olmo", "olmo2"))
     cases = {
         # asked -> how many hits, and what tells them apart (nothing else)
         (("model", trained), ("variant", "original")): (len(checkpoints), "checkpoint=" + " or ".join(map(repr, checkpoints))),
-        (("checkpoint", "checkpoint-1"), ("variant", "original")): (2, f"model={olmo!r} or {olmo2!r}"),
+        (("checkpoint", "checkpoint-0"), ("variant", "original")): (2, f"model={olmo!r} or {olmo2!r}"),
     }
     for asked, (n, apart) in cases.items():
         with pytest.raises(LakeError) as ambiguous:
