@@ -75,7 +75,7 @@ class AttributionSpec(BaseModel):
     baselines: bool = Field(default=True, description="First score the gradient, projection, TRAK, BM25 and dense baselines from the lake's groups of the attributed model.")
     trak_lambda: float = Field(default=0.01, gt=0, description="TRAK's ridge: this times the mean diagonal of Phi^T Phi.")
     trak_checkpoints: list[str] | None = Field(default=None, description="TRAK's ensemble: checkpoints of the run whose projected gradients are averaged over; empty: every saved checkpoint after step 0 up to the attributed one that holds the projection.")
-    n_subsets: int = Field(default=16, ge=2, description="LDS: random training subsets, each retrained (studies use 50-100).")
+    n_subsets: int = Field(default=50, ge=2, description="LDS: random training subsets, each retrained (50 as in the LDS studies, which use 50-100; the demo uses 16).")
     fraction: float = Field(default=0.5, description="LDS: fraction of the training set in each subset, in (0, 1).")
     subset_seed: int = Field(default=0, description="LDS: subset m is numpy's default_rng([seed, m]) choice.")
     retrain_seeds: int = Field(default=1, ge=1, description="LDS: retrainings per subset with different data-order seeds (the run's seed, +1, ...); their query losses are averaged (TRAK and Kronfluence average 5).")
