@@ -21,8 +21,8 @@ and source oracle in every table:
            checkpoints, BM25 and dense; 48 subsets x 2 seeds.
 
     make bench-attribution                                     # installs the corpus, then the `text` protocol
-    .venv/bin/python benchmarks/attribution.py text            # about 25 minutes on 2 cores
-    .venv/bin/python benchmarks/attribution.py probe           # about an hour on 2 cores
+    .venv/bin/python benchmarks/attribution.py text            # about 20 minutes on 2 cores
+    .venv/bin/python benchmarks/attribution.py probe           # about 45 minutes on 2 cores
     .venv/bin/python benchmarks/attribution.py text --quick    # the same pipeline at toy size (minutes)
 
 Each run writes its lake under ``build/bench-attribution-<protocol>`` (a rerun reuses every

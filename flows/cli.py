@@ -245,7 +245,7 @@ def demo(
     seeds: Optional[int] = typer.Option(None, help="Data-order seeds per subset, losses averaged [default: 1]."),
     queries: Optional[int] = typer.Option(None, help="Held-out queries, and paraphrase queries [default: 16]."),
     full: bool = typer.Option(False, "--full", help="The powered benchmark: 64 training samples, 40 subsets x 3 seeds, "
-                                                    "48 queries per set (hours on two cores); other options still win."),
+                                                    "48 queries per set (about 45 minutes on two cores); other options still win."),
 ) -> None:
     """Offline: train a tiny OLMo-2 on part of the probe set, then compare every attribution method on it against
     retraining, on held-out queries and on paraphrases."""

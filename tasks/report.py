@@ -455,6 +455,8 @@ def attribution_summary(table: pd.DataFrame, meta: dict) -> list[str]:
     if with_source and not oracle.empty:
         lines.append(f"the source oracle reaches LDS {float(oracle['lds'].iloc[0]):.2f}: that much is duplicate "
                      "retrieval; lds_beyond_source shows what each method knows beyond it")
+    elif not oracle.empty:
+        lines.append("no query has a source training sample, so the source oracle is a second random reference")
     above = [r["method"] for _, r in rows.iterrows() if r["kind"] != "reference" and r["lds_ci_low"] > 0]
     lines.append(f"LDS above 0 (interval excludes 0): {', '.join(above) if above else 'no method'}")
     if with_source and "beyond_ci_low" in rows:
