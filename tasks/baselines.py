@@ -217,9 +217,11 @@ def baseline_scores(ctx: BaselineContext, queries: QuerySet, log: Callable[[str]
     written, reused = [], []
 
     def held(method: str, settings: dict | None = None) -> bool:
+        """Complete scores of these settings and training samples for every query asked (a group of more queries
+        serves too: the benchmark reads the rows it needs), so that benchmarks of other query subsets share them."""
         group = ScoreGroup.open(store, ctx.path_of(method), missing_ok=True)
         if (group is None or not group.meta.get("complete") or group.meta.get("settings") != (settings or {})
-                or group.query_ids() != queries.ids or group.train_ids() != train_keys):
+                or not set(queries.ids) <= set(group.query_ids()) or group.train_ids() != train_keys):
             return False
         written.append(method)
         reused.append(method)
