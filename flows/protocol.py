@@ -130,7 +130,7 @@ def describe_cost(cost: dict) -> str:
     parts = ", ".join(f"{what} {value:.2e}" for what, value in cost["flops"].items() if not math.isnan(value))
     return (f"{cost['parameters'] / 1e6:.1f}M parameters, {cost['training_samples']} training samples, "
             f"{cost['tokens_per_run'] / 1e6:.2f}M tokens per full run, {cost['retrainings']} LDS retrainings; FLOPs: "
-            f"{parts}; total {cost['total_flops']:.2e} = about {cost['gpu_hours']:.1f} GPU-hours at "
+            f"{parts}; total {cost['total_flops']:.2e} = about {cost['gpu_hours']:.2g} GPU-hours at "
             f"{cost['sustained_tflops']:.0f} TFLOP/s sustained, plus loading and checkpoint writes per run")
 
 
