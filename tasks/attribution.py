@@ -373,18 +373,20 @@ def stored_losses(store: LakeStore, directory: str, name: str, model: ModelSpec,
 
 # ---------------------------------------------------------------- the table
 
-def available_methods(store: LakeStore, spec: AttributionSpec) -> list[str]:
-    """Complete score groups for the benchmark's queries, less the per-tensor candidates of the best-tensor row."""
+def _complete_methods(store: LakeStore, spec: AttributionSpec, tensors: bool) -> list[str]:
     prefix = method_path(spec, "x").rsplit("/", 1)[0] + "/"
     return sorted(g["method"] for g in list_score_groups(store)
-                  if g["path"].startswith(prefix) and g.get("complete") and g.get("kind") != "tensor")
+                  if g["path"].startswith(prefix) and g.get("complete") and (g.get("kind") == "tensor") == tensors)
+
+
+def available_methods(store: LakeStore, spec: AttributionSpec) -> list[str]:
+    """Complete score groups for the benchmark's queries, less the per-tensor candidates of the best-tensor row."""
+    return _complete_methods(store, spec, tensors=False)
 
 
 def tensor_methods(store: LakeStore, spec: AttributionSpec) -> list[str]:
     """The per-tensor cosine groups (candidates of the cross-fitted best-tensor row)."""
-    prefix = method_path(spec, "x").rsplit("/", 1)[0] + "/"
-    return sorted(g["method"] for g in list_score_groups(store)
-                  if g["path"].startswith(prefix) and g.get("complete") and g.get("kind") == "tensor")
+    return _complete_methods(store, spec, tensors=True)
 
 
 def query_folds(n_queries: int, folds: int, seed: int) -> np.ndarray:

@@ -268,20 +268,17 @@ def baseline_scores(ctx: BaselineContext, queries: QuerySet, log: Callable[[str]
             write(f"proj-cosine:{label}", "projection", cosine_from_parts(dots, q_sq, d_sq),
                   time.perf_counter() - started, {"projection": projection})
         trak_ensemble(ctx, queries, label, projection, held, write, log)
-    if not held("bm25"):
+    text_methods = [m for m in ("bm25", "dense") if not held(m)]
+    if text_methods:  # both read the same user turns: read once
+        from gradlake.tasks.evaluate import dense_scores
         from gradlake.tasks.metrics import bm25_scores
 
-        started = time.perf_counter()
         query_text = text_of(store, queries.dataset, queries.variant, queries.ids)
         train_text = text_of(store, ctx.train_dataset, ctx.train_variant, ctx.train_ids)
-        write("bm25", "text", bm25_scores(query_text, train_text), time.perf_counter() - started)
-    if not held("dense"):
-        from gradlake.tasks.evaluate import dense_scores
-
-        started = time.perf_counter()
-        query_text = text_of(store, queries.dataset, queries.variant, queries.ids)
-        train_text = text_of(store, ctx.train_dataset, ctx.train_variant, ctx.train_ids)
-        write("dense", "text", dense_scores(query_text, train_text), time.perf_counter() - started)
+        for method in text_methods:
+            started = time.perf_counter()
+            scores = (bm25_scores if method == "bm25" else dense_scores)(query_text, train_text)
+            write(method, "text", scores, time.perf_counter() - started)
     def short(methods: list[str]) -> list[str]:
         tensors = [m for m in methods if m.startswith("grad-cosine:")]
         return [m for m in methods if m not in tensors] + ([f"grad-cosine:<each of {len(tensors)} tensors>"] if tensors else [])
