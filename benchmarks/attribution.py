@@ -4,7 +4,7 @@ Two protocols, each a tiny model trained from its random initialisation on part 
 dataset and queried on samples it never saw (held out), every method scored against one
 set of retrainings (LDS over random halves of the training set, several data-order seeds
 per half, losses averaged); intervals and paired comparisons as in the attribution
-report (`tasks/groundtruth.py`: queries and subsets both vary), the references random
+report (`tasks/attribution/lds.py`: queries and subsets both vary), the references random
 and source oracle in every table:
 
 ``probe``  the demo's pipeline (`flows/demo.py`) at `DemoSettings.powered()`: a tiny
@@ -47,8 +47,8 @@ def table_markdown(store, directory: str, title: str) -> str:
     """One benchmark as markdown: its protocol lines, the table, what its intervals support."""
     import pandas as pd
 
-    from gradlake.tasks.attribution import read_benchmark
-    from gradlake.tasks.report import attribution_summary
+    from gradlake.tasks.attribution.benchmark import read_benchmark
+    from gradlake.tasks.evaluate.report import attribution_summary
 
     table = read_benchmark(store, directory)
     meta = json.loads(store.fs.cat_file(store.path(f"{directory}/meta.json")))
@@ -93,14 +93,14 @@ def run_text(quick: bool) -> list[tuple[str, str]]:
     from gradlake.flows.extract import extract_gradients
     from gradlake.flows.influence import compute_influence_flow
     from gradlake.flows.train import train_model
-    from gradlake.tasks.attribution import AttributionSpec
-    from gradlake.tasks.extract import ExtractionSpec
-    from gradlake.tasks.influence import InfluenceSpec
-    from gradlake.tasks.model import ModelSpec
-    from gradlake.tasks.projection import ProjectionSpec
-    from gradlake.tasks.sources import SourceSpec
-    from gradlake.tasks.tiny import build_tiny_model
-    from gradlake.tasks.train import TrainSpec, checkpoint_name
+    from gradlake.tasks.attribution.benchmark import AttributionSpec
+    from gradlake.tasks.gradients.extract import ExtractionSpec
+    from gradlake.tasks.influence.compute import InfluenceSpec
+    from gradlake.tasks.common.model import ModelSpec
+    from gradlake.tasks.projection.projectors import ProjectionSpec
+    from gradlake.tasks.data.sources import SourceSpec
+    from gradlake.tasks.common.tiny import build_tiny_model
+    from gradlake.tasks.training.train import TrainSpec, checkpoint_name
 
     sys.path.insert(0, str(REPO / "benchmarks"))
     from public_text import build_corpus

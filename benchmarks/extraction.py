@@ -31,9 +31,9 @@ from functools import partial
 import torch
 from transformers import Olmo2Config, Olmo2ForCausalLM, OlmoConfig, OlmoForCausalLM
 
-from gradlake.tasks.gradients import PerSampleGradients, Projection
-from gradlake.tasks.loss import sample_losses
-from gradlake.tasks.projection import output_key, parse_projection, projector_choices, projectors_for
+from gradlake.tasks.gradients.engine import PerSampleGradients, Projection
+from gradlake.tasks.common.loss import sample_losses
+from gradlake.tasks.projection.projectors import output_key, parse_projection, projector_choices, projectors_for
 
 SHAPES = {
     # A small OLMo-2 of a few million parameters.

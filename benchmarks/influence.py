@@ -71,14 +71,14 @@ import torch  # noqa: E402
 
 from gradlake.lake.scores import ScoreGroup  # noqa: E402
 from gradlake.lake.store import LakeStore  # noqa: E402
-from gradlake.tasks.influence import (STRATEGIES, EncodedSet, InfluenceSpec, _factor_args, _score_args,  # noqa: E402
-                                      _task_class, collate, compute_influence, load_factors, tracked_modules)
-from gradlake.tasks.loss import encode_sample  # noqa: E402
-from gradlake.tasks.model import ModelSpec  # noqa: E402
-from gradlake.tasks.probes import load_probe_set, probe_variant, store_probe_set  # noqa: E402
+from gradlake.tasks.influence.compute import (STRATEGIES, EncodedSet, InfluenceSpec, _factor_args, _score_args, _task_class,
+    collate, compute_influence, load_factors, tracked_modules)
+from gradlake.tasks.common.loss import encode_sample  # noqa: E402
+from gradlake.tasks.common.model import ModelSpec  # noqa: E402
+from gradlake.tasks.data.probes import load_probe_set, probe_variant, store_probe_set  # noqa: E402
 
 DATASET = "probe"
-# (tokenizer vocabulary asked for, overrides of gradlake.tasks.tiny.tiny_config: OLMo-2, random weights)
+# (tokenizer vocabulary asked for, overrides of gradlake.tasks.common.tiny.tiny_config: OLMo-2, random weights)
 SHAPES = {
     "tiny": (512, {}),  # the tests' models: 2 layers, width 64, MLP 128
     "small": (1024, dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
@@ -179,7 +179,7 @@ def build_model(root: Path, shape: str, chats: list[list[dict]], device: str) ->
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
 
-    from gradlake.tasks.tiny import tiny_config, train_tokenizer
+    from gradlake.tasks.common.tiny import tiny_config, train_tokenizer
 
     transformers_logging.disable_progress_bar()  # every save_pretrained here (and in training) would draw one
 
@@ -283,7 +283,7 @@ def agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
 # ---------------------------------------------------------------- part 2: an LDS subset run against an extraction
 
 def subset_run(args, inputs: Inputs, lake: str, output: Path, device: torch.device) -> Section:
-    from gradlake.tasks.train import TrainSpec, plan_run, train
+    from gradlake.tasks.training.train import TrainSpec, plan_run, train
 
     keep = inputs.train_ids[::2]  # half of the samples, as the LDS draws them
     spec = TrainSpec(model=inputs.model, lake=lake, dataset=DATASET, output=str(output), epochs=args.epochs,
@@ -295,7 +295,7 @@ def subset_run(args, inputs: Inputs, lake: str, output: Path, device: torch.devi
 
 
 def extraction(args, inputs: Inputs, lake: str, device: torch.device) -> Section:
-    from gradlake.tasks.extract import ExtractionSpec, create_group, extract_shard, pending_shards, plan_extraction
+    from gradlake.tasks.gradients.extract import ExtractionSpec, create_group, extract_shard, pending_shards, plan_extraction
 
     spec = ExtractionSpec(model=inputs.model, dataset=DATASET, variant="original", paradigm="sft",
                           layers=inputs.layers, max_length=args.max_length, batch_size=args.batch,

@@ -43,8 +43,8 @@ def latency_proxy(upstream: str, seconds: float) -> tuple[subprocess.Popen, str]
 def small_model(where: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
-    from gradlake.tasks.probes import load_probe_set, probe_variant
-    from gradlake.tasks.tiny import tiny_config, train_tokenizer
+    from gradlake.tasks.data.probes import load_probe_set, probe_variant
+    from gradlake.tasks.common.tiny import tiny_config, train_tokenizer
 
     chats = list(probe_variant(load_probe_set(), "original")["messages"])
     tokenizer = train_tokenizer((m["content"] for chat in chats for m in chat), vocab_size=2048)
@@ -59,7 +59,7 @@ def small_model(where: Path) -> Path:
 def extract_once(spec, depth: int) -> tuple[float, float]:
     """Wall seconds of one whole extraction, and the seconds its writes took."""
     from gradlake.lake.overlap import BackgroundWrites
-    from gradlake.tasks import extract
+    from gradlake.tasks.gradients import extract
 
     busy = []
 
@@ -88,9 +88,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from gradlake.tasks.extract import ExtractionSpec
-    from gradlake.tasks.model import ModelSpec
-    from gradlake.tasks.probes import store_probe_set
+    from gradlake.tasks.gradients.extract import ExtractionSpec
+    from gradlake.tasks.common.model import ModelSpec
+    from gradlake.tasks.data.probes import store_probe_set
 
     proc, endpoint = moto_server()
     proxy, far = latency_proxy(endpoint, args.latency)

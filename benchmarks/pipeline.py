@@ -88,8 +88,8 @@ def build_model(directory: Path, hidden: int, layers: int) -> Path:
     """A random-weight OLMo-2 with the tiny model's tokenizer and chat template, `hidden` wide and `layers` deep."""
     from transformers import AutoModelForCausalLM
 
-    from gradlake.tasks.probes import load_probe_set, probe_variant
-    from gradlake.tasks.tiny import tiny_config, train_tokenizer
+    from gradlake.tasks.data.probes import load_probe_set, probe_variant
+    from gradlake.tasks.common.tiny import tiny_config, train_tokenizer
 
     import torch
 
@@ -108,8 +108,8 @@ def build_model(directory: Path, hidden: int, layers: int) -> Path:
 def real_work(settings: dict, lake: str) -> tuple[float, int]:
     """Seconds the shards of every variant take computed here one after another with the model loaded, and their count."""
     from gradlake.flows.pipeline import PipelineSpec
-    from gradlake.tasks.extract import create_group, extract_shard, pending_shards, plan_extraction
-    from gradlake.tasks.model import load_model
+    from gradlake.tasks.gradients.extract import create_group, extract_shard, pending_shards, plan_extraction
+    from gradlake.tasks.common.model import load_model
 
     spec = PipelineSpec(**settings, lake=lake)
     load_model(spec.model.resolved())  # loaded once, outside the clock: a warm GPU process
@@ -191,7 +191,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-    from gradlake.tasks.probes import store_probe_set
+    from gradlake.tasks.data.probes import store_probe_set
 
     reference = f"file://{root / 'reference'}"
     store_probe_set(reference, "probe", args.samples)

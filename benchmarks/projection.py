@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from trak.projectors import BasicProjector, ProjectionType
 
-from gradlake.tasks.projection import ProjectionSpec, projectors_for
+from gradlake.tasks.projection.projectors import ProjectionSpec, projectors_for
 
 
 @dataclass

@@ -20,7 +20,7 @@ text needs little cleaning: it has no licence header or table of contents; the b
 the source uses for apostrophes and single quotes becomes ``'``, translators' brackets
 around supplied words (``[and]``) are removed, and runs of spaces collapse.  Each passage
 is one chat, the first 15 words as the user turn and the rest as the assistant turn, so
-that gradlake's source loader (``gradlake.tasks.sources``) reads the file as it is; with
+that gradlake's source loader (``gradlake.tasks.data.sources``) reads the file as it is; with
 the ``pre`` paradigm the loss covers every token of both.  Ids name the book, chapter and
 first verse (``web-genesis-001-001``): the same for a given package version and ``words``,
 whatever ``n_passages`` and ``seed`` pick.

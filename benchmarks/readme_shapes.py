@@ -59,8 +59,8 @@ def build(shape: str, root: Path, with_weights: bool) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from gradlake.tasks.probes import load_probe_set, probe_variant
-    from gradlake.tasks.tiny import tiny_config, train_tokenizer
+    from gradlake.tasks.data.probes import load_probe_set, probe_variant
+    from gradlake.tasks.common.tiny import tiny_config, train_tokenizer
 
     where = root / shape
     if (where / "config.json").exists() and (not with_weights or any(where.glob("*.safetensors"))):
@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--only", action="append", default=[], help="run only these examples (repeatable)")
     args = parser.parse_args()
 
-    from gradlake.tasks.probes import store_probe_set
+    from gradlake.tasks.data.probes import store_probe_set
 
     root = Path(args.scratch).resolve()
     shutil.rmtree(root / "lakes", ignore_errors=True)  # every example computes afresh

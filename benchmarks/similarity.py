@@ -36,7 +36,7 @@ def peak_kib() -> int:
 
 def worker(mode: str, path: str, budget: int) -> None:
     sys.path.insert(0, str(REPO))
-    from gradlake.tasks.similarity import array_dots
+    from gradlake.tasks.evaluate.similarity import array_dots
 
     root = zarr.open_group(path, mode="r")
     q, d = root["queries"], root["originals"]

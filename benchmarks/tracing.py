@@ -42,11 +42,11 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from gradlake.tasks.loss import encode_sample, pad_batch
-    from gradlake.tasks.probes import load_probe_set, probe_variant
-    from gradlake.tasks.tiny import tiny_config, train_tokenizer
-    from gradlake.tasks.tracing import (align_hidden, align_mlp, assignment, decoder_layers, loss_path,
-                                        mean_weight_cosine, random_permutation, token_loss)
+    from gradlake.tasks.common.loss import encode_sample, pad_batch
+    from gradlake.tasks.data.probes import load_probe_set, probe_variant
+    from gradlake.tasks.common.tiny import tiny_config, train_tokenizer
+    from gradlake.tasks.tracing.trace import (align_hidden, align_mlp, assignment, decoder_layers, loss_path,
+        mean_weight_cosine, random_permutation, token_loss)
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print("assignment (dense n x n similarity, scipy linear_sum_assignment):")

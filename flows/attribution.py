@@ -22,15 +22,14 @@ from prefect.cache_policies import NONE
 from gradlake.flows.run_names import named_by_model, run_label
 from gradlake.lake.scores import ScoreGroup
 from gradlake.lake.store import LakeError, LakeStore
-from gradlake.tasks.attribution import (AttributionError, AttributionSpec, _aligned, available_methods,
-                                        benchmark_dir, benchmark_table, check_counterfactual, counterfactual_runs,
-                                        lds_runs, method_path, query_folds, resolve_queries, retrained_model,
-                                        stored_losses, subset_name, write_benchmark)
-from gradlake.tasks.baselines import BaselineContext, QuerySet, baseline_scores
-from gradlake.tasks.groundtruth import check_subsets, crossed_interval
-from gradlake.tasks.model import ModelSpec
-from gradlake.tasks.retries import retry_unless_bad_input
-from gradlake.tasks.train import TrainSpec, check_output_writable, checkpoint_name, plan_run, train
+from gradlake.tasks.attribution.benchmark import (AttributionError, AttributionSpec, _aligned, available_methods,
+    benchmark_dir, benchmark_table, check_counterfactual, counterfactual_runs, lds_runs, method_path, query_folds,
+    resolve_queries, retrained_model, stored_losses, subset_name, write_benchmark)
+from gradlake.tasks.attribution.baselines import BaselineContext, QuerySet, baseline_scores
+from gradlake.tasks.attribution.lds import check_subsets, crossed_interval
+from gradlake.tasks.common.model import ModelSpec
+from gradlake.tasks.common.retries import retry_unless_bad_input
+from gradlake.tasks.training.train import TrainSpec, check_output_writable, checkpoint_name, plan_run, train
 
 
 @task(name="plan-attribution", cache_policy=NONE)
@@ -50,7 +49,7 @@ def plan_attribution(spec: AttributionSpec) -> dict:
     query_folds(len(queries.ids), spec.best_tensor_folds, spec.subset_seed)
     trak = [s for s in plan.saves if 0 < s <= spec.step] if spec.trak_checkpoints is None else None
     if spec.trak_checkpoints is not None:
-        from gradlake.tasks.attribution import checkpoint_step
+        from gradlake.tasks.attribution.benchmark import checkpoint_step
 
         trak = [checkpoint_step(c) for c in spec.trak_checkpoints]
         unknown = [c for c, s in zip(spec.trak_checkpoints, trak) if s not in plan.done]
@@ -130,7 +129,7 @@ def run_retrainings(spec: AttributionSpec, runs: list[TrainSpec], label: str) ->
                                    "evaluate-attribution"))
 def evaluate_attribution(spec: AttributionSpec) -> str:
     """LDS, counterfactual removal and retrieval for every method; returns the benchmark's directory in the lake."""
-    from gradlake.tasks.evaluate import lake_keys
+    from gradlake.tasks.common.lineage import lake_keys
 
     log = get_run_logger()
     plan = plan_attribution(spec)
@@ -194,7 +193,7 @@ def evaluate_attribution(spec: AttributionSpec) -> str:
         "interval": "95%, crossed design: between-query variance plus the subsets' common part (subset bootstrap), t",
         "counterfactual_k": cf_plan[-1] if cf_plan else 0, "random_draws": spec.random_draws if cf_plan else 0,
         "trak_lambda": spec.trak_lambda, "ground_truth": truth_dir, **notes})
-    from gradlake.tasks.report import attribution_report
+    from gradlake.tasks.evaluate.report import attribution_report
 
     attribution_report(store, directory)
     shown = table.round(4).astype(object).where(table.notna(), None)

@@ -89,9 +89,9 @@ def extract(
 ) -> None:
     """Extract per-sample gradients into the lake (the extract-gradients flow)."""
     from gradlake.flows.extract import extract_gradients
-    from gradlake.tasks.extract import ExtractionSpec, plan_extraction
-    from gradlake.tasks.model import ModelSpec
-    from gradlake.tasks.projection import parse_projection
+    from gradlake.tasks.gradients.extract import ExtractionSpec, plan_extraction
+    from gradlake.tasks.common.model import ModelSpec
+    from gradlake.tasks.projection.projectors import parse_projection
 
     try:
         spec = ExtractionSpec(
@@ -115,7 +115,7 @@ def extract(
 @dataset_app.command("probe")
 def dataset_probe(lake: Optional[str] = typer.Option(None, help="Lake URL.")) -> None:
     """Store the bundled probe set (variants original, paraphrased) as dataset 'probe'."""
-    from gradlake.tasks.probes import store_probe_set
+    from gradlake.tasks.data.probes import store_probe_set
 
     try:
         variants = store_probe_set(_lake(lake))
@@ -137,8 +137,8 @@ def project(
 ) -> None:
     """Project stored per-sample gradients (the project-gradients flow)."""
     from gradlake.flows.project import project_gradients
-    from gradlake.tasks.project import ProjectSpec, create_projection_group
-    from gradlake.tasks.projection import ProjectionSpec
+    from gradlake.tasks.projection.stored import ProjectSpec, create_projection_group
+    from gradlake.tasks.projection.projectors import ProjectionSpec
 
     try:
         pair = None
@@ -155,7 +155,7 @@ def project(
 
 
 def _model_at(text: str):
-    from gradlake.tasks.model import ModelSpec
+    from gradlake.tasks.common.model import ModelSpec
 
     model, _, checkpoint = text.rpartition("@") if "@" in text else (text, "", "")
     return ModelSpec(model=model, checkpoint=checkpoint or None)
@@ -186,8 +186,8 @@ def dataset_create(
 ) -> None:
     """Create a probe set in the lake: original, paraphrased, model-generated (the create-dataset flow)."""
     from gradlake.flows.dataset import DatasetSpec, check_dataset_spec, create_dataset
-    from gradlake.tasks.paraphrase import ParaphraseSpec
-    from gradlake.tasks.sources import SourceSpec, load_source
+    from gradlake.tasks.data.paraphrase import ParaphraseSpec
+    from gradlake.tasks.data.sources import SourceSpec, load_source
 
     try:
         spec = DatasetSpec(
@@ -304,8 +304,8 @@ def _print_benchmark(store, url: str, directory: str, title: str) -> None:
 
     import pandas as pd
 
-    from gradlake.tasks.attribution import read_benchmark
-    from gradlake.tasks.report import attribution_summary
+    from gradlake.tasks.attribution.benchmark import read_benchmark
+    from gradlake.tasks.evaluate.report import attribution_summary
 
     table = read_benchmark(store, directory)
     meta = json.loads(store.fs.cat_file(store.path(f"{directory}/meta.json")))
@@ -340,7 +340,7 @@ def _print_headline(url: str, path: str) -> None:
 
     from gradlake.lake.evaluations import read_evaluation
     from gradlake.lake.store import LakeStore
-    from gradlake.tasks.report import headline
+    from gradlake.tasks.evaluate.report import headline
 
     table = headline(read_evaluation(LakeStore(url), path))
     typer.echo("")
@@ -368,8 +368,8 @@ def evaluate_command(
 ) -> None:
     """Select vs project: retrieval metrics per tensor, layer group, full gradient, projection and BM25."""
     from gradlake.flows.evaluate import evaluate
-    from gradlake.tasks.evaluate import EvaluationSpec, plan_evaluation
-    from gradlake.tasks.model import ModelSpec
+    from gradlake.tasks.evaluate.evaluation import EvaluationSpec, plan_evaluation
+    from gradlake.tasks.common.model import ModelSpec
 
     try:
         spec = EvaluationSpec(model=ModelSpec(model=model, checkpoint=checkpoint), dataset=dataset, queries=query,
@@ -483,7 +483,7 @@ SPEC_HELP = "Settings as JSON text or @file.json: the same document as the deplo
 def train_command(spec: str = typer.Option(..., "--spec", help=SPEC_HELP)) -> None:
     """Train a model on lake data (deterministic, resumable); checkpoints with lineage, answer quality per checkpoint."""
     from gradlake.flows.train import train_model
-    from gradlake.tasks.train import TrainError, TrainSpec, plan_run
+    from gradlake.tasks.training.train import TrainError, TrainSpec, plan_run
 
     validated = _spec_from(spec, TrainSpec, "training")
     try:
@@ -498,7 +498,7 @@ def train_command(spec: str = typer.Option(..., "--spec", help=SPEC_HELP)) -> No
 def influence_command(spec: str = typer.Option(..., "--spec", help=SPEC_HELP)) -> None:
     """Kronfluence influence (identity, diagonal, kfac, ekfac) of training samples on queries, into the lake."""
     from gradlake.flows.influence import compute_influence_flow
-    from gradlake.tasks.influence import InfluenceSpec, plan_influence
+    from gradlake.tasks.influence.compute import InfluenceSpec, plan_influence
 
     validated = _spec_from(spec, InfluenceSpec, "influence")
     try:
@@ -512,7 +512,7 @@ def influence_command(spec: str = typer.Option(..., "--spec", help=SPEC_HELP)) -
 def attribution_command(spec: str = typer.Option(..., "--spec", help=SPEC_HELP)) -> None:
     """The attribution benchmark: LDS, counterfactual removal and retrieval of every method's scores."""
     from gradlake.flows.attribution import evaluate_attribution, plan_attribution
-    from gradlake.tasks.attribution import AttributionSpec
+    from gradlake.tasks.attribution.benchmark import AttributionSpec
     from gradlake.lake.store import LakeStore
 
     validated = _spec_from(spec, AttributionSpec, "attribution")
@@ -575,8 +575,8 @@ def trace_command(
 
     from gradlake.flows.trace import trace_models
     from gradlake.lake import open_lake
-    from gradlake.tasks.model import ModelSpec
-    from gradlake.tasks.tracing import TraceSpec, plan_trace
+    from gradlake.tasks.common.model import ModelSpec
+    from gradlake.tasks.tracing.trace import TraceSpec, plan_trace
 
     try:
         spec = TraceSpec(base=ModelSpec(model=base, checkpoint=base_checkpoint, dtype=dtype, device=device),

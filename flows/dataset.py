@@ -12,11 +12,11 @@ from gradlake.lake import layout
 from gradlake.lake.datasets import write_dataset
 from gradlake.lake.store import LakeStore
 from gradlake.lake.store import default_lake
-from gradlake.tasks.retries import retry_unless_bad_input
-from gradlake.tasks.generate import generate_task
-from gradlake.tasks.model import ModelSpec, check_model, check_weights, lake_names, load_tokenizer, resolved_commit
-from gradlake.tasks.paraphrase import ParaphraseSpec, paraphrase_task, prompt_hash, resolve_api_key
-from gradlake.tasks.sources import SourceSpec, load_source
+from gradlake.tasks.common.retries import retry_unless_bad_input
+from gradlake.tasks.data.generate import generate_task
+from gradlake.tasks.common.model import ModelSpec, check_model, check_weights, lake_names, load_tokenizer, resolved_commit
+from gradlake.tasks.data.paraphrase import ParaphraseSpec, paraphrase_task, prompt_hash, resolve_api_key
+from gradlake.tasks.data.sources import SourceSpec, load_source
 
 
 class DatasetRecipe(BaseModel):

@@ -37,18 +37,18 @@ from gradlake.flows.influence import compute_influence_flow
 from gradlake.flows.project import project_gradients
 from gradlake.flows.train import train_model
 from gradlake.lake.store import LakeStore
-from gradlake.tasks.attribution import AttributionSpec, read_benchmark
-from gradlake.tasks.evaluate import EvaluationSpec
-from gradlake.tasks.extract import ExtractionSpec
-from gradlake.tasks.influence import InfluenceSpec
-from gradlake.tasks.model import ModelSpec
-from gradlake.tasks.paraphrase import ParaphraseSpec
-from gradlake.tasks.probes import PROBE_FILE, load_probe_set, probe_variant
-from gradlake.tasks.project import ProjectSpec
-from gradlake.tasks.projection import ProjectionSpec
-from gradlake.tasks.quality import QualitySpec
-from gradlake.tasks.sources import SourceSpec
-from gradlake.tasks.train import TrainSpec, checkpoint_name
+from gradlake.tasks.attribution.benchmark import AttributionSpec, read_benchmark
+from gradlake.tasks.evaluate.evaluation import EvaluationSpec
+from gradlake.tasks.gradients.extract import ExtractionSpec
+from gradlake.tasks.influence.compute import InfluenceSpec
+from gradlake.tasks.common.model import ModelSpec
+from gradlake.tasks.data.paraphrase import ParaphraseSpec
+from gradlake.tasks.data.probes import PROBE_FILE, load_probe_set, probe_variant
+from gradlake.tasks.projection.stored import ProjectSpec
+from gradlake.tasks.projection.projectors import ProjectionSpec
+from gradlake.tasks.data.quality import QualitySpec
+from gradlake.tasks.data.sources import SourceSpec
+from gradlake.tasks.training.train import TrainSpec, checkpoint_name
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_PROJECTIONS = [ProjectionSpec(kind="rademacher", dim=1024, scope="flat")]
@@ -88,7 +88,7 @@ def default_model_dir() -> Path:
 @task(name="build-tiny-models", cache_policy=NONE)
 def build_tiny_models_task(model_dir: str) -> dict[str, str]:
     """Tiny random-weight OLMo (AMD-OLMo-1B's architecture) and OLMo-2 models, two checkpoints each."""
-    from gradlake.tasks.tiny import build_tiny_model
+    from gradlake.tasks.common.tiny import build_tiny_model
 
     chats = list(probe_variant(load_probe_set(), "original")["messages"])
     built = {}
@@ -129,8 +129,8 @@ def probe_ids() -> list[str]:
 @task(name="training-curve", cache_policy=NONE)
 def training_curve(lake: str, run: TrainSpec, rows: list[dict]) -> str:
     """Top-1 and LDS against the training step: a table and a plot next to the final checkpoint's benchmark."""
-    from gradlake.tasks.evaluate import lake_keys
-    from gradlake.tasks.report import training_curve_png
+    from gradlake.tasks.common.lineage import lake_keys
+    from gradlake.tasks.evaluate.report import training_curve_png
 
     store = LakeStore(lake)
     frame = pd.DataFrame(rows)
@@ -148,7 +148,7 @@ def training_curve(lake: str, run: TrainSpec, rows: list[dict]) -> str:
 def demo_pipeline(lake: str, model_dir: str | None = None, settings: DemoSettings = DemoSettings()) -> dict:
     """Train a tiny OLMo-2 on the probe set, then compare every attribution method on it, checkpoint by checkpoint."""
     from gradlake.lake.evaluations import read_evaluation
-    from gradlake.tasks.quality import read_quality
+    from gradlake.tasks.data.quality import read_quality
 
     log = get_run_logger()
     model_dir = Path(model_dir or default_model_dir())
@@ -207,7 +207,7 @@ def demo_pipeline(lake: str, model_dir: str | None = None, settings: DemoSetting
 
 def _top1(results: pd.DataFrame) -> dict:
     """Paraphrase top-1 of the best tensor, the full gradient, the projection and BM25 (cosine)."""
-    from gradlake.tasks.report import best_tensor
+    from gradlake.tasks.evaluate.report import best_tensor
 
     part = results[(results["query"] == "paraphrased") & results["similarity"].isin(["cosine", "bm25"])]
     out = {}

@@ -10,9 +10,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
 from gradlake.flows.run_names import named_by_model
-from gradlake.tasks.evaluate import EvaluationSpec, run_evaluation
-from gradlake.tasks.report import headline_records
-from gradlake.tasks.retries import retry_unless_bad_input
+from gradlake.tasks.evaluate.evaluation import EvaluationSpec, run_evaluation
+from gradlake.tasks.evaluate.report import headline_records
+from gradlake.tasks.common.retries import retry_unless_bad_input
 
 _KEY_LENGTH = 56  # leaves room for '-report'
 

@@ -9,8 +9,8 @@ from prefect.cache_policies import NONE
 from gradlake.flows.run_names import named_by_model
 from gradlake.lake.scores import ScoreGroup
 from gradlake.lake.store import LakeStore
-from gradlake.tasks.influence import InfluenceSpec, compute_influence, plan_influence
-from gradlake.tasks.retries import retry_unless_bad_input
+from gradlake.tasks.influence.compute import InfluenceSpec, compute_influence, plan_influence
+from gradlake.tasks.common.retries import retry_unless_bad_input
 
 
 @task(name="plan-influence", cache_policy=NONE)

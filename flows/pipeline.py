@@ -42,10 +42,12 @@ from gradlake.flows.dataset import DatasetRecipe, DatasetSpec, create_dataset
 from gradlake.flows.evaluate import evaluate, publish_headline
 from gradlake.flows.run_names import named_by_model, run_label
 from gradlake.lake import layout
-from gradlake.tasks.evaluate import EvaluationSpec, lake_keys
-from gradlake.tasks.extract import DEFAULT_TOKEN_BUDGET, ExtractionSpec, extract_shard_task, finalize_task, group_paths, prepare_extraction_task
-from gradlake.tasks.model import ModelSpec
-from gradlake.tasks.projection import ProjectionSpec
+from gradlake.tasks.evaluate.evaluation import EvaluationSpec
+from gradlake.tasks.common.lineage import lake_keys
+from gradlake.tasks.gradients.extract import (DEFAULT_TOKEN_BUDGET, ExtractionSpec, extract_shard_task, finalize_task,
+    group_paths, prepare_extraction_task)
+from gradlake.tasks.common.model import ModelSpec
+from gradlake.tasks.projection.projectors import ProjectionSpec
 
 SHARD_DEPLOYMENT = "extract-shards/extract-shards"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from gradlake.tasks.extract import finalize_task
-from gradlake.tasks.project import ProjectSpec, create_projection_task, project_shard_task
+from gradlake.tasks.gradients.extract import finalize_task
+from gradlake.tasks.projection.stored import ProjectSpec, create_projection_task, project_shard_task
 
 
 @flow(name="project-gradients", log_prints=True)

@@ -28,8 +28,8 @@ from gradlake.flows.attribution import evaluate_attribution
 from gradlake.flows.dataset import DatasetSpec, create_dataset
 from gradlake.flows.influence import compute_influence_flow
 from gradlake.flows.train import train_model
-from gradlake.tasks.attribution import AttributionSpec
-from gradlake.tasks.influence import InfluenceSpec
+from gradlake.tasks.attribution.benchmark import AttributionSpec
+from gradlake.tasks.influence.compute import InfluenceSpec
 
 LAKE_FIELDS = ("datasets", "influence")
 INFLUENCE_DEPLOYMENT = "compute-influence/compute-influence"
@@ -73,7 +73,7 @@ def n_parameters(model) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from gradlake.tasks.model import check_model
+    from gradlake.tasks.common.model import check_model
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(check_model(model))
@@ -82,8 +82,8 @@ def n_parameters(model) -> int:
 
 def mean_tokens(plan, sample: int = 256) -> float:
     """Mean tokens per training sample as the run renders them (the first `sample` samples, capped at max_length)."""
-    from gradlake.tasks.loss import chat_template_text, encode_sample
-    from gradlake.tasks.model import load_tokenizer
+    from gradlake.tasks.common.loss import chat_template_text, encode_sample
+    from gradlake.tasks.common.model import load_tokenizer
 
     spec = plan.spec
     tokenizer = load_tokenizer(spec.model.resolved())
@@ -102,7 +102,7 @@ def protocol_cost(spec: ProtocolSpec) -> dict:
     corrections in one pass each, then scores in a third); forward passes for query losses are
     left out (under 1% here).  Loading and checkpoint writes add a fixed time per run.
     """
-    from gradlake.tasks.train import plan_run
+    from gradlake.tasks.training.train import plan_run
 
     attribution = spec.attribution
     plan = plan_run(attribution.train)
@@ -140,8 +140,8 @@ def check_influence_layers(spec: ProtocolSpec) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from gradlake.tasks.influence import linear_from_conv1d, tracked_modules
-    from gradlake.tasks.model import check_model
+    from gradlake.tasks.influence.compute import linear_from_conv1d, tracked_modules
+    from gradlake.tasks.common.model import check_model
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(check_model(spec.attribution.train.model))

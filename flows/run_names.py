@@ -7,8 +7,8 @@ from typing import Callable
 from prefect import runtime
 from pydantic import BaseModel
 
-from gradlake.tasks.evaluate import lake_keys
-from gradlake.tasks.model import ModelSpec
+from gradlake.tasks.common.lineage import lake_keys
+from gradlake.tasks.common.model import ModelSpec
 
 
 def run_label(model: ModelSpec, what: str) -> str:

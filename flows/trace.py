@@ -13,9 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gradlake.flows.run_names import named_by_model, run_label
 from gradlake.lake.store import LakeStore
-from gradlake.tasks.model import ModelSpec
-from gradlake.tasks.retries import retry_unless_bad_input
-from gradlake.tasks.tracing import LAKE_HELP, TraceSettings, TraceSpec, plan_trace, run_trace, tracing_dir, write_summary
+from gradlake.tasks.common.model import ModelSpec
+from gradlake.tasks.common.retries import retry_unless_bad_input
+from gradlake.tasks.tracing.trace import LAKE_HELP, TraceSettings, TraceSpec, plan_trace, run_trace, tracing_dir, write_summary
 
 TRACE_DEPLOYMENT = "trace-models/trace-models"
 

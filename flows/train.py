@@ -7,8 +7,8 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from prefect.cache_policies import NONE
 
 from gradlake.flows.run_names import named_by_model
-from gradlake.tasks.retries import retry_unless_bad_input
-from gradlake.tasks.train import Plan, TrainSpec, measure_checkpoint, plan_run, train
+from gradlake.tasks.common.retries import retry_unless_bad_input
+from gradlake.tasks.training.train import Plan, TrainSpec, measure_checkpoint, plan_run, train
 
 
 @task(name="plan-training", cache_policy=NONE)

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gradlake.lake.store import LakeError, LakeStore, default_lake, public_url
 from gradlake.lake.verify import verify_lake
-from gradlake.tasks.report import markdown_table
+from gradlake.tasks.evaluate.report import markdown_table
 
 
 class VerifySpec(BaseModel):

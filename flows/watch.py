@@ -7,12 +7,12 @@ from prefect.deployments import run_deployment
 from pydantic import BaseModel, ConfigDict, Field
 
 from gradlake.lake.store import LakeStore
-from gradlake.tasks.checkpoints import WatchedModel, list_checkpoints
-from gradlake.tasks.evaluate import lake_keys
+from gradlake.tasks.common.checkpoints import WatchedModel, list_checkpoints
+from gradlake.tasks.common.lineage import lake_keys
 from gradlake.flows.pipeline import PipelineSettings, PipelineSpec
 from gradlake.flows.run_names import run_label
 from gradlake.lake import layout
-from gradlake.tasks.model import ModelSpec
+from gradlake.tasks.common.model import ModelSpec
 
 PIPELINE_DEPLOYMENT = "gradlake-pipeline/gradlake-pipeline"
 WATCH_DEPLOYMENT = "watch-checkpoints/watch-checkpoints"

@@ -103,7 +103,7 @@ def s3_endpoint():
 
 @pytest.fixture(scope="session")
 def probe_chats():
-    from gradlake.tasks.probes import load_probe_set, probe_variant
+    from gradlake.tasks.data.probes import load_probe_set, probe_variant
 
     return list(probe_variant(load_probe_set(), "original")["messages"])
 
@@ -111,7 +111,7 @@ def probe_chats():
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, probe_chats) -> dict[str, Path]:
     """Tiny OLMo and OLMo-2 models, checkpoints 'checkpoint-0' and 'checkpoint-1' each."""
-    from gradlake.tasks.tiny import build_tiny_model
+    from gradlake.tasks.common.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("models")
     return {arch: build_tiny_model(root / f"tiny-{arch}", arch, probe_chats) for arch in ("olmo", "olmo2")}
@@ -129,7 +129,7 @@ def thesis_choice(values: list[float]) -> int:
 
 def write_probe(lake: str, n: int | None = None, name: str = "probe") -> None:
     """Store the bundled probe set (its first n rows) in a lake."""
-    from gradlake.tasks.probes import store_probe_set
+    from gradlake.tasks.data.probes import store_probe_set
 
     store_probe_set(lake, name, n)
 

@@ -23,10 +23,10 @@ from gradlake.lake import open_lake
 from gradlake.lake.datasets import write_dataset
 from gradlake.lake.gradients import GradientGroup
 from gradlake.lake.store import LakeStore
-from gradlake.tasks.gradients import INPUTS_EMBEDS, PerSampleGradients
-from gradlake.tasks.loss import encode_sample, sample_losses
-from gradlake.tasks.model import GRADIENT_ARCHITECTURES
-from gradlake.tasks.tiny import build_tiny_model, tiny_config
+from gradlake.tasks.gradients.engine import INPUTS_EMBEDS, PerSampleGradients
+from gradlake.tasks.common.loss import encode_sample, sample_losses
+from gradlake.tasks.common.model import GRADIENT_ARCHITECTURES
+from gradlake.tasks.common.tiny import build_tiny_model, tiny_config
 
 runner = CliRunner()
 VOCAB = 300
@@ -140,8 +140,8 @@ def test_nan_weights_fail_the_shard_naming_the_samples_and_the_tensor(tiny_model
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     from gradlake.flows.extract import extract_gradients
-    from gradlake.tasks.extract import ExtractionSpec, plan_extraction
-    from gradlake.tasks.model import ModelSpec
+    from gradlake.tasks.gradients.extract import ExtractionSpec, plan_extraction
+    from gradlake.tasks.common.model import ModelSpec
 
     model = poisoned_copy(tiny_models, tmp_path, "model.layers.1.mlp.down_proj.weight")
     lake = str(tmp_path / "lake")
@@ -172,8 +172,8 @@ def test_nan_weights_fail_the_shard_naming_the_samples_and_the_tensor(tiny_model
 def test_infinite_values_fail_the_shard_and_say_the_likely_cause(case, tiny_models, tmp_path):
     """An Inf weight is named like a NaN one; finite weights whose float16 logits overflow (65504) are told apart."""
     from gradlake.flows.extract import extract_gradients
-    from gradlake.tasks.extract import ExtractionSpec, plan_extraction
-    from gradlake.tasks.model import ModelSpec
+    from gradlake.tasks.gradients.extract import ExtractionSpec, plan_extraction
+    from gradlake.tasks.common.model import ModelSpec
 
     if case == "inf-weight":
         model, dtype = poisoned_copy(tiny_models, tmp_path, "model.layers.0.mlp.up_proj.weight", float("inf")), "float32"
@@ -194,8 +194,8 @@ def test_infinite_values_fail_the_shard_and_say_the_likely_cause(case, tiny_mode
 
 
 def test_max_length_beyond_the_positions_is_capped_and_said_once(tiny_models, tmp_path):
-    from gradlake.tasks.extract import ExtractionSpec, plan_extraction
-    from gradlake.tasks.model import ModelSpec
+    from gradlake.tasks.gradients.extract import ExtractionSpec, plan_extraction
+    from gradlake.tasks.common.model import ModelSpec
 
     lake = str(tmp_path / "lake")
     long_chat = [{"role": "user", "content": "Tell me everything."}, {"role": "assistant", "content": "word " * 20000}]

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import write_probe
 from gradlake.lake.store import LakeStore
-from gradlake.tasks.model import ModelSpec
+from gradlake.tasks.common.model import ModelSpec
 
 N_DATA, N_TRAIN, N_QUERY = 32, 16, 8
 MLP = "model.layers.*.mlp.*.weight"
@@ -25,11 +25,11 @@ def trained(tiny_models, s3_endpoint):
     from gradlake.flows.influence import compute_influence_flow
     from gradlake.flows.train import train_model
     from gradlake.lake.datasets import read_dataset
-    from gradlake.tasks.extract import ExtractionSpec
-    from gradlake.tasks.influence import InfluenceSpec
-    from gradlake.tasks.projection import ProjectionSpec
-    from gradlake.tasks.quality import QualitySpec
-    from gradlake.tasks.train import TrainSpec
+    from gradlake.tasks.gradients.extract import ExtractionSpec
+    from gradlake.tasks.influence.compute import InfluenceSpec
+    from gradlake.tasks.projection.projectors import ProjectionSpec
+    from gradlake.tasks.data.quality import QualitySpec
+    from gradlake.tasks.training.train import TrainSpec
 
     lake = "s3://lake/attribution-test"
     write_probe(lake, N_DATA)
@@ -39,7 +39,7 @@ def trained(tiny_models, s3_endpoint):
                     batch_size=4, learning_rate=1e-2, warmup_steps=4, schedule="cosine", max_length=256, seed=0,
                     quality=QualitySpec(max_samples=8, max_new_tokens=160))
     train_model(run)
-    from gradlake.tasks.attribution import AttributionSpec
+    from gradlake.tasks.attribution.benchmark import AttributionSpec
 
     model = AttributionSpec(train=run, retrain_prefix="s3://unused").model
     for variant in ("original", "paraphrased"):
@@ -54,7 +54,7 @@ def trained(tiny_models, s3_endpoint):
 
 
 def test_the_trained_model_has_learned_its_answers(trained):
-    from gradlake.tasks.quality import read_quality
+    from gradlake.tasks.data.quality import read_quality
 
     run, lake, _ = trained
     quality = read_quality(LakeStore(lake))
@@ -67,7 +67,7 @@ def test_held_out_and_paraphrase_benchmarks_through_prefect_on_s3(trained):
     samples: the oracle alone reaches a high LDS (duplicate retrieval) and nothing is left of it beyond the source.
     Both tables rest on the same retrainings."""
     from gradlake.flows.attribution import evaluate_attribution
-    from gradlake.tasks.attribution import AttributionSpec, read_benchmark
+    from gradlake.tasks.attribution.benchmark import AttributionSpec, read_benchmark
 
     run, lake, ids = trained
     store = LakeStore(lake)
@@ -127,9 +127,9 @@ def test_trak_features_come_from_the_training_samples_only(trained):
     from gradlake.lake import layout
     from gradlake.lake.gradients import NOT_GRADIENTS
     from gradlake.lake.scores import ScoreGroup
-    from gradlake.tasks.attribution import AttributionSpec, method_path
-    from gradlake.tasks.baselines import baseline_scores
-    from gradlake.tasks.evaluate import lake_keys
+    from gradlake.tasks.attribution.benchmark import AttributionSpec, method_path
+    from gradlake.tasks.attribution.baselines import baseline_scores
+    from gradlake.tasks.common.lineage import lake_keys
 
     run, lake, ids = trained
     spec = AttributionSpec(train=run, max_queries=N_QUERY, n_subsets=4, retrain_prefix="s3://lake/attribution-retrain",
@@ -164,8 +164,8 @@ def test_counterfactual_removal_retrains_on_keep_less_the_removed(trained):
     """A run trained on a `keep` subset: each removal retraining trains on exactly those samples less the k removed
     (read back from the retrained checkpoint's lineage), for the attributed run's number of steps."""
     from gradlake.flows.attribution import evaluate_attribution
-    from gradlake.tasks.attribution import AttributionSpec, counterfactual_runs, read_benchmark, retrained_model
-    from gradlake.tasks.train import LINEAGE_FILE, plan_run
+    from gradlake.tasks.attribution.benchmark import AttributionSpec, counterfactual_runs, read_benchmark, retrained_model
+    from gradlake.tasks.training.train import LINEAGE_FILE, plan_run
 
     run, lake, ids = trained
     spec = AttributionSpec(train=run, max_queries=N_QUERY, n_subsets=12, counterfactual_k=1, counterfactual_queries=2,
@@ -211,7 +211,7 @@ def test_counterfactual_removal_retrains_on_keep_less_the_removed(trained):
 ])
 def test_bad_settings_fail_before_any_retraining(trained, change, message):
     from gradlake.flows.attribution import plan_attribution
-    from gradlake.tasks.attribution import AttributionSpec
+    from gradlake.tasks.attribution.benchmark import AttributionSpec
 
     run, lake, _ = trained
     with pytest.raises(ValueError, match=message):
@@ -220,7 +220,7 @@ def test_bad_settings_fail_before_any_retraining(trained, change, message):
 
 
 def test_held_out_queries_need_samples_the_run_never_saw(trained):
-    from gradlake.tasks.attribution import AttributionError, AttributionSpec, resolve_queries
+    from gradlake.tasks.attribution.benchmark import AttributionError, AttributionSpec, resolve_queries
 
     run, lake, ids = trained
     spec = AttributionSpec(train=run, retrain_prefix="s3://lake/never")
@@ -238,9 +238,9 @@ def test_queries_tokenized_otherwise_than_the_training_set_are_refused_before_an
 
     from gradlake.flows.attribution import baseline_context, plan_attribution
     from gradlake.lake import layout
-    from gradlake.tasks.attribution import AttributionSpec, method_path
-    from gradlake.tasks.baselines import BaselineError, baseline_scores
-    from gradlake.tasks.evaluate import lake_keys
+    from gradlake.tasks.attribution.benchmark import AttributionSpec, method_path
+    from gradlake.tasks.attribution.baselines import BaselineError, baseline_scores
+    from gradlake.tasks.common.lineage import lake_keys
 
     run, lake, _ = trained
     spec = AttributionSpec(train=run, queries="paraphrased", max_queries=N_QUERY, retrain_prefix="s3://lake/never")
@@ -263,7 +263,7 @@ def test_queries_tokenized_otherwise_than_the_training_set_are_refused_before_an
 
 def test_counterfactual_methods_without_scores_fail_before_any_retraining(trained):
     from gradlake.flows.attribution import evaluate_attribution
-    from gradlake.tasks.attribution import AttributionError, AttributionSpec
+    from gradlake.tasks.attribution.benchmark import AttributionError, AttributionSpec
 
     run, lake, _ = trained
     spec = AttributionSpec(train=run, max_queries=N_QUERY, n_subsets=4, counterfactual_k=2, baselines=False,

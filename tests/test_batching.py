@@ -8,10 +8,10 @@ import pytest
 from conftest import write_probe
 from gradlake.lake import open_lake
 from gradlake.lake.gradients import GradientGroup
-from gradlake.tasks import batching, extract
-from gradlake.tasks.batching import padded_tokens, shard_batches
-from gradlake.tasks.extract import ExtractionSpec, create_group, extract_shard, pending_shards, plan_extraction
-from gradlake.tasks.model import ModelSpec
+from gradlake.tasks.gradients import batching, extract
+from gradlake.tasks.gradients.batching import padded_tokens, shard_batches
+from gradlake.tasks.gradients.extract import ExtractionSpec, create_group, extract_shard, pending_shards, plan_extraction
+from gradlake.tasks.common.model import ModelSpec
 
 N = 24
 

@@ -8,9 +8,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import write_probe
-from gradlake.tasks.extract import ExtractionSpec, plan_extraction
-from gradlake.tasks.loss import TULU, encode_sample
-from gradlake.tasks.model import ModelSpec
+from gradlake.tasks.gradients.extract import ExtractionSpec, plan_extraction
+from gradlake.tasks.common.loss import TULU, encode_sample
+from gradlake.tasks.common.model import ModelSpec
 
 CHATS = [
     [{"role": "user", "content": "How do I boil an egg?"}, {"role": "assistant", "content": "Put it in boiling water."}],
@@ -84,7 +84,7 @@ def test_template_and_labels_are_in_the_lineage_and_a_bad_template_is_refused(ti
 
 def test_evaluation_refuses_variants_rendered_differently(tiny_models, tmp_path):
     from gradlake.lake.store import LakeError
-    from gradlake.tasks.evaluate import Evaluation, EvaluationSpec
+    from gradlake.tasks.evaluate.evaluation import Evaluation, EvaluationSpec
     from test_batching import run
 
     model = ModelSpec(model=str(tiny_models["olmo2"]), checkpoint="checkpoint-1")

@@ -43,7 +43,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_killed_cli_takes_its_temporary_server_along(tmp_path):
-    from gradlake.tasks.probes import load_probe_set
+    from gradlake.tasks.data.probes import load_probe_set
 
     source = tmp_path / "probes.jsonl"
     rows = load_probe_set().head(4)[["id", "instruction", "answer"]].to_dict(orient="records")

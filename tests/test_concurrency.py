@@ -132,8 +132,8 @@ WORKERS, N, SHARD = 8, 16, 2
 
 
 def _spec(model_dir: str, lake: str):
-    from gradlake.tasks.extract import ExtractionSpec
-    from gradlake.tasks.model import ModelSpec
+    from gradlake.tasks.gradients.extract import ExtractionSpec
+    from gradlake.tasks.common.model import ModelSpec
 
     return ExtractionSpec(model=ModelSpec(model=model_dir, checkpoint="checkpoint-1", device="cpu"), dataset="probe",
                           layers=["model.layers.1.mlp.*", "lm_head.weight"], shard_size=SHARD, batch_size=SHARD,
@@ -146,7 +146,7 @@ def _worker(model_dir: str, lake: str, index: int, results) -> None:
 
     import torch
 
-    from gradlake.tasks.extract import create_group, extract_shard, plan_extraction
+    from gradlake.tasks.gradients.extract import create_group, extract_shard, plan_extraction
 
     try:
         torch.set_num_threads(1)
@@ -162,7 +162,7 @@ def _worker(model_dir: str, lake: str, index: int, results) -> None:
 
 def test_eight_workers_on_one_s3_group_compute_each_chunk_once(tiny_models, s3_endpoint, tmp_path):
     from gradlake.lake import open_lake
-    from gradlake.tasks.extract import create_group, extract_shard, plan_extraction
+    from gradlake.tasks.gradients.extract import create_group, extract_shard, plan_extraction
 
     lake, reference = "s3://lake/eight-workers", f"file://{tmp_path}/reference"
     for url in (lake, reference):
@@ -176,7 +176,7 @@ def test_eight_workers_on_one_s3_group_compute_each_chunk_once(tiny_models, s3_e
     # Workers fork from a clean server process that imported gradlake once (not from this process, whose
     # threads (the S3 server's, pytest's) a fork would copy in whatever state they are in).
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["gradlake.tasks.extract"])
+    context.set_forkserver_preload(["gradlake.tasks.gradients.extract"])
     results = context.Queue()
     procs = [context.Process(target=_worker, args=(model_dir, lake, i, results)) for i in range(WORKERS)]
     for p in procs:

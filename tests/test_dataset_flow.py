@@ -12,15 +12,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from gradlake.flows.dataset import DatasetSpec, create_dataset
 from gradlake.lake import open_lake
 from gradlake.lake.store import LakeStore
-from gradlake.tasks.generate import generate_answers
-from gradlake.tasks.model import ModelSpec
-from gradlake.tasks.sources import SourceError, SourceSpec
+from gradlake.tasks.data.generate import generate_answers
+from gradlake.tasks.common.model import ModelSpec
+from gradlake.tasks.data.sources import SourceError, SourceSpec
 
 
 @pytest.fixture
 def probe_file(tmp_path):
     """The bundled probe rows as a local JSONL source, plus two malformed rows."""
-    from gradlake.tasks.probes import load_probe_set
+    from gradlake.tasks.data.probes import load_probe_set
 
     rows = load_probe_set().head(12)[["id", "instruction", "answer"]].to_dict(orient="records")
     rows.append({"id": "broken-1", "instruction": "", "answer": "nothing asked"})
@@ -112,7 +112,7 @@ def test_paraphrase_then_generate_through_the_flow(tiny_models, probe_file, tmp_
     """The whole flow over HTTP: paraphrases from the API, answers to the paraphrased prompts, lineage cited."""
     from openai_server import paraphrase_of
 
-    from gradlake.tasks.paraphrase import ParaphraseSpec
+    from gradlake.tasks.data.paraphrase import ParaphraseSpec
 
     lake = str(tmp_path / "lake")
     spec = DatasetSpec(name="mini", source=SourceSpec(source=str(probe_file), n=5, seed=1),
@@ -140,7 +140,7 @@ def test_paraphrase_then_generate_through_the_flow(tiny_models, probe_file, tmp_
 
 def test_a_refused_key_or_a_missing_one_writes_nothing(probe_file, tmp_path, openai_server, monkeypatch):
     """Every check of the flow, the API's acceptance of the key included, comes before the first write."""
-    from gradlake.tasks.paraphrase import ParaphraseError, ParaphraseSpec
+    from gradlake.tasks.data.paraphrase import ParaphraseError, ParaphraseSpec
 
     lake = tmp_path / "lake"
     spec = DatasetSpec(name="mini", source=SourceSpec(source=str(probe_file), n=5, seed=1),

@@ -91,8 +91,8 @@ def test_bad_input_is_not_retried(tiny_models, lake_dir):
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     from gradlake.flows.extract import extract_gradients
-    from gradlake.tasks.extract import ExtractionSpec
-    from gradlake.tasks.model import ModelSpec
+    from gradlake.tasks.gradients.extract import ExtractionSpec
+    from gradlake.tasks.common.model import ModelSpec
 
     spec = ExtractionSpec(model=ModelSpec(model=str(tiny_models["olmo"]), checkpoint="checkpoint-1"),
                           layers=["no.such.layer"], lake=str(lake_dir))
@@ -204,7 +204,7 @@ def in_run_failures(tiny_models, tmp_path_factory):
     """A NaN weight and a key the API refuses, each through the real command: (exit code, stdout, stderr lines) by case."""
     import json
 
-    from gradlake.tasks.probes import load_probe_set
+    from gradlake.tasks.data.probes import load_probe_set
     from openai_server import FakeOpenAI
     from test_architectures import poisoned_copy
 
@@ -245,7 +245,7 @@ def test_only_an_error_gradlake_raised_loses_its_traceback():
     import numpy as np
 
     from gradlake.flows.console import _WithoutToldTraceback, told
-    from gradlake.tasks.tiny import tiny_config
+    from gradlake.tasks.common.tiny import tiny_config
 
     caught = {}
     for name, call in (("ours", lambda: tiny_config("gptneox", 10)), ("numpy's", lambda: np.zeros(2).reshape(3))):

@@ -15,13 +15,13 @@ from gradlake.flows.evaluate import artifact_key, evaluate
 from gradlake.flows.extract import extract_gradients
 from gradlake.lake import open_lake
 from gradlake.lake.store import LakeError
-from gradlake.tasks.evaluate import EvaluationSpec, layer_groups, run_evaluation
-from gradlake.tasks.extract import ExtractionSpec
-from gradlake.tasks.metrics import (bm25_candidates, bm25_scores, bm25_tokens, candidate_correct, cosine_from_parts, rank_metrics,
-                                    thesis_bm25_scores, thesis_candidates, top_k, true_ranks)
-from gradlake.tasks.model import ModelSpec
-from gradlake.tasks.projection import ProjectionSpec
-from gradlake.tasks.similarity import array_dots, blocks
+from gradlake.tasks.evaluate.evaluation import EvaluationSpec, layer_groups, run_evaluation
+from gradlake.tasks.gradients.extract import ExtractionSpec
+from gradlake.tasks.evaluate.metrics import (bm25_candidates, bm25_scores, bm25_tokens, candidate_correct, cosine_from_parts,
+    rank_metrics, thesis_bm25_scores, thesis_candidates, top_k, true_ranks)
+from gradlake.tasks.common.model import ModelSpec
+from gradlake.tasks.projection.projectors import ProjectionSpec
+from gradlake.tasks.evaluate.similarity import array_dots, blocks
 
 N = 24
 
@@ -102,7 +102,7 @@ def test_bm25_finds_queries_in_other_scripts():
 
 
 def test_bm25_candidate_protocol_against_a_direct_implementation():
-    from gradlake.tasks.probes import load_probe_set
+    from gradlake.tasks.data.probes import load_probe_set
 
     frame = load_probe_set().head(40)
     docs, queries = list(frame["instruction"]), list(frame["paraphrase"])
@@ -130,7 +130,7 @@ def test_bm25_candidate_protocol_against_a_direct_implementation():
 def test_thesis_bm25_protocol_against_its_rules_written_out():
     from rank_bm25 import BM25Okapi
 
-    from gradlake.tasks.probes import load_probe_set, probe_variant
+    from gradlake.tasks.data.probes import load_probe_set, probe_variant
 
     originals = probe_variant(load_probe_set(), "original").head(40)
     paraphrased = probe_variant(load_probe_set(), "paraphrased").head(40)
@@ -209,7 +209,7 @@ def _direct_greedy(q_vectors: dict, d_vectors: dict, steps: int) -> tuple[list[s
 
 
 def test_greedy_selection_stops_when_accuracy_stops_rising():
-    from gradlake.tasks.evaluate import greedy_selection
+    from gradlake.tasks.evaluate.evaluation import greedy_selection
 
     rng = np.random.default_rng(0)
     n_queries, names = 40, [f"t{i}" for i in range(6)]

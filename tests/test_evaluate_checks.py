@@ -20,8 +20,8 @@ from typer.testing import CliRunner
 
 from conftest import write_probe
 from gradlake.flows.cli import app
-from gradlake.tasks.extract import ExtractionSpec
-from gradlake.tasks.model import ModelSpec
+from gradlake.tasks.gradients.extract import ExtractionSpec
+from gradlake.tasks.common.model import ModelSpec
 from s3proxy import FaultyS3Proxy
 from test_batching import run
 
@@ -122,7 +122,7 @@ def test_the_flow_runs_the_same_checks(read_only_s3_lake, tiny_models):
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     from gradlake.flows.evaluate import evaluate
-    from gradlake.tasks.evaluate import EvaluationSpec
+    from gradlake.tasks.evaluate.evaluation import EvaluationSpec
 
     url, keys, _ = read_only_s3_lake
     before = keys()
@@ -137,7 +137,7 @@ def test_the_flow_runs_the_same_checks(read_only_s3_lake, tiny_models):
 
 
 def test_tensor_mismatch_names_shapes_and_the_default_layers():
-    from gradlake.tasks.evaluate import tensor_mismatch
+    from gradlake.tasks.evaluate.evaluation import tensor_mismatch
 
     def meta(parameters: dict, **lineage) -> dict:
         return {"plan": {"parameters": parameters}, "lineage": lineage}

@@ -14,9 +14,9 @@ from gradlake.flows.extract import extract_gradients
 from gradlake.lake import open_lake
 from gradlake.lake.gradients import NOT_GRADIENTS
 from gradlake.lake.store import LakeError
-from gradlake.tasks.extract import ExtractionSpec
-from gradlake.tasks.loss import encode_sample
-from gradlake.tasks.model import ModelSpec
+from gradlake.tasks.gradients.extract import ExtractionSpec
+from gradlake.tasks.common.loss import encode_sample
+from gradlake.tasks.common.model import ModelSpec
 
 N = 10  # samples; with shards of 4 the last shard is short
 

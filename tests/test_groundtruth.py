@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from gradlake.tasks.groundtruth import (GroundTruthError, check_subsets, compare, crossed_interval, draw_subsets, lds,
-                                        lds_beyond_source, random_removals, source_oracle, spearman_rows,
-                                        subset_bootstrap, top_k_removals)
+from gradlake.tasks.attribution.lds import (GroundTruthError, check_subsets, compare, crossed_interval, draw_subsets, lds,
+    lds_beyond_source, random_removals, source_oracle, spearman_rows, subset_bootstrap, top_k_removals)
 
 
 def test_spearman_rows_equals_scipy_with_ties():
@@ -180,7 +179,7 @@ def test_the_source_oracle_and_lds_beyond_the_source():
 def test_the_best_tensor_is_never_chosen_on_the_queries_it_scores():
     """Cross-fitting: each fold's tensor is the best on the other folds; whatever a fold's own queries say, its choice
     does not move, and a tensor that is best only on a fold's own queries is never that fold's choice."""
-    from gradlake.tasks.attribution import AttributionError, cross_fitted_choice, query_folds
+    from gradlake.tasks.attribution.benchmark import AttributionError, cross_fitted_choice, query_folds
 
     fold = query_folds(10, 2, seed=0)
     assert sorted(np.bincount(fold)) == [5, 5] and np.array_equal(fold, query_folds(10, 2, seed=0))

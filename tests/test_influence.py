@@ -14,10 +14,9 @@ from scipy.stats import spearmanr
 from conftest import write_probe
 from gradlake.lake.scores import ScoreGroup, list_score_groups
 from gradlake.lake.store import LakeStore
-from gradlake.tasks.influence import (InfluenceError, InfluenceSpec, collate, compute_influence, linear_from_conv1d,
-                                      load_factors, load_sets, plan_influence, tracked_modules, EncodedSet,
-                                      _score_args, _task_class)
-from gradlake.tasks.model import ModelSpec
+from gradlake.tasks.influence.compute import (InfluenceError, InfluenceSpec, collate, compute_influence, linear_from_conv1d,
+    load_factors, load_sets, plan_influence, tracked_modules, EncodedSet, _score_args, _task_class)
+from gradlake.tasks.common.model import ModelSpec
 
 N_TRAIN, N_QUERY = 24, 6
 MLP = "model.layers.*.mlp.down_proj.weight"
@@ -35,7 +34,7 @@ def lake(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def tiny_gpt2(tmp_path_factory, probe_chats):
     """A tiny GPT-2 (Conv1D layers), checkpoints 'checkpoint-0' and 'checkpoint-1'."""
-    from gradlake.tasks.tiny import build_tiny_model
+    from gradlake.tasks.common.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-gpt2", "gpt2", probe_chats)
 
@@ -52,7 +51,7 @@ def scores_of(lake: str, path: str) -> np.ndarray:
 
 def test_identity_scores_are_dot_products_of_the_lakes_gradients(tiny_models, lake):
     from gradlake.flows.extract import extract_gradients
-    from gradlake.tasks.extract import ExtractionSpec
+    from gradlake.tasks.gradients.extract import ExtractionSpec
 
     spec = spec_for(tiny_models, lake, strategy="identity")
     path = compute_influence(spec, log=lambda _: None)
@@ -89,7 +88,7 @@ def test_lake_scores_equal_kronfluence_in_memory_and_resume_by_block(tiny_models
     from kronfluence.utils.dataset import DataLoaderKwargs
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gradlake.tasks.loss import encode_sample
+    from gradlake.tasks.common.loss import encode_sample
     from gradlake.lake.datasets import read_dataset
 
     spec = spec_for(tiny_models, lake, strategy="ekfac", train_block=10)
@@ -176,9 +175,9 @@ def test_strategies_against_exact_inverse_ggn_influence(tmp_path):
     from torch.func import functional_call, jacfwd
     from transformers import AutoModelForCausalLM
 
-    from gradlake.tasks.loss import encode_sample, pad_batch, sample_losses
-    from gradlake.tasks.probes import load_probe_set, probe_variant, store_probe_set
-    from gradlake.tasks.tiny import _train, tiny_config, train_tokenizer
+    from gradlake.tasks.common.loss import encode_sample, pad_batch, sample_losses
+    from gradlake.tasks.data.probes import load_probe_set, probe_variant, store_probe_set
+    from gradlake.tasks.common.tiny import _train, tiny_config, train_tokenizer
 
     frame = load_probe_set().head(N_TRAIN)
     chats = list(probe_variant(frame, "original")["messages"])
@@ -256,7 +255,7 @@ def test_conv1d_becomes_an_equal_linear():
 def test_layer_keywords_choose_each_blocks_attention_and_mlp(architecture):
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    from gradlake.tasks.tiny import tiny_config
+    from gradlake.tasks.common.tiny import tiny_config
 
     sizes = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4)
@@ -286,7 +285,7 @@ def test_a_layer_keyword_or_pattern_that_matches_nothing_names_itself():
         tracked_modules(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)), ["mlp"])
     from transformers import AutoModelForCausalLM
 
-    from gradlake.tasks.tiny import tiny_config
+    from gradlake.tasks.common.tiny import tiny_config
 
     with torch.device("meta"):
         gpt2 = AutoModelForCausalLM.from_config(tiny_config("gpt2", 512))
@@ -302,7 +301,7 @@ def test_gpt2_identity_scores_are_dot_products_of_plain_backward_gradients(tiny_
     from transformers.pytorch_utils import Conv1D
 
     from gradlake.lake.datasets import read_dataset
-    from gradlake.tasks.loss import encode_sample, pad_batch, sample_losses
+    from gradlake.tasks.common.loss import encode_sample, pad_batch, sample_losses
 
     layers = ["transformer.h.*.attn.c_attn.weight", "transformer.h.*.mlp.*.weight"]
     spec = InfluenceSpec(model=ModelSpec(model=str(tiny_gpt2), checkpoint="checkpoint-1", device="cpu"), lake=lake,

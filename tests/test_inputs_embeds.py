@@ -14,12 +14,12 @@ from gradlake.flows.evaluate import evaluate
 from gradlake.flows.extract import extract_gradients
 from gradlake.lake import open_lake
 from gradlake.lake.store import LakeError
-from gradlake.tasks.evaluate import EvaluationSpec
-from gradlake.tasks.extract import ExtractionSpec, plan_extraction
-from gradlake.tasks.loss import encode_sample, sample_losses
-from gradlake.tasks.metrics import rank_metrics, true_ranks
-from gradlake.tasks.model import ModelSpec
-from gradlake.tasks.projection import ProjectionSpec
+from gradlake.tasks.evaluate.evaluation import EvaluationSpec
+from gradlake.tasks.gradients.extract import ExtractionSpec, plan_extraction
+from gradlake.tasks.common.loss import encode_sample, sample_losses
+from gradlake.tasks.evaluate.metrics import rank_metrics, true_ranks
+from gradlake.tasks.common.model import ModelSpec
+from gradlake.tasks.projection.projectors import ProjectionSpec
 
 N = 8
 MAX_LENGTH = 320
@@ -78,7 +78,7 @@ def test_stored_input_embedding_gradients_equal_autograd(embeds_lake, tiny_model
     with pytest.raises(LakeError, match="target"):
         opened.gradients(dataset="probe", variant="original")
     # The projection made during the backward pass is the projector applied to the stored gradients.
-    from gradlake.tasks.projection import projectors_for
+    from gradlake.tasks.projection.projectors import projectors_for
     projected = opened.projections(dataset="probe", variant="original", kind="rademacher", dim=64, target="inputs_embeds")
     projector = projectors_for(ProjectionSpec(kind="rademacher", dim=64, scope="per_tensor"),
                                {"inputs_embeds": (MAX_LENGTH, hidden)})["inputs_embeds"]
@@ -114,5 +114,5 @@ def test_target_settings_are_checked_before_any_work(embeds_lake):
         ExtractionSpec(model=model, target="hidden_states", lake=lake)
     with pytest.raises(LakeError, match="sft-inputs_embeds-store is not complete|sft-inputs_embeds-store"):
         # the weights' query group exists, but no input-embedding group of model_generated answers does
-        from gradlake.tasks.evaluate import Evaluation
+        from gradlake.tasks.evaluate.evaluation import Evaluation
         Evaluation(EvaluationSpec(model=model, queries=["model_generated"], target="inputs_embeds", lake=lake), "model_generated")

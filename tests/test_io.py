@@ -14,8 +14,8 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from gradlake.lake.store import LakeError
-from gradlake.tasks import similarity
-from gradlake.tasks.similarity import array_dots
+from gradlake.tasks.evaluate import similarity
+from gradlake.tasks.evaluate.similarity import array_dots
 
 
 def _loop_dots(q: np.ndarray, d: np.ndarray) -> np.ndarray:

@@ -14,9 +14,9 @@ from openai_server import Fault, paraphrase_of
 from prefect import flow
 
 from gradlake.lake.store import LakeStore
-from gradlake.tasks.paraphrase import (CACHE_DIR, cache_path, ParaphraseError, ParaphraseFailed, ParaphraseSpec, paraphrase_messages,
-                              paraphrase_task, read_cache, settings_key)
-from gradlake.tasks.probes import load_probe_set, probe_variant
+from gradlake.tasks.data.paraphrase import (CACHE_DIR, cache_path, ParaphraseError, ParaphraseFailed, ParaphraseSpec,
+    paraphrase_messages, paraphrase_task, read_cache, settings_key)
+from gradlake.tasks.data.probes import load_probe_set, probe_variant
 
 
 def probes(n: int = 30) -> pd.DataFrame:

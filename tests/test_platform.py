@@ -27,8 +27,8 @@ import yaml
 from conftest import REPO, write_probe
 from gradlake.flows.extract import extract_gradients
 from gradlake.lake import open_lake
-from gradlake.tasks.extract import ExtractionSpec
-from gradlake.tasks.model import ModelSpec
+from gradlake.tasks.gradients.extract import ExtractionSpec
+from gradlake.tasks.common.model import ModelSpec
 
 N = 24
 SETTINGS = {"shard_size": 8, "batch_size": 4, "max_length": 256}  # 3 shards per variant
@@ -274,7 +274,7 @@ def test_trained_checkpoint_on_s3_goes_through_the_pipeline(platform, tiny_model
 
     from gradlake.flows.pipeline import wait_for_run
     from gradlake.flows.watch import WatchSpec, watch_checkpoints
-    from gradlake.tasks.train import TrainSpec
+    from gradlake.tasks.training.train import TrainSpec
 
     lake = platform["lake"]
     output = "s3://lake/trained/tiny-olmo2"
@@ -305,8 +305,8 @@ def test_attribution_retrainings_fan_out_to_train_model_on_the_gpu_pool(platform
     from gradlake.lake.datasets import read_dataset
     from gradlake.lake.scores import ScoreGroup
     from gradlake.lake.store import LakeStore
-    from gradlake.tasks.attribution import AttributionSpec, benchmark_dir, method_path, read_benchmark
-    from gradlake.tasks.train import TrainSpec
+    from gradlake.tasks.attribution.benchmark import AttributionSpec, benchmark_dir, method_path, read_benchmark
+    from gradlake.tasks.training.train import TrainSpec
 
     lake = platform["lake"]
     train = TrainSpec(model=ModelSpec(model=str(tiny_models["olmo2"]), checkpoint="checkpoint-1"), lake=lake,
@@ -380,7 +380,7 @@ def test_killed_gpu_worker_leaves_its_share_to_the_other(platform, tmp_path):
     from prefect.deployments import run_deployment
 
     from gradlake.lake.store import LakeStore
-    from gradlake.tasks.extract import create_group, extract_shard, plan_extraction
+    from gradlake.tasks.gradients.extract import create_group, extract_shard, plan_extraction
 
     lake = "s3://lake/killed"
     write_probe(lake, N)

@@ -16,11 +16,11 @@ from conftest import REPO, write_probe
 from gradlake.flows.extract import extract_gradients
 from gradlake.flows.project import project_gradients
 from gradlake.lake import open_lake
-from gradlake.tasks.extract import ExtractionSpec
-from gradlake.tasks.model import ModelSpec
-from gradlake.tasks.project import ProjectSpec
-from gradlake.tasks.projection import (BlockProjector, ProjectionError, ProjectionSpec, TrakProjector,
-                              check_projection, make_projector, parse_projection)
+from gradlake.tasks.gradients.extract import ExtractionSpec
+from gradlake.tasks.common.model import ModelSpec
+from gradlake.tasks.projection.stored import ProjectSpec
+from gradlake.tasks.projection.projectors import (BlockProjector, ProjectionError, ProjectionSpec, TrakProjector,
+    check_projection, make_projector, parse_projection)
 
 N = 24
 
@@ -81,7 +81,7 @@ def test_same_seed_same_projection_in_a_new_process(stored):
     code = (
         "import json, sys, numpy as np, torch\n"
         "from gradlake.lake import open_lake\n"
-        "from gradlake.tasks.projection import ProjectionSpec, project_batch, projectors_for\n"
+        "from gradlake.tasks.projection.projectors import ProjectionSpec, project_batch, projectors_for\n"
         "lake, spec = sys.argv[1], ProjectionSpec(**json.loads(sys.argv[2]))\n"
         "full = open_lake(lake).gradients(dataset='probe')\n"
         "names = full.attrs['gradlake']['lineage']['layers']\n"
@@ -124,7 +124,7 @@ def test_huge_sparse_projection_runs_in_bounded_memory():
     """2,048,000 dimensions of a 4,194,304-parameter layer: the dense matrix would be 34 TB."""
     code = (
         "import torch\n"
-        "from gradlake.tasks.projection import make_projector\n"
+        "from gradlake.tasks.projection.projectors import make_projector\n"
         "p = make_projector(4_194_304, 2_048_000, 'sparse', 0, 'model.layers.0.mlp.up_proj.weight')\n"
         "g = torch.randn(2, 4_194_304, generator=torch.Generator().manual_seed(0))\n"
         "y = p.project(g)\n"
@@ -143,7 +143,7 @@ def test_huge_sparse_projection_runs_in_bounded_memory():
 
 def _sparse_formula(grads: torch.Tensor, k: int, seed: int, stream: str) -> torch.Tensor:
     """The sparse JL transform as first written: every tile's indices and signs drawn afresh, index_add_ tile by tile."""
-    from gradlake.tasks.projection import SPARSE_NONZEROS, TILE_ROWS, stream_seed
+    from gradlake.tasks.projection.projectors import SPARSE_NONZEROS, TILE_ROWS, stream_seed
 
     out = torch.zeros(grads.shape[0], k)
     for i in range(math.ceil(grads.shape[1] / TILE_ROWS)):
@@ -158,8 +158,8 @@ def _sparse_formula(grads: torch.Tensor, k: int, seed: int, stream: str) -> torc
 
 def test_sparse_projector_draws_once_and_equals_the_formula_bit_for_bit(monkeypatch):
     """Cached, partly cached and uncached indices give the formula's output exactly; cached tiles are never redrawn."""
-    from gradlake.tasks import projection
-    from gradlake.tasks.projection import SPARSE_BYTES_PER_COORDINATE, TILE_ROWS, SparseProjector
+    from gradlake.tasks.projection import projectors as projection
+    from gradlake.tasks.projection.projectors import SPARSE_BYTES_PER_COORDINATE, TILE_ROWS, SparseProjector
 
     n, k = 2 * TILE_ROWS + 1234, 3000  # a ragged last tile
     grads = torch.randn(3, n, generator=torch.Generator().manual_seed(1))
@@ -194,8 +194,8 @@ def _shapes(layers: int, width: int, mlp: int, vocab: int) -> dict[str, tuple[in
 
 
 def test_dense_projections_that_would_take_hours_per_batch_on_a_cpu_are_refused_at_plan_time():
-    from gradlake.tasks.projection import (NS_PER_DENSE_ENTRY, REGENERATION_LIMIT_CPU_HOURS, _plan, projector_choices,
-                                           regeneration_cpu_hours)
+    from gradlake.tasks.projection.projectors import (NS_PER_DENSE_ENTRY, REGENERATION_LIMIT_CPU_HOURS, _plan,
+        projector_choices, regeneration_cpu_hours)
 
     olmo_1b, olmo_7b = _shapes(16, 2048, 8192, 50304), _shapes(32, 4096, 11008, 50304)
     for shapes, spec in ((olmo_1b, ProjectionSpec(kind="rademacher", dim=8192, scope="flat")),
@@ -233,8 +233,8 @@ def test_fast_jl_wiring_selects_traker_cuda_on_a_gpu(monkeypatch):
 
     import trak.projectors
 
-    from gradlake.tasks import projection
-    from gradlake.tasks.projection import choose_projector, projector_choices
+    from gradlake.tasks.projection import projectors as projection
+    from gradlake.tasks.projection.projectors import choose_projector, projector_choices
 
     monkeypatch.setitem(sys.modules, "fast_jl", None)  # an import that fails
     assert not projection._fast_jl_available()
@@ -285,8 +285,8 @@ def test_bad_settings_fail_before_any_work(stored):
 def _tied_model_and_batch(tiny_models, probe_chats):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gradlake.tasks.loss import encode_sample, pad_batch
-    from gradlake.tasks.tiny import tiny_config
+    from gradlake.tasks.common.loss import encode_sample, pad_batch
+    from gradlake.tasks.common.tiny import tiny_config
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["olmo2"] / "checkpoint-0")
     torch.manual_seed(2)
@@ -307,8 +307,8 @@ def _reference(model, encoded) -> dict[str, torch.Tensor]:
 
 def test_kronecker_projection_equals_explicit_projection_of_the_gradient(tiny_models, probe_chats):
     """The factored projection, made in the hooks without forming any gradient, equals vec(G) @ kron(P_out, P_in)."""
-    from gradlake.tasks.gradients import PerSampleGradients, Projection
-    from gradlake.tasks.projection import KroneckerProjector, output_key, projectors_for
+    from gradlake.tasks.gradients.engine import PerSampleGradients, Projection
+    from gradlake.tasks.projection.projectors import KroneckerProjector, output_key, projectors_for
 
     model, encoded, (ids, labels) = _tied_model_and_batch(tiny_models, probe_chats)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if p.dim() == 2}
@@ -335,8 +335,8 @@ def test_kronecker_projection_equals_explicit_projection_of_the_gradient(tiny_mo
 
 def test_dense_projections_in_the_backward_equal_projections_of_the_gradients(tiny_models, probe_chats):
     """Kept and not-kept tensors, flat and per-tensor outputs, a tied embedding: all equal projecting the reference."""
-    from gradlake.tasks.gradients import PerSampleGradients, Projection
-    from gradlake.tasks.projection import output_key, project_batch, projectors_for
+    from gradlake.tasks.gradients.engine import PerSampleGradients, Projection
+    from gradlake.tasks.projection.projectors import output_key, project_batch, projectors_for
 
     model, encoded, (ids, labels) = _tied_model_and_batch(tiny_models, probe_chats)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
@@ -425,7 +425,7 @@ def test_interrupted_projection_group_is_redone_on_rerun(on_the_fly):
 
 
 def test_bad_on_the_fly_settings_fail_before_anything_is_written(tiny_models, tmp_path):
-    from gradlake.tasks.extract import plan_extraction
+    from gradlake.tasks.gradients.extract import plan_extraction
 
     lake = f"file://{tmp_path / 'lake'}"
     write_probe(lake, 8)
@@ -450,7 +450,7 @@ def test_bad_on_the_fly_settings_fail_before_anything_is_written(tiny_models, tm
 def test_refused_extraction_writes_no_projection_group(on_the_fly):
     """A different extraction at the gradient group's path is refused before any projection group is created."""
     from gradlake.lake.store import LakeError
-    from gradlake.tasks.extract import create_group, plan_extraction
+    from gradlake.tasks.gradients.extract import create_group, plan_extraction
 
     lakes, _ = on_the_fly
     lake, path, extraction = lakes["kept"]
@@ -464,7 +464,7 @@ def test_refused_extraction_writes_no_projection_group(on_the_fly):
 
 
 def test_redraw_estimate_of_a_post_hoc_projection_counts_every_uncached_matrix():
-    from gradlake.tasks.projection import NS_PER_DENSE_ENTRY, regeneration_seconds
+    from gradlake.tasks.projection.projectors import NS_PER_DENSE_ENTRY, regeneration_seconds
 
     # AMD-OLMo-1B's 16 down_proj weights, proportional to 16384: 1024 dimensions each, none cached.
     shapes = {f"model.layers.{i}.mlp.down_proj.weight": (2048, 8192) for i in range(16)}

@@ -7,7 +7,7 @@ import math
 import pandas as pd
 import pytest
 
-from gradlake.tasks.quality import JudgeSpec, judge_answers, overlap_scores, parse_grade
+from gradlake.tasks.data.quality import JudgeSpec, judge_answers, overlap_scores, parse_grade
 
 
 def lcs(a: list[str], b: list[str]) -> int:

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from gradlake.flows.evaluate import artifact_key
-from gradlake.tasks.report import HEADLINE_LABELS, figures, headline, headline_records, html_report, markdown, plots
+from gradlake.tasks.evaluate.report import HEADLINE_LABELS, figures, headline, headline_records, html_report, markdown, plots
 
 QUERIES = ("paraphrased", "model_generated")
 TENSORS = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight",

@@ -24,10 +24,10 @@ from gradlake.flows.extract import extract_gradients
 from gradlake.flows.project import project_gradients
 from gradlake.lake import open_lake
 from gradlake.lake.store import LakeError
-from gradlake.tasks.extract import ExtractionSpec, Progress, create_group, extract_shard, plan_extraction
-from gradlake.tasks.model import ModelSpec
-from gradlake.tasks.project import ProjectSpec
-from gradlake.tasks.projection import ProjectionSpec
+from gradlake.tasks.gradients.extract import ExtractionSpec, Progress, create_group, extract_shard, plan_extraction
+from gradlake.tasks.common.model import ModelSpec
+from gradlake.tasks.projection.stored import ProjectSpec
+from gradlake.tasks.projection.projectors import ProjectionSpec
 
 N = 24
 LAYERS = ["model.embed_tokens.weight", "model.layers.1.mlp.*", "model.layers.1.post_attention_layernorm.weight",

@@ -19,7 +19,7 @@ from gradlake.lake.gradients import GradientGroup, GradientPlan
 from gradlake.lake.integrity import read_checked
 from gradlake.lake.store import LakeError, LakeStore
 from gradlake.lake.verify import verify_lake
-from gradlake.tasks.similarity import array_dots
+from gradlake.tasks.evaluate.similarity import array_dots
 from test_batching import run, spec_for
 
 N = 8

@@ -16,8 +16,8 @@ from conftest import write_probe
 from gradlake.flows.extract import extract_gradients
 from gradlake.flows.pipeline import ShardRun, ShardRunsFailed, visit_shards, wait_for_shard_runs
 from gradlake.lake.claims import ChunkLeases
-from gradlake.tasks.extract import ExtractionSpec, create_group, extract_shard, plan_extraction
-from gradlake.tasks.model import ModelSpec
+from gradlake.tasks.gradients.extract import ExtractionSpec, create_group, extract_shard, plan_extraction
+from gradlake.tasks.common.model import ModelSpec
 
 N = 24
 

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from gradlake.tasks.sources import SourceError, SourceSpec, load_source, normalise, sample
+from gradlake.tasks.data.sources import SourceError, SourceSpec, load_source, normalise, sample
 
 GOOD = [
     {"id": "a", "messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]},

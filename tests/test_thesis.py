@@ -23,11 +23,11 @@ from gradlake.flows.extract import extract_gradients
 from gradlake.lake import open_lake
 from gradlake.lake.datasets import write_dataset
 from gradlake.lake.store import LakeStore
-from gradlake.tasks.evaluate import EvaluationSpec, run_evaluation
-from gradlake.tasks.extract import ExtractionSpec
-from gradlake.tasks.loss import encode_sample
-from gradlake.tasks.model import ModelSpec
-from gradlake.tasks.probes import load_probe_set, probe_variant
+from gradlake.tasks.evaluate.evaluation import EvaluationSpec, run_evaluation
+from gradlake.tasks.gradients.extract import ExtractionSpec
+from gradlake.tasks.common.loss import encode_sample
+from gradlake.tasks.common.model import ModelSpec
+from gradlake.tasks.data.probes import load_probe_set, probe_variant
 
 N = 12
 SYSTEM = "You are a helpful assistant."

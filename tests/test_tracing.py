@@ -11,11 +11,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gradlake.tasks.loss import encode_sample, pad_batch
-from gradlake.tasks.tiny import build_tiny_model
-from gradlake.tasks.tracing import (TracingError, align, barrier, embedding_cosine, loss_path, matching_test,
-                                    mean_weight_cosine, null_statistics, permutation_axes, permutation_p_value, permute_model,
-                                    random_permutation, token_loss, weight_cosines)
+from gradlake.tasks.common.loss import encode_sample, pad_batch
+from gradlake.tasks.common.tiny import build_tiny_model
+from gradlake.tasks.tracing.trace import (TracingError, align, barrier, embedding_cosine, loss_path, matching_test,
+    mean_weight_cosine, null_statistics, permutation_axes, permutation_p_value, permute_model, random_permutation, token_loss,
+    weight_cosines)
 
 PERMUTATIONS = 199  # the smallest p-value is 1/200
 
@@ -141,8 +141,8 @@ def test_trace_flow_writes_a_verdict_tables_and_a_plot_to_the_lake(family, tmp_p
     from conftest import write_probe
     from gradlake.flows.trace import TraceManySpec, trace_many, trace_models
     from gradlake.lake import open_lake
-    from gradlake.tasks.model import ModelSpec
-    from gradlake.tasks.tracing import TraceSpec, tracing_dir
+    from gradlake.tasks.common.model import ModelSpec
+    from gradlake.tasks.tracing.trace import TraceSpec, tracing_dir
 
     lake = f"file://{tmp_path / 'lake'}"
     write_probe(lake, 8)
@@ -194,9 +194,9 @@ def test_bad_tracing_inputs_fail_before_any_weight_is_loaded(family, tiny_models
 
     from conftest import write_probe
     from gradlake.lake.store import LakeError
-    from gradlake.tasks.model import ModelSpec
-    from gradlake.tasks.tiny import tiny_config
-    from gradlake.tasks.tracing import TraceSpec, plan_trace
+    from gradlake.tasks.common.model import ModelSpec
+    from gradlake.tasks.common.tiny import tiny_config
+    from gradlake.tasks.tracing.trace import TraceSpec, plan_trace
 
     lake = f"file://{tmp_path / 'lake'}"
     write_probe(lake, 4)

@@ -16,10 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import write_probe
-from gradlake.tasks.checkpoints import WatchedModel, list_checkpoints
-from gradlake.tasks.model import ModelSpec
-from gradlake.tasks.train import (TrainError, TrainSpec, batch_of_step, checkpoint_name, learning_rate, plan_run,
-                                  train)
+from gradlake.tasks.common.checkpoints import WatchedModel, list_checkpoints
+from gradlake.tasks.common.model import ModelSpec
+from gradlake.tasks.training.train import TrainError, TrainSpec, batch_of_step, checkpoint_name, learning_rate, plan_run, train
 
 N_SAMPLES = 24
 
@@ -112,7 +111,7 @@ def test_staging_directory_is_invisible_to_the_watcher(reference_run, tmp_path):
 
 KILLED_RUN = textwrap.dedent("""
     import json, sys, time
-    from gradlake.tasks.train import TrainSpec, plan_run, train
+    from gradlake.tasks.training.train import TrainSpec, plan_run, train
     spec = TrainSpec.model_validate(json.loads(sys.argv[1]))
     train(plan_run(spec), log=lambda _: None, on_step=lambda step, loss: time.sleep(0.4))
 """)
@@ -209,7 +208,7 @@ def test_training_to_s3_through_the_flow(tiny_models, lake, s3_endpoint):
     from gradlake.flows.train import train_model
 
     from gradlake.lake.store import LakeStore
-    from gradlake.tasks.quality import QualitySpec, read_quality
+    from gradlake.tasks.data.quality import QualitySpec, read_quality
 
     spec = spec_for(tiny_models, lake, "s3://lake/checkpoints/tiny", steps=4, checkpoint_every=2, save_initial=True,
                     quality=QualitySpec(max_samples=6, max_new_tokens=12))
@@ -237,7 +236,7 @@ def test_training_to_s3_through_the_flow(tiny_models, lake, s3_endpoint):
 
 def test_pipeline_stages_load_checkpoints_from_s3(tiny_models, lake, s3_endpoint, tmp_path, monkeypatch):
     """A checkpoint the trainer wrote to S3 is a model the other stages can name: checked, keyed, downloaded once."""
-    from gradlake.tasks.model import ModelError, check_model, lake_names, load_tokenizer, resolved_commit
+    from gradlake.tasks.common.model import ModelError, check_model, lake_names, load_tokenizer, resolved_commit
 
     monkeypatch.setenv("GRADLAKE_MODEL_CACHE", str(tmp_path / "cache"))
     spec = spec_for(tiny_models, lake, "s3://lake/checkpoints/for-stages", steps=2, checkpoint_every=0, quality=None)

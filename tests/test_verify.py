@@ -23,8 +23,9 @@ from gradlake.lake.gradients import NOT_GRADIENTS, GradientGroup
 from gradlake.lake.integrity import read_checked
 from gradlake.lake.store import LakeError, LakeStore
 from gradlake.lake.verify import verify_lake
-from gradlake.tasks.extract import ExtractionSpec, create_group, extract_shard, finalize_task, pending_shards, plan_extraction
-from gradlake.tasks.model import ModelSpec
+from gradlake.tasks.gradients.extract import (ExtractionSpec, create_group, extract_shard, finalize_task, pending_shards,
+    plan_extraction)
+from gradlake.tasks.common.model import ModelSpec
 
 N = 8
 # An embedding's gradient is zero on most rows: those chunks must still be stored (and checked).

@@ -1,8 +1,8 @@
 """One attribution benchmark: every method's scores against retraining (LDS, counterfactual removal) and retrieval.
 
 The methods are score groups in the lake (``lake/scores.py``): Kronfluence influence
-(``tasks/influence.py``) and the baselines made from what the lake already holds for the
-attributed model (``tasks/baselines.py``).
+(``tasks/influence/compute.py``) and the baselines made from what the lake already holds for the
+attributed model (``tasks/attribution/baselines.py``).
 
 The queries (``AttributionSpec.queries``) are, by default, **held-out** samples of the
 training dataset that the attributed run never trained on: the setting of the LDS
@@ -10,7 +10,7 @@ literature, where no training sample is a copy of a query.  They can also be par
 or the model's own answers of training samples (fact tracing: each such query has a
 *source* training sample), or any dataset and variant in the lake.  Where queries have a
 source, the table adds the source oracle and the LDS beyond the source
-(``tasks/groundtruth.py``), so that the part of a method's LDS that is duplicate
+(``tasks/attribution/lds.py``), so that the part of a method's LDS that is duplicate
 retrieval shows.
 
 The ground truth retrains the attributed model's own training run (`TrainSpec`) with
@@ -20,7 +20,7 @@ methods asked) or k random ones (several draws) for counterfactual removal.  Eac
 retraining is an ordinary ``train-model`` run with its own checkpoint prefix, so a
 finished one is found and skipped and a killed one resumes.
 
-Every interval is the crossed-design interval of ``tasks/groundtruth.py`` (queries and
+Every interval is the crossed-design interval of ``tasks/attribution/lds.py`` (queries and
 subsets both vary); adjacent methods in the table are marked separated only when the
 paired interval of their difference excludes 0.  The ``grad-cosine:best-tensor`` row is
 cross-fitted: the queries are split into folds, and each fold is scored with the single
@@ -43,11 +43,11 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from gradlake.lake import layout
 from gradlake.lake.scores import ScoreGroup, list_score_groups, scores_path
 from gradlake.lake.store import LakeError, LakeStore
-from gradlake.tasks.baselines import QuerySet
-from gradlake.tasks.groundtruth import (compare, crossed_interval, draw_subsets, lds, lds_beyond_source, random_removals,
-                                        source_oracle, top_k_removals)
-from gradlake.tasks.model import ModelSpec
-from gradlake.tasks.train import CHECKPOINT_PREFIX, TrainSpec, checkpoint_name, total_steps
+from gradlake.tasks.attribution.baselines import QuerySet
+from gradlake.tasks.attribution.lds import (compare, crossed_interval, draw_subsets, lds, lds_beyond_source, random_removals,
+    source_oracle, top_k_removals)
+from gradlake.tasks.common.model import ModelSpec
+from gradlake.tasks.training.train import CHECKPOINT_PREFIX, TrainSpec, checkpoint_name, total_steps
 
 TRAIN_DEPLOYMENT = "train-model/train-model"
 HELD_OUT = "held_out"
@@ -129,7 +129,7 @@ class AttributionSpec(BaseModel):
 
     def _total_steps(self) -> int:
         """The run's length; its data is read from the lake once per training spec, not on every use of `model`."""
-        from gradlake.tasks.train import load_train_data
+        from gradlake.tasks.training.train import load_train_data
 
         if self.train.steps:
             return self.train.steps
@@ -151,7 +151,7 @@ def checkpoint_step(name: str) -> int:
 
 def query_variant(spec: AttributionSpec, queries: str | None = None) -> str:
     """The stored variant of a query label: held-out queries are the training variant's own samples."""
-    from gradlake.tasks.evaluate import lake_keys
+    from gradlake.tasks.common.lineage import lake_keys
 
     queries = queries or spec.queries
     if queries == HELD_OUT:
@@ -162,7 +162,7 @@ def query_variant(spec: AttributionSpec, queries: str | None = None) -> str:
 
 
 def benchmark_dir(spec: AttributionSpec) -> str:
-    from gradlake.tasks.evaluate import lake_keys
+    from gradlake.tasks.common.lineage import lake_keys
 
     model_key, checkpoint_key = lake_keys(spec.model)
     label = spec.queries if spec.query_dataset in (None, spec.train.dataset) else f"{spec.query_dataset}.{spec.queries}"
@@ -171,7 +171,7 @@ def benchmark_dir(spec: AttributionSpec) -> str:
 
 def method_path(spec: AttributionSpec, method: str, queries: str | None = None) -> str:
     """A method's score group for the benchmark's queries (or a retrieval variant of the training dataset)."""
-    from gradlake.tasks.evaluate import lake_keys
+    from gradlake.tasks.common.lineage import lake_keys
 
     model_key, checkpoint_key = lake_keys(spec.model)
     dataset = spec.query_set_dataset if queries in (None, spec.queries) else spec.train.dataset
@@ -332,8 +332,8 @@ def query_losses(model: ModelSpec, chats: list[list[dict]], paradigm: str, max_l
     """Each query's loss (the extraction's convention, rendered by `chat_template` as in training): shape (n_query,)."""
     from transformers import AutoModelForCausalLM
 
-    from gradlake.tasks.loss import chat_template_text, encode_sample, pad_batch, sample_losses
-    from gradlake.tasks.model import DTYPES, capped_length, check_model, load_tokenizer
+    from gradlake.tasks.common.loss import chat_template_text, encode_sample, pad_batch, sample_losses
+    from gradlake.tasks.common.model import DTYPES, capped_length, check_model, load_tokenizer
 
     config = check_model(model)  # a missing or incomplete checkpoint is one error naming it
     max_length = capped_length(max_length, config, model.model)[0]

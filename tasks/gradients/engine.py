@@ -48,7 +48,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
 
-from gradlake.tasks.loss import sample_losses
+from gradlake.tasks.common.loss import sample_losses
 
 INPUTS_EMBEDS = "inputs_embeds"
 EMBEDS_POOLING = ("tokens", "mean")

@@ -2,7 +2,7 @@
 
 Attribution only means something on a model that has learned its data, so every
 training checkpoint is measured the same way: the model answers each prompt of a lake
-dataset greedily (``tasks/generate.py``), and each answer is scored against the dataset's
+dataset greedily (``tasks/data/generate.py``), and each answer is scored against the dataset's
 own assistant turn with
 
 - ROUGE-L F1 (``rouge-score``, the longest common subsequence of words, stemmed),
@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gradlake.lake import layout
 from gradlake.lake.datasets import dataset_meta, read_dataset
 from gradlake.lake.store import LakeStore
-from gradlake.tasks.paraphrase import ChatAPI
+from gradlake.tasks.data.paraphrase import ChatAPI
 
 JUDGE_SYSTEM_PROMPT = (
     "You grade answers. You are given a question, a reference answer and an answer to grade. "
@@ -88,7 +88,7 @@ def judge_answers(spec: JudgeSpec, questions: list[str], references: list[str], 
     """A 0-10 grade per answer from the judge (NaN where its reply holds no grade)."""
     import openai
 
-    from gradlake.tasks.paraphrase import resolve_api_key, resolved_base_url
+    from gradlake.tasks.data.paraphrase import resolve_api_key, resolved_base_url
 
     client = openai.OpenAI(api_key=resolve_api_key(spec), base_url=resolved_base_url(spec),
                            max_retries=spec.max_retries, timeout=spec.timeout_s)
@@ -105,7 +105,7 @@ def judge_answers(spec: JudgeSpec, questions: list[str], references: list[str], 
 
 def measure_quality(model, tokenizer, frame: pd.DataFrame, spec: QualitySpec, log=print) -> tuple[pd.DataFrame, dict]:
     """Answer the prompts of `frame` greedily and score them: (per-answer table, summary)."""
-    from gradlake.tasks.generate import generate_answers, prompt_messages
+    from gradlake.tasks.data.generate import generate_answers, prompt_messages
 
     frame = frame.head(spec.max_samples) if spec.max_samples else frame
     references = [reference_answer(m) for m in frame["messages"]]

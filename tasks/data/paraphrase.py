@@ -33,7 +33,7 @@ from prefect.cache_policies import NONE
 from pydantic import BaseModel, ConfigDict, Field
 
 from gradlake.lake.store import LakeStore
-from gradlake.tasks.retries import retry_unless_bad_input
+from gradlake.tasks.common.retries import retry_unless_bad_input
 
 CACHE_DIR = "cache/paraphrase"
 OPENAI_BASE_URL = "https://api.openai.com/v1"

@@ -283,7 +283,7 @@ def check_weights(spec: ModelSpec, config, device_here: bool = True) -> None:
     every safetensors file as long as its header says, and the headers' tensor shapes agree
     with the config.  Only listings and safetensors headers are read (ranged reads on a URL).
     """
-    from gradlake.tasks.checkpoints import safetensors_header
+    from gradlake.tasks.common.checkpoints import safetensors_header
 
     spec = spec.resolved()
     if device_here:

@@ -17,7 +17,7 @@ PROBE_VARIANTS = ("original", "paraphrased")
 
 def load_probe_set() -> pd.DataFrame:
     """The bundled rows: id, topic, instruction, answer, paraphrase."""
-    text = resources.files("gradlake.tasks").joinpath(PROBE_FILE).read_text(encoding="utf-8")
+    text = resources.files("gradlake.tasks.data").joinpath(PROBE_FILE).read_text(encoding="utf-8")
     return pd.DataFrame([json.loads(line) for line in text.splitlines() if line.strip()])
 
 

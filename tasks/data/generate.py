@@ -13,7 +13,7 @@ import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from gradlake.tasks.model import ModelSpec, load_model, load_tokenizer
+from gradlake.tasks.common.model import ModelSpec, load_model, load_tokenizer
 
 
 def prompt_messages(messages: list[dict]) -> list[dict]:

@@ -37,7 +37,7 @@ from gradlake.lake.gradients import NOT_GRADIENTS
 from gradlake.lake.integrity import read_checked
 from gradlake.lake.scores import ScoreGroup
 from gradlake.lake.store import LakeError, LakeStore
-from gradlake.tasks.model import ModelSpec
+from gradlake.tasks.common.model import ModelSpec
 
 
 class BaselineError(ValueError):
@@ -95,7 +95,7 @@ def gradient_pair(store: LakeStore, model: ModelSpec, train_dataset: str, train_
                   train_ids: list[str], paradigm: str, mode: str = "store") -> GradientPair:
     """The query and training gradient groups of `model` (one group when held-out queries share the training
     variant), checked to be complete and tokenized alike; one LakeError otherwise."""
-    from gradlake.tasks.evaluate import lake_keys
+    from gradlake.tasks.common.lineage import lake_keys
 
     model_key, checkpoint_key = lake_keys(model)
     train_dir = layout.gradient_group_path(model_key, checkpoint_key, train_dataset, train_variant, paradigm, mode)
@@ -142,7 +142,7 @@ def projection_pairs(store: LakeStore, pair: GradientPair, paradigm: str) -> lis
 def _dots(queries: zarr.Group, docs: zarr.Group, arrays: list[str], query_rows: np.ndarray, train_rows: np.ndarray,
           per_array: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Dot products and squared norms summed over `arrays`, for the rows asked (and per array when asked)."""
-    from gradlake.tasks.similarity import blocks
+    from gradlake.tasks.evaluate.similarity import blocks
 
     n_query, n_docs = queries[arrays[0]].shape[0], docs[arrays[0]].shape[0]
     dots, q_sq, d_sq = np.zeros((n_query, n_docs)), np.zeros(n_query), np.zeros(n_docs)
@@ -186,7 +186,7 @@ def trak_scores(query_features: np.ndarray, train_features: np.ndarray, ratio: f
 
 def text_of(store: LakeStore, dataset: str, variant: str, ids: list[str]) -> list[str]:
     """The user turns of these samples, in order."""
-    from gradlake.tasks.evaluate import _user_turns
+    from gradlake.tasks.evaluate.evaluation import _user_turns
 
     turns = _user_turns(read_dataset(store, dataset, variant))
     return [turns[i] for i in ids]
@@ -248,7 +248,7 @@ def baseline_scores(ctx: BaselineContext, queries: QuerySet, log: Callable[[str]
     if pair is not None and pair.tensors:
         per_tensor = [f"grad-cosine:{t}" for t in pair.tensors] if len(pair.tensors) > 1 else []
         if not all(held(m) for m in ["grad-dot", "grad-cosine", *per_tensor]):
-            from gradlake.tasks.metrics import cosine_from_parts
+            from gradlake.tasks.evaluate.metrics import cosine_from_parts
 
             started = time.perf_counter()
             dots, q_sq, d_sq, parts = _dots(pair.query_group, pair.train_group, pair.tensors, pair.query_rows,
@@ -261,7 +261,7 @@ def baseline_scores(ctx: BaselineContext, queries: QuerySet, log: Callable[[str]
     for label, projection, query_group, train_group in (projection_pairs(store, pair, ctx.paradigm) if pair else []):
         arrays = sorted(set(query_group.array_keys()) - set(NOT_GRADIENTS))
         if not held(f"proj-cosine:{label}", {"projection": projection}):
-            from gradlake.tasks.metrics import cosine_from_parts
+            from gradlake.tasks.evaluate.metrics import cosine_from_parts
 
             started = time.perf_counter()
             dots, q_sq, d_sq, _ = _dots(query_group, train_group, arrays, pair.query_rows, pair.train_rows)
@@ -270,8 +270,8 @@ def baseline_scores(ctx: BaselineContext, queries: QuerySet, log: Callable[[str]
         trak_ensemble(ctx, queries, label, projection, held, write, log)
     text_methods = [m for m in ("bm25", "dense") if not held(m)]
     if text_methods:  # both read the same user turns: read once
-        from gradlake.tasks.evaluate import dense_scores
-        from gradlake.tasks.metrics import bm25_scores
+        from gradlake.tasks.evaluate.evaluation import dense_scores
+        from gradlake.tasks.evaluate.metrics import bm25_scores
 
         query_text = text_of(store, queries.dataset, queries.variant, queries.ids)
         train_text = text_of(store, ctx.train_dataset, ctx.train_variant, ctx.train_ids)

@@ -286,7 +286,7 @@ def sample(loaded: Loaded, spec: SourceSpec) -> pd.DataFrame:
 
 def text_blocks(rows: pd.DataFrame, spec: BlockSpec) -> Loaded:
     """The rows' text as blocks of `block_tokens` tokens: the concatenated token stream, cut; one sample per block."""
-    from gradlake.tasks.model import ModelSpec, load_tokenizer
+    from gradlake.tasks.common.model import ModelSpec, load_tokenizer
 
     if spec.text_column not in rows.columns:
         raise SourceError(f"blocks read column {spec.text_column!r}, which the source does not have; its columns are "

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from gradlake.tasks.loss import encode_sample, pad_batch, sample_losses
+from gradlake.tasks.common.loss import encode_sample, pad_batch, sample_losses
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast

@@ -19,7 +19,7 @@ linear and embedding layers: the (out x in) gradient ``G`` goes to ``P_out^T G P
 +-1 factors ``P_out`` (out x k_out) and ``P_in`` (in x k_in), which is the projection of
 the row-major flattened gradient by ``kron(P_out, P_in)``.  Since a linear layer's
 gradient is a sum over tokens of outer products ``g_t a_t^T``, the extractor applies the
-two factors to ``g_t`` and ``a_t`` and never forms ``G`` (tasks/gradients.py).
+two factors to ``g_t`` and ``a_t`` and never forms ``G`` (tasks/gradients/engine.py).
 
 Entries are iid N(0, 1) (``gaussian``) or +-1 (``rademacher``), unscaled as in TRAK: inner
 products grow by the dimension, cosines are preserved.  ``sparse`` is a sparse JL transform

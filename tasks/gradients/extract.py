@@ -13,7 +13,6 @@ import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from importlib import metadata
 from typing import Literal
 
 import numpy as np
@@ -29,16 +28,18 @@ from gradlake.lake.dtypes import tensor_to_host, zarr_dtype
 from gradlake.lake.gradients import ChunkAssembly, ChunkRows, GradientGroup, GradientPlan, check_shard_size, stored_chunk_rows
 from gradlake.lake.overlap import BackgroundWrites
 from gradlake.lake.store import LakeError, LakeStore, default_lake
-from gradlake.tasks.batching import WINDOW_BYTES, shard_batches, window_chunks
-from gradlake.tasks.footprint import check_extraction_memory
-from gradlake.tasks.gradients import INPUTS_EMBEDS, PerSampleGradients, Projection, embeds_shape
-from gradlake.tasks.loss import CHAT_TEMPLATE_HELP, CHAT_TEMPLATES, IGNORE_INDEX, Encoded, chat_template_text, encode_sample, pad_batch
-from gradlake.tasks.model import (ModelError, ModelSpec, capped_length, check_device, check_gradient_architecture, check_model,
-                                  check_weights, lake_names, load_model, load_tokenizer, parameter_shapes, resolved_commit,
-                                  select_parameters, tokenizer_fingerprint)
-from gradlake.tasks.project import projection_group_plan, projection_path
-from gradlake.tasks.projection import ProjectionSpec, output_key, projector_choices, projectors_for
-from gradlake.tasks.retries import retry_unless_bad_input
+from gradlake.tasks.common.lineage import gradlake_version
+from gradlake.tasks.gradients.batching import WINDOW_BYTES, shard_batches, window_chunks
+from gradlake.tasks.gradients.footprint import check_extraction_memory
+from gradlake.tasks.gradients.engine import INPUTS_EMBEDS, PerSampleGradients, Projection, embeds_shape
+from gradlake.tasks.common.loss import (CHAT_TEMPLATE_HELP, CHAT_TEMPLATES, IGNORE_INDEX, Encoded, chat_template_text,
+    encode_sample, pad_batch)
+from gradlake.tasks.common.model import (ModelError, ModelSpec, capped_length, check_device, check_gradient_architecture,
+    check_model, check_weights, lake_names, load_model, load_tokenizer, parameter_shapes, resolved_commit, select_parameters,
+    tokenizer_fingerprint)
+from gradlake.tasks.projection.stored import projection_group_plan, projection_path
+from gradlake.tasks.projection.projectors import ProjectionSpec, output_key, projector_choices, projectors_for
+from gradlake.tasks.common.retries import retry_unless_bad_input
 
 
 # Measured on the probe set (benchmarks/peers.py): sorting by length is what pays (padding from 1.47x
@@ -84,13 +85,6 @@ class ExtractionPlan:
     label_mask: np.ndarray
     projections: list[tuple[str, GradientPlan, dict]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what the plan changed of the spec, said once by the run
-
-
-def gradlake_version() -> str:
-    try:
-        return metadata.version("gradlake")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 def _encode_all(tokenizer, frame, spec: ExtractionSpec, template: str | None, max_length: int) -> list[Encoded]:

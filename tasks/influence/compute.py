@@ -10,7 +10,7 @@ on i lowers the query's loss.  GPT-2's ``Conv1D`` layers (y = x W + b, W stored 
 replaced by the equal ``nn.Linear`` (weight W^T) before Kronfluence sees the model, so they are
 tracked too; a weight gradient is then the transpose of the Conv1D one, and dot products are unchanged.
 
-Here both gradients are of the extraction's loss (``tasks/loss.py``): each sample's mean
+Here both gradients are of the extraction's loss (``tasks/common/loss.py``): each sample's mean
 token cross-entropy over its label positions (``sft``: assistant tokens; ``pre``: all), so
 ``identity`` scores equal dot products of the per-sample gradients the lake stores.  The
 covariances are fitted with the true Fisher by default (labels sampled from the model at
@@ -50,9 +50,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from gradlake.lake.datasets import dataset_meta, read_dataset
 from gradlake.lake.scores import ScoreGroup, scores_path
 from gradlake.lake.store import LakeStore
-from gradlake.tasks.loss import (CHAT_TEMPLATE_HELP, IGNORE_INDEX, Encoded, Paradigm, chat_template_text, encode_sample,
-                                 pad_batch, sample_losses)
-from gradlake.tasks.model import DTYPES, ModelError, ModelSpec, capped_length, check_model, check_weights, lake_names, resolved_commit
+from gradlake.tasks.common.loss import (CHAT_TEMPLATE_HELP, IGNORE_INDEX, Encoded, Paradigm, chat_template_text, encode_sample,
+    pad_batch, sample_losses)
+from gradlake.tasks.common.model import (DTYPES, ModelError, ModelSpec, capped_length, check_model, check_weights, lake_names,
+    resolved_commit)
 
 STRATEGIES: tuple[str, ...] = ("identity", "diagonal", "kfac", "ekfac")
 SCORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -438,8 +439,8 @@ def compute_influence(spec: InfluenceSpec, log: Callable[[str], None] = print, w
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.utils.dataset import DataLoaderKwargs
 
-    from gradlake.tasks.evaluate import lake_keys
-    from gradlake.tasks.model import load_tokenizer
+    from gradlake.tasks.common.lineage import lake_keys
+    from gradlake.tasks.common.model import load_tokenizer
 
     plan, sets = _plan(spec)
     store = LakeStore(spec.lake)

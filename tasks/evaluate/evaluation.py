@@ -5,8 +5,8 @@ compared with the ``original`` variant's: every stored tensor alone, layer group
 (each block's attention and MLP, all attention, all MLP, the embeddings), the full
 gradient, and every projection group present for both variants; by cosine and by plain
 dot product.  BM25 and a sentence-embedding model on the user turn are the text
-baselines.  Metrics are in tasks/metrics.py; similarities come block by block from the
-lake (tasks/similarity.py), so only per-query ranks and the scores at the 5 BM25
+baselines.  Metrics are in tasks/evaluate/metrics.py; similarities come block by block from the
+lake (tasks/evaluate/similarity.py), so only per-query ranks and the scores at the 5 BM25
 candidates are kept, never a full similarity matrix.
 """
 
@@ -26,11 +26,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from gradlake.lake import layout
 from gradlake.lake.gradients import ATTR
 from gradlake.lake.store import LakeError, LakeStore, default_lake, public_url
-from gradlake.tasks.gradients import INPUTS_EMBEDS
-from gradlake.tasks.metrics import (bm25_candidates, bm25_scores, candidate_correct, cosine_from_parts, rank_metrics,
-                                    thesis_bm25_scores, thesis_candidates, true_ranks)
-from gradlake.tasks.model import ModelSpec, lake_names
-from gradlake.tasks.similarity import DEFAULT_BUDGET, blocks
+from gradlake.tasks.common.lineage import lake_keys
+from gradlake.tasks.gradients.engine import INPUTS_EMBEDS
+from gradlake.tasks.evaluate.metrics import (bm25_candidates, bm25_scores, candidate_correct, cosine_from_parts, rank_metrics,
+    thesis_bm25_scores, thesis_candidates, true_ranks)
+from gradlake.tasks.common.model import ModelSpec
+from gradlake.tasks.evaluate.similarity import DEFAULT_BUDGET, blocks
 
 SIMILARITIES = ("cosine", "dot")
 _BLOCK = re.compile(r"\.layers\.(\d+)\.")
@@ -68,12 +69,6 @@ def check_queries(queries: list[str]) -> None:
     if "original" in queries:
         raise ValueError("'original' is what queries are compared against; it cannot be a query variant "
                          "(use 'paraphrased', 'model_generated' or another variant of the dataset)")
-
-
-def lake_keys(model: ModelSpec) -> tuple[str, str]:
-    """The model's and checkpoint's path keys in the lake, as the extraction wrote them."""
-    name, checkpoint = lake_names(model)
-    return layout.model_key(name, model.resolved().is_local), layout.key(checkpoint)
 
 
 def tensor_part(name: str) -> tuple[int | None, str]:
@@ -468,7 +463,7 @@ def run_evaluation(spec: EvaluationSpec, log=print) -> tuple[str, pd.DataFrame]:
     import datetime as dt
 
     from gradlake.lake.evaluations import evaluation_dir, write_evaluation
-    from gradlake.tasks.report import html_report, markdown, plots
+    from gradlake.tasks.evaluate.report import html_report, markdown, plots
 
     evaluations = plan_evaluation(spec)
     store = evaluations[0].store

@@ -8,7 +8,7 @@ a pure function of its `TrainSpec`:
   ``numpy.random.default_rng([seed, e])`` of the kept samples, cut into batches), so the
   samples of any step are known without replaying the run, and are recorded;
 - the learning rate is a function of the step (no scheduler state);
-- the loss is the extraction's (``tasks/loss.py``): the mean over the batch of each
+- the loss is the extraction's (``tasks/common/loss.py``): the mean over the batch of each
   sample's mean token loss, for the same paradigm.
 
 A checkpoint is a Hugging Face directory (config, ``model.safetensors``, tokenizer,
@@ -38,7 +38,6 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
@@ -49,10 +48,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gradlake.lake.datasets import dataset_meta, read_dataset
 from gradlake.lake.store import LakeStore, storage_options_for
-from gradlake.tasks.checkpoints import checkpoint_complete
-from gradlake.tasks.loss import CHAT_TEMPLATE_HELP, Encoded, Paradigm, chat_template_text, encode_sample, pad_batch, sample_losses
-from gradlake.tasks.quality import QualitySpec
-from gradlake.tasks.model import DTYPES, ModelError, ModelSpec, capped_length, check_model, check_weights, lake_names, resolved_commit
+from gradlake.tasks.common.lineage import gradlake_version
+from gradlake.tasks.common.checkpoints import checkpoint_complete
+from gradlake.tasks.common.loss import (CHAT_TEMPLATE_HELP, Encoded, Paradigm, chat_template_text, encode_sample, pad_batch,
+    sample_losses)
+from gradlake.tasks.data.quality import QualitySpec
+from gradlake.tasks.common.model import (DTYPES, ModelError, ModelSpec, capped_length, check_model, check_weights, lake_names,
+    resolved_commit)
 
 LINEAGE_FILE = "gradlake_train.json"
 STATE_DIR = "trainer_state"
@@ -139,13 +141,6 @@ class Plan:
 def checkpoint_name(step: int) -> str:
     """Zero-padded so that name order is step order (the watcher lists checkpoints by name)."""
     return f"{CHECKPOINT_PREFIX}{step:06d}"
-
-
-def gradlake_version() -> str:
-    try:
-        return metadata.version("gradlake")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 # ---------------------------------------------------------------- data and order
@@ -421,7 +416,7 @@ def local_copy(spec: TrainSpec, name: str, into: str) -> Path:
 
 def checkpoint_keys(spec: TrainSpec, name: str) -> tuple[str, str]:
     """The lake keys (model, checkpoint) of a checkpoint of this run, as extraction of it would name them."""
-    from gradlake.tasks.evaluate import lake_keys
+    from gradlake.tasks.common.lineage import lake_keys
 
     return lake_keys(ModelSpec(model=spec.output, checkpoint=name))
 
@@ -429,7 +424,7 @@ def checkpoint_keys(spec: TrainSpec, name: str) -> tuple[str, str]:
 def measure_checkpoint(spec: TrainSpec, name: str, log=print) -> dict:
     """Score checkpoint `name`'s answers on the training dataset (skipped when the lake already holds them)."""
     from gradlake.lake import layout
-    from gradlake.tasks.quality import checkpoint_quality
+    from gradlake.tasks.data.quality import checkpoint_quality
 
     store = LakeStore(spec.lake)
     model_key, checkpoint_key = checkpoint_keys(spec, name)

@@ -47,9 +47,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from gradlake.lake import layout
 from gradlake.lake.store import LakeStore
-from gradlake.tasks.model import ModelSpec, check_model, check_weights, lake_names, parameter_shapes, resolved_commit
+from gradlake.tasks.common.lineage import gradlake_version, lake_keys
+from gradlake.tasks.common.model import ModelSpec, check_model, check_weights, lake_names, parameter_shapes, resolved_commit
 
 HIDDEN = "hidden"
 MLP = "mlp"
@@ -343,7 +343,7 @@ def interpolation_names(model: nn.Module, attention: bool, embeddings: bool) -> 
 @torch.no_grad()
 def token_loss(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
     """Mean token cross-entropy over every label position of every batch (the extraction's loss, token-weighted)."""
-    from gradlake.tasks.loss import IGNORE_INDEX, sample_losses
+    from gradlake.tasks.common.loss import IGNORE_INDEX, sample_losses
 
     total, count = 0.0, 0
     device = next(model.parameters()).device
@@ -442,19 +442,14 @@ class TraceSpec(TraceSettings, _Pair):  # the models and the lake come first in 
         return self.candidate
 
 
-def _keys(model: ModelSpec) -> list[str]:
-    name, checkpoint = lake_names(model)
-    return [layout.model_key(name, model.resolved().is_local), layout.key(checkpoint)]
-
-
 def base_dir(base: ModelSpec) -> str:
     """``tracing/<base>/<checkpoint>``: every candidate traced against this base, and their summary table."""
-    return "tracing/" + "/".join(_keys(base))
+    return "tracing/" + "/".join(lake_keys(base))
 
 
 def tracing_dir(spec: TraceSpec) -> str:
     """``tracing/<base>/<checkpoint>/<candidate>/<checkpoint>`` with the lake's model and checkpoint keys."""
-    return base_dir(spec.base) + "/" + "/".join(_keys(spec.candidate))
+    return base_dir(spec.base) + "/" + "/".join(lake_keys(spec.candidate))
 
 
 def summary_table(store: LakeStore, base: ModelSpec) -> pd.DataFrame:
@@ -478,7 +473,7 @@ def summary_table(store: LakeStore, base: ModelSpec) -> pd.DataFrame:
 
 def write_summary(store: LakeStore, base: ModelSpec) -> str:
     """``tracing/<base>/<checkpoint>/summary.parquet`` and ``summary.md`` over every candidate traced so far."""
-    from gradlake.tasks.report import markdown_table
+    from gradlake.tasks.evaluate.report import markdown_table
 
     table = summary_table(store, base)
     directory = base_dir(base)
@@ -525,8 +520,8 @@ def plan_trace(spec: TraceSpec) -> dict:
 
 def evaluation_batches(spec: TraceSpec, tokenizer, config, log=print) -> list[tuple[torch.Tensor, torch.Tensor]]:
     from gradlake.lake.datasets import read_dataset
-    from gradlake.tasks.loss import encode_sample, pad_batch
-    from gradlake.tasks.model import capped_length
+    from gradlake.tasks.common.loss import encode_sample, pad_batch
+    from gradlake.tasks.common.model import capped_length
 
     frame = read_dataset(LakeStore(spec.lake), spec.dataset, spec.variant).head(spec.n_samples)
     max_length, capped = capped_length(spec.max_length, config, spec.base.model)
@@ -541,7 +536,7 @@ def trace_pair(spec: TraceSpec, log=print) -> tuple[dict[str, pd.DataFrame], dic
     """Load both models, compute every statistic asked for; returns (tables, summary)."""
     import time
 
-    from gradlake.tasks.model import load_model, load_tokenizer
+    from gradlake.tasks.common.model import load_model, load_tokenizer
 
     started = time.monotonic()
     base = load_model(spec.base.resolved())
@@ -631,7 +626,7 @@ def path_plot(curve: pd.DataFrame) -> bytes:
 
 
 def tracing_report(spec: TraceSpec, tables: dict[str, pd.DataFrame], summary: dict) -> str:
-    from gradlake.tasks.report import markdown_table
+    from gradlake.tasks.evaluate.report import markdown_table
 
     lines = [f"# Model tracing: {spec.candidate.model}@{spec.candidate.checkpoint or 'main'} against "
              f"{spec.base.model}@{spec.base.checkpoint or 'main'}", "",
@@ -676,15 +671,9 @@ def run_trace(spec: TraceSpec, log=print, planned: dict | None = None) -> str:
                                   "dataset_version": planned["dataset_version"], "dataset_hash": planned["dataset_hash"],
                                   "permute_seed": spec.permute_seed if spec.permute else None, "test_seed": spec.seed,
                                   "settings": spec.model_dump(exclude={"lake", "base", "candidate"}),
-                                  "gradlake_version": _version(),
+                                  "gradlake_version": gradlake_version(),
                                   "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")},
             "summary": summary, "verdict": verdict(summary), "tables": sorted(tables), "plots": plots}
     fs.pipe_file(meta_path, json.dumps(meta, indent=2, default=str).encode())
     log(f"{verdict(summary)}; results at {spec.lake}/{directory}")
     return directory
-
-
-def _version() -> str:
-    from gradlake.tasks.extract import gradlake_version
-
-    return gradlake_version()
