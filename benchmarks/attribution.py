@@ -48,7 +48,7 @@ def table_markdown(store, directory: str, title: str) -> str:
     import pandas as pd
 
     from gradlake.tasks.attribution.benchmark import read_benchmark
-    from gradlake.tasks.evaluate.report import attribution_summary
+    from gradlake.tasks.attribution.report import attribution_summary
 
     table = read_benchmark(store, directory)
     meta = json.loads(store.fs.cat_file(store.path(f"{directory}/meta.json")))
@@ -89,18 +89,19 @@ def run_text(quick: bool) -> list[tuple[str, str]]:
     import pandas as pd
 
     from gradlake.flows.attribution import evaluate_attribution
-    from gradlake.flows.dataset import DatasetSpec, create_dataset
+    from gradlake.tasks.data.dataset import DatasetSpec
+    from gradlake.flows.dataset import create_dataset
     from gradlake.flows.extract import extract_gradients
     from gradlake.flows.influence import compute_influence_flow
     from gradlake.flows.train import train_model
-    from gradlake.tasks.attribution.benchmark import AttributionSpec
-    from gradlake.tasks.gradients.extract import ExtractionSpec
-    from gradlake.tasks.influence.compute import InfluenceSpec
+    from gradlake.tasks.attribution.spec import AttributionSpec
+    from gradlake.tasks.gradients.plan import ExtractionSpec
+    from gradlake.tasks.influence.spec import InfluenceSpec
     from gradlake.tasks.common.model import ModelSpec
-    from gradlake.tasks.projection.projectors import ProjectionSpec
+    from gradlake.tasks.projection.spec import ProjectionSpec
     from gradlake.tasks.data.sources import SourceSpec
-    from gradlake.tasks.common.tiny import build_tiny_model
-    from gradlake.tasks.training.train import TrainSpec, checkpoint_name
+    from gradlake.tasks.training.tiny import build_tiny_model
+    from gradlake.tasks.training.spec import TrainSpec, checkpoint_name
 
     sys.path.insert(0, str(REPO / "benchmarks"))
     from public_text import build_corpus

@@ -33,7 +33,8 @@ from transformers import Olmo2Config, Olmo2ForCausalLM, OlmoConfig, OlmoForCausa
 
 from gradlake.tasks.gradients.engine import PerSampleGradients, Projection
 from gradlake.tasks.common.loss import sample_losses
-from gradlake.tasks.projection.projectors import output_key, parse_projection, projector_choices, projectors_for
+from gradlake.tasks.projection.spec import output_key, parse_projection
+from gradlake.tasks.projection.projectors import projector_choices, projectors_for
 
 SHAPES = {
     # A small OLMo-2 of a few million parameters.

@@ -26,7 +26,7 @@ from gradlake.tasks.gradients.batching import shard_batches
 from gradlake.tasks.gradients.engine import PerSampleGradients
 from gradlake.tasks.common.loss import TULU, encode_sample, pad_batch
 from gradlake.tasks.data.probes import load_probe_set, probe_variant
-from gradlake.tasks.common.tiny import train_tokenizer
+from gradlake.tasks.training.tiny import train_tokenizer
 
 
 def main() -> None:

@@ -71,14 +71,16 @@ import torch  # noqa: E402
 
 from gradlake.lake.scores import ScoreGroup  # noqa: E402
 from gradlake.lake.store import LakeStore  # noqa: E402
-from gradlake.tasks.influence.compute import (STRATEGIES, EncodedSet, InfluenceSpec, _factor_args, _score_args, _task_class,
-    collate, compute_influence, load_factors, tracked_modules)
+from gradlake.tasks.influence.spec import STRATEGIES, InfluenceSpec
+from gradlake.tasks.influence.kronfluence import (EncodedSet, factor_args, score_args, task_class, collate, load_factors,
+    tracked_modules)
+from gradlake.tasks.influence.compute import compute_influence
 from gradlake.tasks.common.loss import encode_sample  # noqa: E402
 from gradlake.tasks.common.model import ModelSpec  # noqa: E402
 from gradlake.tasks.data.probes import load_probe_set, probe_variant, store_probe_set  # noqa: E402
 
 DATASET = "probe"
-# (tokenizer vocabulary asked for, overrides of gradlake.tasks.common.tiny.tiny_config: OLMo-2, random weights)
+# (tokenizer vocabulary asked for, overrides of gradlake.tasks.training.tiny.tiny_config: OLMo-2, random weights)
 SHAPES = {
     "tiny": (512, {}),  # the tests' models: 2 layers, width 64, MLP 128
     "small": (1024, dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
@@ -179,7 +181,7 @@ def build_model(root: Path, shape: str, chats: list[list[dict]], device: str) ->
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
 
-    from gradlake.tasks.common.tiny import tiny_config, train_tokenizer
+    from gradlake.tasks.training.tiny import tiny_config, train_tokenizer
 
     transformers_logging.disable_progress_bar()  # every save_pretrained here (and in training) would draw one
 
@@ -233,7 +235,7 @@ def in_memory(spec: InfluenceSpec, inputs: Inputs, folder: Path, device: torch.d
         train = EncodedSet([encode_sample(tokenizer, c, spec.paradigm, spec.max_length) for c in inputs.train_chats])
         queries = EncodedSet([encode_sample(tokenizer, c, spec.paradigm, spec.max_length) for c in inputs.query_chats])
         model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).to(device).eval()
-        task = _task_class()(tracked_modules(model, spec.layers), spec.seed)
+        task = task_class()(tracked_modules(model, spec.layers), spec.seed)
         model = prepare_model(model, task)
         analyzer = Analyzer(analysis_name="direct", model=model, task=task, cpu=device.type == "cpu",
                             output_dir=str(folder), disable_tqdm=True, log_level=30)
@@ -241,12 +243,12 @@ def in_memory(spec: InfluenceSpec, inputs: Inputs, folder: Path, device: torch.d
     with measured(device) as fit:
         torch.manual_seed(spec.seed)
         analyzer.fit_all_factors(factors_name="factors", dataset=train, per_device_batch_size=spec.train_batch_size,
-                                 factor_args=_factor_args(spec))
+                                 factor_args=factor_args(spec))
     with measured(device) as score:
         analyzer.compute_pairwise_scores(scores_name="scores", factors_name="factors", query_dataset=queries,
                                          train_dataset=train, per_device_query_batch_size=spec.query_batch_size,
                                          per_device_train_batch_size=spec.train_batch_size,
-                                         score_args=_score_args(spec))  # returns None: the scores are on disk
+                                         score_args=score_args(spec))  # returns None: the scores are on disk
         matrix = analyzer.load_pairwise_scores("scores")["all_modules"].float().cpu().numpy()
     factors = analyzer.load_all_factors("factors")
     # like gradlake's, every peak counts from before the model was loaded (the phases are measured apart)
@@ -283,7 +285,9 @@ def agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
 # ---------------------------------------------------------------- part 2: an LDS subset run against an extraction
 
 def subset_run(args, inputs: Inputs, lake: str, output: Path, device: torch.device) -> Section:
-    from gradlake.tasks.training.train import TrainSpec, plan_run, train
+    from gradlake.tasks.training.spec import TrainSpec
+    from gradlake.tasks.training.plan import plan_run
+    from gradlake.tasks.training.train import train
 
     keep = inputs.train_ids[::2]  # half of the samples, as the LDS draws them
     spec = TrainSpec(model=inputs.model, lake=lake, dataset=DATASET, output=str(output), epochs=args.epochs,
@@ -295,7 +299,8 @@ def subset_run(args, inputs: Inputs, lake: str, output: Path, device: torch.devi
 
 
 def extraction(args, inputs: Inputs, lake: str, device: torch.device) -> Section:
-    from gradlake.tasks.gradients.extract import ExtractionSpec, create_group, extract_shard, pending_shards, plan_extraction
+    from gradlake.tasks.gradients.plan import ExtractionSpec, create_group, plan_extraction
+    from gradlake.tasks.gradients.extract import extract_shard, pending_shards
 
     spec = ExtractionSpec(model=inputs.model, dataset=DATASET, variant="original", paradigm="sft",
                           layers=inputs.layers, max_length=args.max_length, batch_size=args.batch,

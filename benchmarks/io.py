@@ -52,7 +52,8 @@ class Bench:
     # -- gradlake ------------------------------------------------------------------------
 
     def lake_write(self, path: str, object_bytes: int = 0) -> None:
-        from gradlake.lake.gradients import GradientGroup, GradientPlan
+        from gradlake.lake.gradients import GradientGroup
+        from gradlake.lake.gradient_plan import GradientPlan
 
         plan = GradientPlan(n_samples=self.n, parameters={k: [b.shape[1]] for k, b in self.blocks.items()}, mode="store",
                             dtype=self.args.dtype, max_tokens=4, chunk_rows=self.rows, object_bytes=object_bytes)

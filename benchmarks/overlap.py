@@ -44,7 +44,7 @@ def small_model(where: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
     from gradlake.tasks.data.probes import load_probe_set, probe_variant
-    from gradlake.tasks.common.tiny import tiny_config, train_tokenizer
+    from gradlake.tasks.training.tiny import tiny_config, train_tokenizer
 
     chats = list(probe_variant(load_probe_set(), "original")["messages"])
     tokenizer = train_tokenizer((m["content"] for chat in chats for m in chat), vocab_size=2048)
@@ -59,7 +59,7 @@ def small_model(where: Path) -> Path:
 def extract_once(spec, depth: int) -> tuple[float, float]:
     """Wall seconds of one whole extraction, and the seconds its writes took."""
     from gradlake.lake.overlap import BackgroundWrites
-    from gradlake.tasks.gradients import extract
+    from gradlake.tasks.gradients import extract, plan
 
     busy = []
 
@@ -71,7 +71,7 @@ def extract_once(spec, depth: int) -> tuple[float, float]:
     extract.BackgroundWrites = partial(Counted, depth)
     try:
         began = time.perf_counter()
-        group = extract.create_group(extract.plan_extraction(spec))
+        group = plan.create_group(plan.plan_extraction(spec))
         for shard in extract.pending_shards(spec, group):
             extract.extract_shard(spec, group, shard, log=lambda *_: None)
         return time.perf_counter() - began, sum(busy)
@@ -88,7 +88,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from gradlake.tasks.gradients.extract import ExtractionSpec
+    from gradlake.tasks.gradients.plan import ExtractionSpec
     from gradlake.tasks.common.model import ModelSpec
     from gradlake.tasks.data.probes import store_probe_set
 

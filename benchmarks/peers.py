@@ -57,7 +57,7 @@ from gradlake.tasks.gradients.batching import padded_tokens, shard_batches
 from gradlake.tasks.gradients.engine import PerSampleGradients
 from gradlake.tasks.common.loss import Encoded, encode_sample, pad_batch, sample_losses
 from gradlake.tasks.data.probes import load_probe_set, probe_variant
-from gradlake.tasks.common.tiny import tiny_config, train_tokenizer
+from gradlake.tasks.training.tiny import tiny_config, train_tokenizer
 
 SIZES = dict(hidden_size=256, num_hidden_layers=4, intermediate_size=1024, num_attention_heads=4,
              num_key_value_heads=4, max_position_embeddings=1024)

@@ -89,7 +89,7 @@ def build_model(directory: Path, hidden: int, layers: int) -> Path:
     from transformers import AutoModelForCausalLM
 
     from gradlake.tasks.data.probes import load_probe_set, probe_variant
-    from gradlake.tasks.common.tiny import tiny_config, train_tokenizer
+    from gradlake.tasks.training.tiny import tiny_config, train_tokenizer
 
     import torch
 
@@ -108,7 +108,8 @@ def build_model(directory: Path, hidden: int, layers: int) -> Path:
 def real_work(settings: dict, lake: str) -> tuple[float, int]:
     """Seconds the shards of every variant take computed here one after another with the model loaded, and their count."""
     from gradlake.flows.pipeline import PipelineSpec
-    from gradlake.tasks.gradients.extract import create_group, extract_shard, pending_shards, plan_extraction
+    from gradlake.tasks.gradients.plan import create_group, plan_extraction
+    from gradlake.tasks.gradients.extract import extract_shard, pending_shards
     from gradlake.tasks.common.model import load_model
 
     spec = PipelineSpec(**settings, lake=lake)

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 from trak.projectors import BasicProjector, ProjectionType
 
-from gradlake.tasks.projection.projectors import ProjectionSpec, projectors_for
+from gradlake.tasks.projection.spec import ProjectionSpec
+from gradlake.tasks.projection.projectors import projectors_for
 
 
 @dataclass

@@ -60,7 +60,7 @@ def build(shape: str, root: Path, with_weights: bool) -> Path:
     from transformers import AutoModelForCausalLM
 
     from gradlake.tasks.data.probes import load_probe_set, probe_variant
-    from gradlake.tasks.common.tiny import tiny_config, train_tokenizer
+    from gradlake.tasks.training.tiny import tiny_config, train_tokenizer
 
     where = root / shape
     if (where / "config.json").exists() and (not with_weights or any(where.glob("*.safetensors"))):

@@ -44,9 +44,10 @@ def main() -> None:
 
     from gradlake.tasks.common.loss import encode_sample, pad_batch
     from gradlake.tasks.data.probes import load_probe_set, probe_variant
-    from gradlake.tasks.common.tiny import tiny_config, train_tokenizer
-    from gradlake.tasks.tracing.trace import (align_hidden, align_mlp, assignment, decoder_layers, loss_path,
-        mean_weight_cosine, random_permutation, token_loss)
+    from gradlake.tasks.training.tiny import tiny_config, train_tokenizer
+    from gradlake.tasks.tracing.permutation import align_hidden, align_mlp, assignment, decoder_layers, random_permutation
+    from gradlake.tasks.tracing.connectivity import loss_path, token_loss
+    from gradlake.tasks.tracing.statistics import mean_weight_cosine
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print("assignment (dense n x n similarity, scipy linear_sum_assignment):")

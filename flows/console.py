@@ -10,6 +10,14 @@ An error raised anywhere else (a ValueError from numpy, say: a bug, not bad inpu
 from __future__ import annotations
 
 import logging
+import os
+import sys
+
+import typer
+from pydantic import ValidationError
+
+from gradlake.flows.commands import refuse, validation_line
+
 
 _installed = False
 
@@ -24,7 +32,7 @@ def told(error: BaseException | None) -> bool:
     return str(innermost.tb_frame.f_globals.get("__name__", "")).startswith("gradlake.")
 
 
-class _WithoutToldTraceback(logging.Formatter):
+class WithoutToldTraceback(logging.Formatter):
     """Formats like the formatter it wraps, leaving out the traceback of an error gradlake told."""
 
     def __init__(self, inner: logging.Formatter):
@@ -43,8 +51,8 @@ def _wrap_console_handlers() -> None:
         for handler in logger.handlers]
     for handler in handlers:
         # Prefect's console handler, found by name: importing its module would cost every command ~1 s.
-        if type(handler).__name__ == "PrefectConsoleHandler" and not isinstance(handler.formatter, _WithoutToldTraceback):
-            handler.setFormatter(_WithoutToldTraceback(handler.formatter or logging.Formatter()))
+        if type(handler).__name__ == "PrefectConsoleHandler" and not isinstance(handler.formatter, WithoutToldTraceback):
+            handler.setFormatter(WithoutToldTraceback(handler.formatter or logging.Formatter()))
 
 
 def hide_told_tracebacks() -> None:
@@ -65,3 +73,85 @@ def hide_told_tracebacks() -> None:
         return record
 
     logging.setLogRecordFactory(factory)
+
+
+def fail(err: Exception) -> None:
+    refuse(validation_line(err) if isinstance(err, ValidationError) else (explain(err) or err))
+
+
+def explain(err: BaseException) -> str | None:
+    """One line for a service that does not answer (Prefect server, S3 endpoint) or missing credentials; None for others."""
+    from gradlake.lake.store import error_chain, public_url, storage_problem
+
+    chain = error_chain(err)
+    api = os.environ.get("PREFECT_API_URL")
+    if not api and "prefect.settings" in sys.modules:  # set in a Prefect profile rather than the environment
+        api = sys.modules["prefect.settings"].get_current_settings().api.url
+    for e in chain:
+        to_api = type(e).__name__ in ("ConnectError", "ConnectTimeout") and _request_url(e).startswith((api or " ").rstrip("/"))
+        if api and (to_api or (isinstance(e, RuntimeError) and str(e).startswith("Failed to reach API at"))):
+            why = "connection refused" if any("refused" in str(c).lower() for c in chain) else "no answer"
+            return (f"no Prefect server answers at {public_url(api)}: {why}; start one with `prefect server start` "
+                    "or unset PREFECT_API_URL")
+    return storage_problem(err, None)
+
+
+def _request_url(err: BaseException) -> str:
+    try:
+        return str(err.request.url)  # httpx's errors carry the request they failed on
+    except (AttributeError, RuntimeError):
+        return ""
+
+
+def print_benchmark(store, url: str, directory: str, title: str) -> None:
+    """A benchmark's protocol lines, its table, and what its intervals support."""
+    import json
+
+    import pandas as pd
+
+    from gradlake.tasks.attribution.benchmark import read_benchmark
+    from gradlake.tasks.attribution.report import attribution_summary
+
+    table = read_benchmark(store, directory)
+    meta = json.loads(store.fs.cat_file(store.path(f"{directory}/meta.json")))
+    summary = attribution_summary(table, meta)
+    typer.echo("")
+    typer.echo(f"{title} (report: {url}/{directory}/report.html)")
+    for line in summary[:3]:
+        typer.echo(f"  {line}")
+    columns = [c for c in ("method", "lds", "lds_ci_low", "lds_ci_high", "separated_from_next", "lds_beyond_source",
+                           "top1_paraphrased", "top1_model_generated") if c in table and table[c].notna().any()]
+    with pd.option_context("display.width", 200, "display.max_columns", 12, "display.float_format", "{:.3f}".format):
+        typer.echo(table[columns].to_string(index=False, na_rep=""))
+    for line in summary[3:]:
+        typer.echo(f"  {line}")
+
+
+def training_losses(output: str) -> dict[str, float]:
+    """Per checkpoint of a local training run: the mean loss of its last ten steps (from its lineage record)."""
+    import json
+    from pathlib import Path
+
+    out = {}
+    for record in Path(output).glob("checkpoint-*/gradlake_train.json"):
+        losses = json.loads(record.read_text()).get("recent_losses") or []
+        if losses:
+            out[record.parent.name] = sum(losses[-10:]) / len(losses[-10:])
+    return out
+
+
+def print_headline(url: str, path: str) -> None:
+    import pandas as pd
+
+    from gradlake.lake.evaluations import read_evaluation
+    from gradlake.lake.store import LakeStore
+    from gradlake.tasks.evaluate.report import headline
+
+    table = headline(read_evaluation(LakeStore(url), path))
+    typer.echo("")
+    typer.echo(f"select vs project ({path}; cosine; report: {url}/{path}/report.html)")
+    with pd.option_context("display.width", 200, "display.max_columns", 12, "display.max_colwidth", 60,
+                           "display.float_format", "{:.3f}".format):
+        blank = {c: table[c].astype(object).where(table[c].notna(), "") for c in table
+                 if not pd.api.types.is_float_dtype(table[c])}  # a baseline has no n_values: empty, not <NA>
+        typer.echo(table.assign(**blank).to_string(index=False, na_rep=""))

@@ -19,36 +19,39 @@ Everything is a parameter of `DemoSettings`, so bigger runs are one option away.
 
 from __future__ import annotations
 
-import io
 import os
 from importlib import resources
 from pathlib import Path
 
 import pandas as pd
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NONE
+from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gradlake.flows.attribution import evaluate_attribution
-from gradlake.flows.dataset import DatasetSpec, create_dataset
+from gradlake.tasks.data.dataset import DatasetSpec
+from gradlake.flows.dataset import create_dataset
 from gradlake.flows.evaluate import evaluate
 from gradlake.flows.extract import extract_gradients
 from gradlake.flows.influence import compute_influence_flow
 from gradlake.flows.project import project_gradients
 from gradlake.flows.train import train_model
 from gradlake.lake.store import LakeStore
-from gradlake.tasks.attribution.benchmark import AttributionSpec, read_benchmark
-from gradlake.tasks.evaluate.evaluation import EvaluationSpec
-from gradlake.tasks.gradients.extract import ExtractionSpec
-from gradlake.tasks.influence.compute import InfluenceSpec
+from gradlake.tasks.attribution.benchmark import read_benchmark
+from gradlake.tasks.attribution.spec import AttributionSpec
 from gradlake.tasks.common.model import ModelSpec
+from gradlake.tasks.training.tiny import build_tiny_models_task
 from gradlake.tasks.data.paraphrase import ParaphraseSpec
 from gradlake.tasks.data.probes import PROBE_FILE, load_probe_set, probe_variant
-from gradlake.tasks.projection.stored import ProjectSpec
-from gradlake.tasks.projection.projectors import ProjectionSpec
 from gradlake.tasks.data.quality import QualitySpec
 from gradlake.tasks.data.sources import SourceSpec
-from gradlake.tasks.training.train import TrainSpec, checkpoint_name
+from gradlake.tasks.evaluate.spec import EvaluationSpec
+from gradlake.tasks.gradients.plan import ExtractionSpec
+from gradlake.tasks.influence.spec import InfluenceSpec
+from gradlake.tasks.projection.spec import ProjectionSpec
+from gradlake.tasks.projection.stored import ProjectSpec
+from gradlake.tasks.training.report import training_curve
+from gradlake.tasks.training.spec import TrainSpec, checkpoint_name
+
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_PROJECTIONS = [ProjectionSpec(kind="rademacher", dim=1024, scope="flat")]
@@ -85,24 +88,9 @@ def default_model_dir() -> Path:
     return Path(os.environ.get("GRADLAKE_DEMO_MODELS", REPO / "build" / "tiny-models"))
 
 
-@task(name="build-tiny-models", cache_policy=NONE)
-def build_tiny_models_task(model_dir: str) -> dict[str, str]:
-    """Tiny random-weight OLMo (AMD-OLMo-1B's architecture) and OLMo-2 models, two checkpoints each."""
-    from gradlake.tasks.common.tiny import build_tiny_model
-
-    chats = list(probe_variant(load_probe_set(), "original")["messages"])
-    built = {}
-    for arch in ("olmo", "olmo2"):
-        target = Path(model_dir) / f"tiny-{arch}"
-        if not (target / "checkpoint-1" / "config.json").is_file():
-            build_tiny_model(target, arch, chats)
-        built[arch] = str(target)
-    return built
-
-
 def probe_dataset_spec(lake: str, generate: list[ModelSpec]) -> DatasetSpec:
     """The demo's probe set: the bundled file, paraphrased by an API when one is configured, else by its own column."""
-    source = SourceSpec(source=str(resources.files("gradlake.tasks") / PROBE_FILE))
+    source = SourceSpec(source=str(resources.files("gradlake.tasks.data") / PROBE_FILE))
     if os.environ.get("OPENAI_API_KEY"):
         paraphrase = ParaphraseSpec(model=os.environ.get("GRADLAKE_PARAPHRASE_MODEL", "gpt-4o-mini"),
                                     base_url=os.environ.get("OPENAI_BASE_URL"))
@@ -124,24 +112,6 @@ def demo_run(lake: str, base: str, output: str, settings: DemoSettings) -> Train
 
 def probe_ids() -> list[str]:
     return [str(i) for i in probe_variant(load_probe_set(), "original")["id"]]
-
-
-@task(name="training-curve", cache_policy=NONE)
-def training_curve(lake: str, run: TrainSpec, rows: list[dict]) -> str:
-    """Top-1 and LDS against the training step: a table and a plot next to the final checkpoint's benchmark."""
-    from gradlake.tasks.common.lineage import lake_keys
-    from gradlake.tasks.evaluate.report import training_curve_png
-
-    store = LakeStore(lake)
-    frame = pd.DataFrame(rows)
-    model_key, _ = lake_keys(ModelSpec(model=run.output, checkpoint=frame["checkpoint"].iloc[-1]))
-    directory = f"evaluations/{model_key}/training/{run.dataset}"
-    store.fs.makedirs(store.path(directory), exist_ok=True)
-    buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
-    store.fs.pipe_file(store.path(f"{directory}/curve.parquet"), buffer.getvalue())
-    store.fs.pipe_file(store.path(f"{directory}/curve.png"), training_curve_png(frame))
-    return directory
 
 
 @flow(name="gradlake-demo", log_prints=True)

@@ -5,22 +5,17 @@ from __future__ import annotations
 import hashlib
 import re
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NONE
 
 from gradlake.flows.run_names import named_by_model
-from gradlake.tasks.evaluate.evaluation import EvaluationSpec, run_evaluation
+from gradlake.lake.results import read_result_meta
+from gradlake.tasks.evaluate.evaluation import evaluate_task
 from gradlake.tasks.evaluate.report import headline_records
-from gradlake.tasks.common.retries import retry_unless_bad_input
+from gradlake.tasks.evaluate.spec import EvaluationSpec
+
 
 _KEY_LENGTH = 56  # leaves room for '-report'
-
-
-@task(name="evaluate", cache_policy=NONE, retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_unless_bad_input)
-def evaluate_task(spec: EvaluationSpec) -> str:
-    directory, _ = run_evaluation(spec, log=get_run_logger().info)
-    return directory
 
 
 def artifact_key(directory: str) -> str:
@@ -45,14 +40,13 @@ def artifact_key(directory: str) -> str:
 
 def publish_headline(lake: str, directory: str) -> None:
     """The headline table and the report (without plots) of a finished evaluation, as artifacts of the current flow run."""
-    import json
 
     from gradlake.lake.evaluations import read_evaluation
     from gradlake.lake.store import LakeStore
 
     store = LakeStore(lake)
     results = read_evaluation(store, directory)
-    lineage = json.loads(store.fs.cat_file(store.path(f"{directory}/meta.json")))["lineage"]
+    lineage = read_result_meta(store, directory, what="evaluation")["lineage"]
     with store.fs.open(store.path(f"{directory}/report.md"), "r") as handle:
         report = [line for line in handle.read().splitlines() if not line.startswith("![")]
     about = (f"Select vs project (cosine) for {lineage.get('model')} @ {lineage.get('checkpoint')}, "

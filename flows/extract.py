@@ -5,8 +5,9 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from gradlake.tasks.gradients.extract import (ExtractionSpec, Progress, extract_shard_task, finalize_task, group_paths,
-    prepare_extraction_task)
+from gradlake.tasks.gradients.plan import ExtractionSpec, group_paths
+from gradlake.tasks.common.progress import Progress
+from gradlake.tasks.gradients.extract import extract_shard_task, finalize_task, prepare_extraction_task
 
 
 @flow(name="extract-gradients", log_prints=True)

@@ -2,31 +2,14 @@
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger, task
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NONE
 
 from gradlake.flows.run_names import named_by_model
 from gradlake.lake.scores import ScoreGroup
 from gradlake.lake.store import LakeStore
-from gradlake.tasks.influence.compute import InfluenceSpec, compute_influence, plan_influence
-from gradlake.tasks.common.retries import retry_unless_bad_input
-
-
-@task(name="plan-influence", cache_policy=NONE)
-def plan_influence_task(spec: InfluenceSpec) -> dict:
-    """Model config, data, tracked modules: checked before any factor is fitted or anything written."""
-    plan = plan_influence(spec)
-    get_run_logger().info("%s influence: %d training samples x %d queries, %d tracked modules", spec.strategy,
-                          plan["n_train"], plan["n_query"], len(plan["modules"]))
-    return plan
-
-
-@task(name="influence", cache_policy=NONE, retries=2, retry_delay_seconds=[10, 60],
-      retry_condition_fn=retry_unless_bad_input)
-def influence_task(spec: InfluenceSpec) -> str:
-    """Fit or reuse the factors, score the blocks the lake lacks; a retry resumes at the first missing block."""
-    return compute_influence(spec, log=get_run_logger().info)
+from gradlake.tasks.influence.spec import InfluenceSpec
+from gradlake.tasks.influence.compute import influence_task, plan_influence_task
 
 
 @flow(name="compute-influence", log_prints=True,

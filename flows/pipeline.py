@@ -9,7 +9,7 @@ The GPU stage is shared out by work stealing: one GPU flow run per worker pollin
 (or `gpu_runs`), each given every pending shard of every variant and starting at a different
 place in that list, so the variants are extracted together and a run's start-up (a process,
 imports, the model load: tens of seconds) is paid once per worker, not once per shard.  A run
-skips the shards whose chunks another live run is computing (chunk leases, `lake.claims`) and
+skips the shards whose chunks another live run is computing (chunk leases, `lake.leases`) and
 comes back to them at the end, waiting for them; one completed run has therefore seen every
 shard complete, and the pipeline then cancels the rest.  A run that dies (a killed worker)
 leaves its leased chunks to run out (`LEASE_SECONDS`), and the other runs then compute them.
@@ -29,8 +29,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -38,40 +37,35 @@ from prefect import flow, get_run_logger, runtime
 from prefect.deployments import run_deployment
 from pydantic import BaseModel, ConfigDict, Field
 
-from gradlake.flows.dataset import DatasetRecipe, DatasetSpec, create_dataset
+from gradlake.flows.dataset import create_dataset
 from gradlake.flows.evaluate import evaluate, publish_headline
+from gradlake.flows.fanout import ShardRun, polling_workers, wait_for_shard_runs
 from gradlake.flows.run_names import named_by_model, run_label
 from gradlake.lake import layout
-from gradlake.tasks.evaluate.evaluation import EvaluationSpec
 from gradlake.tasks.common.lineage import lake_keys
-from gradlake.tasks.gradients.extract import (DEFAULT_TOKEN_BUDGET, ExtractionSpec, extract_shard_task, finalize_task,
-    group_paths, prepare_extraction_task)
 from gradlake.tasks.common.model import ModelSpec
-from gradlake.tasks.projection.projectors import ProjectionSpec
+from gradlake.tasks.data.dataset import DatasetRecipe, DatasetSpec
+from gradlake.tasks.evaluate.spec import EvaluationSpec
+from gradlake.tasks.gradients.extract import extract_shard_task, finalize_task, prepare_extraction_task
+from gradlake.tasks.gradients.plan import ExtractionData, ExtractionSettings, ExtractionSpec, group_paths
+
 
 SHARD_DEPLOYMENT = "extract-shards/extract-shards"
 
 
-class PipelineSettings(BaseModel):
-    """How a checkpoint goes through the pipeline: everything but the model and the lake (the watcher's form too)."""
+class _PipelineData(ExtractionData):  # the dataset, how it is made and which variants: first in the form
+    create: DatasetRecipe | None = Field(default=None, title="Create the dataset first", description="Make (or update) the dataset from a source before extracting; stored under the dataset name above in this pipeline's lake. Empty: it is already in the lake.")
+    variants: list[str] = Field(default=["original", "paraphrased"], title="Variants", description="Dataset variants to extract; 'model_generated' means this model and checkpoint's own answers. 'original' is needed for the evaluation.")
+
+
+class PipelineSettings(ExtractionSettings, _PipelineData):
+    """How a checkpoint goes through the pipeline: everything but the model and the lake (the watcher's form too).
+
+    The extraction settings are `ExtractionSettings`' own; the pipeline always stores every sample's
+    gradient (mode 'store') as float32."""
 
     model_config = ConfigDict(extra="forbid")
 
-    dataset: str = Field(default="probe", title="Dataset", description="Dataset name in the lake.")
-    create: DatasetRecipe | None = Field(default=None, title="Create the dataset first", description="Make (or update) the dataset from a source before extracting; stored under the dataset name above in this pipeline's lake. Empty: it is already in the lake.")
-    variants: list[str] = Field(default=["original", "paraphrased"], title="Variants", description="Dataset variants to extract; 'model_generated' means this model and checkpoint's own answers. 'original' is needed for the evaluation.")
-    paradigm: Literal["sft", "pre"] = Field(default="sft", title="Paradigm", description="'sft': loss on assistant tokens only; 'pre': loss on every token.")
-    layers: list[str] = Field(default=[], title="Layers", description="Glob patterns over parameter names, e.g. 'model.layers.*.mlp.down_proj.weight'; empty selects every parameter.")
-    chat_template: str = Field(default="tokenizer", title="Chat template", description="'tokenizer' (its own), 'tulu' (open-instruct's format, as the thesis used) or the path of a Jinja file readable where this flow runs.")
-    labels: Literal["assistant", "last_assistant"] = Field(default="assistant", title="Loss on", description="Paradigm 'sft': every assistant turn, or the last one only (as the thesis).")
-    target: Literal["parameters", "inputs_embeds", "inputs_embeds_mean"] = Field(default="parameters", title="Gradient with respect to", description="'parameters': the weights chosen by Layers. 'inputs_embeds': the input embeddings, per token (max length x hidden values a sample); 'inputs_embeds_mean': their mean over the sample's tokens. Each target has groups and evaluations of its own.")
-    shard_size: int = Field(default=64, ge=1, title="Shard size", description="Samples per shard: the unit of retry, resume and sharing between GPU runs. A scheduling choice: changing it reuses finished gradients.")
-    batch_size: int = Field(default=8, ge=1, title="Batch size", description="Samples per backward pass at most. A scheduling choice too.")
-    token_budget: int | None = Field(default=DEFAULT_TOKEN_BUDGET, ge=1, title="Token budget", description="Tokens per backward pass at most, padding included: a shard's samples are sorted by length and packed. Empty: batches of the batch size in dataset order.")
-    max_length: int = Field(default=1024, ge=2, title="Max length (tokens)", description="Tokens per sample at most; longer chats are cut on the right.")
-    projections: list[ProjectionSpec] = Field(default=[], title="Projections", description="Random projections made on the fly, each stored in a group of its own.")
-    keep_gradients: bool = Field(default=True, title="Keep gradients", description="Store the full per-sample gradients too (off: only the projections).")
-    object_mb: int = Field(default=0, ge=0, title="Lake object size (MiB)", description="Gather a row-chunk's column chunks of a wide tensor into objects of up to this many MiB (Zarr shards): about 12x fewer S3 objects and requests at OLMo-2-7B with 256, less concurrency per array. 0: one object per 16 MiB chunk. Fixed by the run that creates a group.")
     evaluate: bool = Field(default=True, title="Evaluate", description="Evaluate select vs project at the end (needs 'original' and at least one other variant).")
     bm25: Literal["lucene", "thesis"] = Field(default="lucene", title="BM25 protocol", description="'lucene': bm25s over the user turns, Unicode words. 'thesis': the 'Select or Project?' thesis's Okapi over the first message, its sort and tie rules; results go beside the default ones (sft-thesis).")
     shard_deployment: str | None = Field(default=SHARD_DEPLOYMENT, title="Shard deployment", description="Deployment that runs shards on the GPU pool ('flow/deployment'); empty runs them inside this flow run.")
@@ -98,13 +92,10 @@ class PipelineSpec(PipelineSettings, _Target):
         return DatasetSpec(**self.create.model_dump(), name=self.dataset, lake=self.lake)
 
     def extraction(self, variant: str) -> ExtractionSpec:
+        """The extraction of one variant ('model_generated': this model and checkpoint's answers)."""
         name = layout.generated_variant(*lake_keys(self.model)) if variant == "model_generated" else variant
-        return ExtractionSpec(model=self.model, dataset=self.dataset, variant=name, paradigm=self.paradigm, layers=self.layers,
-                              chat_template=self.chat_template, labels=self.labels, target=self.target,
-                              shard_size=self.shard_size, batch_size=self.batch_size, token_budget=self.token_budget,
-                              max_length=self.max_length,
-                              projections=self.projections, keep_gradients=self.keep_gradients, object_mb=self.object_mb,
-                              lake=self.lake)
+        shared = self.model_dump(include=set(ExtractionSettings.model_fields) | set(ExtractionData.model_fields))
+        return ExtractionSpec(**shared, model=self.model, variant=name, lake=self.lake)
 
 
 class ShardWork(BaseModel):
@@ -158,22 +149,6 @@ def extract_shards(work: list[ShardWork], start: int = 0) -> int:
     return visit_shards(units, start, lambda spec, path, shard, wait: extract_shard_task(spec, path, shard, wait=wait))
 
 
-@dataclass
-class ShardRun:
-    """One submitted flow run and what the pipeline knows of it; `shards` are the units of work it was given."""
-
-    label: str
-    shards: list[Hashable]
-    run_id: object
-    state: object = None
-    started: float | None = None  # monotonic time the run was first seen taken by a worker
-    problem: str | None = None
-
-
-class ShardRunsFailed(RuntimeError):
-    """GPU runs that did not finish their work; the next pipeline run redoes only what is left."""
-
-
 def gpu_run_count(spec: PipelineSpec, client, pool: str, n_shards: int) -> int:
     """How many GPU runs share `n_shards`: `spec.gpu_runs`, else one per worker polling `pool` (within its limit); at least one."""
     wanted = spec.gpu_runs
@@ -211,36 +186,6 @@ def _submit(spec: PipelineSpec, work: list[tuple[ExtractionSpec, str, list[int]]
     return runs
 
 
-def polling_workers(client, pool: str, now=None) -> list[str]:
-    """Names of the workers that poll `pool` now (online, with a recent heartbeat)."""
-    import datetime as dt
-
-    now = now or dt.datetime.now(dt.timezone.utc)
-    alive = []
-    for worker in client.read_workers_for_work_pool(pool):
-        beat = worker.last_heartbeat_time
-        window = 3 * (worker.heartbeat_interval_seconds or 30)
-        if str(getattr(worker.status, "value", worker.status)).upper() == "ONLINE" and beat and (now - beat).total_seconds() < window:
-            alive.append(worker.name)
-    return alive
-
-
-def _cancel(client, runs: list[ShardRun], why: str) -> int:
-    """Cancel the runs that are not final: waiting ones at once, running ones through their worker."""
-    from prefect.states import Cancelled, Cancelling
-
-    cancelled = 0
-    for run in runs:
-        state = run.state
-        if state is not None and state.is_final():
-            continue
-        taken = state is not None and (state.is_running() or state.is_pending())  # its worker must stop it
-        new = Cancelling(message=why) if taken else Cancelled(message=why)
-        client.set_flow_run_state(run.run_id, new, force=True)
-        cancelled += 1
-    return cancelled
-
-
 def lake_progress(lake: str, work: list[tuple[ExtractionSpec, str, list[int]]], every: float = 10.0) -> Callable[[], tuple[int, int]]:
     """A function giving (row-chunks complete, row-chunks in all) over the groups of `work` (projection groups too).
 
@@ -266,134 +211,6 @@ def lake_progress(lake: str, work: list[tuple[ExtractionSpec, str, list[int]]], 
         return last[1], total
 
     return progress
-
-
-def wait_for_shard_runs(runs: list[ShardRun], pool: str, timeout_s: float, worker_wait_s: float, poll: float = 2.0,
-                        log_every: float = 30.0, what: str = "shard", rerun: str = "rerun the pipeline to redo only their shards",
-                        progress: Callable[[], tuple[int, int]] | None = None) -> None:
-    """Wait until the runs have done their work; on no worker, a timeout or failed runs cancel the rest and raise.
-
-    The work is done once the runs that completed cover every unit any run was given: every run
-    when each has units of its own, any one when each was given all of them; runs still open then
-    have nothing left to do and are cancelled.  Time is bounded by `worker_wait_s` while no worker
-    polls the pool, and by `timeout_s`: without `progress`, per run once a worker has taken it; with
-    `progress` (a function giving units done and in all, e.g. row-chunks in the lake), since the
-    count last rose or a run was last taken.  Neither grows with the number of runs.
-    `what` names a unit of work in messages ('shard', 'training'); `rerun` says how to finish.
-    """
-    from prefect.artifacts import create_progress_artifact, update_progress_artifact
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    log = get_run_logger()
-    units = set().union(*(r.shards for r in runs))
-    unit_name = "chunks" if progress else f"{what}s"
-    began = time.monotonic()
-    last_log = began
-    no_worker_since = None
-    last_done, last_rise, first_done = None, began, 0
-    artifact = create_progress_artifact(progress=0.0, description=f"{unit_name} complete ({len(units)} {what}s, {len(runs)} runs on pool {pool})")
-    with get_client(sync_client=True) as client:
-        try:
-            while True:
-                now = time.monotonic()
-                states = {}
-                for i in range(0, len(runs), 200):  # the API returns at most 200 runs per call
-                    ids = [r.run_id for r in runs[i:i + 200]]
-                    states.update({r.id: r.state for r in client.read_flow_runs(
-                        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)), limit=200)})
-                for run in runs:
-                    run.state = states.get(run.run_id)
-                    # started = taken by a worker (Pending or Running): a run whose process died while
-                    # Pending never reports Running, so its timeout must count from here
-                    if run.started is None and run.state is not None and not run.state.is_scheduled():
-                        run.started = now
-                covered = set().union(*(r.shards for r in runs if r.state is not None and r.state.is_completed()))
-                done, total = progress() if progress else (len(covered), len(units))
-                update_progress_artifact(artifact, progress=100.0 * done / max(total, 1))
-                if done != last_done:
-                    first_done = done if last_done is None else first_done
-                    last_done, last_rise = done, now
-                open_runs = [r for r in runs if r.state is None or not r.state.is_final()]
-                if covered >= units or not open_runs:
-                    break
-                taken = [r for r in open_runs if r.started is not None]
-                for run in taken:
-                    since = max(last_rise, *(r.started for r in taken)) if progress else run.started
-                    if now - since > timeout_s:
-                        run.problem = (f"no chunk completed in {timeout_s:g}s (the stall timeout) while it ran" if progress else
-                                       f"not finished {timeout_s:g}s (the run timeout) after a worker took it") + \
-                                      f" ({run.state.name if run.state else 'unknown'})"
-                if any(r.problem for r in runs):
-                    break
-                waiting = [r for r in open_runs if r.started is None]
-                if waiting and not polling_workers(client, pool):
-                    no_worker_since = no_worker_since or now
-                    if now - no_worker_since > worker_wait_s:
-                        why = (f"no worker is polling the {pool!r} work pool: {len(waiting)} {what} runs waited "
-                               f"{now - no_worker_since:.0f}s (worker_wait_s={worker_wait_s:g}); start one with "
-                               f"`prefect worker start --pool {pool}`, then {rerun.split(' to ')[0]}")
-                        for run in waiting:
-                            run.problem = "never started: no worker"
-                        raise ShardRunsFailed(why)
-                else:
-                    no_worker_since = None
-                if now - last_log >= log_every:
-                    last_log = now
-                    rate = (done - first_done) / (now - began)
-                    eta = f", about {(total - done) / rate / 60:.1f} min left" if rate > 0 else ""
-                    log.info("%d/%d %s complete, %d runs running, %d waiting%s%s", done, total, unit_name, len(taken),
-                             len(waiting), " (no worker polls pool %r)" % pool if no_worker_since else "", eta)
-                time.sleep(poll)
-            if not covered >= units:
-                failed = [r for r in runs if r.problem or not (r.state is not None and r.state.is_completed())]
-                described = "; ".join(f"{r.label}: {r.problem or r.state.name}" for r in failed)
-                raise ShardRunsFailed(f"{len(failed)} of {len(runs)} {what} runs did not complete ({described}); {rerun}")
-        except BaseException as err:
-            n = _cancel(client, runs, f"the flow gave up: {err}"[:400])
-            if n:
-                log.warning("cancelled %d %s runs that had not finished", n, what)
-            raise
-        ended = [r for r in runs if r.state is not None and r.state.is_final() and not r.state.is_completed()]
-        if ended:
-            log.warning("%s ended without finishing; the other runs did their work", ", ".join(f"{r.label} ({r.state.name})" for r in ended))
-        n = _cancel(client, runs, f"not needed: the runs that completed did every {what}")
-        if n:
-            log.info("cancelled %d %s runs left with nothing to do", n, what)
-    log.info("all %d %ss complete in %.0fs", len(units), what, time.monotonic() - began)
-
-
-def run_each_on_pool(deployment: str, runs: list[tuple[str, dict, str]], timeout_s: float, worker_wait_s: float,
-                     what: str, rerun: str) -> str:
-    """One flow run of `deployment` per (run name, parameters, idempotency key), all sent at once and waited on
-    together (`wait_for_shard_runs`: cancelled if they give up); returns the deployment's work pool."""
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        pool = client.read_deployment_by_name(deployment).work_pool_name
-    submitted = []
-    for index, (name, parameters, key) in enumerate(runs):
-        flow_run = run_deployment(deployment, parameters=parameters, timeout=0, idempotency_key=key, flow_run_name=name,
-                                  as_subflow=False)
-        submitted.append(ShardRun(name, [index], flow_run.id))
-    get_run_logger().info("%d %s runs sent to %s (pool %s)", len(submitted), what, deployment, pool)
-    wait_for_shard_runs(submitted, pool, timeout_s, worker_wait_s, what=what, rerun=rerun)
-    return pool
-
-
-def wait_for_run(run_id, timeout: float, poll: float = 2.0):
-    """The final state of a flow run, or None if it is not final within `timeout` seconds."""
-    from prefect.client.orchestration import get_client
-
-    deadline = time.monotonic() + timeout
-    with get_client(sync_client=True) as client:
-        while True:
-            state = client.read_flow_run(run_id).state
-            if state is not None and state.is_final():
-                return state
-            if time.monotonic() > deadline:
-                return None
-            time.sleep(poll)
 
 
 @flow(name="gradlake-pipeline", log_prints=True,

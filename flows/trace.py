@@ -6,32 +6,19 @@ import io
 import json
 
 import pandas as pd
-from prefect import flow, get_run_logger, runtime, task
+from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NONE
 from pydantic import BaseModel, ConfigDict, Field
 
 from gradlake.flows.run_names import named_by_model, run_label
+from gradlake.lake.results import read_result_meta
 from gradlake.lake.store import LakeStore
 from gradlake.tasks.common.model import ModelSpec
-from gradlake.tasks.common.retries import retry_unless_bad_input
-from gradlake.tasks.tracing.trace import LAKE_HELP, TraceSettings, TraceSpec, plan_trace, run_trace, tracing_dir, write_summary
+from gradlake.tasks.tracing.trace import (LAKE_HELP, TraceSettings, TraceSpec, plan_trace, plan_trace_task, trace_task,
+                                          tracing_dir, write_summary)
+
 
 TRACE_DEPLOYMENT = "trace-models/trace-models"
-
-
-@task(name="plan-trace", cache_policy=NONE)
-def plan_trace_task(spec: TraceSpec) -> dict:
-    """Both configs, their shapes and the dataset checked before any weight is loaded."""
-    plan = plan_trace(spec)
-    get_run_logger().info("tracing a %s of %d parameters on %s/%s (version %s)", plan["architecture"],
-                          plan["n_parameters"], spec.dataset, spec.variant, plan["dataset_version"])
-    return plan
-
-
-@task(name="trace", cache_policy=NONE, retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_bad_input)
-def trace_task(spec: TraceSpec, planned: dict | None = None) -> str:
-    return run_trace(spec, log=get_run_logger().info, planned=planned)
 
 
 @flow(name="trace-models", log_prints=True,
@@ -41,7 +28,7 @@ def trace_models(spec: TraceSpec) -> str:
     """Statistics of the candidate against the base (unaligned and aligned), with p-values; returns the lake directory."""
     directory = trace_task(spec, plan_trace_task(spec))
     store = LakeStore(spec.lake)
-    meta = json.loads(store.fs.cat_file(store.path(f"{directory}/meta.json")))
+    meta = read_result_meta(store, directory, what="tracing result")
     with store.fs.open(store.path(f"{directory}/report.md"), "r") as handle:
         report = [line for line in handle.read().splitlines() if not line.startswith("![")]
     create_markdown_artifact("\n".join(report) + f"\n\nfull results: `{spec.lake}/{directory}`",
@@ -84,7 +71,7 @@ def trace_many(spec: TraceManySpec) -> str:
         for pair, planned in zip(pairs, plans):
             trace_task(pair, planned)
     else:
-        from gradlake.flows.pipeline import run_each_on_pool
+        from gradlake.flows.fanout import run_each_on_pool
 
         runs = [(run_label(pair.candidate, f"traced against {pair.base.model}@{pair.base.checkpoint or 'main'}"),
                  {"spec": pair.model_dump(mode="json")}, f"{runtime.flow_run.id}:{tracing_dir(pair)}") for pair in pairs]

@@ -6,13 +6,14 @@ from prefect import flow, get_run_logger
 from prefect.deployments import run_deployment
 from pydantic import BaseModel, ConfigDict, Field
 
-from gradlake.lake.store import LakeStore
-from gradlake.tasks.common.checkpoints import WatchedModel, list_checkpoints
-from gradlake.tasks.common.lineage import lake_keys
 from gradlake.flows.pipeline import PipelineSettings, PipelineSpec
 from gradlake.flows.run_names import run_label
 from gradlake.lake import layout
+from gradlake.lake.store import LakeStore
+from gradlake.tasks.common.checkpoints import WatchedModel, list_checkpoints
+from gradlake.tasks.common.lineage import lake_keys
 from gradlake.tasks.common.model import ModelSpec
+
 
 PIPELINE_DEPLOYMENT = "gradlake-pipeline/gradlake-pipeline"
 WATCH_DEPLOYMENT = "watch-checkpoints/watch-checkpoints"
@@ -32,9 +33,8 @@ class WatchSpec(BaseModel):
 def held_checkpoints(store: LakeStore, model: ModelSpec) -> set[str]:
     """Checkpoint keys for which the lake holds at least one gradient group of this model (any variant)."""
     model_key, _ = lake_keys(model)
-    prefix = f"gradients/{model_key}/"
-    groups = store.glob(f"{prefix}*/*/*/*/zarr.json")  # <checkpoint>/<dataset>/<variant>/<paradigm-mode>/zarr.json
-    base = store.path(prefix) + "/"  # store.path drops the trailing slash
+    groups = store.glob(f"{layout.model_gradient_groups(model_key)}/zarr.json")
+    base = store.path(layout.gradients_dir(model_key)) + "/"  # store.path drops the trailing slash
     return {p[len(base):].split("/", 1)[0] for p in groups}
 
 

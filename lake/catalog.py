@@ -19,7 +19,8 @@ from gradlake.lake import layout
 from gradlake.lake.datasets import list_datasets, read_dataset
 from gradlake.lake.dtypes import DTYPE_ATTR, from_bfloat16_bits, is_bfloat16
 from gradlake.lake.evaluations import list_attribution_benchmarks, list_evaluations, list_tracing, read_evaluation
-from gradlake.lake.gradients import ATTR
+from gradlake.lake.gradient_plan import ATTR
+from gradlake.lake.results import read_result_table
 from gradlake.lake.scores import list_score_groups
 from gradlake.lake.store import LakeError, LakeStore, scan_json
 
@@ -104,7 +105,7 @@ class Lake:
     def _gradient_groups(self, damaged: list | None = None) -> list[tuple[str, dict]]:
         """(path, attrs) of every gradient and projection group; those whose metadata is damaged go to `damaged`."""
         groups = []
-        for path, record, damage in scan_json(self.store, "gradients/*/*/*/*/*/zarr.json"):
+        for path, record, damage in scan_json(self.store, f"{layout.GRADIENT_GROUPS}/zarr.json"):
             attrs = (record or {}).get("attributes", {}).get(ATTR)
             if damage is not None and damaged is not None:
                 damaged.append((path, damage))
@@ -178,10 +179,10 @@ class Lake:
                 "p_value": (meta.get("summary") or {}).get("p_value"),
             })
         for path, meta in list_attribution_benchmarks(self.store):
-            _, model_key, checkpoint_key, dataset_name, _, queries = path.split("/")
+            where = layout.parse_benchmark_dir(path)
             rows.append({
-                "kind": "attribution", "path": path, "model": model_key, "checkpoint": checkpoint_key,
-                "dataset": dataset_name, "variant": queries, "n_samples": meta.get("n_train"), "complete": True,
+                "kind": "attribution", "path": path, "model": where["model"], "checkpoint": where["checkpoint"],
+                "dataset": where["dataset"], "variant": where["queries"], "n_samples": meta.get("n_train"), "complete": True,
                 **{f"lineage.{k}": v for k, v in meta.items() if k not in ("model", "queries", "query_ids", "best_tensor")},
             })
         for group in list_score_groups(self.store):
@@ -302,15 +303,10 @@ class Lake:
             raise LakeError(f"attribution table {table!r} is not known; use 'benchmark' or 'lds_per_query'")
         with self.store.explained_errors():
             found = list_attribution_benchmarks(self.store)
-        records = []
-        for path, _ in found:
-            _, model_key, checkpoint_key, dataset_name, _, query_name = path.split("/")
-            records.append({"path": path, "model": model_key, "checkpoint": checkpoint_key, "dataset": dataset_name,
-                            "queries": query_name})
+        records = [{"path": path, **layout.parse_benchmark_dir(path)} for path, _ in found]
         where = {"model": model, "checkpoint": checkpoint, "dataset": dataset, "queries": queries}
         path = self._one(records, where, "attribution benchmark")
-        with self.store.explained_errors():
-            return pd.read_parquet(io.BytesIO(self.store.fs.cat_file(self.store.path(f"{path}/{table}.parquet"))))
+        return read_result_table(self.store, path, table, what="attribution benchmark")
 
     def tracing(self, base: str | None = None, candidate: str | None = None, base_checkpoint: str | None = None,
                 candidate_checkpoint: str | None = None, table: str = "results") -> pd.DataFrame:
@@ -342,14 +338,13 @@ class Lake:
         if len(hits) > 1:
             raise LakeError(f"{len(hits)} tracing results match {asked} in {self.url}; tell them apart with "
                             f"{_tell_apart(hits, ('base', 'base_checkpoint', 'candidate', 'candidate_checkpoint'))}")
-        with self.store.explained_errors():
-            return pd.read_parquet(io.BytesIO(self.store.fs.cat_file(self.store.path(f"{hits[0]['path']}/{table}.parquet"))))
+        return read_result_table(self.store, hits[0]["path"], table, what="tracing result")
 
     def tracing_summary(self, base: str, base_checkpoint: str | None = None) -> pd.DataFrame:
         """The summary of every candidate traced against a base (written by trace-many): verdicts, p-values, statistics."""
         keys = model_keys(base)
         with self.store.explained_errors():
-            found = self.store.glob("tracing/*/*/summary.parquet")
+            found = self.store.glob(f"{layout.TRACING_BASES}/summary.parquet")
         hits = []
         for path in found:
             base_key, checkpoint_key = path.split("/")[-3:-1]

@@ -14,6 +14,9 @@ deletes the stale object and creates a fresh one under the same rule, so two run
 the same stale claim at the same instant can both believe they hold it; the work they guard is
 written whole and deterministic, so the cost of that rare case is work done twice, never a
 mixed result.  Claims live outside the Zarr groups, where Zarr and xarray never see them.
+
+Two kinds are made: a group's creation claim (`lake.gradients`) and row-chunk leases (`lake.leases`);
+their names are `layout.creation_claim` and `layout.lease_claim`.
 """
 
 from __future__ import annotations
@@ -25,15 +28,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from typing import TYPE_CHECKING
-
+from gradlake.lake import layout
 from gradlake.lake.store import LakeStore
-
-if TYPE_CHECKING:
-    from gradlake.lake.gradients import GradientGroup
-
-ROOT = ".gradlake"
-LEASE_SECONDS = 600.0  # a chunk lease: renewed while its worker computes; a dead worker's runs out
 
 
 def new_owner() -> str:
@@ -55,7 +51,7 @@ class Claim:
 
 
 def claim_path(store: LakeStore, key: str) -> str:
-    return store.path(f"{ROOT}/{key}.json")
+    return store.path(layout.claim_file(key))
 
 
 def _create(store: LakeStore, path: str, data: bytes) -> bool:
@@ -186,51 +182,3 @@ def release(store: LakeStore, key: str) -> None:
         except FileNotFoundError:
             pass
 
-
-class ChunkLeases:
-    """Leases on row-chunks, so that workers of runs with the same settings never compute one chunk together.
-
-    A lease is a claim (see `lake.claims`) per group and row-chunk with an expiry: taken before a
-    chunk is computed, renewed while the work goes on, released once the chunk is flagged
-    complete.  A worker that dies leaves its leases to run out; then another takes them over.
-    """
-
-    def __init__(self, seconds: float = LEASE_SECONDS, owner: str | None = None):
-        self.seconds = seconds
-        self.owner = owner or new_owner()
-        self.held: dict[tuple[str, int], LakeStore] = {}
-        self._renewed = time.monotonic()
-
-    @staticmethod
-    def key(group: "GradientGroup", index: int) -> str:
-        return f"leases/{group.path}/{index}"
-
-    def take(self, group: "GradientGroup", chunks: list[int]) -> list[int]:
-        """The chunks among `chunks` now leased to us and still not complete (others are another worker's)."""
-        taken = [k for k in chunks if take(group.store, self.key(group, k), self.owner, self.seconds)]
-        if not taken:
-            return []
-        # Flags read after the lease: a chunk finished meanwhile is not redone.
-        pending = set(group.pending_chunks(group.plan.chunk_bounds(min(taken))[0], group.plan.chunk_bounds(max(taken))[1]))
-        for k in [k for k in taken if k not in pending]:
-            self.release(group, k)
-        mine = [k for k in taken if k in pending]
-        self.held.update({(group.path, k): group.store for k in mine})
-        return mine
-
-    def renew(self) -> None:
-        """Push our leases further into the future; cheap to call often (it acts every quarter lease)."""
-        if time.monotonic() - self._renewed < self.seconds / 4:
-            return
-        self._renewed = time.monotonic()
-        for (path, k), store in list(self.held.items()):  # a copy: the writer thread releases chunks meanwhile
-            renew(store, f"leases/{path}/{k}", self.owner, self.seconds)
-
-    def release(self, group: "GradientGroup", index: int) -> None:
-        self.held.pop((group.path, index), None)
-        release(group.store, self.key(group, index))
-
-    def release_all(self) -> None:
-        for (path, k), store in list(self.held.items()):
-            release(store, f"leases/{path}/{k}")
-        self.held.clear()

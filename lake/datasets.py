@@ -39,7 +39,6 @@ def write_dataset(store: LakeStore, name: str, variant: str, frame: pd.DataFrame
         raise LakeError(f"dataset {name!r} has duplicate sample id {dup!r}; ids must be unique")
     digest = content_hash(frame)
     version = layout.dataset_version(digest)
-    base = store.path(layout.dataset_version_dir(name, variant, version))
     table = pd.DataFrame({"id": frame["id"].astype(str), "messages": [json.dumps(m, ensure_ascii=False) for m in frame["messages"]]})
     for column in (c for c in frame.columns if c not in ("id", "messages")):
         table[column] = frame[column].values
@@ -54,18 +53,18 @@ def write_dataset(store: LakeStore, name: str, variant: str, frame: pd.DataFrame
     }
     buffer = io.BytesIO()
     table.to_parquet(buffer, index=False)
-    store.fs.makedirs(base, exist_ok=True)
-    store.fs.pipe_file(f"{base}/data.parquet", buffer.getvalue())
+    store.fs.makedirs(store.path(layout.dataset_version_dir(name, variant, version)), exist_ok=True)
+    store.fs.pipe_file(store.path(layout.dataset_data_file(name, variant, version)), buffer.getvalue())
     # Meta after data, pointer after meta: what a reader finds is always whole.
-    store.fs.pipe_file(f"{base}/meta.json", json.dumps(meta, indent=2).encode())
-    store.fs.pipe_file(store.path(layout.dataset_dir(name, variant)) + "/latest.json", json.dumps(meta, indent=2).encode())
+    store.fs.pipe_file(store.path(layout.dataset_meta_file(name, variant, version)), json.dumps(meta, indent=2).encode())
+    store.fs.pipe_file(store.path(layout.dataset_latest_file(name, variant)), json.dumps(meta, indent=2).encode())
     return meta
 
 
 def dataset_meta(store: LakeStore, name: str, variant: str, version: str | None = None) -> dict:
     """The meta record of a dataset variant's latest (or given) version; one clear error if absent or damaged."""
-    base = layout.dataset_dir(name, variant)
-    meta = _read_meta(store, f"{base}/{version}/meta.json" if version else f"{base}/latest.json")
+    meta = _read_meta(store, layout.dataset_meta_file(name, variant, version) if version
+                      else layout.dataset_latest_file(name, variant))
     if meta is not None:
         return meta
     if version:
@@ -84,7 +83,7 @@ def dataset_meta(store: LakeStore, name: str, variant: str, version: str | None 
 def read_dataset(store: LakeStore, name: str, variant: str, version: str | None = None) -> pd.DataFrame:
     """A dataset variant (latest version unless one is named) with ``id`` and ``messages`` as lists of dicts."""
     meta = dataset_meta(store, name, variant, version)
-    path = store.path(layout.dataset_version_dir(name, variant, meta["version"])) + "/data.parquet"
+    path = store.path(layout.dataset_data_file(name, variant, meta["version"]))
     frame = pd.read_parquet(io.BytesIO(store.fs.cat_file(path)))
     frame["messages"] = [json.loads(m) for m in frame["messages"]]
     return frame
@@ -98,7 +97,7 @@ def list_datasets(store: LakeStore) -> list[dict]:
     reading it raises, so that a catalog can show it.
     """
     metas = []
-    for directory, record, damage in scan_json(store, "datasets/*/*/latest.json"):
+    for directory, record, damage in scan_json(store, f"{layout.DATASET_VARIANTS}/latest.json"):
         relative = f"{directory}/latest.json"
         damage = f"{damage}; {_rewrite(relative)}" if damage else _not_a_record(store, relative, record)
         if damage:
@@ -111,7 +110,7 @@ def list_datasets(store: LakeStore) -> list[dict]:
 
 def list_versions(store: LakeStore, name: str, variant: str) -> list[dict]:
     """Meta records of every stored version of a dataset variant, oldest first; a damaged one is a LakeError naming it."""
-    paths = store.glob(f"{layout.dataset_dir(name, variant)}/*/meta.json")
+    paths = store.glob(layout.dataset_meta_file(name, variant, "*"))
     return sorted((_read_meta(store, p[len(store.root) + 1:]) for p in paths), key=lambda m: m["created_at"])
 
 

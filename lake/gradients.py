@@ -1,22 +1,22 @@
-"""Gradient groups: create, write chunk by chunk, resume, finalize.
+"""Gradient groups: create, write chunk by chunk, resume, check, finalize.
 
 A group holds the exact tokens that were differentiated and one array per parameter
 tensor, stored in row-chunks whose height (``chunk_rows``) is fixed when the group is
-created.  Completion is recorded per row-chunk (``shard_complete[k]``), not per shard
-of whichever run wrote it: shard size and batch size are a run's scheduling choices,
-so a run with other ones recognises the group (they are not in its fingerprint),
-knows exactly which samples are done, and writes only the chunks still missing, each
-whole and once.  An interrupted run resumes to the same bytes as an uninterrupted one.
+created (its plan: `lake.gradient_plan`).  Completion is recorded per row-chunk
+(``shard_complete[k]``), not per shard of whichever run wrote it: shard size and batch size
+are a run's scheduling choices, so a run with other ones recognises the group (they are not
+in its fingerprint), knows exactly which samples are done, and writes only the chunks still
+missing, each whole and once.  An interrupted run resumes to the same bytes as an
+uninterrupted one.  Filling row-chunks from batches is `lake.assembly`; leasing them to one
+worker at a time is `lake.leases`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import lru_cache
 
 import numpy as np
@@ -24,88 +24,13 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from gradlake.lake import claims, layout
-from gradlake.lake.dtypes import STORE_DTYPES, array_attrs, encode, fill_value, zarr_dtype
+from gradlake.lake.dtypes import array_attrs, encode, fill_value, zarr_dtype
+from gradlake.lake.gradient_plan import ATTR, GradientPlan, checked_meta, differences, fingerprint, read_meta
 from gradlake.lake.integrity import digest
 from gradlake.lake.store import LakeError, LakeStore, read_json_attrs
 
-ATTR = "gradlake"
-MODES = ("store", "mean", "mean_normalized")
-CHECKSUMS = (None, "crc32c")
-# Layout choices: fixed when a group is created, never part of what makes two extractions the same.
-LAYOUT_FIELDS = ("chunk_rows", "checksum", "object_bytes")
 WRITE_THREADS = 8  # arrays of one row-chunk written at once
 CREATE_SECONDS = 120.0  # a creation claim lives this long unless renewed (it is, after every array)
-# The arrays of a group that are not gradients: its tokens and its bookkeeping.
-NOT_GRADIENTS = ("sample", "input_ids", "label_mask", "n_tokens", "shard_complete", "chunk_digest")
-
-
-@dataclass(frozen=True)
-class GradientPlan:
-    """What a gradient group holds, and the row-chunk height it is stored in."""
-
-    n_samples: int
-    parameters: dict[str, list[int]]
-    mode: str
-    dtype: str
-    max_tokens: int
-    chunk_rows: int  # fixed when the group is created; layout, not identity (left out of the fingerprint)
-    # Every chunk object of a group made since checksums carries a CRC32C (Zarr's crc32c codec), float
-    # arrays are filled with NaN (a missing chunk reads as NaN, never as plausible zeros) and each
-    # row-chunk's digest is kept beside its flag.  None: a group written before that, read as it was.
-    checksum: str | None = "crc32c"
-    # Wide arrays' column chunks of a row-chunk gathered into objects of up to this many bytes (Zarr
-    # v3 shards): fewer objects and requests, less concurrency per array.  0: one object per chunk.
-    object_bytes: int = 0
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise LakeError(f"mode {self.mode!r} is not known; use one of {MODES}")
-        if self.dtype not in STORE_DTYPES:
-            raise LakeError(f"storage dtype {self.dtype!r} is not supported; use one of {STORE_DTYPES}")
-        if self.n_samples < 1:
-            raise LakeError("the dataset has no samples; a gradient group needs at least one")
-        if self.chunk_rows < 1:
-            raise LakeError(f"chunk height {self.chunk_rows} must be at least 1 sample")
-        if self.object_bytes < 0:
-            raise LakeError(f"object size {self.object_bytes} bytes must be 0 (one object per chunk) or more")
-        if self.checksum not in CHECKSUMS:
-            raise LakeError(f"checksum {self.checksum!r} is not known; use one of {CHECKSUMS}")
-
-    @classmethod
-    def stored(cls, record: dict) -> "GradientPlan":
-        """The plan recorded in a group's attrs (a group from before checksums has none)."""
-        return cls(**{"checksum": None, **record})
-
-    def identity(self) -> dict:
-        """The fields that determine the stored values: everything but the layout (chunk height, checksums)."""
-        return {k: v for k, v in asdict(self).items() if k not in LAYOUT_FIELDS}
-
-    def data_arrays(self) -> list[str]:
-        """The arrays holding a row-chunk's values: per-sample rows, or each chunk's sums (mean modes)."""
-        return list(self.parameters) if self.mode == "store" else [f"{n}.partial_sum" for n in self.parameters]
-
-    @property
-    def n_chunks(self) -> int:
-        return layout.n_chunks(self.n_samples, self.chunk_rows)
-
-    def chunk_bounds(self, index: int) -> tuple[int, int]:
-        return layout.chunk_bounds(index, self.n_samples, self.chunk_rows)
-
-    def check_shard_size(self, shard_size: int, path: str) -> None:
-        check_shard_size(shard_size, self.chunk_rows, path)
-
-    def numel(self, name: str) -> int:
-        return int(np.prod(self.parameters[name]))
-
-
-def check_shard_size(shard_size: int, chunk_rows: int, path: str) -> None:
-    """One clear error unless shards of `shard_size` are whole chunks (so two shards never write one chunk)."""
-    if shard_size < 1 or shard_size % chunk_rows:
-        raise LakeError(
-            f"shard_size {shard_size} must be a multiple of {chunk_rows}, the chunk height of the group {path!r} "
-            f"(fixed by the batch size of the run that created it); use e.g. "
-            f"{chunk_rows * max(1, -(-shard_size // chunk_rows))}"
-        )
 
 
 @lru_cache(maxsize=1)
@@ -114,56 +39,13 @@ def _chunk_writers() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=WRITE_THREADS, thread_name_prefix="gradlake-chunk")
 
 
-def fingerprint(lineage: dict, plan: GradientPlan) -> str:
-    """What makes two extractions the same: their lineage and what the group holds (not when or how they ran)."""
-    stable = {k: v for k, v in lineage.items() if k not in ("created_at", "gradlake_version")}
-    text = json.dumps({"lineage": stable, "plan": plan.identity()}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _differences(meta: dict, lineage: dict, plan: GradientPlan) -> list[str]:
-    """What differs between a recorded extraction and the one asked for: lineage keys and `plan.` fields."""
-    old = meta.get("lineage", {})
-    differ = sorted(k for k in set(old) | set(lineage)
-                    if old.get(k) != lineage.get(k) and k not in ("created_at", "gradlake_version"))
-    held = {k: v for k, v in meta.get("plan", {}).items() if k not in LAYOUT_FIELDS}
-    asked = plan.identity()
-    return differ + sorted(f"plan.{k}" for k in set(held) | set(asked) if held.get(k) != asked.get(k))
-
-
-def _read_meta(store: LakeStore, path: str) -> dict:
-    """The group's `gradlake` attribute, {} where there is no group (or one whose creation did not finish).
-
-    A damaged group metadata file is one LakeError naming it, never a JSONDecodeError from deep inside Zarr.
-    """
-    attrs = read_json_attrs(store, f"{path}/zarr.json")
-    if attrs is None:
-        return {}
-    return _checked(attrs.get(ATTR) or {}, path)
-
-
-def _checked(meta: dict, path: str) -> dict:
-    if meta and "chunk_rows" not in meta.get("plan", {}):
-        raise LakeError(
-            f"the group at {path!r} was written by an older gradlake that recorded completion per shard; "
-            "remove that group to extract it again, or use another variant name"
-        )
-    return meta
-
-
-def stored_chunk_rows(store: LakeStore, path: str) -> int | None:
-    """The chunk height of the group at `path`, or None if there is none yet."""
-    meta = _read_meta(store, path)
-    return int(meta["plan"]["chunk_rows"]) if meta else None
-
-
 class GradientGroup:
     """One extraction's Zarr group in the lake."""
 
     def __init__(self, store: LakeStore, path: str, group: zarr.Group):
         self.store, self.path, self.group = store, path, group
         self._arrays: dict[str, zarr.Array] = {}
-        meta = _checked(dict(group.attrs).get(ATTR) or {}, path)
+        meta = checked_meta(dict(group.attrs).get(ATTR) or {}, path)
         self.lineage: dict = meta.get("lineage", {})
         self.plan = GradientPlan.stored(meta["plan"]) if "plan" in meta else None
 
@@ -194,7 +76,7 @@ class GradientGroup:
         """
         fp = fingerprint(lineage, plan)
         about = {"fingerprint": fp, "lineage": lineage, "plan": asdict(plan)}
-        owner, key = claims.new_owner(), f"create/{path}"
+        owner, key = claims.new_owner(), layout.creation_claim(path)
         deadline = time.monotonic() + CREATE_SECONDS + 30
         while True:
             if cls.check_path(store, path, plan, lineage):
@@ -205,7 +87,7 @@ class GradientGroup:
             if held is not None and held.about.get("fingerprint") not in (None, fp):
                 raise LakeError(
                     f"another run with different settings is creating the group at {path!r} right now "
-                    f"(differs in {_differences(held.about, lineage, plan) or ['fingerprint']}); "
+                    f"(differs in {differences(held.about, lineage, plan) or ['fingerprint']}); "
                     "use another variant name, or wait for it to finish and remove that group to replace it"
                 )
             if time.monotonic() > deadline:
@@ -287,14 +169,14 @@ class GradientGroup:
         Only what determines the values counts (lineage and `GradientPlan.identity`): a run with
         another shard size or batch size recognises the group.
         """
-        meta = _read_meta(store, path)
+        meta = read_meta(store, path)
         if not meta:
             return False
         if meta.get("fingerprint") == fingerprint(lineage, plan):
             return True
         raise LakeError(
             f"the lake already holds a different extraction at {path!r} (differs in "
-            f"{_differences(meta, lineage, plan) or ['fingerprint']}); "
+            f"{differences(meta, lineage, plan) or ['fingerprint']}); "
             "use another variant name, or remove that group to replace it"
         )
 
@@ -470,78 +352,3 @@ class GradientGroup:
         if not meta.get("complete"):
             self.group.attrs[ATTR] = {**meta, "complete": True}
         return True
-
-
-class ChunkAssembly:
-    """Row-chunks of a group filled a batch at a time: which rows of a batch a waiting chunk takes,
-    and when a chunk has all its rows.  A batch's samples may come in any order (batches packed
-    by length); each goes to its own row.  Only the chunks asked for are taken; rows of other
-    chunks are ignored, so a finished chunk is never written again."""
-
-    def __init__(self, group: GradientGroup, chunks: list[int], leases=None):
-        self.group, self.leases = group, leases
-        self.waiting = set(chunks)
-        self._filled: dict[int, int] = {}
-
-    def pieces(self, rows: np.ndarray):
-        """(chunk, positions, offsets): for each waiting chunk the batch's samples `rows` reach, which
-        positions of the batch it takes and their rows within the chunk."""
-        rows = np.asarray(rows)
-        height = self.group.plan.chunk_rows
-        chunk_of = rows // height
-        for k in sorted(set(chunk_of.tolist()) & self.waiting):
-            positions = np.flatnonzero(chunk_of == k)
-            yield k, positions, rows[positions] - self.group.plan.chunk_bounds(k)[0]
-
-    def arrived(self, k: int, rows: int) -> bool:
-        """Count `rows` more rows of chunk `k`; True once it has all of them."""
-        c0, c1 = self.group.plan.chunk_bounds(k)
-        self._filled[k] = self._filled.get(k, 0) + rows
-        return self._filled[k] == c1 - c0
-
-    def complete(self, k: int) -> None:
-        """Flag chunk `k` complete (after its data is written): the last write for it; then free its lease."""
-        self.group.mark_complete(k)
-        if self.leases is not None:
-            self.leases.release(self.group, k)
-        self.waiting.discard(k)
-        self._filled.pop(k, None)
-
-
-class ChunkRows(ChunkAssembly):
-    """Per-sample rows written to a group one whole row-chunk at a time.
-
-    A run's batches need not match the group's chunks: a chunk waits here until all its rows
-    came, then is written once and flagged complete.
-    """
-
-    def __init__(self, group: GradientGroup, chunks: list[int], leases=None):
-        super().__init__(group, chunks, leases)
-        self._rows: dict[int, dict[str, np.ndarray]] = {}
-
-    def add(self, start: int, stop: int, arrays: dict[str, np.ndarray]) -> list[int]:
-        """Take samples [start, stop) (`arrays` of `stop - start` rows each); returns the chunks completed."""
-        return self.add_rows(np.arange(start, stop), arrays)
-
-    def add_rows(self, rows: np.ndarray, arrays: dict[str, np.ndarray]) -> list[int]:
-        """Take the samples `rows` (`arrays` hold their values in that order); returns the chunks completed."""
-        done = []
-        for k, positions, offsets in list(self.pieces(rows)):
-            c0, c1 = self.group.plan.chunk_bounds(k)
-            in_order = len(offsets) == c1 - c0 and bool((offsets == np.arange(c1 - c0)).all())
-            if in_order and k not in self._rows:  # the whole chunk in one go, in order: no copy
-                lo = int(positions[0])
-                if bool((positions == np.arange(lo, lo + len(positions))).all()):
-                    self.group.write_chunk(k, {n: a[lo:lo + len(positions)] for n, a in arrays.items()})
-                    self.complete(k)
-                    done.append(k)
-                    continue
-            held = self._rows.setdefault(k, {n: np.empty_like(a, shape=(c1 - c0, *a.shape[1:])) for n, a in arrays.items()})
-            for n, a in arrays.items():
-                held[n][offsets] = a[positions]
-            if not self.arrived(k, len(offsets)):
-                continue
-            self.group.write_chunk(k, self._rows.pop(k))
-            self.complete(k)
-            done.append(k)
-        return done

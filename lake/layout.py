@@ -6,14 +6,37 @@
   datasets/<dataset>/<variant>/<version>/meta.json      their lineage and content hash
   datasets/<dataset>/<variant>/latest.json              the newest version's meta
   gradients/<model>/<checkpoint>/<dataset>/<variant>/<stem>-<mode>/
-                                                    one Zarr v3 group per extraction
+                                                    one Zarr v3 group per extraction (and per projection)
   quality/<model>/<checkpoint>/<dataset>/<variant>/  a checkpoint's answers scored (answers.parquet, summary.json)
   evaluations/<model>/<checkpoint>/<dataset>/<stem>[-thesis]/   select vs project (lake.evaluations)
+  evaluations/<model>/training/<dataset>/            the demo's top-1 and LDS per training step
+  cache/paraphrase/<settings>/<text key>.json       paid-for paraphrases
+  influence/<model>/<checkpoint>/<dataset>/<paradigm>-<strategy>-<key>/factors/   Kronfluence's factors
+  attribution/<model>/<checkpoint>/<train dataset>/
+      <query dataset>.<query variant>/<method>/     a score group (Zarr v3; the '.' marks it)
+      benchmarks/<queries>/                         the attribution benchmark (a result: lake.results)
+      groundtruth/<queries>/lds-<key>/, cf-<key>/   retrained models' query losses
+  tracing/<base>/<checkpoint>/<candidate>/<checkpoint>/   one model-tracing result (a result)
+  tracing/<base>/<checkpoint>/summary.parquet, summary.md every candidate traced against the base
+  .gradlake/create/<group path>.json                a group's creation claim (lake.claims)
+  .gradlake/leases/<group path>/<row-chunk>.json    a row-chunk's lease (lake.leases)
 ```
+
+Lakes written before the attribution stage kept its results under one prefix hold benchmarks at
+``evaluations/<model>/<checkpoint>/<train dataset>/attribution/<queries>/`` and ground truth at
+``groundtruth/<model>/<checkpoint>/<train dataset>/<queries>/``: the ``legacy_*`` functions name
+them, and ``lake.locations`` picks whichever a given lake holds.  ``benchmarks`` and
+``groundtruth`` have no '.', so no score-group pattern (``SCORE_GROUPS``) ever matches them.
 
 The stem is the paradigm for weight gradients, and ``<paradigm>-<target>`` for the other
 extraction targets (``sft-inputs_embeds``, ``sft-inputs_embeds_mean``), so that a target's
 groups, projections and evaluations never meet another's.
+
+The glob patterns ``GRADIENT_GROUPS`` (and ``model_gradient_groups``), ``SCORE_GROUPS``,
+``BENCHMARKS``, ``LEGACY_BENCHMARKS``, ``EVALUATIONS``, ``TRACING``, ``TRACING_BASES``,
+``DATASET_VARIANTS``, ``DATASET_VERSIONS`` and ``QUALITY`` match, relative to the lake, the
+directories of one kind; a lister appends the file that marks one (``zarr.json`` for a Zarr
+group, ``meta.json`` for a result).
 
 See ``docs/lake.md`` for the arrays inside a gradient group.
 """
@@ -60,9 +83,38 @@ def stem(paradigm: str, target: str = "parameters") -> str:
     return paradigm if target == "parameters" else f"{paradigm}-{target}"
 
 
+# ---------------------------------------------------------------- gradients and projections
+
+GRADIENT_GROUPS = "gradients/*/*/*/*/*"  # every gradient and projection group
+
+
 def gradient_group_path(model: str, checkpoint: str, dataset: str, variant: str, paradigm: str, mode: str,
                         target: str = "parameters") -> str:
-    return f"gradients/{model}/{checkpoint}/{dataset}/{variant}/{stem(paradigm, target)}-{mode}"
+    """``gradients/<model>/<checkpoint>/<dataset>/<variant>/<stem>-<mode>``: one extraction's group."""
+    return f"{gradients_dir(model, checkpoint, dataset, variant)}/{stem(paradigm, target)}-{mode}"
+
+
+def gradients_dir(model: str, checkpoint: str | None = None, dataset: str | None = None,
+                  variant: str | None = None) -> str:
+    """``gradients/<model>[/<checkpoint>[/<dataset>[/<variant>]]]``: where a model's (checkpoint's, ...) groups lie."""
+    given = [model, checkpoint, dataset, variant]
+    while given and given[-1] is None:
+        given.pop()
+    if None in given:
+        raise ValueError(f"gradients_dir takes its parts in order (model, checkpoint, dataset, variant); got {given}")
+    return "/".join(["gradients", *given])
+
+
+def model_gradient_groups(model: str) -> str:
+    """The pattern of every gradient and projection group of one model (any checkpoint, dataset, variant)."""
+    return f"{gradients_dir(model)}/*/*/*/*"
+
+
+# ---------------------------------------------------------------- datasets and their quality
+
+DATASET_VARIANTS = "datasets/*/*"  # each holds latest.json
+DATASET_VERSIONS = "datasets/*/*/*"  # each holds data.parquet and meta.json
+QUALITY = "quality/*/*/*/*"  # each holds answers.parquet and summary.json
 
 
 def quality_dir(model: str, checkpoint: str, dataset: str, variant: str) -> str:
@@ -71,6 +123,11 @@ def quality_dir(model: str, checkpoint: str, dataset: str, variant: str) -> str:
 
 def dataset_dir(dataset: str, variant: str) -> str:
     return f"datasets/{dataset}/{variant}"
+
+
+def dataset_latest_file(dataset: str, variant: str) -> str:
+    """The newest version's meta, written after the version itself."""
+    return f"{dataset_dir(dataset, variant)}/latest.json"
 
 
 def dataset_version(content_hash: str) -> str:
@@ -82,10 +139,170 @@ def dataset_version_dir(dataset: str, variant: str, version: str) -> str:
     return f"{dataset_dir(dataset, variant)}/{version}"
 
 
+def dataset_data_file(dataset: str, variant: str, version: str) -> str:
+    return f"{dataset_version_dir(dataset, variant, version)}/data.parquet"
+
+
+def dataset_meta_file(dataset: str, variant: str, version: str) -> str:
+    return f"{dataset_version_dir(dataset, variant, version)}/meta.json"
+
+
 def generated_variant(model: str, checkpoint: str) -> str:
     """The variant name of answers generated by a model at a checkpoint: they differ between them."""
     return f"model_generated.{model}.{checkpoint}"
 
+
+PARAPHRASE_CACHE = "cache/paraphrase"
+
+
+def paraphrase_cache_dir(settings: str) -> str:
+    """``cache/paraphrase/<settings>``: one JSON answer per user text paraphrased with these settings."""
+    return f"{PARAPHRASE_CACHE}/{settings}"
+
+
+def paraphrase_cache_file(settings: str, text: str) -> str:
+    """``cache/paraphrase/<settings>/<text>.json``: the answer for one user text (`text`: its key, a hash)."""
+    return f"{paraphrase_cache_dir(settings)}/{text}.json"
+
+
+# ---------------------------------------------------------------- evaluations
+
+EVALUATIONS = "evaluations/*/*/*/*"  # select-vs-project results (a training curve's directory is one level up)
+
+
+def evaluation_dir(model: str, checkpoint: str, dataset: str, paradigm: str) -> str:
+    """``evaluations/<model>/<checkpoint>/<dataset>/<paradigm>``: a select-vs-project evaluation.
+
+    `paradigm` is the directory's name: the stem, and ``-thesis`` for the thesis's BM25 protocol."""
+    return f"evaluations/{model}/{checkpoint}/{dataset}/{paradigm}"
+
+
+def training_curve_dir(model: str, dataset: str) -> str:
+    """``evaluations/<model>/training/<dataset>``: the demo's top-1 and LDS against the training step.
+
+    Its files (``curve.parquet``, ``curve.png``) lie in it directly, never one level down where an
+    evaluation of a checkpoint named ``training`` would be."""
+    return f"evaluations/{model}/training/{dataset}"
+
+
+# ---------------------------------------------------------------- influence and attribution
+
+def influence_factors_dir(model: str, checkpoint: str, dataset: str, paradigm: str, strategy: str, key: str) -> str:
+    """``influence/<model>/<checkpoint>/<dataset>/<paradigm>-<strategy>-<key>/factors``: Kronfluence's factors."""
+    return f"influence/{model}/{checkpoint}/{dataset}/{paradigm}-{strategy}-{key}/factors"
+
+
+def attribution_dir(model: str, checkpoint: str, train_dataset: str) -> str:
+    """``attribution/<model>/<checkpoint>/<train dataset>``: every result of the attribution stage for that run."""
+    return f"attribution/{model}/{checkpoint}/{train_dataset}"
+
+
+# A score group's directory is the only one at this depth with a '.' in its name (<query dataset>.<query
+# variant>), so neither `benchmarks/` nor `groundtruth/` (no '.') can ever be listed as scores.
+SCORE_GROUPS = "attribution/*/*/*/*.*/*"
+BENCHMARKS = "attribution/*/*/*/benchmarks/*"
+LEGACY_BENCHMARKS = "evaluations/*/*/*/attribution/*"  # where lakes written before kept them
+
+
+def score_query_set(query_dataset: str, query_variant: str) -> str:
+    """A score group's parent: the queries' dataset and variant, joined by the '.' that marks score groups."""
+    return f"{query_dataset}.{query_variant}"
+
+
+def score_group_path(model: str, checkpoint: str, train_dataset: str, query_dataset: str, query_variant: str,
+                     method: str) -> str:
+    """``attribution/<model>/<checkpoint>/<train>/<query dataset>.<query variant>/<method>``: a method's scores."""
+    return f"{attribution_dir(model, checkpoint, train_dataset)}/{score_query_set(query_dataset, query_variant)}/{key(method)}"
+
+
+def benchmark_dir(model: str, checkpoint: str, train_dataset: str, label: str) -> str:
+    """``attribution/<model>/<checkpoint>/<train>/benchmarks/<label>``: an attribution benchmark (a result).
+
+    `label` names the queries: their variant, or ``<query dataset>.<variant>`` for another dataset's."""
+    return f"{attribution_dir(model, checkpoint, train_dataset)}/benchmarks/{label}"
+
+
+def legacy_benchmark_dir(model: str, checkpoint: str, train_dataset: str, label: str) -> str:
+    """``evaluations/<model>/<checkpoint>/<train>/attribution/<label>``: where earlier lakes kept a benchmark."""
+    return f"evaluations/{model}/{checkpoint}/{train_dataset}/attribution/{label}"
+
+
+def parse_benchmark_dir(path: str) -> dict[str, str]:
+    """model, checkpoint, dataset (the training dataset) and queries of a benchmark directory, in either layout."""
+    parts = path.strip("/").split("/")
+    if len(parts) != 6 or (parts[0], parts[4]) not in (("attribution", "benchmarks"), ("evaluations", "attribution")):
+        raise ValueError(f"{path!r} is not a benchmark directory (attribution/<model>/<checkpoint>/<dataset>/"
+                         "benchmarks/<queries>, or evaluations/<model>/<checkpoint>/<dataset>/attribution/<queries>)")
+    return {"model": parts[1], "checkpoint": parts[2], "dataset": parts[3], "queries": parts[5]}
+
+
+def ground_truth_dir(model: str, checkpoint: str, train_dataset: str, label: str) -> str:
+    """``attribution/<model>/<checkpoint>/<train>/groundtruth/<label>``: retrained models' losses on the queries."""
+    return f"{attribution_dir(model, checkpoint, train_dataset)}/groundtruth/{label}"
+
+
+def legacy_ground_truth_dir(model: str, checkpoint: str, train_dataset: str, label: str) -> str:
+    """``groundtruth/<model>/<checkpoint>/<train>/<label>``: where earlier lakes kept the ground truth."""
+    return f"groundtruth/{model}/{checkpoint}/{train_dataset}/{label}"
+
+
+def lds_dir(truth_dir: str, key: str) -> str:
+    """``<ground truth>/lds-<key>``: one set of LDS retrainings (`key` hashes what determines them)."""
+    return f"{truth_dir}/lds-{key}"
+
+
+def counterfactual_dir(truth_dir: str, key: str) -> str:
+    """``<ground truth>/cf-<key>``: one set of counterfactual-removal retrainings."""
+    return f"{truth_dir}/cf-{key}"
+
+
+def lds_subsets_file(lds: str) -> str:
+    """The subsets, seeds and retrainings of an LDS directory (`lds_dir`)."""
+    return f"{lds}/subsets.json"
+
+
+def ground_truth_losses_file(run_dir: str, name: str) -> str:
+    """``<lds or cf directory>/losses/<name>.parquet``: one retrained model's query losses."""
+    return f"{run_dir}/losses/{name}.parquet"
+
+
+# ---------------------------------------------------------------- model tracing
+
+TRACING = "tracing/*/*/*/*"  # one result per (base, candidate)
+TRACING_BASES = "tracing/*/*"  # each holds summary.parquet and summary.md
+
+
+def tracing_base_dir(base: str, checkpoint: str) -> str:
+    """``tracing/<base>/<checkpoint>``: every candidate traced against this base, and their summary."""
+    return f"tracing/{base}/{checkpoint}"
+
+
+def tracing_dir(base: str, base_checkpoint: str, candidate: str, candidate_checkpoint: str) -> str:
+    """``tracing/<base>/<checkpoint>/<candidate>/<checkpoint>``: one tracing result (a result: lake.results)."""
+    return f"{tracing_base_dir(base, base_checkpoint)}/{candidate}/{candidate_checkpoint}"
+
+
+# ---------------------------------------------------------------- claims (outside every Zarr group)
+
+CLAIMS_ROOT = ".gradlake"
+
+
+def claim_file(claim: str) -> str:
+    """``.gradlake/<claim>.json``: the object of a claim (see lake.claims)."""
+    return f"{CLAIMS_ROOT}/{claim}.json"
+
+
+def creation_claim(group_path: str) -> str:
+    """The claim that a run is creating the group at `group_path`."""
+    return f"create/{group_path}"
+
+
+def lease_claim(group_path: str, index: int) -> str:
+    """The lease on row-chunk `index` of the group at `group_path`."""
+    return f"leases/{group_path}/{index}"
+
+
+# ---------------------------------------------------------------- chunks and shards
 
 def column_chunk(rows: int, numel: int, itemsize: int) -> int:
     """Columns per chunk so that a chunk of `rows` samples stays under CHUNK_BYTES."""

@@ -12,11 +12,11 @@ ground truth (LDS, counterfactual removal) can evaluate any of them the same way
     block_complete  (n_query_blocks, n_train_blocks) uint8   1 once that chunk of scores is written
 ```
 
-The group's attribute ``gradlake`` holds the method, its settings and lineage, the
-compute seconds and ``complete`` (set last).  A score matrix larger than memory is
-fine: it is written and read a chunk-aligned block at a time, and a killed run
-resumes at the first block not flagged complete.  Positive scores mean "this training
-sample helped the model on this query" (lower query loss), the sign convention of
+Its path is `layout.score_group_path`.  The group's attribute ``gradlake`` holds the
+method, its settings and lineage, the compute seconds and ``complete`` (set last).  A score
+matrix larger than memory is fine: it is written and read a chunk-aligned block at a time,
+and a killed run resumes at the first block not flagged complete.  Positive scores mean
+"this training sample helped the model on this query" (lower query loss), the sign convention of
 Kronfluence and TRAK.
 """
 
@@ -33,12 +33,6 @@ from gradlake.lake import layout
 from gradlake.lake.store import LakeError, LakeStore, scan_json
 
 QUERY_ROWS = 256
-
-
-def scores_path(model_key: str, checkpoint_key: str, train_dataset: str, query_dataset: str, query_variant: str,
-                method: str) -> str:
-    return (f"attribution/{model_key}/{checkpoint_key}/{train_dataset}/{query_dataset}.{query_variant}/"
-            f"{layout.key(method)}")
 
 
 class ScoreGroup:
@@ -185,7 +179,7 @@ def list_score_groups(store: LakeStore) -> list[dict]:
     """Every score group in the lake: its path (relative to the lake) and its attributes; a group whose
     metadata is damaged as its path and `damaged` (the one-line reason)."""
     out = []
-    for path, record, damage in scan_json(store, "attribution/*/*/*/*/*/zarr.json"):
+    for path, record, damage in scan_json(store, f"{layout.SCORE_GROUPS}/zarr.json"):
         attrs = (record or {}).get("attributes", {}).get("gradlake")
         if damage is not None:
             out.append({"path": path, "damaged": damage})

@@ -111,7 +111,7 @@ def probe_chats():
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, probe_chats) -> dict[str, Path]:
     """Tiny OLMo and OLMo-2 models, checkpoints 'checkpoint-0' and 'checkpoint-1' each."""
-    from gradlake.tasks.common.tiny import build_tiny_model
+    from gradlake.tasks.training.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("models")
     return {arch: build_tiny_model(root / f"tiny-{arch}", arch, probe_chats) for arch in ("olmo", "olmo2")}

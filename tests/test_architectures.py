@@ -26,7 +26,7 @@ from gradlake.lake.store import LakeStore
 from gradlake.tasks.gradients.engine import INPUTS_EMBEDS, PerSampleGradients
 from gradlake.tasks.common.loss import encode_sample, sample_losses
 from gradlake.tasks.common.model import GRADIENT_ARCHITECTURES
-from gradlake.tasks.common.tiny import build_tiny_model, tiny_config
+from gradlake.tasks.training.tiny import build_tiny_model, tiny_config
 
 runner = CliRunner()
 VOCAB = 300
@@ -140,7 +140,7 @@ def test_nan_weights_fail_the_shard_naming_the_samples_and_the_tensor(tiny_model
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     from gradlake.flows.extract import extract_gradients
-    from gradlake.tasks.gradients.extract import ExtractionSpec, plan_extraction
+    from gradlake.tasks.gradients.plan import ExtractionSpec, plan_extraction
     from gradlake.tasks.common.model import ModelSpec
 
     model = poisoned_copy(tiny_models, tmp_path, "model.layers.1.mlp.down_proj.weight")
@@ -172,7 +172,7 @@ def test_nan_weights_fail_the_shard_naming_the_samples_and_the_tensor(tiny_model
 def test_infinite_values_fail_the_shard_and_say_the_likely_cause(case, tiny_models, tmp_path):
     """An Inf weight is named like a NaN one; finite weights whose float16 logits overflow (65504) are told apart."""
     from gradlake.flows.extract import extract_gradients
-    from gradlake.tasks.gradients.extract import ExtractionSpec, plan_extraction
+    from gradlake.tasks.gradients.plan import ExtractionSpec, plan_extraction
     from gradlake.tasks.common.model import ModelSpec
 
     if case == "inf-weight":
@@ -194,7 +194,7 @@ def test_infinite_values_fail_the_shard_and_say_the_likely_cause(case, tiny_mode
 
 
 def test_max_length_beyond_the_positions_is_capped_and_said_once(tiny_models, tmp_path):
-    from gradlake.tasks.gradients.extract import ExtractionSpec, plan_extraction
+    from gradlake.tasks.gradients.plan import ExtractionSpec, plan_extraction
     from gradlake.tasks.common.model import ModelSpec
 
     lake = str(tmp_path / "lake")

@@ -25,11 +25,11 @@ def trained(tiny_models, s3_endpoint):
     from gradlake.flows.influence import compute_influence_flow
     from gradlake.flows.train import train_model
     from gradlake.lake.datasets import read_dataset
-    from gradlake.tasks.gradients.extract import ExtractionSpec
-    from gradlake.tasks.influence.compute import InfluenceSpec
-    from gradlake.tasks.projection.projectors import ProjectionSpec
+    from gradlake.tasks.gradients.plan import ExtractionSpec
+    from gradlake.tasks.influence.spec import InfluenceSpec
+    from gradlake.tasks.projection.spec import ProjectionSpec
     from gradlake.tasks.data.quality import QualitySpec
-    from gradlake.tasks.training.train import TrainSpec
+    from gradlake.tasks.training.spec import TrainSpec
 
     lake = "s3://lake/attribution-test"
     write_probe(lake, N_DATA)
@@ -39,7 +39,7 @@ def trained(tiny_models, s3_endpoint):
                     batch_size=4, learning_rate=1e-2, warmup_steps=4, schedule="cosine", max_length=256, seed=0,
                     quality=QualitySpec(max_samples=8, max_new_tokens=160))
     train_model(run)
-    from gradlake.tasks.attribution.benchmark import AttributionSpec
+    from gradlake.tasks.attribution.spec import AttributionSpec
 
     model = AttributionSpec(train=run, retrain_prefix="s3://unused").model
     for variant in ("original", "paraphrased"):
@@ -67,7 +67,8 @@ def test_held_out_and_paraphrase_benchmarks_through_prefect_on_s3(trained):
     samples: the oracle alone reaches a high LDS (duplicate retrieval) and nothing is left of it beyond the source.
     Both tables rest on the same retrainings."""
     from gradlake.flows.attribution import evaluate_attribution
-    from gradlake.tasks.attribution.benchmark import AttributionSpec, read_benchmark
+    from gradlake.tasks.attribution.spec import AttributionSpec
+    from gradlake.tasks.attribution.benchmark import read_benchmark
 
     run, lake, ids = trained
     store = LakeStore(lake)
@@ -123,11 +124,12 @@ def test_trak_features_come_from_the_training_samples_only(trained):
     computer divides the inverse by its mean absolute value, and so does the formula here."""
     import zarr
 
-    from gradlake.flows.attribution import baseline_context, plan_attribution
+    from gradlake.tasks.attribution.baselines import baseline_context
+    from gradlake.tasks.attribution.benchmark import plan_attribution
     from gradlake.lake import layout
-    from gradlake.lake.gradients import NOT_GRADIENTS
+    from gradlake.lake.gradient_plan import NOT_GRADIENTS
     from gradlake.lake.scores import ScoreGroup
-    from gradlake.tasks.attribution.benchmark import AttributionSpec, method_path
+    from gradlake.tasks.attribution.spec import AttributionSpec, method_path
     from gradlake.tasks.attribution.baselines import baseline_scores
     from gradlake.tasks.common.lineage import lake_keys
 
@@ -164,8 +166,11 @@ def test_counterfactual_removal_retrains_on_keep_less_the_removed(trained):
     """A run trained on a `keep` subset: each removal retraining trains on exactly those samples less the k removed
     (read back from the retrained checkpoint's lineage), for the attributed run's number of steps."""
     from gradlake.flows.attribution import evaluate_attribution
-    from gradlake.tasks.attribution.benchmark import AttributionSpec, counterfactual_runs, read_benchmark, retrained_model
-    from gradlake.tasks.training.train import LINEAGE_FILE, plan_run
+    from gradlake.tasks.attribution.spec import AttributionSpec
+    from gradlake.tasks.attribution.retraining import counterfactual_runs, retrained_model
+    from gradlake.tasks.attribution.benchmark import read_benchmark
+    from gradlake.tasks.training.spec import LINEAGE_FILE
+    from gradlake.tasks.training.plan import plan_run
 
     run, lake, ids = trained
     spec = AttributionSpec(train=run, max_queries=N_QUERY, n_subsets=12, counterfactual_k=1, counterfactual_queries=2,
@@ -210,8 +215,8 @@ def test_counterfactual_removal_retrains_on_keep_less_the_removed(trained):
     ({"trak_checkpoints": ["checkpoint-000100"]}, "trak_checkpoints \\['checkpoint-000100'\\] are not checkpoints"),
 ])
 def test_bad_settings_fail_before_any_retraining(trained, change, message):
-    from gradlake.flows.attribution import plan_attribution
-    from gradlake.tasks.attribution.benchmark import AttributionSpec
+    from gradlake.tasks.attribution.benchmark import plan_attribution
+    from gradlake.tasks.attribution.spec import AttributionSpec
 
     run, lake, _ = trained
     with pytest.raises(ValueError, match=message):
@@ -220,7 +225,8 @@ def test_bad_settings_fail_before_any_retraining(trained, change, message):
 
 
 def test_held_out_queries_need_samples_the_run_never_saw(trained):
-    from gradlake.tasks.attribution.benchmark import AttributionError, AttributionSpec, resolve_queries
+    from gradlake.tasks.attribution.spec import AttributionError, AttributionSpec
+    from gradlake.tasks.attribution.queries import resolve_queries
 
     run, lake, ids = trained
     spec = AttributionSpec(train=run, retrain_prefix="s3://lake/never")
@@ -236,9 +242,10 @@ def test_queries_tokenized_otherwise_than_the_training_set_are_refused_before_an
     """Query gradients whose lineage names another tokenizer (a checkpoint re-saved with a new one): one error, no scores."""
     import zarr
 
-    from gradlake.flows.attribution import baseline_context, plan_attribution
+    from gradlake.tasks.attribution.baselines import baseline_context
+    from gradlake.tasks.attribution.benchmark import plan_attribution
     from gradlake.lake import layout
-    from gradlake.tasks.attribution.benchmark import AttributionSpec, method_path
+    from gradlake.tasks.attribution.spec import AttributionSpec, method_path
     from gradlake.tasks.attribution.baselines import BaselineError, baseline_scores
     from gradlake.tasks.common.lineage import lake_keys
 
@@ -263,7 +270,7 @@ def test_queries_tokenized_otherwise_than_the_training_set_are_refused_before_an
 
 def test_counterfactual_methods_without_scores_fail_before_any_retraining(trained):
     from gradlake.flows.attribution import evaluate_attribution
-    from gradlake.tasks.attribution.benchmark import AttributionError, AttributionSpec
+    from gradlake.tasks.attribution.spec import AttributionError, AttributionSpec
 
     run, lake, _ = trained
     spec = AttributionSpec(train=run, max_queries=N_QUERY, n_subsets=4, counterfactual_k=2, baselines=False,

@@ -8,9 +8,10 @@ import pytest
 from conftest import write_probe
 from gradlake.lake import open_lake
 from gradlake.lake.gradients import GradientGroup
-from gradlake.tasks.gradients import batching, extract
+from gradlake.tasks.gradients import batching, extract, plan
 from gradlake.tasks.gradients.batching import padded_tokens, shard_batches
-from gradlake.tasks.gradients.extract import ExtractionSpec, create_group, extract_shard, pending_shards, plan_extraction
+from gradlake.tasks.gradients.plan import ExtractionSpec, create_group, plan_extraction
+from gradlake.tasks.gradients.extract import extract_shard, pending_shards
 from gradlake.tasks.common.model import ModelSpec
 
 N = 24
@@ -51,7 +52,7 @@ def run(spec: ExtractionSpec) -> GradientGroup:
     group = create_group(plan_extraction(spec))
     for shard in pending_shards(spec, group):
         extract_shard(spec, group, shard, log=lambda *_: None)
-    for target in extract.projection_groups(spec, group.store, group.path):
+    for target in plan.projection_groups(spec, group.store, group.path):
         assert target.finalize()
     assert group.finalize()
     return group

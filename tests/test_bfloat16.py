@@ -17,10 +17,11 @@ from gradlake.lake.dtypes import from_bfloat16_bits, to_bfloat16_bits
 from gradlake.lake.integrity import read_checked
 from gradlake.lake.store import LakeError, LakeStore
 from gradlake.lake.verify import verify_lake
-from gradlake.tasks.gradients.extract import ExtractionSpec
+from gradlake.tasks.gradients.plan import ExtractionSpec
 from gradlake.tasks.common.loss import encode_sample
 from gradlake.tasks.common.model import ModelSpec
-from gradlake.tasks.projection.projectors import ProjectionSpec, project_batch, projectors_for
+from gradlake.tasks.projection.spec import ProjectionSpec
+from gradlake.tasks.projection.projectors import project_batch, projectors_for
 from test_batching import run
 
 N = 8

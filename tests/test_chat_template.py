@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import write_probe
-from gradlake.tasks.gradients.extract import ExtractionSpec, plan_extraction
+from gradlake.tasks.gradients.plan import ExtractionSpec, plan_extraction
 from gradlake.tasks.common.loss import TULU, encode_sample
 from gradlake.tasks.common.model import ModelSpec
 
@@ -84,7 +84,8 @@ def test_template_and_labels_are_in_the_lineage_and_a_bad_template_is_refused(ti
 
 def test_evaluation_refuses_variants_rendered_differently(tiny_models, tmp_path):
     from gradlake.lake.store import LakeError
-    from gradlake.tasks.evaluate.evaluation import Evaluation, EvaluationSpec
+    from gradlake.tasks.evaluate.evaluation import Evaluation
+    from gradlake.tasks.evaluate.spec import EvaluationSpec
     from test_batching import run
 
     model = ModelSpec(model=str(tiny_models["olmo2"]), checkpoint="checkpoint-1")

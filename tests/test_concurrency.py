@@ -18,7 +18,8 @@ import zarr
 
 from conftest import write_probe
 from gradlake.lake import claims
-from gradlake.lake.gradients import GradientGroup, GradientPlan
+from gradlake.lake.gradient_plan import GradientPlan
+from gradlake.lake.gradients import GradientGroup
 from gradlake.lake.store import LakeError, LakeStore
 
 PATH = "gradients/m/c/probe/original/sft-store"
@@ -132,7 +133,7 @@ WORKERS, N, SHARD = 8, 16, 2
 
 
 def _spec(model_dir: str, lake: str):
-    from gradlake.tasks.gradients.extract import ExtractionSpec
+    from gradlake.tasks.gradients.plan import ExtractionSpec
     from gradlake.tasks.common.model import ModelSpec
 
     return ExtractionSpec(model=ModelSpec(model=model_dir, checkpoint="checkpoint-1", device="cpu"), dataset="probe",
@@ -146,7 +147,8 @@ def _worker(model_dir: str, lake: str, index: int, results) -> None:
 
     import torch
 
-    from gradlake.tasks.gradients.extract import create_group, extract_shard, plan_extraction
+    from gradlake.tasks.gradients.plan import create_group, plan_extraction
+    from gradlake.tasks.gradients.extract import extract_shard
 
     try:
         torch.set_num_threads(1)
@@ -162,7 +164,8 @@ def _worker(model_dir: str, lake: str, index: int, results) -> None:
 
 def test_eight_workers_on_one_s3_group_compute_each_chunk_once(tiny_models, s3_endpoint, tmp_path):
     from gradlake.lake import open_lake
-    from gradlake.tasks.gradients.extract import create_group, extract_shard, plan_extraction
+    from gradlake.tasks.gradients.plan import create_group, plan_extraction
+    from gradlake.tasks.gradients.extract import extract_shard
 
     lake, reference = "s3://lake/eight-workers", f"file://{tmp_path}/reference"
     for url in (lake, reference):

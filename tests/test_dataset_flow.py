@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gradlake.flows.dataset import DatasetSpec, create_dataset
+from gradlake.tasks.data.dataset import DatasetSpec
+from gradlake.flows.dataset import create_dataset
 from gradlake.lake import open_lake
 from gradlake.lake.store import LakeStore
 from gradlake.tasks.data.generate import generate_answers

@@ -91,7 +91,7 @@ def test_bad_input_is_not_retried(tiny_models, lake_dir):
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     from gradlake.flows.extract import extract_gradients
-    from gradlake.tasks.gradients.extract import ExtractionSpec
+    from gradlake.tasks.gradients.plan import ExtractionSpec
     from gradlake.tasks.common.model import ModelSpec
 
     spec = ExtractionSpec(model=ModelSpec(model=str(tiny_models["olmo"]), checkpoint="checkpoint-1"),
@@ -244,8 +244,8 @@ def test_only_an_error_gradlake_raised_loses_its_traceback():
 
     import numpy as np
 
-    from gradlake.flows.console import _WithoutToldTraceback, told
-    from gradlake.tasks.common.tiny import tiny_config
+    from gradlake.flows.console import WithoutToldTraceback, told
+    from gradlake.tasks.training.tiny import tiny_config
 
     caught = {}
     for name, call in (("ours", lambda: tiny_config("gptneox", 10)), ("numpy's", lambda: np.zeros(2).reshape(3))):
@@ -254,7 +254,7 @@ def test_only_an_error_gradlake_raised_loses_its_traceback():
         except ValueError as err:
             caught[name] = err
     assert told(caught["ours"]) and not told(caught["numpy's"]) and not told(ValueError("never raised"))
-    formatter = _WithoutToldTraceback(logging.Formatter("%(message)s"))
+    formatter = WithoutToldTraceback(logging.Formatter("%(message)s"))
     for name, err in caught.items():
         record = logging.LogRecord("prefect.flow_runs", logging.ERROR, __file__, 1, "failed", None, (type(err), err, err.__traceback__))
         shown = formatter.format(record)

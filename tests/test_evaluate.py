@@ -15,12 +15,14 @@ from gradlake.flows.evaluate import artifact_key, evaluate
 from gradlake.flows.extract import extract_gradients
 from gradlake.lake import open_lake
 from gradlake.lake.store import LakeError
-from gradlake.tasks.evaluate.evaluation import EvaluationSpec, layer_groups, run_evaluation
-from gradlake.tasks.gradients.extract import ExtractionSpec
+from gradlake.tasks.evaluate.spec import EvaluationSpec
+from gradlake.tasks.evaluate.groups import layer_groups
+from gradlake.tasks.evaluate.evaluation import run_evaluation
+from gradlake.tasks.gradients.plan import ExtractionSpec
 from gradlake.tasks.evaluate.metrics import (bm25_candidates, bm25_scores, bm25_tokens, candidate_correct, cosine_from_parts,
     rank_metrics, thesis_bm25_scores, thesis_candidates, top_k, true_ranks)
 from gradlake.tasks.common.model import ModelSpec
-from gradlake.tasks.projection.projectors import ProjectionSpec
+from gradlake.tasks.projection.spec import ProjectionSpec
 from gradlake.tasks.evaluate.similarity import array_dots, blocks
 
 N = 24

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from conftest import write_probe
 from gradlake.flows.cli import app
-from gradlake.tasks.gradients.extract import ExtractionSpec
+from gradlake.tasks.gradients.plan import ExtractionSpec
 from gradlake.tasks.common.model import ModelSpec
 from s3proxy import FaultyS3Proxy
 from test_batching import run
@@ -122,7 +122,7 @@ def test_the_flow_runs_the_same_checks(read_only_s3_lake, tiny_models):
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     from gradlake.flows.evaluate import evaluate
-    from gradlake.tasks.evaluate.evaluation import EvaluationSpec
+    from gradlake.tasks.evaluate.spec import EvaluationSpec
 
     url, keys, _ = read_only_s3_lake
     before = keys()

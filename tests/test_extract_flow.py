@@ -12,9 +12,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import write_probe
 from gradlake.flows.extract import extract_gradients
 from gradlake.lake import open_lake
-from gradlake.lake.gradients import NOT_GRADIENTS
+from gradlake.lake.gradient_plan import NOT_GRADIENTS
 from gradlake.lake.store import LakeError
-from gradlake.tasks.gradients.extract import ExtractionSpec
+from gradlake.tasks.gradients.plan import ExtractionSpec
 from gradlake.tasks.common.loss import encode_sample
 from gradlake.tasks.common.model import ModelSpec
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gradlake.tasks.gradients.extract import ExtractionSpec, plan_extraction
+from gradlake.tasks.gradients.plan import ExtractionSpec, plan_extraction
 from gradlake.tasks.gradients.footprint import GiB, device_memory, extraction_floor
 from gradlake.tasks.common.model import ModelSpec
-from gradlake.tasks.common.tiny import tiny_config
+from gradlake.tasks.training.tiny import tiny_config
 
 # OLMo-2-1124-7B's published shape.
 OLMO2_7B = dict(vocab_size=100352, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,

@@ -105,7 +105,7 @@ def test_multi_turn_chat_labels_every_assistant_turn(tiny_models):
 @pytest.mark.parametrize("arch", ["olmo", "olmo2"])
 def test_tied_embeddings_collect_both_uses(tiny_models, probe_chats, arch):
     """With lm_head tied to the embedding, one parameter gets the sum of both uses' gradients."""
-    from gradlake.tasks.common.tiny import tiny_config
+    from gradlake.tasks.training.tiny import tiny_config
 
     _, tokenizer = load(tiny_models[arch] / "checkpoint-0")
     torch.manual_seed(1)
@@ -163,7 +163,8 @@ def test_input_embedding_gradients_equal_autograd_per_sample(tiny_models, probe_
 def test_input_embedding_gradients_projected_during_backward(tiny_models, probe_chats):
     """Projected but not kept: the projection of the autograd reference, through the shared scratch buffer."""
     from gradlake.tasks.gradients.engine import Projection
-    from gradlake.tasks.projection.projectors import ProjectionSpec, projectors_for
+    from gradlake.tasks.projection.spec import ProjectionSpec
+    from gradlake.tasks.projection.projectors import projectors_for
 
     model, tokenizer = load(tiny_models["olmo2"] / "checkpoint-1")
     encoded = [encode_sample(tokenizer, probe_chats[i], "sft", max_length=256) for i in (4, 11)]

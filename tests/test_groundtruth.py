@@ -179,7 +179,8 @@ def test_the_source_oracle_and_lds_beyond_the_source():
 def test_the_best_tensor_is_never_chosen_on_the_queries_it_scores():
     """Cross-fitting: each fold's tensor is the best on the other folds; whatever a fold's own queries say, its choice
     does not move, and a tensor that is best only on a fold's own queries is never that fold's choice."""
-    from gradlake.tasks.attribution.benchmark import AttributionError, cross_fitted_choice, query_folds
+    from gradlake.tasks.attribution.spec import AttributionError
+    from gradlake.tasks.attribution.benchmark import cross_fitted_choice, query_folds
 
     fold = query_folds(10, 2, seed=0)
     assert sorted(np.bincount(fold)) == [5, 5] and np.array_equal(fold, query_folds(10, 2, seed=0))

@@ -14,7 +14,7 @@ import pytest
 from conftest import write_probe
 from gradlake.flows.extract import extract_gradients
 from gradlake.lake import open_lake
-from gradlake.tasks.gradients.extract import ExtractionSpec, plan_extraction
+from gradlake.tasks.gradients.plan import ExtractionSpec, plan_extraction
 from gradlake.tasks.common.model import ModelError, ModelSpec
 
 REPO_ID = "gradlake-test/tiny-olmo2"

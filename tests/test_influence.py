@@ -14,8 +14,10 @@ from scipy.stats import spearmanr
 from conftest import write_probe
 from gradlake.lake.scores import ScoreGroup, list_score_groups
 from gradlake.lake.store import LakeStore
-from gradlake.tasks.influence.compute import (InfluenceError, InfluenceSpec, collate, compute_influence, linear_from_conv1d,
-    load_factors, load_sets, plan_influence, tracked_modules, EncodedSet, _score_args, _task_class)
+from gradlake.tasks.influence.spec import InfluenceError, InfluenceSpec
+from gradlake.tasks.influence.kronfluence import (collate, linear_from_conv1d, load_factors, tracked_modules, EncodedSet,
+    score_args, task_class)
+from gradlake.tasks.influence.compute import compute_influence, load_sets, plan_influence
 from gradlake.tasks.common.model import ModelSpec
 
 N_TRAIN, N_QUERY = 24, 6
@@ -34,7 +36,7 @@ def lake(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def tiny_gpt2(tmp_path_factory, probe_chats):
     """A tiny GPT-2 (Conv1D layers), checkpoints 'checkpoint-0' and 'checkpoint-1'."""
-    from gradlake.tasks.common.tiny import build_tiny_model
+    from gradlake.tasks.training.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-gpt2", "gpt2", probe_chats)
 
@@ -51,7 +53,7 @@ def scores_of(lake: str, path: str) -> np.ndarray:
 
 def test_identity_scores_are_dot_products_of_the_lakes_gradients(tiny_models, lake):
     from gradlake.flows.extract import extract_gradients
-    from gradlake.tasks.gradients.extract import ExtractionSpec
+    from gradlake.tasks.gradients.plan import ExtractionSpec
 
     spec = spec_for(tiny_models, lake, strategy="identity")
     path = compute_influence(spec, log=lambda _: None)
@@ -115,7 +117,7 @@ def test_lake_scores_equal_kronfluence_in_memory_and_resume_by_block(tiny_models
     train = EncodedSet(encode(read_dataset(store, "probe", "original")))
     queries = EncodedSet(encode(read_dataset(store, "probe", "paraphrased").head(N_QUERY)))
     modules = [f"model.layers.{i}.mlp.down_proj" for i in (0, 1)]
-    task = _task_class()(modules, seed=0)
+    task = task_class()(modules, seed=0)
     model = prepare_model(AutoModelForCausalLM.from_pretrained(directory).eval(), task)
     analyzer = Analyzer("direct", model, task, cpu=True, output_dir=str(tmp_path), disable_tqdm=True)
     analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=collate(tokenizer.pad_token_id)))
@@ -177,7 +179,7 @@ def test_strategies_against_exact_inverse_ggn_influence(tmp_path):
 
     from gradlake.tasks.common.loss import encode_sample, pad_batch, sample_losses
     from gradlake.tasks.data.probes import load_probe_set, probe_variant, store_probe_set
-    from gradlake.tasks.common.tiny import _train, tiny_config, train_tokenizer
+    from gradlake.tasks.training.tiny import train_briefly, tiny_config, train_tokenizer
 
     frame = load_probe_set().head(N_TRAIN)
     chats = list(probe_variant(frame, "original")["messages"])
@@ -187,7 +189,7 @@ def test_strategies_against_exact_inverse_ggn_influence(tmp_path):
     config = tiny_config("olmo2", tokenizer, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=2)
     model = AutoModelForCausalLM.from_config(config)
-    _train(model, tokenizer, chats, 60, 0)
+    train_briefly(model, tokenizer, chats, 60, 0)
     model.eval()
     model.save_pretrained(tmp_path / "m")
     tokenizer.save_pretrained(tmp_path / "m")
@@ -255,7 +257,7 @@ def test_conv1d_becomes_an_equal_linear():
 def test_layer_keywords_choose_each_blocks_attention_and_mlp(architecture):
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    from gradlake.tasks.common.tiny import tiny_config
+    from gradlake.tasks.training.tiny import tiny_config
 
     sizes = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4)
@@ -285,7 +287,7 @@ def test_a_layer_keyword_or_pattern_that_matches_nothing_names_itself():
         tracked_modules(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)), ["mlp"])
     from transformers import AutoModelForCausalLM
 
-    from gradlake.tasks.common.tiny import tiny_config
+    from gradlake.tasks.training.tiny import tiny_config
 
     with torch.device("meta"):
         gpt2 = AutoModelForCausalLM.from_config(tiny_config("gpt2", 512))
@@ -352,10 +354,10 @@ def test_damping_rules_are_explicit_and_recorded(tiny_models, lake):
 
     default = ScoreArguments().damping_factor
     assert default == 1e-08  # Kronfluence 1.0.1's own default
-    assert _score_args(spec_for(tiny_models, lake, damping="kronfluence")).damping_factor == default
+    assert score_args(spec_for(tiny_models, lake, damping="kronfluence")).damping_factor == default
     for damping in (None, "heuristic"):
-        assert _score_args(spec_for(tiny_models, lake, damping=damping)).damping_factor is None
-    assert _score_args(spec_for(tiny_models, lake, damping=0.25)).damping_factor == 0.25
+        assert score_args(spec_for(tiny_models, lake, damping=damping)).damping_factor is None
+    assert score_args(spec_for(tiny_models, lake, damping=0.25)).damping_factor == 0.25
     # the rule and the number reach the lake, and the number reaches the scores: EK-FAC differs from the heuristic
     heuristic = compute_influence(spec_for(tiny_models, lake, strategy="ekfac"), log=lambda _: None)
     tiny = compute_influence(spec_for(tiny_models, lake, strategy="ekfac", damping="kronfluence",

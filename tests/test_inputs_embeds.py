@@ -14,12 +14,12 @@ from gradlake.flows.evaluate import evaluate
 from gradlake.flows.extract import extract_gradients
 from gradlake.lake import open_lake
 from gradlake.lake.store import LakeError
-from gradlake.tasks.evaluate.evaluation import EvaluationSpec
-from gradlake.tasks.gradients.extract import ExtractionSpec, plan_extraction
+from gradlake.tasks.evaluate.spec import EvaluationSpec
+from gradlake.tasks.gradients.plan import ExtractionSpec, plan_extraction
 from gradlake.tasks.common.loss import encode_sample, sample_losses
 from gradlake.tasks.evaluate.metrics import rank_metrics, true_ranks
 from gradlake.tasks.common.model import ModelSpec
-from gradlake.tasks.projection.projectors import ProjectionSpec
+from gradlake.tasks.projection.spec import ProjectionSpec
 
 N = 8
 MAX_LENGTH = 320

@@ -26,7 +26,8 @@ from conftest import write_probe
 from gradlake.flows.cli import app
 from gradlake.lake.datasets import dataset_meta, list_datasets, list_versions, read_dataset
 from gradlake.lake.store import LakeError, LakeStore
-from gradlake.tasks.gradients.extract import ExtractionSpec, create_group, extract_shard, plan_extraction
+from gradlake.tasks.gradients.plan import ExtractionSpec, create_group, plan_extraction
+from gradlake.tasks.gradients.extract import extract_shard
 from gradlake.tasks.common.model import ModelError, ModelSpec, check_model, check_weights, load_model
 
 N = 2

@@ -74,7 +74,7 @@ def test_notebook_runs_unchanged_on_the_demo_lake(demo_lake, found_by, tmp_path,
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2, "the redrawn plots are missing"
     assert any("proj:rademacher-flat-d1024-s0" in str(o.get("data", {})) for o in outputs)
     # The attribution benchmark of the final checkpoint, its training curve and EK-FAC's top samples for a query.
-    assert f"evaluations/{evaluated}/{final}/probe/attribution/held_out" in printed
+    assert f"attribution/{evaluated}/{final}/probe/benchmarks/held_out" in printed
     tables = "".join(str(o.get("data", {}).get("text/plain", "")) for o in outputs)
     assert "influence-ekfac" in tables and "lds_ci_low" in tables and "top1 best tensor" in tables
     assert "influence-ekfac: query probe-0001; its own original is 'original:probe-0001'" in printed

@@ -27,7 +27,7 @@ import yaml
 from conftest import REPO, write_probe
 from gradlake.flows.extract import extract_gradients
 from gradlake.lake import open_lake
-from gradlake.tasks.gradients.extract import ExtractionSpec
+from gradlake.tasks.gradients.plan import ExtractionSpec
 from gradlake.tasks.common.model import ModelSpec
 
 N = 24
@@ -139,7 +139,7 @@ def test_pipeline_fans_out_over_both_gpu_workers(platform, tiny_models, tmp_path
 
     lake, watched = platform["lake"], platform["watched"]
     model = {"model": str(watched), "checkpoint": "checkpoint-1"}
-    create = {"source": {"source": str(REPO / "tasks" / "probe_set.jsonl"), "n": N, "sampling": "first"},
+    create = {"source": {"source": str(REPO / "tasks" / "data" / "probe_set.jsonl"), "n": N, "sampling": "first"},
               "paraphrase_column": "paraphrase"}
     spec = {"model": model, "dataset": "created", "create": create, "variants": ["original", "paraphrased"], **SETTINGS,
             "projections": [{"kind": "rademacher", "dim": 256, "scope": "flat"}], "lake": lake}
@@ -211,7 +211,7 @@ def test_scheduled_watcher_runs_by_itself(platform, tmp_path):
 
     env = platform["env"]
     gradlake = [sys.executable, "-m", "gradlake.flows.cli"]
-    bad = subprocess.run([*gradlake, "watch", "--model", str(tmp_path), "--settings", '{"shardsize": 32}', "--lake", "s3://lake/w"],
+    bad = subprocess.run([*gradlake, "watch", "--model", str(tmp_path), "--spec", '{"pipeline": {"shardsize": 32}}', "--lake", "s3://lake/w"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "shardsize" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
     empty = tmp_path / "no-checkpoints-yet"
@@ -242,7 +242,7 @@ def test_scheduled_watcher_runs_by_itself(platform, tmp_path):
 
 
 def test_watcher_starts_the_pipeline_once_per_new_checkpoint(platform, tiny_models):
-    from gradlake.flows.pipeline import wait_for_run
+    from gradlake.flows.fanout import wait_for_run
     from gradlake.flows.watch import WatchSpec, watch_checkpoints
 
     lake, watched = platform["lake"], platform["watched"]
@@ -272,9 +272,9 @@ def test_trained_checkpoint_on_s3_goes_through_the_pipeline(platform, tiny_model
     """train-model on a gpu worker writes a checkpoint to S3; the watcher sees it and the pipeline extracts it."""
     from prefect.deployments import run_deployment
 
-    from gradlake.flows.pipeline import wait_for_run
+    from gradlake.flows.fanout import wait_for_run
     from gradlake.flows.watch import WatchSpec, watch_checkpoints
-    from gradlake.tasks.training.train import TrainSpec
+    from gradlake.tasks.training.spec import TrainSpec
 
     lake = platform["lake"]
     output = "s3://lake/trained/tiny-olmo2"
@@ -305,8 +305,9 @@ def test_attribution_retrainings_fan_out_to_train_model_on_the_gpu_pool(platform
     from gradlake.lake.datasets import read_dataset
     from gradlake.lake.scores import ScoreGroup
     from gradlake.lake.store import LakeStore
-    from gradlake.tasks.attribution.benchmark import AttributionSpec, benchmark_dir, method_path, read_benchmark
-    from gradlake.tasks.training.train import TrainSpec
+    from gradlake.tasks.attribution.spec import AttributionSpec, benchmark_dir, method_path
+    from gradlake.tasks.attribution.benchmark import read_benchmark
+    from gradlake.tasks.training.spec import TrainSpec
 
     lake = platform["lake"]
     train = TrainSpec(model=ModelSpec(model=str(tiny_models["olmo2"]), checkpoint="checkpoint-1"), lake=lake,
@@ -380,7 +381,8 @@ def test_killed_gpu_worker_leaves_its_share_to_the_other(platform, tmp_path):
     from prefect.deployments import run_deployment
 
     from gradlake.lake.store import LakeStore
-    from gradlake.tasks.gradients.extract import create_group, extract_shard, plan_extraction
+    from gradlake.tasks.gradients.plan import create_group, plan_extraction
+    from gradlake.tasks.gradients.extract import extract_shard
 
     lake = "s3://lake/killed"
     write_probe(lake, N)
@@ -414,7 +416,7 @@ def test_killed_gpu_worker_leaves_its_share_to_the_other(platform, tmp_path):
     os.killpg(os.getpgid(flow_pid), signal.SIGKILL)
     os.killpg(platform["workers"][victim].pid, signal.SIGKILL)
     platform["workers"][victim].wait(timeout=30)
-    from gradlake.flows.pipeline import wait_for_run
+    from gradlake.flows.fanout import wait_for_run
 
     state = wait_for_run(first.id, timeout=600)
     assert state is not None and state.is_completed(), state

@@ -16,11 +16,11 @@ from conftest import REPO, write_probe
 from gradlake.flows.extract import extract_gradients
 from gradlake.flows.project import project_gradients
 from gradlake.lake import open_lake
-from gradlake.tasks.gradients.extract import ExtractionSpec
+from gradlake.tasks.gradients.plan import ExtractionSpec
 from gradlake.tasks.common.model import ModelSpec
 from gradlake.tasks.projection.stored import ProjectSpec
-from gradlake.tasks.projection.projectors import (BlockProjector, ProjectionError, ProjectionSpec, TrakProjector,
-    check_projection, make_projector, parse_projection)
+from gradlake.tasks.projection.projectors import BlockProjector, TrakProjector, make_projector
+from gradlake.tasks.projection.spec import ProjectionError, ProjectionSpec, check_projection, parse_projection
 
 N = 24
 
@@ -194,7 +194,7 @@ def _shapes(layers: int, width: int, mlp: int, vocab: int) -> dict[str, tuple[in
 
 
 def test_dense_projections_that_would_take_hours_per_batch_on_a_cpu_are_refused_at_plan_time():
-    from gradlake.tasks.projection.projectors import (NS_PER_DENSE_ENTRY, REGENERATION_LIMIT_CPU_HOURS, _plan,
+    from gradlake.tasks.projection.projectors import (NS_PER_DENSE_ENTRY, REGENERATION_LIMIT_CPU_HOURS, plan_projectors,
         projector_choices, regeneration_cpu_hours)
 
     olmo_1b, olmo_7b = _shapes(16, 2048, 8192, 50304), _shapes(32, 4096, 11008, 50304)
@@ -220,9 +220,9 @@ def test_dense_projections_that_would_take_hours_per_batch_on_a_cpu_are_refused_
         hours = rows * 1_000_000 * width * spec.dim * NS_PER_DENSE_ENTRY / 3.6e12
         if refused:
             with pytest.raises(ProjectionError, match="CPU-hours per batch"):
-                _plan(spec, shapes, "cpu")
+                plan_projectors(spec, shapes, "cpu")
         else:
-            assert regeneration_cpu_hours(_plan(spec, shapes, "cpu")) == pytest.approx(hours)
+            assert regeneration_cpu_hours(plan_projectors(spec, shapes, "cpu")) == pytest.approx(hours)
     # a matrix that fits the cache is drawn once and never refused
     assert projector_choices(ProjectionSpec(kind="rademacher", dim=16, scope="flat"), {"w": (4096, 4096)}, "cpu") == {"w": "gradlake.block"}
 
@@ -286,7 +286,7 @@ def _tied_model_and_batch(tiny_models, probe_chats):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gradlake.tasks.common.loss import encode_sample, pad_batch
-    from gradlake.tasks.common.tiny import tiny_config
+    from gradlake.tasks.training.tiny import tiny_config
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["olmo2"] / "checkpoint-0")
     torch.manual_seed(2)
@@ -308,7 +308,8 @@ def _reference(model, encoded) -> dict[str, torch.Tensor]:
 def test_kronecker_projection_equals_explicit_projection_of_the_gradient(tiny_models, probe_chats):
     """The factored projection, made in the hooks without forming any gradient, equals vec(G) @ kron(P_out, P_in)."""
     from gradlake.tasks.gradients.engine import PerSampleGradients, Projection
-    from gradlake.tasks.projection.projectors import KroneckerProjector, output_key, projectors_for
+    from gradlake.tasks.projection.projectors import KroneckerProjector, projectors_for
+    from gradlake.tasks.projection.spec import output_key
 
     model, encoded, (ids, labels) = _tied_model_and_batch(tiny_models, probe_chats)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if p.dim() == 2}
@@ -336,7 +337,8 @@ def test_kronecker_projection_equals_explicit_projection_of_the_gradient(tiny_mo
 def test_dense_projections_in_the_backward_equal_projections_of_the_gradients(tiny_models, probe_chats):
     """Kept and not-kept tensors, flat and per-tensor outputs, a tied embedding: all equal projecting the reference."""
     from gradlake.tasks.gradients.engine import PerSampleGradients, Projection
-    from gradlake.tasks.projection.projectors import output_key, project_batch, projectors_for
+    from gradlake.tasks.projection.spec import output_key
+    from gradlake.tasks.projection.projectors import project_batch, projectors_for
 
     model, encoded, (ids, labels) = _tied_model_and_batch(tiny_models, probe_chats)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
@@ -425,7 +427,7 @@ def test_interrupted_projection_group_is_redone_on_rerun(on_the_fly):
 
 
 def test_bad_on_the_fly_settings_fail_before_anything_is_written(tiny_models, tmp_path):
-    from gradlake.tasks.gradients.extract import plan_extraction
+    from gradlake.tasks.gradients.plan import plan_extraction
 
     lake = f"file://{tmp_path / 'lake'}"
     write_probe(lake, 8)
@@ -450,7 +452,7 @@ def test_bad_on_the_fly_settings_fail_before_anything_is_written(tiny_models, tm
 def test_refused_extraction_writes_no_projection_group(on_the_fly):
     """A different extraction at the gradient group's path is refused before any projection group is created."""
     from gradlake.lake.store import LakeError
-    from gradlake.tasks.gradients.extract import create_group, plan_extraction
+    from gradlake.tasks.gradients.plan import create_group, plan_extraction
 
     lakes, _ = on_the_fly
     lake, path, extraction = lakes["kept"]

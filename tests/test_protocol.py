@@ -15,7 +15,7 @@ PROTOCOL = REPO / "protocols" / "kronfluence-gpt2-wikitext2.json"
 
 
 def test_the_protocol_file_is_kronfluences_published_setup():
-    from gradlake.flows.protocol import ProtocolSpec
+    from gradlake.tasks.attribution.protocol import ProtocolSpec
 
     spec = ProtocolSpec.model_validate(json.loads(PROTOCOL.read_text()))
     train = spec.attribution.train
@@ -33,7 +33,7 @@ def test_the_protocol_file_is_kronfluences_published_setup():
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    from gradlake.tasks.influence.compute import linear_from_conv1d, tracked_modules
+    from gradlake.tasks.influence.kronfluence import linear_from_conv1d, tracked_modules
 
     with torch.device("meta"):
         gpt2 = AutoModelForCausalLM.from_config(GPT2Config())  # GPT-2 small's shape: 12 blocks of 768
@@ -51,7 +51,7 @@ def test_the_protocol_file_is_kronfluences_published_setup():
 
 @pytest.fixture(scope="module")
 def tiny_gpt2(tmp_path_factory, probe_chats):
-    from gradlake.tasks.common.tiny import build_tiny_model
+    from gradlake.tasks.training.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("protocol") / "tiny-gpt2", "gpt2", probe_chats)
 
@@ -84,10 +84,12 @@ def small_protocol(tmp_path, tiny_gpt2, probe_chats, **changes) -> dict:
 
 
 def test_the_protocol_runs_end_to_end_on_a_tiny_gpt2(tiny_gpt2, probe_chats, tmp_path):
-    from gradlake.flows.protocol import ProtocolSpec, run_protocol
+    from gradlake.tasks.attribution.protocol import ProtocolSpec
+    from gradlake.flows.protocol import run_protocol
     from gradlake.lake.datasets import dataset_meta, read_dataset
     from gradlake.lake.scores import ScoreGroup
-    from gradlake.tasks.attribution.benchmark import method_path, read_benchmark
+    from gradlake.tasks.attribution.spec import method_path
+    from gradlake.tasks.attribution.benchmark import read_benchmark
 
     spec = ProtocolSpec.model_validate(small_protocol(tmp_path, tiny_gpt2, probe_chats))
     result = run_protocol(spec)
@@ -116,8 +118,9 @@ def test_the_protocol_runs_end_to_end_on_a_tiny_gpt2(tiny_gpt2, probe_chats, tmp
 
 
 def test_layer_patterns_that_match_nothing_fail_before_any_training(tiny_gpt2, probe_chats, tmp_path):
-    from gradlake.flows.protocol import ProtocolSpec, run_protocol
-    from gradlake.tasks.influence.compute import InfluenceError
+    from gradlake.tasks.attribution.protocol import ProtocolSpec
+    from gradlake.flows.protocol import run_protocol
+    from gradlake.tasks.influence.spec import InfluenceError
 
     document = small_protocol(tmp_path, tiny_gpt2, probe_chats)
     for influence in document["influence"]:

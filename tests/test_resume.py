@@ -19,7 +19,7 @@ import zarr
 from conftest import REPO, write_probe
 from gradlake.flows.extract import extract_gradients
 from gradlake.lake import open_lake
-from gradlake.tasks.gradients.extract import ExtractionSpec
+from gradlake.tasks.gradients.plan import ExtractionSpec
 from gradlake.tasks.common.model import ModelSpec
 
 N, SHARD, BATCH = 48, 4, 2

@@ -16,7 +16,8 @@ import zarr
 
 from conftest import write_probe
 from gradlake.lake.store import LakeStore
-from gradlake.tasks.gradients.extract import ExtractionSpec, create_group, extract_shard, finalize_task, plan_extraction
+from gradlake.tasks.gradients.plan import ExtractionSpec, create_group, plan_extraction
+from gradlake.tasks.gradients.extract import extract_shard, finalize_task
 from gradlake.tasks.common.model import ModelSpec
 from s3proxy import FaultyS3Proxy
 

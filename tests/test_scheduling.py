@@ -24,10 +24,12 @@ from gradlake.flows.extract import extract_gradients
 from gradlake.flows.project import project_gradients
 from gradlake.lake import open_lake
 from gradlake.lake.store import LakeError
-from gradlake.tasks.gradients.extract import ExtractionSpec, Progress, create_group, extract_shard, plan_extraction
+from gradlake.tasks.gradients.plan import ExtractionSpec, create_group, plan_extraction
+from gradlake.tasks.common.progress import Progress
+from gradlake.tasks.gradients.extract import extract_shard
 from gradlake.tasks.common.model import ModelSpec
 from gradlake.tasks.projection.stored import ProjectSpec
-from gradlake.tasks.projection.projectors import ProjectionSpec
+from gradlake.tasks.projection.spec import ProjectionSpec
 
 N = 24
 LAYERS = ["model.embed_tokens.weight", "model.layers.1.mlp.*", "model.layers.1.post_attention_layernorm.weight",

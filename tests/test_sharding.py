@@ -15,7 +15,8 @@ import zarr
 
 from conftest import write_probe
 from gradlake.lake import layout, open_lake
-from gradlake.lake.gradients import GradientGroup, GradientPlan
+from gradlake.lake.gradient_plan import GradientPlan
+from gradlake.lake.gradients import GradientGroup
 from gradlake.lake.integrity import read_checked
 from gradlake.lake.store import LakeError, LakeStore
 from gradlake.lake.verify import verify_lake

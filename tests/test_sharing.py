@@ -14,9 +14,11 @@ import xarray as xr
 
 from conftest import write_probe
 from gradlake.flows.extract import extract_gradients
-from gradlake.flows.pipeline import ShardRun, ShardRunsFailed, visit_shards, wait_for_shard_runs
-from gradlake.lake.claims import ChunkLeases
-from gradlake.tasks.gradients.extract import ExtractionSpec, create_group, extract_shard, plan_extraction
+from gradlake.flows.fanout import ShardRun, ShardRunsFailed, wait_for_shard_runs
+from gradlake.flows.pipeline import visit_shards
+from gradlake.lake.leases import ChunkLeases
+from gradlake.tasks.gradients.plan import ExtractionSpec, create_group, plan_extraction
+from gradlake.tasks.gradients.extract import extract_shard
 from gradlake.tasks.common.model import ModelSpec
 
 N = 24

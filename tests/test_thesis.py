@@ -23,8 +23,9 @@ from gradlake.flows.extract import extract_gradients
 from gradlake.lake import open_lake
 from gradlake.lake.datasets import write_dataset
 from gradlake.lake.store import LakeStore
-from gradlake.tasks.evaluate.evaluation import EvaluationSpec, run_evaluation
-from gradlake.tasks.gradients.extract import ExtractionSpec
+from gradlake.tasks.evaluate.spec import EvaluationSpec
+from gradlake.tasks.evaluate.evaluation import run_evaluation
+from gradlake.tasks.gradients.plan import ExtractionSpec
 from gradlake.tasks.common.loss import encode_sample
 from gradlake.tasks.common.model import ModelSpec
 from gradlake.tasks.data.probes import load_probe_set, probe_variant

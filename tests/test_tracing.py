@@ -12,10 +12,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gradlake.tasks.common.loss import encode_sample, pad_batch
-from gradlake.tasks.common.tiny import build_tiny_model
-from gradlake.tasks.tracing.trace import (TracingError, align, barrier, embedding_cosine, loss_path, matching_test,
-    mean_weight_cosine, null_statistics, permutation_axes, permutation_p_value, permute_model, random_permutation, token_loss,
-    weight_cosines)
+from gradlake.tasks.training.tiny import build_tiny_model
+from gradlake.tasks.tracing.permutation import TracingError, align, permutation_axes, permute_model, random_permutation
+from gradlake.tasks.tracing.connectivity import barrier, loss_path, token_loss
+from gradlake.tasks.tracing.statistics import (embedding_cosine, matching_test, mean_weight_cosine, null_statistics,
+    permutation_p_value, weight_cosines)
 
 PERMUTATIONS = 199  # the smallest p-value is 1/200
 
@@ -195,7 +196,7 @@ def test_bad_tracing_inputs_fail_before_any_weight_is_loaded(family, tiny_models
     from conftest import write_probe
     from gradlake.lake.store import LakeError
     from gradlake.tasks.common.model import ModelSpec
-    from gradlake.tasks.common.tiny import tiny_config
+    from gradlake.tasks.training.tiny import tiny_config
     from gradlake.tasks.tracing.trace import TraceSpec, plan_trace
 
     lake = f"file://{tmp_path / 'lake'}"

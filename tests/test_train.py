@@ -18,7 +18,9 @@ from safetensors.torch import load_file
 from conftest import write_probe
 from gradlake.tasks.common.checkpoints import WatchedModel, list_checkpoints
 from gradlake.tasks.common.model import ModelSpec
-from gradlake.tasks.training.train import TrainError, TrainSpec, batch_of_step, checkpoint_name, learning_rate, plan_run, train
+from gradlake.tasks.training.spec import TrainError, TrainSpec, checkpoint_name
+from gradlake.tasks.training.plan import batch_of_step, learning_rate, plan_run
+from gradlake.tasks.training.train import train
 
 N_SAMPLES = 24
 

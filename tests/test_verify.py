@@ -19,12 +19,13 @@ from typer.testing import CliRunner
 from conftest import write_probe
 from gradlake.flows.cli import app
 from gradlake.lake import layout, open_lake
-from gradlake.lake.gradients import NOT_GRADIENTS, GradientGroup
+from gradlake.lake.gradient_plan import NOT_GRADIENTS
+from gradlake.lake.gradients import GradientGroup
 from gradlake.lake.integrity import read_checked
 from gradlake.lake.store import LakeError, LakeStore
 from gradlake.lake.verify import verify_lake
-from gradlake.tasks.gradients.extract import (ExtractionSpec, create_group, extract_shard, finalize_task, pending_shards,
-    plan_extraction)
+from gradlake.tasks.gradients.plan import ExtractionSpec, create_group, plan_extraction
+from gradlake.tasks.gradients.extract import extract_shard, finalize_task, pending_shards
 from gradlake.tasks.common.model import ModelSpec
 
 N = 8

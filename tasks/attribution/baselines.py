@@ -30,34 +30,24 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import zarr
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
 
 from gradlake.lake import layout
 from gradlake.lake.datasets import read_dataset
-from gradlake.lake.gradients import NOT_GRADIENTS
+from gradlake.lake.gradient_plan import NOT_GRADIENTS
 from gradlake.lake.integrity import read_checked
 from gradlake.lake.scores import ScoreGroup
 from gradlake.lake.store import LakeError, LakeStore
+from gradlake.tasks.attribution.queries import QuerySet, resolve_queries
+from gradlake.tasks.attribution.spec import AttributionSpec, method_path
 from gradlake.tasks.common.model import ModelSpec
+from gradlake.tasks.common.retries import retry_unless_bad_input
+from gradlake.tasks.training.spec import checkpoint_name
 
 
 class BaselineError(ValueError):
     """Gradients or data that cannot give a baseline, with what would make them."""
-
-
-@dataclass
-class QuerySet:
-    """The benchmark's queries, resolved: where they come from and which training sample each was made from."""
-
-    label: str                      # what the spec asked for: 'held_out', 'paraphrased', a variant name, ...
-    dataset: str
-    variant: str                    # the stored variant (model_generated resolved to its model and checkpoint)
-    ids: list[str]
-    chats: list[list[dict]]
-    sources: list[int | None]       # position in the training keys of the sample each query was made from
-
-    @property
-    def has_sources(self) -> bool:
-        return any(s is not None for s in self.sources)
 
 
 @dataclass
@@ -186,9 +176,9 @@ def trak_scores(query_features: np.ndarray, train_features: np.ndarray, ratio: f
 
 def text_of(store: LakeStore, dataset: str, variant: str, ids: list[str]) -> list[str]:
     """The user turns of these samples, in order."""
-    from gradlake.tasks.evaluate.evaluation import _user_turns
+    from gradlake.tasks.evaluate.text import user_turns
 
-    turns = _user_turns(read_dataset(store, dataset, variant))
+    turns = user_turns(read_dataset(store, dataset, variant))
     return [turns[i] for i in ids]
 
 
@@ -270,7 +260,7 @@ def baseline_scores(ctx: BaselineContext, queries: QuerySet, log: Callable[[str]
         trak_ensemble(ctx, queries, label, projection, held, write, log)
     text_methods = [m for m in ("bm25", "dense") if not held(m)]
     if text_methods:  # both read the same user turns: read once
-        from gradlake.tasks.evaluate.evaluation import dense_scores
+        from gradlake.tasks.evaluate.text import dense_scores
         from gradlake.tasks.evaluate.metrics import bm25_scores
 
         query_text = text_of(store, queries.dataset, queries.variant, queries.ids)
@@ -314,3 +304,37 @@ def trak_ensemble(ctx: BaselineContext, queries: QuerySet, label: str, projectio
         total = one if total is None else total + one
     write(f"trak:{label}", "trak", total / len(scores), time.perf_counter() - started, settings)
     log(f"trak:{label}: an ensemble of {len(members)} checkpoints ({', '.join(members)})")
+
+
+def baseline_context(spec: AttributionSpec, plan: dict) -> BaselineContext:
+    ensemble = [ModelSpec(model=spec.train.output, checkpoint=checkpoint_name(s), dtype=spec.train.model.dtype,
+                          device=spec.train.model.device) for s in plan["trak_steps"]]
+    return BaselineContext(store=LakeStore(spec.train.lake), model=spec.model, ensemble=ensemble,
+                           train_dataset=spec.train.dataset, train_variant=spec.train.variants[0],
+                           train_ids=plan["train_ids"], paradigm=spec.train.paradigm, trak_lambda=spec.trak_lambda,
+                           path_of=lambda method: method_path(spec, method))
+
+
+@task(name="baselines", cache_policy=NONE, retries=1, retry_delay_seconds=[30], retry_condition_fn=retry_unless_bad_input)
+def baselines_task(spec: AttributionSpec, plan: dict) -> list[str]:
+    """The baselines for the benchmark's queries, and for each retrieval variant whose data the lake holds."""
+    log = get_run_logger()
+    context = baseline_context(spec, plan)
+    written = baseline_scores(context, plan["queries"], log=log.info)
+    for label in spec.retrieval_queries:
+        if label == spec.queries:
+            continue
+        try:
+            queries = resolve_queries(spec, plan["train_ids"], label)
+        except (LakeError, FileNotFoundError, ValueError) as err:
+            log.info("no retrieval baselines for queries %r: %s", label, err)
+            continue
+        # retrieval is about the queries made from training samples
+        keep = [k for k, s in enumerate(queries.sources) if s is not None][: spec.max_queries]
+        queries = QuerySet(label, queries.dataset, queries.variant, [queries.ids[k] for k in keep],
+                           [queries.chats[k] for k in keep], [queries.sources[k] for k in keep])
+        if len(queries.ids) < 1:
+            continue
+        baseline_scores(BaselineContext(**{**context.__dict__, "path_of": lambda m, q=label: method_path(spec, m, q)}),
+                        queries, log=log.info)
+    return written

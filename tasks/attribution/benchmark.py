@@ -1,374 +1,29 @@
-"""One attribution benchmark: every method's scores against retraining (LDS, counterfactual removal) and retrieval.
-
-The methods are score groups in the lake (``lake/scores.py``): Kronfluence influence
-(``tasks/influence/compute.py``) and the baselines made from what the lake already holds for the
-attributed model (``tasks/attribution/baselines.py``).
-
-The queries (``AttributionSpec.queries``) are, by default, **held-out** samples of the
-training dataset that the attributed run never trained on: the setting of the LDS
-literature, where no training sample is a copy of a query.  They can also be paraphrases
-or the model's own answers of training samples (fact tracing: each such query has a
-*source* training sample), or any dataset and variant in the lake.  Where queries have a
-source, the table adds the source oracle and the LDS beyond the source
-(``tasks/attribution/lds.py``), so that the part of a method's LDS that is duplicate
-retrieval shows.
-
-The ground truth retrains the attributed model's own training run (`TrainSpec`) with
-only its data changed: M seeded random subsets for LDS (each with ``retrain_seeds``
-data orders, losses averaged), and per query its top-k training samples removed (for the
-methods asked) or k random ones (several draws) for counterfactual removal.  Each
-retraining is an ordinary ``train-model`` run with its own checkpoint prefix, so a
-finished one is found and skipped and a killed one resumes.
-
-Every interval is the crossed-design interval of ``tasks/attribution/lds.py`` (queries and
-subsets both vary); adjacent methods in the table are marked separated only when the
-paired interval of their difference excludes 0.  The ``grad-cosine:best-tensor`` row is
-cross-fitted: the queries are split into folds, and each fold is scored with the single
-tensor whose LDS was best on the other folds, so no query is scored by a choice made on it.
-"""
+"""The benchmark table: every method under LDS, counterfactual removal and retrieval, written into the lake."""
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import io
 import json
-import math
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import torch
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from prefect import task
+from prefect.cache_policies import NONE
 
 from gradlake.lake import layout
-from gradlake.lake.scores import ScoreGroup, list_score_groups, scores_path
-from gradlake.lake.store import LakeError, LakeStore
-from gradlake.tasks.attribution.baselines import QuerySet
-from gradlake.tasks.attribution.lds import (compare, crossed_interval, draw_subsets, lds, lds_beyond_source, random_removals,
-    source_oracle, top_k_removals)
-from gradlake.tasks.common.model import ModelSpec
-from gradlake.tasks.training.train import CHECKPOINT_PREFIX, TrainSpec, checkpoint_name, total_steps
-
-TRAIN_DEPLOYMENT = "train-model/train-model"
-HELD_OUT = "held_out"
-BEST_TENSOR = "grad-cosine:best-tensor"
-
-
-class AttributionError(ValueError):
-    """Settings that cannot give an attribution benchmark, with what would be accepted."""
-
-
-class AttributionSpec(BaseModel):
-    """The attributed model (a checkpoint of a training run, the final one unless named), its queries, methods and
-    ground truth."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    train: TrainSpec = Field(title="Training run", description="The run whose checkpoint is attributed; the ground truth retrains it with only its data changed.")
-    checkpoint: str | None = Field(default=None, description="Checkpoint of the run to attribute (e.g. checkpoint-000100); empty: the final one. The retrainings save the run's checkpoints too, so one set of retrainings serves every checkpoint.")
-    queries: str = Field(default=HELD_OUT, description="The queries: 'held_out' (samples of the training dataset the run never trained on: the LDS literature's setting), 'paraphrased' or 'model_generated' (made from training samples: fact tracing, with the source oracle), or any variant of `query_dataset`.")
-    query_dataset: str | None = Field(default=None, description="Dataset of the queries; empty: the training dataset.")
-    query_ids: list[str] | None = Field(default=None, description="Only these query ids, in this order; empty: every sample of the query set (held out: every sample the run did not train on).")
-    retrieval_queries: list[str] = Field(default=["paraphrased", "model_generated"], description="Query variants whose retrieval top-1 is reported next to the LDS, for the methods with scores for them in the lake.")
-    max_queries: int | None = Field(default=None, ge=2, description="Only the first this many queries; empty: all.")
-    methods: list[str] = Field(default=[], description="Score groups (method names) to compare; empty: every one the lake holds for this model, dataset and queries.")
-    baselines: bool = Field(default=True, description="First score the gradient, projection, TRAK, BM25 and dense baselines from the lake's groups of the attributed model.")
-    trak_lambda: float = Field(default=0.01, gt=0, description="TRAK's ridge: this times the mean diagonal of Phi^T Phi.")
-    trak_checkpoints: list[str] | None = Field(default=None, description="TRAK's ensemble: checkpoints of the run whose projected gradients are averaged over; empty: every saved checkpoint after step 0 up to the attributed one that holds the projection.")
-    n_subsets: int = Field(default=50, ge=2, description="LDS: random training subsets, each retrained (50 as in the LDS studies, which use 50-100; the demo uses 16).")
-    fraction: float = Field(default=0.5, description="LDS: fraction of the training set in each subset, in (0, 1).")
-    subset_seed: int = Field(default=0, description="LDS: subset m is numpy's default_rng([seed, m]) choice.")
-    retrain_seeds: int = Field(default=1, ge=1, description="LDS: retrainings per subset with different data-order seeds (the run's seed, +1, ...); their query losses are averaged (TRAK and Kronfluence average 5).")
-    n_bootstrap: int = Field(default=1000, ge=100, description="Resamples of the subsets behind every interval.")
-    best_tensor_folds: int = Field(default=2, ge=2, description="Folds of queries for the cross-fitted best-tensor row: each fold is scored by the tensor chosen on the others.")
-    counterfactual_k: int = Field(default=0, ge=0, description="Counterfactual removal: training samples removed per query; 0: skip (unless counterfactual_fraction is set).")
-    counterfactual_fraction: float | None = Field(default=None, gt=0, lt=1, description="Counterfactual removal: remove this fraction of the training set per query instead of k (rounded up; 0.01: the top 1%).")
-    counterfactual_queries: int | None = Field(default=None, ge=1, description="Counterfactual removal: the first this many queries; empty: all.")
-    counterfactual_methods: list[str] = Field(default=["influence-ekfac"], description="Methods whose top-k are removed (one retraining per method and query).")
-    random_draws: int = Field(default=10, ge=1, description="Counterfactual removal: retrainings with k random samples removed (the reference).")
-    retrain_prefix: str = Field(title="Retraining prefix", description="Directory or s3:// prefix for the retrained models (one subdirectory per run).")
-    train_deployment: str | None = Field(default=TRAIN_DEPLOYMENT, description="Deployment that runs each retraining on the gpu pool; empty: in this flow run, one after another.")
-    run_timeout_s: float = Field(default=6 * 3600, gt=0, description="Longest one retraining may take once a worker has taken it.")
-    worker_wait_s: float = Field(default=900, gt=0, description="How long retrainings may wait while no worker polls their pool.")
-
-    _final: tuple[str, int] | None = PrivateAttr(default=None)  # (training spec as JSON, its total steps)
-
-    @model_validator(mode="after")
-    def _check(self) -> "AttributionSpec":
-        if self.checkpoint is not None:
-            checkpoint_step(self.checkpoint)
-        if not 0.0 < self.fraction < 1.0:
-            raise ValueError(f"subset fraction {self.fraction} is outside (0, 1); use e.g. 0.5")
-        if len(self.train.variants) != 1:
-            raise ValueError(f"the ground truth retrains on subsets of one variant; the run trains on {self.train.variants}")
-        if self.counterfactual_k and self.counterfactual_fraction:
-            raise ValueError(f"give counterfactual_k ({self.counterfactual_k}) or counterfactual_fraction "
-                             f"({self.counterfactual_fraction}), not both")
-        return self
-
-    @property
-    def query_set_dataset(self) -> str:
-        return self.query_dataset or self.train.dataset
-
-    def removal_k(self, n_train: int) -> int:
-        """Samples removed per query in counterfactual removal (0: none asked)."""
-        if self.counterfactual_fraction:
-            return max(1, math.ceil(self.counterfactual_fraction * n_train))
-        return self.counterfactual_k
-
-    @property
-    def model(self) -> ModelSpec:
-        """The attributed model: the training run's final checkpoint."""
-        return ModelSpec(model=self.train.output, checkpoint=self.checkpoint or checkpoint_name(self._total_steps()),
-                         dtype=self.train.model.dtype, device=self.train.model.device)
-
-    @property
-    def step(self) -> int:
-        """The training step of the attributed checkpoint."""
-        return checkpoint_step(self.model.checkpoint)
-
-    def _total_steps(self) -> int:
-        """The run's length; its data is read from the lake once per training spec, not on every use of `model`."""
-        from gradlake.tasks.training.train import load_train_data
-
-        if self.train.steps:
-            return self.train.steps
-        key = self.train.model_dump_json()
-        if self._final is None or self._final[0] != key:
-            self._final = (key, total_steps(self.train, len(load_train_data(self.train).keys)))
-        return self._final[1]
-
-
-def checkpoint_step(name: str) -> int:
-    """The step of a training checkpoint's name (checkpoint-000100 -> 100)."""
-    digits = name[len(CHECKPOINT_PREFIX):] if name.startswith(CHECKPOINT_PREFIX) else ""
-    if not digits.isdigit():
-        raise ValueError(f"checkpoint {name!r} is not a training checkpoint's name; use e.g. {checkpoint_name(100)!r}")
-    return int(digits)
-
-
-# ---------------------------------------------------------------- where things go
-
-def query_variant(spec: AttributionSpec, queries: str | None = None) -> str:
-    """The stored variant of a query label: held-out queries are the training variant's own samples."""
-    from gradlake.tasks.common.lineage import lake_keys
-
-    queries = queries or spec.queries
-    if queries == HELD_OUT:
-        return spec.train.variants[0]
-    if queries == "model_generated":
-        return layout.generated_variant(*lake_keys(spec.model))
-    return queries
-
-
-def benchmark_dir(spec: AttributionSpec) -> str:
-    from gradlake.tasks.common.lineage import lake_keys
-
-    model_key, checkpoint_key = lake_keys(spec.model)
-    label = spec.queries if spec.query_dataset in (None, spec.train.dataset) else f"{spec.query_dataset}.{spec.queries}"
-    return f"evaluations/{model_key}/{checkpoint_key}/{spec.train.dataset}/attribution/{label}"
-
-
-def method_path(spec: AttributionSpec, method: str, queries: str | None = None) -> str:
-    """A method's score group for the benchmark's queries (or a retrieval variant of the training dataset)."""
-    from gradlake.tasks.common.lineage import lake_keys
-
-    model_key, checkpoint_key = lake_keys(spec.model)
-    dataset = spec.query_set_dataset if queries in (None, spec.queries) else spec.train.dataset
-    return scores_path(model_key, checkpoint_key, spec.train.dataset, dataset, query_variant(spec, queries), method)
-
-
-def resolve_queries(spec: AttributionSpec, train_ids: list[str], queries: str | None = None) -> QuerySet:
-    """The query set, checked: held-out queries are never training samples; each query's source training sample."""
-    from gradlake.lake.datasets import read_dataset
-
-    label = queries or spec.queries
-    own = label == spec.queries
-    dataset = spec.query_set_dataset if own else spec.train.dataset
-    variant = query_variant(spec, label)
-    frame = read_dataset(LakeStore(spec.train.lake), dataset, variant)
-    chats = {str(i): m for i, m in zip(frame["id"], frame["messages"])}
-    trained = set(train_ids)
-    asked = spec.query_ids if own else None
-    if asked is not None:
-        missing = [i for i in asked if i not in chats]
-        if missing:
-            raise AttributionError(f"query_ids {missing[:5]} are not in dataset {dataset!r} variant {variant!r}; "
-                                   f"ids look like {list(chats)[:3]}")
-    if label == HELD_OUT:
-        if asked is not None:
-            overlap = [i for i in asked if i in trained]
-            if overlap:
-                raise AttributionError(f"held-out query_ids {overlap[:5]} ({len(overlap)} in all) are training samples "
-                                       "of the run; held-out queries must be samples it never trained on")
-            ids = list(asked)
-        else:
-            ids = [i for i in chats if i not in trained]
-        if not ids:
-            raise AttributionError(f"the run trains on every sample of {dataset!r} {variant!r}, so none is held out; "
-                                   "train it on part of the dataset (`keep` or `drop`), or choose queries from "
-                                   "another variant or dataset")
-    else:
-        ids = list(asked) if asked is not None else list(chats)
-    if spec.max_queries and own:
-        ids = ids[: spec.max_queries]
-    if own and len(ids) < 2:
-        raise AttributionError(f"{len(ids)} queries give no LDS; the query set needs at least 2")
-    position = {i: k for k, i in enumerate(train_ids)}
-    same_data = dataset == spec.train.dataset and label != HELD_OUT
-    sources = [position.get(i) if same_data else None for i in ids]
-    return QuerySet(label, dataset, variant, ids, [chats[i] for i in ids], sources)
-
-
-def ground_truth_key(fingerprint: str, kind: str, **extra) -> str:
-    what = {"run": fingerprint, "kind": kind, **extra}
-    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
-
-
-# ---------------------------------------------------------------- retraining plans
-
-def lds_runs(spec: AttributionSpec, fingerprint: str, train_ids: list[str],
-             saves: list[int], total: int) -> tuple[str, np.ndarray, list[list[TrainSpec]]]:
-    """(key, subset masks, per subset one TrainSpec per data-order seed) for the LDS retrainings.
-
-    `saves` and `total` are the attributed run's checkpoint steps and length: each retraining
-    saves its counterpart of every checkpoint, so one set serves them all.  Seed r of a
-    subset trains with the run's seed + r (r = 0 is named as before seeds were added, so
-    adding seeds keeps every retraining already made).
-    """
-    key = ground_truth_key(fingerprint, "lds", fraction=spec.fraction, seed=spec.subset_seed, saves=saves)
-    masks = draw_subsets(len(train_ids), spec.fraction, spec.n_subsets, spec.subset_seed)
-    runs = []
-    for m, mask in enumerate(masks):
-        keep = [train_ids[i] for i in np.flatnonzero(mask)]
-        runs.append([_retrain(spec, f"lds-{key}/{subset_name(m, r)}", len(train_ids), saves, total, keep,
-                              seed=spec.train.seed + r)
-                     for r in range(spec.retrain_seeds)])
-    return key, masks, runs
-
-
-def subset_name(m: int, r: int) -> str:
-    return f"subset-{m:03d}" if r == 0 else f"subset-{m:03d}-seed{r}"
-
-
-def check_counterfactual(spec: AttributionSpec, n_train: int) -> int:
-    """k, checked against the training set and the random draws before any retraining."""
-    k = spec.removal_k(n_train)
-    if not k:
-        return 0
-    if not 1 <= k < n_train:
-        raise AttributionError(f"counterfactual k={k} out of {n_train} training samples; use 1 <= k < {n_train}")
-    possible = math.comb(n_train, k)
-    if spec.random_draws > possible:
-        raise AttributionError(f"random_draws={spec.random_draws} random removals of {k} out of {n_train} training "
-                               f"samples cannot all differ (only {possible} exist); use at most {possible}")
-    return k
-
-
-def counterfactual_runs(spec: AttributionSpec, fingerprint: str, train_ids: list[str], saves: list[int], total: int,
-                        scores: dict[str, np.ndarray]) -> tuple[str, dict[str, list[TrainSpec]], list[TrainSpec], np.ndarray]:
-    """(key, per method one TrainSpec per query with its top-k removed, random-removal TrainSpecs, the random draws).
-
-    Each removal run trains on exactly the attributed run's samples less the k removed, with
-    the subsets' step rule (`counterpart`)."""
-    n = len(train_ids)
-    k = check_counterfactual(spec, n)
-    # The removals follow the scores of the attributed checkpoint, so each checkpoint has its own retrainings.
-    key = ground_truth_key(fingerprint, "counterfactual-keep", k=k, seed=spec.subset_seed,
-                           checkpoint=spec.model.checkpoint, saves=saves)
-    per_method = {}
-    for method, matrix in scores.items():
-        top = top_k_removals(matrix, k)
-        per_method[method] = [_retrain(spec, f"cf-{key}/{layout.key(method)}/q{q:03d}", n, saves, total,
-                                       _without(train_ids, row))
-                              for q, row in enumerate(top)]
-    draws = random_removals(n, k, spec.random_draws, spec.subset_seed)
-    random_key = ground_truth_key(fingerprint, "random-removal-keep", k=k, seed=spec.subset_seed, saves=saves)
-    random = [_retrain(spec, f"cf-random-{random_key}/d{d:03d}", n, saves, total, _without(train_ids, row))
-              for d, row in enumerate(draws)]
-    return key, per_method, random, draws
-
-
-def _without(train_ids: list[str], removed) -> list[str]:
-    gone = {train_ids[i] for i in removed}
-    return [i for i in train_ids if i not in gone]
-
-
-def run_steps(run: TrainSpec, n_train: int) -> int:
-    """Optimizer steps of a (re)training run whose data is `keep`, or `n_train` samples less `drop`."""
-    return total_steps(run, len(run.keep) if run.keep is not None else n_train - len(run.drop or []))
-
-
-def counterpart(step: int, total: int, run_total: int) -> int:
-    """The retraining's step at the same fraction of training as `step` of the attributed run.
-
-    A run given in steps is retrained for as many steps (the same step); a run given in
-    epochs is retrained for as many epochs of its smaller data (the same epoch), as in the
-    LDS studies, which retrain with the original recipe.
-    """
-    return 0 if step == 0 else max(1, round(step * run_total / total))
-
-
-def _retrain(spec: AttributionSpec, name: str, n_train: int, saves: list[int], total: int, keep: list[str],
-             seed: int | None = None) -> TrainSpec:
-    """The attributed run with only its data changed: exactly `keep` (the run's own samples, some left out)."""
-    run = spec.train.model_copy(update={"keep": keep, "drop": None, "output": f"{spec.retrain_prefix.rstrip('/')}/{name}",
-                                        "quality": None, "save_initial": False, "checkpoint_every": 0,
-                                        "seed": spec.train.seed if seed is None else seed})
-    run_total = run_steps(run, n_train)
-    return run.model_copy(update={"save_steps": sorted({counterpart(s, total, run_total) for s in saves if s > 0})})
-
-
-def retrained_model(run: TrainSpec, step: int, total: int, n_train: int) -> ModelSpec:
-    """A retraining's checkpoint at the counterpart of the attributed step."""
-    at = counterpart(step, total, run_steps(run, n_train))
-    return ModelSpec(model=run.output, checkpoint=checkpoint_name(at), dtype=run.model.dtype, device=run.model.device)
-
-
-# ---------------------------------------------------------------- query losses
-
-def query_losses(model: ModelSpec, chats: list[list[dict]], paradigm: str, max_length: int, batch_size: int = 8,
-                 chat_template: str = "tokenizer") -> np.ndarray:
-    """Each query's loss (the extraction's convention, rendered by `chat_template` as in training): shape (n_query,)."""
-    from transformers import AutoModelForCausalLM
-
-    from gradlake.tasks.common.loss import chat_template_text, encode_sample, pad_batch, sample_losses
-    from gradlake.tasks.common.model import DTYPES, capped_length, check_model, load_tokenizer
-
-    config = check_model(model)  # a missing or incomplete checkpoint is one error naming it
-    max_length = capped_length(max_length, config, model.model)[0]
-    spec = model.resolved()
-    tokenizer = load_tokenizer(spec)
-    path, revision = spec.source()
-    net = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=DTYPES[spec.dtype]).to(spec.torch_device()).eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    template = chat_template_text(chat_template)
-    encoded = [encode_sample(tokenizer, c, paradigm, max_length, template) for c in chats]
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(encoded), batch_size):
-            ids, labels = pad_batch(encoded[start:start + batch_size], pad)
-            device = next(net.parameters()).device
-            out.append(sample_losses(net(input_ids=ids.to(device)).logits, labels.to(device)).float().cpu().numpy())
-    return np.concatenate(out)
-
-
-def stored_losses(store: LakeStore, directory: str, name: str, model: ModelSpec, query_ids: list[str],
-                  chats: list[list[dict]], spec: AttributionSpec) -> np.ndarray:
-    """A retrained model's query losses, computed once and kept in the lake (losses/<name>.parquet)."""
-    path = store.path(f"{directory}/losses/{name}.parquet")
-    try:
-        frame = pd.read_parquet(io.BytesIO(store.fs.cat_file(path)))
-        if list(frame["query"]) == list(query_ids):
-            return frame["loss"].to_numpy()
-    except FileNotFoundError:
-        pass
-    losses = query_losses(model, chats, spec.train.paradigm, spec.train.max_length, chat_template=spec.train.chat_template)
-    buffer = io.BytesIO()
-    pd.DataFrame({"query": query_ids, "loss": losses, "model": model.model, "checkpoint": model.checkpoint}).to_parquet(buffer, index=False)
-    store.fs.makedirs(store.path(f"{directory}/losses"), exist_ok=True)
-    store.fs.pipe_file(path, buffer.getvalue())
-    return losses
+from gradlake.lake.results import read_result_table, write_result
+from gradlake.lake.scores import ScoreGroup, list_score_groups
+from gradlake.lake.store import LakeStore
+from gradlake.tasks.attribution.lds import check_subsets, compare, crossed_interval, lds, lds_beyond_source, source_oracle
+from gradlake.tasks.attribution.queries import QuerySet, resolve_queries
+from gradlake.tasks.attribution.report import attribution_files
+from gradlake.tasks.attribution.retraining import (CounterfactualPlan, check_counterfactual, counterfactual_results,
+                                                   counterfactual_runs, lds_losses, lds_runs)
+from gradlake.tasks.attribution.spec import (BEST_TENSOR, AttributionError, AttributionSpec, benchmark_dir, checkpoint_step,
+                                             ground_truth_dir, method_path, query_variant)
+from gradlake.tasks.training.plan import check_output_writable, plan_run
+from gradlake.tasks.training.spec import TrainSpec, checkpoint_name
 
 
 # ---------------------------------------------------------------- the table
@@ -430,7 +85,7 @@ def benchmark_table(store: LakeStore, spec: AttributionSpec, methods: list[str],
 
     for method in methods:
         group = ScoreGroup.open(store, method_path(spec, method))
-        scores = _aligned(group, queries.ids, train_keys, method)
+        scores = aligned_scores(group, queries.ids, train_keys, method)
         results[method] = result = fit(scores)
         meta = group.meta
         row = {**_row(method, meta.get("kind"), result),
@@ -442,7 +97,7 @@ def benchmark_table(store: LakeStore, spec: AttributionSpec, methods: list[str],
     candidates = tensor_methods(store, spec)
     if len(candidates) > 1:
         fold = query_folds(len(queries.ids), spec.best_tensor_folds, spec.subset_seed)
-        tensor_scores = {m: _aligned(ScoreGroup.open(store, method_path(spec, m)), queries.ids, train_keys, m)
+        tensor_scores = {m: aligned_scores(ScoreGroup.open(store, method_path(spec, m)), queries.ids, train_keys, m)
                          for m in candidates}
         tensor_lds = {m: lds(s, masks, lds_losses, n_boot=0)["per_query"] for m, s in tensor_scores.items()}
         chosen = cross_fitted_choice(tensor_lds, fold)
@@ -514,11 +169,11 @@ def retrieval_columns(store: LakeStore, spec: AttributionSpec, method: str | Non
             columns[f"top1_{label}"] = float("nan")
             continue
         other = QuerySet(label, spec.train.dataset, query_variant(spec, label), ids, [], [position[q] for q in ids])
-        columns[f"top1_{label}"] = retrieval_top1(_aligned(group, ids, train_keys, method), other, train_keys)
+        columns[f"top1_{label}"] = retrieval_top1(aligned_scores(group, ids, train_keys, method), other, train_keys)
     return columns
 
 
-def _aligned(group: ScoreGroup, query_ids: list[str], train_keys: list[str], method: str) -> np.ndarray:
+def aligned_scores(group: ScoreGroup, query_ids: list[str], train_keys: list[str], method: str) -> np.ndarray:
     """The method's scores with rows and columns in the benchmark's query and training order."""
     q_pos = {q: i for i, q in enumerate(group.query_ids())}
     t_pos = {t: i for i, t in enumerate(group.train_ids())}
@@ -532,21 +187,121 @@ def _aligned(group: ScoreGroup, query_ids: list[str], train_keys: list[str], met
 
 
 def write_benchmark(store: LakeStore, directory: str, table: pd.DataFrame, per_query: pd.DataFrame, meta: dict) -> None:
-    """Tables, then meta.json last (its presence means the rest is complete)."""
-    base = store.path(directory)
-    store.fs.makedirs(base, exist_ok=True)
-    if store.fs.exists(f"{base}/meta.json"):
-        store.fs.rm_file(f"{base}/meta.json")
-    for name, frame in (("benchmark", table), ("lds_per_query", per_query)):
-        buffer = io.BytesIO()
-        frame.to_parquet(buffer, index=False)
-        store.fs.pipe_file(f"{base}/{name}.parquet", buffer.getvalue())
-    meta = {**meta, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-    store.fs.pipe_file(f"{base}/meta.json", json.dumps(meta, indent=1, default=str).encode())
+    """The tables, plots and HTML report, then meta.json last (its presence means the rest is complete)."""
+    meta = json.loads(json.dumps({**meta, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")},
+                                 default=str))
+    plots, texts = attribution_files(table, meta)
+    write_result(store, directory, tables={"benchmark": table, "lds_per_query": per_query}, plots=plots, texts=texts,
+                 meta=meta)
 
 
 def read_benchmark(store: LakeStore, directory: str) -> pd.DataFrame:
-    if not store.fs.exists(store.path(f"{directory}/meta.json")):
-        raise LakeError(f"no complete attribution benchmark at {directory}")
-    return pd.read_parquet(io.BytesIO(store.fs.cat_file(store.path(f"{directory}/benchmark.parquet"))))
+    """The benchmark table of a complete benchmark."""
+    return read_result_table(store, directory, "benchmark", what="attribution benchmark")
 
+
+def plan_benchmark(spec: AttributionSpec) -> dict:
+    """Every check before any retraining or writing; returns the training ids, the queries and the run's fingerprint."""
+    plan = plan_run(spec.train)
+    if spec.step not in plan.saves:
+        raise AttributionError(f"the training run saves no {spec.model.checkpoint} (its checkpoints: "
+                               f"{[checkpoint_name(s) for s in plan.saves]}); choose one of those")
+    if spec.step not in plan.done:
+        raise AttributionError(f"the training run has no {spec.model.checkpoint} at {spec.train.output} yet "
+                               f"(found {[checkpoint_name(s) for s in plan.done]}); run train-model with this spec first")
+    train_ids = plan.data.ids
+    check_subsets(len(train_ids), spec.fraction, spec.n_subsets)
+    check_counterfactual(spec, len(train_ids))
+    queries = resolve_queries(spec, train_ids)
+    query_folds(len(queries.ids), spec.best_tensor_folds, spec.subset_seed)
+    trak = [s for s in plan.saves if 0 < s <= spec.step]
+    if spec.trak_checkpoints is not None:
+        trak = [checkpoint_step(c) for c in spec.trak_checkpoints]
+        unknown = [c for c, s in zip(spec.trak_checkpoints, trak) if s not in plan.done]
+        if unknown:
+            raise AttributionError(f"trak_checkpoints {unknown} are not checkpoints of the run at {spec.train.output} "
+                                   f"(it has {[checkpoint_name(s) for s in plan.done]})")
+    check_output_writable(spec.train.model_copy(update={"output": spec.retrain_prefix}))
+    return {"train_ids": train_ids, "train_keys": plan.data.keys, "fingerprint": plan.fingerprint,
+            "saves": plan.saves, "total_steps": plan.total_steps, "queries": queries,
+            "trak_steps": sorted(set(trak) | {spec.step})}
+
+
+@task(name="plan-attribution", cache_policy=NONE)
+def plan_attribution(spec: AttributionSpec) -> dict:
+    """`plan_benchmark` as a Prefect task."""
+    return plan_benchmark(spec)
+
+
+def compared_methods(store: LakeStore, spec: AttributionSpec) -> list[str]:
+    """The methods the benchmark compares (asked, or every complete score group), each checked to be in the lake."""
+    methods = spec.methods or available_methods(store, spec)
+    missing = [m for m in methods if ScoreGroup.open(store, method_path(spec, m), missing_ok=True) is None]
+    if missing or not methods:
+        raise AttributionError(f"no scores in the lake for methods {missing or methods}; found {available_methods(store, spec)}")
+    return methods
+
+
+@dataclass
+class GroundTruth:
+    """The retrainings a benchmark needs: LDS subsets (per subset one run per seed) and counterfactual removals."""
+
+    lds_key: str
+    masks: np.ndarray
+    subset_runs: list[list[TrainSpec]]
+    counterfactual: CounterfactualPlan | None
+
+    @property
+    def runs(self) -> list[TrainSpec]:
+        runs = [r for seeds in self.subset_runs for r in seeds]
+        if self.counterfactual is not None:
+            runs += [r for rs in self.counterfactual.per_method.values() for r in rs] + self.counterfactual.random
+        return runs
+
+
+def ground_truth(store: LakeStore, spec: AttributionSpec, plan: dict, methods: list[str]) -> GroundTruth:
+    """Plan every retraining (nothing is trained here): the LDS subsets, and the removals the methods' scores pick."""
+    shape = plan["saves"], plan["total_steps"]
+    lds_key, masks, subset_runs = lds_runs(spec, plan["fingerprint"], plan["train_ids"], *shape)
+    k = check_counterfactual(spec, len(plan["train_ids"]))
+    cf = None
+    if k:
+        chosen = [m for m in spec.counterfactual_methods if m in methods]
+        if len(chosen) < len(spec.counterfactual_methods):
+            raise AttributionError(f"counterfactual_methods {sorted(set(spec.counterfactual_methods) - set(chosen))} "
+                                   f"have no scores among the compared methods {methods}; compute them first or "
+                                   "name compared ones")
+        queries: QuerySet = plan["queries"]
+        n_cf = min(spec.counterfactual_queries or len(queries.ids), len(queries.ids))
+        scores = {m: aligned_scores(ScoreGroup.open(store, method_path(spec, m)), queries.ids[:n_cf], plan["train_keys"], m)
+                  for m in chosen}
+        key, per_method, random, draws = counterfactual_runs(spec, plan["fingerprint"], plan["train_ids"], *shape, scores)
+        cf = CounterfactualPlan(key, per_method, random, draws, scores, n_cf, k)
+    return GroundTruth(lds_key, masks, subset_runs, cf)
+
+
+def finish_benchmark(store: LakeStore, spec: AttributionSpec, plan: dict, methods: list[str],
+                     truth: GroundTruth) -> tuple[str, pd.DataFrame]:
+    """With every retraining done: the query losses, the table and its report; returns (directory, table)."""
+    queries: QuerySet = plan["queries"]
+    n_train = len(plan["train_ids"])
+    truth_dir = ground_truth_dir(spec)
+    losses = lds_losses(store, spec, plan, layout.lds_dir(truth_dir, truth.lds_key), truth.masks, truth.subset_runs)
+    cf = None
+    if truth.counterfactual is not None:
+        cf = counterfactual_results(store, spec, queries, truth.counterfactual,
+                                    layout.counterfactual_dir(truth_dir, truth.counterfactual.key), plan)
+    table, per_query, notes = benchmark_table(store, spec, methods, queries, plan["train_keys"], truth.masks, losses, cf)
+    directory = benchmark_dir(spec)
+    cf_plan = truth.counterfactual
+    write_benchmark(store, directory, table, per_query, {
+        "model": spec.model.model_dump(mode="json"), "train_fingerprint": plan["fingerprint"],
+        "queries": spec.queries, "query_dataset": queries.dataset, "query_variant": queries.variant,
+        "query_ids": queries.ids, "queries_with_source": sum(s is not None for s in queries.sources),
+        "n_queries": len(queries.ids), "n_train": n_train, "n_subsets": spec.n_subsets,
+        "retrain_seeds": spec.retrain_seeds, "fraction": spec.fraction, "subset_seed": spec.subset_seed,
+        "n_bootstrap": spec.n_bootstrap,
+        "interval": "95%, crossed design: between-query variance plus the subsets' common part (subset bootstrap), t",
+        "counterfactual_k": cf_plan.k if cf_plan else 0, "random_draws": spec.random_draws if cf_plan else 0,
+        "trak_lambda": spec.trak_lambda, "ground_truth": truth_dir, **notes})
+    return directory, table

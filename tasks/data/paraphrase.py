@@ -32,10 +32,12 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from pydantic import BaseModel, ConfigDict, Field
 
+from gradlake.lake import layout
 from gradlake.lake.store import LakeStore
 from gradlake.tasks.common.retries import retry_unless_bad_input
 
-CACHE_DIR = "cache/paraphrase"
+
+CACHE_DIR = layout.PARAPHRASE_CACHE
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -134,7 +136,7 @@ def resolve_api_key(spec: ChatAPI) -> str:
 # -- the cache --------------------------------------------------------------------------------
 
 def cache_path(store: LakeStore, spec: ParaphraseSpec, text: str) -> str:
-    return store.path(f"{CACHE_DIR}/{settings_key(spec)}/{text_key(text)}.json")
+    return store.path(layout.paraphrase_cache_file(settings_key(spec), text_key(text)))
 
 
 def _valid_entry(raw: bytes, text: str) -> str | None:

@@ -44,6 +44,7 @@ def store_probe_set(lake: str, name: str = "probe", n: int | None = None) -> lis
     if n is not None:
         frame = frame.head(n)
     for variant in PROBE_VARIANTS:
+        # The lineage names the file where it first lived: lakes written since then must keep their versions.
         write_dataset(store, name, variant, probe_variant(frame, variant),
                       lineage={"source": "gradlake bundled probe set (tasks/probe_set.jsonl)", "variant": variant})
     return list(PROBE_VARIANTS)

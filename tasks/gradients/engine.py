@@ -50,6 +50,7 @@ from torch.func import functional_call, vjp, vmap
 
 from gradlake.tasks.common.loss import sample_losses
 
+
 INPUTS_EMBEDS = "inputs_embeds"
 EMBEDS_POOLING = ("tokens", "mean")
 

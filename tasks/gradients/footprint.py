@@ -13,6 +13,7 @@ import os
 
 import torch
 
+
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 

@@ -20,12 +20,14 @@ from prefect.cache_policies import NONE
 from pydantic import BaseModel, ConfigDict, Field
 
 from gradlake.lake import layout
-from gradlake.lake.gradients import ChunkRows, GradientGroup, GradientPlan, check_shard_size, stored_chunk_rows
+from gradlake.lake.assembly import ChunkRows
+from gradlake.lake.gradients import GradientGroup
+from gradlake.lake.gradient_plan import GradientPlan, check_shard_size, stored_chunk_rows
 from gradlake.lake.integrity import read_checked
 from gradlake.lake.store import LakeError, LakeStore, default_lake
-from gradlake.tasks.projection.projectors import (ProjectionSpec, output_dims, project_batch, projector_choices,
-    projectors_for, regeneration_seconds)
 from gradlake.tasks.common.retries import retry_unless_bad_input
+from gradlake.tasks.projection.projectors import project_batch, projector_choices, projectors_for, regeneration_seconds
+from gradlake.tasks.projection.spec import ProjectionSpec, output_dims
 
 
 READ_BUDGET = 256 << 20  # bytes of stored gradients read and projected per call

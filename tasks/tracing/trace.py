@@ -1,397 +1,29 @@
-"""Model tracing: is a candidate model derived from a base?  Permutation, alignment and statistics.
-
-A decoder's function is unchanged when the hidden units of an MLP are permuted (the rows
-of its gate and up projections and the columns of its down projection together), or when
-the dimensions of the residual stream are permuted (the columns of the embeddings, of every
-projection reading the stream and of the output layer, the rows of every projection writing
-to it, and the weights of the norms acting on it).  A weight-by-weight comparison of two
-models is fooled by either; aligning the candidate back to the base undoes them.
-
-Everything here works on the architecture's real modules (OLMo and OLMo-2 decoders:
-``model.layers[i].self_attn`` / ``.mlp``) through one map, :func:`permutation_axes`, from
-each parameter to the axes a permutation acts on; permuting, aligning and comparing all
-read it, so they cannot disagree.  A permutation ``p`` of an axis means ``new[i] = old[p[i]]``.
-
-Statistics (each against the base, on the candidate as given or aligned):
-
-- ``cos``: the mean cosine similarity of the weight matrices;
-- ``emb``: the mean cosine similarity of the input embeddings, token by token;
-- ``mode``: the loss along the straight line between the two models' weights, and its
-  barrier (the largest excess of that loss over the line between the end points' losses).
-
-Their p-values come from permutation tests: under the null hypothesis that the candidate was
-trained independently of the base, its hidden units and residual dimensions are exchangeable
-(training is equivariant to permuting them), so the statistic of randomly permuted copies of
-the candidate is distributed as the observed one.  ``p = (1 + #{null >= observed}) / (1 + n)``
-for ``n`` permutations (``<=`` for the barrier, where small means related).  An aligned
-statistic is maximised over permutations by the alignment itself, so this null does not hold
-for it; its p-value is that of the matching test (:func:`matching_test`): the alignments found
-independently from the gate and from the up projection of each MLP agree for a derived model
-and not for an independent one (Spearman correlation, permutation p-value per layer, combined
-over layers with Fisher's method).
-"""
+"""The tracing stage: one base and one candidate model, their statistics and p-values, results into the lake."""
 
 from __future__ import annotations
 
 import copy
 import io
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
-
 from typing import Literal
 
-import numpy as np
 import pandas as pd
 import torch
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
 from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
 
+from gradlake.lake import layout
+from gradlake.lake.results import read_result_table, write_result
 from gradlake.lake.store import LakeStore
 from gradlake.tasks.common.lineage import gradlake_version, lake_keys
 from gradlake.tasks.common.model import ModelSpec, check_model, check_weights, lake_names, parameter_shapes, resolved_commit
-
-HIDDEN = "hidden"
-MLP = "mlp"
-READERS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # linear layers whose input is the residual stream
-WRITERS = ("o_proj", "down_proj")  # linear layers whose output is added to it
-
-
-class TracingError(ValueError):
-    """Two models that cannot be compared, or a setting that is not known."""
-
-
-@dataclass(frozen=True)
-class Axis:
-    """One axis of a parameter that a permutation acts on: of the residual stream, or of layer `layer`'s MLP."""
-
-    axis: int
-    kind: str  # HIDDEN or MLP
-    layer: int | None = None
-
-
-# model_type -> class: the architectures whose function-preserving permutations tracing knows (tests/test_tracing.py).
-TRACING_ARCHITECTURES = {"olmo": "OlmoForCausalLM", "olmo2": "Olmo2ForCausalLM"}
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None:
-        raise TracingError(f"{type(model).__name__} has no decoder layers at model.layers; tracing knows OLMo and OLMo-2 "
-                           "style decoders (model.layers[i].self_attn, .mlp)")
-    return list(layers)
-
-
-def permutation_axes(model: nn.Module) -> dict[str, list[Axis]]:
-    """Every parameter a hidden-unit or residual permutation touches, and the axes it acts on."""
-    hidden = model.get_input_embeddings().weight.shape[1]
-    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-    axes: dict[str, list[Axis]] = {}
-
-    def add(param: nn.Parameter | None, *found: Axis) -> None:
-        if param is not None:
-            axes.setdefault(names[id(param)], []).extend(found)
-
-    add(model.get_input_embeddings().weight, Axis(1, HIDDEN))
-    output = model.get_output_embeddings()
-    if output is not None and output.weight is not model.get_input_embeddings().weight:
-        add(output.weight, Axis(1, HIDDEN))
-    for index, layer in enumerate(decoder_layers(model)):
-        for part in (layer.self_attn, layer.mlp):
-            for name in READERS + WRITERS:
-                linear = getattr(part, name, None)
-                if linear is None:
-                    continue
-                if linear.weight.shape[0 if name in WRITERS else 1] != hidden:
-                    raise TracingError(f"{type(part).__name__}.{name} of layer {index} does not read or write the "
-                                       f"residual stream of width {hidden}")
-                found = [Axis(1, HIDDEN) if name in READERS else Axis(0, HIDDEN)]
-                if name in ("gate_proj", "up_proj"):
-                    found.append(Axis(0, MLP, index))
-                elif name == "down_proj":
-                    found.append(Axis(1, MLP, index))
-                add(linear.weight, *found)
-                if linear.bias is not None and name in WRITERS:
-                    add(linear.bias, Axis(0, HIDDEN))
-                elif linear.bias is not None and name in ("gate_proj", "up_proj"):
-                    add(linear.bias, Axis(0, MLP, index))
-        for child_name, child in layer.named_children():  # norms on the stream (not the attention's q/k norms)
-            weight = getattr(child, "weight", None)
-            if child_name not in ("self_attn", "mlp") and isinstance(weight, nn.Parameter) and weight.shape == (hidden,):
-                add(weight, Axis(0, HIDDEN))
-                if isinstance(getattr(child, "bias", None), nn.Parameter):
-                    add(child.bias, Axis(0, HIDDEN))
-    final = getattr(model.model, "norm", None)
-    if isinstance(getattr(final, "weight", None), nn.Parameter):
-        add(final.weight, Axis(0, HIDDEN))
-    return axes
-
-
-def mlp_width(model: nn.Module) -> int:
-    return decoder_layers(model)[0].mlp.gate_proj.weight.shape[0]
-
-
-@dataclass
-class Permutation:
-    """A residual permutation (or None) and one permutation per MLP layer (or None)."""
-
-    hidden: torch.Tensor | None = None
-    mlp: list[torch.Tensor] | None = None
-
-    def of(self, axis: Axis) -> torch.Tensor | None:
-        if axis.kind == HIDDEN:
-            return self.hidden
-        return None if self.mlp is None else self.mlp[axis.layer]
-
-    def inverse(self) -> "Permutation":
-        return Permutation(None if self.hidden is None else torch.argsort(self.hidden),
-                           None if self.mlp is None else [torch.argsort(p) for p in self.mlp])
-
-
-def random_permutation(model: nn.Module, seed: int, hidden: bool = True, mlp: bool = True) -> Permutation:
-    """Random residual and MLP permutations of a model's shape, from one seed."""
-    generator = torch.Generator().manual_seed(seed)
-    width = model.get_input_embeddings().weight.shape[1]
-    return Permutation(torch.randperm(width, generator=generator) if hidden else None,
-                       [torch.randperm(mlp_width(model), generator=generator) for _ in decoder_layers(model)]
-                       if mlp else None)
-
-
-def permuted(tensor: torch.Tensor, axes: Sequence[Axis], permutation: Permutation) -> torch.Tensor:
-    """A parameter's values under a permutation (a new tensor where anything moves)."""
-    for axis in axes:
-        p = permutation.of(axis)
-        if p is not None:
-            tensor = tensor.index_select(axis.axis, p.to(tensor.device))
-    return tensor
-
-
-@torch.no_grad()
-def permute_model(model: nn.Module, permutation: Permutation) -> nn.Module:
-    """Permute a model in place (tied weights once); the function it computes is unchanged."""
-    params = dict(model.named_parameters())
-    for name, axes in permutation_axes(model).items():
-        params[name].copy_(permuted(params[name], axes, permutation))
-    return model
-
-
-def check_comparable(base: nn.Module, candidate: nn.Module) -> None:
-    """One clear error when two models do not share parameter names and shapes."""
-    a = {n: tuple(p.shape) for n, p in base.named_parameters()}
-    b = {n: tuple(p.shape) for n, p in candidate.named_parameters()}
-    if a != b:
-        only = sorted(set(a) ^ set(b))
-        differ = [n for n in a if n in b and a[n] != b[n]]
-        what = f"{only[0]!r} is in one model only" if only else f"{differ[0]!r} has shape {a[differ[0]]} vs {b[differ[0]]}"
-        raise TracingError(f"the base and the candidate differ in their parameters ({what}); tracing compares "
-                           "models of one architecture and size")
-
-
-def _unit_rows(x: torch.Tensor) -> torch.Tensor:
-    x = x.double()
-    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-300)
-
-
-def assignment(similarity: torch.Tensor) -> torch.Tensor:
-    """For each row (a base unit) the column (a candidate unit) of a maximum-similarity perfect matching."""
-    from scipy.optimize import linear_sum_assignment
-
-    rows, cols = linear_sum_assignment(similarity.detach().cpu().numpy(), maximize=True)
-    out = torch.empty(len(rows), dtype=torch.long)
-    out[torch.from_numpy(rows)] = torch.from_numpy(cols).long()
-    return out
-
-
-@torch.no_grad()
-def align_hidden(base: nn.Module, candidate: nn.Module) -> torch.Tensor:
-    """The residual permutation matching the candidate's embedding columns to the base's."""
-    e_base = base.get_input_embeddings().weight
-    e_cand = candidate.get_input_embeddings().weight
-    return assignment(_unit_rows(e_base.T) @ _unit_rows(e_cand.T).T)
-
-
-@torch.no_grad()
-def align(base: nn.Module, candidate: nn.Module) -> Permutation:
-    """The permutation that maps the candidate back onto the base.
-
-    The residual dimensions are matched first, by the cosine of the embeddings' columns (the
-    vocabulary's values of each dimension); then each MLP's hidden units by the cosine of their
-    gate and up rows, read in the aligned residual order.  Both by the Hungarian algorithm.
-    """
-    check_comparable(base, candidate)
-    hidden = align_hidden(base, candidate)
-    return Permutation(hidden, [align_mlp(lb, lc, hidden) for lb, lc in zip(decoder_layers(base), decoder_layers(candidate))])
-
-
-@torch.no_grad()
-def align_mlp(base_layer: nn.Module, candidate_layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """The permutation of one layer's MLP units matching the candidate's gate and up rows (read in the aligned
-    residual order `hidden`) to the base's."""
-    device = candidate_layer.mlp.gate_proj.weight.device
-    rows_b = torch.cat([base_layer.mlp.gate_proj.weight, base_layer.mlp.up_proj.weight], dim=1)
-    rows_c = torch.cat([candidate_layer.mlp.gate_proj.weight.index_select(1, hidden.to(device)),
-                        candidate_layer.mlp.up_proj.weight.index_select(1, hidden.to(device))], dim=1)
-    return assignment(_unit_rows(rows_b) @ _unit_rows(rows_c).T)
-
-
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().flatten(), b.double().flatten()
-    return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
-
-
-@torch.no_grad()
-def weight_cosines(base: nn.Module, candidate: nn.Module, permutation: Permutation | None = None) -> dict[str, float]:
-    """Cosine similarity of each weight tensor of the base with the candidate's (permuted first, if given)."""
-    axes = permutation_axes(candidate)
-    cand = dict(candidate.named_parameters())
-    out = {}
-    for name, p in base.named_parameters():
-        c = cand[name]
-        if permutation is not None and name in axes:
-            c = permuted(c, axes[name], permutation)
-        out[name] = _cosine(p, c)
-    return out
-
-
-@torch.no_grad()
-def embedding_cosine(base: nn.Module, candidate: nn.Module, permutation: Permutation | None = None) -> float:
-    """Mean over tokens of the cosine of a token's input embedding in the base and in the candidate.
-
-    Tokens whose embedding is zero in either model (a padding row) have no direction and are left out."""
-    e_base = base.get_input_embeddings().weight
-    e_cand = candidate.get_input_embeddings().weight
-    if permutation is not None and permutation.hidden is not None:
-        e_cand = e_cand.index_select(1, permutation.hidden.to(e_cand.device))
-    kept = (e_base.norm(dim=1) > 0) & (e_cand.norm(dim=1) > 0)
-    return float((_unit_rows(e_base[kept]) * _unit_rows(e_cand[kept])).sum(dim=1).mean())
-
-
-def permutation_p_value(observed: float, null: Sequence[float], larger_is_related: bool = True) -> float:
-    """(1 + #{null at least as related as observed}) / (1 + n)."""
-    null = np.asarray(null, dtype=float)
-    hits = (null >= observed).sum() if larger_is_related else (null <= observed).sum()
-    return float((1 + hits) / (1 + len(null)))
-
-
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rank correlation of two permutations of 0..n-1 (their values are their ranks)."""
-    a, b = a.astype(float) - a.mean(), b.astype(float) - b.mean()
-    return float(a @ b / math.sqrt((a @ a) * (b @ b)))
-
-
-@torch.no_grad()
-def matching_test(base: nn.Module, candidate: nn.Module, permutations: int, seed: int = 0) -> dict:
-    """Do the gate and up projections of each MLP align the candidate's units to the base's in the same way?
-
-    Per layer: the Hungarian matchings from the gate rows alone and from the up rows alone (the
-    residual dimensions aligned by the embeddings first), their Spearman correlation, and its
-    permutation p-value (the up matching shuffled `permutations` times); the layers' p-values
-    are combined with Fisher's method.  Returns ``{"rho": [...], "p_layers": [...], "p_value": p}``.
-    """
-    from scipy.stats import chi2
-
-    check_comparable(base, candidate)
-    hidden = align_hidden(base, candidate)
-    generator = np.random.default_rng(seed)
-    rhos, ps = [], []
-    for lb, lc in zip(decoder_layers(base), decoder_layers(candidate)):
-        matched = []
-        for name in ("gate_proj", "up_proj"):
-            w_b = getattr(lb.mlp, name).weight
-            w_c = getattr(lc.mlp, name).weight.index_select(1, hidden.to(w_b.device))
-            matched.append(assignment(_unit_rows(w_b) @ _unit_rows(w_c).T).numpy())
-        rho = _spearman(*matched)
-        null = [_spearman(matched[0], generator.permutation(matched[1])) for _ in range(permutations)]
-        rhos.append(rho)
-        ps.append(permutation_p_value(rho, null))
-    statistic = -2 * sum(math.log(p) for p in ps)
-    return {"rho": rhos, "p_layers": ps, "p_value": float(chi2.sf(statistic, 2 * len(ps)))}
-
-
-def mean_weight_cosine(base: nn.Module, candidate: nn.Module, permutation: Permutation | None = None) -> float:
-    """The ``cos`` statistic: the mean over weight matrices of their cosine similarity.
-
-    Only matrices count: norm weights start at one and stay near it in every model, so their
-    cosine is near 1 whatever the relation and would only dilute the statistic."""
-    matrices = {n for n, p in base.named_parameters() if p.dim() == 2}
-    return float(np.mean([c for n, c in weight_cosines(base, candidate, permutation).items() if n in matrices]))
-
-
-def null_statistics(statistic, base: nn.Module, candidate: nn.Module, permutations: int, seed: int) -> list[float]:
-    """The statistic of `permutations` randomly permuted copies of the candidate (residual and MLP units)."""
-    return [statistic(base, candidate, random_permutation(candidate, seed + 1 + k)) for k in range(permutations)]
-
-
-# -- mode connectivity and perplexity -----------------------------------------------------------
-
-def interpolation_names(model: nn.Module, attention: bool, embeddings: bool) -> list[str]:
-    """The parameters that move along the path; the others keep the base's values."""
-    embedding_ids = {id(model.get_input_embeddings().weight)}
-    output = model.get_output_embeddings()
-    if output is not None:
-        embedding_ids.add(id(output.weight))
-    out = []
-    for name, p in model.named_parameters():
-        if not embeddings and id(p) in embedding_ids:
-            continue
-        if not attention and ".self_attn." in name:
-            continue
-        out.append(name)
-    return out
-
-
-@torch.no_grad()
-def token_loss(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Mean token cross-entropy over every label position of every batch (the extraction's loss, token-weighted)."""
-    from gradlake.tasks.common.loss import IGNORE_INDEX, sample_losses
-
-    total, count = 0.0, 0
-    device = next(model.parameters()).device
-    for ids, labels in batches:
-        ids, labels = ids.to(device), labels.to(device)
-        per_sample = sample_losses(model(input_ids=ids).logits, labels)
-        tokens = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
-        total += float((per_sample.double() * tokens).sum())
-        count += int(tokens.sum())
-    if not count:
-        raise TracingError("the evaluation samples have no label token")
-    return total / count
-
-
-def perplexity(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    return math.exp(token_loss(model, batches))
-
-
-@torch.no_grad()
-def loss_path(base: nn.Module, candidate: nn.Module, batches, points: int, permutation: Permutation | None = None,
-              attention: bool = True, embeddings: bool = True) -> list[tuple[float, float]]:
-    """(alpha, loss) at `points` evenly spaced points of the line from the base (0) to the candidate (1)."""
-    if points < 2:
-        raise TracingError(f"interpolation points {points} must be 2 or more (the two end points at least)")
-    moving = set(interpolation_names(base, attention, embeddings))
-    axes = permutation_axes(candidate)
-    cand = dict(candidate.named_parameters())
-    ends = {}
-    for name, p in base.named_parameters():
-        if name in moving:
-            c = cand[name]
-            if permutation is not None and name in axes:
-                c = permuted(c, axes[name], permutation)
-            ends[name] = (p.detach().clone(), c.detach().to(p.device, p.dtype))
-    walker = copy.deepcopy(base)
-    params = dict(walker.named_parameters())
-    path = []
-    for alpha in np.linspace(0.0, 1.0, points):
-        for name, (a, b) in ends.items():
-            params[name].copy_(torch.lerp(a, b, float(alpha)))
-        path.append((float(alpha), token_loss(walker, batches)))
-    return path
-
-
-def barrier(path: Sequence[tuple[float, float]]) -> float:
-    """The largest excess of the loss along the path over the straight line between its end points' losses."""
-    (a0, l0), (a1, l1) = path[0], path[-1]
-    return max(loss - (l0 + (alpha - a0) / (a1 - a0) * (l1 - l0)) for alpha, loss in path)
+from gradlake.tasks.common.retries import retry_unless_bad_input
+from gradlake.tasks.tracing.connectivity import barrier, loss_path, perplexity
+from gradlake.tasks.tracing.permutation import (TRACING_ARCHITECTURES, TracingError, align, check_comparable, decoder_layers,
+                                                permute_model, random_permutation)
+from gradlake.tasks.tracing.statistics import (embedding_cosine, matching_test, mean_weight_cosine, null_statistics,
+                                               permutation_p_value, weight_cosines)
 
 
 # -- the stage: one base and one candidate, results into the lake ---------------------------------
@@ -444,12 +76,12 @@ class TraceSpec(TraceSettings, _Pair):  # the models and the lake come first in 
 
 def base_dir(base: ModelSpec) -> str:
     """``tracing/<base>/<checkpoint>``: every candidate traced against this base, and their summary table."""
-    return "tracing/" + "/".join(lake_keys(base))
+    return layout.tracing_base_dir(*lake_keys(base))
 
 
 def tracing_dir(spec: TraceSpec) -> str:
     """``tracing/<base>/<checkpoint>/<candidate>/<checkpoint>`` with the lake's model and checkpoint keys."""
-    return base_dir(spec.base) + "/" + "/".join(lake_keys(spec.candidate))
+    return layout.tracing_dir(*lake_keys(spec.base), *lake_keys(spec.candidate))
 
 
 def summary_table(store: LakeStore, base: ModelSpec) -> pd.DataFrame:
@@ -461,7 +93,7 @@ def summary_table(store: LakeStore, base: ModelSpec) -> pd.DataFrame:
     for path, meta in list_tracing(store):
         if not path.startswith(prefix):
             continue
-        results = pd.read_parquet(io.BytesIO(store.fs.cat_file(store.path(f"{path}/results.parquet"))))
+        results = read_result_table(store, path, "results", what="tracing result")
         values = {(f"{r.statistic}{'_aligned' if r.aligned else ''}"): r.value for r in results.itertuples()}
         candidate = meta["lineage"]["candidate"]
         rows.append({"candidate": candidate["model"], "checkpoint": candidate["checkpoint"], "path": path,
@@ -473,7 +105,7 @@ def summary_table(store: LakeStore, base: ModelSpec) -> pd.DataFrame:
 
 def write_summary(store: LakeStore, base: ModelSpec) -> str:
     """``tracing/<base>/<checkpoint>/summary.parquet`` and ``summary.md`` over every candidate traced so far."""
-    from gradlake.tasks.evaluate.report import markdown_table
+    from gradlake.tasks.common.render import markdown_table
 
     table = summary_table(store, base)
     directory = base_dir(base)
@@ -626,7 +258,7 @@ def path_plot(curve: pd.DataFrame) -> bytes:
 
 
 def tracing_report(spec: TraceSpec, tables: dict[str, pd.DataFrame], summary: dict) -> str:
-    from gradlake.tasks.evaluate.report import markdown_table
+    from gradlake.tasks.common.render import markdown_table
 
     lines = [f"# Model tracing: {spec.candidate.model}@{spec.candidate.checkpoint or 'main'} against "
              f"{spec.base.model}@{spec.base.checkpoint or 'main'}", "",
@@ -645,26 +277,11 @@ def run_trace(spec: TraceSpec, log=print, planned: dict | None = None) -> str:
     """Check (unless `planned` is `plan_trace`'s result already), compute, write `tracing/...` (tables, plot, report,
     meta.json last); returns the directory."""
     import datetime as dt
-    import io
-    import json
 
     planned = planned or plan_trace(spec)
     directory = tracing_dir(spec)
     tables, summary = trace_pair(spec, log)
-    store = LakeStore(spec.lake)
-    fs = store.fs
-    meta_path = store.path(f"{directory}/meta.json")
-    if fs.exists(meta_path):
-        fs.rm(meta_path)  # a rerun replaces the result; until meta.json is back it is not complete
-    fs.makedirs(store.path(f"{directory}/plots"), exist_ok=True)
-    for name, frame in tables.items():
-        buffer = io.BytesIO()
-        frame.to_parquet(buffer, index=False)
-        fs.pipe_file(store.path(f"{directory}/{name}.parquet"), buffer.getvalue())
-    plots = ["loss_path.png"] if len(tables["path"]) else []
-    if plots:
-        fs.pipe_file(store.path(f"{directory}/plots/loss_path.png"), path_plot(tables["path"]))
-    fs.pipe_file(store.path(f"{directory}/report.md"), tracing_report(spec, tables, summary).encode())
+    plots = {"loss_path.png": path_plot(tables["path"])} if len(tables["path"]) else {}
     lineage = {role: {"model": lake_names(m)[0], "checkpoint": lake_names(m)[1], "resolved_commit": resolved_commit(m.resolved())}
                for role, m in (("base", spec.base), ("candidate", spec.candidate))}
     meta = {"lineage": lineage | {"architecture": planned["architecture"], "dataset": spec.dataset, "variant": spec.variant,
@@ -673,7 +290,22 @@ def run_trace(spec: TraceSpec, log=print, planned: dict | None = None) -> str:
                                   "settings": spec.model_dump(exclude={"lake", "base", "candidate"}),
                                   "gradlake_version": gradlake_version(),
                                   "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")},
-            "summary": summary, "verdict": verdict(summary), "tables": sorted(tables), "plots": plots}
-    fs.pipe_file(meta_path, json.dumps(meta, indent=2, default=str).encode())
+            "summary": summary, "verdict": verdict(summary), "tables": sorted(tables), "plots": sorted(plots)}
+    write_result(LakeStore(spec.lake), directory, tables=tables, plots=plots,
+                 texts={"report.md": tracing_report(spec, tables, summary)}, meta=meta)
     log(f"{verdict(summary)}; results at {spec.lake}/{directory}")
     return directory
+
+
+@task(name="plan-trace", cache_policy=NONE)
+def plan_trace_task(spec: TraceSpec) -> dict:
+    """Both configs, their shapes and the dataset checked before any weight is loaded."""
+    plan = plan_trace(spec)
+    get_run_logger().info("tracing a %s of %d parameters on %s/%s (version %s)", plan["architecture"],
+                          plan["n_parameters"], spec.dataset, spec.variant, plan["dataset_version"])
+    return plan
+
+
+@task(name="trace", cache_policy=NONE, retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_bad_input)
+def trace_task(spec: TraceSpec, planned: dict | None = None) -> str:
+    return run_trace(spec, log=get_run_logger().info, planned=planned)

@@ -14,8 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
+from prefect import task
+from prefect.cache_policies import NONE
 
 from gradlake.tasks.common.loss import encode_sample, pad_batch, sample_losses
+from gradlake.tasks.data.probes import load_probe_set, probe_variant
+
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -89,7 +93,7 @@ def tiny_config(
     return config_cls(**{**settings, **overrides})
 
 
-def _train(model, tokenizer, chats: Sequence[list[dict]], steps: int, seed: int) -> None:
+def train_briefly(model, tokenizer, chats: Sequence[list[dict]], steps: int, seed: int) -> None:
     """A few AdamW steps of plain causal-LM training on the chats (every token)."""
     generator = torch.Generator().manual_seed(seed)
     encoded = [encode_sample(tokenizer, chat, "pre", max_length=TRAIN_MAX_TOKENS) for chat in chats]
@@ -133,8 +137,23 @@ def build_tiny_model(
     model = AutoModelForCausalLM.from_config(tiny_config(architecture, tokenizer), dtype=torch.float32)
     for index, name in enumerate(checkpoints):
         if index:
-            _train(model, tokenizer, chats, train_steps, seed + index)
+            train_briefly(model, tokenizer, chats, train_steps, seed + index)
         # transformers 5 always writes safetensors (model.safetensors).
         model.save_pretrained(directory / name)
         tokenizer.save_pretrained(directory / name)
     return directory
+
+
+@task(name="build-tiny-models", cache_policy=NONE)
+def build_tiny_models_task(model_dir: str) -> dict[str, str]:
+    """Tiny random-weight OLMo (AMD-OLMo-1B's architecture) and OLMo-2 models, two checkpoints each."""
+    from gradlake.tasks.training.tiny import build_tiny_model
+
+    chats = list(probe_variant(load_probe_set(), "original")["messages"])
+    built = {}
+    for arch in ("olmo", "olmo2"):
+        target = Path(model_dir) / f"tiny-{arch}"
+        if not (target / "checkpoint-1" / "config.json").is_file():
+            build_tiny_model(target, arch, chats)
+        built[arch] = str(target)
+    return built

@@ -1,0 +1,200 @@
+"""Kronfluence under gradlake's loss: its Task, the tracked modules (GPT-2's Conv1D as Linear), its arguments, its factors copied to and from the lake."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from gradlake.lake.store import LakeStore
+from gradlake.tasks.common.loss import IGNORE_INDEX, Encoded, pad_batch, sample_losses
+from gradlake.tasks.common.model import ModelError
+from gradlake.tasks.influence.spec import LAYER_KEYWORDS, SCORE_DTYPES, InfluenceError, InfluenceSpec, damping_factor
+
+
+# Kronfluence 1.0.1 builds torch.cuda.amp.GradScaler, deprecated in torch 2.x, once per pass: one FutureWarning each.
+warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.cuda\.amp\.GradScaler")
+
+
+
+def task_class():
+    from kronfluence.task import Task
+
+    class LossTask(Task):
+        """Train loss and measurement: the sum over the batch of each sample's mean token loss."""
+
+        def __init__(self, tracked: list[str], seed: int):
+            super().__init__()
+            self.tracked = tracked
+            self.seed = seed
+            self.generators: dict[str, torch.Generator] = {}
+
+        def _generator(self, device: torch.device) -> torch.Generator:
+            """One seeded generator per device: the draws stay where the logits are."""
+            if str(device) not in self.generators:
+                self.generators[str(device)] = torch.Generator(device=device).manual_seed(self.seed)
+            return self.generators[str(device)]
+
+        def compute_train_loss(self, batch, model, sample: bool = False) -> torch.Tensor:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"]
+            if sample:  # the true Fisher: targets drawn from the model's own predictions
+                with torch.no_grad():
+                    # position t predicts label t + 1; draw only where a label is, on the logits' device
+                    where = labels[:, 1:] != IGNORE_INDEX
+                    probs = torch.softmax(logits[:, :-1][where].detach().float(), dim=-1)
+                    drawn = torch.multinomial(probs, 1, generator=self._generator(probs.device)).squeeze(1)
+                    labels = labels.clone()
+                    labels[:, 1:][where] = drawn.to(labels.dtype)
+            return sample_losses(logits, labels).sum()
+
+        def compute_measurement(self, batch, model) -> torch.Tensor:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return sample_losses(logits, batch["labels"]).sum()
+
+        def get_influence_tracked_modules(self):
+            return self.tracked
+
+        def get_attention_mask(self, batch):
+            return batch["attention_mask"]
+
+    return LossTask
+
+
+class EncodedSet(torch.utils.data.Dataset):
+    """Encoded samples for Kronfluence's DataLoader."""
+
+    def __init__(self, encoded: list[Encoded]):
+        self.encoded = encoded
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def __getitem__(self, index: int) -> Encoded:
+        return self.encoded[index]
+
+
+def collate(pad_id: int) -> Callable[[list[Encoded]], dict]:
+    def batch(items: list[Encoded]) -> dict:
+        ids, labels = pad_batch(items, pad_id)
+        mask = torch.zeros_like(ids)
+        for row, item in enumerate(items):
+            mask[row, : len(item.input_ids)] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    return batch
+
+
+def linear_from_conv1d(model: torch.nn.Module) -> list[str]:
+    """Replace every GPT-2 ``Conv1D`` in `model` by the equal ``nn.Linear``, in place; returns their names.
+
+    Kronfluence tracks only nn.Linear and nn.Conv2d.  Conv1D computes y = x W + b with W stored (in, out); the
+    Linear holding W^T computes the same y, and its weight gradient is the transpose of the Conv1D one, so every
+    dot product of gradients (the scores) is unchanged.  Works on the meta device too (the plan's skeleton).
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    names = [name for name, module in model.named_modules() if isinstance(module, Conv1D)]
+    for name in names:
+        conv = model.get_submodule(name)
+        n_in, n_out = conv.weight.shape
+        linear = torch.nn.Linear(n_in, n_out, bias=conv.bias is not None, device=conv.weight.device,
+                                 dtype=conv.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(conv.weight.T)
+            if conv.bias is not None:
+                linear.bias.copy_(conv.bias)
+        linear.weight.requires_grad_(conv.weight.requires_grad)
+        linear.train(conv.training)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, linear)
+    return names
+
+
+def tracked_modules(model: torch.nn.Module, patterns: list[str]) -> list[str]:
+    """Names of the nn.Linear modules chosen by `patterns`, in model order; every pattern must choose one.
+
+    A pattern is a glob over '<module>.weight' or a keyword of LAYER_KEYWORDS ('attention', 'mlp': every Linear in
+    each block's attention or MLP submodule).  Convert GPT-2's Conv1D first (:func:`linear_from_conv1d`).
+    """
+    linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    if not patterns:
+        return linear
+    weights = [f"{name}.weight" for name in linear]
+    if not weights:
+        raise InfluenceError(f"layers {patterns} choose nn.Linear modules, but this model has none Kronfluence can track")
+    chosen = set()
+    for pattern in patterns:
+        if pattern in LAYER_KEYWORDS:
+            hits = [w for w in weights if LAYER_KEYWORDS[pattern].search(w)]
+            part = "attention ('<block>.self_attn.' or '<block>.attn.')" if pattern == "attention" else "MLP ('<block>.mlp.')"
+            what = f"layer keyword {pattern!r} matches no nn.Linear weight inside a block's {part}"
+        else:
+            hits = fnmatch.filter(weights, pattern)
+            what = f"layer pattern {pattern!r} matches no nn.Linear weight Kronfluence can track"
+        if not hits:
+            examples = ", ".join(repr(w) for w in dict.fromkeys([weights[0], weights[len(weights) // 2], weights[-1]]))
+            raise InfluenceError(f"{what}; names look like {examples}: use a glob over such names "
+                                 f"(e.g. 'model.layers.*.mlp.down_proj.weight') or one of {list(LAYER_KEYWORDS)}")
+        chosen.update(h[: -len(".weight")] for h in hits)
+    return [name for name in linear if name in chosen]
+
+
+def factor_args(spec: InfluenceSpec):
+    from kronfluence.arguments import FactorArguments
+
+    return FactorArguments(strategy=spec.strategy, use_empirical_fisher=spec.empirical_fisher)
+
+
+def score_args(spec: InfluenceSpec):
+    from kronfluence.arguments import ScoreArguments
+
+    dtype = SCORE_DTYPES[spec.score_dtype]
+    return ScoreArguments(damping_factor=damping_factor(spec)[1], query_gradient_low_rank=spec.query_low_rank,
+                          score_dtype=dtype, per_sample_gradient_dtype=dtype, precondition_dtype=torch.float32)
+
+
+def copy_factors_to_lake(store: LakeStore, local: Path, lake_dir: str, lineage: dict) -> None:
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    store.fs.makedirs(store.path(lake_dir), exist_ok=True)
+    for path in files:
+        if path.suffix in (".safetensors", ".json"):
+            store.fs.put_file(str(path), store.path(f"{lake_dir}/{path.relative_to(local).as_posix()}"))
+    manifest = {**lineage, "files": [p.relative_to(local).as_posix() for p in files if p.suffix in (".safetensors", ".json")]}
+    store.fs.pipe_file(store.path(f"{lake_dir}/factors.json"), json.dumps(manifest, indent=1).encode())
+
+
+def factors_from_lake(store: LakeStore, lake_dir: str, local: Path) -> bool:
+    """Put factors the lake holds where Kronfluence looks for them; False when the lake has none (complete)."""
+    try:
+        manifest = json.loads(store.fs.cat_file(store.path(f"{lake_dir}/factors.json")))
+    except FileNotFoundError:
+        return False
+    for name in manifest["files"]:
+        target = local / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        store.fs.get_file(store.path(f"{lake_dir}/{name}"), str(target))
+    return True
+
+
+def load_factors(store: LakeStore, lake_dir: str) -> dict[str, dict[str, torch.Tensor]]:
+    """The factors stored in the lake: {file stem: {module name: tensor}}, read from safetensors."""
+    from safetensors.torch import load as load_bytes
+
+    manifest = json.loads(store.fs.cat_file(store.path(f"{lake_dir}/factors.json")))
+    return {Path(name).stem: load_bytes(store.fs.cat_file(store.path(f"{lake_dir}/{name}")))
+            for name in manifest["files"] if name.endswith(".safetensors")}
+
+
+def kronfluence_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("kronfluence")
+    except metadata.PackageNotFoundError:
+        raise ModelError("kronfluence is not installed; install it with `pip install --no-deps kronfluence==1.0.1` "
+                         "(its torchvision dependency is never used)") from None

@@ -1,0 +1,185 @@
+"""A run planned before it starts: its data, its order (a function of the seed), its checkpoints, and what exists already."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+
+from gradlake.lake.datasets import dataset_meta, read_dataset
+from gradlake.lake.store import LakeStore, storage_options_for
+from gradlake.tasks.common.checkpoints import checkpoint_complete
+from gradlake.tasks.common.loss import chat_template_text
+from gradlake.tasks.common.model import check_model, check_weights, lake_names, resolved_commit
+from gradlake.tasks.training.spec import CHECKPOINT_PREFIX, LINEAGE_FILE, TrainError, TrainSpec, checkpoint_name
+
+
+@dataclass
+class TrainData:
+    """The samples of a run, in dataset order, with the lineage of where they came from."""
+
+    keys: list[str]             # 'variant:id', unique
+    ids: list[str]              # the dataset id of each
+    chats: list[list[dict]]
+    versions: dict[str, str]    # variant -> dataset version
+
+
+@dataclass
+class Plan:
+    """What a validated run will do: its data, length, fingerprint and where it resumes."""
+
+    spec: TrainSpec
+    data: TrainData
+    total_steps: int
+    steps_per_epoch: int
+    base_commit: str
+    fingerprint: str
+    saves: list[int]
+    done: list[int]             # steps whose checkpoints already exist (this run's)
+
+    def checkpoint_name(self, step: int) -> str:
+        return checkpoint_name(step)
+
+
+def load_train_data(spec: TrainSpec) -> TrainData:
+    """The kept samples of every variant, or one clear error (missing dataset/variant, unknown ids, nothing left)."""
+    store = LakeStore(spec.lake)
+    keys, ids, chats, versions = [], [], [], {}
+    known: set[str] = set()
+    for variant in spec.variants:
+        meta = dataset_meta(store, spec.dataset, variant, spec.version)
+        frame = read_dataset(store, spec.dataset, variant, meta["version"])
+        versions[variant] = meta["version"]
+        known.update(frame["id"])
+        chosen = set(spec.keep) if spec.keep is not None else None
+        dropped = set(spec.drop or [])
+        for sample_id, messages in zip(frame["id"], frame["messages"]):
+            if (chosen is not None and sample_id not in chosen) or sample_id in dropped:
+                continue
+            keys.append(f"{variant}:{sample_id}")
+            ids.append(sample_id)
+            chats.append(messages)
+    named = list(spec.keep or []) + list(spec.drop or [])
+    unknown = [i for i in named if i not in known]
+    if unknown:
+        raise TrainError(f"sample ids {unknown[:5]} are not in dataset {spec.dataset!r} ({spec.variants}); "
+                         f"ids look like {sorted(known)[:3]}")
+    if not keys:
+        raise TrainError(f"no sample of dataset {spec.dataset!r} {spec.variants} is left to train on after keep/drop")
+    return TrainData(keys=keys, ids=ids, chats=chats, versions=versions)
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The permutation of the n samples used in `epoch`: a function of (seed, epoch) only."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_of_step(step: int, seed: int, n: int, batch_size: int) -> list[int]:
+    """Sample indexes of optimizer step `step` (0-based); an epoch's last batch may be short."""
+    per_epoch = math.ceil(n / batch_size)
+    epoch, within = divmod(step, per_epoch)
+    order = epoch_order(seed, epoch, n)
+    return order[within * batch_size:(within + 1) * batch_size].tolist()
+
+
+def trained_order(plan: Plan, through_step: int) -> list[str]:
+    """The sample keys of steps 0 .. through_step-1, in the order they were trained on."""
+    n, size = len(plan.data.keys), plan.spec.batch_size
+    return [plan.data.keys[i] for s in range(through_step) for i in batch_of_step(s, plan.spec.seed, n, size)]
+
+
+def learning_rate(spec: TrainSpec, step: int, total: int) -> float:
+    """The rate of optimizer step `step` (0-based): warm-up, then constant, linear or cosine decay to 0."""
+    if step < spec.warmup_steps:
+        return spec.learning_rate * (step + 1) / spec.warmup_steps
+    if spec.schedule == "constant":
+        return spec.learning_rate
+    span = max(1, total - spec.warmup_steps)
+    progress = min(1.0, (step - spec.warmup_steps) / span)
+    if spec.schedule == "linear":
+        return spec.learning_rate * (1.0 - progress)
+    return spec.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def output_fs(spec: TrainSpec) -> tuple[fsspec.AbstractFileSystem, str]:
+    url = spec.output
+    return fsspec.core.url_to_fs(url, **storage_options_for(url, spec.storage_options))
+
+
+def check_output_writable(spec: TrainSpec) -> None:
+    """Write and delete a probe object under the checkpoint prefix, or raise one clear error."""
+    fs, root = output_fs(spec)
+    probe = f"{root.rstrip('/')}/.gradlake-write-probe"
+    try:
+        fs.makedirs(root, exist_ok=True)
+        fs.pipe_file(probe, b"ok")
+        fs.rm_file(probe)
+    except Exception as err:  # permission, missing bucket, read-only file system, endpoint down
+        raise TrainError(f"checkpoint prefix {spec.output!r} is not writable ({type(err).__name__}: {err}); "
+                         "give a directory or s3:// prefix this worker can write") from None
+
+
+def run_fingerprint(spec: TrainSpec, base_commit: str, versions: dict[str, str]) -> str:
+    """Everything that determines the weights, hashed: checkpoints of one run share it."""
+    what = spec.model_dump(mode="json", exclude={"output", "checkpoint_every", "save_steps", "save_initial", "storage_options", "lake",
+                                                  "quality"})
+    if spec.chat_template == "tokenizer":  # runs made before the setting existed keep their fingerprint
+        del what["chat_template"]
+    else:  # a Jinja file counts by its text, not its path
+        what["chat_template"] = hashlib.sha256((chat_template_text(spec.chat_template) or "").encode()).hexdigest()
+    what["model"] = {"source": list(lake_names(spec.model)), "commit": base_commit, "dtype": spec.model.dtype}
+    what["versions"] = versions
+    return "sha256:" + hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def existing_checkpoints(spec: TrainSpec) -> dict[int, dict]:
+    """Complete checkpoints under the prefix: step -> their lineage record."""
+    fs, root = output_fs(spec)
+    if not fs.isdir(root):
+        return {}
+    found = {}
+    for path in fs.ls(root, detail=False):
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if not name.startswith(CHECKPOINT_PREFIX) or not fs.isdir(path) or not checkpoint_complete(fs, path):
+            continue
+        try:
+            record = json.loads(fs.cat_file(f"{path}/{LINEAGE_FILE}"))
+        except FileNotFoundError:
+            record = {}
+        found[int(record.get("step", -1))] = record | {"name": name}
+    return found
+
+
+def total_steps(spec: TrainSpec, n_samples: int) -> int:
+    """Optimizer steps of a run over `n_samples` training samples: `steps`, else `epochs` passes of ceil(n / batch)."""
+    return spec.steps or spec.epochs * math.ceil(n_samples / spec.batch_size)
+
+
+def plan_run(spec: TrainSpec) -> Plan:
+    """Validate everything before any training or writing; the plan says what is left to do."""
+    config = check_model(spec.model)
+    check_weights(spec.model, config)
+    data = load_train_data(spec)
+    check_output_writable(spec)
+    chat_template_text(spec.chat_template)  # a named Jinja file must be readable before anything runs
+    per_epoch = math.ceil(len(data.keys) / spec.batch_size)
+    total = total_steps(spec, len(data.keys))
+    every = spec.checkpoint_every or total
+    saves = sorted({*range(every, total, every), total, *(s for s in spec.save_steps if 0 < s <= total)}
+                   | ({0} if spec.save_initial else set()))
+    base_commit = resolved_commit(spec.model.resolved())
+    fingerprint = run_fingerprint(spec, base_commit, data.versions)
+    existing = existing_checkpoints(spec)
+    foreign = {s: r for s, r in existing.items() if r.get("fingerprint") != fingerprint}
+    if foreign:
+        step, record = sorted(foreign.items())[0]
+        raise TrainError(f"checkpoint prefix {spec.output!r} holds {record['name']} of another training run "
+                         f"(fingerprint {record.get('fingerprint')}, this run {fingerprint}); "
+                         "give a new prefix, or the same spec to resume that run")
+    del config
+    return Plan(spec=spec, data=data, total_steps=total, steps_per_epoch=per_epoch, base_commit=base_commit,
+                fingerprint=fingerprint, saves=saves, done=sorted(existing))

@@ -1,0 +1,255 @@
+"""The command line is the specs: each stage command's options are its spec's fields (and its own few), with their help.
+
+The expected options are computed here from the specs by a walk of their fields independent of
+`flows/commands.py`: every field of the spec, nested models flattened (an optional one also counts
+itself, its on/off switch), is exactly one option, and nothing else is, but `--spec` and the
+command's own options.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import types
+import typing
+
+import pytest
+from pydantic import BaseModel
+from typer.main import get_command
+from typer.testing import CliRunner
+
+from gradlake.flows.cli import app
+from gradlake.flows.commands import SpecCommand, merged, spec_flags
+
+runner = CliRunner()
+# every command that runs a stage with a spec, and its options besides the spec's
+STAGE_COMMANDS = {"extract": set(), "project": set(), "dataset create": set(), "evaluate": set(), "train": set(),
+                  "influence": set(), "attribution": set(), "protocol": {"plan"}, "trace": set(),
+                  "watch": {"interval", "off"}, "pipeline": set()}
+
+
+def commands() -> dict[str, object]:
+    """Every command of `gradlake`, by its words ('dataset create')."""
+    found = {}
+
+    def walk(group, words):
+        for name, command in group.commands.items():
+            if hasattr(command, "commands"):
+                walk(command, [*words, name])
+            else:
+                found[" ".join([*words, name])] = command
+
+    walk(get_command(app), [])
+    return found
+
+
+def field_paths(model: type[BaseModel], each: dict[str, str], path: tuple[str, ...] = ()) -> set[str]:
+    """Dotted paths of the fields the command line sets: nested models flattened (an optional one is also its
+    own on/off switch); a list of models named in `each` flattened into its item's fields."""
+    out = set()
+    for name, info in model.model_fields.items():
+        here = (*path, name)
+        args = typing.get_args(info.annotation) if typing.get_origin(info.annotation) in (typing.Union, types.UnionType) \
+            else (info.annotation,)
+        models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        if models:
+            if type(None) in args:
+                out.add(".".join(here))
+            out |= field_paths(models[0], each, here)
+        elif ".".join(here) in each:
+            out |= {".".join((*here, sub)) for sub in typing.get_args(info.annotation)[0].model_fields}
+        else:
+            out.add(".".join(here))
+    return out
+
+
+def field_info(model: type[BaseModel], key: str):
+    """The FieldInfo at a dotted path (through optional models and lists of models)."""
+    info = None
+    for part in key.split("."):
+        info = model.model_fields[part]
+        inner = [a for a in (typing.get_args(info.annotation) or (info.annotation,))
+                 if isinstance(a, type) and issubclass(a, BaseModel)]
+        inner += [a for b in typing.get_args(info.annotation) for a in typing.get_args(b)
+                  if isinstance(a, type) and issubclass(a, BaseModel)]
+        model = inner[0] if inner else None
+    return info
+
+
+@pytest.mark.parametrize("words", sorted(STAGE_COMMANDS))
+def test_a_stage_command_has_one_option_per_field_of_its_spec_and_no_other(words):
+    command = commands()[words]
+    assert isinstance(command, SpecCommand), f"`gradlake {words}` is not made from its spec"
+    declaration = command.declaration
+    spec = declaration.spec_class()
+    fields = field_paths(spec, declaration.each)
+    by_dest = {flag.dest: flag.key for flag in declaration.flags()}
+    options = {param.name for param in command.params}
+    assert options - set(by_dest) == {"spec"} | STAGE_COMMANDS[words], "options that set no field"
+    set_fields = sorted(by_dest[name] for name in options if name in by_dest)
+    assert len(set_fields) == len(set(set_fields)), "a field with two options"
+    assert set(set_fields) == fields, (f"fields without an option: {sorted(fields - set(set_fields))}; "
+                                       f"options of no field: {sorted(set(set_fields) - fields)}")
+    for param in command.params:  # each option's help is its field's description
+        if param.name in by_dest:
+            info = field_info(spec, by_dest[param.name])
+            assert info.description, f"{spec.__name__}.{by_dest[param.name]} has no description"
+            assert param.help.replace("\\[", "[").startswith(info.description), param.name
+
+
+def plain(text: str) -> str:
+    """Help text without its wrapping (which may break a word after a hyphen)."""
+    return re.sub(r"-\s+", "-", re.sub(r"\s+", " ", text))
+
+
+def shown_default(info, flag: str) -> str | None:
+    """How the help should show a field's default (None: not shown)."""
+    value = info.get_default(call_default_factory=True, validated_data={})
+    if info.is_required() or value is None or value == []:
+        return None
+    if isinstance(value, bool) or isinstance(value, BaseModel):
+        return flag if value else f"no-{flag}"
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    return None if len(str(value)) > 60 else str(value)
+
+
+@pytest.mark.parametrize("words", ["extract", "train", "attribution", "dataset create"])
+def test_help_shows_each_fields_description_and_default(words):
+    command = commands()[words]
+    spec = command.declaration.spec_class()
+    result = runner.invoke(app, [*words.split(), "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    text = plain(result.output)
+    for flag in command.declaration.flags():
+        info = field_info(spec, flag.key)
+        assert plain(info.description)[:40] in text, f"--{flag.name}: its description is not in the help"
+        default = shown_default(info, flag.name)
+        if default is not None and flag.kind != "switch":
+            assert f"[default: {default}]" in text, f"--{flag.name}: its default {default!r} is not in the help"
+    assert "--spec" in text
+
+
+TRAIN = {"model": {"model": "amd-olmo-1b-sft", "checkpoint": "main"}, "lake": "s3://lake/here", "dataset": "probe",
+         "output": "/runs/one", "steps": 5, "learning_rate": 1e-4, "quality": None}
+
+
+@pytest.fixture
+def trained(monkeypatch) -> list:
+    """`gradlake train` with its plan and flow replaced by a record of the spec they were given."""
+    seen = []
+    monkeypatch.setattr("gradlake.tasks.training.plan.plan_run", seen.append)
+    monkeypatch.setattr("gradlake.flows.train.train_model", lambda spec: ["trained"])
+    return seen
+
+
+def test_spec_file_and_an_option_merge_into_one_validated_spec(tmp_path, trained):
+    from gradlake.tasks.training.spec import TrainSpec
+
+    (tmp_path / "train.json").write_text(json.dumps(TRAIN))
+    result = runner.invoke(app, ["train", "--spec", f"@{tmp_path / 'train.json'}", "--learning-rate", "0.001",
+                                 "--checkpoint", "step-2", "--save-steps", "2", "--save-steps", "4"])
+    assert result.exit_code == 0, result.output
+    [spec] = trained
+    expected = TrainSpec.model_validate({**TRAIN, "learning_rate": 0.001, "save_steps": [2, 4],
+                                         "model": {"model": "amd-olmo-1b-sft", "checkpoint": "step-2"}})
+    assert spec == expected and spec.quality is None  # the file's values, the options over them
+
+
+def test_options_alone_make_the_spec_as_the_file_would(trained):
+    args = ["train", "--model", "amd-olmo-1b-sft", "--checkpoint", "main", "--lake", "s3://lake/here", "--dataset", "probe",
+            "--output", "/runs/one", "--steps", "5", "--learning-rate", "1e-4", "--no-quality"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert trained[0].model_dump() == type(trained[0]).model_validate(TRAIN).model_dump()
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--schedule", "wavy"], "schedule (--schedule): Input should be 'constant', 'linear' or 'cosine' (got 'wavy')"),
+    (["--epochs", "0"], "epochs (--epochs): Input should be greater than or equal to 1 (got '0')"),
+    (["--dtype", "float64"], "model.dtype (--dtype): Input should be 'float32', 'bfloat16' or 'float16' (got 'float64')"),
+    (["--quality-max-samples", "none", "--quality-judge-timeout-s", "-1"], "quality.judge.timeout_s (--quality-judge-timeout-s)"),
+])
+def test_a_bad_value_is_one_line_naming_it_and_what_is_accepted(tmp_path, trained, args, said):
+    (tmp_path / "train.json").write_text(json.dumps(TRAIN))
+    result = runner.invoke(app, ["train", "--spec", f"@{tmp_path / 'train.json'}", *args])
+    assert result.exit_code == 2 and not trained, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and said in lines[0], result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("spec, said", [("@/no/such.json", "no file /no/such.json"), ("{nope", "--spec is not JSON"),
+                                        ("[1]", "must be a JSON object"),
+                                        (json.dumps({**TRAIN, "epoch": 2}), "epoch: Extra inputs are not permitted")])
+def test_a_bad_spec_document_is_one_line(trained, spec, said):
+    result = runner.invoke(app, ["train", "--spec", spec])
+    assert result.exit_code == 2 and not trained and said in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_optional_models_switch_on_with_a_field_and_off_with_no():
+    flags = commands()["dataset create"].declaration.flags()
+    names = {flag.key: flag.name for flag in flags}
+    assert names["paraphrase.model"] == "paraphrase-model" and names["source.seed"] == "seed"
+    assert names["paraphrase.seed"] == "paraphrase-seed" and names["source.blocks.revision"] == "blocks-revision"
+    assert merged({}, flags, {"paraphrase-model": "m"}) == {"paraphrase": {"model": "m"}}
+    assert merged({"paraphrase": None}, flags, {"paraphrase": True}) == {"paraphrase": {}}
+    assert merged({"paraphrase": {"model": "m"}}, flags, {"paraphrase": False}) == {"paraphrase": None}
+    with pytest.raises(ValueError, match="--no-paraphrase turns paraphrase off, but --paraphrase-model"):
+        merged({}, flags, {"paraphrase": False, "paraphrase-model": "m"})
+    assert merged({"source": {"source": "a", "n": 5}}, flags, {"n": "7", "generate": ["m@c", "n"]}) == \
+        {"source": {"source": "a", "n": "7"}, "generate": [{"model": "m", "checkpoint": "c"}, {"model": "n", "checkpoint": None}]}
+
+
+def test_names_that_clash_are_prefixed_by_the_field_that_holds_them():
+    from gradlake.tasks.attribution.spec import AttributionSpec
+    from gradlake.tasks.tracing.trace import TraceSpec
+
+    trace = {flag.key: flag.name for flag in spec_flags(TraceSpec)}
+    assert (trace["base.model"], trace["candidate.model"], trace["base.dtype"]) == ("base-model", "candidate-model", "base-dtype")
+    assert trace["n_samples"] == "n-samples" and trace["lake"] == "lake"
+    attribution = {flag.key: flag.name for flag in spec_flags(AttributionSpec)}
+    assert (attribution["checkpoint"], attribution["train.model.checkpoint"]) == ("checkpoint", "model-checkpoint")
+    assert attribution["train.quality.judge.model"] == "quality-judge-model"
+
+
+def test_a_list_of_models_given_each_repeats_its_key():
+    from gradlake.flows.watch import WatchSpec
+
+    flags = spec_flags(WatchSpec, each={"models": "model"})
+    given = {"model": ["a", "b"], "pattern": r"step\d+", "variants": ["original"], "shard-size": "32"}
+    assert merged({}, flags, given) == {"models": [{"model": "a", "pattern": r"step\d+"}, {"model": "b", "pattern": r"step\d+"}],
+                                        "pipeline": {"variants": ["original"], "shard_size": "32"}}
+    # without the key, the shared fields change every model of the --spec document
+    assert merged({"models": [{"model": "a"}]}, flags, {"dtype": "bfloat16"}) == {"models": [{"model": "a", "dtype": "bfloat16"}]}
+
+
+def test_pipeline_and_extraction_share_one_declaration_and_the_extraction_json_is_unchanged():
+    from prefect.utilities.callables import parameter_schema
+
+    from gradlake.flows.pipeline import PipelineSettings, PipelineSpec, pipeline
+    from gradlake.tasks.gradients.plan import DEFAULT_TOKEN_BUDGET, ExtractionSettings, ExtractionSpec
+
+    for spec in (PipelineSettings, PipelineSpec, ExtractionSpec):  # inherited, never declared again
+        assert issubclass(spec, ExtractionSettings)
+        below = spec.__mro__[:spec.__mro__.index(ExtractionSettings)]
+        again = {name for cls in below for name in vars(cls).get("__annotations__", {})}
+        assert not again & set(ExtractionSettings.model_fields), again
+    # the document an extraction always made (lineage and fingerprints are built from these values)
+    assert ExtractionSpec(model={"model": "m"}, lake="x").model_dump(mode="json") == {
+        "model": {"model": "m", "checkpoint": None, "dtype": "float32", "device": "auto", "trust_remote_code": False,
+                  "allow_pickled_weights": False},
+        "dataset": "probe", "variant": "original", "paradigm": "sft", "layers": [], "target": "parameters",
+        "chat_template": "tokenizer", "labels": "assistant", "mode": "store", "shard_size": 64, "batch_size": 8,
+        "token_budget": DEFAULT_TOKEN_BUDGET, "max_length": 1024, "object_mb": 0, "store_dtype": "float32",
+        "projections": [], "keep_gradients": True, "lake": "x"}
+    spec = PipelineSpec(model={"model": "m", "checkpoint": "c"}, lake="x", dataset="d", layers=["*.mlp.*"], token_budget=None,
+                        projections=[{"kind": "sparse", "dim": 64}], keep_gradients=False, object_mb=32, labels="last_assistant")
+    assert spec.extraction("paraphrased") == ExtractionSpec(
+        model=spec.model, lake="x", dataset="d", variant="paraphrased", layers=["*.mlp.*"], token_budget=None,
+        projections=[{"kind": "sparse", "dim": 64}], keep_gradients=False, object_mb=32, labels="last_assistant")
+    # the deployment's form: the flow's parameter schema builds, its fields in the order of the form
+    schema = parameter_schema(pipeline.fn).model_dump()
+    fields = list(schema["definitions"]["PipelineSpec"]["properties"])
+    assert fields[:6] == ["model", "lake", "dataset", "create", "variants", "paradigm"], fields
