@@ -26,6 +26,12 @@ def _lake(lake: Optional[str]) -> str:
     return lake or default_lake()
 
 
+def _demo_settings():
+    from gradlake.flows.demo import DemoSettings
+
+    return DemoSettings
+
+
 def _default_lake() -> str:
     return _lake(None)
 
@@ -121,33 +127,21 @@ def catalog(lake: Optional[str] = typer.Option(None, help="Lake URL.")) -> None:
         typer.secho("`gradlake verify` checks every chunk too", err=True)
 
 
-@app.command()
-def demo(
-    lake: Optional[str] = typer.Option(None, help="Lake URL (default: $GRADLAKE_LAKE or ./demo-lake)."),
-    train_samples: Optional[int] = typer.Option(None, help="Probe originals the tiny OLMo-2 is trained on [default: 32]."),
-    epochs: Optional[int] = typer.Option(None, help="Passes over them [default: 60]."),
-    checkpoints: Optional[int] = typer.Option(None, help="Checkpoints evaluated besides step 0 [default: 2]."),
-    subsets: Optional[int] = typer.Option(None, help="LDS retrainings (random halves of the training set) [default: 16]."),
-    seeds: Optional[int] = typer.Option(None, help="Data-order seeds per subset, losses averaged [default: 1]."),
-    queries: Optional[int] = typer.Option(None, help="Held-out queries, and paraphrase queries [default: 16]."),
-    full: bool = typer.Option(False, "--full", help="The powered benchmark: 64 training samples, 40 subsets x 3 seeds, "
-                                                    "48 queries per set (about 45 minutes on two cores); other options still win."),
-) -> None:
+@spec_command(app, "demo", "gradlake.flows.demo:DemoSettings", names={"n_subsets": ("--subsets",), "retrain_seeds": ("--seeds",)},
+              presets={"full": lambda: _demo_settings().powered()})
+def demo(settings,
+         lake: Optional[str] = typer.Option(None, help="Lake URL (default: $GRADLAKE_LAKE or ./demo-lake)."),
+         full: bool = typer.Option(False, "--full", help="The powered benchmark: 64 training samples, 40 subsets x 3 seeds, "
+                                                         "48 queries per set (about 45 minutes on two cores); other options "
+                                                         "still win.")) -> None:
     """Offline: train a tiny OLMo-2 on part of the probe set, then compare every attribution method on it against
     retraining, on held-out queries and on paraphrases."""
     import pandas as pd
 
-    from gradlake.flows.demo import DemoSettings, demo_pipeline
+    from gradlake.flows.demo import demo_pipeline
     from gradlake.lake import open_lake
     from gradlake.lake.store import LakeStore, normalize_url
 
-    given = {"train_samples": train_samples, "epochs": epochs, "checkpoints": checkpoints, "n_subsets": subsets,
-             "retrain_seeds": seeds, "queries": queries}
-    base = DemoSettings.powered() if full else DemoSettings()
-    try:
-        settings = DemoSettings(**{**base.model_dump(), **{k: v for k, v in given.items() if v is not None}})
-    except ValidationError as err:
-        fail(err)
     url = normalize_url(_lake(lake))
     result = demo_pipeline(url, settings=settings)
     store = LakeStore(url)
@@ -198,11 +192,8 @@ def evaluate_command(spec) -> None:
     path = evaluate(spec)
     print_headline(spec.lake, path)
 
-@app.command()
-def verify(
-    lake: Optional[str] = typer.Option(None, help="Lake URL (default: $GRADLAKE_LAKE or ./demo-lake)."),
-    repair: bool = typer.Option(False, help="Clear the completion flags of damaged chunks and score blocks; the next run recomputes exactly those."),
-) -> None:
+@spec_command(app, "verify", "gradlake.tasks.common.verify:VerifySpec")
+def verify(spec) -> None:
     """Check that every chunk the lake says is complete is there and unchanged; exit 1 if anything is damaged."""
     import pandas as pd
 
@@ -210,9 +201,9 @@ def verify(
     from gradlake.lake.verify import verify_lake
 
     try:
-        store = LakeStore(_lake(lake))
+        store = LakeStore(spec.lake)
         store.check_exists()
-        table = verify_lake(store, repair=repair, log=lambda line: typer.echo(line, err=True))
+        table = verify_lake(store, repair=spec.repair, log=lambda line: typer.echo(line, err=True))
     except (ValueError, OSError) as err:
         fail(err)
     with pd.option_context("display.max_colwidth", 120, "display.width", 200):
@@ -314,10 +305,10 @@ def attribution_command(spec) -> None:
     """The attribution benchmark: LDS, counterfactual removal and retrieval of every method's scores."""
     from gradlake.flows.attribution import evaluate_attribution
     from gradlake.lake.store import LakeStore
-    from gradlake.tasks.attribution.benchmark import plan_attribution
+    from gradlake.tasks.attribution.benchmark import plan_benchmark
 
     try:
-        plan_attribution.fn(spec)
+        plan_benchmark(spec)
     except (ValueError, OSError) as err:
         fail(err)
     directory = evaluate_attribution(spec)

@@ -158,6 +158,7 @@ class Declaration:
     each: dict[str, str] = field(default_factory=dict)
     fallbacks: dict[str, Callable[[], Any]] = field(default_factory=dict)
     unless: str | None = None
+    presets: dict[str, Callable[[], BaseModel]] = field(default_factory=dict)
 
     def spec_class(self) -> type[BaseModel]:
         module, _, name = self.spec.partition(":")
@@ -177,7 +178,7 @@ class Declaration:
         """The command's callback, with a signature typer reads as its options."""
         spec_class, flags, extras = self.spec_class(), self.flags(), self.extras()
         run, unless = self.run, self.unless
-        fallbacks = self.fallbacks
+        fallbacks, presets = self.fallbacks, self.presets
 
         def command(**values):
             ctx, text = values.pop("ctx"), values.pop("spec")
@@ -187,7 +188,11 @@ class Declaration:
             given = {flag.name: values[flag.dest] for flag in flags
                      if getattr(ctx.get_parameter_source(flag.dest), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
             try:
-                spec = spec_class.model_validate(merged(read_spec(text), flags, given, fallbacks))
+                document = read_spec(text)
+                for name, preset in presets.items():
+                    if extra.get(name):  # a preset's values under the file's and the options'
+                        document = {**preset().model_dump(mode="json"), **document}
+                spec = spec_class.model_validate(merged(document, flags, given, fallbacks))
             except ValidationError as err:
                 refuse(validation_line(err, flags))
             except ValueError as err:
@@ -246,7 +251,8 @@ class SpecCommand(TyperCommand):
 
 def spec_command(app: typer.Typer, name: str, spec: str, *, names: dict[str, tuple[str, ...]] | None = None,
                  parsers: dict[str, Parser] | None = None, each: dict[str, str] | None = None,
-                 fallbacks: dict[str, Callable[[], Any]] | None = None, unless: str | None = None):
+                 fallbacks: dict[str, Callable[[], Any]] | None = None, unless: str | None = None,
+                 presets: dict[str, Callable[[], BaseModel]] | None = None):
     """Register the decorated `run(spec, **extras)` as command `name` of `app`, its options made from `spec` ("module:Class").
 
     `run` receives the validated spec, and its own further parameters (typer options) as they are.
@@ -255,10 +261,11 @@ def spec_command(app: typer.Typer, name: str, spec: str, *, names: dict[str, tup
     `each`: a list of models flattened, by its path: the name of its key field.
     `fallbacks`: a value for a field that neither --spec nor an option gives, by path (e.g. the default lake).
     `unless`: a boolean option of `run` that, when set, skips the spec (`run` gets None).
+    `presets`: boolean options of `run` that, when set, give the spec's base values (under --spec and the options).
     """
     def register(run: Callable[..., Any]) -> Callable[..., Any]:
         declaration = Declaration(spec, run, {k: tuple(v) for k, v in (names or {}).items()}, parsers or {}, each or {},
-                                  fallbacks or {}, unless)
+                                  fallbacks or {}, unless, presets or {})
         command_class = type(f"{run.__name__}_command", (SpecCommand,), {"declaration": declaration})
 
         def stub() -> None:

@@ -25,7 +25,16 @@ runner = CliRunner()
 # every command that runs a stage with a spec, and its options besides the spec's
 STAGE_COMMANDS = {"extract": set(), "project": set(), "dataset create": set(), "evaluate": set(), "train": set(),
                   "influence": set(), "attribution": set(), "protocol": {"plan"}, "trace": set(),
-                  "watch": {"interval", "off"}, "pipeline": set()}
+                  "watch": {"interval", "off"}, "pipeline": set(), "verify": set(), "demo": {"lake", "full"}}
+# commands that run no stage and so have no spec: they only read a lake, or write the bundled probe set
+WITHOUT_SPEC = {"catalog": {"lake"}, "dataset probe": {"lake"}}
+
+
+def test_every_command_is_made_from_its_spec_or_has_none():
+    found = commands()
+    assert set(found) == set(STAGE_COMMANDS) | set(WITHOUT_SPEC)
+    for words, options in WITHOUT_SPEC.items():
+        assert {param.name for param in found[words].params} == options, words
 
 
 def commands() -> dict[str, object]:
