@@ -18,6 +18,21 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=N
                   help="gradlake: per-sample gradients of language models in a Zarr lake.")
 dataset_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Probe datasets in the lake.")
 app.add_typer(dataset_app, name="dataset")
+LAKE_HELP = "Lake URL (default: $GRADLAKE_LAKE or ./demo-lake)."
+
+
+def _version(shown: bool) -> None:
+    if shown:
+        from gradlake.tasks.common.lineage import gradlake_version
+
+        typer.echo(f"gradlake {gradlake_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                          help="Print gradlake's version and exit.")) -> None:
+    """gradlake: per-sample gradients of language models in a Zarr lake."""
 
 
 def _lake(lake: Optional[str]) -> str:
@@ -55,7 +70,7 @@ def extract(spec) -> None:
 
 
 @dataset_app.command("probe")
-def dataset_probe(lake: Optional[str] = typer.Option(None, help="Lake URL.")) -> None:
+def dataset_probe(lake: Optional[str] = typer.Option(None, help=LAKE_HELP)) -> None:
     """Store the bundled probe set (variants original, paraphrased) as dataset 'probe'."""
     from gradlake.tasks.data.probes import store_probe_set
 
@@ -103,7 +118,7 @@ def dataset_create(spec) -> None:
         typer.echo(f"{spec.name}/{variant}: version {version}")
 
 @app.command()
-def catalog(lake: Optional[str] = typer.Option(None, help="Lake URL.")) -> None:
+def catalog(lake: Optional[str] = typer.Option(None, help=LAKE_HELP)) -> None:
     """List everything in a lake."""
     import pandas as pd
 
@@ -130,7 +145,7 @@ def catalog(lake: Optional[str] = typer.Option(None, help="Lake URL.")) -> None:
 @spec_command(app, "demo", "gradlake.flows.demo:DemoSettings", names={"n_subsets": ("--subsets",), "retrain_seeds": ("--seeds",)},
               presets={"full": lambda: _demo_settings().powered()})
 def demo(settings,
-         lake: Optional[str] = typer.Option(None, help="Lake URL (default: $GRADLAKE_LAKE or ./demo-lake)."),
+         lake: Optional[str] = typer.Option(None, help=LAKE_HELP),
          full: bool = typer.Option(False, "--full", help="The powered benchmark: 64 training samples, 40 subsets x 3 seeds, "
                                                          "48 queries per set (about 45 minutes on two cores); other options "
                                                          "still win.")) -> None:

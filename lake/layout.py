@@ -17,6 +17,7 @@
       benchmarks/<queries>/                         the attribution benchmark (a result: lake.results)
       groundtruth/<queries>/lds-<key>/, cf-<key>/   retrained models' query losses
   tracing/<base>/<checkpoint>/<candidate>/<checkpoint>/   one model-tracing result (a result)
+  tracing/<base>/<checkpoint>/<candidate>/<checkpoint>-permuted-s<seed>/  its control (candidate permuted first)
   tracing/<base>/<checkpoint>/summary.parquet, summary.md every candidate traced against the base
   .gradlake/create/<group path>.json                a group's creation claim (lake.claims)
   .gradlake/leases/<group path>/<row-chunk>.json    a row-chunk's lease (lake.leases)
@@ -277,9 +278,14 @@ def tracing_base_dir(base: str, checkpoint: str) -> str:
     return f"tracing/{base}/{checkpoint}"
 
 
-def tracing_dir(base: str, base_checkpoint: str, candidate: str, candidate_checkpoint: str) -> str:
-    """``tracing/<base>/<checkpoint>/<candidate>/<checkpoint>``: one tracing result (a result: lake.results)."""
-    return f"{tracing_base_dir(base, base_checkpoint)}/{candidate}/{candidate_checkpoint}"
+def tracing_dir(base: str, base_checkpoint: str, candidate: str, candidate_checkpoint: str,
+                permute_seed: int | None = None) -> str:
+    """``tracing/<base>/<checkpoint>/<candidate>/<checkpoint>``: one tracing result (a result: lake.results).
+
+    The control run (the candidate permuted first, with `permute_seed`) is a result of its own:
+    ``.../<candidate>/<checkpoint>-permuted-s<seed>``, beside the real one, never over it."""
+    control = "" if permute_seed is None else f"-permuted-s{int(permute_seed)}"
+    return f"{tracing_base_dir(base, base_checkpoint)}/{candidate}/{candidate_checkpoint}{control}"
 
 
 # ---------------------------------------------------------------- claims (outside every Zarr group)

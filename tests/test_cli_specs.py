@@ -262,3 +262,13 @@ def test_pipeline_and_extraction_share_one_declaration_and_the_extraction_json_i
     schema = parameter_schema(pipeline.fn).model_dump()
     fields = list(schema["definitions"]["PipelineSpec"]["properties"])
     assert fields[:6] == ["model", "lake", "dataset", "create", "variants", "paradigm"], fields
+
+
+def test_version_and_the_lake_default_are_said():
+    from importlib import metadata
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"gradlake {metadata.version('gradlake')}"
+    for words in WITHOUT_SPEC:
+        shown = plain(CliRunner().invoke(app, [*words.split(), "--help"], env={"COLUMNS": "200"}).output)
+        assert "default: $GRADLAKE_LAKE or ./demo-lake" in shown, words

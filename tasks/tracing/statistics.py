@@ -52,6 +52,17 @@ def permutation_p_value(observed: float, null: Sequence[float], larger_is_relate
     return float((1 + hits) / (1 + len(null)))
 
 
+def smallest_p_value(permutations: int, layers: int | None = None) -> float:
+    """The smallest p-value a test can give: a permutation test's 1 / (1 + permutations), or, with `layers`, the
+    matching test's: Fisher's combination of that many layers each at its smallest."""
+    from scipy.stats import chi2
+
+    smallest = permutation_p_value(1.0, [0.0] * permutations)
+    if layers is None:
+        return smallest
+    return float(chi2.sf(-2 * sum(math.log(smallest) for _ in range(layers)), 2 * layers))
+
+
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman's rank correlation of two permutations of 0..n-1 (their values are their ranks)."""
     a, b = a.astype(float) - a.mean(), b.astype(float) - b.mean()

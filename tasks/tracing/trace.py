@@ -23,7 +23,7 @@ from gradlake.tasks.tracing.connectivity import barrier, loss_path, perplexity
 from gradlake.tasks.tracing.permutation import (TRACING_ARCHITECTURES, TracingError, align, check_comparable, decoder_layers,
                                                 permute_model, random_permutation)
 from gradlake.tasks.tracing.statistics import (embedding_cosine, matching_test, mean_weight_cosine, null_statistics,
-                                               permutation_p_value, weight_cosines)
+                                               permutation_p_value, smallest_p_value, weight_cosines)
 
 
 # -- the stage: one base and one candidate, results into the lake ---------------------------------
@@ -50,7 +50,7 @@ class TraceSettings(BaseModel):
     max_length: int = Field(default=1024, ge=2, title="Max length (tokens)", description="Tokens per sample at most.")
     batch_size: int = Field(default=8, ge=1, title="Batch size", description="Samples per forward pass.")
     points: int = Field(default=11, ge=2, title="Interpolation points", description="Points on the line from the base (0) to the candidate (1), the end points included.")
-    permutations: int = Field(default=100, ge=1, title="Permutations", description="Random permutations in each permutation test (the smallest p-value is 1 / (permutations + 1)).")
+    permutations: int = Field(default=100, ge=1, title="Permutations", description="Random permutations in each permutation test. The verdict needs p < 0.01: unaligned, the smallest p-value is 1 / (permutations + 1), so 100 or more; aligned, the matching test combines the layers' p-values and reaches it with fewer (5 for 16 layers). A count that cannot reach it is refused.")
     seed: int = Field(default=0, ge=0, title="Test seed", description="Seed of the permutation tests' draws (recorded).")
 
 
@@ -80,8 +80,38 @@ def base_dir(base: ModelSpec) -> str:
 
 
 def tracing_dir(spec: TraceSpec) -> str:
-    """``tracing/<base>/<checkpoint>/<candidate>/<checkpoint>`` with the lake's model and checkpoint keys."""
-    return layout.tracing_dir(*lake_keys(spec.base), *lake_keys(spec.candidate))
+    """``tracing/<base>/<checkpoint>/<candidate>/<checkpoint>`` with the lake's model and checkpoint keys; the control
+    (`permute`) beside it, in ``<checkpoint>-permuted-s<seed>``."""
+    return layout.tracing_dir(*lake_keys(spec.base), *lake_keys(spec.candidate),
+                              permute_seed=spec.permute_seed if spec.permute else None)
+
+
+def control_note(permute_seed: int | None) -> str:
+    """What a control run's verdict and report say; empty for a real run."""
+    return "" if permute_seed is None else f"control: candidate permuted with seed {permute_seed}"
+
+
+def deciding_test(spec: TraceSettings) -> str | None:
+    """The test whose p-value gives the verdict: the matching test when aligned, the unaligned permutation tests
+    otherwise; none when only statistics without a p-value are asked for."""
+    if not {"cos", "emb"} & set(spec.statistics):
+        return None
+    return "matching" if spec.align else "permutation"
+
+
+def smallest_p(spec: TraceSettings, layers: int) -> float | None:
+    """The smallest p-value the deciding test can give with `spec.permutations` on a model of `layers` layers."""
+    test = deciding_test(spec)
+    if test is None:
+        return None
+    return smallest_p_value(spec.permutations, layers if test == "matching" else None)
+
+
+def _fewest_permutations(spec: TraceSettings, layers: int) -> int:
+    n = 1
+    while smallest_p(spec.model_copy(update={"permutations": n}), layers) >= ALPHA:
+        n += 1
+    return n
 
 
 def summary_table(store: LakeStore, base: ModelSpec) -> pd.DataFrame:
@@ -96,11 +126,15 @@ def summary_table(store: LakeStore, base: ModelSpec) -> pd.DataFrame:
         results = read_result_table(store, path, "results", what="tracing result")
         values = {(f"{r.statistic}{'_aligned' if r.aligned else ''}"): r.value for r in results.itertuples()}
         candidate = meta["lineage"]["candidate"]
+        seed = meta["lineage"].get("permute_seed")
         rows.append({"candidate": candidate["model"], "checkpoint": candidate["checkpoint"], "path": path,
-                     "verdict": meta["verdict"], "derived": meta["summary"]["derived"],
+                     "control": seed is not None, "permuted_seed": seed, "verdict": meta["verdict"], "derived": meta["summary"]["derived"],
                      "p_value": meta["summary"]["p_value"], "test": meta["summary"]["test"], **values,
                      "created_at": meta["lineage"]["created_at"]})
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if len(table):
+        table["permuted_seed"] = table["permuted_seed"].astype("Int64")
+    return table
 
 
 def write_summary(store: LakeStore, base: ModelSpec) -> str:
@@ -112,7 +146,7 @@ def write_summary(store: LakeStore, base: ModelSpec) -> str:
     buffer = io.BytesIO()
     table.to_parquet(buffer, index=False)
     store.fs.pipe_file(store.path(f"{directory}/summary.parquet"), buffer.getvalue())
-    shown = [c for c in ("candidate", "checkpoint", "verdict", "cos", "cos_aligned", "emb", "emb_aligned", "mode",
+    shown = [c for c in ("candidate", "checkpoint", "control", "permuted_seed", "verdict", "cos", "cos_aligned", "emb", "emb_aligned", "mode",
                          "mode_aligned", "perplexity:candidate") if c in table.columns]
     text = f"# Candidates traced against {base.model}@{base.checkpoint or 'main'}\n\n{markdown_table(table[shown])}\n"
     store.fs.pipe_file(store.path(f"{directory}/summary.md"), text.encode())
@@ -135,6 +169,14 @@ def plan_trace(spec: TraceSpec) -> dict:
                                f"tracing knows {', '.join(TRACING_ARCHITECTURES.values())} only")
         shapes.append(((config.architectures or [type(config).__name__])[0], parameter_shapes(model, config)))
     (arch_b, shapes_b), (arch_c, shapes_c) = shapes
+    layers = config.num_hidden_layers
+    smallest = smallest_p(spec, layers)
+    if smallest is not None and smallest >= ALPHA:
+        test = ("the matching test (Fisher's method over {layers} layers)".format(layers=layers)
+                if deciding_test(spec) == "matching" else "the permutation test")
+        raise TracingError(f"permutations {spec.permutations} cannot give p < {ALPHA}: the smallest p-value of {test} "
+                           f"with {spec.permutations} permutations is {smallest:.2g}; use at least "
+                           f"{_fewest_permutations(spec, layers)}")
     if arch_b != arch_c:
         raise TracingError(f"the base is a {arch_b} and the candidate a {arch_c}; tracing compares models of one architecture")
     if shapes_b != shapes_c:
@@ -222,17 +264,24 @@ def trace_pair(spec: TraceSpec, log=print) -> tuple[dict[str, pd.DataFrame], dic
     p = float(decisive["p_value"].min()) if len(decisive) else None
     summary = {"p_value": p, "derived": None if p is None else p < ALPHA, "test": None if p is None else
                decisive.loc[decisive["p_value"].idxmin(), "test"], "seconds": time.monotonic() - started,
-               "matching_rho": None if matching is None else matching["rho"]}
+               "matching_rho": None if matching is None else matching["rho"], "permutations": spec.permutations,
+               "smallest_p": smallest_p(spec, len(decoder_layers(base))),
+               "permute_seed": spec.permute_seed if spec.permute else None}
     tables = {"results": results, "path": pd.DataFrame(curves, columns=["aligned", "alpha", "loss"]), "tensors": tensors}
     return tables, summary
 
 
 def verdict(summary: dict) -> str:
+    control = control_note(summary.get("permute_seed"))
+    control = f"; {control}" if control else ""
     if summary["p_value"] is None:
-        return "no test was run (statistics without a p-value only)"
+        return f"no test was run (statistics without a p-value only){control}"
     if summary["derived"]:
-        return f"derived (p = {summary['p_value']:.2g} < {ALPHA}, {summary['test']} test)"
-    return f"no evidence of derivation (p = {summary['p_value']:.2g}, {summary['test']} test)"
+        return f"derived (p = {summary['p_value']:.2g} < {ALPHA}, {summary['test']} test){control}"
+    if summary.get("smallest_p") is not None and summary["smallest_p"] >= ALPHA:
+        return (f"undecided ({summary['permutations']} permutations cannot reach p < {ALPHA}: the smallest is "
+                f"{summary['smallest_p']:.2g}; p = {summary['p_value']:.2g}, {summary['test']} test){control}")
+    return f"no evidence of derivation (p = {summary['p_value']:.2g}, {summary['test']} test){control}"
 
 
 def path_plot(curve: pd.DataFrame) -> bytes:
@@ -263,6 +312,8 @@ def tracing_report(spec: TraceSpec, tables: dict[str, pd.DataFrame], summary: di
     lines = [f"# Model tracing: {spec.candidate.model}@{spec.candidate.checkpoint or 'main'} against "
              f"{spec.base.model}@{spec.base.checkpoint or 'main'}", "",
              f"**Verdict: {verdict(summary)}**", "",
+             *([f"**This is a control: candidate permuted with seed {spec.permute_seed}** before tracing (the "
+                "unaligned statistics should be fooled, the aligned ones not).", ""] if spec.permute else []),
              "p-values: unaligned statistics against randomly permuted copies of the candidate "
              f"({spec.permutations} permutations); aligned ones from the matching test (the alignments found from "
              "each MLP's gate and from its up projection agree for a derived model). `mode` is the loss barrier "
