@@ -7,10 +7,12 @@ import copy
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from gradlake.lake.store import LakeStore
 from gradlake.tasks.common.loss import encode_sample, pad_batch
 from gradlake.tasks.training.tiny import build_tiny_model
 from gradlake.tasks.tracing.permutation import TracingError, align, permutation_axes, permute_model, random_permutation
@@ -164,6 +166,7 @@ def test_trace_flow_writes_a_verdict_tables_and_a_plot_to_the_lake(family, tmp_p
     store = opened.store
     meta = {d: json.loads(store.fs.cat_file(store.path(f"{d}/meta.json"))) for d in (derived_dir, independent_dir)}
     assert meta[derived_dir]["verdict"].startswith("derived (p = ") and meta[derived_dir]["summary"]["derived"]
+    assert meta[derived_dir]["verdict"].endswith("; control: candidate permuted with seed 5")
     assert meta[independent_dir]["verdict"].startswith("no evidence of derivation")
     lineage = meta[derived_dir]["lineage"]
     assert lineage["permute_seed"] == 5 and lineage["test_seed"] == 0 and lineage["settings"]["permutations"] == 99
@@ -171,7 +174,7 @@ def test_trace_flow_writes_a_verdict_tables_and_a_plot_to_the_lake(family, tmp_p
     from gradlake.lake.datasets import dataset_meta
     assert lineage["dataset_version"] == dataset_meta(store, "probe", "original")["version"]
 
-    results = opened.tracing(candidate=str(dirs["fine_tune"]), candidate_checkpoint="checkpoint-2")
+    results = opened.tracing(candidate=str(dirs["fine_tune"]), candidate_checkpoint="checkpoint-2-permuted-s5")
     cos = results.set_index(["statistic", "aligned"])
     assert cos.loc[("cos", False), "p_value"] > 0.05, "the permuted fine-tune fools the unaligned cosine"
     assert cos.loc[("cos", True), "p_value"] < 0.01 and cos.loc[("cos", True), "value"] > 0.5
@@ -256,3 +259,80 @@ def test_matching_test_against_scipy_written_out(family):
         assert math.isclose(got["p_layers"][index], p)
         ps.append(p)
     assert math.isclose(got["p_value"], chi2.sf(-2 * sum(math.log(p) for p in ps), 2 * len(ps)), rel_tol=1e-12)
+
+
+def test_permuted_control_is_a_result_of_its_own_and_says_so(family, tmp_path):
+    """The control (candidate permuted first) lands beside the real result, not over it; the real result keeps its
+    path; the report, the verdict and the summary table name the control and its seed."""
+    import json
+
+    from conftest import write_probe
+    from gradlake.lake import layout
+    from gradlake.tasks.common.lineage import lake_keys
+    from gradlake.tasks.common.model import ModelSpec
+    from gradlake.tasks.tracing.trace import TraceSpec, run_trace, summary_table, write_summary
+
+    lake = f"file://{tmp_path / 'lake'}"
+    write_probe(lake, 4)
+    dirs = family["olmo2"]["dirs"]
+    base = ModelSpec(model=str(dirs["base"]), checkpoint="checkpoint-1")
+    candidate = ModelSpec(model=str(dirs["fine_tune"]), checkpoint="checkpoint-2")
+    common = dict(base=base, candidate=candidate, statistics=["cos"], n_samples=4, max_length=128, permutations=99,
+                  lake=lake)
+    log = lambda *_: None  # noqa: E731
+    real = run_trace(TraceSpec(**common), log)
+    control = run_trace(TraceSpec(permute=True, permute_seed=5, **common), log)
+    (b, bc), (c, cc) = lake_keys(base), lake_keys(candidate)
+    assert real == f"tracing/{b}/{bc}/{c}/{cc}" == layout.tracing_dir(b, bc, c, cc), "an unpermuted path never moves"
+    assert control == f"{real}-permuted-s5"
+    store = LakeStore(lake)
+    meta = {d: json.loads(store.fs.cat_file(store.path(f"{d}/meta.json"))) for d in (real, control)}
+    assert meta[real]["lineage"]["permute_seed"] is None and meta[control]["lineage"]["permute_seed"] == 5
+    assert "control" not in meta[real]["verdict"]
+    assert meta[control]["verdict"].endswith("control: candidate permuted with seed 5")
+    report = {d: store.fs.cat_file(store.path(f"{d}/report.md")).decode() for d in (real, control)}
+    assert "control: candidate permuted with seed 5" in report[control] and "permuted with seed" not in report[real]
+    table = summary_table(store, base).set_index("path")
+    assert sorted(table.index) == sorted([real, control])
+    assert table.loc[real, "control"] == False and table.loc[control, "control"] == True  # noqa: E712
+    assert pd.isna(table.loc[real, "permuted_seed"]) and table.loc[control, "permuted_seed"] == 5
+    text = store.fs.cat_file(store.path(f"{write_summary(store, base)}/summary.md")).decode()
+    assert "permuted_seed" in text and "control" in text
+
+
+def test_too_few_permutations_are_refused_at_plan_time_and_never_read_as_no_evidence(family, tiny_models, tmp_path):
+    """n permutations give p >= 1/(n+1) (unaligned) or Fisher's combination of that over the layers (the matching
+    test, aligned): a count whose smallest p is not below 0.01 is refused, naming the count that would do."""
+    from scipy.stats import chi2
+
+    from conftest import write_probe
+    from gradlake.tasks.common.model import ModelSpec
+    from gradlake.tasks.tracing.trace import TraceSpec, plan_trace, trace_pair, verdict
+
+    lake = f"file://{tmp_path / 'lake'}"
+    write_probe(lake, 4)
+    base = ModelSpec(model=str(tiny_models["olmo2"]), checkpoint="checkpoint-1")
+    candidate = ModelSpec(model=str(family["olmo2"]["dirs"]["fine_tune"]), checkpoint="checkpoint-2")
+    common = dict(base=base, candidate=candidate, lake=lake)
+    with pytest.raises(TracingError, match=r"permutations 20 cannot give p < 0.01: the smallest p-value of the "
+                                           r"permutation test with 20 permutations is 0.048; use at least 100$"):
+        plan_trace(TraceSpec(align=False, permutations=20, **common))
+    with pytest.raises(TracingError, match=r"permutations 99 cannot give p < 0.01: .* is 0.01; use at least 100$"):
+        plan_trace(TraceSpec(align=False, permutations=99, **common))
+    fewest = min(n for n in range(1, 100) if chi2.sf(4 * math.log(n + 1), 4) < 0.01)  # 2 layers
+    with pytest.raises(TracingError, match=rf"permutations 20 cannot give p < 0.01: the smallest p-value of the "
+                                           rf"matching test \(Fisher's method over 2 layers\) with 20 permutations is "
+                                           rf"0.016; use at least {fewest}$"):
+        plan_trace(TraceSpec(permutations=20, **common))
+    plan_trace(TraceSpec(permutations=fewest, **common))
+    plan_trace(TraceSpec(align=False, permutations=100, **common))
+    plan_trace(TraceSpec(statistics=["mode"], permutations=1, **common))  # no p-value decides: nothing to reach
+    # past the plan (trace_pair alone), a real derivative with too few permutations reads undecided, not "no evidence"
+    spec = TraceSpec(align=False, statistics=["cos"], permutations=20, n_samples=4, max_length=128, **common)
+    _, summary = trace_pair(spec, log=lambda *_: None)
+    assert summary["p_value"] == 1 / 21 and not summary["derived"]
+    assert verdict(summary).startswith("undecided (20 permutations cannot reach p < 0.01"), verdict(summary)
+    from gradlake.tasks.tracing.statistics import smallest_p_value
+
+    assert smallest_p_value(20) == 1 / 21 and smallest_p_value(99) == 1 / 100 and smallest_p_value(100) < 0.01
+    assert math.isclose(smallest_p_value(20, 2), chi2.sf(4 * math.log(21), 4), rel_tol=1e-12)
