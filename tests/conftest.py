@@ -134,6 +134,19 @@ def write_probe(lake: str, n: int | None = None, name: str = "probe") -> None:
     store_probe_set(lake, name, n)
 
 
+@pytest.fixture(params=["file", "s3"])
+def lake_store(request, tmp_path):
+    """An empty lake, once on the local filesystem and once on the loopback S3 endpoint (a fresh prefix)."""
+    import uuid
+
+    from gradlake.lake.store import LakeStore
+
+    if request.param == "file":
+        return LakeStore(f"file://{tmp_path}/lake")
+    request.getfixturevalue("s3_endpoint")
+    return LakeStore(f"s3://lake/{request.module.__name__}-{uuid.uuid4().hex[:8]}")
+
+
 @pytest.fixture
 def openai_server(monkeypatch):
     """An OpenAI-compatible chat server on loopback (tests/openai_server.py), its key in $OPENAI_API_KEY."""

@@ -4,7 +4,6 @@ results, and lakes of the earlier layout found where they are (a stored ground t
 from __future__ import annotations
 
 import io
-import uuid
 
 import pandas as pd
 import pytest
@@ -20,12 +19,9 @@ from gradlake.lake.verify import verify_lake
 RUN = ("tiny-olmo2", "checkpoint-000010", "probe")  # model key, checkpoint key, training dataset
 
 
-@pytest.fixture(params=["file", "s3"])
-def store(request, tmp_path) -> LakeStore:
-    if request.param == "file":
-        return LakeStore(f"file://{tmp_path}/lake")
-    request.getfixturevalue("s3_endpoint")
-    return LakeStore(f"s3://lake/layout-{uuid.uuid4().hex[:8]}")
+@pytest.fixture
+def store(lake_store) -> LakeStore:
+    return lake_store
 
 
 def put(store: LakeStore, relative: str, data: bytes) -> None:

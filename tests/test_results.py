@@ -4,7 +4,6 @@ on a local lake and on S3 (moto on loopback); a writer that fails part-way leave
 from __future__ import annotations
 
 import json
-import uuid
 
 import numpy as np
 import pandas as pd
@@ -20,12 +19,9 @@ DIRECTORY = "tracing/base/main/candidate/step10"
 PNG = b"\x89PNG\r\n\x1a\n-not-really-a-plot"
 
 
-@pytest.fixture(params=["file", "s3"])
-def store(request, tmp_path) -> LakeStore:
-    if request.param == "file":
-        return LakeStore(f"file://{tmp_path}/lake")
-    request.getfixturevalue("s3_endpoint")
-    return LakeStore(f"s3://lake/results-{uuid.uuid4().hex[:8]}")
+@pytest.fixture
+def store(lake_store) -> LakeStore:
+    return lake_store
 
 
 def tables(scale: float = 1.0) -> dict[str, pd.DataFrame]:

@@ -119,6 +119,11 @@ def _retrain(spec: AttributionSpec, name: str, n_train: int, saves: list[int], t
     return run.model_copy(update={"save_steps": sorted({counterpart(s, total, run_total) for s in saves if s > 0})})
 
 
+def at_attributed_step(spec: AttributionSpec, plan: dict, run: TrainSpec) -> ModelSpec:
+    """A retraining of the benchmark's run (`plan`: the benchmark's plan) at the counterpart of the attributed step."""
+    return retrained_model(run, spec.step, plan["total_steps"], len(plan["train_ids"]))
+
+
 def retrained_model(run: TrainSpec, step: int, total: int, n_train: int) -> ModelSpec:
     """A retraining's checkpoint at the counterpart of the attributed step."""
     at = counterpart(step, total, run_steps(run, n_train))
@@ -188,11 +193,8 @@ def lds_losses(store: LakeStore, spec: AttributionSpec, plan: dict, lds_dir: str
     """(subsets, queries) query losses of the retrained models, averaged over seeds; the subsets recorded beside them."""
     queries = plan["queries"]
 
-    def retrained(run: TrainSpec) -> ModelSpec:
-        return retrained_model(run, spec.step, plan["total_steps"], len(plan["train_ids"]))
-
     losses = np.stack([
-        np.mean([stored_losses(store, lds_dir, subset_name(m, r), retrained(run), queries.ids, queries.chats, spec)
+        np.mean([stored_losses(store, lds_dir, subset_name(m, r), at_attributed_step(spec, plan, run), queries.ids, queries.chats, spec)
                  for r, run in enumerate(seeds)], axis=0)
         for m, seeds in enumerate(subset_runs)])
     record = json.dumps({"fraction": spec.fraction, "seed": spec.subset_seed, "train_ids": plan["train_ids"],
@@ -212,11 +214,8 @@ def counterfactual_results(store: LakeStore, spec: AttributionSpec, queries: Que
     n, k = cf.n_queries, cf.k
     ids, chats = queries.ids[:n], queries.chats[:n]
 
-    def retrained(run: TrainSpec) -> ModelSpec:
-        return retrained_model(run, spec.step, plan["total_steps"], len(plan["train_ids"]))
-
     full = stored_losses(store, cf_dir, "full", spec.model, ids, chats, spec)
-    random = np.stack([stored_losses(store, cf_dir, f"random-d{d:03d}", retrained(run), ids, chats, spec) - full
+    random = np.stack([stored_losses(store, cf_dir, f"random-d{d:03d}", at_attributed_step(spec, plan, run), ids, chats, spec) - full
                        for d, run in enumerate(cf.random)])              # (draws, queries)
     random_per_query = random.mean(axis=0)
     # The draws are shared by every query, as the subsets are in the LDS: resample them for the common part.
@@ -226,7 +225,7 @@ def counterfactual_results(store: LakeStore, spec: AttributionSpec, queries: Que
     columns = {"random": {"cf_loss_change": float(random.mean()),
                           **dict(zip(("cf_ci_low", "cf_ci_high"), crossed_interval(random_per_query, random_boot)))}}
     for method, runs in cf.per_method.items():
-        change = np.array([stored_losses(store, cf_dir, f"{run.output.rsplit('/', 2)[-2]}-q{q:03d}", retrained(run),
+        change = np.array([stored_losses(store, cf_dir, f"{run.output.rsplit('/', 2)[-2]}-q{q:03d}", at_attributed_step(spec, plan, run),
                                          ids[q:q + 1], chats[q:q + 1], spec)[0] - full[q]
                            for q, run in enumerate(runs)])
         top = np.argsort(-cf.scores[method], axis=1, kind="stable")[:, :k]

@@ -361,7 +361,6 @@ def run_evaluation(spec: EvaluationSpec, log=print) -> tuple[str, pd.DataFrame]:
     import datetime as dt
 
     from gradlake.lake.evaluations import write_evaluation
-    from gradlake.lake.layout import evaluation_dir
     from gradlake.tasks.evaluate.report import html_report, markdown, plots
 
     evaluations = plan_evaluation(spec)
@@ -374,7 +373,7 @@ def run_evaluation(spec: EvaluationSpec, log=print) -> tuple[str, pd.DataFrame]:
             tables[name].append(frame)
     merged = {name: pd.concat(frames, ignore_index=True) for name, frames in tables.items()}
     model_key, checkpoint_key = lake_keys(spec.model)
-    directory = evaluation_dir(model_key, checkpoint_key, spec.dataset, evaluation_subdir(spec))
+    directory = layout.evaluation_dir(model_key, checkpoint_key, spec.dataset, evaluation_subdir(spec))
     original_meta = _meta(evaluations[0].originals)["lineage"]
     lineage = {
         "model": original_meta["model"], "checkpoint": original_meta["checkpoint"],
