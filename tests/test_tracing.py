@@ -184,8 +184,14 @@ def test_trace_flow_writes_a_verdict_tables_and_a_plot_to_the_lake(family, tmp_p
     unaligned = path[~path["aligned"]].sort_values("alpha")["loss"].to_numpy()
     assert unaligned[1] > aligned[1], "unaligned, the midpoint of a permuted fine-tune is a different, worse model"
     assert np.isclose(cos.loc[("perplexity:base", False), "value"], math.exp(aligned[0]), rtol=1e-9)
-    png = store.fs.cat_file(store.path(f"{derived_dir}/plots/loss_path.png"))
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("loss_path.png", "layers.png"):
+        assert store.fs.cat_file(store.path(f"{derived_dir}/plots/{name}"))[:8] == b"\x89PNG\r\n\x1a\n"
+    from gradlake.lake.results import read_result_table
+    layers = {d: read_result_table(store, d, "layers") for d in (derived_dir, independent_dir)}
+    assert list(layers[derived_dir]["agreements"]) == [128, 128] and (layers[derived_dir]["p_value"] == 0.01).all()
+    assert (layers[independent_dir]["agreements"] < 10).all() and (layers[derived_dir]["cos"] < 0.1).all()
+    assert (layers[derived_dir]["cos_aligned"] > 0.5).all()
+    assert "layers.png" in store.fs.cat_file(store.path(f"{derived_dir}/report.html")).decode()
     assert not store.fs.glob(store.path("tracing/**/*.pkl")) and not store.fs.glob(store.path("tracing/**/*.pt"))
     rows = opened.catalog().query("kind == 'tracing'")
     assert set(rows["path"]) == {derived_dir, independent_dir} and rows["verdict"].notna().all()
@@ -228,42 +234,100 @@ def test_bad_tracing_inputs_fail_before_any_weight_is_loaded(family, tiny_models
     assert not (tmp_path / "lake" / "tracing").exists()
 
 
-def test_matching_test_against_scipy_written_out(family):
-    """Per layer: Hungarian matchings from gate rows and from up rows (scipy on numpy cosines), their Spearman rho
-    (scipy.stats), the permutation p-value from the same draws, Fisher's combination (scipy.stats.chi2)."""
+def _unit(x):
+    x = x.detach().double().numpy()
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _matching(w_b, w_c):
+    """For each base row, the candidate row of a maximum-cosine perfect matching (scipy on numpy cosines)."""
     from scipy.optimize import linear_sum_assignment
-    from scipy.stats import chi2, spearmanr
+
+    r, c = linear_sum_assignment(_unit(w_b) @ _unit(w_c).T, maximize=True)
+    return c[np.argsort(r)]
+
+
+def test_matching_test_against_scipy_written_out(family):
+    """Per layer: Hungarian matchings from gate rows and from up rows (scipy on numpy cosines), the units they agree
+    on, the permutation p-value from the same draws, Fisher's combination (scipy.stats.chi2)."""
+    from scipy.stats import chi2
 
     base, other = family["olmo"]["base"], family["olmo"]["independent"]
     got = matching_test(base, other, 49, seed=4)
-
-    def unit(x):
-        x = x.detach().double().numpy()
-        return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-    e_b, e_c = base.get_input_embeddings().weight, other.get_input_embeddings().weight
-    rows, cols = linear_sum_assignment(unit(e_b.T) @ unit(e_c.T).T, maximize=True)
-    hidden = cols[np.argsort(rows)]
+    hidden = _matching(base.get_input_embeddings().weight.T, other.get_input_embeddings().weight.T)
     rng = np.random.default_rng(4)
     ps = []
     for index, (lb, lc) in enumerate(zip(base.model.layers, other.model.layers)):
-        matched = []
-        for name in ("gate_proj", "up_proj"):
-            w_b, w_c = getattr(lb.mlp, name).weight, getattr(lc.mlp, name).weight[:, hidden]
-            r, c = linear_sum_assignment(unit(w_b) @ unit(w_c).T, maximize=True)
-            matched.append(c[np.argsort(r)])
-        rho = spearmanr(*matched).statistic
-        assert math.isclose(got["rho"][index], rho, abs_tol=1e-12)
-        null = [spearmanr(matched[0], rng.permutation(matched[1])).statistic for _ in range(49)]
-        p = (1 + sum(n >= rho - 1e-12 for n in null)) / 50
+        gate, up = (_matching(getattr(lb.mlp, n).weight, getattr(lc.mlp, n).weight[:, hidden]) for n in ("gate_proj", "up_proj"))
+        observed = sum(int(g == u) for g, u in zip(gate, up))
+        assert got["agreements"][index] == observed and got["units"] == len(gate) == 128
+        null = []
+        for _ in range(49):
+            shuffle = rng.permutation(len(up))
+            null.append(sum(int(gate[i] == up[shuffle[i]]) for i in range(len(up))))
+        assert got["null"][index] == null
+        p = (1 + sum(n >= observed for n in null)) / 50
         assert math.isclose(got["p_layers"][index], p)
         ps.append(p)
     assert math.isclose(got["p_value"], chi2.sf(-2 * sum(math.log(p) for p in ps), 2 * len(ps)), rel_tol=1e-12)
 
 
+def _noisy_copy(model, scale, seed=0):
+    """The model with Gaussian noise of `scale` times each weight matrix's spread added: distantly derived."""
+    generator = torch.Generator().manual_seed(seed)
+    noisy = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            if p.dim() == 2:
+                p.add_(scale * p.std() * torch.randn(p.shape, generator=generator))
+    return noisy
+
+
+@pytest.mark.parametrize("arch", ["olmo", "olmo2"])
+def test_matching_test_is_the_same_whatever_the_candidate_calls_its_units(family, arch):
+    """Relabelling the candidate's MLP units and residual dimensions (the same function) changes neither the
+    statistic nor the null's draws nor the p-value: for an independent model, and for a distant derivative whose
+    matchings agree on some units only (where a statistic reading unit indices as numbers moved most)."""
+    base = family[arch]["base"]
+    for candidate in (family[arch]["independent"], _noisy_copy(base, 5.0)):
+        want = matching_test(base, candidate, 99, seed=3)
+        for seed in (1, 2):
+            relabelled = permute_model(copy.deepcopy(candidate), random_permutation(candidate, seed))
+            got = matching_test(base, relabelled, 99, seed=3)
+            assert got["p_layers"] == want["p_layers"] and got["p_value"] == want["p_value"], (arch, seed, got, want)
+            assert got["agreements"] == want["agreements"] and got["null"] == want["null"]
+    assert 0 < sum(want["agreements"]) < want["units"] * len(want["agreements"]), "the noisy copy agrees on some units"
+
+
+def test_matching_null_is_the_candidate_with_its_up_units_shuffled(family):
+    """Each null draw equals the slow obvious version: the candidate's up-projection rows shuffled against its gate
+    rows and matched to the base again (Hungarian); and the null's law is that of the fixed points of a random
+    permutation (mean 1, a share 1/e of zeros), whatever the models."""
+    from gradlake.tasks.tracing.statistics import null_agreements, unit_matchings
+
+    base = family["olmo2"]["base"]
+    candidate = _noisy_copy(base, 4.0)
+    got = matching_test(base, candidate, 5, seed=9)
+    hidden = _matching(base.get_input_embeddings().weight.T, candidate.get_input_embeddings().weight.T)
+    rng = np.random.default_rng(9)
+    lb, lc = base.model.layers[0], candidate.model.layers[0]
+    gate = _matching(lb.mlp.gate_proj.weight, lc.mlp.gate_proj.weight[:, hidden])
+    up = _matching(lb.mlp.up_proj.weight, lc.mlp.up_proj.weight[:, hidden])
+    for draw in range(5):
+        shuffle = rng.permutation(len(up))  # in the base's order: the candidate's own shuffle of its up rows is s
+        s = np.argsort(up[shuffle][np.argsort(up)])
+        shuffled_up = _matching(lb.mlp.up_proj.weight, lc.mlp.up_proj.weight[s][:, hidden])
+        assert np.array_equal(shuffled_up, up[shuffle])
+        assert got["null"][0][draw] == int((gate == shuffled_up).sum())
+    (gate, up), _ = unit_matchings(base, candidate)
+    null = np.array(null_agreements(gate, up, 4000, np.random.default_rng(0)))
+    assert abs(null.mean() - 1) < 0.1 and abs((null == 0).mean() - math.exp(-1)) < 0.03, (null.mean(), (null == 0).mean())
+
+
 def test_permuted_control_is_a_result_of_its_own_and_says_so(family, tmp_path):
     """The control (candidate permuted first) lands beside the real result, not over it; the real result keeps its
-    path; the report, the verdict and the summary table name the control and its seed."""
+    path; the reports (Markdown and HTML), the verdict and the summary table name the control and its seed."""
+    import html
     import json
 
     from conftest import write_probe
@@ -292,12 +356,26 @@ def test_permuted_control_is_a_result_of_its_own_and_says_so(family, tmp_path):
     assert meta[control]["verdict"].endswith("control: candidate permuted with seed 5")
     report = {d: store.fs.cat_file(store.path(f"{d}/report.md")).decode() for d in (real, control)}
     assert "control: candidate permuted with seed 5" in report[control] and "permuted with seed" not in report[real]
+    # the HTML page: the verdict, its p-value's reach, the control flag, the per-layer plot inlined, the lineage
+    pages = {d: store.fs.cat_file(store.path(f"{d}/report.html")).decode() for d in (real, control)}
+    for d in (real, control):
+        assert f"<b>Verdict:</b> {html.escape(meta[d]['verdict'])}</p>" in pages[d]
+        assert "<b>permutations</b>: 99</li>" in pages[d] and "<b>smallest reachable p</b>: 0.001</li>" in pages[d]
+        assert pages[d].count("data:image/png;base64,") == 1 and "<b>gradlake_version</b>" in pages[d]
+    assert "<b>candidate permuted first (control)</b>: yes, seed 5</li>" in pages[control]
+    assert "<b>candidate permuted first (control)</b>: no</li>" in pages[real] and "This is a control" not in pages[real]
+    # relabelling the candidate's units (the control) changes neither the matching test's statistic nor its p-value
+    assert meta[control]["summary"]["p_value"] == meta[real]["summary"]["p_value"]
+    assert meta[control]["summary"]["matching_agreements"] == meta[real]["summary"]["matching_agreements"]
     table = summary_table(store, base).set_index("path")
     assert sorted(table.index) == sorted([real, control])
     assert table.loc[real, "control"] == False and table.loc[control, "control"] == True  # noqa: E712
     assert pd.isna(table.loc[real, "permuted_seed"]) and table.loc[control, "permuted_seed"] == 5
-    text = store.fs.cat_file(store.path(f"{write_summary(store, base)}/summary.md")).decode()
+    directory = write_summary(store, base)
+    text = store.fs.cat_file(store.path(f"{directory}/summary.md")).decode()
     assert "permuted_seed" in text and "control" in text
+    page = store.fs.cat_file(store.path(f"{directory}/summary.html")).decode()
+    assert "<th>control</th>" in page and "<td>True</td><td>5</td><td>derived</td>" in page
 
 
 def test_too_few_permutations_are_refused_at_plan_time_and_never_read_as_no_evidence(family, tiny_models, tmp_path):

@@ -16,6 +16,7 @@ Statistics (each against the base, on the candidate as given or aligned):
 
 - ``cos``: the mean cosine similarity of the weight matrices;
 - ``emb``: the mean cosine similarity of the input embeddings, token by token;
+- ``matching`` (aligned only): the share of MLP units on which the gate and up matchings agree;
 - ``mode``: the loss along the straight line between the two models' weights, and its
   barrier (the largest excess of that loss over the line between the end points' losses).
 
@@ -25,8 +26,12 @@ trained independently of the base, its hidden units and residual dimensions are 
 the candidate is distributed as the observed one.  ``p = (1 + #{null >= observed}) / (1 + n)``
 for ``n`` permutations (``<=`` for the barrier, where small means related).  An aligned
 statistic is maximised over permutations by the alignment itself, so this null does not hold
-for it; its p-value is that of the matching test (:func:`matching_test`): the alignments found
-independently from the gate and from the up projection of each MLP agree for a derived model
-and not for an independent one (Spearman correlation, permutation p-value per layer, combined
-over layers with Fisher's method).
+for it; its p-value is that of the matching test (:func:`matching_test`, after Zhu et al. 2025):
+the matchings of each MLP's units found independently from its gate and from its up projection
+agree for a derived model and not for an independent one.  The statistic counts the units on
+which they agree, so no relabelling of the candidate's units changes it (a statistic reading the
+matched indices as numbers, such as their rank correlation, would); its null shuffles the
+candidate's up units against its gate units; the layers' p-values are combined with Fisher's
+method.  Unaligned statistics are meant to change under a relabelling: the control
+(``permute``) shows that they are fooled by one.
 """

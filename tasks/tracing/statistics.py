@@ -1,4 +1,4 @@
-"""Is a candidate derived from a base? Weight and embedding similarity after alignment, with permutation p-values."""
+"""Is a candidate derived from a base? Weight and embedding similarity, the matching test, and permutation p-values."""
 
 from __future__ import annotations
 
@@ -63,39 +63,73 @@ def smallest_p_value(permutations: int, layers: int | None = None) -> float:
     return float(chi2.sf(-2 * sum(math.log(smallest) for _ in range(layers)), 2 * layers))
 
 
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rank correlation of two permutations of 0..n-1 (their values are their ranks)."""
-    a, b = a.astype(float) - a.mean(), b.astype(float) - b.mean()
-    return float(a @ b / math.sqrt((a @ a) * (b @ b)))
-
-
 @torch.no_grad()
-def matching_test(base: nn.Module, candidate: nn.Module, permutations: int, seed: int = 0) -> dict:
-    """Do the gate and up projections of each MLP align the candidate's units to the base's in the same way?
+def unit_matchings(base: nn.Module, candidate: nn.Module) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per layer, the two matchings of the base's MLP units to the candidate's: from the gate rows alone and from
+    the up rows alone (Hungarian, cosine; the residual dimensions aligned by the embeddings first).
 
-    Per layer: the Hungarian matchings from the gate rows alone and from the up rows alone (the
-    residual dimensions aligned by the embeddings first), their Spearman correlation, and its
-    permutation p-value (the up matching shuffled `permutations` times); the layers' p-values
-    are combined with Fisher's method.  Returns ``{"rho": [...], "p_layers": [...], "p_value": p}``.
-    """
-    from scipy.stats import chi2
-
+    Each is an array over the base's units holding the candidate unit matched to it."""
     check_comparable(base, candidate)
     hidden = align_hidden(base, candidate)
-    generator = np.random.default_rng(seed)
-    rhos, ps = [], []
+    out = []
     for lb, lc in zip(decoder_layers(base), decoder_layers(candidate)):
         matched = []
         for name in ("gate_proj", "up_proj"):
             w_b = getattr(lb.mlp, name).weight
             w_c = getattr(lc.mlp, name).weight.index_select(1, hidden.to(w_b.device))
             matched.append(assignment(unit_rows(w_b) @ unit_rows(w_c).T).numpy())
-        rho = _spearman(*matched)
-        null = [_spearman(matched[0], generator.permutation(matched[1])) for _ in range(permutations)]
-        rhos.append(rho)
-        ps.append(permutation_p_value(rho, null))
+        out.append((matched[0], matched[1]))
+    return out
+
+
+def agreements(gate: np.ndarray, up: np.ndarray) -> int:
+    """The base units that both matchings send to the same candidate unit."""
+    return int((gate == up).sum())
+
+
+def null_agreements(gate: np.ndarray, up: np.ndarray, permutations: int, generator: np.random.Generator) -> list[int]:
+    """The agreements after shuffling the candidate's up-projection units against its gate units, `permutations` times.
+
+    Shuffling the candidate's up rows by ``s`` (``new[k] = old[s[k]]``) and matching them again moves the
+    up matching to ``argsort(s)[up]`` (the assignment is equivariant), so no assignment is recomputed.
+    Each shuffle is drawn in the base's unit order, as ``r`` giving the up matching ``up[r]`` (that of
+    ``s = argsort(up[r][argsort(up)])``): the draws, like the statistic, then do not depend on how the
+    candidate labels its units.  Whatever the models, this null is the number of fixed points of a
+    uniformly random permutation (mean 1, variance 1).
+    """
+    return [agreements(gate, up[generator.permutation(len(up))]) for _ in range(permutations)]
+
+
+@torch.no_grad()
+def matching_test(base: nn.Module, candidate: nn.Module, permutations: int, seed: int = 0) -> dict:
+    """Do the gate and the up projection of each MLP match the candidate's units to the base's in the same way?
+
+    The idea is Zhu et al. 2025, "Independence Tests for Language Models" (ICML): two matchings of the
+    hidden units found independently from different weights agree for a model derived from the base and
+    not for an independent one; per-layer p-values combined with Fisher's method.  Their statistic, the
+    Spearman correlation of the two matchings, reads the candidate's unit indices as numbers, so it
+    changes when the candidate's units are relabelled (a function-preserving permutation); ours counts the
+    units on which the matchings agree, which no relabelling of the candidate changes (both matchings move
+    together).  Like theirs, the p-value is not exact: it assumes that, for an independent candidate, the
+    gate matching and the up matching are no more alike than two unrelated ones.
+
+    Returns per layer ``agreements``, ``null`` (the null's draws) and ``p_layers``; ``units`` (units per
+    layer) and ``p_value`` (Fisher's combination).
+    """
+    from scipy.stats import chi2
+
+    generator = np.random.default_rng(seed)
+    found, nulls, ps = [], [], []
+    matchings = unit_matchings(base, candidate)
+    for gate, up in matchings:
+        observed = agreements(gate, up)
+        null = null_agreements(gate, up, permutations, generator)
+        found.append(observed)
+        nulls.append(null)
+        ps.append(permutation_p_value(observed, null))
     statistic = -2 * sum(math.log(p) for p in ps)
-    return {"rho": rhos, "p_layers": ps, "p_value": float(chi2.sf(statistic, 2 * len(ps)))}
+    return {"agreements": found, "units": len(matchings[0][0]), "null": nulls, "p_layers": ps,
+            "p_value": float(chi2.sf(statistic, 2 * len(ps)))}
 
 
 def mean_weight_cosine(base: nn.Module, candidate: nn.Module, permutation: Permutation | None = None) -> float:
@@ -110,3 +144,10 @@ def mean_weight_cosine(base: nn.Module, candidate: nn.Module, permutation: Permu
 def null_statistics(statistic, base: nn.Module, candidate: nn.Module, permutations: int, seed: int) -> list[float]:
     """The statistic of `permutations` randomly permuted copies of the candidate (residual and MLP units)."""
     return [statistic(base, candidate, random_permutation(candidate, seed + 1 + k)) for k in range(permutations)]
+
+
+def layer_cosines(base: nn.Module, cosines: dict[str, float]) -> list[float]:
+    """Per decoder layer, the mean of `cosines` (``weight_cosines``' output) over the layer's weight matrices."""
+    names = {id(p): n for n, p in base.named_parameters()}
+    return [float(np.mean([cosines[names[id(p)]] for p in layer.parameters() if p.dim() == 2]))
+            for layer in decoder_layers(base)]

@@ -7,6 +7,7 @@ import io
 import math
 from typing import Literal
 
+import numpy as np
 import pandas as pd
 import torch
 from prefect import get_run_logger, task
@@ -22,13 +23,15 @@ from gradlake.tasks.common.retries import retry_unless_bad_input
 from gradlake.tasks.tracing.connectivity import barrier, loss_path, perplexity
 from gradlake.tasks.tracing.permutation import (TRACING_ARCHITECTURES, TracingError, align, check_comparable, decoder_layers,
                                                 permute_model, random_permutation)
-from gradlake.tasks.tracing.statistics import (embedding_cosine, matching_test, mean_weight_cosine, null_statistics,
-                                               permutation_p_value, smallest_p_value, weight_cosines)
+from gradlake.tasks.tracing.report import summary_texts, tracing_figures, tracing_html, tracing_markdown
+from gradlake.tasks.tracing.statistics import (embedding_cosine, layer_cosines, matching_test, mean_weight_cosine,
+                                               null_statistics, permutation_p_value, smallest_p_value, weight_cosines)
 
 
 # -- the stage: one base and one candidate, results into the lake ---------------------------------
 
 STATISTICS = ("cos", "emb", "mode")
+MATCHING_TEST = "matching (gate vs up, Fisher)"
 ALPHA = 0.01  # the level at which a p-value reads "derived"
 
 
@@ -138,18 +141,15 @@ def summary_table(store: LakeStore, base: ModelSpec) -> pd.DataFrame:
 
 
 def write_summary(store: LakeStore, base: ModelSpec) -> str:
-    """``tracing/<base>/<checkpoint>/summary.parquet`` and ``summary.md`` over every candidate traced so far."""
-    from gradlake.tasks.common.render import markdown_table
-
+    """``tracing/<base>/<checkpoint>/summary.parquet``, ``summary.md`` and ``summary.html`` over every candidate
+    traced so far."""
     table = summary_table(store, base)
     directory = base_dir(base)
     buffer = io.BytesIO()
     table.to_parquet(buffer, index=False)
     store.fs.pipe_file(store.path(f"{directory}/summary.parquet"), buffer.getvalue())
-    shown = [c for c in ("candidate", "checkpoint", "control", "permuted_seed", "verdict", "cos", "cos_aligned", "emb", "emb_aligned", "mode",
-                         "mode_aligned", "perplexity:candidate") if c in table.columns]
-    text = f"# Candidates traced against {base.model}@{base.checkpoint or 'main'}\n\n{markdown_table(table[shown])}\n"
-    store.fs.pipe_file(store.path(f"{directory}/summary.md"), text.encode())
+    for name, text in summary_texts(f"Candidates traced against {base.model}@{base.checkpoint or 'main'}", table).items():
+        store.fs.pipe_file(store.path(f"{directory}/{name}"), text.encode())
     return directory
 
 
@@ -240,11 +240,14 @@ def trace_pair(spec: TraceSpec, log=print) -> tuple[dict[str, pd.DataFrame], dic
         for is_aligned, permutation in variants:
             value = statistic(base, candidate, permutation)
             if is_aligned:
-                row(name, True, value, matching["p_value"], "matching (gate vs up, Fisher)", spec.permutations)
+                row(name, True, value, matching["p_value"], MATCHING_TEST, spec.permutations)
             else:
                 log(f"{name}: permutation test, {spec.permutations} permutations")
                 null = null_statistics(statistic, base, candidate, spec.permutations, spec.seed)
                 row(name, False, value, permutation_p_value(value, null), "permutation", spec.permutations)
+    if matching is not None:  # the deciding test's own statistic: the share of units both matchings agree on
+        share = sum(matching["agreements"]) / (matching["units"] * len(matching["agreements"]))
+        row("matching", True, share, matching["p_value"], MATCHING_TEST, spec.permutations)
     if "mode" in spec.statistics:
         for is_aligned, permutation in variants:
             log(f"mode connectivity ({'aligned' if is_aligned else 'unaligned'}): {spec.points} points")
@@ -256,18 +259,29 @@ def trace_pair(spec: TraceSpec, log=print) -> tuple[dict[str, pd.DataFrame], dic
         row(f"perplexity:{role}", False, value, None, "none")
     unaligned = weight_cosines(base, candidate)
     tensors = pd.DataFrame({"tensor": list(unaligned), "cosine": list(unaligned.values())})
+    layers = pd.DataFrame({"layer": range(len(decoder_layers(base))), "cos": layer_cosines(base, unaligned)})
     if spec.align:
-        tensors["cosine_aligned"] = list(weight_cosines(base, candidate, aligned).values())
+        aligned_cosines = weight_cosines(base, candidate, aligned)
+        tensors["cosine_aligned"] = list(aligned_cosines.values())
+        layers["cos_aligned"] = layer_cosines(base, aligned_cosines)
+    if matching is not None:
+        layers["units"] = matching["units"]
+        layers["agreements"] = matching["agreements"]
+        layers["null_mean"] = [float(np.mean(null)) for null in matching["null"]]
+        layers["null_max"] = [int(max(null)) for null in matching["null"]]
+        layers["p_value"] = matching["p_layers"]
     results = pd.DataFrame(rows)
     results["permutations"] = results["permutations"].astype("Int64")
     decisive = results[(results["aligned"] == spec.align) & results["p_value"].notna()]
     p = float(decisive["p_value"].min()) if len(decisive) else None
     summary = {"p_value": p, "derived": None if p is None else p < ALPHA, "test": None if p is None else
                decisive.loc[decisive["p_value"].idxmin(), "test"], "seconds": time.monotonic() - started,
-               "matching_rho": None if matching is None else matching["rho"], "permutations": spec.permutations,
+               "matching_agreements": None if matching is None else matching["agreements"],
+               "matching_units": None if matching is None else matching["units"], "permutations": spec.permutations,
                "smallest_p": smallest_p(spec, len(decoder_layers(base))),
                "permute_seed": spec.permute_seed if spec.permute else None}
-    tables = {"results": results, "path": pd.DataFrame(curves, columns=["aligned", "alpha", "loss"]), "tensors": tensors}
+    tables = {"results": results, "path": pd.DataFrame(curves, columns=["aligned", "alpha", "loss"]), "tensors": tensors,
+              "layers": layers}
     return tables, summary
 
 
@@ -284,46 +298,6 @@ def verdict(summary: dict) -> str:
     return f"no evidence of derivation (p = {summary['p_value']:.2g}, {summary['test']} test){control}"
 
 
-def path_plot(curve: pd.DataFrame) -> bytes:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for is_aligned, part in curve.groupby("aligned"):
-        ax.plot(part["alpha"], part["loss"], marker="o", label="aligned" if is_aligned else "unaligned")
-    ax.set_xlabel("alpha (0: base, 1: candidate)")
-    ax.set_ylabel("mean token loss")
-    ax.set_title("Loss along the straight line between the models")
-    ax.legend()
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
-
-
-def tracing_report(spec: TraceSpec, tables: dict[str, pd.DataFrame], summary: dict) -> str:
-    from gradlake.tasks.common.render import markdown_table
-
-    lines = [f"# Model tracing: {spec.candidate.model}@{spec.candidate.checkpoint or 'main'} against "
-             f"{spec.base.model}@{spec.base.checkpoint or 'main'}", "",
-             f"**Verdict: {verdict(summary)}**", "",
-             *([f"**This is a control: candidate permuted with seed {spec.permute_seed}** before tracing (the "
-                "unaligned statistics should be fooled, the aligned ones not).", ""] if spec.permute else []),
-             "p-values: unaligned statistics against randomly permuted copies of the candidate "
-             f"({spec.permutations} permutations); aligned ones from the matching test (the alignments found from "
-             "each MLP's gate and from its up projection agree for a derived model). `mode` is the loss barrier "
-             "along the straight line between the models (no p-value).", "",
-             markdown_table(tables["results"]), ""]
-    if len(tables["path"]):
-        lines += ["![loss along the path](plots/loss_path.png)", ""]
-    return "\n".join(lines)
-
-
 def run_trace(spec: TraceSpec, log=print, planned: dict | None = None) -> str:
     """Check (unless `planned` is `plan_trace`'s result already), compute, write `tracing/...` (tables, plot, report,
     meta.json last); returns the directory."""
@@ -332,7 +306,7 @@ def run_trace(spec: TraceSpec, log=print, planned: dict | None = None) -> str:
     planned = planned or plan_trace(spec)
     directory = tracing_dir(spec)
     tables, summary = trace_pair(spec, log)
-    plots = {"loss_path.png": path_plot(tables["path"])} if len(tables["path"]) else {}
+    plots = tracing_figures(tables)
     lineage = {role: {"model": lake_names(m)[0], "checkpoint": lake_names(m)[1], "resolved_commit": resolved_commit(m.resolved())}
                for role, m in (("base", spec.base), ("candidate", spec.candidate))}
     meta = {"lineage": lineage | {"architecture": planned["architecture"], "dataset": spec.dataset, "variant": spec.variant,
@@ -342,8 +316,8 @@ def run_trace(spec: TraceSpec, log=print, planned: dict | None = None) -> str:
                                   "gradlake_version": gradlake_version(),
                                   "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")},
             "summary": summary, "verdict": verdict(summary), "tables": sorted(tables), "plots": sorted(plots)}
-    write_result(LakeStore(spec.lake), directory, tables=tables, plots=plots,
-                 texts={"report.md": tracing_report(spec, tables, summary)}, meta=meta)
+    texts = {"report.md": tracing_markdown(meta, tables, sorted(plots)), "report.html": tracing_html(meta, tables, plots)}
+    write_result(LakeStore(spec.lake), directory, tables=tables, plots=plots, texts=texts, meta=meta)
     log(f"{verdict(summary)}; results at {spec.lake}/{directory}")
     return directory
 
