@@ -1,8 +1,8 @@
-"""The README's extraction and projection examples at the real models' shapes, on this machine.
+"""The extraction and projection examples of docs/gradients.md and docs/projections.md at the real models' shapes, on this machine.
 
 Builds AMD-OLMo-1B's shape (random bfloat16 weights, ~2.4 GB on disk) and OLMo-2-1124-7B's
 (its config alone: nothing is loaded unless an example gets past planning), stores the
-first few probe samples in a scratch lake per example, and runs each README command as written, with
+first few probe samples in a scratch lake per example, and runs each command as written, with
 the preset replaced by the local directory and shards sized to the few samples.  Each
 example either runs, reported with its wall time and the peak memory of its process, or is
 refused at plan time, reported with the refusal (which states the estimated cost).
@@ -31,7 +31,7 @@ SHAPES = {
                                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-6)),
 }
 
-# (name, shape, arguments after `gradlake`): the README's commands, the model and lake filled in.
+# (name, shape, arguments after `gradlake`): those guides' commands, the model and lake filled in.
 EXAMPLES = [
     ("1b-store", "amd-olmo-1b", "extract --dataset probe --variant paraphrased --paradigm sft "
      "--layers 'model.layers.*.mlp.down_proj.weight' --mode store --shard-size {n} --batch-size 2 --dtype bfloat16"),

@@ -41,7 +41,7 @@ def test_the_protocol_file_is_kronfluences_published_setup():
     tracked = tracked_modules(gpt2, spec.influence[0].layers)
     assert tracked == [f"transformer.h.{b}.{m}" for b in range(11)
                        for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
-    # the README's cost: 6 x parameters x tokens, per full run 4,656 blocks x 512 x 3 epochs; the training run, 100 x 5
+    # the cost in docs/attribution.md: 6 x parameters x tokens, per full run 4,656 blocks x 512 x 3 epochs; the training run, 100 x 5
     # retrainings on half the blocks, 2 influence runs of 3 passes; at 50 TFLOP/s
     params = sum(p.numel() for p in gpt2.parameters())
     flops = 6 * params * 4656 * 512 * 3 * (1 + 100 * 5 * 0.5 + 2 * 3)
