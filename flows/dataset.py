@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from gradlake.flows.run_names import named_by
 from gradlake.lake import layout
 from gradlake.tasks.common.model import lake_names, resolved_commit
 from gradlake.tasks.data.dataset import DatasetSpec, check_dataset_spec, load_source_task, store_variant_task, with_user_turn
@@ -11,7 +12,8 @@ from gradlake.tasks.data.generate import generate_task
 from gradlake.tasks.data.paraphrase import paraphrase_task, prompt_hash
 
 
-@flow(name="create-dataset", log_prints=True)
+@flow(name="create-dataset", log_prints=True,
+      flow_run_name=named_by(DatasetSpec, lambda s: f"dataset {s.name} from {s.source.source}", "create-dataset"))
 def create_dataset(spec: DatasetSpec) -> dict[str, str]:
     """Make and store the requested variants of a probe set; returns variant -> version."""
     check_dataset_spec(spec)

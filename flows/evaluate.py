@@ -10,6 +10,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from gradlake.flows.run_names import named_by_model
 from gradlake.lake.results import read_result_meta
+from gradlake.tasks.common.render import artifact_markdown, lake_location
 from gradlake.tasks.evaluate.evaluation import evaluate_task
 from gradlake.tasks.evaluate.report import headline_records
 from gradlake.tasks.evaluate.spec import EvaluationSpec
@@ -39,7 +40,7 @@ def artifact_key(directory: str) -> str:
 
 
 def publish_headline(lake: str, directory: str) -> None:
-    """The headline table and the report (without plots) of a finished evaluation, as artifacts of the current flow run."""
+    """The headline table and the report, plots embedded, of a finished evaluation as artifacts of the current flow run."""
 
     from gradlake.lake.evaluations import read_evaluation
     from gradlake.lake.store import LakeStore
@@ -48,13 +49,15 @@ def publish_headline(lake: str, directory: str) -> None:
     results = read_evaluation(store, directory)
     lineage = read_result_meta(store, directory, what="evaluation")["lineage"]
     with store.fs.open(store.path(f"{directory}/report.md"), "r") as handle:
-        report = [line for line in handle.read().splitlines() if not line.startswith("![")]
+        report = handle.read()
+    where = lake_location(store, directory)
     about = (f"Select vs project (cosine) for {lineage.get('model')} @ {lineage.get('checkpoint')}, "
-             f"dataset {lineage.get('dataset')} ({lineage.get('paradigm')}); full report: {lake}/{directory}/report.html")
+             f"dataset {lineage.get('dataset')} ({lineage.get('paradigm')}); report.html and the tables at {where}")
     key = artifact_key(directory)
     create_table_artifact(key=key, table=headline_records(results), description=about)
-    create_markdown_artifact(key=f"{key}-report", description=about, markdown="\n".join(report)
-                             + f"\n\nPlots and the HTML report: `{lake}/{directory}`\n")
+    markdown = artifact_markdown(report, lambda name: store.fs.cat_file(store.path(f"{directory}/plots/{name}")), where)
+    create_markdown_artifact(key=f"{key}-report", description=about, markdown=markdown
+                             + f"\n\nThe same report as one HTML file, plots inlined: `report.html` in {where}.\n")
 
 
 @flow(name="evaluate-select-vs-project", log_prints=True,

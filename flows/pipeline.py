@@ -53,8 +53,11 @@ from gradlake.tasks.gradients.plan import ExtractionData, ExtractionSettings, Ex
 SHARD_DEPLOYMENT = "extract-shards/extract-shards"
 
 
+CREATE_TITLE = "Create the dataset first"
+
+
 class _PipelineData(ExtractionData):  # the dataset, how it is made and which variants: first in the form
-    create: DatasetRecipe | None = Field(default=None, title="Create the dataset first", description="Make (or update) the dataset from a source before extracting; stored under the dataset name above in this pipeline's lake. Empty: it is already in the lake.")
+    create: DatasetRecipe | None = Field(default=None, title=CREATE_TITLE, description="Make (or update) the dataset from a source before extracting; stored under the dataset name above in this pipeline's lake. Set it (DatasetRecipe in the form, --create on the command line) with nothing else filled in for the probe set bundled with gradlake (source 'bundled:probe', its paraphrases included). Empty (None): the dataset is already in the lake.")
     variants: list[str] = Field(default=["original", "paraphrased"], title="Variants", description="Dataset variants to extract; 'model_generated' means this model and checkpoint's own answers. 'original' is needed for the evaluation.")
 
 
@@ -106,6 +109,36 @@ class ShardWork(BaseModel):
     spec: ExtractionSpec = Field(title="Extraction", description="The extraction (one variant) the shards belong to.")
     path: str = Field(title="Gradient group", description="Path of the extraction's gradient group in the lake; the pipeline's plan created it.")
     shards: list[int] = Field(title="Shards", description="Indices of the shards (of the extraction's shard size) to compute.")
+
+
+def require_dataset(spec: PipelineSpec) -> None:
+    """One error that says how to make the dataset when a variant to extract is not in the lake (before any GPU run)."""
+    from gradlake.lake.datasets import list_datasets
+    from gradlake.lake.store import LakeError, LakeStore
+
+    held = {(m["dataset"], m["variant"]) for m in list_datasets(LakeStore(spec.lake))}  # a damaged one counts as held
+    wanted = [spec.extraction(v).variant for v in spec.variants]
+    missing = [v for v in wanted if (spec.dataset, v) not in held]
+    if not missing:
+        return
+    has = sorted(v for d, v in held if d == spec.dataset)
+    where = (f"dataset {spec.dataset!r} has no variant {', '.join(map(repr, missing))} in lake {spec.lake} "
+             f"(it has {', '.join(map(repr, has))})" if has else
+             f"dataset {spec.dataset!r} is not in lake {spec.lake} (" +
+             (f"it holds {', '.join(sorted({d for d, _ in held}))})" if held else "it holds no datasets yet)"))
+    if not has and spec.create is None:
+        shell = (f"`gradlake dataset probe --lake {spec.lake}`" if spec.dataset == "probe" else
+                 f"`gradlake dataset create --name {spec.dataset} --source <hub id or file> --lake {spec.lake}`")
+        raise LakeError(f"{where}. Create it first: in this run's form set '{CREATE_TITLE}' to DatasetRecipe (its source "
+                        "defaults to 'bundled:probe', the probe set bundled with gradlake, paraphrases included; or name "
+                        f"your own source there), or run {shell} once and start this run again")
+    how = ("a paraphrase column or paraphrase settings for 'paraphrased', this model under 'Models that answer' for "
+           "'model_generated'")
+    if spec.create is not None:  # the recipe ran and did not make them
+        raise LakeError(f"{where}: '{CREATE_TITLE}' made no such variant; give it {how}, or remove the variant from "
+                        "'Variants'")
+    raise LakeError(f"{where}: make it with '{CREATE_TITLE}' (the dataset's source again, with {how}), or remove it "
+                    "from 'Variants'")
 
 
 Unit = tuple[ExtractionSpec, str, int]  # an extraction, its group's path, one shard
@@ -220,6 +253,7 @@ def pipeline(spec: PipelineSpec) -> list[str]:
     log = get_run_logger()
     if spec.create is not None:
         create_dataset(spec.dataset_spec())
+    require_dataset(spec)
     planned = []
     for variant in spec.variants:
         extraction = spec.extraction(variant)

@@ -14,6 +14,7 @@ from gradlake.flows.run_names import named_by_model, run_label
 from gradlake.lake.results import read_result_meta
 from gradlake.lake.store import LakeStore
 from gradlake.tasks.common.model import ModelSpec
+from gradlake.tasks.common.render import artifact_markdown, lake_location
 from gradlake.tasks.tracing.trace import (LAKE_HELP, TraceSettings, TraceSpec, plan_trace, plan_trace_task, trace_task,
                                           tracing_dir, write_summary)
 
@@ -30,9 +31,10 @@ def trace_models(spec: TraceSpec) -> str:
     store = LakeStore(spec.lake)
     meta = read_result_meta(store, directory, what="tracing result")
     with store.fs.open(store.path(f"{directory}/report.md"), "r") as handle:
-        report = [line for line in handle.read().splitlines() if not line.startswith("![")]
-    create_markdown_artifact("\n".join(report) + f"\n\nfull results: `{spec.lake}/{directory}`",
-                             description=f"model tracing: {meta['verdict']}")
+        report = handle.read()
+    where = lake_location(store, directory)
+    markdown = artifact_markdown(report, lambda name: store.fs.cat_file(store.path(f"{directory}/plots/{name}")), where)
+    create_markdown_artifact(markdown + f"\n\nfull results: {where}", description=f"model tracing: {meta['verdict']}")
     return directory
 
 

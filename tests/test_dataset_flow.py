@@ -181,3 +181,19 @@ def test_a_generator_without_a_chat_template_writes_nothing(tiny_models, probe_f
     with pytest.raises(ValueError, match="has no chat template, so its prompts cannot be rendered"):
         state.result()
     assert not (lake / "datasets").exists()
+
+
+def test_bundled_source_makes_the_probe_sets_variants_with_nothing_else_given(tmp_path):
+    """A recipe with every default makes 'original' and 'paraphrased' of the bundled probe set: the same versions
+    (content) as `gradlake dataset probe` stores, so either way of making it gives the same gradients."""
+    from gradlake.tasks.data.probes import store_probe_set
+
+    lake = f"file://{tmp_path / 'lake'}"
+    versions = create_dataset(DatasetSpec(name="probe", lake=lake))
+    assert list(versions) == ["original", "paraphrased"]
+    reference = f"file://{tmp_path / 'reference'}"
+    store_probe_set(reference)
+    for variant, version in versions.items():
+        assert open_lake(reference).catalog().query(f"kind == 'dataset' and variant == '{variant}'")["lineage.version"].iloc[0] == version
+    row = open_lake(lake).catalog().query("kind == 'dataset' and variant == 'paraphrased'").iloc[0]
+    assert row["lineage.source"]["source"] == "bundled:probe", "lineage names the source, not a worker's path"

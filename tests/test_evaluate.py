@@ -402,10 +402,12 @@ def test_outputs_in_the_lake_and_as_artifacts(evaluated, prefect_server):
     assert key.startswith("svp-tiny-olmo2-") and "-checkpoint-1-probe-sft" in key
     table, report = found[key], found[f"{key}-report"]
     assert table.type == "table" and "proj:rademacher-flat-d512-s0" in str(table.data)
-    assert "top-1 accuracy" in str(table.data) and "accuracy among BM25's 5 candidates" in str(table.data)
+    assert "top-1" in str(table.data) and "BM25 top-5" in str(table.data)  # short: the UI cuts a wide table
     assert spec.model.model in table.description and "checkpoint-1" in table.description
     assert "probe" in table.description
-    assert report.type == "markdown" and "## Metrics" in report.data and "![" not in report.data
+    assert report.type == "markdown" and "## Metrics" in report.data
+    # the plots inside the artifact: the UI cannot read the lake's files
+    assert report.data.count("](data:image/png;base64,") == len(plots) and "](plots/" not in report.data
     assert "select-vs-project" not in found, "the shared key of every model and checkpoint is gone"
 
 

@@ -76,8 +76,8 @@ def test_report_defines_its_metrics_and_prints_no_raw_values(tables):
         assert "stopped after step 2 (no gain" in text
     assert "- **model**: org/tiny" in md and "  - model_generated: model_generated.tiny.step-1" in md
     assert "<li><b>paraphrased</b>: paraphrased</li>" in page
-    # text baselines have no n_values: an empty cell, not <NA>
-    assert "| paraphrased | bm25 |  | 0.400 |" in md
+    # text baselines have no n_values: an empty cell, not <NA>; one narrow table per variant, the variant above it
+    assert "| bm25 |  | 0.400 |" in md and "**paraphrased**: best layer `model.embed_tokens.weight`" in md
     assert md.index("## Metrics") < md.index("![a.png](plots/a.png)")
 
 
@@ -86,9 +86,9 @@ def test_headline_records_are_readable_and_json_ready(tables):
     records = headline_records(results)
     assert len(records) == len(headline(results)) == 2 * 4
     assert list(records[0]) == list(HEADLINE_LABELS.values())
-    assert records[0]["vectors compared"] == f"best layer: {TENSORS[0]}" and records[0]["top-1 accuracy"] == 0.9
-    bm25 = next(r for r in records if r["vectors compared"] == "bm25")
-    assert bm25["values per vector (n_values)"] is None
+    assert records[0]["vectors"] == "best layer" and records[0]["tensor"] == TENSORS[0] and records[0]["top-1"] == 0.9
+    bm25 = next(r for r in records if r["vectors"] == "bm25")
+    assert bm25["n_values"] is None and bm25["tensor"] is None
     json.dumps(records)  # numpy and pandas scalars would not serialise
 
 
@@ -154,3 +154,58 @@ def test_plots_draw_every_figure_readably(tables):
     finally:
         for fig in drawn.values():
             plt.close(fig)
+
+
+def test_markdown_escapes_placeholders_and_embeds_plots_when_asked(tables):
+    """A Markdown renderer (the Prefect UI's, GitHub's) takes '<kind>' for an HTML tag and drops it: 'proj:--d-s'."""
+    results, selfsim, greedy = tables
+    pngs = plots(results, selfsim, greedy)
+    md = markdown("Select vs project: <tiny>", LINEAGE, results, greedy, pngs)
+    assert "proj:&lt;kind&gt;-&lt;scope&gt;-d&lt;dim&gt;-s&lt;seed&gt;" in md and "dense:&lt;model&gt;" in md
+    assert not re.search(r"<[a-z_]+>", md), re.findall(r".{20}<[a-z_]+>.{20}", md)
+    images = re.findall(r"!\[[^\]]*\]\(([^)]*)\)", md)
+    assert len(images) == len(pngs) and all(i.startswith("data:image/png;base64,") for i in images)
+    # the headline: no row wider than the variant's own columns (vectors, n_values and the four metrics)
+    header = next(line for line in md.splitlines() if line.startswith("| vectors |"))
+    assert header.count("|") == 7 and "query" not in header
+
+
+def test_the_run_pages_artifacts_show_plots_and_placeholders_and_fit(tables, tmp_path):
+    """publish_headline on a stored evaluation: what the Prefect UI is given has its plots inside (the UI cannot
+    read the lake's files), no raw '<placeholder>', no file:// link, and a table of short columns."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from gradlake.flows.evaluate import publish_headline
+    from gradlake.lake.evaluations import write_evaluation
+    from gradlake.lake.store import LakeStore
+
+    results, selfsim, greedy = tables
+    lake, directory = f"file://{tmp_path / 'lake'}", "evaluations/org--tiny/step-1/probe/sft"
+    pngs = plots(results, selfsim, greedy)
+    reports = {"report.md": markdown("Select vs project: tiny", LINEAGE, results, greedy, sorted(pngs)),
+               "report.html": html_report("Select vs project: tiny", LINEAGE, results, greedy, pngs)}
+    write_evaluation(LakeStore(lake), directory, {"results": results, "self_similarity": selfsim, "greedy": greedy},
+                     pngs, reports, LINEAGE)
+
+    @flow(name="publish-probe")
+    def publish():
+        publish_headline(lake, directory)
+
+    state = publish(return_state=True)
+    with get_client(sync_client=True) as client:
+        run_id = state.state_details.flow_run_id
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+    report = next(a for a in artifacts if a.type == "markdown")
+    text = report.data
+    assert "proj:&lt;kind&gt;" in text and "dense:&lt;model&gt;" in text and not re.search(r"<[a-z_]+>", text)
+    assert "file://" not in text + (report.description or ""), "the UI cannot open the worker's disk"
+    images = re.findall(r"!\[[^\]]*\]\(([^)]*)\)", text)
+    assert len(images) == len(pngs) and all(i.startswith("data:image/png;base64,") for i in images)
+    assert str(tmp_path / "lake") in text, "where the HTML report lies is said, as a path"
+    table = next(a for a in artifacts if a.type == "table")
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    # every metric before the one long cell (the best layer's tensor, last); the UI cuts a table at the page's edge
+    assert list(rows[0])[-1] == "tensor" and sum(len(c) for c in rows[0]) <= 60, list(rows[0])
+    assert max(len(str(r["vectors"])) for r in rows) <= len("proj:rademacher-flat-d512-s0")

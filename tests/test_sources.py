@@ -133,3 +133,31 @@ def test_an_id_that_is_not_a_string_or_integer_drops_its_row_and_says_why(tmp_pa
                                            "response": ["Yes.", "A."]}))
     assert from_parquet.frame["id"].tolist() == ["ok"]
     assert from_parquet.report()["dropped_by_reason"] == {"id is a list, not a string or integer": 1}
+
+
+def test_bundled_probe_set_is_a_named_source_with_its_paraphrases():
+    """'bundled:probe' (the default) reads the probe set shipped with gradlake wherever it is installed: no path, no
+    column to name; the Prefect form offers it as a choice."""
+    from typing import get_args
+
+    from gradlake.tasks.data.dataset import DatasetRecipe
+    from gradlake.tasks.data.probes import load_probe_set, probe_variant
+    from gradlake.tasks.data.sources import NAMED_SOURCES, NamedSourceName
+
+    spec = SourceSpec()
+    assert spec.source == "bundled:probe" and spec.keep_columns == ["topic", "paraphrase"]
+    frame, loaded = load_source(spec)
+    want = probe_variant(load_probe_set(), "original")
+    assert loaded.report()["dropped"] == 0 and frame["id"].tolist() == want["id"].tolist()
+    assert frame["messages"].tolist() == want["messages"].tolist()
+    assert frame["paraphrase"].tolist() == load_probe_set()["paraphrase"].tolist()
+    # the recipe knows the paraphrase column, unless an API is asked for
+    assert DatasetRecipe().paraphrase_column == "paraphrase"
+    assert DatasetRecipe(source={"source": "bundled:probe", "n": 4}).paraphrase_column == "paraphrase"
+    assert DatasetRecipe(source={"source": "GAIR/lima"}).paraphrase_column is None
+    # the form: a dropdown of the named sources beside free text (an enum, which the UI shows as a select)
+    choices = SourceSpec.model_json_schema()["properties"]["source"]["anyOf"]
+    assert {"enum": ["bundled:probe"], "title": "Named source", "type": "string"} in choices
+    assert get_args(get_args(NamedSourceName)[0]) == tuple(NAMED_SOURCES)
+    # a hub id or a path is what it was
+    assert SourceSpec(source="GAIR/lima").keep_columns == []

@@ -14,7 +14,7 @@ from gradlake.lake.store import LakeStore, default_lake
 from gradlake.tasks.common.model import ModelSpec, check_model, check_weights, load_tokenizer
 from gradlake.tasks.common.retries import retry_unless_bad_input
 from gradlake.tasks.data.paraphrase import ParaphraseSpec, resolve_api_key
-from gradlake.tasks.data.sources import SourceSpec, load_source
+from gradlake.tasks.data.sources import SourceSpec, load_source, named_source
 
 
 class DatasetRecipe(BaseModel):
@@ -22,9 +22,9 @@ class DatasetRecipe(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    source: SourceSpec = Field(title="Source", description="The source and the sampling of it.")
+    source: SourceSpec = Field(default_factory=SourceSpec, title="Source", description="The source and the sampling of it; by default the probe set bundled with gradlake ('bundled:probe'), all of it, with its paraphrases.")
     paraphrase: ParaphraseSpec | None = Field(default=None, title="Paraphrase through an API", description="Make the 'paraphrased' variant: every user turn rewritten by a chat model behind an OpenAI-compatible API.")
-    paraphrase_column: str | None = Field(default=None, title="Paraphrase column", description="Instead of an API: a source column that already holds a paraphrase of each sample's (single) user turn, as the bundled probe set has ('paraphrase').")
+    paraphrase_column: str | None = Field(default=None, title="Paraphrase column", description="Instead of an API: a source column that already holds a paraphrase of each sample's (single) user turn. Empty for a named source that has one ('bundled:probe': 'paraphrase'): it is used unless paraphrase settings are given.")
     generate: list[ModelSpec] = Field(default=[], title="Models that answer", description="Make a 'model_generated' variant per model and checkpoint: the model answers each prompt itself, greedily.")
     generate_from: Literal["paraphrased", "original"] = Field(default="paraphrased", title="Prompts answered", description="Variant whose prompts the models answer: 'paraphrased' (as in the thesis) or 'original'.")
     max_new_tokens: int = Field(default=256, ge=1, title="Longest answer (tokens)", description="Longest generated answer, in tokens.")
@@ -32,6 +32,9 @@ class DatasetRecipe(BaseModel):
 
     @model_validator(mode="after")
     def _source_keeps_paraphrases(self) -> "DatasetRecipe":
+        named = named_source(self.source.source)
+        if named is not None and self.paraphrase is None and not self.paraphrase_column:
+            self.paraphrase_column = named.paraphrase_column  # a named source's paraphrases are known: nothing to fill in
         if self.paraphrase_column and self.paraphrase_column not in self.source.keep_columns:
             self.source = self.source.model_copy(update={"keep_columns": [*self.source.keep_columns, self.paraphrase_column]})
         return self

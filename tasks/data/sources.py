@@ -20,6 +20,11 @@ Decoding and tokenizing again can merge tokens differently at a block's edges, s
 may come back a token or two longer or shorter than ``block_tokens``: the report says how
 many blocks tokenize back to exactly their tokens.
 
+A *named source* is one gradlake ships, read wherever gradlake is installed (a worker's disk
+included), so no path needs to be known: ``bundled:probe`` is the bundled probe set (160
+instruction/answer pairs, each with a ready-made paraphrase in its ``paraphrase`` column), the
+same samples and versions as ``gradlake dataset probe`` stores.
+
 The id is the source's own (``id``, ``prompt_id``, ``uid``, ``sample_id``) when it has
 one, else ``h-`` and 16 hex digits of a hash of the messages, which survives any
 reordering of the source.  A row whose id column holds something that is not a string or
@@ -33,12 +38,15 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+
+from gradlake.tasks.data.probes import PROBE_FILE
 
 ID_COLUMNS = ("id", "prompt_id", "uid", "sample_id")
 PROMPT_COLUMNS = ("prompt", "instruction", "question")
@@ -58,25 +66,53 @@ class SourceError(ValueError):
     """A source that cannot be read as asked, with what would be accepted."""
 
 
+@dataclass(frozen=True)
+class NamedSource:
+    """A source gradlake ships: its file in the package, and its columns beside the chat."""
+
+    file: str                       # in gradlake.tasks.data
+    paraphrase_column: str | None   # ready-made paraphrases of each sample's user turn
+    keep_columns: tuple[str, ...]   # carried along by default
+
+
+BUNDLED_PROBE = "bundled:probe"
+NAMED_SOURCES = {BUNDLED_PROBE: NamedSource(PROBE_FILE, paraphrase_column="paraphrase", keep_columns=("topic", "paraphrase"))}
+# In the Prefect UI's form a choice between a dropdown of the named sources and free text (an enum,
+# not pydantic's `const`, which the form shows as a text box); keep the Literal equal to NAMED_SOURCES' keys.
+NamedSourceName = Annotated[Literal["bundled:probe"],
+                            WithJsonSchema({"title": "Named source", "type": "string", "enum": list(NAMED_SOURCES)})]
+SourceText = Annotated[str, WithJsonSchema({"title": "Hub id or path", "type": "string"})]
+
+
+def named_source(source: str) -> NamedSource | None:
+    """The named source `source` is, or None for a hub id or a path."""
+    return NAMED_SOURCES.get(source)
+
+
 class SourceSpec(BaseModel):
     """Where the samples come from and which of them to take."""
 
     model_config = ConfigDict(extra="forbid")
 
-    source: str = Field(description="A Hugging Face dataset id (e.g. 'GAIR/lima', 'allenai/tulu-3-sft-mixture'), a local dataset directory, or a local .jsonl / .parquet / .arrow file.")
+    source: NamedSourceName | SourceText = Field(default=BUNDLED_PROBE, description="'bundled:probe' (the probe set bundled with gradlake, paraphrases included: nothing else to fill in), a Hugging Face dataset id (e.g. 'GAIR/lima', 'allenai/tulu-3-sft-mixture'), or a dataset directory or .jsonl / .parquet / .arrow file readable where the flow runs.")
     config: str | None = Field(default=None, description="Dataset configuration (subset) name, for Hugging Face datasets that have several.")
     split: str = Field(default="train", description="Split to read, e.g. 'train', 'test_sft'. Ignored for a single local file.")
     revision: str | None = Field(default=None, description="Hub revision of the dataset (branch, tag, commit).")
     n: int | None = Field(default=None, ge=1, description="Samples to take; empty takes every usable row.")
     sampling: Literal["random", "first"] = Field(default="random", description="'random': n rows drawn with `seed`; 'first': the first n usable rows.")
     seed: int = Field(default=0, description="Seed of the random draw.")
-    keep_columns: list[str] = Field(default_factory=list, description="Source columns carried along beside id and messages (e.g. a column of ready-made paraphrases).")
+    keep_columns: list[str] = Field(default_factory=list, description="Source columns carried along beside id and messages (e.g. a column of ready-made paraphrases). Empty for a named source: its own ('bundled:probe': topic, paraphrase).")
     blocks: "BlockSpec | None" = Field(default=None, description="Read a text corpus: the rows' text tokenized, concatenated and cut into blocks of tokens, each block a sample (n and sampling then count blocks).")
 
     @model_validator(mode="after")
     def _split_given(self) -> "SourceSpec":
         if not self.split:
             raise ValueError("split is empty; name one, e.g. 'train'")
+        named = named_source(self.source)
+        if named is not None:
+            if not self.keep_columns:
+                self.keep_columns = list(named.keep_columns)
+            return self
         path = Path(self.source).expanduser()
         if path.exists():  # lineage names a local source by its absolute path
             self.source = str(path.resolve())
@@ -121,6 +157,10 @@ def _is_local(source: str) -> bool:
 
 def read_rows(spec: SourceSpec) -> pd.DataFrame:
     """The raw rows of the source, as a DataFrame; one clear error if it cannot be read."""
+    named = named_source(spec.source)
+    if named is not None:
+        with resources.as_file(resources.files("gradlake.tasks.data").joinpath(named.file)) as path:
+            return _read_jsonl(path)
     path = Path(spec.source).expanduser()
     if _is_local(spec.source) and not path.exists():
         raise SourceError(f"source file {spec.source!r} does not exist; pass a .jsonl, .parquet or .arrow file, "

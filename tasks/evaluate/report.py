@@ -9,14 +9,14 @@ import numpy as np
 import pandas as pd
 
 from gradlake.tasks.common.render import (figure_png, html_table, is_missing, lineage_html, lineage_items, lineage_markdown,
-                                          markdown_table)
+                                          markdown_image, markdown_table, markdown_text)
 
 
 HEADLINE_COLUMNS = ["query", "vectors", "n_values", "top1", "recall@5", "mrr", "bm25_top5_accuracy"]
-# Full names for places that show no metric definitions (the Prefect table artifact).
-HEADLINE_LABELS = {"query": "query variant", "vectors": "vectors compared", "n_values": "values per vector (n_values)",
-                   "top1": "top-1 accuracy", "recall@5": "recall@5", "mrr": "mean reciprocal rank (MRR)",
-                   "bm25_top5_accuracy": "accuracy among BM25's 5 candidates"}
+# Names for the Prefect table artifact: short, so that every metric fits the UI's page (its table is cut at the
+# page's edge), the best layer's tensor last (the report artifact beside it names it too and defines each metric).
+HEADLINE_LABELS = {"query": "query", "vectors": "vectors", "n_values": "n_values", "top1": "top-1", "recall@5": "recall@5",
+                   "mrr": "MRR", "bm25_top5_accuracy": "BM25 top-5", "tensor": "tensor"}
 GREEDY_COLUMNS = ["query", "step", "added", "accuracy", "n_values"]
 
 METRICS = (
@@ -71,10 +71,14 @@ def best_tensor(results: pd.DataFrame) -> pd.Series | None:
 
 
 def headline_records(results: pd.DataFrame) -> list[dict]:
-    """The headline as JSON-ready rows under full column names (a Prefect table artifact); missing values are None."""
+    """The headline as JSON-ready rows under short column names (a Prefect table artifact), the best layer's tensor
+    in a last column of its own; missing values are None."""
     table = headline(results)
     if table.empty:
         return []
+    best = table["vectors"].str.startswith("best layer: ")
+    table["tensor"] = table["vectors"].where(best).str.removeprefix("best layer: ")
+    table.loc[best, "vectors"] = "best layer"
     table = table.rename(columns=HEADLINE_LABELS)
     return [{k: (None if is_missing(v) else round(float(v), 4) if isinstance(v, float) else
                  int(v) if isinstance(v, (int, np.integer)) else v) for k, v in row.items()}
@@ -312,19 +316,40 @@ def _greedy_table(greedy: pd.DataFrame) -> pd.DataFrame:
     return greedy.reindex(columns=[c for c in GREEDY_COLUMNS if c in greedy.columns])
 
 
-def markdown(title: str, lineage: dict, results: pd.DataFrame, greedy: pd.DataFrame, figures: list[str]) -> str:
-    """The report as Markdown, figures linked by relative path."""
-    lines = [f"# {title}", "", "## Lineage", "", *lineage_markdown(lineage_items(lineage)), "",
-             "## Headline (cosine)", "", markdown_table(headline(results)), "",
+def markdown(title: str, lineage: dict, results: pd.DataFrame, greedy: pd.DataFrame, figures: list[str] | dict[str, bytes]) -> str:
+    """The report as Markdown: figures linked by relative path (names, for the file beside its plots) or embedded
+    (PNG bytes by name, for a page that cannot read the plots' files, as the Prefect UI)."""
+    lines = [f"# {markdown_text(title)}", "", "## Lineage", "", *lineage_markdown(lineage_items(lineage)), "",
+             "## Headline (cosine)", "", *headline_markdown(results), "",
              "## Greedy layer selection (accuracy among BM25's 5 candidates)", "",
              markdown_table(_greedy_table(greedy)) if not greedy.empty else "(no per-tensor gradients)", ""]
     notes = selection_notes(results, greedy)
     if notes:
-        lines += [f"- {n}" for n in notes] + [""]
-    lines += ["## Metrics", "", *[f"- **{name}**: {text}" for name, text in METRICS], ""]
+        lines += [f"- {markdown_text(n)}" for n in notes] + [""]
+    lines += ["## Metrics", "", *[f"- **{name}**: {markdown_text(text)}" for name, text in METRICS], ""]
     if figures:
-        lines += ["## Plots", "", *[f"![{name}](plots/{name})" for name in figures], ""]
+        images = ([markdown_image(name, png) for name, png in figures.items()] if isinstance(figures, dict)
+                  else [f"![{name}](plots/{name})" for name in figures])
+        lines += ["## Plots", "", *images, ""]
     return "\n".join(lines)
+
+
+def headline_markdown(results: pd.DataFrame) -> list[str]:
+    """The headline as narrow Markdown tables, one per query variant, the variant and its best layer's name above
+    the table, not in columns: a page as narrow as the Prefect UI's artifact view then shows every column."""
+    table = headline(results)
+    if table.empty:
+        return ["(no results)"]
+    lines = []
+    for query, part in table.groupby("query", sort=False):
+        part = part.drop(columns="query").copy()
+        best = part["vectors"].str.startswith("best layer: ")
+        heading = f"**{markdown_text(str(query))}**"
+        if best.any():
+            heading += f": best layer `{part.loc[best, 'vectors'].iloc[0].removeprefix('best layer: ')}`"
+            part.loc[best, "vectors"] = "best layer"
+        lines += [heading, "", markdown_table(part), ""]
+    return lines[:-1]
 
 
 def html_report(title: str, lineage: dict, results: pd.DataFrame, greedy: pd.DataFrame, figures: dict[str, bytes]) -> str:
