@@ -19,6 +19,8 @@ from gradlake.lake import layout
 from gradlake.lake.datasets import list_datasets, read_dataset
 from gradlake.lake.dtypes import DTYPE_ATTR, from_bfloat16_bits, is_bfloat16
 from gradlake.lake.evaluations import list_attribution_benchmarks, list_evaluations, list_tracing, read_evaluation
+from gradlake.lake.extractions import AmbiguousExtraction, describe, layers_text
+from gradlake.lake.extractions import label as extraction_label
 from gradlake.lake.gradient_plan import ATTR
 from gradlake.lake.results import read_result_table
 from gradlake.lake.scores import list_score_groups
@@ -114,12 +116,13 @@ class Lake:
         return groups
 
     def _gradient_records(self) -> list[dict]:
-        """What a lookup filters on, per gradient or projection group; model and checkpoint as their lake keys."""
+        """What a lookup filters on, per gradient or projection group; model and checkpoint as their lake keys,
+        the extraction as `lake.extractions.describe` reads it."""
         records = []
         for path, attrs in self._gradient_groups():
             lineage, projection = attrs["lineage"], attrs["lineage"].get("projection") or {}
             _, model, checkpoint, *_ = path.split("/")
-            records.append({"path": path, **_keys(lineage), "model": model, "checkpoint": checkpoint,
+            records.append({**describe(path, attrs), **_keys(lineage), "model": model, "checkpoint": checkpoint,
                             "projection": _projection_label(projection), **{k: projection.get(k) for k in _PROJECTION_KEYS}})
         return records
 
@@ -132,8 +135,9 @@ class Lake:
             raise type(err)(str(err)) from None
         if not rows:
             self.store.check_exists()  # an empty table for a lake that is not there would say nothing
-        columns = ["kind", "path", *_KEYS, "projection", "n_samples", "n_parameters", "numel", "dtype", "chunks_done",
-                   "chunks_total", "complete", "damaged"]
+        columns = ["kind", "path", "model", "model_id", *_KEYS[1:], "group", "extraction", "layers", "holds",
+                   "projection", "n_samples", "n_parameters", "numel", "dtype", "chunks_done", "chunks_total", "complete",
+                   "damaged"]
         frame = pd.DataFrame(rows)
         return frame.reindex(columns=columns + sorted(c for c in frame.columns if c not in columns))
 
@@ -146,9 +150,13 @@ class Lake:
             except (ValueError, KeyError, FileNotFoundError) as err:  # damaged flags: listed, not fatal
                 damaged.append((path, f"its completion flags cannot be read ({type(err).__name__}: {err})"))
                 continue
+            about = describe(path, attrs)
+            _, model_key, checkpoint_key, *_ = path.split("/")
             rows.append({
                 "kind": "gradients", "path": path,
-                **_keys(lineage),
+                **_keys(lineage), "model": model_key, "model_id": lineage.get("model"), "checkpoint": checkpoint_key,
+                "group": about["group"], "extraction": about["extraction"], "layers": layers_text(about["layers"]),
+                "holds": about["holds"],
                 "n_samples": plan["n_samples"], "n_parameters": len(plan["parameters"]),
                 "numel": sum(math.prod(shape) for shape in plan["parameters"].values()),
                 "dtype": plan["dtype"], "chunks_done": int(flags.sum()), "chunks_total": len(flags),
@@ -162,10 +170,13 @@ class Lake:
                          "complete": False, "damaged": damage})
         for path, meta in list_evaluations(self.store):
             lineage = meta["lineage"]
+            _, model_key, checkpoint_key, *_ = path.split("/")
             rows.append({
-                "kind": "evaluation", "path": path, "model": lineage.get("model"), "checkpoint": lineage.get("checkpoint"),
-                "dataset": lineage.get("dataset"), "variant": ",".join(lineage.get("queries", {})),
-                "paradigm": lineage.get("paradigm"), "complete": True,
+                "kind": "evaluation", "path": path, "model": model_key, "model_id": lineage.get("model"),
+                "checkpoint": checkpoint_key, "dataset": lineage.get("dataset"),
+                "variant": ",".join(lineage.get("queries", {})), "paradigm": lineage.get("paradigm"), "complete": True,
+                "extraction": _evaluated_extraction(lineage),
+                "layers": layers_text(lineage["layer_patterns"]) if lineage.get("layer_patterns") is not None else None,
                 "target": (lineage.get("settings") or {}).get("target", "parameters"),
                 **{f"lineage.{k}": v for k, v in lineage.items() if k not in _KEYS},
             })
@@ -173,7 +184,8 @@ class Lake:
             _, base_key, base_checkpoint, model_key, checkpoint_key = path.split("/")
             lineage = meta.get("lineage", {})
             rows.append({
-                "kind": "tracing", "path": path, "model": model_key, "checkpoint": checkpoint_key,
+                "kind": "tracing", "path": path, "model": model_key, "model_id": _model_id(lineage.get("candidate")),
+                "checkpoint": checkpoint_key,
                 "dataset": lineage.get("dataset"), "variant": lineage.get("variant"), "complete": True,
                 "lineage.base": base_key, "lineage.base_checkpoint": base_checkpoint, "verdict": meta.get("verdict"),
                 "p_value": (meta.get("summary") or {}).get("p_value"),
@@ -181,14 +193,16 @@ class Lake:
         for path, meta in list_attribution_benchmarks(self.store):
             where = layout.parse_benchmark_dir(path)
             rows.append({
-                "kind": "attribution", "path": path, "model": where["model"], "checkpoint": where["checkpoint"],
+                "kind": "attribution", "path": path, "model": where["model"], "model_id": _model_id(meta.get("model")),
+                "checkpoint": where["checkpoint"],
                 "dataset": where["dataset"], "variant": where["queries"], "n_samples": meta.get("n_train"), "complete": True,
                 **{f"lineage.{k}": v for k, v in meta.items() if k not in ("model", "queries", "query_ids", "best_tensor")},
             })
         for group in list_score_groups(self.store):
             _, model_key, checkpoint_key, dataset_name, query_set, _ = group["path"].split("/")
             rows.append({
-                "kind": "scores", "path": group["path"], "model": model_key, "checkpoint": checkpoint_key,
+                "kind": "scores", "path": group["path"], "model": model_key,
+                "model_id": _model_id((group.get("lineage") or {}).get("model")), "checkpoint": checkpoint_key,
                 "dataset": dataset_name, "variant": query_set.split(".", 1)[-1], "complete": bool(group.get("complete")),
                 "damaged": group.get("damaged"),
                 "lineage.method": group.get("method"), "lineage.compute_seconds": group.get("compute_seconds"),
@@ -207,40 +221,65 @@ class Lake:
             })
         return rows
 
-    def find_gradients(self, projection: dict | None = None, **where) -> str:
+    def find_gradients(self, projection: dict | None = None, extraction: str | None = None,
+                       layers: list[str] | None = None, **where) -> str:
         """The path of the one gradient group (or, with `projection`, projection group) matching the filters.
 
         Filters are read by `resolve`: a model by key, id or path, ``variant="model_generated"`` for its own answers.
+        Where a variant holds several extractions, `extraction` (a gradient group's name, as the catalog's
+        ``extraction`` column lists it, or its settings part) or `layers` (the layer patterns as given) picks one.
         """
         unknown = (set(where) - set(_KEYS)) | (set(projection or {}) - set(_PROJECTION_KEYS))
         if unknown:
-            raise LakeError(f"cannot select gradients by {sorted(unknown)}; use {list(_KEYS)} "
+            raise LakeError(f"cannot select gradients by {sorted(unknown)}; use {list(_KEYS)}, extraction and layers "
                             f"(and {list(_PROJECTION_KEYS)} for projections)")
         with self.store.explained_errors():
             records = [r for r in self._gradient_records() if (r["projection"] is not None) == (projection is not None)]
         filters = {**where, **(projection or {})}
         accepted = resolve(filters, _generated(r["variant"] for r in records))
         hits = [r for r in records if _matches(r, accepted)]
-        if len(hits) == 1:
-            return hits[0]["path"]
-        asked = {k: v for k, v in filters.items() if v is not None}
+        picked = [r for r in hits if (extraction is None or extraction in (r["extraction"], r["group"], r["settings"]))
+                  and (layers is None or list(r["layers"]) == list(layers))]
+        if len(picked) == 1:
+            return picked[0]["path"]
+        asked = {k: v for k, v in {**filters, "extraction": extraction, "layers": layers}.items() if v is not None}
         what = "gradient group" if projection is None else "projection group"
-        if not hits:
+        if not picked:
             if not records:
                 self.store.check_exists()
-            shown = (*_KEYS, *(("projection",) if projection is not None else ()))
+            shown = (*_KEYS, "extraction", *(("projection",) if projection is not None else ()))
             held = sorted({tuple(r[k] for k in shown) for r in records}, key=str)
             raise LakeError(f"no {what} in {self.url} matches {asked}; the lake holds {held or 'none'} as {list(shown)}")
-        raise LakeError(f"{len(hits)} {what}s match {asked} in {self.url}; tell them apart with "
-                        f"{_tell_apart(hits, (*_KEYS, *_PROJECTION_KEYS))}")
+        apart = _tell_apart(picked, (*_KEYS, *_PROJECTION_KEYS))
+        if apart.startswith("their paths") and len({r["extraction"] for r in picked}) > 1:
+            raise AmbiguousExtraction(
+                f"{len(picked)} extractions hold {what}s matching {asked} in {self.url}: "
+                f"{'; '.join(extraction_label(r) for r in picked)}; pick one with extraction=NAME (a name above) "
+                "or layers=[PATTERN, ...] (as given to the extraction)")
+        raise LakeError(f"{len(picked)} {what}s match {asked} in {self.url}; tell them apart with "
+                        f"{_tell_apart(picked, (*_KEYS, 'extraction', *_PROJECTION_KEYS))}")
 
     def gradients(self, model: str | None = None, checkpoint: str | None = None, dataset: str | None = None,
                   variant: str | None = None, paradigm: str | None = None, mode: str | None = None,
-                  target: str | None = None) -> xr.Dataset:
+                  target: str | None = None, extraction: str | None = None,
+                  layers: list[str] | None = None) -> xr.Dataset:
         """A gradient group as an xarray.Dataset: one variable per parameter tensor (or ``inputs_embeds``), coordinate
-        ``sample``.  `target`: 'parameters', 'inputs_embeds' or 'inputs_embeds_mean', where a lake holds several."""
+        ``sample``.  `target`: 'parameters', 'inputs_embeds' or 'inputs_embeds_mean', where a lake holds several;
+        `extraction` (a group's name) or `layers` (its layer patterns), where a variant holds several extractions.
+
+        A group whose gradients were not kept (``keep_gradients`` off: only its projections are stored) is one clear
+        error naming where its projections are."""
         path = self.find_gradients(model=model, checkpoint=checkpoint, dataset=dataset, variant=variant,
-                                   paradigm=paradigm, mode=mode, target=target)
+                                   paradigm=paradigm, mode=mode, target=target, extraction=extraction, layers=layers)
+        with self.store.explained_errors():
+            record = next(r for r in self._gradient_records() if r["path"] == path)
+            if not record["kept"]:
+                made = sorted(r for r in self._gradient_records() if r["projection"] and r["extraction"] == record["group"]
+                              and r["path"].rsplit("/", 1)[0] == path.rsplit("/", 1)[0])
+                where = ", ".join(f"{r['path']} ({r['projection']})" for r in made) or "none is in the lake"
+                raise LakeError(f"the gradient group {path} holds no gradients: its extraction ran with keep_gradients off "
+                                f"and kept only their projections ({where}); read those with lake.projections(..., "
+                                f"extraction={record['group']!r}, kind=, dim=), or extract again with keep_gradients on")
         return self._open_group(path)
 
     def _open_group(self, path: str) -> xr.Dataset:
@@ -261,23 +300,32 @@ class Lake:
     def projections(self, model: str | None = None, checkpoint: str | None = None, dataset: str | None = None,
                     variant: str | None = None, paradigm: str | None = None, kind: str | None = None,
                     dim: int | None = None, seed: int | None = None, scope: str | None = None,
-                    target: str | None = None) -> xr.Dataset:
-        """A projection group as an xarray.Dataset: one variable per tensor (or ``flat``), coordinate ``sample``."""
+                    target: str | None = None, extraction: str | None = None,
+                    layers: list[str] | None = None) -> xr.Dataset:
+        """A projection group as an xarray.Dataset: one variable per tensor (or ``flat``), coordinate ``sample``.
+
+        `extraction` names the gradient group the projections were made from (or `layers` its layer patterns)."""
         path = self.find_gradients(model=model, checkpoint=checkpoint, dataset=dataset, variant=variant,
-                                   paradigm=paradigm, target=target, projection={"kind": kind, "dim": dim, "seed": seed, "scope": scope})
+                                   paradigm=paradigm, target=target, extraction=extraction, layers=layers,
+                                   projection={"kind": kind, "dim": dim, "seed": seed, "scope": scope})
         return self._open_group(path)
 
     def evaluation(self, model: str | None = None, checkpoint: str | None = None, dataset: str | None = None,
-                   paradigm: str | None = None, table: str = "results") -> pd.DataFrame:
-        """A select-vs-project evaluation's table (``results``, ``self_similarity`` or ``greedy``) as a DataFrame."""
+                   paradigm: str | None = None, table: str = "results", extraction: str | None = None) -> pd.DataFrame:
+        """A select-vs-project evaluation's table (``results``, ``self_similarity`` or ``greedy``) as a DataFrame.
+
+        `paradigm` is the directory's name without the extraction's settings (``sft``, ``sft-thesis``,
+        ``sft-inputs_embeds``); `extraction` the evaluated extraction (the catalog's ``extraction`` column)."""
         records = []
         with self.store.explained_errors():
             evaluations = list_evaluations(self.store)
-        for path, _ in evaluations:
-            _, model_key, checkpoint_key, dataset_name, paradigm_name = path.split("/")
+        for path, meta in evaluations:
+            _, model_key, checkpoint_key, dataset_name, name = path.split("/")
+            named = _evaluated_extraction(meta.get("lineage") or {})
+            settings = (named or "").partition("-store-")[2]
             records.append({"path": path, "model": model_key, "checkpoint": checkpoint_key, "dataset": dataset_name,
-                            "paradigm": paradigm_name})
-        where = {"model": model, "checkpoint": checkpoint, "dataset": dataset, "paradigm": paradigm}
+                            "paradigm": name.replace(f"-{settings}", "", 1) if settings else name, "extraction": named})
+        where = {"model": model, "checkpoint": checkpoint, "dataset": dataset, "paradigm": paradigm, "extraction": extraction}
         path = self._one(records, where, "evaluation")
         with self.store.explained_errors():
             return read_evaluation(self.store, path, table)
@@ -358,7 +406,11 @@ class Lake:
 
     def scores(self, method: str, model: str | None = None, checkpoint: str | None = None, dataset: str | None = None,
                queries: str | None = None) -> xr.DataArray:
-        """One method's scores (queries x training samples) with the ids as coordinates."""
+        """One method's scores (queries x training samples) with the sample ids as coordinates.
+
+        Both coordinates are sample ids as every other reader gives them (``probe-0004``: the dataset's ``id``, the
+        gradients' ``sample``); the score group keeps the training samples as ``<variant>:<id>``
+        (``original:probe-0004``), given as the coordinate ``train_key`` beside ``train``."""
         from gradlake.lake.scores import ScoreGroup
 
         with self.store.explained_errors():
@@ -375,8 +427,10 @@ class Lake:
         path = self._one([r for r in records if r["method"] == method], where, f"{method!r} score group")
         with self.store.explained_errors():
             group = ScoreGroup.open(self.store, path)
+            keys = group.train_ids()
             return xr.DataArray(group.read(), dims=("query", "train"), name=method,
-                                coords={"query": group.query_ids(), "train": group.train_ids()}, attrs=group.meta)
+                                coords={"query": group.query_ids(), "train": [k.split(":", 1)[-1] for k in keys],
+                                        "train_key": ("train", keys)}, attrs=group.meta)
 
     def dataset(self, name: str, variant: str = "original", model: str | None = None,
                 checkpoint: str | None = None, version: str | None = None) -> pd.DataFrame:
@@ -407,6 +461,19 @@ class _Bfloat16(BackendArray):
     def __getitem__(self, key):
         return indexing.explicit_indexing_adapter(key, self.shape, indexing.IndexingSupport.BASIC,
                                                   lambda k: from_bfloat16_bits(self.array[k]))
+
+
+def _evaluated_extraction(lineage: dict) -> str | None:
+    """The name of the originals' gradient group an evaluation compared (recorded since names carry settings)."""
+    original = (lineage.get("gradient_groups") or {}).get("original")
+    return lineage.get("extraction") or (original.rsplit("/", 1)[-1] if original else None)
+
+
+def _model_id(value: object) -> str | None:
+    """A model's id or path as a result recorded it (a ModelSpec's dump, or the text itself)."""
+    if isinstance(value, dict):
+        value = value.get("model")
+    return value if isinstance(value, str) else None
 
 
 def _projection_label(projection: dict | None) -> str | None:

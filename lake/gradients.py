@@ -88,7 +88,7 @@ class GradientGroup:
                 raise LakeError(
                     f"another run with different settings is creating the group at {path!r} right now "
                     f"(differs in {differences(held.about, lineage, plan) or ['fingerprint']}); "
-                    "use another variant name, or wait for it to finish and remove that group to replace it"
+                    "wait for it to finish and remove that group to replace it, or use another variant name"
                 )
             if time.monotonic() > deadline:
                 raise LakeError(f"the group at {path!r} is being created by another run that has not finished in "
@@ -177,7 +177,9 @@ class GradientGroup:
         raise LakeError(
             f"the lake already holds a different extraction at {path!r} (differs in "
             f"{differences(meta, lineage, plan) or ['fingerprint']}); "
-            "use another variant name, or remove that group to replace it"
+            "its name comes from the settings that tell extractions apart (layers, stored dtype), "
+            "and these differ in what does not name a group: extract with that group's settings to resume it, "
+            "remove that group to replace it, or use another variant name"
         )
 
     def array(self, name: str) -> zarr.Array:

@@ -5,10 +5,12 @@
   datasets/<dataset>/<variant>/<version>/data.parquet   probe sets (one row per sample)
   datasets/<dataset>/<variant>/<version>/meta.json      their lineage and content hash
   datasets/<dataset>/<variant>/latest.json              the newest version's meta
-  gradients/<model>/<checkpoint>/<dataset>/<variant>/<stem>-<mode>/
-                                                    one Zarr v3 group per extraction (and per projection)
+  gradients/<model>/<checkpoint>/<dataset>/<variant>/<stem>-<mode>[-<settings>]/
+                                                    one Zarr v3 group per extraction (its name: below)
+  gradients/<model>/<checkpoint>/<dataset>/<variant>/<stem>[-store-<settings>]-proj-<projection>/
+                                                    one per projection of an extraction's gradients
   quality/<model>/<checkpoint>/<dataset>/<variant>/  a checkpoint's answers scored (answers.parquet, summary.json)
-  evaluations/<model>/<checkpoint>/<dataset>/<stem>[-thesis]/   select vs project (lake.evaluations)
+  evaluations/<model>/<checkpoint>/<dataset>/<stem>[-<settings>][-thesis]/   select vs project (lake.evaluations)
   evaluations/<model>/training/<dataset>/            the demo's top-1 and LDS per training step
   cache/paraphrase/<settings>/<text key>.json       paid-for paraphrases
   influence/<model>/<checkpoint>/<dataset>/<paradigm>-<strategy>-<key>/factors/   Kronfluence's factors
@@ -32,6 +34,27 @@ them, and ``lake.locations`` picks whichever a given lake holds.  ``benchmarks``
 The stem is the paradigm for weight gradients, and ``<paradigm>-<target>`` for the other
 extraction targets (``sft-inputs_embeds``, ``sft-inputs_embeds_mean``), so that a target's
 groups, projections and evaluations never meet another's.
+
+One variant holds several extractions side by side: their settings decide the group's name
+(``extraction_settings``).  The settings that name a group are the tensors it selects and how they
+are stored: the layer patterns and the stored dtype.  With the defaults (every parameter,
+float32) the name is ``<stem>-<mode>``, as in every lake before names carried settings; otherwise
+``<stem>-<mode>-<settings>``, the settings that differ from the defaults, in this order, joined by
+'-': ``L`` and 8 hex digits of the SHA-256 of the layer patterns (as given, in order, joined by
+newlines), then the dtype (``bfloat16``, ``float16``): e.g. ``sft-store-L1f0c9a2b``,
+``sft-store-L1f0c9a2b-bfloat16``.  The rest does not name a group: the tokens (dataset version,
+chat template, labels, max_length) and whether the gradients were kept (``keep_gradients`` off
+stores the same extraction's projections alone, so they equal those made from kept gradients,
+fingerprint and all); an extraction that differs from the group of its name only in them is
+refused, naming what differs.  Two rules keep older lakes:
+a group at ``<stem>-<mode>`` holding exactly the asked extraction (made before names carried
+settings) is that extraction's group wherever its settings would name it; and where such an
+older group with other settings holds ``<stem>-<mode>``, an extraction with the default settings
+goes to ``<stem>-<mode>-default``.  Readers never parse a name: they pick a group by the
+settings in its attrs (``lake.extractions``).  A projection group is named after its gradient
+group: ``<stem>-proj-<projection>`` beside ``<stem>-store``, ``<group>-proj-<projection>`` beside
+a named one (``sft-store-L1f0c9a2b-proj-rademacher-flat-d512-s0``); an evaluation's directory is
+``<stem>``, ``<stem>-<settings>`` for a named extraction, then ``-thesis`` for the thesis's BM25.
 
 The glob patterns ``GRADIENT_GROUPS`` (and ``model_gradient_groups``), ``SCORE_GROUPS``,
 ``BENCHMARKS``, ``LEGACY_BENCHMARKS``, ``EVALUATIONS``, ``TRACING``, ``TRACING_BASES``,
@@ -87,12 +110,45 @@ def stem(paradigm: str, target: str = "parameters") -> str:
 # ---------------------------------------------------------------- gradients and projections
 
 GRADIENT_GROUPS = "gradients/*/*/*/*/*"  # every gradient and projection group
+DEFAULT_DTYPE = "float32"
+LEGACY_TAKEN = "default"  # the default settings' name where an older extraction holds <stem>-<mode>
+
+
+def extraction_settings(layer_patterns: list[str] | tuple[str, ...], dtype: str = DEFAULT_DTYPE) -> str:
+    """The settings part of a gradient group's name: '' for the defaults (every parameter, float32).
+
+    ``L<8 hex of the layer patterns>`` and the stored dtype, those that are not the default, joined
+    by '-' (see the module's docstring)."""
+    parts = []
+    if layer_patterns:
+        text = "\n".join(layer_patterns)
+        parts.append("L" + hashlib.sha256(text.encode()).hexdigest()[:8])
+    if dtype != DEFAULT_DTYPE:
+        parts.append(dtype)
+    return "-".join(parts)
+
+
+def gradient_group_name(paradigm: str, mode: str, target: str = "parameters", settings: str = "") -> str:
+    """``<stem>-<mode>[-<settings>]``: the name of one extraction's group in its variant's directory."""
+    return f"{stem(paradigm, target)}-{mode}" + (f"-{settings}" if settings else "")
 
 
 def gradient_group_path(model: str, checkpoint: str, dataset: str, variant: str, paradigm: str, mode: str,
-                        target: str = "parameters") -> str:
-    """``gradients/<model>/<checkpoint>/<dataset>/<variant>/<stem>-<mode>``: one extraction's group."""
-    return f"{gradients_dir(model, checkpoint, dataset, variant)}/{stem(paradigm, target)}-{mode}"
+                        target: str = "parameters", settings: str = "") -> str:
+    """``gradients/<model>/<checkpoint>/<dataset>/<variant>/<stem>-<mode>[-<settings>]``: one extraction's group."""
+    return f"{gradients_dir(model, checkpoint, dataset, variant)}/{gradient_group_name(paradigm, mode, target, settings)}"
+
+
+def projection_group_path(gradient_path: str, label: str) -> str:
+    """A projection group: beside its gradient group, ``<stem>-proj-<label>`` of a ``<stem>-store`` group (as
+    lakes always had it), ``<group>-proj-<label>`` of a named one (``sft-store-L1f0c9a2b-proj-<label>``)."""
+    parent, leaf = gradient_path.rsplit("/", 1)
+    return f"{parent}/{leaf.removesuffix('-store')}-proj-{label}"
+
+
+def evaluation_name(stem_: str, settings: str = "", thesis: bool = False) -> str:
+    """An evaluation directory's name: the stem, the settings of a named extraction, '-thesis' for its BM25."""
+    return stem_ + (f"-{settings}" if settings else "") + ("-thesis" if thesis else "")
 
 
 def gradients_dir(model: str, checkpoint: str | None = None, dataset: str | None = None,
@@ -174,7 +230,8 @@ EVALUATIONS = "evaluations/*/*/*/*"  # select-vs-project results (a training cur
 def evaluation_dir(model: str, checkpoint: str, dataset: str, paradigm: str) -> str:
     """``evaluations/<model>/<checkpoint>/<dataset>/<paradigm>``: a select-vs-project evaluation.
 
-    `paradigm` is the directory's name: the stem, and ``-thesis`` for the thesis's BM25 protocol."""
+    `paradigm` is the directory's name (``evaluation_name``): the stem, the extraction's settings where they
+    are not the defaults, and ``-thesis`` for the thesis's BM25 protocol."""
     return f"evaluations/{model}/{checkpoint}/{dataset}/{paradigm}"
 
 

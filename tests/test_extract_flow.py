@@ -98,9 +98,13 @@ def test_rerun_skips_finished_shards(tiny_models, local_lake):
 
 
 def test_changed_settings_do_not_overwrite_a_group(tiny_models, local_lake):
-    extract_gradients(spec_for(tiny_models["olmo"], local_lake, layers=["model.layers.0.*"]))
+    first = extract_gradients(spec_for(tiny_models["olmo"], local_lake, layers=["model.layers.0.*"]))
+    # Other layers are another extraction: a group of its own beside the first, named by its settings.
+    second = extract_gradients(spec_for(tiny_models["olmo"], local_lake, layers=["model.layers.1.*"]))
+    assert first != second and first.rsplit("/", 1)[0] == second.rsplit("/", 1)[0]
+    # What does not name a group (here max_length) is refused where the group of that name is another extraction.
     with pytest.raises(LakeError, match="already holds a different extraction"):
-        extract_gradients(spec_for(tiny_models["olmo"], local_lake, layers=["model.layers.1.*"]))
+        extract_gradients(spec_for(tiny_models["olmo"], local_lake, layers=["model.layers.1.*"], max_length=200))
 
 
 def test_mean_modes_equal_direct_means(tiny_models, local_lake):

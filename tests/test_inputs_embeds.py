@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import write_probe
 from gradlake.flows.evaluate import evaluate
 from gradlake.flows.extract import extract_gradients
-from gradlake.lake import open_lake
+from gradlake.lake import layout, open_lake
 from gradlake.lake.store import LakeError
 from gradlake.tasks.evaluate.spec import EvaluationSpec
 from gradlake.tasks.gradients.plan import ExtractionSpec, plan_extraction
@@ -73,7 +73,8 @@ def test_stored_input_embedding_gradients_equal_autograd(embeds_lake, tiny_model
     # Each target has its groups: the weights' group and the projections live apart, and the catalog tells them apart.
     paths = set(opened.catalog().query("kind == 'gradients'")["path"])
     leaves = {p.rsplit("/", 1)[-1] for p in paths if "/original/" in p}
-    assert leaves == {"sft-store", "sft-inputs_embeds-store", "sft-inputs_embeds_mean-store",
+    weights = "sft-store-" + layout.extraction_settings(["model.layers.0.mlp.down_proj.weight"])  # named by its layers
+    assert leaves == {weights, "sft-inputs_embeds-store", "sft-inputs_embeds_mean-store",
                       "sft-inputs_embeds-proj-rademacher-per_tensor-d64-s0"}
     with pytest.raises(LakeError, match="target"):
         opened.gradients(dataset="probe", variant="original")

@@ -89,7 +89,8 @@ def test_a_model_is_named_by_its_key_its_id_or_its_path(demo_lake, rows, checkpo
     lake = open_lake(str(demo_lake))
     final = checkpoints[-1]
     want = _row(rows, TRAINED, final, "original")
-    model_path, key = want["model"], want["path"].split("/")[1]
+    model_path, key = want["model_id"], want["path"].split("/")[1]
+    assert want["model"] == key
     monkeypatch.chdir(Path(model_path).parent.parent)
     names = [key, model_path, model_path + "/", os.path.relpath(model_path)]
     assert not names[-1].startswith("/")
@@ -115,7 +116,7 @@ def test_model_generated_means_the_asked_models_own_answers(demo_lake, rows, che
     assert full == f"model_generated.{key}.{final}"
     assert lake.find_gradients(model=key, checkpoint=final, variant="model_generated") == want["path"]
     assert lake.find_gradients(variant=full) == want["path"]
-    short = lake.projections(model=want["model"], checkpoint=final, variant="model_generated", kind="sparse")
+    short = lake.projections(model=want["model_id"], checkpoint=final, variant="model_generated", kind="sparse")
     assert np.array_equal(short["flat"].values, lake.projections(variant=full, kind="sparse")["flat"].values)
     assert lake.dataset("probe", "model_generated", model=key, checkpoint=final).equals(lake.dataset("probe", full))
     for lookup in (lambda: lake.gradients(variant="model_generated"),
@@ -127,6 +128,34 @@ def test_model_generated_means_the_asked_models_own_answers(demo_lake, rows, che
                                       f"model= and checkpoint= with it, or the variant's full name ({full!r})")
     with pytest.raises(LakeError, match=f"has no model_generated variant .* at checkpoint '{checkpoints[0]}'.*{full}"):
         lake.dataset("probe", "model_generated", model=key, checkpoint=checkpoints[0])
+
+
+def test_the_catalog_names_models_and_samples_alike_in_every_kind(demo_lake, checkpoints):
+    """`model` is the lake key and `checkpoint` its key in every kind of row, as in the paths; `model_id` the id or
+    path the stage was given; a filter by either finds every kind; sample ids are plain ids in every reader."""
+    lake = open_lake(str(demo_lake))
+    catalog = lake.catalog()
+    kinds = {"gradients", "evaluation", "attribution", "scores"}
+    assert kinds <= set(catalog["kind"])
+    rows = catalog[catalog["kind"].isin(kinds)]
+    assert (rows["model"] == rows["path"].str.split("/").str[1]).all()
+    assert (rows["checkpoint"] == rows["path"].str.split("/").str[2]).all()
+    key = next(m for m in rows["model"] if m.startswith(f"tiny-{TRAINED}-"))
+    mine = rows[rows["model"] == key]
+    assert kinds <= set(mine["kind"]), "a filter by the lake key finds every kind"
+    ids = set(mine["model_id"].dropna())
+    assert len(ids) == 1 and mine["model_id"].notna().all(), mine[["kind", "model_id"]]
+    model_id = ids.pop()
+    assert Path(model_id).is_dir()  # the demo's trained model: a local directory
+    assert set(rows.loc[rows["model_id"] == model_id, "kind"]) >= kinds, "a filter by the model's path finds every kind"
+    final = checkpoints[-1]
+    scores = lake.scores("grad-dot", model=model_id, checkpoint=final, queries="paraphrased")
+    gradients = lake.gradients(model=model_id, checkpoint=final, variant="original")
+    assert set(scores["query"].values) <= set(gradients["sample"].values)
+    assert set(scores["train"].values) <= set(gradients["sample"].values)  # the same ids: probe-0004, not original:...
+    assert [f"original:{t}" for t in scores["train"].values] == list(scores["train_key"].values)
+    query = str(scores["query"][0].values)
+    assert np.isfinite(float(scores.sel(query=query, train=query)))  # a paraphrase's own original, by the same id
 
 
 def test_ambiguity_names_the_filters_that_separate_the_hits(demo_lake, rows, checkpoints):

@@ -34,6 +34,17 @@ def test_every_location_is_where_the_docs_say():
     assert layout.gradient_group_path(m, c, d, "original", "sft", "store", "inputs_embeds") == \
         f"gradients/{m}/{c}/{d}/original/sft-inputs_embeds-store"
     assert layout.gradients_dir(m, c, d) == f"gradients/{m}/{c}/{d}"
+    # The settings that tell extractions of a variant apart name its group; the defaults keep the plain name.
+    assert layout.extraction_settings([]) == "" and layout.extraction_settings([], "bfloat16") == "bfloat16"
+    mlp = layout.extraction_settings(["model.layers.*.mlp.down_proj.weight"])
+    assert mlp == "Lfecae432" and layout.extraction_settings(["model.layers.*.mlp.down_proj.weight"], "float16") == f"{mlp}-float16"
+    assert layout.extraction_settings(["a", "b"]) != layout.extraction_settings(["b", "a"])  # as given, like the fingerprint
+    named = layout.gradient_group_path(m, c, d, "original", "sft", "store", settings=mlp)
+    assert named == f"gradients/{m}/{c}/{d}/original/sft-store-{mlp}"
+    assert layout.projection_group_path(named, "rademacher-flat-d64-s0") == f"{named}-proj-rademacher-flat-d64-s0"
+    plain = layout.gradient_group_path(m, c, d, "original", "sft", "store")
+    assert layout.projection_group_path(plain, "k") == f"gradients/{m}/{c}/{d}/original/sft-proj-k"
+    assert layout.evaluation_name("sft", mlp, thesis=True) == f"sft-{mlp}-thesis" and layout.evaluation_name("sft") == "sft"
     with pytest.raises(ValueError, match="in order"):
         layout.gradients_dir(m, None, d)
     assert layout.evaluation_dir(m, c, d, "sft-thesis") == f"evaluations/{m}/{c}/{d}/sft-thesis"

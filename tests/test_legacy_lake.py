@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from gradlake.flows.evaluate import evaluate
 from gradlake.flows.extract import extract_gradients
-from gradlake.lake import open_lake
+from gradlake.lake import layout, open_lake
 from gradlake.tasks.evaluate.spec import EvaluationSpec
 from gradlake.tasks.gradients.plan import ExtractionSpec
 
@@ -132,13 +132,21 @@ def test_incomplete_group_resumes_its_missing_shard_only(legacy, tmp_path):
     assert rows["complete"].all() and (rows["chunks_done"] == 2).all()
 
     # The resumed group equals a fresh extraction of the same spec by the current code, bit for bit, and has
-    # the fingerprint the old code gave it.
+    # the fingerprint the old code gave it.  In a fresh lake the extraction's settings (its layers) name its group
+    # (`lake.layout.extraction_settings`); the old lake keeps the plain name it had, found there by its fingerprint.
     fresh = f"file://{tmp_path / 'fresh'}"
     shutil.copytree(root / "datasets", local(fresh) / "datasets")
-    assert extract_gradients(spec(built, fresh)) == built["paths"][-1]
+    fresh_path = extract_gradients(spec(built, fresh))
+    old_path = built["paths"][-1]
+    assert fresh_path == f"{old_path}-{layout.extraction_settings(spec(built, fresh).layers)}"
     resumed_lake, fresh_lake = open_lake(legacy), open_lake(fresh)
-    for path in built["paths"]:
-        assert group_attrs(legacy, path)["fingerprint"] == group_attrs(fresh, path)["fingerprint"], path
+    assert group_attrs(legacy, old_path)["fingerprint"] == group_attrs(fresh, fresh_path)["fingerprint"]
+    for path in built["paths"][:-1]:  # projections cite their source group's path: equal but for it
+        moved = layout.projection_group_path(fresh_path, path.rsplit("-proj-", 1)[1])
+        old, new = group_attrs(legacy, path), group_attrs(fresh, moved)
+        assert new["lineage"]["projection"]["source_group"] == fresh_path
+        assert {**new["lineage"]["projection"], "source_group": old_path} == old["lineage"]["projection"], path
+        assert new["plan"] == old["plan"], path
     projection = {"kind": "rademacher", "dim": 64, "seed": 1, "scope": "flat"}
     pairs = [(resumed_lake.gradients(variant="original", paradigm="pre"), fresh_lake.gradients(variant="original", paradigm="pre")),
              (resumed_lake.projections(variant="original", paradigm="pre", **projection),

@@ -77,7 +77,8 @@ def test_notebook_runs_unchanged_on_the_demo_lake(demo_lake, found_by, tmp_path,
     assert f"attribution/{evaluated}/{final}/probe/benchmarks/held_out" in printed
     tables = "".join(str(o.get("data", {}).get("text/plain", "")) for o in outputs)
     assert "influence-ekfac" in tables and "lds_ci_low" in tables and "top1 best tensor" in tables
-    assert "influence-ekfac: query probe-0001; its own original is 'original:probe-0001'" in printed
+    assert ("influence-ekfac: query probe-0001; its own original is 'probe-0001' (stored as 'original:probe-0001')"
+            in printed)
 
 
 def test_notebook_without_a_lake_says_where_it_looked(tmp_path, monkeypatch):

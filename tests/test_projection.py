@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from conftest import REPO, write_probe
 from gradlake.flows.extract import extract_gradients
 from gradlake.flows.project import project_gradients
-from gradlake.lake import open_lake
+from gradlake.lake import layout, open_lake
 from gradlake.tasks.gradients.plan import ExtractionSpec
 from gradlake.tasks.common.model import ModelSpec
 from gradlake.tasks.projection.stored import ProjectSpec
@@ -391,7 +391,7 @@ def test_on_the_fly_and_post_hoc_projections_agree(on_the_fly):
     for spec in specs:
         # post hoc from the kept gradients; the first was already made on the fly there and is recognised
         post = project_gradients(ProjectSpec(gradients=kept_path, projection=spec, lake=kept_lake))
-        assert post.endswith(f"sft-proj-{spec.label}")
+        assert post == layout.projection_group_path(kept_path, spec.label) and post.endswith(f"-proj-{spec.label}")
         a = open_lake(fly_lake).projections(kind=spec.kind, dim=spec.dim, seed=spec.seed)
         b = open_lake(kept_lake).projections(kind=spec.kind, dim=spec.dim, seed=spec.seed)
         assert a.attrs["gradlake"]["fingerprint"] == b.attrs["gradlake"]["fingerprint"]
@@ -413,7 +413,7 @@ def test_interrupted_projection_group_is_redone_on_rerun(on_the_fly):
 
     lakes, specs = on_the_fly
     lake, path, extraction = lakes["fly"]
-    target = f"{path.rsplit('/', 1)[0]}/sft-proj-{specs[1].label}"
+    target = layout.projection_group_path(path, specs[1].label)
     group = zarr.open_group(lake[len("file://"):], path=target, mode="r+")
     before = {k: group[k][:] for k in group.array_keys() if k.startswith("model.")}
     rows = group["shard_complete"].attrs["chunk_rows"]  # one flag per row-chunk

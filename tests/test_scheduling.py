@@ -22,7 +22,7 @@ import zarr
 from conftest import write_probe
 from gradlake.flows.extract import extract_gradients
 from gradlake.flows.project import project_gradients
-from gradlake.lake import open_lake
+from gradlake.lake import layout, open_lake
 from gradlake.lake.store import LakeError
 from gradlake.tasks.gradients.plan import ExtractionSpec, create_group, plan_extraction
 from gradlake.tasks.common.progress import Progress
@@ -139,7 +139,7 @@ def test_projection_groups_follow_the_same_rules(tiny_models, tmp_path):
     projection = ProjectionSpec(kind="rademacher", dim=32, scope="flat", seed=3)
     spec = spec_for(tiny_models["olmo2"], lake, shard_size=4, batch_size=2, projections=[projection])
     path = extract_gradients(spec)
-    target = f"{path.rsplit('/', 1)[0]}/sft-proj-{projection.label}"
+    target = layout.projection_group_path(path, projection.label)
     before = {p: files(lake, p) for p in (path, target)}
     assert extract_gradients(spec.model_copy(update={"shard_size": 12, "batch_size": 6})) == path
     post = ProjectSpec(gradients=path, projection=projection, shard_size=8, lake=lake)

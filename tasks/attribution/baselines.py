@@ -35,6 +35,7 @@ from prefect.cache_policies import NONE
 
 from gradlake.lake import layout
 from gradlake.lake.datasets import read_dataset
+from gradlake.lake.extractions import AmbiguousExtraction, extraction_pair
 from gradlake.lake.gradient_plan import NOT_GRADIENTS
 from gradlake.lake.integrity import read_checked
 from gradlake.lake.scores import ScoreGroup
@@ -82,14 +83,19 @@ def _rows(group: zarr.Group, ids: list[str], what: str, path: str) -> np.ndarray
 
 
 def gradient_pair(store: LakeStore, model: ModelSpec, train_dataset: str, train_variant: str, queries: QuerySet,
-                  train_ids: list[str], paradigm: str, mode: str = "store") -> GradientPair:
+                  train_ids: list[str], paradigm: str, extraction: str | None = None) -> GradientPair:
     """The query and training gradient groups of `model` (one group when held-out queries share the training
-    variant), checked to be complete and tokenized alike; one LakeError otherwise."""
+    variant), checked to be complete and tokenized alike; one LakeError otherwise.
+
+    Of several extractions of a variant, the one held for both with the same settings, or the one `extraction`
+    names (`lake.extractions`); several without a choice are one `AmbiguousExtraction`."""
     from gradlake.tasks.common.lineage import lake_keys
 
     model_key, checkpoint_key = lake_keys(model)
-    train_dir = layout.gradient_group_path(model_key, checkpoint_key, train_dataset, train_variant, paradigm, mode)
-    query_dir = layout.gradient_group_path(model_key, checkpoint_key, queries.dataset, queries.variant, paradigm, mode)
+    train_dir, query_dir = extraction_pair(store, layout.gradients_dir(model_key, checkpoint_key, train_dataset, train_variant),
+                                           layout.gradients_dir(model_key, checkpoint_key, queries.dataset, queries.variant),
+                                           layout.stem(paradigm), (train_variant, queries.variant), extraction,
+                                           how="AttributionSpec.extraction (--extraction NAME, a name above)")
     train_group = _open_group(store, train_dir)
     query_group = train_group if query_dir == train_dir else _open_group(store, query_dir)
     metas = [dict(g.attrs)["gradlake"] for g in (query_group, train_group)]
@@ -113,19 +119,19 @@ def gradient_pair(store: LakeStore, model: ModelSpec, train_dataset: str, train_
 def projection_pairs(store: LakeStore, pair: GradientPair, paradigm: str) -> list[tuple[str, dict, zarr.Group, zarr.Group]]:
     """(label, projection settings, query group, training group) for projections complete on both sides."""
     found = []
-    train_base, query_base = pair.train_dir.rsplit("/", 1)[0], pair.query_dir.rsplit("/", 1)[0]
-    for meta_path in store.glob(f"{train_base}/{paradigm}-proj-*/zarr.json"):
-        leaf = meta_path.rsplit("/", 2)[-2]
+    train_prefix, query_prefix = (layout.projection_group_path(p, "") for p in (pair.train_dir, pair.query_dir))
+    for meta_path in store.glob(f"{train_prefix}*/zarr.json"):
+        label = meta_path.rsplit("/", 2)[-2].removeprefix(train_prefix.rsplit("/", 1)[-1])
         try:
-            train = _open_group(store, f"{train_base}/{leaf}")
-            query = train if query_base == train_base else _open_group(store, f"{query_base}/{leaf}")
+            train = _open_group(store, f"{train_prefix}{label}")
+            query = train if query_prefix == train_prefix else _open_group(store, f"{query_prefix}{label}")
         except LakeError:
             continue
         projection = dict(train.attrs)["gradlake"]["lineage"]["projection"]
         query_projection = dict(query.attrs)["gradlake"]["lineage"]["projection"]
         if projection != query_projection | {"source_group": projection["source_group"]}:
             continue
-        found.append((leaf.split("-proj-", 1)[1], projection, query, train))
+        found.append((label, projection, query, train))
     return sorted(found, key=lambda item: item[0])
 
 
@@ -195,6 +201,7 @@ class BaselineContext:
     paradigm: str
     trak_lambda: float
     path_of: Callable[[str], str]             # method name -> score group path
+    extraction: str | None = None             # which extraction's gradient groups (lake.extractions), where several
 
 
 def baseline_scores(ctx: BaselineContext, queries: QuerySet, log: Callable[[str], None] = print) -> list[str]:
@@ -230,24 +237,30 @@ def baseline_scores(ctx: BaselineContext, queries: QuerySet, log: Callable[[str]
         written.append(method)
 
     try:
-        pair = gradient_pair(store, ctx.model, ctx.train_dataset, ctx.train_variant, queries, ctx.train_ids, ctx.paradigm)
+        pair = gradient_pair(store, ctx.model, ctx.train_dataset, ctx.train_variant, queries, ctx.train_ids, ctx.paradigm,
+                             ctx.extraction)
+    except AmbiguousExtraction:  # gradients there are, of several extractions: which one is the user's to say
+        raise
     except LakeError as err:
         log(f"no gradients of {ctx.model.model}@{ctx.model.checkpoint} for the queries ({err}); scoring the text "
             f"baselines only (extract '{ctx.train_variant}' and the queries' variant for the gradient baselines)")
         pair = None
+    # Scores of a named extraction say which (scores of the plain '<stem>-store' group keep the settings they had).
+    named = {} if pair is None or pair.train_dir.endswith("-store") else {"extraction": pair.train_dir.rsplit("/", 1)[-1]}
     if pair is not None and pair.tensors:
         per_tensor = [f"grad-cosine:{t}" for t in pair.tensors] if len(pair.tensors) > 1 else []
-        if not all(held(m) for m in ["grad-dot", "grad-cosine", *per_tensor]):
+        if not all(held(m, named) for m in ["grad-dot", "grad-cosine", *per_tensor]):
             from gradlake.tasks.evaluate.metrics import cosine_from_parts
 
             started = time.perf_counter()
             dots, q_sq, d_sq, parts = _dots(pair.query_group, pair.train_group, pair.tensors, pair.query_rows,
                                             pair.train_rows, per_array=len(pair.tensors) > 1)
             seconds = time.perf_counter() - started
-            write("grad-dot", "gradient", dots, seconds)
-            write("grad-cosine", "gradient", cosine_from_parts(dots, q_sq, d_sq), seconds)
+            write("grad-dot", "gradient", dots, seconds, named)
+            write("grad-cosine", "gradient", cosine_from_parts(dots, q_sq, d_sq), seconds, named)
             for tensor in pair.tensors if len(pair.tensors) > 1 else []:
-                write(f"grad-cosine:{tensor}", "tensor", cosine_from_parts(*parts[tensor]), seconds / len(pair.tensors))
+                write(f"grad-cosine:{tensor}", "tensor", cosine_from_parts(*parts[tensor]), seconds / len(pair.tensors),
+                      named)
     for label, projection, query_group, train_group in (projection_pairs(store, pair, ctx.paradigm) if pair else []):
         arrays = sorted(set(query_group.array_keys()) - set(NOT_GRADIENTS))
         if not held(f"proj-cosine:{label}", {"projection": projection}):
@@ -285,7 +298,7 @@ def trak_ensemble(ctx: BaselineContext, queries: QuerySet, label: str, projectio
     for model in ctx.ensemble:
         try:
             pair = gradient_pair(ctx.store, model, ctx.train_dataset, ctx.train_variant, queries, ctx.train_ids,
-                                 ctx.paradigm)
+                                 ctx.paradigm, ctx.extraction)
         except LakeError:
             continue
         match = [p for p in projection_pairs(ctx.store, pair, ctx.paradigm) if p[0] == label]
@@ -312,7 +325,7 @@ def baseline_context(spec: AttributionSpec, plan: dict) -> BaselineContext:
     return BaselineContext(store=LakeStore(spec.train.lake), model=spec.model, ensemble=ensemble,
                            train_dataset=spec.train.dataset, train_variant=spec.train.variants[0],
                            train_ids=plan["train_ids"], paradigm=spec.train.paradigm, trak_lambda=spec.trak_lambda,
-                           path_of=lambda method: method_path(spec, method))
+                           path_of=lambda method: method_path(spec, method), extraction=spec.extraction)
 
 
 @task(name="baselines", cache_policy=NONE, retries=1, retry_delay_seconds=[30], retry_condition_fn=retry_unless_bad_input)

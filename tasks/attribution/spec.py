@@ -42,6 +42,7 @@ class AttributionSpec(BaseModel):
     retrieval_queries: list[str] = Field(default=["paraphrased", "model_generated"], description="Query variants whose retrieval top-1 is reported next to the LDS, for the methods with scores for them in the lake.")
     max_queries: int | None = Field(default=None, ge=2, description="Only the first this many queries; empty: all.")
     methods: list[str] = Field(default=[], description="Score groups (method names) to compare; empty: every one the lake holds for this model, dataset and queries.")
+    extraction: str | None = Field(default=None, description="Which extraction's gradients the gradient, projection and TRAK baselines read where a variant holds several (other layers or stored dtype): a gradient group's name as the catalog's `extraction` column lists it (e.g. 'sft-store-L1f0c9a2b'). Empty: the one extraction held for both the training samples and the queries.")
     baselines: bool = Field(default=True, description="First score the gradient, projection, TRAK, BM25 and dense baselines from the lake's groups of the attributed model.")
     trak_lambda: float = Field(default=0.01, gt=0, description="TRAK's ridge: this times the mean diagonal of Phi^T Phi.")
     trak_checkpoints: list[str] | None = Field(default=None, description="TRAK's ensemble: checkpoints of the run whose projected gradients are averaged over; empty: every saved checkpoint after step 0 up to the attributed one that holds the projection.")

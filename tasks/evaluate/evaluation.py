@@ -22,6 +22,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
 from gradlake.lake import layout
+from gradlake.lake.extractions import extraction_pair
 from gradlake.lake.gradient_plan import ATTR
 from gradlake.lake.store import LakeError, LakeStore, public_url
 from gradlake.tasks.common.lineage import lake_keys
@@ -70,13 +71,16 @@ def tensor_mismatch(query_label: str, original: dict, query: dict, query_at: str
 
     `original` and `query` are the groups' gradlake metadata (plan and lineage).  Both must hold the
     same tensors of the same shapes; the line names the tensors that differ and the extraction that
-    would give a query group the originals' tensors.  An extraction never replaces a group made with
-    other settings, so the line says to remove the query group (at `query_at`, its URL) first."""
+    would give a query group the originals' tensors.  Other layers name a group of their own, which goes
+    beside the query group (at `query_at`, its URL); other shapes (max_length) do not, so the line then
+    says to remove the query group first."""
     ours, theirs = original["plan"]["parameters"], query["plan"]["parameters"]
     if ours == theirs:
         return None
-    redo = f"remove the {query_label} group{f' at {query_at}' if query_at else ''} and extract {query_label} again"
+    at = f" at {query_at}" if query_at else ""
     only_original, only_query = [n for n in ours if n not in theirs], [n for n in theirs if n not in ours]
+    redo = (f"extract {query_label} again (a group of its own, beside the {query_label} group{at})"
+            if only_original or only_query else f"remove the {query_label} group{at} and extract {query_label} again")
     if only_original or only_query:
         patterns = original["lineage"].get("layer_patterns")
         layers = (" ".join(f"--layers {p!r}" for p in patterns) if patterns
@@ -107,11 +111,15 @@ class Evaluation:
         self.original_dir = layout.gradients_dir(model_key, checkpoint_key, spec.dataset, "original")
         self.query_dir = layout.gradients_dir(model_key, checkpoint_key, spec.dataset, self.variant)
         self.stem = layout.stem(spec.paradigm, spec.target)
-        self.originals = _open(self.store, f"{self.original_dir}/{self.stem}-store")
-        self.query = _open(self.store, f"{self.query_dir}/{self.stem}-store")
-        for group, path in ((self.originals, self.original_dir), (self.query, self.query_dir)):
+        self.original_path, self.query_path = extraction_pair(
+            self.store, self.original_dir, self.query_dir, self.stem, ("original", query_variant), spec.extraction,
+            spec.layers, how="--extraction NAME (EvaluationSpec.extraction: a name above) or --layers PATTERN "
+                             "(EvaluationSpec.layers)")
+        self.originals = _open(self.store, self.original_path)
+        self.query = _open(self.store, self.query_path)
+        for group, path in ((self.originals, self.original_path), (self.query, self.query_path)):
             if not _meta(group).get("complete"):
-                raise LakeError(f"gradient group {path}/{self.stem}-store is not complete; finish its extraction first")
+                raise LakeError(f"gradient group {path} is not complete; finish its extraction first")
         rendering = [{k: _meta(g)["lineage"].get(k) for k in ("chat_template", "labels")} for g in (self.originals, self.query)]
         if rendering[0] != rendering[1]:
             said = [f"chat_template {(r['chat_template'] or {}).get('name', 'tokenizer')} "
@@ -216,11 +224,13 @@ class Evaluation:
     def projection_pairs(self) -> list[tuple[str, dict, zarr.Group, zarr.Group]]:
         """(label, projection settings, query group, original group) for projections present for both variants."""
         pairs = []
-        for meta_path in self.store.glob(f"{self.original_dir}/{self.stem}-proj-*/zarr.json"):
-            leaf = meta_path.rsplit("/", 2)[-2]
-            docs = _open(self.store, f"{self.original_dir}/{leaf}")
+        docs_prefix = layout.projection_group_path(self.original_path, "")
+        query_prefix = layout.projection_group_path(self.query_path, "")
+        for meta_path in self.store.glob(f"{docs_prefix}*/zarr.json"):
+            label = meta_path.rsplit("/", 2)[-2].removeprefix(docs_prefix.rsplit("/", 1)[-1])
+            docs = _open(self.store, f"{docs_prefix}{label}")
             try:
-                queries = zarr.open_group(self.store.zarr_store, path=f"{self.query_dir}/{leaf}", mode="r", zarr_format=3)
+                queries = zarr.open_group(self.store.zarr_store, path=f"{query_prefix}{label}", mode="r", zarr_format=3)
             except FileNotFoundError:
                 continue
             if not (_meta(docs).get("complete") and _meta(queries).get("complete")):
@@ -228,7 +238,7 @@ class Evaluation:
             projection = _meta(docs)["lineage"]["projection"]
             if projection != _meta(queries)["lineage"]["projection"] | {"source_group": projection["source_group"]}:
                 continue
-            pairs.append((leaf.split("-proj-", 1)[1], projection, queries, docs))
+            pairs.append((label, projection, queries, docs))
         return pairs
 
     # -- tables ----------------------------------------------------------------------------
@@ -352,6 +362,10 @@ def plan_evaluation(spec: EvaluationSpec) -> list[Evaluation]:
     check_queries(spec.queries)  # again: a spec changed by model_copy(update=...) is not validated
     store = LakeStore(spec.lake)
     evaluations = [Evaluation(spec, q, store) for q in spec.queries]
+    chosen = {e.original_path for e in evaluations}
+    if len(chosen) > 1:  # one evaluation compares one extraction: its results go to that extraction's directory
+        raise LakeError(f"the query variants {spec.queries} pair with different extractions of the originals "
+                        f"({sorted(p.rsplit('/', 1)[-1] for p in chosen)}); pick one with --extraction NAME")
     store.check_writable()  # after the groups: a lake that is not there is said as such, not created by the probe
     return evaluations
 
@@ -373,14 +387,16 @@ def run_evaluation(spec: EvaluationSpec, log=print) -> tuple[str, pd.DataFrame]:
             tables[name].append(frame)
     merged = {name: pd.concat(frames, ignore_index=True) for name, frames in tables.items()}
     model_key, checkpoint_key = lake_keys(spec.model)
-    directory = layout.evaluation_dir(model_key, checkpoint_key, spec.dataset, evaluation_subdir(spec))
+    directory = layout.evaluation_dir(model_key, checkpoint_key, spec.dataset,
+                                      evaluation_subdir(spec, evaluations[0].original_path))
     original_meta = _meta(evaluations[0].originals)["lineage"]
     lineage = {
         "model": original_meta["model"], "checkpoint": original_meta["checkpoint"],
         "resolved_commit": original_meta.get("resolved_commit"), "dataset": spec.dataset, "paradigm": spec.paradigm,
         "queries": {e.query_label: e.variant for e in evaluations},
-        "gradient_groups": {e.query_label: f"{e.query_dir}/{e.stem}-store" for e in evaluations}
-        | {"original": f"{evaluations[0].original_dir}/{evaluations[0].stem}-store"},
+        "gradient_groups": {e.query_label: e.query_path for e in evaluations} | {"original": evaluations[0].original_path},
+        "extraction": evaluations[0].original_path.rsplit("/", 1)[-1],
+        "layer_patterns": original_meta.get("layer_patterns"),
         "projections": sorted({r for r in merged["results"]["vectors"] if r.startswith("proj:")}),
         "settings": spec.model_dump(exclude={"lake", "model"}),
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -388,7 +404,9 @@ def run_evaluation(spec: EvaluationSpec, log=print) -> tuple[str, pd.DataFrame]:
     figures = plots(merged["results"], merged["self_similarity"], merged["greedy"])
     protocol = ("" if spec.target == "parameters" else f", gradients w.r.t. {spec.target}") + \
         ("" if spec.bm25 == "lucene" else ", thesis BM25 protocol")
-    title = f"Select vs project: {model_key} @ {checkpoint_key}, {spec.dataset} ({spec.paradigm}{protocol})"
+    named = lineage["extraction"] if not lineage["extraction"].endswith("-store") else None
+    title = f"Select vs project: {model_key} @ {checkpoint_key}, {spec.dataset} ({spec.paradigm}{protocol}" + \
+        (f", extraction {named})" if named else ")")
     reports = {"report.md": markdown(title, lineage, merged["results"], merged["greedy"], sorted(figures)),
                "report.html": html_report(title, lineage, merged["results"], merged["greedy"], figures)}
     write_evaluation(store, directory, merged, figures, reports, lineage)

@@ -25,6 +25,8 @@ class EvaluationSpec(BaseModel):
     queries: list[str] = Field(default=["paraphrased", "model_generated"], description="Query variants compared with 'original'; 'model_generated' means this model and checkpoint's answers.")
     paradigm: Literal["sft", "pre"] = Field(default="sft", description="Paradigm of the gradient groups ('sft' or 'pre').")
     target: Literal["parameters", "inputs_embeds", "inputs_embeds_mean"] = Field(default="parameters", description="Which extraction target's groups to evaluate: the weights ('parameters') or the input embeddings, per token or mean-pooled; each target's results go to a directory of its own.")
+    extraction: str | None = Field(default=None, description="Which extraction to evaluate where a variant holds several (other layers or stored dtype): its gradient group's name as the catalog's `extraction` column lists it (e.g. 'sft-store-L1f0c9a2b'), or that name's settings part ('L1f0c9a2b'). Empty: the one extraction held for both the originals and the queries. A named extraction's results go to a directory of their own.")
+    layers: list[str] | None = Field(default=None, description="Or pick the extraction by its layer patterns, exactly as given to the extraction (the one of every parameter: extraction '<stem>-store'). Empty: any.")
     dense_baseline: bool = Field(default=True, description="Also rank by a sentence-embedding model on the user turn (all-MiniLM-L6-v2).")
     greedy_steps: int = Field(default=8, ge=0, description="Steps of greedy layer selection (0: none).")
     bm25: Literal["lucene", "thesis"] = Field(default="lucene", title="BM25 protocol", description="'lucene': bm25s's Lucene BM25 over the user turns, Unicode words, candidates and ties in a fixed order (a tie is not a hit). 'thesis': the 'Select or Project?' thesis's choices: rank_bm25's Okapi on words split at single spaces over each sample's first message, numpy's default sort order for the candidates, a tie in the final choice going to the candidate BM25 ranked higher. Written beside the default evaluation (in sft-thesis or pre-thesis), never over it.")
@@ -49,7 +51,10 @@ def check_queries(queries: list[str]) -> None:
                          "(use 'paraphrased', 'model_generated' or another variant of the dataset)")
 
 
-def evaluation_subdir(spec: "EvaluationSpec") -> str:
-    """The groups' stem (paradigm and target), and '-thesis' for the thesis's BM25 protocol, so that none replaces another."""
+def evaluation_subdir(spec: "EvaluationSpec", original_group: str | None = None) -> str:
+    """The groups' stem (paradigm and target), the settings of the evaluated extraction where they name its group
+    (`original_group`, the originals' group path), and '-thesis' for the thesis's BM25 protocol, so that none
+    replaces another (``lake.layout.evaluation_name``)."""
     stem = layout.stem(spec.paradigm, spec.target)
-    return stem if spec.bm25 == "lucene" else f"{stem}-thesis"
+    leaf = (original_group or f"{stem}-store").rsplit("/", 1)[-1]
+    return layout.evaluation_name(stem, leaf.removeprefix(f"{stem}-store").lstrip("-"), thesis=spec.bm25 == "thesis")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gradlake.lake import layout
 from gradlake.lake.datasets import dataset_meta, read_dataset
+from gradlake.lake.extractions import group_path
 from gradlake.lake.gradient_plan import GradientPlan, check_shard_size, stored_chunk_rows
 from gradlake.lake.gradients import GradientGroup
 from gradlake.lake.store import LakeStore, default_lake
@@ -165,15 +166,8 @@ def plan_extraction(spec: ExtractionSpec, device_here: bool = True) -> Extractio
     store = LakeStore(spec.lake)
     store.check_writable()
     model_name, checkpoint = lake_names(model)
-    path = layout.gradient_group_path(
-        layout.model_key(model_name, model.is_local), layout.key(checkpoint), spec.dataset, spec.variant,
-        spec.paradigm, spec.mode, spec.target,
-    )
-    # A group that exists keeps the chunk height it was created with; a new one takes the batch size
-    # (which divides the shard size).  Shards must be whole chunks of every group they write.
-    chunk_rows = stored_chunk_rows(store, path) or spec.batch_size
-    for where in [path, *(projection_path(path, p) for p in spec.projections)]:
-        check_shard_size(spec.shard_size, stored_chunk_rows(store, where) or chunk_rows, where)
+    directory = layout.gradients_dir(layout.model_key(model_name, model.is_local), layout.key(checkpoint),
+                                     spec.dataset, spec.variant)
     meta = dataset_meta(store, spec.dataset, spec.variant)
     frame = read_dataset(store, spec.dataset, spec.variant, meta["version"])
     if frame.empty:
@@ -209,7 +203,8 @@ def plan_extraction(spec: ExtractionSpec, device_here: bool = True) -> Extractio
     }
     plan = GradientPlan(
         n_samples=len(encoded), parameters={n: list(s) for n, s in selected.items()} if spec.keep_gradients else {},
-        mode=spec.mode, dtype=spec.store_dtype, max_tokens=width, chunk_rows=chunk_rows, object_bytes=spec.object_mb << 20,
+        mode=spec.mode, dtype=spec.store_dtype, max_tokens=width, chunk_rows=spec.batch_size,
+        object_bytes=spec.object_mb << 20,
     )
     if not spec.keep_gradients:
         lineage["gradients_kept"] = False
@@ -222,6 +217,15 @@ def plan_extraction(spec: ExtractionSpec, device_here: bool = True) -> Extractio
         lineage["labels"] = spec.labels
     if spec.target != "parameters":
         lineage["target"] = spec.target
+    # The settings that tell extractions of one variant apart name its group (lake.extractions); the chunk height
+    # is layout, not identity, so the group is found before it is known.
+    settings = layout.extraction_settings(spec.layers, spec.store_dtype)
+    path = group_path(store, directory, spec.paradigm, spec.mode, spec.target, settings, lineage, plan)
+    # A group that exists keeps the chunk height it was created with; a new one takes the batch size
+    # (which divides the shard size).  Shards must be whole chunks of every group they write.
+    plan = replace(plan, chunk_rows=stored_chunk_rows(store, path) or spec.batch_size)
+    for where in [path, *(projection_path(path, p) for p in spec.projections)]:
+        check_shard_size(spec.shard_size, stored_chunk_rows(store, where) or plan.chunk_rows, where)
     projections = [projection_group_plan(path, plan, lineage, selected, p, device, check_cost=device_here) for p in spec.projections]
     return ExtractionPlan(store, path, plan, lineage, [str(i) for i in frame["id"]], input_ids, label_mask, projections,
                           [capped] if capped else [])

@@ -1,7 +1,8 @@
 """The projection stage: project stored per-tensor gradients into a group of their own, shard by shard.
 
 A projection group sits beside the gradient group it was made from
-(``<paradigm>-proj-<kind>-<scope>-d<dim>-s<seed>``; for kind ``kronecker`` the scope
+(``<stem>-proj-<kind>-<scope>-d<dim>-s<seed>``, ``<group>-proj-...`` beside a group named by its
+settings: ``lake.layout.projection_group_path``; for kind ``kronecker`` the scope
 segment is ``<k_out>x<k_in>``), holds the same sample ids and
 tokens, one array per tensor (or one ``flat`` array), and cites its source group and
 projection settings in its lineage.  It resumes like a gradient group: per row-chunk,
@@ -47,10 +48,9 @@ class ProjectSpec(BaseModel):
 
 
 def projection_path(gradient_path: str, spec: ProjectionSpec) -> str:
-    """The projection group's path: a sibling of its gradient group, ``<stem>-proj-<setting>``
-    (the stem is the paradigm, and the target unless it is the weights: ``lake.layout.stem``)."""
-    parent, leaf = gradient_path.rsplit("/", 1)
-    return f"{parent}/{leaf.rsplit('-', 1)[0]}-proj-{spec.label}"
+    """The projection group's path: a sibling of its gradient group, ``<stem>-proj-<setting>`` of a
+    ``<stem>-store`` group, ``<group>-proj-<setting>`` of a named one (``lake.layout.projection_group_path``)."""
+    return layout.projection_group_path(gradient_path, spec.label)
 
 
 def projection_group_plan(source_path: str, source_plan: GradientPlan, source_lineage: dict,
