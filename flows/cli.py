@@ -132,9 +132,10 @@ def catalog(lake: Optional[str] = typer.Option(None, help=LAKE_HELP)) -> None:
     if frame.empty:
         typer.echo(f"lake {opened.url} is empty: no dataset, gradient group or evaluation yet")
         return
-    with pd.option_context("display.width", 220, "display.max_columns", 13, "display.max_colwidth", 40):
-        typer.echo(frame[["kind", "model", "checkpoint", "dataset", "variant", "paradigm", "target", "mode", "projection",
-                          "n_samples", "chunks_done", "chunks_total", "complete"]].to_string(index=False))
+    with pd.option_context("display.width", 250, "display.max_columns", 16, "display.max_colwidth", 40):
+        typer.echo(frame[["kind", "model", "checkpoint", "dataset", "variant", "paradigm", "target", "mode", "extraction",
+                          "layers", "holds", "projection", "n_samples", "chunks_done", "chunks_total",
+                          "complete"]].to_string(index=False))
     damaged = frame[frame["damaged"].notna()]
     for _, row in damaged.iterrows():  # listed above as incomplete; the reason in full, one line each
         typer.secho(f"damaged: {row['path']}: {row['damaged']}", fg=typer.colors.RED, err=True)

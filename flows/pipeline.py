@@ -281,8 +281,10 @@ def pipeline(spec: PipelineSpec) -> list[str]:
         paths.append(path)
     if spec.evaluate and "original" in spec.variants and len(spec.variants) > 1:
         queries = [v for v in spec.variants if v != "original"]
+        original = next(path for extraction, path, _ in planned if extraction.variant == "original")
         directory = evaluate(EvaluationSpec(model=spec.model, dataset=spec.dataset, queries=queries,
-                                            paradigm=spec.paradigm, target=spec.target, bm25=spec.bm25, lake=spec.lake))
+                                            paradigm=spec.paradigm, target=spec.target, bm25=spec.bm25, lake=spec.lake,
+                                            extraction=original.rsplit("/", 1)[-1]))
         publish_headline(spec.lake, directory)  # the headline on the pipeline's own run page, too
         paths.append(directory)
     log.info("pipeline for %s done: %s", spec.model.model, paths)
