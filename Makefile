@@ -4,10 +4,14 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-# Where CUDA is absent, torch 2.13.0's CPU build is installed first, so that nothing
-# later pulls the multi-GB CUDA wheels. Elsewhere set TORCH_INDEX to the CPU wheel index.
-TORCH_SPEC ?= torch==2.13.0
-TORCH_INDEX ?=
+# Where CUDA is absent (no nvidia-smi), torch's CPU build is installed first, so that nothing later pulls the
+# multi-GB CUDA wheels: PyPI's Linux torch is the CUDA build, for every Python.  The CPU build comes from
+# TORCH_INDEX when that answers, else from pip's own indexes and find-links; on Linux its version carries
+# '+cpu', so that where no CPU build is found the install stops and says so instead of fetching CUDA.
+# Elsewhere (CUDA present) PyPI's build is taken.  TORCH_SPEC=torch==2.13.0 takes whichever pip finds.
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_SPEC ?= torch==$(TORCH_VERSION)$(if $(filter Linux,$(shell uname -s)),+cpu)
 PIP_QUIET := 2>&1 | { grep -v -e 'is ignored: it is neither a file nor a directory' || true; }
 
 .PHONY: demo test bench bench-peers bench-attribution clean
@@ -15,7 +19,12 @@ PIP_QUIET := 2>&1 | { grep -v -e 'is ignored: it is neither a file nor a directo
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	if ! command -v nvidia-smi >/dev/null 2>&1; then \
-	  $(BIN)/pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)" $(PIP_QUIET); fi
+	  if $(BIN)/python -c "import urllib.request as u; u.urlopen('$(TORCH_INDEX)/torch/', timeout=10)" 2>/dev/null; \
+	  then index="--extra-index-url $(TORCH_INDEX)"; from="$(TORCH_INDEX)"; \
+	  else index=; from="pip's indexes ($(TORCH_INDEX) did not answer)"; fi; \
+	  $(BIN)/pip install -q $$index "$(TORCH_SPEC)" $(PIP_QUIET) || { \
+	    echo "no CUDA here, and $$from has no $(TORCH_SPEC) for this Python: set TORCH_INDEX to a CPU wheel" \
+	         "index that answers, or TORCH_SPEC=torch==$(TORCH_VERSION) to take PyPI's CUDA build" >&2; exit 1; }; fi
 	$(BIN)/pip install -q -c constraints.txt -e ".[test]" $(PIP_QUIET)
 	# kronfluence declares torchvision, which it never imports and which would pull a CUDA torch: no deps.
 	$(BIN)/pip install -q --no-deps -c constraints.txt kronfluence==1.0.1 $(PIP_QUIET)

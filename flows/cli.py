@@ -154,12 +154,16 @@ def demo(settings,
     retraining, on held-out queries and on paraphrases."""
     import pandas as pd
 
-    from gradlake.flows.demo import demo_pipeline
+    from gradlake.flows.console import log_to_file
+    from gradlake.flows.demo import demo_log, demo_pipeline
     from gradlake.lake import open_lake
     from gradlake.lake.store import LakeStore, normalize_url
 
     url = normalize_url(_lake(lake))
-    result = demo_pipeline(url, settings=settings)
+    log = demo_log(url)
+    typer.echo(f"demo: one line per stage here (about 5 minutes on two cores at the default sizes); the whole log: {log}")
+    with log_to_file(log):
+        result = demo_pipeline(url, settings=settings)
     store = LakeStore(url)
     frame = open_lake(url).catalog()
     grads = frame[frame["kind"] == "gradients"]
@@ -192,6 +196,7 @@ def demo(settings,
         typer.echo(curve[keep].to_string(index=False, na_rep=""))
     typer.echo("read it with: python -c \"from gradlake.lake import open_lake; print(open_lake('%s').catalog())\"" % url)
     typer.echo("or open notebooks/explore_lake.ipynb")
+    typer.echo(f"the whole log: {log}")
 
 
 @spec_command(app, "evaluate", "gradlake.tasks.evaluate.spec:EvaluationSpec",

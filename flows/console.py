@@ -1,4 +1,5 @@
-"""What the `gradlake` command shows of Prefect's log on its console: an error gradlake told, without a traceback.
+"""What the `gradlake` command shows of Prefect's log on its console: an error gradlake told, without a traceback;
+for the demo, its stage lines and tables, with the whole log in a file (:func:`log_to_file`).
 
 A check that only the run can make (NaN gradients, a key the API refuses at its first answer) raises
 a ValueError whose message says what is wrong and what to do. Prefect logs that failure with its
@@ -9,9 +10,13 @@ An error raised anywhere else (a ValueError from numpy, say: a bug, not bad inpu
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import typer
 from pydantic import ValidationError
@@ -73,6 +78,115 @@ def hide_told_tracebacks() -> None:
         return record
 
     logging.setLogRecordFactory(factory)
+
+
+def _console_handlers() -> list[logging.Handler]:
+    """Prefect's console handlers, on the root logger and on those it configured (uvicorn, fastapi)."""
+    loggers = [logging.getLogger()] + [logger for logger in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(logger, logging.Logger)]
+    return list({id(h): h for logger in loggers for h in logger.handlers
+                 if type(h).__name__ == "PrefectConsoleHandler"}.values())
+
+
+def _only_problems(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING and not getattr(record, "stage", None)
+
+
+class StageLines(logging.Handler):
+    """The console's view of a long run: one line per stage, its start said at once and its time added at its end.
+
+    A record with ``stage='start'`` writes its message and leaves the line open; ``stage='end'`` closes the
+    line with the record's ``took`` (or its message when another line came in between)."""
+
+    def __init__(self, stream):
+        super().__init__()
+        self.stream = stream
+        self.open = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        kind = getattr(record, "stage", None)
+        if kind == "start":
+            self.stream.write(("\n" if self.open else "") + record.getMessage() + " ... ")
+            self.open = True
+        elif kind == "end":
+            self.stream.write(f"{record.took}\n" if self.open else record.getMessage() + "\n")
+            self.open = False
+        else:
+            return
+        self.stream.flush()
+
+
+@contextmanager
+def log_to_file(path: Path, stream=None) -> Iterator[Path]:
+    """While it lasts, the console shows stage lines and problems only; every log line goes to `path`.
+
+    Prefect's INFO lines, Python warnings and the progress bars of transformers, datasets and bm25s (tqdm, on
+    stderr) go to the file; Prefect's console keeps warnings and errors, and records logged with
+    ``extra={"stage": "start" | "end"}`` become one console line per stage (:class:`StageLines`)."""
+    stream = stream or sys.stdout
+    path.parent.mkdir(parents=True, exist_ok=True)
+    file = open(path, "w", encoding="utf-8", buffering=1)
+    handlers = _console_handlers()
+    formatter = next((h.formatter.inner if isinstance(h.formatter, WithoutToldTraceback) else h.formatter
+                      for h in handlers if h.formatter), None)
+    to_file = logging.StreamHandler(file)
+    to_file.setFormatter(formatter or logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s"))
+    stages = StageLines(stream)
+    root = logging.getLogger()
+    root.addHandler(to_file)
+    root.addHandler(stages)
+    for handler in handlers:
+        handler.addFilter(_only_problems)
+    bars = _progress_bars(False)
+    stderr, sys.stderr = sys.stderr, _IntoFile(file)
+    try:
+        yield path
+    finally:
+        sys.stderr = stderr
+        _progress_bars(bars)
+        for handler in handlers:
+            handler.removeFilter(_only_problems)
+        root.removeHandler(stages)
+        root.removeHandler(to_file)
+        if stages.open:
+            stream.write("\n")
+        file.close()
+
+
+class _IntoFile(io.TextIOBase):
+    """stderr while the demo runs: the log file (tqdm bars, warnings), never a terminal."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def write(self, text: str) -> int:
+        return self.file.write(text)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+def _progress_bars(shown: bool | dict) -> dict:
+    """Turn the Hugging Face libraries' progress bars off (False) or back to how they were (the dict returned)."""
+    import importlib
+
+    switches = {"transformers.utils.logging": ("is_progress_bar_enabled", "enable_progress_bar", "disable_progress_bar"),
+                "huggingface_hub.utils": ("are_progress_bars_disabled", "enable_progress_bars", "disable_progress_bars"),
+                "datasets.utils.logging": ("is_progress_bar_enabled", "enable_progress_bar", "disable_progress_bar")}
+    was = {}
+    for module, (state, enable, disable) in switches.items():
+        try:
+            lib = importlib.import_module(module)
+        except ImportError:
+            continue
+        on = getattr(lib, state)()
+        was[module] = not on if state.startswith("are_") else on
+        wanted = shown.get(module, was[module]) if isinstance(shown, dict) else shown
+        getattr(lib, enable if wanted else disable)()
+    return was
 
 
 def fail(err: Exception) -> None:

@@ -14,12 +14,17 @@ attribution method compared on it, checkpoint by checkpoint, against retrieval a
    tracing, with the source oracle that shows how much of their LDS is duplicate retrieval).
 6. A table and a plot of paraphrase top-1 and held-out LDS against the training step.
 
-Everything is a parameter of `DemoSettings`, so bigger runs are one option away.
+Everything is a parameter of `DemoSettings`, so bigger runs are one option away.  Each step is a stage that
+logs its start and its end with the time since the demo began: `gradlake demo` shows those lines alone on
+its console and writes the whole log to `demo.log` in the lake (:func:`demo_log`).
 """
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -39,6 +44,7 @@ from gradlake.lake.store import LakeStore
 from gradlake.tasks.attribution.benchmark import read_benchmark
 from gradlake.tasks.attribution.spec import AttributionSpec
 from gradlake.tasks.common.model import ModelSpec
+from gradlake.tasks.common.progress import duration
 from gradlake.tasks.training.tiny import build_tiny_models_task
 from gradlake.tasks.data.paraphrase import ParaphraseSpec
 from gradlake.tasks.data.probes import PROBE_FILE, load_probe_set, probe_variant
@@ -110,6 +116,27 @@ def demo_run(lake: str, base: str, output: str, settings: DemoSettings) -> Train
                      quality=QualitySpec(max_samples=16, max_new_tokens=160))
 
 
+def demo_log(lake: str) -> Path:
+    """Where `gradlake demo` writes its whole log: `demo.log` in a local lake, else `gradlake-demo.log` here."""
+    return Path(lake[len("file://"):]) / "demo.log" if lake.startswith("file://") else Path("gradlake-demo.log").resolve()
+
+
+@contextmanager
+def stage(log, began: float, what: str) -> Iterator[None]:
+    """One step of the demo, logged at its start ('[1:05] what') and its end ('what: done in 42s')."""
+    start = time.monotonic()
+    clock = duration(start - began) if start - began >= 60 else f"{start - began:.0f}s"
+    log.info("[%s] %s", clock.rjust(6), what, extra={"stage": "start"})
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        took = duration(time.monotonic() - start)
+        took = f"failed after {took}" if failed else took
+        log.info("%s: %s", what, took if failed else f"done in {took}", extra={"stage": "end", "took": took})
+
+
 def probe_ids() -> list[str]:
     return [str(i) for i in probe_variant(load_probe_set(), "original")["id"]]
 
@@ -121,21 +148,28 @@ def demo_pipeline(lake: str, model_dir: str | None = None, settings: DemoSetting
     from gradlake.tasks.data.quality import read_quality
 
     log = get_run_logger()
+    began = time.monotonic()
     model_dir = Path(model_dir or default_model_dir())
-    models = build_tiny_models_task(str(model_dir))
-    create_dataset(probe_dataset_spec(lake, []))
+    with stage(log, began, "tiny random-weight OLMo and OLMo-2 models"):
+        models = build_tiny_models_task(str(model_dir))
+    with stage(log, began, "probe set into the lake (originals and paraphrases)"):
+        create_dataset(probe_dataset_spec(lake, []))
     # Both random-weight bases (OLMo is AMD-OLMo-1B's architecture) through the same extraction, for reference.
-    for arch in ("olmo", "olmo2"):
-        extract_gradients(ExtractionSpec(model=ModelSpec(model=models[arch], checkpoint="checkpoint-0"), dataset="probe",
-                                         variant="original", shard_size=32, batch_size=8, max_length=256, lake=lake))
+    with stage(log, began, "gradients of both random-weight models"):
+        for arch in ("olmo", "olmo2"):
+            extract_gradients(ExtractionSpec(model=ModelSpec(model=models[arch], checkpoint="checkpoint-0"),
+                                             dataset="probe", variant="original", shard_size=32, batch_size=8,
+                                             max_length=256, lake=lake))
 
     run = demo_run(lake, models["olmo2"], str(model_dir.parent / "trained" / "tiny-olmo2-probe"), settings)
-    train_model(run)
     total = AttributionSpec(train=run, retrain_prefix="unused").step
     steps = sorted({0, *range(run.checkpoint_every, total, run.checkpoint_every), total})
+    with stage(log, began, f"training the tiny OLMo-2 on {settings.train_samples} samples, {total} steps"):
+        train_model(run)
     final = ModelSpec(model=run.output, checkpoint=checkpoint_name(total), device="cpu")
     # The trained model's own answers: the model_generated queries.
-    versions = create_dataset(probe_dataset_spec(lake, [final]))
+    with stage(log, began, "the trained model's own answers (model_generated queries)"):
+        versions = create_dataset(probe_dataset_spec(lake, [final]))
     generated = next(v for v in versions if v.startswith("model_generated."))
 
     held_out = probe_ids()[settings.train_samples: settings.train_samples + settings.queries]
@@ -143,34 +177,41 @@ def demo_pipeline(lake: str, model_dir: str | None = None, settings: DemoSetting
     for step in steps:
         model = ModelSpec(model=run.output, checkpoint=checkpoint_name(step), device="cpu")
         variants = ["original", "paraphrased"] + ([generated] if step == total else [])
-        for variant in variants:
-            path = extract_gradients(ExtractionSpec(model=model, dataset="probe", variant=variant, shard_size=32,
-                                                    batch_size=8, max_length=256, lake=lake, projections=DEMO_PROJECTIONS))
-            if step == total:
-                project_gradients(ProjectSpec(gradients=path, projection=POST_HOC_PROJECTION, lake=lake))
-        queries = ["paraphrased"] + (["model_generated"] if step == total else [])
-        directory = evaluate(EvaluationSpec(model=model, dataset="probe", queries=queries, lake=lake, greedy_steps=4))
+        with stage(log, began, f"step {step}: gradients of {len(variants)} variants, select vs project"):
+            for variant in variants:
+                path = extract_gradients(ExtractionSpec(model=model, dataset="probe", variant=variant, shard_size=32,
+                                                        batch_size=8, max_length=256, lake=lake,
+                                                        projections=DEMO_PROJECTIONS))
+                if step == total:
+                    project_gradients(ProjectSpec(gradients=path, projection=POST_HOC_PROJECTION, lake=lake))
+            queries = ["paraphrased"] + (["model_generated"] if step == total else [])
+            directory = evaluate(EvaluationSpec(model=model, dataset="probe", queries=queries, lake=lake, greedy_steps=4))
         results = read_evaluation(LakeStore(lake), directory)
         row = {"step": step, "checkpoint": model.checkpoint, **_top1(results)}
         if step > 0:
             influence = dict(model=model, lake=lake, dataset="probe", train_ids=run.keep, layers=[MLP], max_length=256,
                              strategy="ekfac")
-            compute_influence_flow(InfluenceSpec(**influence, queries="original", query_ids=held_out))
-            for variant in ["paraphrased"] + ([generated] if step == total else []):
-                compute_influence_flow(InfluenceSpec(**influence, queries=variant, max_queries=settings.queries))
+            query_sets = ["paraphrased"] + ([generated] if step == total else [])
+            with stage(log, began, f"step {step}: EK-FAC influence on {1 + len(query_sets)} query sets"):
+                compute_influence_flow(InfluenceSpec(**influence, queries="original", query_ids=held_out))
+                for variant in query_sets:
+                    compute_influence_flow(InfluenceSpec(**influence, queries=variant, max_queries=settings.queries))
             common = dict(train=run, checkpoint=model.checkpoint, n_subsets=settings.n_subsets,
                           retrain_seeds=settings.retrain_seeds,
                           retrain_prefix=str(model_dir.parent / "trained" / "retrain"), train_deployment=None)
-            benchmarks[step] = {
-                "held_out": evaluate_attribution(AttributionSpec(**common, query_ids=held_out)),
-                "paraphrased": evaluate_attribution(AttributionSpec(**common, queries="paraphrased",
-                                                                    max_queries=settings.queries))}
+            retrainings = settings.n_subsets * settings.retrain_seeds
+            with stage(log, began, f"step {step}: attribution benchmark against {retrainings} retrainings"):
+                benchmarks[step] = {
+                    "held_out": evaluate_attribution(AttributionSpec(**common, query_ids=held_out)),
+                    "paraphrased": evaluate_attribution(AttributionSpec(**common, queries="paraphrased",
+                                                                        max_queries=settings.queries))}
             table = read_benchmark(LakeStore(lake), benchmarks[step]["held_out"]).set_index("method")
             row.update({f"lds {m}": float(table.loc[m, "lds"]) for m in table.index})
         rows.append(row)
     quality = read_quality(LakeStore(lake))
     curve = training_curve(lake, run, rows)
-    log.info("demo lake at %s: %d checkpoints evaluated; curve at %s", lake, len(steps), curve)
+    log.info("demo lake at %s: %d checkpoints evaluated; curve at %s; %s in all", lake, len(steps), curve,
+             duration(time.monotonic() - began))
     return {"run": run.model_dump(mode="json"), "curve": curve, "benchmarks": benchmarks,
             "selection": directory, "quality": quality.to_dict(orient="records")}
 

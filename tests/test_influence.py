@@ -388,3 +388,28 @@ def test_query_ids_choose_and_order_held_out_queries(tiny_models, lake):
     np.testing.assert_allclose(group.read(), expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
     # max_queries applies after query_ids
     assert load_sets(spec.model_copy(update={"max_queries": 2}))[2] == held_out[:2]
+
+
+def test_factor_fitting_and_scoring_say_their_progress(tiny_models, lake, tmp_path, monkeypatch):
+    """Each EK-FAC phase logs its start and end, and every batch through a loss is counted: a fit that runs for
+    minutes is never silent (progress every PROGRESS_EVERY seconds; here 0, so after every batch)."""
+    import gradlake.tasks.influence.compute as compute
+
+    monkeypatch.setattr(compute, "PROGRESS_EVERY", 0.0)
+    said: list[str] = []
+    # a lake of its own: factors another test fitted would be reused, and nothing fitted
+    own = str(tmp_path / "lake")
+    write_probe(own, N_TRAIN)
+    compute_influence(spec_for(tiny_models, own, strategy="ekfac", train_batch_size=8), log=said.append)
+    phases = [line.split(":")[0] for line in said if line.endswith(": started") or ": started (" in line]
+    assert phases == ["ekfac covariance matrices", "ekfac eigendecomposition", "ekfac lambda matrices",
+                      "scoring block (0, 0)"]
+    for name in phases:
+        assert any(line.startswith(f"{name}: done in ") for line in said), name
+    # every training sample once through the loss per pass over the data, in batches of 8
+    for name in ("ekfac covariance matrices", "ekfac lambda matrices"):
+        counts = [line.split(": ", 1)[1].split(" ")[0] for line in said if line.startswith(f"{name}: ") and "/" in line]
+        assert counts == [f"{n}/{N_TRAIN}" for n in (8, 16, 24)], said
+    # scores: the queries once, then every training sample for the one batch of queries
+    last = [line for line in said if line.startswith("scoring block (0, 0): ") and "/" in line][-1]
+    assert last.split(": ", 1)[1].startswith(f"{N_QUERY + N_TRAIN}/{N_QUERY + N_TRAIN} samples"), last

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -133,6 +134,47 @@ def _looks_local(model: str) -> bool:
             or model.count("/") > 1)
 
 
+HUB_CHECK_SECONDS = 60.0  # how long one look at whether the hub answers is trusted
+_hub_checked: dict[str, tuple[float, str | None]] = {}
+
+
+def hub_offline() -> str | None:
+    """Why the Hugging Face hub cannot be asked now ('HF_HUB_OFFLINE is set', 'connection refused', ...), or None."""
+    from huggingface_hub import constants
+
+    from gradlake.tasks.common.retries import not_answering
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    now = time.monotonic()
+    checked = _hub_checked.get(constants.ENDPOINT)
+    if checked is None or now - checked[0] > HUB_CHECK_SECONDS:
+        checked = _hub_checked[constants.ENDPOINT] = (now, not_answering(constants.ENDPOINT))
+    return checked[1]
+
+
+def hub_options(spec: ModelSpec) -> dict:
+    """`from_pretrained`'s keywords for where the spec's files are: a hub id's revision, and the local cache only
+    while the hub cannot be reached; nothing for a directory."""
+    revision = spec.source()[1]
+    if revision is None:
+        return {}
+    return {"revision": revision, "local_files_only": hub_offline() is not None}
+
+
+def not_on_hub(spec: ModelSpec, revision: str, why: str) -> str:
+    """What to do about a hub model that is not in the local cache while the hub cannot be asked."""
+    from huggingface_hub import constants
+
+    spec = spec.resolved()
+    asked = ("HF_HUB_OFFLINE is set, so the hub is not asked" if why == "HF_HUB_OFFLINE is set"
+             else f"the hub at {constants.ENDPOINT} cannot be reached ({why})")
+    return (f"it is not in the Hugging Face cache here ({constants.HF_HUB_CACHE}) "
+            f"and {asked}; pass a local directory holding the checkpoint (config.json and weights) as the model, or "
+            f"download it where the hub answers (`hf download {spec.model} --revision {revision}`) into this cache "
+            "(HF_HUB_CACHE), or fix the connection (HF_ENDPOINT, HTTPS_PROXY)")
+
+
 def _url_fs(url: str):
     import fsspec
 
@@ -192,10 +234,13 @@ def check_model(spec: ModelSpec):
             what = f"checkpoint {spec.checkpoint!r} of {spec.model!r}" if spec.checkpoint else f"model directory {spec.model!r}"
             hint = f"checkpoints found there: {found}" if found else "no subdirectory with a config.json was found there"
             raise ModelError(f"{what} has no config.json; {hint}")
+    options = hub_options(spec)
     try:
-        return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=spec.trust_remote_code)
+        return AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code, **options)
     except Exception as err:  # transformers raises OSError/ValueError subclasses with long texts
         what = f"revision {revision!r} of {spec.model!r}" if revision else repr(path)
+        if options.get("local_files_only") and (why := hub_offline()):
+            raise ModelError(f"cannot load the config of {what}: {not_on_hub(spec, revision, why)}") from None
         raise ModelError(f"cannot load the config of {what}: {err}") from err
 
 
@@ -391,8 +436,7 @@ def load_tokenizer(spec: ModelSpec):
     """The tokenizer saved with the checkpoint (it must carry a chat template for `sft`)."""
     from transformers import AutoTokenizer
 
-    path, revision = spec.source()
-    return AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=spec.trust_remote_code)
+    return AutoTokenizer.from_pretrained(spec.source()[0], trust_remote_code=spec.trust_remote_code, **hub_options(spec))
 
 
 @lru_cache(maxsize=2)
@@ -401,7 +445,6 @@ def load_model(spec: ModelSpec):
     from transformers import AutoModelForCausalLM
 
     check_device(spec)  # a worker without the device asked for says so before reading any weight
-    path, revision = spec.source()
     # Pickled weights are loaded only when allowed: check_weights refuses them in the plan for a directory or
     # URL, use_safetensors=True here for a hub id too.  Allowed, they must be read by torch's restricted
     # unpickler.  transformers 5.23 reads pytorch_model.bin through modeling_utils.load_state_dict, whose
@@ -409,8 +452,8 @@ def load_model(spec: ModelSpec):
     # from_pretrained's own weights_only, which earlier versions pass down, is set explicitly for those.
     # tests/test_model_checks.py checks that a pickle which would run code is refused.
     model = AutoModelForCausalLM.from_pretrained(
-        path, revision=revision, dtype=DTYPES[spec.dtype], trust_remote_code=spec.trust_remote_code, weights_only=True,
-        use_safetensors=None if spec.allow_pickled_weights else True,
+        spec.source()[0], dtype=DTYPES[spec.dtype], trust_remote_code=spec.trust_remote_code, weights_only=True,
+        use_safetensors=None if spec.allow_pickled_weights else True, **hub_options(spec),
     )
     return model.to(spec.torch_device()).eval()
 
@@ -422,7 +465,8 @@ def resolved_commit(spec: ModelSpec) -> str:
         from huggingface_hub import hf_hub_download
 
         # The config's place in the hub cache is snapshots/<commit>/ (offline, from the cache).
-        return Path(hf_hub_download(path, "config.json", revision=revision)).parent.name
+        return Path(hf_hub_download(path, "config.json", revision=revision,
+                                    local_files_only=hub_options(spec)["local_files_only"])).parent.name
     digest = hashlib.sha256()
     for file in sorted(Path(path).iterdir()):
         if file.suffix in (".json", ".safetensors", ".bin") and file.is_file():

@@ -2,7 +2,10 @@
 
 Requests go through the official ``openai`` client, whose own retries back off on
 429, 408/409, 5xx, timeouts and dropped connections (honouring ``retry-after-ms`` /
-``Retry-After`` when the server sends a positive one).  Each answer lands in a
+``Retry-After`` when the server sends a positive one).  A server that is not there
+(connection refused, a host name that does not resolve) is found before any request,
+by one connection attempt, and is one error at once: the client would retry it, and
+the task after it, for minutes.  Each answer lands in a
 per-sample cache in the lake as soon as it arrives, so a rerun or a crash never pays
 for the same text twice:
 
@@ -34,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gradlake.lake import layout
 from gradlake.lake.store import LakeStore
-from gradlake.tasks.common.retries import retry_unless_bad_input
+from gradlake.tasks.common.retries import not_answering, retry_unless_bad_input, unreachable
 
 
 CACHE_DIR = layout.PARAPHRASE_CACHE
@@ -56,7 +59,7 @@ class ChatAPI(BaseModel):
 
     model: str = Field(default="gpt-4o-mini", description="Chat model, as the server names it.")
     base_url: str | None = Field(default=None, description="Base URL of any OpenAI-compatible API (OpenAI, vLLM, Ollama, ...), e.g. 'http://localhost:8000/v1'; default: $OPENAI_BASE_URL, else OpenAI's.")
-    max_retries: int = Field(default=6, ge=0, description="Retries per request on rate limits (429), server errors (5xx), timeouts and dropped connections, with exponential backoff.")
+    max_retries: int = Field(default=2, ge=0, description="Retries per request on rate limits (429), server errors (5xx), timeouts and dropped connections, with exponential backoff (the task retries twice more, resuming from the cache).")
     timeout_s: float = Field(default=60, gt=0, title="Request timeout (seconds)", description="Seconds one request may take before it is retried.")
     api_key_env: str = Field(default="OPENAI_API_KEY", min_length=1, description="NAME of the environment variable holding the API key (never the key itself).")
     api_key_block: str | None = Field(default=None, description="Name of a Prefect Secret block holding the API key; used instead of api_key_env when set.")
@@ -87,6 +90,23 @@ def prompt_hash(spec: ParaphraseSpec) -> str:
 def resolved_base_url(spec: ChatAPI) -> str:
     """The server actually asked, as the openai client would pick it."""
     return (spec.base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL).rstrip("/")
+
+
+def no_server(spec: ChatAPI, why: str) -> ParaphraseError:
+    """The error for an API that is not there: which URL, why, and what to check."""
+    base_url = resolved_base_url(spec)
+    where = "the base_url setting" if spec.base_url else ("$OPENAI_BASE_URL" if os.environ.get("OPENAI_BASE_URL")
+                                                          else "OpenAI's default URL")
+    return ParaphraseError(f"no API answers at {base_url} ({why}; the URL is {where}): check base_url and that the "
+                           "server is running and reachable from here; without an API, paraphrase from a column of "
+                           "the source instead (paraphrase_column)")
+
+
+def check_server(spec: ChatAPI, timeout: float = 5.0) -> None:
+    """One ParaphraseError at once when nothing can answer at the API's URL (refused, unknown host); no request is sent."""
+    why = not_answering(resolved_base_url(spec), timeout=min(timeout, spec.timeout_s))
+    if why is not None:
+        raise no_server(spec, why)
 
 
 def settings_key(spec: ParaphraseSpec) -> str:
@@ -214,6 +234,8 @@ def _explain(err: openai.APIError, spec: ParaphraseSpec, base_url: str, sample_i
         return ParaphraseError(f"the API at {base_url} refused the request for sample {sample_id!r} with model "
                                f"{model!r} ({err.status_code}: {_server_message(err, key)}); check the settings "
                                "(temperature, seed) and the sample")
+    if isinstance(err, openai.APIConnectionError) and not isinstance(err, openai.APITimeoutError) and unreachable(err):
+        return no_server(spec, unreachable(err))  # the server went away during the run
     if isinstance(err, openai.APIStatusError):
         detail = f"{err.status_code}: {_server_message(err, key)}"
     else:
@@ -324,6 +346,8 @@ def paraphrase_messages(frame: pd.DataFrame, spec: ParaphraseSpec, store: LakeSt
     key = resolve_api_key(spec)
     cached = read_cache(store, spec, list(texts))
     pending = {t: sid for t, sid in texts.items() if t not in cached}
+    if pending:
+        check_server(spec)
     log(f"{len(texts)} distinct user texts in {len(frame)} samples: {len(cached)} cached, {len(pending)} to request "
         f"from {spec.model!r} at {base_url} ({spec.max_concurrency} at a time)")
     run = _Run(total=len(pending), cached=len(cached), log=log)
@@ -354,5 +378,5 @@ def paraphrase_task(frame: pd.DataFrame, spec: ParaphraseSpec, lake: str) -> pd.
     return paraphrase_messages(frame, spec, LakeStore(lake), log=get_run_logger().info)
 
 
-__all__ = ["ParaphraseSpec", "ParaphraseError", "ParaphraseFailed", "DEFAULT_SYSTEM_PROMPT", "prompt_hash",
+__all__ = ["ParaphraseSpec", "ParaphraseError", "ParaphraseFailed", "DEFAULT_SYSTEM_PROMPT", "prompt_hash", "check_server",
            "settings_key", "resolve_api_key", "read_cache", "write_cache", "paraphrase_messages", "paraphrase_task"]

@@ -6,7 +6,8 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from prefect import get_run_logger, task
@@ -17,14 +18,17 @@ from gradlake.lake.datasets import dataset_meta, read_dataset
 from gradlake.lake.scores import ScoreGroup
 from gradlake.lake.store import LakeStore
 from gradlake.tasks.common.loss import chat_template_text, encode_sample
-from gradlake.tasks.common.model import (DTYPES, ModelSpec, capped_length, check_model, check_weights, lake_names,
-                                         resolved_commit)
+from gradlake.tasks.common.model import (DTYPES, ModelSpec, capped_length, check_model, check_weights, hub_options,
+                                         lake_names, resolved_commit)
+from gradlake.tasks.common.progress import Progress, duration
 from gradlake.tasks.common.retries import retry_unless_bad_input
 from gradlake.tasks.influence.kronfluence import (EncodedSet, collate, copy_factors_to_lake, factor_args, factors_from_lake,
                                                   kronfluence_version, linear_from_conv1d, score_args, task_class,
                                                   tracked_modules)
 from gradlake.tasks.influence.spec import InfluenceError, InfluenceSpec, damping_factor, settings_key
 
+
+PROGRESS_EVERY = 30.0  # seconds between two progress lines of a factor or score phase
 
 # ---------------------------------------------------------------- which modules are tracked
 
@@ -127,6 +131,7 @@ def _record(spec: InfluenceSpec, spec_model: ModelSpec, commit: str, plan: dict,
 def compute_influence(spec: InfluenceSpec, log: Callable[[str], None] = print, work_dir: str | None = None) -> str:
     """Fit (or reuse) the factors, score every block not yet in the lake, mark complete; returns the score group path."""
     from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.factor.config import FactorConfig
     from kronfluence.utils.dataset import DataLoaderKwargs
 
     from gradlake.tasks.common.lineage import lake_keys
@@ -163,9 +168,8 @@ def compute_influence(spec: InfluenceSpec, log: Callable[[str], None] = print, w
     train_set, query_set = EncodedSet(encode(train_chats)), EncodedSet(encode(query_chats))
     from transformers import AutoModelForCausalLM
 
-    source, revision = spec_model.source()
-    model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=DTYPES[spec_model.dtype],
-                                                 trust_remote_code=spec_model.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(spec_model.source()[0], dtype=DTYPES[spec_model.dtype],
+                                                 trust_remote_code=spec_model.trust_remote_code, **hub_options(spec_model))
     linear_from_conv1d(model)  # the same modules as the plan's skeleton: both are built from the config
     model = model.to(spec_model.torch_device()).eval()
     task = task_class()(plan["modules"], spec.seed)
@@ -181,19 +185,34 @@ def compute_influence(spec: InfluenceSpec, log: Callable[[str], None] = print, w
         else:
             log(f"fitting {spec.strategy} factors on {n_train} training samples, {len(plan['modules'])} modules")
             torch.manual_seed(spec.seed)
-            analyzer.fit_all_factors(factors_name=key, dataset=train_set, per_device_batch_size=spec.train_batch_size,
-                                     factor_args=factor_args(spec))
+            fit = dict(factors_name=key, dataset=train_set, per_device_batch_size=spec.train_batch_size,
+                       factor_args=factor_args(spec))
+            # fit_all_factors' three phases, each that the strategy needs, one at a time: each says when it starts and ends
+            needs = FactorConfig.CONFIGS[spec.strategy]
+            if needs.requires_covariance_matrices:
+                with phase(log, task, f"{spec.strategy} covariance matrices", n_train):
+                    analyzer.fit_covariance_matrices(**fit)
+            if needs.requires_eigendecomposition:
+                with phase(log, task, f"{spec.strategy} eigendecomposition"):
+                    analyzer.perform_eigendecomposition(factors_name=key, factor_args=fit["factor_args"])
+            if needs.requires_lambda_matrices:
+                with phase(log, task, f"{spec.strategy} lambda matrices", n_train):
+                    analyzer.fit_lambda_matrices(**fit)
             copy_factors_to_lake(store, local_factors, factors_dir, {**lineage, "strategy": spec.strategy})
         fit_seconds = time.perf_counter() - started
         pending = group.pending_blocks()
         for qb, tb in pending:
             qs, ts = group.bounds(qb, tb)
             name = f"block-{qb}-{tb}"
-            analyzer.compute_pairwise_scores(
-                scores_name=name, factors_name=key, query_dataset=query_set, train_dataset=train_set,
-                per_device_query_batch_size=spec.query_batch_size, per_device_train_batch_size=spec.train_batch_size,
-                query_indices=list(range(qs.start, qs.stop)), train_indices=list(range(ts.start, ts.stop)),
-                score_args=score_args(spec))
+            n_query = qs.stop - qs.start
+            # each batch of queries is scored against every training sample of the block
+            samples = n_query + -(-n_query // spec.query_batch_size) * (ts.stop - ts.start)
+            with phase(log, task, f"scoring block ({qb}, {tb})", samples):
+                analyzer.compute_pairwise_scores(
+                    scores_name=name, factors_name=key, query_dataset=query_set, train_dataset=train_set,
+                    per_device_query_batch_size=spec.query_batch_size, per_device_train_batch_size=spec.train_batch_size,
+                    query_indices=list(range(qs.start, qs.stop)), train_indices=list(range(ts.start, ts.stop)),
+                    score_args=score_args(spec))
             group.write_block(qb, tb, analyzer.load_pairwise_scores(name)["all_modules"].float().cpu().numpy())
             shutil.rmtree(analyzer.scores_output_dir(name), ignore_errors=True)
             log(f"scores block ({qb}, {tb}) written: queries {qs.start}-{qs.stop - 1}, "
@@ -202,6 +221,22 @@ def compute_influence(spec: InfluenceSpec, log: Callable[[str], None] = print, w
                  lake_bytes=_bytes_under(store, factors_dir) + _bytes_under(store, path))
     log(f"influence ({spec.strategy}) of {n_train} training samples on {len(query_ids)} queries: {path}")
     return path
+
+
+@contextmanager
+def phase(log: Callable[[str], object], task, what: str, samples: int = 0, every: float | None = None) -> Iterator[None]:
+    """Log a phase of Kronfluence's work: its start, samples through the loss every `every` seconds, its end.
+
+    `samples` is how many passes of a sample through a loss the phase makes (0: none, e.g. an eigendecomposition);
+    `task` is the Kronfluence task, which tells of each batch it sees."""
+    progress = Progress(samples, "samples", log=log, every=PROGRESS_EVERY if every is None else every)
+    log(f"{what}: started" + (f" ({samples} sample passes)" if samples else ""))
+    task.on_batch = lambda n: progress.add(n, f"{what}: ")
+    try:
+        yield
+    finally:
+        task.on_batch = None
+    log(f"{what}: done in {duration(progress.elapsed)}")
 
 
 def _bytes_under(store: LakeStore, relative: str) -> int:

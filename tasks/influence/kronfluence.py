@@ -32,6 +32,13 @@ def task_class():
             self.tracked = tracked
             self.seed = seed
             self.generators: dict[str, torch.Generator] = {}
+            # Told the size of every batch Kronfluence passes through a loss: its only per-batch progress
+            # outside its tqdm bars (which gradlake turns off: they would flood a log).
+            self.on_batch: Callable[[int], object] | None = None
+
+        def _seen(self, batch) -> None:
+            if self.on_batch is not None:
+                self.on_batch(int(batch["input_ids"].shape[0]))
 
         def _generator(self, device: torch.device) -> torch.Generator:
             """One seeded generator per device: the draws stay where the logits are."""
@@ -40,6 +47,7 @@ def task_class():
             return self.generators[str(device)]
 
         def compute_train_loss(self, batch, model, sample: bool = False) -> torch.Tensor:
+            self._seen(batch)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             labels = batch["labels"]
             if sample:  # the true Fisher: targets drawn from the model's own predictions
@@ -53,6 +61,7 @@ def task_class():
             return sample_losses(logits, labels).sum()
 
         def compute_measurement(self, batch, model) -> torch.Tensor:
+            self._seen(batch)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             return sample_losses(logits, batch["labels"]).sum()
 
