@@ -45,7 +45,7 @@ def test_revision_resolves_to_its_commit(hub_cache, tmp_path):
                               layers=["lm_head.weight"], lake=lake)
         extract_gradients(spec)
     rows = open_lake(lake).catalog().query("kind == 'gradients'").set_index("checkpoint")
-    assert rows.loc["main", "model"] == REPO_ID
+    assert rows.loc["main", "model_id"] == REPO_ID and rows.loc["main", "model"] == "gradlake-test--tiny-olmo2"
     assert rows.loc["main", "lineage.resolved_commit"] == hub_cache["main"]
     assert rows.loc["step-0", "lineage.resolved_commit"] == hub_cache["step-0"]
     assert rows.loc["main", "path"].startswith("gradients/gradlake-test--tiny-olmo2/main/")
@@ -58,3 +58,28 @@ def test_unknown_revision_is_one_clear_error(hub_cache, tmp_path):
     with pytest.raises(ModelError, match=r"revision 'step-9' of 'gradlake-test/tiny-olmo2'"):
         plan_extraction(spec)
     assert not (tmp_path / "lake" / "gradients").exists()
+
+
+def test_a_cached_revision_loads_at_once_while_the_hub_cannot_be_reached(hub_cache, monkeypatch):
+    """Without HF_HUB_OFFLINE and without a hub (a closed loopback port), what the cache holds is read from it
+    straight away: the hub client alone would retry every file for half a minute first."""
+    import socket
+    import time
+
+    from gradlake.tasks.common.model import check_model, load_model, load_tokenizer, resolved_commit
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", endpoint)
+    monkeypatch.setattr("gradlake.tasks.common.model._hub_checked", {})
+    spec = ModelSpec(model=REPO_ID, checkpoint="step-0")
+    started = time.monotonic()
+    assert check_model(spec).model_type == "olmo2"
+    load_tokenizer(spec)
+    assert resolved_commit(spec) == hub_cache["step-0"]
+    load_model.__wrapped__(spec)  # past the cache of loaded models
+    assert time.monotonic() - started < 20
