@@ -247,10 +247,22 @@ def verify(spec) -> None:
 def watch(spec, interval: float = typer.Option(900, metavar="SECONDS", help="Seconds between two looks at the checkpoints."),
           off: bool = typer.Option(False, "--off", help="Turn the watcher's schedule off (parameters unchanged).")) -> None:
     """Turn the checkpoint watcher on (or --off): validated parameters and an active schedule on the watch-checkpoints deployment."""
-    from gradlake.flows.watch import WATCH_DEPLOYMENT, set_watch_schedule
+    from gradlake.flows.watch_schedule import WATCH_DEPLOYMENT, set_watch_schedule  # --off imports no stage
 
     if interval < 1:
         fail(ValueError(f"--interval {interval:g} is too short; give seconds >= 1"))
+    if spec is not None:
+        from gradlake.flows.watch import awaited_directory
+
+        for watched in spec.models:  # started before training: the directory may come later, its parent must be there
+            try:
+                note = awaited_directory(watched)
+            except ValueError as err:
+                fail(err)
+            except OSError as err:  # e.g. no credentials for the bucket here; the workers may have them
+                note = f"could not look at {watched.model} from here ({explain(err) or err}); each tick looks from its worker"
+            if note:
+                typer.echo(note)
     try:
         text = set_watch_schedule(spec, interval, WATCH_DEPLOYMENT)
     except LookupError as err:

@@ -214,6 +214,18 @@ class Declaration:
         command.__doc__ = run.__doc__
         return command
 
+    def bare_function(self) -> Callable[..., Any]:
+        """The callback where `unless` is given: the command's own options only, the spec never imported
+        (`gradlake watch --off` then imports no stage)."""
+        run = self.run
+
+        def command(**extra):
+            return run(None, **extra)
+
+        command.__signature__ = inspect.Signature(self.extras())
+        command.__doc__ = run.__doc__
+        return command
+
 
 class SpecCommand(TyperCommand):
     """A command whose options and callback are made from its spec on first use (a run or its help), not at start-up.
@@ -231,6 +243,14 @@ class SpecCommand(TyperCommand):
         one = typer.Typer(add_completion=False)
         one.command(self.name)(self.declaration.function())
         return typer.main.get_command(one)
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        unless = self.declaration.unless
+        if unless and f"--{unless}" in args and "made" not in self.__dict__:  # the spec's options are not needed
+            one = typer.Typer(add_completion=False)
+            one.command(self.name)(self.declaration.bare_function())
+            self.__dict__["made"] = typer.main.get_command(one)
+        return super().parse_args(ctx, args)
 
     @property
     def params(self) -> list:
@@ -260,7 +280,8 @@ def spec_command(app: typer.Typer, name: str, spec: str, *, names: dict[str, tup
     `parsers`: (metavar, text -> value) of a field's short form, by field path.
     `each`: a list of models flattened, by its path: the name of its key field.
     `fallbacks`: a value for a field that neither --spec nor an option gives, by path (e.g. the default lake).
-    `unless`: a boolean option of `run` that, when set, skips the spec (`run` gets None).
+    `unless`: a boolean option of `run` that, when set, skips the spec (`run` gets None): its options are then not
+    made, so the spec's module is not imported, and giving one of them is an error.
     `presets`: boolean options of `run` that, when set, give the spec's base values (under --spec and the options).
     """
     def register(run: Callable[..., Any]) -> Callable[..., Any]:

@@ -25,6 +25,31 @@ class ShardRun:
     problem: str | None = None
 
 
+@dataclass
+class WorkRate:
+    """Units done per second of work, where work is time some run was running: runs waiting for a worker or a
+    slot (a training holding the only GPU) do nothing, so that wait never slows the rate or lengthens the ETA."""
+
+    busy_s: float = 0.0
+    first_done: int | None = None  # done when first seen: what earlier runs left complete is no part of the rate
+    last: tuple[float, bool] | None = None  # (time, whether a run was running) at the previous look
+
+    def observe(self, now: float, done: int, running: bool) -> None:
+        """One look at the runs: the time since the last look counts as work if a run was running at either."""
+        if self.first_done is None:
+            self.first_done = done
+        if self.last is not None and (running or self.last[1]):
+            self.busy_s += now - self.last[0]
+        self.last = (now, running)
+
+    def seconds_left(self, done: int, total: int) -> float | None:
+        """Seconds until `total` at the rate seen while runs ran; None before any unit was done while watched."""
+        gained = done - (self.first_done if self.first_done is not None else done)
+        if gained <= 0 or self.busy_s <= 0:
+            return None
+        return (total - done) * self.busy_s / gained
+
+
 class ShardRunsFailed(RuntimeError):
     """GPU runs that did not finish their work; the next pipeline run redoes only what is left."""
 
@@ -82,7 +107,8 @@ def wait_for_shard_runs(runs: list[ShardRun], pool: str, timeout_s: float, worke
     began = time.monotonic()
     last_log = began
     no_worker_since = None
-    last_done, last_rise, first_done = None, began, 0
+    last_done, last_rise = None, began
+    rate = WorkRate()
     artifact = create_progress_artifact(progress=0.0, description=f"{unit_name} complete ({len(units)} {what}s, {len(runs)} runs on pool {pool})")
     with get_client(sync_client=True) as client:
         try:
@@ -103,12 +129,12 @@ def wait_for_shard_runs(runs: list[ShardRun], pool: str, timeout_s: float, worke
                 done, total = progress() if progress else (len(covered), len(units))
                 update_progress_artifact(artifact, progress=100.0 * done / max(total, 1))
                 if done != last_done:
-                    first_done = done if last_done is None else first_done
                     last_done, last_rise = done, now
                 open_runs = [r for r in runs if r.state is None or not r.state.is_final()]
                 if covered >= units or not open_runs:
                     break
                 taken = [r for r in open_runs if r.started is not None]
+                rate.observe(now, done, running=bool(taken))
                 for run in taken:
                     since = max(last_rise, *(r.started for r in taken)) if progress else run.started
                     if now - since > timeout_s:
@@ -131,8 +157,8 @@ def wait_for_shard_runs(runs: list[ShardRun], pool: str, timeout_s: float, worke
                     no_worker_since = None
                 if now - last_log >= log_every:
                     last_log = now
-                    rate = (done - first_done) / (now - began)
-                    eta = f", about {(total - done) / rate / 60:.1f} min left" if rate > 0 else ""
+                    left = rate.seconds_left(done, total)
+                    eta = f", about {left / 60:.1f} min left" if left is not None else ""
                     log.info("%d/%d %s complete, %d runs running, %d waiting%s%s", done, total, unit_name, len(taken),
                              len(waiting), " (no worker polls pool %r)" % pool if no_worker_since else "", eta)
                 time.sleep(poll)
