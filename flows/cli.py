@@ -278,11 +278,12 @@ def pipeline_command(spec) -> None:
     """One model and checkpoint through dataset, extraction, projections and evaluation (the gradlake-pipeline flow).
 
     It runs here; its shards go to the extract-shards deployment's GPU workers unless --shard-deployment none."""
-    from gradlake.flows.pipeline import pipeline
+    from gradlake.flows.pipeline import pipeline, require_dataset
     from gradlake.tasks.gradients.plan import plan_extraction
 
     try:
         if spec.create is None:  # a dataset the pipeline creates is checked when it exists
+            require_dataset(spec)  # a missing dataset is told how to make it, not only that it is missing
             for variant in spec.variants:
                 plan_extraction(spec.extraction(variant), device_here=not spec.shard_deployment)
     except (ValueError, ValidationError, OSError) as err:
@@ -379,12 +380,11 @@ def protocol_command(spec, plan: bool = typer.Option(False, "--plan", help="Only
               fallbacks={"lake": _default_lake})
 def trace_command(spec) -> None:
     """Is the candidate derived from the base?  Weight and embedding similarity with p-values, mode connectivity, perplexity."""
-    import json
-
     import pandas as pd
 
     from gradlake.flows.trace import trace_models
     from gradlake.lake import open_lake
+    from gradlake.lake.results import read_result_meta, read_result_table
     from gradlake.tasks.tracing.trace import plan_trace
 
     try:
@@ -393,12 +393,13 @@ def trace_command(spec) -> None:
         fail(err)
     directory = trace_models(spec)
     opened = open_lake(spec.lake)
-    meta = json.loads(opened.store.fs.cat_file(opened.store.path(f"{directory}/meta.json")))
-    typer.echo(f"{meta['verdict']}\nresults: {spec.lake}/{directory} (report.md, plots/loss_path.png)")
-    table = opened.tracing(base=spec.base.model, candidate=spec.candidate.model, base_checkpoint=spec.base.checkpoint,
-                           candidate_checkpoint=spec.candidate.checkpoint)
+    meta = read_result_meta(opened.store, directory)
+    typer.echo(f"{meta['verdict']}\nresults: {spec.lake}/{directory} (report.html)")
+    # This run's own table: a control (…-permuted-s<seed>) lies beside the real result and is never read for it.
+    table = read_result_table(opened.store, directory, "results", what="tracing result")
     with pd.option_context("display.width", 200, "display.float_format", "{:.4g}".format):
         typer.echo(table.to_string(index=False))
+
 
 def main() -> None:
     # The ephemeral server's start-up telemetry write can collide with a concurrent run's

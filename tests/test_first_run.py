@@ -26,6 +26,16 @@ def test_defaults_on_a_fresh_lake_say_how_to_create_the_dataset(tiny_models, tmp
     assert "set 'Create the dataset first' to DatasetRecipe" in message and "'bundled:probe'" in message, message
     assert not (tmp_path / "fresh" / "gradients").exists(), "nothing is planned or sent before the dataset is there"
 
+    # the command line says the same, before anything is planned
+    from typer.testing import CliRunner
+
+    from gradlake.flows.cli import app
+
+    shown = CliRunner().invoke(app, ["pipeline", "--model", spec.model.model, "--checkpoint", "checkpoint-1",
+                                     "--shard-deployment", "none", "--lake", lake], env={"COLUMNS": "300"})
+    assert shown.exit_code != 0 and f"gradlake dataset probe --lake {lake}" in " ".join(shown.output.split()), shown.output
+    assert not (tmp_path / "fresh" / "gradients").exists()
+
     # a dataset of another name: the create command with its name
     other = pipeline(spec.model_copy(update={"dataset": "lima"}), return_state=True)
     assert "`gradlake dataset create --name lima --source" in str(other.result(raise_on_failure=False))

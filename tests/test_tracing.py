@@ -414,3 +414,36 @@ def test_too_few_permutations_are_refused_at_plan_time_and_never_read_as_no_evid
 
     assert smallest_p_value(20) == 1 / 21 and smallest_p_value(99) == 1 / 100 and smallest_p_value(100) < 0.01
     assert math.isclose(smallest_p_value(20, 2), chi2.sf(4 * math.log(21), 4), rel_tol=1e-12)
+
+
+def test_trace_command_prints_the_control_it_ran_not_the_real_result_beside_it(family, tmp_path):
+    """`gradlake trace --permute` after the real result exists: the table printed is the control's own."""
+    from typer.testing import CliRunner
+
+    from conftest import write_probe
+    from gradlake.flows.cli import app
+    from gradlake.lake.results import read_result_table
+    from gradlake.tasks.common.model import ModelSpec
+    from gradlake.tasks.tracing.trace import TraceSpec, run_trace
+
+    lake = f"file://{tmp_path / 'lake'}"
+    write_probe(lake, 4)
+    dirs = family["olmo2"]["dirs"]
+    base = ModelSpec(model=str(dirs["base"]), checkpoint="checkpoint-1")
+    candidate = ModelSpec(model=str(dirs["fine_tune"]), checkpoint="checkpoint-2")
+    real = run_trace(TraceSpec(base=base, candidate=candidate, statistics=["cos"], n_samples=4, max_length=128,
+                               permutations=99, lake=lake), lambda *_: None)
+    result = CliRunner().invoke(app, ["trace", "--base", base.model, "--base-checkpoint", "checkpoint-1",
+                                      "--candidate", candidate.model, "--candidate-checkpoint", "checkpoint-2",
+                                      "--statistics", "cos", "--samples", "4", "--max-length", "128",
+                                      "--permutations", "99", "--permute", "--permute-seed", "5", "--lake", lake],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    control = f"{real}-permuted-s5"
+    assert f"results: {lake}/{control} (report.html)" in result.output
+    store = LakeStore(lake)
+    shown, other = (read_result_table(store, d, "results") for d in (control, real))
+    unaligned = lambda t: t[(t["statistic"] == "cos") & ~t["aligned"]]["value"].iloc[0]  # noqa: E731
+    assert unaligned(shown) != pytest.approx(unaligned(other)), "the permutation moves the unaligned cosine"
+    printed = lambda t: t.to_string(index=False, float_format="{:.4g}".format)  # noqa: E731
+    assert printed(shown) in result.output and printed(other) not in result.output
