@@ -142,7 +142,9 @@ def test_trak_features_come_from_the_training_samples_only(trained):
     group = ScoreGroup.open(store, method_path(spec, "trak:rademacher-flat-d64-s0"))
     assert group.meta["settings"]["ensemble"] == [spec.model.checkpoint]
     assert group.train_ids() == [f"original:{i}" for i in run.keep]
-    leaf = layout.gradient_group_path(*lake_keys(spec.model), "probe", "original", "sft", "proj-rademacher-flat-d64-s0")
+    gradients = layout.gradient_group_path(*lake_keys(spec.model), "probe", "original", "sft", "store",
+                                           settings=layout.extraction_settings([MLP]))  # named by its layers
+    leaf = layout.projection_group_path(gradients, "rademacher-flat-d64-s0")
     features = zarr.open_group(store.zarr_store, path=leaf, mode="r", zarr_format=3)
     rows = {str(s): i for i, s in enumerate(features["sample"][:])}
     arrays = sorted(a for a in features.array_keys() if a not in NOT_GRADIENTS)  # the projected gradient: "flat"
@@ -252,7 +254,8 @@ def test_queries_tokenized_otherwise_than_the_training_set_are_refused_before_an
     run, lake, _ = trained
     spec = AttributionSpec(train=run, queries="paraphrased", max_queries=N_QUERY, retrain_prefix="s3://lake/never")
     store = LakeStore(lake)
-    query = layout.gradient_group_path(*lake_keys(spec.model), "probe", "paraphrased", "sft", "store")
+    query = layout.gradient_group_path(*lake_keys(spec.model), "probe", "paraphrased", "sft", "store",
+                                       settings=layout.extraction_settings([MLP]))
     group = zarr.open_group(store.zarr_store, path=query, mode="r+", zarr_format=3)
     attrs = dict(group.attrs)["gradlake"]
     plan = plan_attribution.fn(spec)

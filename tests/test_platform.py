@@ -293,7 +293,7 @@ def test_trained_checkpoint_on_s3_goes_through_the_pipeline(platform, tiny_model
     state = wait_for_run(new[0].id, timeout=600)
     assert state is not None and state.is_completed(), state
     held = open_lake(lake).catalog().query("kind == 'gradients' and checkpoint == 'checkpoint-000003'")
-    assert len(held) == 1 and held["model"].iloc[0] == output
+    assert len(held) == 1 and held["model_id"].iloc[0] == output
     assert watch_checkpoints(watch) == []
 
 
