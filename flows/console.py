@@ -80,7 +80,7 @@ def hide_told_tracebacks() -> None:
     logging.setLogRecordFactory(factory)
 
 
-def _console_handlers() -> list[logging.Handler]:
+def console_handlers() -> list[logging.Handler]:
     """Prefect's console handlers, on the root logger and on those it configured (uvicorn, fastapi)."""
     loggers = [logging.getLogger()] + [logger for logger in logging.Logger.manager.loggerDict.values()
                                        if isinstance(logger, logging.Logger)]
@@ -126,7 +126,7 @@ def log_to_file(path: Path, stream=None) -> Iterator[Path]:
     stream = stream or sys.stdout
     path.parent.mkdir(parents=True, exist_ok=True)
     file = open(path, "w", encoding="utf-8", buffering=1)
-    handlers = _console_handlers()
+    handlers = console_handlers()
     formatter = next((h.formatter.inner if isinstance(h.formatter, WithoutToldTraceback) else h.formatter
                       for h in handlers if h.formatter), None)
     to_file = logging.StreamHandler(file)

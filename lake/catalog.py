@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import math
-import os
-from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
@@ -24,74 +21,9 @@ from gradlake.lake.extractions import label as extraction_label
 from gradlake.lake.gradient_plan import ATTR
 from gradlake.lake.results import read_result_table
 from gradlake.lake.scores import list_score_groups
+from gradlake.lake.lookup import (GENERATED, LOOKUP_KEYS, PROJECTION_KEYS, checkpoint_key, generated_variants,
+                                  lookup_keys, matches, model_keys, resolve, tell_apart)
 from gradlake.lake.store import LakeError, LakeStore, scan_json
-
-_KEYS = ("model", "checkpoint", "dataset", "variant", "paradigm", "target", "mode")
-
-
-def _keys(lineage: dict) -> dict:
-    """A group's lookup keys from its lineage; the target is recorded only when not the weights."""
-    return {k: lineage.get(k) for k in _KEYS} | {"target": lineage.get("target", "parameters")}
-_PROJECTION_KEYS = ("kind", "dim", "seed", "scope")
-GENERATED = "model_generated"  # short for the asked model's own answers at the asked checkpoint
-
-
-def model_keys(model: str) -> set[str]:
-    """The lake keys a model may be asked for by: its key itself, its hub id, or its local path (as given or absolute)."""
-    text = model.rstrip("/") or model
-    keys = {text}
-    with contextlib.suppress(ValueError):  # text that makes no key can only be a key as given
-        keys.add(layout.key(text))
-        keys.add(layout.model_key(os.path.abspath(os.path.expanduser(text)), local=True))
-    return keys
-
-
-def _checkpoint_key(checkpoint: object) -> str | None:
-    try:
-        return layout.key(str(checkpoint))
-    except ValueError:
-        return None
-
-
-def resolve(where: dict, generated: Iterable[str] = ()) -> dict[str, set]:
-    """The one rule every lookup reads its filters by: the accepted values of each filter given.
-
-    A model matches by its lake key, hub id or local path (as given or absolute), as the extraction
-    keyed it (``layout.model_key``); a checkpoint by its name or key; variant ``model_generated`` stands
-    for ``model_generated.<model key>.<checkpoint key>`` of the model and checkpoint asked for, so it
-    needs both.  `generated` (the lake's generated variants) is named in that error.
-    """
-    accepted = {k: {v} for k, v in where.items() if v is not None}
-    if "model" in accepted:
-        accepted["model"] = model_keys(where["model"])
-    if "checkpoint" in accepted:
-        accepted["checkpoint"] = {_checkpoint_key(where["checkpoint"])}
-    if where.get("variant") == GENERATED:
-        if where.get("model") is None or where.get("checkpoint") is None:
-            held = ", ".join(repr(v) for v in sorted(set(generated))) or "the lake holds none"
-            raise LakeError(f"variant {GENERATED!r} means one model's own answers at one checkpoint; pass model= and "
-                            f"checkpoint= with it, or the variant's full name ({held})")
-        accepted["variant"] = {layout.generated_variant(m, c) for m in accepted["model"] for c in accepted["checkpoint"]}
-    return accepted
-
-
-def _matches(record: dict, accepted: dict[str, set]) -> bool:
-    return all((_checkpoint_key(record.get(k)) if k == "checkpoint" else record.get(k)) in values
-               for k, values in accepted.items())
-
-
-def _tell_apart(hits: list[dict], filters: Iterable[str]) -> str:
-    """The filters whose values differ between the hits, with those values: what would pick one of them."""
-    parts = []
-    for name in filters:
-        values = sorted({h.get(name) for h in hits}, key=str)
-        if len(values) > 1:
-            parts.append(f"{name}=" + " or ".join(repr(v) for v in values))
-    return "; ".join(parts) or f"their paths {[h['path'] for h in hits]}"
-
-
-def _generated(variants: Iterable[str]) -> list[str]:
-    return [v for v in variants if str(v).startswith(GENERATED + ".")]
 
 
 class Lake:
@@ -122,8 +54,8 @@ class Lake:
         for path, attrs in self._gradient_groups():
             lineage, projection = attrs["lineage"], attrs["lineage"].get("projection") or {}
             _, model, checkpoint, *_ = path.split("/")
-            records.append({**describe(path, attrs), **_keys(lineage), "model": model, "checkpoint": checkpoint,
-                            "projection": _projection_label(projection), **{k: projection.get(k) for k in _PROJECTION_KEYS}})
+            records.append({**describe(path, attrs), **lookup_keys(lineage), "model": model, "checkpoint": checkpoint,
+                            "projection": _projection_label(projection), **{k: projection.get(k) for k in PROJECTION_KEYS}})
         return records
 
     def catalog(self) -> pd.DataFrame:
@@ -135,7 +67,7 @@ class Lake:
             raise type(err)(str(err)) from None
         if not rows:
             self.store.check_exists()  # an empty table for a lake that is not there would say nothing
-        columns = ["kind", "path", "model", "model_id", *_KEYS[1:], "group", "extraction", "layers", "holds",
+        columns = ["kind", "path", "model", "model_id", *LOOKUP_KEYS[1:], "group", "extraction", "layers", "holds",
                    "projection", "n_samples", "n_parameters", "numel", "dtype", "chunks_done", "chunks_total", "complete",
                    "damaged"]
         frame = pd.DataFrame(rows)
@@ -154,7 +86,7 @@ class Lake:
             _, model_key, checkpoint_key, *_ = path.split("/")
             rows.append({
                 "kind": "gradients", "path": path,
-                **_keys(lineage), "model": model_key, "model_id": lineage.get("model"), "checkpoint": checkpoint_key,
+                **lookup_keys(lineage), "model": model_key, "model_id": lineage.get("model"), "checkpoint": checkpoint_key,
                 "group": about["group"], "extraction": about["extraction"], "layers": layers_text(about["layers"]),
                 "holds": about["holds"],
                 "n_samples": plan["n_samples"], "n_parameters": len(plan["parameters"]),
@@ -162,7 +94,7 @@ class Lake:
                 "dtype": plan["dtype"], "chunks_done": int(flags.sum()), "chunks_total": len(flags),
                 "complete": bool(flags.all()) and (plan["mode"] == "store" or bool(attrs.get("complete"))),
                 "projection": _projection_label(lineage.get("projection")),
-                **{f"lineage.{k}": v for k, v in lineage.items() if k not in _KEYS},
+                **{f"lineage.{k}": v for k, v in lineage.items() if k not in LOOKUP_KEYS},
             })
         for path, damage in damaged:
             _, model_key, checkpoint_key, *_ = path.split("/")
@@ -178,7 +110,7 @@ class Lake:
                 "extraction": _evaluated_extraction(lineage),
                 "layers": layers_text(lineage["layer_patterns"]) if lineage.get("layer_patterns") is not None else None,
                 "target": (lineage.get("settings") or {}).get("target", "parameters"),
-                **{f"lineage.{k}": v for k, v in lineage.items() if k not in _KEYS},
+                **{f"lineage.{k}": v for k, v in lineage.items() if k not in LOOKUP_KEYS},
             })
         for path, meta in list_tracing(self.store):
             _, base_key, base_checkpoint, model_key, checkpoint_key = path.split("/")
@@ -229,15 +161,15 @@ class Lake:
         Where a variant holds several extractions, `extraction` (a gradient group's name, as the catalog's
         ``extraction`` column lists it, or its settings part) or `layers` (the layer patterns as given) picks one.
         """
-        unknown = (set(where) - set(_KEYS)) | (set(projection or {}) - set(_PROJECTION_KEYS))
+        unknown = (set(where) - set(LOOKUP_KEYS)) | (set(projection or {}) - set(PROJECTION_KEYS))
         if unknown:
-            raise LakeError(f"cannot select gradients by {sorted(unknown)}; use {list(_KEYS)}, extraction and layers "
-                            f"(and {list(_PROJECTION_KEYS)} for projections)")
+            raise LakeError(f"cannot select gradients by {sorted(unknown)}; use {list(LOOKUP_KEYS)}, extraction and layers "
+                            f"(and {list(PROJECTION_KEYS)} for projections)")
         with self.store.explained_errors():
             records = [r for r in self._gradient_records() if (r["projection"] is not None) == (projection is not None)]
         filters = {**where, **(projection or {})}
-        accepted = resolve(filters, _generated(r["variant"] for r in records))
-        hits = [r for r in records if _matches(r, accepted)]
+        accepted = resolve(filters, generated_variants(r["variant"] for r in records))
+        hits = [r for r in records if matches(r, accepted)]
         picked = [r for r in hits if (extraction is None or extraction in (r["extraction"], r["group"], r["settings"]))
                   and (layers is None or list(r["layers"]) == list(layers))]
         if len(picked) == 1:
@@ -247,17 +179,17 @@ class Lake:
         if not picked:
             if not records:
                 self.store.check_exists()
-            shown = (*_KEYS, "extraction", *(("projection",) if projection is not None else ()))
+            shown = (*LOOKUP_KEYS, "extraction", *(("projection",) if projection is not None else ()))
             held = sorted({tuple(r[k] for k in shown) for r in records}, key=str)
             raise LakeError(f"no {what} in {self.url} matches {asked}; the lake holds {held or 'none'} as {list(shown)}")
-        apart = _tell_apart(picked, (*_KEYS, *_PROJECTION_KEYS))
+        apart = tell_apart(picked, (*LOOKUP_KEYS, *PROJECTION_KEYS))
         if apart.startswith("their paths") and len({r["extraction"] for r in picked}) > 1:
             raise AmbiguousExtraction(
                 f"{len(picked)} extractions hold {what}s matching {asked} in {self.url}: "
                 f"{'; '.join(extraction_label(r) for r in picked)}; pick one with extraction=NAME (a name above) "
                 "or layers=[PATTERN, ...] (as given to the extraction)")
         raise LakeError(f"{len(picked)} {what}s match {asked} in {self.url}; tell them apart with "
-                        f"{_tell_apart(picked, (*_KEYS, 'extraction', *_PROJECTION_KEYS))}")
+                        f"{tell_apart(picked, (*LOOKUP_KEYS, 'extraction', *PROJECTION_KEYS))}")
 
     def gradients(self, model: str | None = None, checkpoint: str | None = None, dataset: str | None = None,
                   variant: str | None = None, paradigm: str | None = None, mode: str | None = None,
@@ -332,7 +264,7 @@ class Lake:
 
     def _one(self, records: list[dict], where: dict, what: str) -> str:
         """The path of the one record matching `where`; else an error listing what the lake holds or what separates the hits."""
-        hits = [r for r in records if _matches(r, resolve(where))]
+        hits = [r for r in records if matches(r, resolve(where))]
         if len(hits) == 1:
             return hits[0]["path"]
         asked = {k: v for k, v in where.items() if v is not None}
@@ -342,7 +274,7 @@ class Lake:
             raise LakeError(f"no {what} in {self.url} matches {asked}; the lake holds "
                             f"{[r['path'] for r in records] or 'none'}")
         raise LakeError(f"{len(hits)} {what}s match {asked} in {self.url}; tell them apart with "
-                        f"{_tell_apart(hits, where)}")
+                        f"{tell_apart(hits, where)}")
 
     def attribution(self, model: str | None = None, checkpoint: str | None = None, dataset: str | None = None,
                     queries: str | None = None, table: str = "benchmark") -> pd.DataFrame:
@@ -374,7 +306,7 @@ class Lake:
             if model is not None:
                 accepted[role] = model_keys(model)
             if checkpoint is not None:
-                accepted[f"{role}_checkpoint"] = {_checkpoint_key(checkpoint)}
+                accepted[f"{role}_checkpoint"] = {checkpoint_key(checkpoint)}
         hits = [r for r in records if all(r[k] in values for k, values in accepted.items())]
         asked = {k: v for k, v in {"base": base, "candidate": candidate, "base_checkpoint": base_checkpoint,
                                    "candidate_checkpoint": candidate_checkpoint}.items() if v is not None}
@@ -385,7 +317,7 @@ class Lake:
                             f"{[r['path'] for r in records] or 'none'}")
         if len(hits) > 1:
             raise LakeError(f"{len(hits)} tracing results match {asked} in {self.url}; tell them apart with "
-                            f"{_tell_apart(hits, ('base', 'base_checkpoint', 'candidate', 'candidate_checkpoint'))}")
+                            f"{tell_apart(hits, ('base', 'base_checkpoint', 'candidate', 'candidate_checkpoint'))}")
         return read_result_table(self.store, hits[0]["path"], table, what="tracing result")
 
     def tracing_summary(self, base: str, base_checkpoint: str | None = None) -> pd.DataFrame:
@@ -396,7 +328,7 @@ class Lake:
         hits = []
         for path in found:
             base_key, checkpoint_key = path.split("/")[-3:-1]
-            if base_key in keys and (base_checkpoint is None or checkpoint_key == _checkpoint_key(base_checkpoint)):
+            if base_key in keys and (base_checkpoint is None or checkpoint_key == checkpoint_key(base_checkpoint)):
                 hits.append(path)
         if len(hits) != 1:
             raise LakeError(f"{len(hits)} tracing summaries match base {base!r} checkpoint {base_checkpoint!r} in "
@@ -442,7 +374,7 @@ class Lake:
         with self.store.explained_errors():
             if variant != GENERATED:
                 return read_dataset(self.store, name, variant, version)
-            held = _generated(m["variant"] for m in list_datasets(self.store) if m["dataset"] == name)
+            held = generated_variants(m["variant"] for m in list_datasets(self.store) if m["dataset"] == name)
             accepted = resolve({"model": model, "checkpoint": checkpoint, "variant": variant}, held)["variant"]
             hits = [v for v in held if v in accepted]
             if len(hits) != 1:

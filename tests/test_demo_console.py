@@ -12,7 +12,7 @@ import time
 import pytest
 from prefect import flow, get_run_logger
 
-from gradlake.flows.console import _console_handlers, log_to_file
+from gradlake.flows.console import console_handlers, log_to_file
 from gradlake.flows.demo import demo_log, stage
 
 
@@ -37,7 +37,7 @@ def staged(fail: bool = False) -> None:
 @pytest.fixture
 def prefect_console():
     """What Prefect's console handler writes, read back."""
-    handlers = _console_handlers()
+    handlers = console_handlers()
     assert handlers, "Prefect configured no console handler"
     shown = io.StringIO()
     files = [(h, h.console.file) for h in handlers if hasattr(h, "console")]
@@ -65,7 +65,7 @@ def test_the_console_shows_each_stage_once_and_the_file_everything(tmp_path, pre
                  "a progress bar", "a warning for the console", "first stage: done in", "Finished in state Completed"):
         assert line in logged, line
     # afterwards the console is Prefect's own again
-    assert all(not h.filters for h in _console_handlers())
+    assert all(not h.filters for h in console_handlers())
     assert not any(type(h).__name__ == "StageLines" for h in logging.getLogger().handlers)
 
 

@@ -28,7 +28,8 @@ from gradlake.lake.datasets import dataset_meta, list_datasets, list_versions, r
 from gradlake.lake.store import LakeError, LakeStore
 from gradlake.tasks.gradients.plan import ExtractionSpec, create_group, plan_extraction
 from gradlake.tasks.gradients.extract import extract_shard
-from gradlake.tasks.common.model import ModelError, ModelSpec, check_model, check_weights, load_model
+from gradlake.tasks.common.model import ModelError, ModelSpec, check_model, load_model
+from gradlake.tasks.common.weights import check_weights
 
 N = 2
 LAYERS = ["lm_head.weight", "model.layers.1.mlp.down_proj.weight"]

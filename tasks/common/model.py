@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import json
 import os
-import re
 import shutil
 import time
 from functools import lru_cache
@@ -175,7 +173,7 @@ def not_on_hub(spec: ModelSpec, revision: str, why: str) -> str:
             "(HF_HUB_CACHE), or fix the connection (HF_ENDPOINT, HTTPS_PROXY)")
 
 
-def _url_fs(url: str):
+def url_filesystem(url: str):
     import fsspec
 
     from gradlake.lake.store import storage_options_for
@@ -185,7 +183,7 @@ def _url_fs(url: str):
 
 def cached_checkpoint(url: str, checkpoint: str | None) -> Path:
     """A checkpoint under a URL as a local directory: downloaded once (whole, then renamed into place)."""
-    fs, root = _url_fs(url)
+    fs, root = url_filesystem(url)
     remote = f"{root.rstrip('/')}/{checkpoint}" if checkpoint else root.rstrip("/")
     cache_root = Path(os.environ.get("GRADLAKE_MODEL_CACHE", "~/.cache/gradlake/models")).expanduser()
     target = cache_root / hashlib.sha256(f"{url.rstrip('/')}|{checkpoint or ''}".encode()).hexdigest()[:24]
@@ -206,14 +204,27 @@ def _local_checkpoints(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if (p / "config.json").is_file()) if root.is_dir() else []
 
 
+def checkpoint_location(spec: ModelSpec) -> tuple:
+    """(filesystem, path on it, name for messages) of a local or URL checkpoint directory; nothing is downloaded."""
+    import fsspec
+
+    if spec.is_url:
+        fs, root = url_filesystem(spec.model)
+        where = spec.model.rstrip("/") + (f"/{spec.checkpoint}" if spec.checkpoint else "")
+        return fs, f"{root.rstrip('/')}/{spec.checkpoint}" if spec.checkpoint else root.rstrip("/"), where
+    root = Path(spec.model).expanduser()
+    directory = str(root / spec.checkpoint if spec.checkpoint else root)
+    return fsspec.filesystem("file"), directory, directory
+
+
 def check_model(spec: ModelSpec):
     """Load the model's config, or raise one clear error naming what is wrong; no weights are read."""
     from transformers import AutoConfig
 
     spec = spec.resolved()
     if spec.is_url:
-        fs, root = _url_fs(spec.model)
-        directory = _checkpoint_location(spec)[1]
+        fs, root = url_filesystem(spec.model)
+        directory = checkpoint_location(spec)[1]
         if not fs.exists(f"{directory}/config.json"):
             found = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if fs.exists(f"{p}/config.json")) \
                 if fs.isdir(root) else []
@@ -244,7 +255,7 @@ def check_model(spec: ModelSpec):
         raise ModelError(f"cannot load the config of {what}: {err}") from err
 
 
-def _skeleton(spec: ModelSpec, config):
+def skeleton(spec: ModelSpec, config):
     """The model built from its config on the meta device: names and shapes, no memory, no weights."""
     from transformers import AutoModelForCausalLM
 
@@ -255,7 +266,7 @@ def _skeleton(spec: ModelSpec, config):
 def parameter_shapes(spec: ModelSpec, config=None) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the model's trainable parameters, from its config alone (meta device)."""
     config = config if config is not None else check_model(spec)
-    return {n: tuple(p.shape) for n, p in _skeleton(spec, config).named_parameters()}
+    return {n: tuple(p.shape) for n, p in skeleton(spec, config).named_parameters()}
 
 
 def position_limit(config) -> int | None:
@@ -284,135 +295,6 @@ def check_device(spec: ModelSpec) -> None:
     have = ", ".join(["cpu", *(f"cuda:{i}" for i in range(count))])
     why = f"this machine has {count} CUDA device{'s' if count > 1 else ''}" if count else "this machine has no CUDA device"
     raise ModelError(f"device {spec.device!r} is not available: {why} (devices here: {have}); use 'auto' or 'cpu'")
-
-
-_SAFE_INDEX = "model.safetensors.index.json"
-_PICKLED, _PICKLED_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
-
-
-def _checkpoint_location(spec: ModelSpec) -> tuple:
-    """(filesystem, path on it, name for messages) of a local or URL checkpoint directory; nothing is downloaded."""
-    import fsspec
-
-    if spec.is_url:
-        fs, root = _url_fs(spec.model)
-        where = spec.model.rstrip("/") + (f"/{spec.checkpoint}" if spec.checkpoint else "")
-        return fs, f"{root.rstrip('/')}/{spec.checkpoint}" if spec.checkpoint else root.rstrip("/"), where
-    root = Path(spec.model).expanduser()
-    directory = str(root / spec.checkpoint if spec.checkpoint else root)
-    return fsspec.filesystem("file"), directory, directory
-
-
-def _shards(fs, directory: str, index: str, where: str) -> list[str]:
-    """The weight files a sharded checkpoint's index names; each must be there."""
-    try:
-        weight_map = json.loads(fs.cat_file(f"{directory}/{index}")).get("weight_map") or {}
-    except (ValueError, AttributeError) as err:
-        raise ModelError(f"{where}/{index} is not a valid weight index ({err}); write the checkpoint again") from None
-    shards = sorted(set(weight_map.values()))
-    if not shards:
-        raise ModelError(f"{where}/{index} names no weight file; write the checkpoint again")
-    missing = [s for s in shards if not fs.exists(f"{directory}/{s}")]
-    if missing:
-        raise ModelError(f"{where}/{index} names {len(shards)} weight files, {len(missing)} of them missing ({missing[:5]}); "
-                         "the checkpoint is incomplete: copy or write it again")
-    return shards
-
-
-def check_weights(spec: ModelSpec, config, device_here: bool = True) -> None:
-    """Check that the model can be loaded as asked, reading no weight: one ModelError line otherwise.
-
-    Always (unless `device_here` is off: a plan made on an orchestrator for work on other machines,
-    whose workers check it when they load the model): the device exists.  For a local directory or a URL also: weight files are there
-    (every shard an index names), pickled weights only when `allow_pickled_weights` says so,
-    every safetensors file as long as its header says, and the headers' tensor shapes agree
-    with the config.  Only listings and safetensors headers are read (ranged reads on a URL).
-    """
-    from gradlake.tasks.common.checkpoints import safetensors_header
-
-    spec = spec.resolved()
-    if device_here:
-        check_device(spec)
-    if not (spec.is_local or spec.is_url):
-        # A hub id's weights are fetched by from_pretrained when the model is loaded; the plan fetched only
-        # config.json.  Listing the repository and reading its headers would need the network in every plan
-        # (and a cache with half the shards is completed by the download, not wrong), so for a hub id the
-        # weight files, their headers and shapes, and pickled weights are left to the load.
-        return
-    fs, directory, where = _checkpoint_location(spec)
-    names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(directory, detail=False))
-    # The order from_pretrained looks for weights in: safetensors first, a single file before an index.
-    if "model.safetensors" in names:
-        files = ["model.safetensors"]
-    elif _SAFE_INDEX in names:
-        files = _shards(fs, directory, _SAFE_INDEX, where)
-    else:
-        _check_pickled(spec, fs, directory, where, names)
-        return  # a pickle's shapes are only known by unpickling it, which is loading it: left to the load
-    headers = {}
-    for file in files:
-        try:
-            headers[file] = safetensors_header(fs, f"{directory}/{file}")
-        except ValueError as err:  # the file itself is wrong; an OSError (storage, network) stays one to retry
-            raise ModelError(f"weight file {where}/{file} {err}; the checkpoint is incomplete or damaged: "
-                             "copy or write it again") from None
-    _check_shapes(spec, config, headers, where)
-
-
-def _check_pickled(spec: ModelSpec, fs, directory: str, where: str, names: list[str]) -> None:
-    pickled = [n for n in names if n.endswith((".bin", ".pt")) or n == _PICKLED_INDEX]
-    if not pickled:
-        held = ", ".join(names[:12]) + (f", ... ({len(names)} files)" if len(names) > 12 else "")
-        raise ModelError(f"{where} has no weights: no model.safetensors, {_SAFE_INDEX} or {_PICKLED}; it holds {held or 'nothing'}")
-    if not spec.allow_pickled_weights:
-        raise ModelError(f"{where} has only pickled weights ({', '.join(pickled[:5])}): unpickling can run code, so they are "
-                         "refused; convert them to model.safetensors (load and save_pretrained them once, where you trust "
-                         "them), or allow them with allow_pickled_weights=True (gradlake extract --allow-pickled-weights)")
-    if _PICKLED in names:
-        return
-    if _PICKLED_INDEX in names:
-        _shards(fs, directory, _PICKLED_INDEX, where)
-        return
-    raise ModelError(f"{where} has pickled weights ({', '.join(pickled[:5])}) but none that from_pretrained loads: "
-                     f"it reads {_PICKLED} or {_PICKLED_INDEX}; convert the weights to model.safetensors")
-
-
-def _check_shapes(spec: ModelSpec, config, headers: dict[str, dict], where: str) -> None:
-    """Every parameter of the config is in the files (itself or a weight tied to it), with the config's shape."""
-    skeleton = _skeleton(spec, config)
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-
-        renamed = bool(get_model_conversion_mapping(skeleton, add_legacy=False))
-    except ImportError:  # transformers 4: renames are a class attribute of the few models that have them
-        renamed = bool(getattr(skeleton, "_checkpoint_conversion_mapping", None))
-    if renamed:
-        return  # transformers renames (and fuses, e.g. MoE experts) this model's tensors on load: names differ by design
-    stored = {name: (tuple(entry.get("shape", ())), file) for file, header in headers.items()
-              for name, entry in header.items() if name != "__metadata__"}
-    prefix = f"{skeleton.base_model_prefix}."
-    stored |= {prefix + n: v for n, v in stored.items() if prefix + n not in stored}  # saved from the base model
-    aliases: dict[int, list[str]] = {}  # tied weights are one parameter under several names
-    for name, parameter in skeleton.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(parameter), []).append(name)
-    ignored = [re.compile(p) for p in (getattr(skeleton, "_keys_to_ignore_on_load_missing", None) or [])]
-    mismatched, missing = [], []
-    for name, parameter in skeleton.named_parameters():
-        found = [n for n in aliases[id(parameter)] if n in stored]
-        if not found:
-            if not any(p.search(name) for p in ignored):
-                missing.append(name)
-            continue
-        for n in found:
-            shape, file = stored[n]
-            if shape != tuple(parameter.shape):
-                mismatched.append(f"{n} is {list(shape)} in {file}, the config makes it {list(parameter.shape)}")
-    if mismatched:
-        raise ModelError(f"{where}: the weights disagree with config.json in {len(mismatched)} tensors (first: {mismatched[0]}); "
-                         "the config does not belong to these weights: restore the checkpoint's own config.json")
-    if missing:
-        raise ModelError(f"{where}: the weight files lack {len(missing)} parameters the config defines (first: {missing[:3]}); "
-                         "the checkpoint is incomplete or its config is another model's")
 
 
 def select_parameters(names: list[str], patterns: list[str] | None, model_label: str = "the model") -> list[str]:

@@ -11,8 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from gradlake.lake import layout
 from gradlake.lake.datasets import write_dataset
 from gradlake.lake.store import LakeStore, default_lake
-from gradlake.tasks.common.model import ModelSpec, check_model, check_weights, load_tokenizer
+from gradlake.tasks.common.model import ModelSpec, check_model, load_tokenizer
 from gradlake.tasks.common.retries import retry_unless_bad_input
+from gradlake.tasks.common.weights import check_weights
 from gradlake.tasks.data.paraphrase import ParaphraseSpec, resolve_api_key
 from gradlake.tasks.data.sources import SourceSpec, load_source, named_source
 

@@ -19,8 +19,9 @@ from gradlake.lake.store import LakeStore, default_lake
 from gradlake.tasks.common.lineage import gradlake_version
 from gradlake.tasks.common.loss import CHAT_TEMPLATE_HELP, CHAT_TEMPLATES, Encoded, chat_template_text, encode_sample
 from gradlake.tasks.common.model import (ModelError, ModelSpec, capped_length, check_device, check_gradient_architecture,
-                                         check_model, check_weights, lake_names, load_tokenizer, parameter_shapes,
+                                         check_model, lake_names, load_tokenizer, parameter_shapes,
                                          resolved_commit, select_parameters, tokenizer_fingerprint)
+from gradlake.tasks.common.weights import check_weights
 from gradlake.tasks.gradients.engine import INPUTS_EMBEDS, embeds_shape
 from gradlake.tasks.gradients.footprint import check_extraction_memory
 from gradlake.tasks.projection.spec import ProjectionSpec

@@ -18,10 +18,11 @@ from gradlake.lake.datasets import dataset_meta, read_dataset
 from gradlake.lake.scores import ScoreGroup
 from gradlake.lake.store import LakeStore
 from gradlake.tasks.common.loss import chat_template_text, encode_sample
-from gradlake.tasks.common.model import (DTYPES, ModelSpec, capped_length, check_model, check_weights, hub_options,
+from gradlake.tasks.common.model import (DTYPES, ModelSpec, capped_length, check_model, hub_options,
                                          lake_names, resolved_commit)
 from gradlake.tasks.common.progress import Progress, duration
 from gradlake.tasks.common.retries import retry_unless_bad_input
+from gradlake.tasks.common.weights import check_weights
 from gradlake.tasks.influence.kronfluence import (EncodedSet, collate, copy_factors_to_lake, factor_args, factors_from_lake,
                                                   kronfluence_version, linear_from_conv1d, score_args, task_class,
                                                   tracked_modules)

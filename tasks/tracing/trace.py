@@ -18,8 +18,9 @@ from gradlake.lake import layout
 from gradlake.lake.results import read_result_table, write_result
 from gradlake.lake.store import LakeStore
 from gradlake.tasks.common.lineage import gradlake_version, lake_keys
-from gradlake.tasks.common.model import ModelSpec, check_model, check_weights, lake_names, parameter_shapes, resolved_commit
+from gradlake.tasks.common.model import ModelSpec, check_model, lake_names, parameter_shapes, resolved_commit
 from gradlake.tasks.common.retries import retry_unless_bad_input
+from gradlake.tasks.common.weights import check_weights
 from gradlake.tasks.tracing.connectivity import barrier, loss_path, perplexity
 from gradlake.tasks.tracing.permutation import (TRACING_ARCHITECTURES, TracingError, align, check_comparable, decoder_layers,
                                                 permute_model, random_permutation)

@@ -14,7 +14,8 @@ from gradlake.lake.datasets import dataset_meta, read_dataset
 from gradlake.lake.store import LakeStore, storage_options_for
 from gradlake.tasks.common.checkpoints import checkpoint_complete
 from gradlake.tasks.common.loss import chat_template_text
-from gradlake.tasks.common.model import check_model, check_weights, lake_names, resolved_commit
+from gradlake.tasks.common.model import check_model, lake_names, resolved_commit
+from gradlake.tasks.common.weights import check_weights
 from gradlake.tasks.training.spec import CHECKPOINT_PREFIX, LINEAGE_FILE, TrainError, TrainSpec, checkpoint_name
 
 
