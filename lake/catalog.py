@@ -21,7 +21,7 @@ from gradlake.lake.extractions import label as extraction_label
 from gradlake.lake.gradient_plan import ATTR
 from gradlake.lake.results import read_result_table
 from gradlake.lake.scores import list_score_groups
-from gradlake.lake.lookup import (GENERATED, LOOKUP_KEYS, PROJECTION_KEYS, checkpoint_key, generated_variants,
+from gradlake.lake.lookup import (GENERATED, LOOKUP_KEYS, PROJECTION_KEYS, checkpoint_lookup_key, generated_variants,
                                   lookup_keys, matches, model_keys, resolve, tell_apart)
 from gradlake.lake.store import LakeError, LakeStore, scan_json
 
@@ -306,7 +306,7 @@ class Lake:
             if model is not None:
                 accepted[role] = model_keys(model)
             if checkpoint is not None:
-                accepted[f"{role}_checkpoint"] = {checkpoint_key(checkpoint)}
+                accepted[f"{role}_checkpoint"] = {checkpoint_lookup_key(checkpoint)}
         hits = [r for r in records if all(r[k] in values for k, values in accepted.items())]
         asked = {k: v for k, v in {"base": base, "candidate": candidate, "base_checkpoint": base_checkpoint,
                                    "candidate_checkpoint": candidate_checkpoint}.items() if v is not None}
@@ -328,7 +328,7 @@ class Lake:
         hits = []
         for path in found:
             base_key, checkpoint_key = path.split("/")[-3:-1]
-            if base_key in keys and (base_checkpoint is None or checkpoint_key == checkpoint_key(base_checkpoint)):
+            if base_key in keys and (base_checkpoint is None or checkpoint_key == checkpoint_lookup_key(base_checkpoint)):
                 hits.append(path)
         if len(hits) != 1:
             raise LakeError(f"{len(hits)} tracing summaries match base {base!r} checkpoint {base_checkpoint!r} in "

@@ -35,7 +35,7 @@ def model_keys(model: str) -> set[str]:
     return keys
 
 
-def checkpoint_key(checkpoint: object) -> str | None:
+def checkpoint_lookup_key(checkpoint: object) -> str | None:
     """A checkpoint's lake key, or None for a value that makes no key."""
     try:
         return layout.key(str(checkpoint))
@@ -55,7 +55,7 @@ def resolve(where: dict, generated: Iterable[str] = ()) -> dict[str, set]:
     if "model" in accepted:
         accepted["model"] = model_keys(where["model"])
     if "checkpoint" in accepted:
-        accepted["checkpoint"] = {checkpoint_key(where["checkpoint"])}
+        accepted["checkpoint"] = {checkpoint_lookup_key(where["checkpoint"])}
     if where.get("variant") == GENERATED:
         if where.get("model") is None or where.get("checkpoint") is None:
             held = ", ".join(repr(v) for v in sorted(set(generated))) or "the lake holds none"
@@ -67,7 +67,7 @@ def resolve(where: dict, generated: Iterable[str] = ()) -> dict[str, set]:
 
 def matches(record: dict, accepted: dict[str, set]) -> bool:
     """Whether a record's lookup keys are among the accepted values (see `resolve`)."""
-    return all((checkpoint_key(record.get(k)) if k == "checkpoint" else record.get(k)) in values
+    return all((checkpoint_lookup_key(record.get(k)) if k == "checkpoint" else record.get(k)) in values
                for k, values in accepted.items())
 
 

@@ -331,7 +331,9 @@ def test_attribution_retrainings_fan_out_to_train_model_on_the_gpu_pool(platform
     assert run.state.is_completed(), run.state
     retrainings = [r for r in asyncio.run(_runs_of("train-model")) if r.id not in before]
     assert len(retrainings) == 2 and all(r.state.is_completed() for r in retrainings)
-    assert sorted(r.name.rsplit("/", 1)[-1] for r in retrainings) == ["subset-000", "subset-001"]
+    # the fan-out names each retraining (a name given to a run is kept): the attributed model, then which retraining
+    assert sorted(r.name.rsplit(" ", 1)[-1] for r in retrainings) == ["subset-000", "subset-001"]
+    assert all(" ground truth subset-" in r.name for r in retrainings)
     table = read_benchmark(store, benchmark_dir(spec)).set_index("method")
     assert set(table.index) == {"fixed", "random", "source oracle"} and table.loc["fixed", "lds_queries"] > 0
     again = run_deployment("evaluate-attribution/evaluate-attribution", parameters={"spec": spec.model_dump(mode="json")},

@@ -450,16 +450,17 @@ def test_bad_on_the_fly_settings_fail_before_anything_is_written(tiny_models, tm
 
 
 def test_refused_extraction_writes_no_projection_group(on_the_fly):
-    """A different extraction at the gradient group's path is refused before any projection group is created."""
+    """An extraction that differs from the group of its name (in a setting that does not name the group, such as the
+    token limit) is refused before any projection group is created."""
     from gradlake.lake.store import LakeError
     from gradlake.tasks.gradients.plan import create_group, plan_extraction
 
     lakes, _ = on_the_fly
     lake, path, extraction = lakes["kept"]
-    changed = extraction.model_copy(update={"layers": ["model.layers.0.mlp.*_proj.weight"],
+    changed = extraction.model_copy(update={"max_length": extraction.max_length // 2,
                                             "projections": [ProjectionSpec(kind="sparse", dim=128, scope="flat", seed=9)]})
     before = sorted(open_lake(lake).catalog()["path"])
-    with pytest.raises(LakeError, match="differs in .*layers"):
+    with pytest.raises(LakeError, match="differs in .*max_length"):
         create_group(plan_extraction(changed))
     assert sorted(open_lake(lake).catalog()["path"]) == before
     assert not any("sparse" in p for p in before)

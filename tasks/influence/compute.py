@@ -190,6 +190,9 @@ def compute_influence(spec: InfluenceSpec, log: Callable[[str], None] = print, w
                        factor_args=factor_args(spec))
             # fit_all_factors' three phases, each that the strategy needs, one at a time: each says when it starts and ends
             needs = FactorConfig.CONFIGS[spec.strategy]
+            if not (needs.requires_covariance_matrices or needs.requires_eigendecomposition
+                    or needs.requires_lambda_matrices):
+                analyzer.fit_all_factors(**fit)  # no phase (identity): only the factor arguments scoring reads are saved
             if needs.requires_covariance_matrices:
                 with phase(log, task, f"{spec.strategy} covariance matrices", n_train):
                     analyzer.fit_covariance_matrices(**fit)
