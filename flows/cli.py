@@ -161,7 +161,7 @@ def demo(settings,
 
     url = normalize_url(_lake(lake))
     log = demo_log(url)
-    typer.echo(f"demo: one line per stage here (about 5 minutes on two cores at the default sizes); the whole log: {log}")
+    typer.echo(f"demo: one line per stage here (about 6 minutes on two cores at the default sizes); the whole log: {log}")
     with log_to_file(log):
         result = demo_pipeline(url, settings=settings)
     store = LakeStore(url)
