@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +17,24 @@ REPO = Path(__file__).resolve().parents[1]
 # Tests never reach the hub; everything they load is built here.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def start_worker(pool: str, name: str, env: dict, logs: Path, limit: int = 1) -> subprocess.Popen:
+    """A Prefect process worker started outside the checkout (it finds the flows in its installed gradlake), logging to logs/<name>.log."""
+    out = open(logs / f"{name}.log", "w")
+    return subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--name", name,
+                             "--type", "process", "--limit", str(limit)],
+                            cwd=logs, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """End a process started in its own session and everything it started: SIGTERM, then SIGKILL after 20 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def free_port() -> int:

@@ -62,12 +62,10 @@ def race(store: LakeStore, first: str, second: str) -> dict:
     return out
 
 
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path):
-    if request.param == "local":
-        return LakeStore(f"file://{tmp_path}/lake")
-    request.getfixturevalue("s3_endpoint")
-    return LakeStore(f"s3://lake/race-{tmp_path.name}")
+@pytest.fixture
+def store(lake_store):
+    """An empty lake on the local filesystem and on the loopback S3 endpoint (conftest's lake_store)."""
+    return lake_store
 
 
 @pytest.mark.parametrize("first,second", [("float32", "float16"), ("float16", "float32")])

@@ -24,7 +24,7 @@ import pytest
 import xarray as xr
 import yaml
 
-from conftest import REPO, write_probe
+from conftest import REPO, start_worker, stop_process, write_probe
 from gradlake.flows.extract import extract_gradients
 from gradlake.lake import open_lake
 from gradlake.tasks.gradients.plan import ExtractionSpec
@@ -42,22 +42,6 @@ def _prefect(*args: str, env: dict) -> str:
     return done.stdout
 
 
-def _start_worker(pool: str, name: str, env: dict, logs: Path) -> subprocess.Popen:
-    """A process worker started outside the checkout: it finds the flows in its installed gradlake."""
-    out = open(logs / f"{name}.log", "w")
-    return subprocess.Popen([*PREFECT, "worker", "start", "--pool", pool, "--name", name, "--type", "process", "--limit", "1"],
-                            cwd=logs, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
 @pytest.fixture(scope="module")
 def platform(prefect_server, s3_endpoint, tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("platform")
@@ -72,14 +56,14 @@ def platform(prefect_server, s3_endpoint, tiny_models, tmp_path_factory):
         _prefect("work-pool", "create", pool, "--type", "process", "--overwrite", env=env)
     _prefect("work-pool", "set-concurrency-limit", "gpu", "2", env=env)
     _prefect("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml", env=env)
-    workers = {name: _start_worker(pool, name, env, root) for pool, name in (("gpu", "gpu-1"), ("gpu", "gpu-2"), ("cpu", "cpu-1"))}
+    workers = {name: start_worker(pool, name, env, root) for pool, name in (("gpu", "gpu-1"), ("gpu", "gpu-2"), ("cpu", "cpu-1"))}
     lake = "s3://lake/platform"
     write_probe(lake, N)
     try:
         yield {"lake": lake, "watched": watched, "env": env, "workers": workers, "root": root}
     finally:
         for proc in workers.values():
-            _stop(proc)
+            stop_process(proc)
 
 
 def _run_pipeline(spec: dict, timeout: float = 600):

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import REPO, write_probe
+from conftest import REPO, start_worker, stop_process, write_probe
 from gradlake.flows.fanout import WorkRate
 
 N = 16
@@ -139,21 +137,6 @@ def _final(run_id, timeout: float = 300):
     return state
 
 
-def _start_worker(pool: str, name: str, env: dict, logs: Path) -> subprocess.Popen:
-    out = open(logs / f"{name}.log", "w")
-    return subprocess.Popen([*PREFECT, "worker", "start", "--pool", pool, "--name", name, "--type", "process", "--limit", "2"],
-                            cwd=logs, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
 @pytest.fixture(scope="module")
 def watch_platform(prefect_server, tiny_models, tmp_path_factory):
     """Pools watch-cpu (a worker), watch-gpu and watch-idle (none yet); the pipeline and its shard stage deployed."""
@@ -173,14 +156,14 @@ def watch_platform(prefect_server, tiny_models, tmp_path_factory):
                  ["--no-prompt", "deploy", "--all", "--prefect-file", str(root / "prefect.yaml")]]:
         done = subprocess.run([*PREFECT, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
-    workers = {"cpu": _start_worker("watch-cpu", "watch-cpu-1", env, root)}
+    workers = {"cpu": start_worker("watch-cpu", "watch-cpu-1", env, root, limit=2)}
     lake = f"file://{root / 'lake'}"
     write_probe(lake, N)
     try:
         yield {"root": root, "env": env, "workers": workers, "lake": lake}
     finally:
         for proc in workers.values():
-            _stop(proc)
+            stop_process(proc)
 
 
 def _spec(platform: dict, watched: Path, shards: str, max_attempts: int):
@@ -230,7 +213,8 @@ def test_a_failed_checkpoint_is_started_again_once_a_worker_is_back(watch_platfo
     catalog = open_lake(watch_platform["lake"]).catalog().query("kind == 'gradients' and checkpoint == 'checkpoint-1'")
     assert len(catalog) and not catalog["complete"].any()
 
-    watch_platform["workers"]["gpu"] = _start_worker("watch-gpu", "watch-gpu-1", watch_platform["env"], watch_platform["root"])
+    watch_platform["workers"]["gpu"] = start_worker("watch-gpu", "watch-gpu-1", watch_platform["env"], watch_platform["root"],
+                                                    limit=2)
     started, logs = _tick(spec)
     assert started == ["checkpoint-1"], logs
     assert f"checkpoint-1 of {watched}: attempt 2 of 3 (the previous run Failed: " in logs, logs
