@@ -179,8 +179,9 @@ def test_spec_errors_name_the_value():
         TrainSpec(**base, keep=["a"], drop=["b"])
     with pytest.raises(ValueError, match="micro_batch_size 9 exceeds batch_size 8"):
         TrainSpec(**base, micro_batch_size=9)
-    with pytest.raises(ValueError, match="greater than 0"):
-        TrainSpec(**base, learning_rate=0)
+    for rate in (0, -1e-3, float("inf"), float("nan")):  # inf and nan passed pydantic's gt=0 / said only "> 0"
+        with pytest.raises(ValueError, match=f"learning rate {float(rate)} is not accepted: give a finite number above 0"):
+            TrainSpec(**base, learning_rate=rate)
 
 
 def test_unwritable_prefix_and_foreign_checkpoints_are_refused(tiny_models, lake, tmp_path, reference_run):

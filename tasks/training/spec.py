@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gradlake.tasks.common.loss import CHAT_TEMPLATE_HELP, Paradigm
 from gradlake.tasks.common.model import ModelSpec
@@ -42,7 +43,7 @@ class TrainSpec(BaseModel):
     epochs: int = Field(default=1, ge=1, description="Passes over the data when `steps` is empty.")
     batch_size: int = Field(default=8, ge=1, description="Samples per optimizer step.")
     micro_batch_size: int | None = Field(default=None, ge=1, description="Samples per forward/backward pass (gradient accumulation); empty: the whole batch.")
-    learning_rate: float = Field(default=1e-4, gt=0, description="Peak AdamW learning rate.")
+    learning_rate: float = Field(default=1e-4, json_schema_extra={"exclusiveMinimum": 0}, description="Peak AdamW learning rate (finite, above 0).")
     schedule: Schedule = Field(default="linear", description="Learning-rate decay after warm-up: constant, linear to 0 or cosine to 0.")
     warmup_steps: int = Field(default=0, ge=0, description="Steps of linear warm-up from 0 to the peak rate.")
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW decoupled weight decay.")
@@ -57,6 +58,14 @@ class TrainSpec(BaseModel):
     drop: list[str] | None = Field(default=None, description="Train on every sample except these ids.")
     storage_options: dict = Field(default={}, description="fsspec options for an s3:// prefix (no credentials: those come from the environment).")
     quality: QualitySpec | None = Field(default=QualitySpec(), title="Answer quality", description="Score each checkpoint's greedy answers (ROUGE-L, BLEU, optional LLM judge) into the lake; empty: skip.")
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _finite_rate(cls, rate: float) -> float:
+        # pydantic's gt=0 lets inf through (and says nothing useful of nan): AdamW would write NaN weights.
+        if not math.isfinite(rate) or rate <= 0:
+            raise ValueError(f"learning rate {rate} is not accepted: give a finite number above 0, such as 1e-4")
+        return rate
 
     @model_validator(mode="after")
     def _check(self) -> "TrainSpec":
