@@ -325,13 +325,18 @@ def train_command(spec) -> None:
 def influence_command(spec) -> None:
     """Kronfluence influence (identity, diagonal, kfac, ekfac) of training samples on queries, into the lake."""
     from gradlake.flows.influence import compute_influence_flow
+    from gradlake.lake.store import LakeError
     from gradlake.tasks.influence.compute import plan_influence
 
     try:
         plan_influence(spec)
     except (ValueError, OSError) as err:
         fail(err)
-    typer.echo(f"{spec.lake}/{compute_influence_flow(spec)}")
+    try:
+        path = compute_influence_flow(spec)
+    except LakeError as err:  # damaged factors or score metadata in the lake: one line
+        fail(err)
+    typer.echo(f"{spec.lake}/{path}")
 
 
 @spec_command(app, "attribution", "gradlake.tasks.attribution.spec:AttributionSpec", fallbacks={"train.lake": _default_lake})

@@ -413,3 +413,70 @@ def test_factor_fitting_and_scoring_say_their_progress(tiny_models, lake, tmp_pa
     # scores: the queries once, then every training sample for the one batch of queries
     last = [line for line in said if line.startswith("scoring block (0, 0): ") and "/" in line][-1]
     assert last.split(": ", 1)[1].startswith(f"{N_QUERY + N_TRAIN}/{N_QUERY + N_TRAIN} samples"), last
+
+
+# ---------------------------------------------------------------- factors and score metadata read back from the lake
+
+def _factored_lake(tiny_models, tmp_path) -> tuple[str, str, str]:
+    """A lake with identity factors and their scores: (lake, factors directory, score group path)."""
+    lake = str(tmp_path / "lake")
+    write_probe(lake, 8)
+    path = compute_influence(spec_for(tiny_models, lake, strategy="identity", max_queries=2), log=lambda _: None)
+    factors = ScoreGroup.open(LakeStore(lake), path).meta["lineage"]["factors"]
+    return lake, f"{lake}/{factors}", path
+
+
+def _influence_cli(tiny_models, lake: str, *extra: str):
+    from typer.testing import CliRunner
+
+    from gradlake.flows.cli import app
+
+    result = CliRunner().invoke(app, ["influence", "--model", str(tiny_models["olmo2"]), "--checkpoint", "checkpoint-1",
+                                      "--device", "cpu", "--lake", lake, "--dataset", "probe", "--strategy", "identity",
+                                      "--layers", MLP, "--max-queries", "2", "--max-length", "256", *extra])
+    return result.exit_code, result.output
+
+
+@pytest.mark.parametrize("keep_manifest", [True, False])
+def test_factor_names_read_from_the_lake_stay_inside_their_directory(tiny_models, tmp_path, keep_manifest):
+    """A `files` entry naming an absolute path or climbing out with '..' is refused; nothing is written outside."""
+    import json
+
+    from gradlake.lake.manifest import entry, read_manifest, write_manifest
+
+    lake, factors, _ = _factored_lake(tiny_models, tmp_path)
+    outside, climbed = tmp_path / "outside.json", tmp_path / "escaped.json"
+    record = json.loads(open(f"{factors}/factors.json").read())
+    assert record["files"] and all(os.path.exists(f"{factors}/{name}") for name in record["files"])
+    record["files"] += [str(outside), "../" * 12 + str(climbed).lstrip("/")]
+    raw = json.dumps(record).encode()
+    open(f"{factors}/factors.json", "wb").write(raw)
+    fs = LakeStore(lake).fs
+    if keep_manifest:  # a tamperer who rewrote the manifest too
+        write_manifest(fs, factors, {**read_manifest(fs, factors), "factors.json": entry(raw)})
+    else:  # a lake written before factors had a manifest
+        os.remove(f"{factors}/manifest.json")
+    code, out = _influence_cli(tiny_models, lake, "--method", "again")
+    assert code == 2 and "not a plain relative path inside its directory" in out and str(outside) in out, out
+    assert "Traceback" not in out and out.count("error:") == 1
+    assert not outside.exists() and not climbed.exists()
+
+
+@pytest.mark.parametrize("damaged", ["factors.json", "a factor file", "the score group's zarr.json"])
+def test_damaged_factors_or_score_metadata_end_in_one_error_line(tiny_models, tmp_path, damaged):
+    import json
+
+    lake, factors, path = _factored_lake(tiny_models, tmp_path)
+    manifest = json.loads(open(f"{factors}/manifest.json").read())["files"]
+    others = sorted(set(manifest) - {"factors.json"})
+    assert "factors.json" in manifest and others, manifest  # every file of the factors has a digest
+    target = {"factors.json": f"{factors}/factors.json", "a factor file": f"{factors}/{others[0]}",
+              "the score group's zarr.json": f"{lake}/{path}/zarr.json"}[damaged]
+    data = bytearray(open(target, "rb").read())
+    data[len(data) // 2] ^= 0xFF  # one byte flipped: still parses for a factor file, wrong for its digest
+    open(target, "wb").write(bytes(data) if damaged != "the score group's zarr.json" else b"{ not json")
+    method = [] if damaged == "the score group's zarr.json" else ["--method", "again"]  # the factors are read back
+    code, out = _influence_cli(tiny_models, lake, *method)
+    lines = [line for line in out.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in out, out
+    assert target.rsplit("/", 1)[-1] in lines[0] and ("gradlake verify" in lines[0] or "rerun" in lines[0]), lines[0]

@@ -16,7 +16,7 @@ from prefect.cache_policies import NONE
 from gradlake.lake import layout
 from gradlake.lake.datasets import dataset_meta, read_dataset
 from gradlake.lake.scores import ScoreGroup
-from gradlake.lake.store import LakeStore
+from gradlake.lake.store import DamagedMetadata, LakeError, LakeStore, public_url, read_json
 from gradlake.tasks.common.loss import chat_template_text, encode_sample
 from gradlake.tasks.common.model import (DTYPES, ModelSpec, capped_length, check_model, hub_options,
                                          lake_names, resolved_commit)
@@ -152,9 +152,8 @@ def compute_influence(spec: InfluenceSpec, log: Callable[[str], None] = print, w
                                    spec.method_name)
     settings, lineage = _record(spec, spec_model, commit, plan, tracked_conv1d, factors_dir)
     n_train = len(keys)
-    group = ScoreGroup.create(store, path, query_ids, keys, {"method": spec.method_name, "kind": "influence",
-                                                             "settings": settings, "lineage": lineage},
-                              query_rows=max(1, len(query_ids)), train_cols=spec.train_block)
+    group = _score_group(store, path, query_ids, keys, {"method": spec.method_name, "kind": "influence",
+                                                        "settings": settings, "lineage": lineage}, spec.train_block)
     # a block: every query (their gradients are computed once per block) x `train_block` training samples
     if group.meta.get("complete"):
         log(f"scores {path} are complete in the lake; nothing to do")
@@ -225,6 +224,29 @@ def compute_influence(spec: InfluenceSpec, log: Callable[[str], None] = print, w
                  lake_bytes=_bytes_under(store, factors_dir) + _bytes_under(store, path))
     log(f"influence ({spec.strategy}) of {n_train} training samples on {len(query_ids)} queries: {path}")
     return path
+
+
+SCORE_ARRAYS = ("scores", "query", "train", "block_complete")
+
+
+def _score_group(store: LakeStore, path: str, query_ids: list[str], keys: list[str], meta: dict,
+                 train_block: int) -> ScoreGroup:
+    """The score group to fill (reopened to resume); its damaged metadata is one error naming the file."""
+    redo = (f"remove {public_url(store.url)}/{path} and rerun `gradlake influence` (its blocks are scored again), "
+            "or run `gradlake verify`")
+    for name in ("zarr.json", *(f"{array}/zarr.json" for array in SCORE_ARRAYS)):
+        try:
+            read_json(store, f"{path}/{name}")
+        except DamagedMetadata as err:
+            raise DamagedMetadata(f"{err}; {redo}") from None
+    try:
+        return ScoreGroup.create(store, path, query_ids, keys, meta, query_rows=max(1, len(query_ids)),
+                                 train_cols=train_block)
+    except LakeError:
+        raise
+    except (ValueError, KeyError, TypeError) as err:  # JSON that is not the Zarr metadata it was
+        raise DamagedMetadata(f"damaged metadata: the score group {public_url(store.url)}/{path} cannot be opened "
+                              f"({type(err).__name__}: {str(err)[:100]}); {redo}") from None
 
 
 @contextmanager

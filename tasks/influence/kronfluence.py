@@ -10,7 +10,9 @@ from pathlib import Path
 
 import torch
 
-from gradlake.lake.store import LakeStore
+from gradlake.lake.manifest import (DamagedFile, entry, local_entries, read_checked, read_manifest, safe_name,
+                                    write_manifest)
+from gradlake.lake.store import LakeError, LakeStore, public_url
 from gradlake.tasks.common.loss import IGNORE_INDEX, Encoded, pad_batch, sample_losses
 from gradlake.tasks.common.model import ModelError
 from gradlake.tasks.influence.spec import LAYER_KEYWORDS, SCORE_DTYPES, InfluenceError, InfluenceSpec, damping_factor
@@ -167,26 +169,73 @@ def score_args(spec: InfluenceSpec):
                           score_dtype=dtype, per_sample_gradient_dtype=dtype, precondition_dtype=torch.float32)
 
 
+FACTORS_RECORD = "factors.json"  # the lineage and the files of a set of factors; manifest.json (digests) is written last
+
+
 def copy_factors_to_lake(store: LakeStore, local: Path, lake_dir: str, lineage: dict) -> None:
-    files = sorted(p for p in local.rglob("*") if p.is_file())
+    """Copy Kronfluence's factor files into `lake_dir`, then their record, then the digest manifest of them all."""
+    names = sorted(p.relative_to(local).as_posix() for p in local.rglob("*")
+                   if p.is_file() and p.suffix in (".safetensors", ".json"))
     store.fs.makedirs(store.path(lake_dir), exist_ok=True)
-    for path in files:
-        if path.suffix in (".safetensors", ".json"):
-            store.fs.put_file(str(path), store.path(f"{lake_dir}/{path.relative_to(local).as_posix()}"))
-    manifest = {**lineage, "files": [p.relative_to(local).as_posix() for p in files if p.suffix in (".safetensors", ".json")]}
-    store.fs.pipe_file(store.path(f"{lake_dir}/factors.json"), json.dumps(manifest, indent=1).encode())
+    for name in names:
+        store.fs.put_file(str(local / name), store.path(f"{lake_dir}/{name}"))
+    record = json.dumps({**lineage, "files": names}, indent=1).encode()
+    store.fs.pipe_file(store.path(f"{lake_dir}/{FACTORS_RECORD}"), record)
+    write_manifest(store.fs, store.path(lake_dir), {**local_entries(str(local), names), FACTORS_RECORD: entry(record)})
+
+
+def _factor_files(store: LakeStore, lake_dir: str) -> tuple[list[str], dict | None] | None:
+    """(the file names `factors.json` lists, the manifest's entries) of stored factors; None when there are none.
+
+    A damaged record or manifest, or a name that would leave the directory, is one LakeError naming the file."""
+    directory = store.path(lake_dir)
+    redo = (f"remove {public_url(store.url)}/{lake_dir} and rerun `gradlake influence` (the factors are fitted "
+            "again), or run `gradlake verify` to list what else is damaged")
+    with store.explained_errors():
+        try:
+            files = read_manifest(store.fs, directory)
+            raw = read_checked(store.fs, directory, FACTORS_RECORD, files)
+        except FileNotFoundError:
+            return None
+        except DamagedFile as err:
+            raise DamagedFile(f"damaged influence factors: {err}; {redo}") from None
+    try:
+        names = json.loads(raw)["files"]
+        if not isinstance(names, list):
+            raise TypeError(f"'files' holds {type(names).__name__}, not a list")
+    except (ValueError, KeyError, TypeError) as err:
+        raise DamagedFile(f"damaged influence factors: {directory}/{FACTORS_RECORD} is not a factors record "
+                          f"({type(err).__name__}: {str(err)[:80]}); {redo}") from None
+    for name in names:
+        try:
+            safe_name(name, f"{directory}/{FACTORS_RECORD}")
+        except LakeError as err:
+            raise LakeError(f"{err}; {redo}") from None
+    return names, files
+
+
+def _read_factor(store: LakeStore, lake_dir: str, name: str, files: dict | None) -> bytes:
+    with store.explained_errors():
+        try:
+            return read_checked(store.fs, store.path(lake_dir), name, files)
+        except (DamagedFile, FileNotFoundError) as err:
+            what = str(err) if isinstance(err, DamagedFile) else f"{store.path(lake_dir)}/{name} is missing"
+            raise DamagedFile(f"damaged influence factors: {what}; remove {public_url(store.url)}/{lake_dir} and "
+                              "rerun `gradlake influence` (the factors are fitted again)") from None
 
 
 def factors_from_lake(store: LakeStore, lake_dir: str, local: Path) -> bool:
-    """Put factors the lake holds where Kronfluence looks for them; False when the lake has none (complete)."""
-    try:
-        manifest = json.loads(store.fs.cat_file(store.path(f"{lake_dir}/factors.json")))
-    except FileNotFoundError:
+    """Put factors the lake holds where Kronfluence looks for them; False when the lake has none (complete).
+
+    Every file is checked against the directory's manifest, and never written outside `local`."""
+    found = _factor_files(store, lake_dir)
+    if found is None:
         return False
-    for name in manifest["files"]:
+    names, files = found
+    for name in names:
         target = local / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        store.fs.get_file(store.path(f"{lake_dir}/{name}"), str(target))
+        target.write_bytes(_read_factor(store, lake_dir, name, files))
     return True
 
 
@@ -194,9 +243,12 @@ def load_factors(store: LakeStore, lake_dir: str) -> dict[str, dict[str, torch.T
     """The factors stored in the lake: {file stem: {module name: tensor}}, read from safetensors."""
     from safetensors.torch import load as load_bytes
 
-    manifest = json.loads(store.fs.cat_file(store.path(f"{lake_dir}/factors.json")))
-    return {Path(name).stem: load_bytes(store.fs.cat_file(store.path(f"{lake_dir}/{name}")))
-            for name in manifest["files"] if name.endswith(".safetensors")}
+    found = _factor_files(store, lake_dir)
+    if found is None:
+        raise LakeError(f"no influence factors at {public_url(store.url)}/{lake_dir}")
+    names, files = found
+    return {Path(name).stem: load_bytes(_read_factor(store, lake_dir, name, files))
+            for name in names if name.endswith(".safetensors")}
 
 
 def kronfluence_version() -> str:
