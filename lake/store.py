@@ -72,6 +72,7 @@ def normalize_url(url: str) -> str:
     """A lake URL with a scheme: plain paths become absolute ``file://`` URLs."""
     if not url:
         raise LakeError("the lake URL is empty; pass file:///path/to/lake, a directory path, or s3://bucket/prefix")
+    refuse_credentials(url, "lake URL")
     scheme = urlparse(url).scheme
     if scheme in ("", "file"):
         path = url[len("file://"):] if url.startswith("file://") else url
@@ -79,6 +80,17 @@ def normalize_url(url: str) -> str:
     if scheme not in ("s3", "s3a"):
         raise LakeError(f"lake URL scheme {scheme!r} of {url!r} is not supported; use file:// or s3://")
     return url.rstrip("/")
+
+
+def refuse_credentials(url: str, what: str, instead: str = "the credentials in the environment (AWS_ACCESS_KEY_ID "
+                       "and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, for s3://)") -> str:
+    """`url` unless it carries ``user:password@`` (a credential); then one LakeError that leaves it out.
+
+    `instead`: where the credentials belong, said in the message."""
+    if "://" in url and "@" in urlsplit(url).netloc:
+        raise LakeError(f"{what} {public_url(url)!r} was given with credentials in it ('<user>:<secret>@', left out "
+                        f"here): give the URL without them, and {instead}")
+    return url
 
 
 def public_url(url: str) -> str:

@@ -21,7 +21,7 @@ from gradlake.tasks.data.sources import SourceSpec, load_source, named_source
 class DatasetRecipe(BaseModel):
     """How a probe set is made: its source, and which variants to make of it (not where it is stored)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # a refused API key setting is never shown
 
     source: SourceSpec = Field(default_factory=SourceSpec, title="Source", description="The source and the sampling of it; by default the probe set bundled with gradlake ('bundled:probe'), all of it, with its paraphrases.")
     paraphrase: ParaphraseSpec | None = Field(default=None, title="Paraphrase through an API", description="Make the 'paraphrased' variant: every user turn rewritten by a chat model behind an OpenAI-compatible API.")

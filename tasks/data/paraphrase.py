@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,10 +34,10 @@ import openai
 import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gradlake.lake import layout
-from gradlake.lake.store import LakeStore
+from gradlake.lake.store import LakeStore, public_url, refuse_credentials
 from gradlake.tasks.common.retries import not_answering, retry_unless_bad_input, unreachable
 
 
@@ -55,7 +56,8 @@ DEFAULT_SYSTEM_PROMPT = (
 class ChatAPI(BaseModel):
     """An OpenAI-compatible chat API: which model, which server, where its key is, how hard to retry."""
 
-    model_config = ConfigDict(extra="forbid")
+    # A refused key setting must not be shown by pydantic's own rendering of the error either (Prefect logs it).
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     model: str = Field(default="gpt-4o-mini", description="Chat model, as the server names it.")
     base_url: str | None = Field(default=None, description="Base URL of any OpenAI-compatible API (OpenAI, vLLM, Ollama, ...), e.g. 'http://localhost:8000/v1'; default: $OPENAI_BASE_URL, else OpenAI's.")
@@ -63,6 +65,40 @@ class ChatAPI(BaseModel):
     timeout_s: float = Field(default=60, gt=0, title="Request timeout (seconds)", description="Seconds one request may take before it is retried.")
     api_key_env: str = Field(default="OPENAI_API_KEY", min_length=1, description="NAME of the environment variable holding the API key (never the key itself).")
     api_key_block: str | None = Field(default=None, description="Name of a Prefect Secret block holding the API key; used instead of api_key_env when set.")
+
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_key_given(cls, data):
+        # Checked on the whole settings, not field by field: a field's error would show the value given, the key.
+        if isinstance(data, dict):
+            refused = key_given(data.get("api_key_env"), data.get("api_key_block"))
+            if refused:
+                raise ValueError(refused)
+            if isinstance(data.get("base_url"), str):
+                refuse_credentials(data["base_url"], "base_url", "the API key in the variable api_key_env names")
+        return data
+
+
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+KEY_PREFIXES = ("sk-", "sk_", "pk-", "hf_", "gsk_", "ghp_", "github_pat_", "xai-", "AKIA", "ASIA")
+
+
+def _looks_like_a_key(value: str) -> bool:
+    mixed = any(c.islower() for c in value) and any(c.isupper() for c in value) and any(c.isdigit() for c in value)
+    return value.startswith(KEY_PREFIXES) or (len(value) >= 24 and mixed)
+
+
+def key_given(env: object, block: object) -> str | None:
+    """The refusal (never showing the value) when api_key_env is no variable name or either setting looks like a key."""
+    if isinstance(env, str) and (not ENV_NAME.fullmatch(env) or _looks_like_a_key(env)):
+        return ("api_key_env must be the NAME of the environment variable that holds the API key (letters, digits and "
+                "'_', not starting with a digit, e.g. OPENAI_API_KEY), never the key itself; the value given is not "
+                "shown: put the key in such a variable (export OPENAI_API_KEY=...) and pass its name")
+    if isinstance(block, str) and _looks_like_a_key(block):
+        return ("api_key_block must be the NAME of a Prefect Secret block holding the API key, never the key itself; "
+                "the value given is not shown: store the key with `prefect block create secret` and pass the block's name")
+    return None
 
 
 class ParaphraseSpec(ChatAPI):
@@ -94,7 +130,7 @@ def resolved_base_url(spec: ChatAPI) -> str:
 
 def no_server(spec: ChatAPI, why: str) -> ParaphraseError:
     """The error for an API that is not there: which URL, why, and what to check."""
-    base_url = resolved_base_url(spec)
+    base_url = public_url(resolved_base_url(spec))
     where = "the base_url setting" if spec.base_url else ("$OPENAI_BASE_URL" if os.environ.get("OPENAI_BASE_URL")
                                                           else "OpenAI's default URL")
     return ParaphraseError(f"no API answers at {base_url} ({why}; the URL is {where}): check base_url and that the "

@@ -50,7 +50,7 @@ class JudgeSpec(ChatAPI):
 class QualitySpec(BaseModel):
     """Which prompts a checkpoint answers, and how the answers are scored."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # a refused API key setting is never shown
 
     variant: str = Field(default="original", description="Dataset variant whose prompts are answered and whose answers are the references.")
     max_samples: int | None = Field(default=64, ge=1, description="Answer only the first this many samples; empty: all.")

@@ -1,0 +1,56 @@
+"""No path escapes the lake and no credential reaches a message: names given as parameters, names read from the lake,
+links inside a local lake, credentials in a lake URL or in the API key's setting."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from gradlake.flows.cli import app
+
+runner = CliRunner()
+SECRET, KEY_ID = "wJalrXUtnFEMIK7MDENGbPxRfiCYSECRETKEY", "AKIAIOSFODNN7EXAMPLE"
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+def one_error_line(code: int, out: str) -> str:
+    """The single `error:` line of a refused command (exit 2, no traceback)."""
+    lines = [line for line in out.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in out, out
+    return lines[0]
+
+
+# ---------------------------------------------------------------- credentials
+
+@pytest.mark.parametrize("command", [["catalog"], ["verify"], ["dataset", "probe"]])
+def test_a_lake_url_with_credentials_is_refused_without_showing_them(tmp_path, command):
+    code, out = run_cli(*command, "--lake", f"s3://{KEY_ID}:{SECRET}@bucket/lake")
+    line = one_error_line(code, out)
+    assert SECRET not in out and KEY_ID not in out, out
+    assert "s3://bucket/lake" in line and "credentials" in line and "AWS_SECRET_ACCESS_KEY" in line
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--api-key-env", f"sk-proj-{SECRET}"),  # a key where its variable's name belongs
+    ("--api-key-env", SECRET),  # a valid-looking name that is random text: a key
+    ("--api-key-env", f"not a name {SECRET}"),
+    ("--api-key-block", f"sk-{SECRET}"),
+    ("--base-url", f"http://user:{SECRET}@localhost:9/v1"),
+])
+def test_a_key_given_in_place_of_its_name_is_refused_without_echoing_it(tmp_path, option, value):
+    lake = tmp_path / "lake"
+    code, out = run_cli("dataset", "create", "--name", "probe", "--lake", str(lake), "--paraphrase", option, value)
+    line = one_error_line(code, out)
+    assert SECRET not in out, out
+    assert option.lstrip("-").replace("-", "_") in line and "not shown" in line or "left out" in line, line
+    assert not lake.exists()
+
+
+def test_a_variable_name_is_still_accepted_as_api_key_env():
+    from gradlake.tasks.data.paraphrase import ParaphraseSpec
+
+    assert ParaphraseSpec(api_key_env="MY_VLLM_KEY_2", api_key_block="openai-key").api_key_env == "MY_VLLM_KEY_2"
