@@ -277,8 +277,27 @@ class LakeStore:
     def zarr_root(self, mode: str = "r") -> zarr.Group:
         return zarr.open_group(self.zarr_store, mode=mode, zarr_format=3)
 
+    def check_links(self) -> None:
+        """One LakeError naming the first link inside a local lake that leads out of it (writes would follow it).
+
+        Links that stay inside the lake are allowed; an S3 lake has no links."""
+        if not self.is_local or not os.path.isdir(self.root):
+            return
+        inside = os.path.realpath(self.root)
+        for directory, subdirs, files in os.walk(self.root):  # never follows a link: each is looked at, not entered
+            for name in subdirs + files:
+                path = os.path.join(directory, name)
+                if not os.path.islink(path):
+                    continue
+                target = os.path.realpath(path)
+                if os.path.commonpath([inside, target]) != inside:
+                    raise LakeError(f"{path} in lake {self.root} is a link to {target}, outside the lake: gradlake "
+                                    "would write through it; replace the link by a directory (or copy) inside the "
+                                    "lake, or use the target as a lake of its own")
+
     def check_writable(self) -> None:
-        """Raise one clear error if the lake cannot be written; leaves nothing behind."""
+        """Raise one clear error if the lake cannot be written, or a link in it leads out; leaves nothing behind."""
+        self.check_links()
         probe = self.path(f".gradlake-write-probe-{uuid.uuid4().hex}")
         try:
             if self.is_local:

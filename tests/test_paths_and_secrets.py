@@ -54,3 +54,35 @@ def test_a_variable_name_is_still_accepted_as_api_key_env():
     from gradlake.tasks.data.paraphrase import ParaphraseSpec
 
     assert ParaphraseSpec(api_key_env="MY_VLLM_KEY_2", api_key_block="openai-key").api_key_env == "MY_VLLM_KEY_2"
+
+
+# ---------------------------------------------------------------- links inside a local lake
+
+@pytest.mark.parametrize("link", ["gradients", "datasets/probe/original"])
+def test_a_link_out_of_a_local_lake_is_refused_before_anything_is_written(tiny_models, tmp_path, link):
+    """A directory link inside the lake that leads out of it: extraction would write through it."""
+    import shutil
+
+    from conftest import write_probe
+
+    lake, outside = tmp_path / "lake", tmp_path / "outside"
+    write_probe(str(lake), 6)
+    if link == "gradients":
+        outside.mkdir()
+    else:  # the data itself lies outside, linked in: reading it would do, but a write through the link would escape
+        shutil.move(str(lake / link), str(outside))
+    (lake / link).symlink_to(outside, target_is_directory=True)
+    before = sorted(p.name for p in outside.rglob("*"))
+    code, out = run_cli("extract", "--model", str(tiny_models["olmo2"]), "--checkpoint", "checkpoint-1",
+                        "--layers", "model.layers.*.mlp.down_proj.weight", "--lake", str(lake))
+    line = one_error_line(code, out)
+    assert f"{lake}/{link}" in line and str(outside) in line, line
+    assert sorted(p.name for p in outside.rglob("*")) == before
+
+
+def test_a_link_that_stays_inside_the_lake_is_followed(tmp_path):
+    from gradlake.lake.store import LakeStore
+
+    (tmp_path / "lake" / "a").mkdir(parents=True)
+    (tmp_path / "lake" / "b").symlink_to(tmp_path / "lake" / "a", target_is_directory=True)
+    LakeStore(str(tmp_path / "lake")).check_writable()

@@ -94,6 +94,7 @@ def _plan(spec: InfluenceSpec) -> tuple[dict, tuple]:
     check_weights(spec.model, config)
     chat_template_text(spec.chat_template)  # a named Jinja file must be readable before any work
     sets = load_sets(spec)
+    LakeStore(spec.lake).check_links()  # factors and scores are written into the lake: no link may lead out of it
     keys, _, query_ids, _, versions = sets
     if not keys or not query_ids:
         raise InfluenceError(f"{len(keys)} training samples and {len(query_ids)} queries: nothing to score")
