@@ -26,11 +26,13 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from gradlake.lake import claims, layout
 from gradlake.lake.dtypes import array_attrs, encode, fill_value, zarr_dtype
 from gradlake.lake.gradient_plan import ATTR, GradientPlan, checked_meta, differences, fingerprint, read_meta
-from gradlake.lake.integrity import digest
+from gradlake.lake.integrity import digest, read_checked
 from gradlake.lake.store import LakeError, LakeStore, read_json_attrs
 
 WRITE_THREADS = 8  # arrays of one row-chunk written at once
 CREATE_SECONDS = 120.0  # a creation claim lives this long unless renewed (it is, after every array)
+# The arrays written once, when a group is created: the digest of each is recorded in its attrs ("token_digest").
+TOKEN_ARRAYS = ("sample", "input_ids", "label_mask", "n_tokens")
 
 
 @lru_cache(maxsize=1)
@@ -125,7 +127,12 @@ class GradientGroup:
         mask[:] = label_mask
         lengths = group.create_array("n_tokens", shape=(n,), dtype="int32", chunks=(n,), dimension_names=["sample"],
                                      compressors=packed)
-        lengths[:] = (input_ids >= 0).sum(axis=1).astype("int32")
+        n_tokens = (input_ids >= 0).sum(axis=1).astype("int32")
+        lengths[:] = n_tokens
+        # What each was written as: a chunk of them missing (read as the fill value) or swapped is found.
+        tokens = {"sample": np.asarray(sample_ids, dtype=str), "input_ids": input_ids.astype("int32"),
+                  "label_mask": np.asarray(label_mask, dtype=bool), "n_tokens": n_tokens}
+        token_digest = {name: digest([value]) for name, value in tokens.items()} if checked else None
         renew()
         # One object per flag: runs writing different shards never write the same object.
         group.create_array("shard_complete", shape=(plan.n_chunks,), dtype="uint8", chunks=(1,),
@@ -160,7 +167,8 @@ class GradientGroup:
                                    attributes={"param_shape": plan.parameters[name], **array_attrs(plan.dtype)})
             renew()
         lineage = {**lineage, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-        group.attrs[ATTR] = {"lineage": lineage, "plan": asdict(plan), "fingerprint": fingerprint(lineage, plan)}
+        group.attrs[ATTR] = {"lineage": lineage, "plan": asdict(plan), "fingerprint": fingerprint(lineage, plan),
+                             **({"token_digest": token_digest} if token_digest else {})}
 
     @staticmethod
     def check_path(store: LakeStore, path: str, plan: GradientPlan, lineage: dict) -> bool:
@@ -191,8 +199,8 @@ class GradientGroup:
     # -- chunks and shards ----------------------------------------------------------------
 
     def done_chunks(self) -> np.ndarray:
-        """One bool per row-chunk: True once it is written in full."""
-        return self.array("shard_complete")[:].astype(bool)
+        """One bool per row-chunk: True once it is written in full (a damaged flag object: one LakeError naming it)."""
+        return read_checked(self.array("shard_complete"), slice(None)).astype(bool)
 
     def pending_chunks(self, start: int = 0, stop: int | None = None) -> list[int]:
         """The row-chunks holding samples in [start, stop) that are not written yet (only their flags are read)."""
@@ -200,7 +208,7 @@ class GradientGroup:
         chunks = layout.chunks_in(start, stop, self.plan.chunk_rows)
         if not chunks:
             return []
-        done = self.array("shard_complete")[chunks.start:chunks.stop].astype(bool)
+        done = read_checked(self.array("shard_complete"), slice(chunks.start, chunks.stop)).astype(bool)
         return [k for k, flag in zip(chunks, done) if not flag]
 
     def shard_bounds(self, index: int, shard_size: int) -> tuple[int, int]:
@@ -305,6 +313,32 @@ class GradientGroup:
             if tuple(array.shape) != shape or (dtype and str(array.dtype) != dtype):
                 problems.append(f"array {name!r} is {tuple(array.shape)} {array.dtype} in its zarr.json; the plan says "
                                 f"{shape} {dtype}")
+        return problems
+
+    def tokens(self, name: str) -> np.ndarray:
+        """Token array `name` (one of `TOKEN_ARRAYS`) whole, checked against the digest recorded when the group was made.
+
+        A damaged chunk object, or values that differ from what was written (a chunk missing, read as
+        its fill value), is one LakeError naming the group and array."""
+        remake = "flags cannot repair it: remove the group and extract again"
+        try:
+            values = read_checked(self.array(name), slice(None))
+        except LakeError as err:
+            raise LakeError(f"{str(err).split('; run ', 1)[0]}; {remake}") from None
+        recorded = (dict(self.group.attrs)[ATTR].get("token_digest") or {}).get(name)
+        if recorded is not None and digest([values]) != recorded:
+            raise LakeError(f"damaged data in {self.path}/{name}: its values differ from the digest recorded when the "
+                            f"group was created (a chunk object missing or replaced); {remake}")
+        return values
+
+    def token_problems(self) -> list[str]:
+        """What is wrong with the group's token arrays (`tokens`), one line each; [] when all are as written."""
+        problems = []
+        for name in TOKEN_ARRAYS:
+            try:
+                self.tokens(name)
+            except LakeError as err:
+                problems.append(f"array {name!r}: {str(err).split(': ', 1)[-1]}")  # the group is the finding's own
         return problems
 
     def meta_complete(self) -> bool:

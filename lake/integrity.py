@@ -17,9 +17,17 @@ from gradlake.lake.store import LakeError
 
 
 def digest(values) -> int:
-    """CRC32 of arrays' bytes, one after the other: what a row-chunk held when it was written."""
+    """CRC32 of arrays' bytes, one after the other: what a row-chunk (or a group's token array) held when written.
+
+    Text (sample ids) is taken as its UTF-8 characters, each value ended by a NUL: the same whichever
+    string dtype it is read back as."""
     crc = 0
     for value in values:
+        value = np.asarray(value)
+        if value.dtype.kind in "OTU":
+            data = b"".join(str(v).encode("utf-8", "surrogatepass") + b"\0" for v in value.ravel())
+            crc = zlib.crc32(data, crc)
+            continue
         crc = zlib.crc32(memoryview(np.ascontiguousarray(value)).cast("B"), crc)
     return crc
 
@@ -42,11 +50,11 @@ def damaged_chunk(array: zarr.Array, rows: slice, err: Exception) -> str:
     return f"cannot be read ({type(err).__name__}: {err})"
 
 
-def read_checked(array: zarr.Array, selection, dtype=None) -> np.ndarray:
+def read_checked(array: zarr.Array, selection, dtype=None, nan_ok: bool = False) -> np.ndarray:
     """`array[selection]`, or one LakeError naming the group, array and chunk object that is damaged.
 
     A missing chunk of a checked group reads as NaN (its fill value); gradients and scores never
-    are, so NaN is reported the same way.  bfloat16 arrays come back as float32 (see `lake.dtypes`).
+    are, so NaN is reported the same way (unless `nan_ok`: the caller names the block itself).  bfloat16 arrays come back as float32 (see `lake.dtypes`).
     """
     try:
         values = np.asarray(decode(array[selection], array.attrs), dtype=dtype)
@@ -55,7 +63,7 @@ def read_checked(array: zarr.Array, selection, dtype=None) -> np.ndarray:
         rows = rows if isinstance(rows, slice) else slice(rows, rows + 1)
         raise LakeError(f"damaged data in {array.name.lstrip('/')}: {damaged_chunk(array, rows, err)}; run "
                         "`gradlake verify --repair` on the lake, then the stage that wrote it again") from None
-    if values.dtype.kind == "f" and np.isnan(values).any():
+    if not nan_ok and values.dtype.kind == "f" and np.isnan(values).any():
         rows = np.flatnonzero(np.isnan(values).reshape(values.shape[0], -1).any(axis=1)) if values.ndim else [0]
         raise LakeError(f"{array.name.lstrip('/')} holds NaN (rows {list(rows[:5])} of the selection): a chunk "
                         "object is missing or a value was NaN when written; run `gradlake verify` on the lake")

@@ -58,3 +58,33 @@ class ChunkLeases:
         for (path, k), store in list(self.held.items()):
             claims.release(store, layout.lease_claim(path, k))
         self.held.clear()
+
+
+def live(claim: claims.Claim | None) -> bool:
+    """True when a claim is held by a process that may still be working: not expired, not known dead."""
+    return claim is not None and not claim.expired and not claims.died_here(claim.about)
+
+
+def leased_chunks(store: LakeStore, path: str) -> set[int]:
+    """The row-chunks of the group at `path` that a live worker holds a lease on right now (work in progress)."""
+    held = set()
+    for found in store.glob(layout.claim_file(layout.lease_claim(path, "*"))):
+        name = found.rsplit("/", 1)[-1][:-len(".json")]
+        if name.isdigit() and live(claims.read_claim(store, layout.lease_claim(path, int(name)))):
+            held.add(int(name))
+    return held
+
+
+def lease_held(store: LakeStore, path: str, index: int) -> bool:
+    """True while a live worker holds the lease on row-chunk `index` of the group at `path`."""
+    return live(claims.read_claim(store, layout.lease_claim(path, index)))
+
+
+def lease_for_repair(store: LakeStore, path: str, index: int, owner: str) -> bool:
+    """Lease row-chunk `index` for a repair (a short lease); False while a live worker holds it."""
+    return claims.take(store, layout.lease_claim(path, index), owner, 60.0, {"repair": True})
+
+
+def release_repair(store: LakeStore, path: str, index: int) -> None:
+    """Give back a lease taken by `lease_for_repair`."""
+    claims.release(store, layout.lease_claim(path, index))

@@ -30,6 +30,7 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from gradlake.lake import layout
+from gradlake.lake.integrity import read_checked
 from gradlake.lake.store import LakeError, LakeStore, scan_json
 
 QUERY_ROWS = 256
@@ -163,10 +164,18 @@ class ScoreGroup:
     # -- reading --------------------------------------------------------------------------
 
     def read(self) -> np.ndarray:
-        """The whole matrix (queries x training samples); one error if any block is missing."""
+        """The whole matrix (queries x training samples); one LakeError if any block is missing or damaged, naming it."""
         if not self.meta.get("complete"):
             raise LakeError(f"scores at {self.path} are not complete ({len(self.pending_blocks())} blocks missing)")
-        return np.asarray(self.group["scores"][:], dtype=np.float32)
+        values = read_checked(self.group["scores"], slice(None), dtype=np.float32, nan_ok=True)
+        if np.isnan(values).any():  # scores are always finite: a chunk object is missing (read as its fill value)
+            rows, cols = self.block
+            qb, tb = (int(i) for i in np.argwhere(np.isnan(values))[0] // (rows, cols))
+            qs, ts = self.bounds(qb, tb)
+            raise LakeError(f"scores at {self.path}: block ({qb}, {tb}) (queries {qs.start}-{qs.stop - 1}, training "
+                            f"samples {ts.start}-{ts.stop - 1}) reads as NaN: its chunk object scores/c/{qb}/{tb} is "
+                            "missing; run `gradlake verify --repair` on the lake, then the attribution again")
+        return values
 
     def row_blocks(self) -> Iterator[tuple[int, np.ndarray]]:
         """(first query, scores of a block of query rows x all training samples), for matrices larger than memory."""

@@ -1,7 +1,9 @@
 """Is what the lake says complete really there and unchanged?  `verify_lake` walks it and says.
 
 For every gradient and projection group it checks the metadata against the group's plan (array
-shapes, dtypes, chunk shapes), then reads every row-chunk flagged complete: a chunk object whose
+shapes, dtypes, chunk shapes; a group directory whose zarr.json is gone is named too), its token
+arrays (``sample``, ``input_ids``, ``label_mask``, ``n_tokens``) against the digests recorded when it
+was created, its completion flags object by object, then reads every row-chunk flagged complete: a chunk object whose
 CRC32C does not match (Zarr's crc32c codec), a chunk object that is missing (it reads as NaN, the
 fill value of checked groups) and a row-chunk whose values differ from the digest recorded when it
 was written (a chunk swapped or rewritten) are each found and named.  Score groups are read
@@ -11,8 +13,13 @@ layout, tracing results) by reading their meta.json and every Parquet table.  Gr
 before checksums existed can only be read, not proven; they are reported as "unchecked" for what
 cannot be proven.
 
+Verify runs safely beside an extraction: a row-chunk a live worker holds a lease on (`lake.leases`)
+is "in progress", never judged; a chunk that looks damaged is judged again once (another process
+may be rewriting it), and repair takes the chunk's lease before it touches its flag.
+
 `repair=True` clears the completion flags of exactly the damaged chunks and blocks, so the next
-run of the stage that wrote them recomputes those and nothing else.  Damaged metadata cannot be
+run of the stage that wrote them recomputes those and nothing else; a damaged flag object over a
+chunk whose values still prove their digest is rewritten as complete.  Damaged metadata cannot be
 repaired by flags: those groups are named, with what to do.
 """
 
@@ -26,11 +33,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 import zarr
 
-from gradlake.lake import layout
+from gradlake.lake import claims, layout
 from gradlake.lake.datasets import content_hash, dataset_meta, read_dataset
 from gradlake.lake.gradient_plan import ATTR
 from gradlake.lake.gradients import GradientGroup
 from gradlake.lake.integrity import damaged_chunk, digest
+from gradlake.lake.leases import lease_for_repair, lease_held, leased_chunks, release_repair
 from gradlake.lake.results import META
 from gradlake.lake.scores import ScoreGroup
 from gradlake.lake.store import DamagedMetadata, LakeStore, scan_json
@@ -49,6 +57,8 @@ class Finding:
     status: str = "ok"  # ok | damaged | unchecked
     problems: list[str] = field(default_factory=list)
     chunks: list = field(default_factory=list)  # damaged row-chunks (gradients) or (query, train) blocks (scores)
+    in_progress: list = field(default_factory=list)  # row-chunks a live worker holds: not judged
+    proven: list = field(default_factory=list)  # row-chunks whose flag object is damaged but whose values check
     repairable: bool = True
     repaired: bool = False
 
@@ -76,7 +86,11 @@ def _read(array: zarr.Array, selection, label: str) -> tuple[np.ndarray | None, 
 
 
 def verify_gradient_group(store: LakeStore, path: str, repair: bool = False) -> Finding:
-    """Check one gradient (or projection) group; with `repair`, clear the flags of its damaged chunks."""
+    """Check one gradient (or projection) group; with `repair`, clear the flags of its damaged chunks.
+
+    Every array is covered: the token arrays against the digests recorded when the group was made, the
+    completion flags object by object, each flagged row-chunk's values against its digest.  A chunk a
+    live worker holds a lease on is work in progress: never judged, never cleared."""
     finding = Finding("projection" if "-proj-" in path.rsplit("/", 1)[-1] else "gradients", path)
     try:
         group = GradientGroup.open(store, path)
@@ -88,30 +102,23 @@ def verify_gradient_group(store: LakeStore, path: str, repair: bool = False) -> 
         finding.damage(problem, repairable=False)
     if finding.status == "damaged":
         return finding
-    try:
-        flags = group.done_chunks()
-    except Exception as err:
-        finding.damage(f"completion flags cannot be read ({type(err).__name__})", repairable=False)
-        return finding
-    names = plan.data_arrays()
-    for k in np.flatnonzero(flags).tolist():
-        start, stop = plan.chunk_bounds(k)
-        label = f"row-chunk {k} (samples {start}-{stop - 1})"
-        selection = slice(start, stop) if plan.mode == "store" else k
-        values = []
-        for name in names:
-            value, problem = _read(group.group[name], selection, f"{label}, array {name!r}")
-            if problem:
-                finding.damage(problem, k)
-                break
-            values.append(value)
-        else:
-            if not plan.checksum:
+    for problem in group.token_problems():
+        finding.damage(problem, repairable=False)
+    leased = leased_chunks(store, path)  # before the flags: a chunk flagged after this was leased until then
+    flags, unknown = _flags(group, finding)
+    for k in sorted(set(np.flatnonzero(flags).tolist()) | set(unknown)):
+        problem = _chunk_problem(group, k)
+        if problem and k not in unknown:  # judged once more: a chunk another process rewrites or clears right now
+            if k in leased or lease_held(store, path, k) or not _flag(group, k):
+                finding.in_progress.append(k)
                 continue
-            if any(np.isnan(v).all() for v in values if v.size):
-                finding.damage(f"{label}: a chunk object is missing (it reads as the fill value)", k)
-            elif digest(values) != group.stored_digest(k):
-                finding.damage(f"{label}: its values differ from the digest recorded when it was written", k)
+            problem = _chunk_problem(group, k)
+        if k in leased and k in unknown:
+            finding.in_progress.append(k)
+        elif problem:
+            finding.damage(problem, k)
+        elif k in unknown:
+            finding.proven.append(k)  # its flag object is damaged, its values are what was written
     if plan.mode != "store" and flags.all() and finding.status == "ok" and group.meta_complete():
         for name in plan.parameters:  # the mean must be what its chunks' sums give
             mean, problem = _read(group.group[name], slice(None), f"array {name!r}")
@@ -122,9 +129,98 @@ def verify_gradient_group(store: LakeStore, path: str, repair: bool = False) -> 
         finding.status = "unchecked"
         finding.problems.append("written before checksums: chunks were read, not proven")
     if repair and finding.status == "damaged" and finding.repairable:
-        group.clear([k for k in finding.chunks if k != "mean"])
-        finding.repaired = True
+        _repair(store, group, finding)
+    if finding.in_progress and finding.status in ("ok", "unchecked"):
+        finding.status = "in progress"
+        finding.problems.insert(0, f"row-chunks {sorted(set(finding.in_progress))[:8]} are being written by a live "
+                                "worker (leased): not judged")
     return finding
+
+
+def _flag(group: GradientGroup, k: int) -> bool:
+    """Row-chunk `k`'s completion flag as it is now (False where it cannot be read)."""
+    try:
+        return bool(group.group["shard_complete"][k])
+    except Exception:
+        return False
+
+
+def _flags(group: GradientGroup, finding: Finding) -> tuple[np.ndarray, list[int]]:
+    """The completion flags, and the row-chunks whose flag object cannot be read (each named in `finding`)."""
+    try:
+        return group.done_chunks(), []
+    except Exception:
+        pass
+    array = group.group["shard_complete"]
+    flags, unknown = np.zeros(group.plan.n_chunks, dtype=bool), []
+    for k in range(group.plan.n_chunks):  # one object per flag: find which
+        try:
+            flags[k] = bool(array[k])
+        except Exception as err:
+            unknown.append(k)
+            start, stop = group.plan.chunk_bounds(k)
+            finding.damage(f"completion flag of row-chunk {k} (samples {start}-{stop - 1}): "
+                           f"{damaged_chunk(array, slice(k, k + 1), err)}", k)
+    return flags, unknown
+
+
+def _chunk_problem(group: GradientGroup, k: int) -> str | None:
+    """What is wrong with row-chunk `k` (its values unreadable, missing, or not what its digest says), or None."""
+    plan = group.plan
+    start, stop = plan.chunk_bounds(k)
+    label = f"row-chunk {k} (samples {start}-{stop - 1})"
+    selection = slice(start, stop) if plan.mode == "store" else k
+    values = []
+    for name in plan.data_arrays():
+        value, problem = _read(group.group[name], selection, f"{label}, array {name!r}")
+        if problem:
+            return problem
+        values.append(value)
+    if not plan.checksum:
+        return None
+    if any(np.isnan(v).all() for v in values if v.size):
+        return f"{label}: a chunk object is missing (it reads as the fill value)"
+    recorded, problem = _read(group.group["chunk_digest"], k, f"{label}, its digest")
+    if problem:
+        return problem
+    if digest(values) != int(recorded):
+        return f"{label}: its values differ from the digest recorded when it was written"
+    return None
+
+
+def _repair(store: LakeStore, group: GradientGroup, finding: Finding) -> None:
+    """Clear the flags of the damaged row-chunks, rewrite the damaged flags of proven ones; each under a lease,
+    so that a chunk a worker has started meanwhile is left to it."""
+    owner = claims.new_owner()
+    for k in [k for k in finding.chunks if k != "mean"] + finding.proven:
+        if not lease_for_repair(store, group.path, k, owner):
+            finding.in_progress.append(k)
+            continue
+        try:
+            if k in finding.proven:
+                group.group["shard_complete"][k] = 1
+            else:
+                group.clear([k])
+        finally:
+            release_repair(store, group.path, k)
+    if "mean" in finding.chunks:
+        group.clear([])
+    finding.repaired = True
+
+
+def headless_groups(store: LakeStore, pattern: str, listed: set[str]) -> list[Finding]:
+    """Group directories matching `pattern` that hold objects but no zarr.json (their group metadata deleted)."""
+    findings = []
+    for found in store.glob(pattern):
+        path = found[len(store.root) + 1:]
+        if path in listed or not store.fs.isdir(found):
+            continue
+        held = len(store.fs.find(found))
+        if held:
+            findings.append(Finding("gradients", path, repairable=False))
+            findings[-1].damage(f"its group metadata {path}/zarr.json is missing while {held} objects remain; remove "
+                                "the directory and run the extraction again", repairable=False)
+    return findings
 
 
 def verify_score_group(store: LakeStore, path: str, repair: bool = False) -> Finding:
@@ -194,13 +290,17 @@ def verify_lake(store: LakeStore, repair: bool = False, log=print) -> pd.DataFra
     targets = []
     for kind, pattern, check in (("gradients", layout.GRADIENT_GROUPS, verify_gradient_group),
                                  ("scores", layout.SCORE_GROUPS, verify_score_group)):
+        listed = set()
         for path, record, damage in scan_json(store, f"{pattern}/zarr.json"):
+            listed.add(path)
             if damage is not None:
                 finding = Finding(kind, path, repairable=False)
                 finding.damage(damage, repairable=False)
                 findings.append(finding)
             elif ATTR in (record or {}).get("attributes", {}):
                 targets.append((check, path))
+        if kind == "gradients":
+            findings += headless_groups(store, pattern, listed)
     for directory, _, damage in scan_json(store, f"{layout.DATASET_VERSIONS}/meta.json"):
         targets.append((verify_dataset, directory))
     for directory, _, damage in scan_json(store, f"{layout.DATASET_VARIANTS}/latest.json"):
@@ -223,4 +323,4 @@ def verify_lake(store: LakeStore, repair: bool = False, log=print) -> pd.DataFra
                                                                                      ignore_index=True)
 
 
-__all__ = ["Finding", "verify_lake", "verify_gradient_group", "verify_score_group", "verify_dataset", "verify_result"]
+__all__ = ["Finding", "verify_lake", "verify_gradient_group", "headless_groups", "verify_score_group", "verify_dataset", "verify_result"]

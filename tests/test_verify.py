@@ -72,8 +72,8 @@ def lake(clean, tmp_path):
 
 
 def chunk_file(group_dir: Path, array: str, row_chunk: int) -> Path:
-    files = sorted((group_dir / array / "c" / str(row_chunk)).iterdir())
-    return files[0]
+    path = group_dir / array / "c" / str(row_chunk)
+    return path if path.is_file() else sorted(path.iterdir())[0]  # a 1-D array's chunk, or a row's first object
 
 
 def verify(url: str, *flags: str):
@@ -221,3 +221,92 @@ def test_damaged_score_block_and_changed_dataset_are_found(tmp_path):
     assert "block (1, 0) (queries 2-3, training samples 0-2): chunk object scores/c/1/0 is damaged" in result.output
     assert "does not hash to" in result.output
     assert ScoreGroup.open(store, path).pending_blocks() == [(1, 0)]  # exactly the damaged block is to be redone
+
+
+@pytest.mark.parametrize("array,damage", [("input_ids", "garbage"), ("sample", "garbage"), ("n_tokens", "garbage"),
+                                          ("n_tokens", "deleted"), ("label_mask", "deleted")])
+def test_every_array_of_a_group_is_verified_and_readers_name_it(lake, clean, array, damage):
+    """The tokens and bookkeeping, not only the gradient values: checked against digests recorded at creation."""
+    url, group_dir = lake
+    target = chunk_file(group_dir, array, 0)
+    if damage == "garbage":
+        target.write_bytes(np.random.default_rng(1).bytes(target.stat().st_size))
+    else:
+        target.unlink()
+    result = verify(url)
+    assert result.exit_code == 1, result.output
+    assert f"array '{array}'" in result.output, result.output
+    assert verify(url, "--repair").exit_code == 1  # tokens are not recomputed by clearing flags: named, not hidden
+    if array in ("sample", "n_tokens"):  # proven on every open of the analyst API
+        with pytest.raises(LakeError, match=f"{clean[1]}/{array}") as err:
+            open_lake(url).gradients(dataset="probe")
+        assert "\n" not in str(err.value)
+    elif damage == "garbage":  # read on demand: the damaged chunk object is named, not a raw checksum error
+        with pytest.raises(LakeError, match=rf"chunk object {array}/c/0/0 is damaged"):
+            open_lake(url).gradients(dataset="probe")[array].values
+
+
+@pytest.mark.parametrize("what", ["group", "array"])
+def test_deleted_group_or_array_metadata_is_named(lake, clean, what):
+    url, group_dir = lake
+    (group_dir / ("zarr.json" if what == "group" else "n_tokens/zarr.json")).unlink()
+    result = verify(url)
+    assert result.exit_code == 1, result.output
+    expected = "zarr.json is missing while" if what == "group" else "array 'n_tokens' is missing"
+    assert expected in result.output and clean[1] in result.output, result.output
+
+
+@pytest.mark.parametrize("array", ["shard_complete", "chunk_digest"])
+def test_damaged_flag_or_digest_object_is_named_repaired_and_the_rerun_works(lake, clean, tiny_models, array):
+    url, group_dir = lake
+    target = group_dir / array / "c" / "1"
+    target.write_bytes(b"\x07" * target.stat().st_size)
+    result = verify(url)
+    assert result.exit_code == 1 and f"chunk object {array}/c/1 is damaged" in result.output, result.output
+    result = verify(url, "--repair")
+    assert result.exit_code == 0, result.output
+    group = GradientGroup.open(LakeStore(url), clean[1])
+    # a damaged flag over values that still prove their digest is restored; a damaged digest proves nothing
+    assert group.pending_chunks() == ([] if array == "shard_complete" else [1])
+    extract(tiny_models["olmo2"], url)
+    after = arrays(url, clean[1])
+    for name, value in clean[2].items():
+        assert np.array_equal(after[name], value), name
+    assert verify(url).exit_code == 0
+
+
+def test_deleted_score_chunk_is_one_error_naming_its_block(tmp_path):
+    from gradlake.lake.scores import ScoreGroup
+
+    url = f"file://{tmp_path}/lake"
+    path = "attribution/m/c/probe/probe.paraphrased/grad-dot"
+    scores = ScoreGroup.create(LakeStore(url), path, [f"q{i}" for i in range(4)], [f"t{i}" for i in range(6)],
+                               {"settings": {}, "method": "grad-dot"}, query_rows=2, train_cols=3)
+    for qb in range(2):
+        scores.write_rows(2 * qb, np.arange(12, dtype=np.float32).reshape(2, 6) + qb)
+    scores.finish()
+    assert open_lake(url).scores("grad-dot").shape == (4, 6)
+    (tmp_path / "lake" / path / "scores" / "c" / "1" / "1").unlink()
+    with pytest.raises(LakeError, match=r"block \(1, 1\) \(queries 2-3, training samples 3-5\) reads as NaN") as err:
+        open_lake(url).scores("grad-dot")
+    assert "\n" not in str(err.value)
+
+
+def test_a_chunk_a_live_worker_holds_is_in_progress_never_damaged_nor_cleared(lake, clean):
+    """A chunk under a live lease may be mid-rewrite: reported "in progress", its flag left alone."""
+    from gradlake.lake import claims
+
+    url, group_dir = lake
+    target = chunk_file(group_dir, LAYERS[1], 2)
+    target.write_bytes(target.read_bytes()[:17])  # what a reader may meet while the chunk is being written
+    key = layout.lease_claim(clean[1], 2)
+    assert claims.take(LakeStore(url), key, "worker", 600)  # held by a live process (this one)
+    for flags in ((), ("--repair",)):
+        result = verify(url, *flags)
+        assert result.exit_code == 0 and "in progress" in result.output and "damaged" not in result.output.split(
+            "problem", 1)[-1], result.output
+    assert GradientGroup.open(LakeStore(url), clean[1]).pending_chunks() == []  # nothing cleared
+    claims.release(LakeStore(url), key)  # the worker gone without rewriting it: now it is damage
+    result = verify(url, "--repair")
+    assert result.exit_code == 0 and "row-chunk 2" in result.output, result.output
+    assert GradientGroup.open(LakeStore(url), clean[1]).pending_chunks() == [2]
