@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
@@ -19,7 +18,7 @@ from gradlake.lake.evaluations import list_attribution_benchmarks, list_evaluati
 from gradlake.lake.extractions import AmbiguousExtraction, describe, layers_text
 from gradlake.lake.extractions import label as extraction_label
 from gradlake.lake.gradient_plan import ATTR
-from gradlake.lake.results import read_result_table
+from gradlake.lake.results import read_checked_file, read_parquet_bytes, read_result_table
 from gradlake.lake.scores import list_score_groups
 from gradlake.lake.lookup import (GENERATED, LOOKUP_KEYS, PROJECTION_KEYS, checkpoint_lookup_key, generated_variants,
                                   lookup_keys, matches, model_keys, resolve, tell_apart)
@@ -100,7 +99,8 @@ class Lake:
             _, model_key, checkpoint_key, *_ = path.split("/")
             rows.append({"kind": "gradients", "path": path, "model": model_key, "checkpoint": checkpoint_key,
                          "complete": False, "damaged": damage})
-        for path, meta in list_evaluations(self.store):
+        broken: dict[str, list] = {"evaluation": [], "tracing": [], "attribution": []}  # damaged meta.json: shown
+        for path, meta in list_evaluations(self.store, broken["evaluation"]):
             lineage = meta["lineage"]
             _, model_key, checkpoint_key, *_ = path.split("/")
             rows.append({
@@ -112,7 +112,7 @@ class Lake:
                 "target": (lineage.get("settings") or {}).get("target", "parameters"),
                 **{f"lineage.{k}": v for k, v in lineage.items() if k not in LOOKUP_KEYS},
             })
-        for path, meta in list_tracing(self.store):
+        for path, meta in list_tracing(self.store, broken["tracing"]):
             _, base_key, base_checkpoint, model_key, checkpoint_key = path.split("/")
             lineage = meta.get("lineage", {})
             rows.append({
@@ -122,7 +122,7 @@ class Lake:
                 "lineage.base": base_key, "lineage.base_checkpoint": base_checkpoint, "verdict": meta.get("verdict"),
                 "p_value": (meta.get("summary") or {}).get("p_value"),
             })
-        for path, meta in list_attribution_benchmarks(self.store):
+        for path, meta in list_attribution_benchmarks(self.store, broken["attribution"]):
             where = layout.parse_benchmark_dir(path)
             rows.append({
                 "kind": "attribution", "path": path, "model": where["model"], "model_id": _model_id(meta.get("model")),
@@ -130,6 +130,11 @@ class Lake:
                 "dataset": where["dataset"], "variant": where["queries"], "n_samples": meta.get("n_train"), "complete": True,
                 **{f"lineage.{k}": v for k, v in meta.items() if k not in ("model", "queries", "query_ids", "best_tensor")},
             })
+        for kind, hits in broken.items():  # a row saying so, never dropped: a reader of it names the file too
+            for path, damage in hits:
+                parts = path.split("/")
+                rows.append({"kind": kind, "path": path, "model": parts[3 if kind == "tracing" else 1],
+                             "checkpoint": parts[4 if kind == "tracing" else 2], "complete": False, "damaged": damage})
         for group in list_score_groups(self.store):
             _, model_key, checkpoint_key, dataset_name, query_set, _ = group["path"].split("/")
             rows.append({
@@ -248,9 +253,9 @@ class Lake:
 
         `paradigm` is the directory's name without the extraction's settings (``sft``, ``sft-thesis``,
         ``sft-inputs_embeds``); `extraction` the evaluated extraction (the catalog's ``extraction`` column)."""
-        records = []
+        records, damaged = [], []
         with self.store.explained_errors():
-            evaluations = list_evaluations(self.store)
+            evaluations = list_evaluations(self.store, damaged)
         for path, meta in evaluations:
             _, model_key, checkpoint_key, dataset_name, name = path.split("/")
             named = _evaluated_extraction(meta.get("lineage") or {})
@@ -258,11 +263,11 @@ class Lake:
             records.append({"path": path, "model": model_key, "checkpoint": checkpoint_key, "dataset": dataset_name,
                             "paradigm": name.replace(f"-{settings}", "", 1) if settings else name, "extraction": named})
         where = {"model": model, "checkpoint": checkpoint, "dataset": dataset, "paradigm": paradigm, "extraction": extraction}
-        path = self._one(records, where, "evaluation")
+        path = self._one(records, where, "evaluation", damaged)
         with self.store.explained_errors():
             return read_evaluation(self.store, path, table)
 
-    def _one(self, records: list[dict], where: dict, what: str) -> str:
+    def _one(self, records: list[dict], where: dict, what: str, damaged: list = ()) -> str:
         """The path of the one record matching `where`; else an error listing what the lake holds or what separates the hits."""
         hits = [r for r in records if matches(r, resolve(where))]
         if len(hits) == 1:
@@ -272,7 +277,7 @@ class Lake:
             if not records:
                 self.store.check_exists()
             raise LakeError(f"no {what} in {self.url} matches {asked}; the lake holds "
-                            f"{[r['path'] for r in records] or 'none'}")
+                            f"{[r['path'] for r in records] or 'none'}" + _damaged_text(damaged))
         raise LakeError(f"{len(hits)} {what}s match {asked} in {self.url}; tell them apart with "
                         f"{tell_apart(hits, where)}")
 
@@ -281,11 +286,12 @@ class Lake:
         """An attribution benchmark's table (``benchmark``: one row per method; ``lds_per_query``) as a DataFrame."""
         if table not in ("benchmark", "lds_per_query"):
             raise LakeError(f"attribution table {table!r} is not known; use 'benchmark' or 'lds_per_query'")
+        damaged = []
         with self.store.explained_errors():
-            found = list_attribution_benchmarks(self.store)
+            found = list_attribution_benchmarks(self.store, damaged)
         records = [{"path": path, **layout.parse_benchmark_dir(path)} for path, _ in found]
         where = {"model": model, "checkpoint": checkpoint, "dataset": dataset, "queries": queries}
-        path = self._one(records, where, "attribution benchmark")
+        path = self._one(records, where, "attribution benchmark", damaged)
         return read_result_table(self.store, path, table, what="attribution benchmark")
 
     def tracing(self, base: str | None = None, candidate: str | None = None, base_checkpoint: str | None = None,
@@ -294,8 +300,9 @@ class Lake:
         ``path`` (the loss along the interpolation path) or ``tensors`` (each tensor's cosine)."""
         if table not in ("results", "path", "tensors"):
             raise LakeError(f"tracing table {table!r} is not known; use 'results', 'path' or 'tensors'")
+        damaged = []
         with self.store.explained_errors():
-            found = list_tracing(self.store)
+            found = list_tracing(self.store, damaged)
         records = []
         for path, _ in found:
             _, base_key, base_ckpt, candidate_key, candidate_ckpt = path.split("/")
@@ -314,7 +321,7 @@ class Lake:
             if not records:
                 self.store.check_exists()
             raise LakeError(f"no tracing result in {self.url} matches {asked}; the lake holds "
-                            f"{[r['path'] for r in records] or 'none'}")
+                            f"{[r['path'] for r in records] or 'none'}" + _damaged_text(damaged))
         if len(hits) > 1:
             raise LakeError(f"{len(hits)} tracing results match {asked} in {self.url}; tell them apart with "
                             f"{tell_apart(hits, ('base', 'base_checkpoint', 'candidate', 'candidate_checkpoint'))}")
@@ -333,8 +340,9 @@ class Lake:
         if len(hits) != 1:
             raise LakeError(f"{len(hits)} tracing summaries match base {base!r} checkpoint {base_checkpoint!r} in "
                             f"{self.url}" + ("; give base_checkpoint" if hits else "; run trace-many first"))
-        with self.store.explained_errors():
-            return pd.read_parquet(io.BytesIO(self.store.fs.cat_file(hits[0])))
+        directory = hits[0][len(self.store.root) + 1:].rsplit("/", 1)[0]  # checked against its manifest (trace-many)
+        raw = read_checked_file(self.store, directory, "summary.parquet")
+        return read_parquet_bytes(self.store, f"{directory}/summary.parquet", raw)
 
     def scores(self, method: str, model: str | None = None, checkpoint: str | None = None, dataset: str | None = None,
                queries: str | None = None) -> xr.DataArray:
@@ -399,6 +407,11 @@ def _evaluated_extraction(lineage: dict) -> str | None:
     """The name of the originals' gradient group an evaluation compared (recorded since names carry settings)."""
     original = (lineage.get("gradient_groups") or {}).get("original")
     return lineage.get("extraction") or (original.rsplit("/", 1)[-1] if original else None)
+
+
+def _damaged_text(damaged: list) -> str:
+    """What a reader's "no such result" adds about results left out because their meta.json is damaged."""
+    return "".join(f"; damaged, so not listed: {reason}" for _, reason in damaged)
 
 
 def _model_id(value: object) -> str | None:

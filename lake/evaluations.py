@@ -7,8 +7,12 @@ evaluations/<model>/<checkpoint>/<dataset>/<stem>/   (<stem>: the paradigm, the 
     greedy.parquet           greedy layer selection, step by step
     plots/<name>.png
     report.md  report.html   (the HTML inlines its plots)
+    manifest.json            size and sha256 of every file here, meta.json included (lake.results)
     meta.json                lineage; written last, so its presence means the rest is complete
 ```
+
+Each listing takes `damaged`: a list that receives (directory, one-line reason) for every result whose
+meta.json is there but damaged, which is then not listed as a result (the catalog shows it as damaged).
 """
 
 from __future__ import annotations
@@ -36,22 +40,22 @@ def read_evaluation(store: LakeStore, directory: str, table: str = "results") ->
     return read_result_table(store, directory, table, what="evaluation")
 
 
-def list_evaluations(store: LakeStore) -> list[tuple[str, dict]]:
+def list_evaluations(store: LakeStore, damaged: list | None = None) -> list[tuple[str, dict]]:
     """(directory, meta) of every complete evaluation."""
-    return complete_results(store, layout.EVALUATIONS)
+    return complete_results(store, layout.EVALUATIONS, damaged)
 
 
-def list_attribution_benchmarks(store: LakeStore) -> list[tuple[str, dict]]:
+def list_attribution_benchmarks(store: LakeStore, damaged: list | None = None) -> list[tuple[str, dict]]:
     """(directory, meta) of every complete attribution benchmark, in the layout of today
     (``attribution/<m>/<c>/<d>/benchmarks/<queries>``) or of earlier lakes
     (``evaluations/<m>/<c>/<d>/attribution/<queries>``); where a lake holds one in both, today's."""
     found: dict[tuple, tuple[str, dict]] = {}
     for pattern in (layout.LEGACY_BENCHMARKS, layout.BENCHMARKS):  # today's last: it replaces an earlier one
-        for directory, meta in complete_results(store, pattern):
+        for directory, meta in complete_results(store, pattern, damaged):
             found[tuple(layout.parse_benchmark_dir(directory).values())] = (directory, meta)
     return sorted(found.values(), key=lambda hit: hit[0])
 
 
-def list_tracing(store: LakeStore) -> list[tuple[str, dict]]:
+def list_tracing(store: LakeStore, damaged: list | None = None) -> list[tuple[str, dict]]:
     """(directory, meta) of every complete model-tracing result (tracing/<base>/<checkpoint>/<candidate>/<checkpoint>/)."""
-    return complete_results(store, layout.TRACING)
+    return complete_results(store, layout.TRACING, damaged)

@@ -1,4 +1,5 @@
-"""One results writer: tables, plots and texts under the names given, meta.json removed first and written last,
+"""One results writer: tables, plots and texts under the names given, meta.json removed first and written last
+(manifest.json just before it),
 on a local lake and on S3 (moto on loopback); a writer that fails part-way leaves no result that looks complete."""
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def test_files_are_named_as_given_and_read_back(store):
     with pytest.raises(LakeError, match="no complete tracing result at"):
         read_result_table(store, DIRECTORY, "results", what="tracing result")
     write(store)
-    assert names(store) == {"results.parquet", "path.parquet", "plots/loss_path.png", "report.md", "meta.json"}
+    assert names(store) == {"results.parquet", "path.parquet", "plots/loss_path.png", "report.md", "manifest.json",
+                            "meta.json"}
     assert result_complete(store, DIRECTORY)
     pd.testing.assert_frame_equal(read_result_table(store, DIRECTORY, "path"), tables()["path"])
     assert read_result_meta(store, DIRECTORY) == {"verdict": 1.0}
@@ -64,7 +66,8 @@ def test_a_rerun_is_never_seen_complete_until_its_meta_is_written(store, monkeyp
     pipe_file = store.fs.pipe_file
 
     def watched(path, data, **kwargs):
-        seen.append((path.rsplit("/", 1)[-1], result_complete(store, DIRECTORY)))
+        if "/.gradlake/" not in path:  # the writer's claim (lake.claims) is taken first, outside the result
+            seen.append((path.rsplit("/", 1)[-1], result_complete(store, DIRECTORY)))
         return pipe_file(path, data, **kwargs)
 
     monkeypatch.setattr(store.fs, "pipe_file", watched)
@@ -74,8 +77,9 @@ def test_a_rerun_is_never_seen_complete_until_its_meta_is_written(store, monkeyp
     assert {"results.parquet", "path.parquet", "loss_path.png", "report.md"} <= set(written)
     # while any file of the rerun was written, the result did not count as complete (the old meta.json was gone) ...
     assert not any(complete for _, complete in seen), seen
-    # ... and meta.json came last (on S3 by the same call; on a local lake renamed into place after them)
-    assert "meta.json" not in written[:-1]
+    # ... and meta.json came last, just after manifest.json (on S3 by the same call; on a local lake both are
+    # renamed into place after them)
+    assert "meta.json" not in written[:-1] and "manifest.json" not in written[:-2]
     assert read_result_meta(store, DIRECTORY) == {"verdict": 2.0}
     assert read_result_table(store, DIRECTORY, "results")["value"].tolist() == [1.0, 0.5]
 
@@ -114,7 +118,7 @@ def test_what_cannot_be_encoded_leaves_the_previous_result_whole(store):
 
 
 @pytest.mark.parametrize("kind, name", [("plot", "../escape.png"), ("text", "meta.json"), ("table", "a/b"),
-                                        ("text", "results.parquet")])
+                                        ("text", "results.parquet"), ("text", "manifest.json")])
 def test_names_that_are_not_plain_files_are_refused(tmp_path, kind, name):
     store = LakeStore(f"file://{tmp_path}/lake")
     given = {"tables": {"results": tables()["results"]}, "plots": {}, "texts": {}}
@@ -134,7 +138,7 @@ def test_an_evaluation_keeps_its_file_names_and_meta(tmp_path):
     write_evaluation(store, directory, frames, {"accuracy.png": PNG}, {"report.md": "# r", "report.html": "<p>r</p>"},
                      {"model": "m", "paradigm": "sft"})
     assert names(store, directory) == {"results.parquet", "self_similarity.parquet", "greedy.parquet",
-                                       "plots/accuracy.png", "report.md", "report.html", "meta.json"}
+                                       "plots/accuracy.png", "report.md", "report.html", "manifest.json", "meta.json"}
     assert read_result_meta(store, directory) == {"lineage": {"model": "m", "paradigm": "sft"},
                                                   "tables": ["greedy", "results", "self_similarity"],
                                                   "plots": ["accuracy.png"], "reports": ["report.html", "report.md"]}

@@ -13,7 +13,9 @@ import pandas as pd
 import torch
 
 from gradlake.lake import layout
-from gradlake.lake.store import LakeStore
+from gradlake.lake.manifest import entry, read_manifest, write_manifest
+from gradlake.lake.results import read_checked_file, read_parquet_bytes
+from gradlake.lake.store import LakeError, LakeStore
 from gradlake.tasks.attribution.lds import crossed_interval, draw_subsets, random_removals, top_k_removals
 from gradlake.tasks.attribution.queries import QuerySet
 from gradlake.tasks.attribution.spec import AttributionError, AttributionSpec
@@ -158,21 +160,38 @@ def query_losses(model: ModelSpec, chats: list[list[dict]], paradigm: str, max_l
 
 def stored_losses(store: LakeStore, directory: str, name: str, model: ModelSpec, query_ids: list[str],
                   chats: list[list[dict]], spec: AttributionSpec) -> np.ndarray:
-    """A retrained model's query losses, computed once and kept in the lake (losses/<name>.parquet)."""
-    relative = layout.ground_truth_losses_file(directory, name)
-    path = store.path(relative)
+    """A retrained model's query losses, computed once and kept in the lake (losses/<name>.parquet).
+
+    Each file's digest goes into ``losses/manifest.json`` (lake.manifest) as it is written, so `gradlake verify`
+    checks it.  A kept file that is damaged (not what its manifest recorded, or not Parquet) is a cache gone bad:
+    it is computed again from its model, with a warning naming it, rather than failing the benchmark."""
+    losses_dir, file = layout.ground_truth_losses_file(directory, name).rsplit("/", 1)
     try:
-        frame = pd.read_parquet(io.BytesIO(store.fs.cat_file(path)))
-        if list(frame["query"]) == list(query_ids):
+        raw = read_checked_file(store, losses_dir, file)
+        frame = None if raw is None else read_parquet_bytes(store, f"{losses_dir}/{file}", raw)
+        if frame is not None and list(frame["query"]) == list(query_ids):
             return frame["loss"].to_numpy()
-    except FileNotFoundError:
-        pass
+    except (LakeError, KeyError) as err:  # KeyError: a Parquet file without the columns written here
+        print(f"warning: {err if isinstance(err, LakeError) else f'{losses_dir}/{file} has no column {err}'}; "
+              f"computing {model.model}@{model.checkpoint}'s query losses again")
     losses = query_losses(model, chats, spec.train.paradigm, spec.train.max_length, chat_template=spec.train.chat_template)
     buffer = io.BytesIO()
     pd.DataFrame({"query": query_ids, "loss": losses, "model": model.model, "checkpoint": model.checkpoint}).to_parquet(buffer, index=False)
-    store.fs.makedirs(store.path(relative.rsplit("/", 1)[0]), exist_ok=True)
-    store.fs.pipe_file(path, buffer.getvalue())
+    keep_losses(store, losses_dir, file, buffer.getvalue())
     return losses
+
+
+def keep_losses(store: LakeStore, losses_dir: str, file: str, data: bytes) -> None:
+    """Write one losses file and add its digest to the directory's manifest (a damaged manifest is started afresh)."""
+    fs, where = store.fs, store.path(losses_dir)
+    with store.explained_errors():
+        try:
+            files = read_manifest(fs, where) or {}
+        except LakeError:
+            files = {}
+        fs.makedirs(where, exist_ok=True)
+        fs.pipe_file(f"{where}/{file}", data)
+        write_manifest(fs, where, {**files, file: entry(data)})
 
 
 @dataclass

@@ -15,6 +15,7 @@ from prefect.cache_policies import NONE
 from pydantic import BaseModel, ConfigDict, Field
 
 from gradlake.lake import layout
+from gradlake.lake.manifest import MANIFEST, entry, write_manifest
 from gradlake.lake.results import read_result_table, write_result
 from gradlake.lake.store import LakeStore
 from gradlake.tasks.common.lineage import gradlake_version, lake_keys
@@ -148,9 +149,16 @@ def write_summary(store: LakeStore, base: ModelSpec) -> str:
     directory = base_dir(base)
     buffer = io.BytesIO()
     table.to_parquet(buffer, index=False)
-    store.fs.pipe_file(store.path(f"{directory}/summary.parquet"), buffer.getvalue())
-    for name, text in summary_texts(f"Candidates traced against {base.model}@{base.checkpoint or 'main'}", table).items():
-        store.fs.pipe_file(store.path(f"{directory}/{name}"), text.encode())
+    files = {"summary.parquet": buffer.getvalue()} | {
+        name: text.encode() for name, text in
+        summary_texts(f"Candidates traced against {base.model}@{base.checkpoint or 'main'}", table).items()}
+    try:  # the old digests go first: a run stopped part-way leaves the summary unchecked, never falsely damaged
+        store.fs.rm_file(store.path(f"{directory}/{MANIFEST}"))
+    except FileNotFoundError:
+        pass
+    for name, data in files.items():
+        store.fs.pipe_file(store.path(f"{directory}/{name}"), data)
+    write_manifest(store.fs, store.path(directory), {name: entry(data) for name, data in files.items()})
     return directory
 
 

@@ -1,0 +1,148 @@
+"""Verifying everything in a lake that is a directory of files rather than a Zarr group or a dataset.
+
+`result_findings` walks, in this order:
+
+- every result (`lake.results`: evaluations, attribution benchmarks in today's and the earlier
+  layout, tracing results): its ``meta.json`` is read, and every file is checked against its
+  ``manifest.json``; a result written before manifests has its ``meta.json`` and Parquet tables
+  read, and is "unchecked" where they read (nothing proves they are as written);
+- every ground-truth losses directory (``<ground truth>/<lds or cf set>/losses/``, both layouts):
+  the files its manifest lists are checked, any other Parquet file in it is read ("unchecked");
+- every other directory holding a ``manifest.json`` (Kronfluence's factors, training checkpoints
+  written into the lake, trace-many's summaries): checked against it.
+
+A result directory whose run was stopped after its manifest and before its ``meta.json`` is not a
+result; it is reported as damaged (run the stage again), unless a live run holds its write claim,
+when it is being written now and is left alone.  Nothing here repairs: a damaged result or file is
+written again by running the stage that made it (ground-truth losses are recomputed by the next
+benchmark, which warns as it does).
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+import pyarrow.parquet as pq
+
+from gradlake.lake import layout
+from gradlake.lake.claims import died_here, read_claim
+from gradlake.lake.manifest import MANIFEST, check_directory, read_manifest
+from gradlake.lake.results import META, read_result_meta
+from gradlake.lake.store import LakeError, LakeStore, public_url
+
+# Every kind of result, by the catalog's kind; benchmarks in today's layout and earlier lakes'.
+RESULTS = (("evaluation", layout.EVALUATIONS), ("attribution", layout.BENCHMARKS),
+           ("attribution", layout.LEGACY_BENCHMARKS), ("tracing", layout.TRACING))
+# The ground truth's losses directories: <ground truth>/<lds-… or cf-…>/losses, in both layouts.
+GROUND_TRUTH_LOSSES = tuple(f"{truth}/*/losses" for truth in (layout.ground_truth_dir("*", "*", "*", "*"),
+                                                                layout.legacy_ground_truth_dir("*", "*", "*", "*")))
+OLDER = "written before manifests: read, not proven"
+
+Finding = tuple[str, str, str, list[str]]  # (kind, directory relative to the lake, ok | damaged | unchecked, problems)
+
+
+def _relative(store: LakeStore, path: str) -> str:
+    return path[len(store.root) + 1:]
+
+
+def _public(store: LakeStore, problems: list[str]) -> list[str]:
+    """Problems naming files by the lake's public URL (check_directory names them by filesystem path)."""
+    return [p.replace(store.root, public_url(store.url)) for p in problems]
+
+
+def _parquet_problems(store: LakeStore, directory: str, skip: set[str] = frozenset()) -> list[str]:
+    """One line per Parquet file directly in `directory` (less `skip`) that cannot be read whole."""
+    problems = []
+    for path in store.glob(f"{directory}/*.parquet"):
+        name = posixpath.basename(path)
+        if name in skip:
+            continue
+        try:
+            with store.fs.open(path, "rb") as handle:
+                pq.read_table(handle)
+        except Exception as err:  # pyarrow's ArrowInvalid ("magic bytes not found") and its kin
+            problems.append(f"{public_url(store.url)}/{directory}/{name} cannot be read as Parquet "
+                            f"({type(err).__name__}: {str(err)[:80]})")
+    return problems
+
+
+def _being_written(store: LakeStore, directory: str) -> bool:
+    """True while a live run holds the claim on writing the result at `directory` (lake.results)."""
+    held = read_claim(store, f"write/{directory}")
+    return held is not None and not held.expired and not died_here(held.about)
+
+
+def check_result(store: LakeStore, kind: str, directory: str) -> Finding:
+    """Verify one result directory (it holds a meta.json or a manifest.json)."""
+    try:
+        files = read_manifest(store.fs, store.path(directory))
+    except LakeError as err:
+        return kind, directory, "damaged", _public(store, [str(err)])
+    if not store.fs.exists(store.path(f"{directory}/{META}")):
+        if _being_written(store, directory):
+            return kind, directory, "unchecked", ["being written by a live run now"]
+        return kind, directory, "damaged", [f"{public_url(store.url)}/{directory} has a {MANIFEST} and no {META}: its "
+                                            "run stopped before the end; run the stage that writes it again"]
+    problems = []
+    try:
+        read_result_meta(store, directory)
+    except LakeError as err:
+        problems.append(str(err))
+    if files is not None:
+        problems += [p for p in _public(store, check_directory(store.fs, store.path(directory)))
+                     if f"/{META} " not in p or not problems]  # a damaged meta.json is named once
+        return kind, directory, "damaged" if problems else "ok", problems
+    problems += _parquet_problems(store, directory)
+    return kind, directory, "damaged" if problems else "unchecked", problems or [OLDER]
+
+
+def check_files(store: LakeStore, kind: str, directory: str) -> Finding:
+    """Verify a directory of files that is not a result (ground-truth losses, factors, a checkpoint, a summary):
+    the files its manifest lists are checked, and any Parquet file it does not list is read."""
+    try:
+        files = read_manifest(store.fs, store.path(directory)) or {}
+    except LakeError as err:
+        files, problems = {}, _public(store, [str(err)])
+    else:
+        problems = _public(store, check_directory(store.fs, store.path(directory), required=False))
+    problems += _parquet_problems(store, directory, skip=set(files))
+    unlisted = {posixpath.basename(p) for p in store.glob(f"{directory}/*.parquet")} - set(files)
+    if problems:
+        return kind, directory, "damaged", problems
+    if unlisted:
+        return kind, directory, "unchecked", [f"{', '.join(sorted(unlisted))}: {OLDER}"]
+    return kind, directory, "ok", []
+
+
+def _manifest_kind(directory: str) -> str:
+    if directory.startswith("influence/"):
+        return "factors"
+    return "checkpoint" if posixpath.basename(directory).startswith("checkpoint") else "files"
+
+
+def result_findings(store: LakeStore, log=print) -> list[Finding]:
+    """(kind, directory, status, problems) for every result, ground-truth losses directory and other directory
+    with a manifest in the lake; status is ok, damaged or unchecked (see the module's docstring)."""
+    targets: dict[str, tuple] = {}
+    for kind, pattern in RESULTS:
+        for name in (META, MANIFEST):
+            for path in store.glob(f"{pattern}/{name}"):
+                targets.setdefault(posixpath.dirname(_relative(store, path)), (check_result, kind))
+    for kind, pattern in (*(("ground truth", p) for p in GROUND_TRUTH_LOSSES),
+                          ("tracing summary", f"{layout.TRACING_BASES}/summary.parquet")):
+        for path in store.glob(pattern):
+            directory = _relative(store, path).removesuffix("/summary.parquet")
+            targets.setdefault(directory, (check_files, kind))
+    for path in store.glob(f"**/{MANIFEST}"):  # factors, checkpoints in a lake prefix, anything else with a manifest
+        directory = posixpath.dirname(_relative(store, path))
+        if not directory.startswith(".gradlake") and directory not in targets:
+            targets[directory] = (check_files, _manifest_kind(directory))
+    findings = []
+    for i, (directory, (check, *kind)) in enumerate(sorted(targets.items()), 1):
+        finding = check(store, *kind, directory)
+        findings.append(finding)
+        log(f"[{i}/{len(targets)}] {finding[2]:9s} {directory}" + (f": {finding[3][0]}" if finding[2] == "damaged" else ""))
+    return findings
+
+
+__all__ = ["RESULTS", "GROUND_TRUTH_LOSSES", "result_findings", "check_result", "check_files"]
