@@ -90,11 +90,40 @@ def model_key(model: str, local: bool) -> str:
     return f"{key(name)}-{hashlib.sha256(model.encode()).hexdigest()[:8]}"
 
 
+NAME_RULE = "one path part: letters, digits, '.', '_' or '-', starting with a letter or digit (no '/', '\\' or '..')"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 def name_key(kind: str, value: str) -> str:
-    """Validate a user-chosen name (dataset, variant) that becomes a path component."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value or ""):
-        raise ValueError(f"{kind} {value!r} is not a valid name; use letters, digits, '.', '_' or '-'")
+    """Validate a user-chosen name (dataset, variant, ...) that becomes one path part in the lake."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise ValueError(f"{kind} {value!r} is not a valid name; use {NAME_RULE}")
     return value
+
+
+def relative_key(kind: str, value: str) -> str:
+    """Validate a user-given path inside the lake (a group's path): relative, each part a name, so no '..'."""
+    if not isinstance(value, str) or not all(_NAME.fullmatch(part) for part in value.split("/")):
+        raise ValueError(f"{kind} {value!r} is not a path inside the lake; give it relative to the lake, as the catalog "
+                         "lists it (names of letters, digits, '.', '_' or '-' joined by '/'; no leading '/', no '..')")
+    return value
+
+
+def name_fields(*fields: str, relative: bool = False):
+    """A pydantic validator of spec fields that become lake path parts (a name, a list of them, or None), refusing
+    '/', '..' or an absolute path in one line naming field, value and what is accepted, before any stage writes.
+
+    Assigned in a spec's class body: ``_names = layout.name_fields("dataset", "variant")``; `relative`: the fields
+    are paths inside the lake (:func:`relative_key`), not single names."""
+    from pydantic import ValidationInfo, field_validator
+
+    def names(cls, value, info: ValidationInfo):
+        for name in value if isinstance(value, (list, tuple)) else [value]:
+            if name is not None:
+                (relative_key if relative else name_key)(info.field_name, name)
+        return value
+
+    return field_validator(*fields)(classmethod(names))
 
 
 TARGETS = ("parameters", "inputs_embeds", "inputs_embeds_mean")

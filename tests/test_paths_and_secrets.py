@@ -86,3 +86,66 @@ def test_a_link_that_stays_inside_the_lake_is_followed(tmp_path):
     (tmp_path / "lake" / "a").mkdir(parents=True)
     (tmp_path / "lake" / "b").symlink_to(tmp_path / "lake" / "a", target_is_directory=True)
     LakeStore(str(tmp_path / "lake")).check_writable()
+
+
+# ---------------------------------------------------------------- names given as parameters
+
+ESCAPE = "../../escape"
+
+
+def stage_commands(model: str, lake: str, out: str) -> dict[str, tuple[list[str], str]]:
+    """Per stage: a command with every required setting good, and the field its bad name is given to."""
+    train = ["--model", model, "--checkpoint", "checkpoint-1", "--lake", lake, "--output", out]
+    at = ["--model", model, "--checkpoint", "checkpoint-1", "--lake", lake]
+    pair = ["--base", model, "--base-checkpoint", "checkpoint-0", "--candidate", model, "--lake", lake]
+    return {
+        "dataset name": (["dataset", "create", "--lake", lake, "--name", ESCAPE], "name"),
+        "generate checkpoint": (["dataset", "create", "--lake", lake, "--name", "probe", "--generate",
+                                 f"{model}@{ESCAPE}"], "checkpoint"),
+        "extract dataset": (["extract", *at, "--dataset", ESCAPE], "dataset"),
+        "extract variant": (["extract", *at, "--variant", "/tmp/escape"], "variant"),
+        "extract checkpoint": (["extract", "--model", model, "--lake", lake, "--checkpoint", ESCAPE], "checkpoint"),
+        "project gradients": (["project", "--lake", lake, "--gradients", f"gradients/{ESCAPE}", "--kind", "rademacher",
+                               "--dim", "8"], "gradients"),
+        "evaluate dataset": (["evaluate", *at, "--dataset", ESCAPE], "dataset"),
+        "evaluate extraction": (["evaluate", *at, "--extraction", ESCAPE], "extraction"),
+        "influence dataset": (["influence", *at, "--dataset", ESCAPE], "dataset"),
+        "influence queries": (["influence", *at, "--dataset", "probe",
+                               "--queries", ESCAPE], "queries"),
+        "influence query dataset": (["influence", *at, "--dataset", "probe",
+                                     "--query-dataset", "/tmp/escape"], "query_dataset"),
+        "influence train variants": (["influence", *at, "--dataset", "probe",
+                                      "--train-variants", ESCAPE], "train_variants"),
+        "train dataset": (["train", *train, "--dataset", ESCAPE], "dataset"),
+        "train variants": (["train", *train, "--dataset", "probe", "--variants", ESCAPE], "variants"),
+        "train version": (["train", *train, "--dataset", "probe", "--version", ESCAPE], "version"),
+        "train quality variant": (["train", *train, "--dataset", "probe", "--quality-variant", ESCAPE], "variant"),
+        "attribution queries": (["attribution", *train, "--dataset", "probe", "--retrain-prefix", out,
+                                 "--queries", ESCAPE], "queries"),
+        "attribution query dataset": (["attribution", *train, "--dataset", "probe", "--retrain-prefix", out,
+                                       "--query-dataset", ESCAPE], "query_dataset"),
+        "attribution retrieval queries": (["attribution", *train, "--dataset", "probe", "--retrain-prefix", out,
+                                           "--retrieval-queries", ESCAPE], "retrieval_queries"),
+        "trace dataset": (["trace", *pair, "--candidate-checkpoint", "checkpoint-1", "--dataset", ESCAPE],
+                          "dataset"),
+        "trace variant": (["trace", *pair, "--candidate-checkpoint", "checkpoint-1", "--variant", ESCAPE],
+                          "variant"),
+        "trace checkpoint": (["trace", *pair, "--candidate-checkpoint", ESCAPE], "checkpoint"),
+    }
+
+
+@pytest.mark.parametrize("stage", list(stage_commands("m", "l", "o")))
+def test_a_name_that_would_leave_its_directory_is_refused_before_anything_is_written(tiny_models, tmp_path, stage):
+    """Every name a stage turns into a lake path: one line naming the field, the value and what is accepted."""
+    from conftest import write_probe
+
+    lake, out = tmp_path / "lake", tmp_path / "out"
+    write_probe(str(lake), 6)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    args, field = stage_commands(str(tiny_models["olmo2"]), str(lake), str(out))[stage]
+    code, output = run_cli(*args)
+    line = one_error_line(code, output)
+    bad = next(a for a in args if "escape" in a and not a.startswith(str(tiny_models["olmo2"]))
+               ) if "checkpoint" not in stage else ESCAPE
+    assert field in line and repr(bad) in line and ("one path part" in line or "no '..'" in line), line
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing written, in the lake or beside it

@@ -62,6 +62,7 @@ class AttributionSpec(BaseModel):
     run_timeout_s: float = Field(default=6 * 3600, gt=0, description="Longest one retraining may take once a worker has taken it.")
     worker_wait_s: float = Field(default=900, gt=0, description="How long retrainings may wait while no worker polls their pool.")
 
+    _names = layout.name_fields("queries", "query_dataset", "retrieval_queries", "extraction", "trak_checkpoints")
     _final: tuple[str, int] | None = PrivateAttr(default=None)  # (training spec as JSON, its total steps)
 
     @model_validator(mode="after")

@@ -66,6 +66,15 @@ class ModelSpec(BaseModel):
     trust_remote_code: bool = Field(default=False, description="Allow the model repository's own Python code to run. Off unless you trust it.")
     allow_pickled_weights: bool = Field(default=False, description="Load pickled weights (pytorch_model.bin) when the checkpoint has no safetensors; they are read with torch.load(weights_only=True). Off unless you trust the files: convert them to model.safetensors instead where you can.")
 
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint(cls, value: str | None) -> str | None:
+        # A checkpoint is read below the model's directory (or downloaded into its cache) and names lake paths.
+        if value and (value.startswith("/") or "\\" in value or any(part in (".", "..") for part in value.split("/"))):
+            raise ValueError(f"checkpoint {value!r} is not a subdirectory or revision name: give it relative to the "
+                             "model (e.g. 'checkpoint-000100', 'main', 'refs/pr/1'), with no leading '/' and no '..'")
+        return value
+
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:

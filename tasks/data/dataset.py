@@ -44,6 +44,8 @@ class DatasetRecipe(BaseModel):
 class _Named(BaseModel):
     name: str = Field(title="Dataset name", description="Dataset name in the lake, e.g. 'lima', 'tulu3-1000'.")
 
+    _names = layout.name_fields("name")
+
 
 class DatasetSpec(DatasetRecipe, _Named):
     """A probe set: its name and lake, where it comes from, and which variants to make of it."""

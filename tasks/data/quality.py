@@ -58,6 +58,8 @@ class QualitySpec(BaseModel):
     batch_size: int = Field(default=8, ge=1, description="Prompts generated together.")
     judge: JudgeSpec | None = Field(default=None, description="An LLM judge; empty: ROUGE-L and BLEU only.")
 
+    _names = layout.name_fields("variant")
+
 
 def reference_answer(messages: list[dict]) -> str:
     """The last assistant turn of a chat: what the model should have said."""

@@ -33,6 +33,8 @@ class EvaluationSpec(BaseModel):
     memory_budget: int = Field(default=DEFAULT_BUDGET, ge=1 << 20, title="Memory budget (bytes)", description="Bytes of gradient slabs and score blocks held at once.")
     lake: str = Field(default_factory=default_lake, description="Lake URL.")
 
+    _names = layout.name_fields("dataset", "queries", "extraction")
+
     # Checked with the spec, so that the CLI and the Prefect UI refuse it at once: an 'original' query
     # opens fine (it is the originals' own group) and was found only inside the run.
     @field_validator("queries")

@@ -42,6 +42,8 @@ class ExtractionData(BaseModel):
 
     dataset: str = Field(default="probe", title="Dataset", description="Name of a dataset in the lake (see `gradlake catalog`).")
 
+    _names = layout.name_fields("dataset")
+
 
 class ExtractionSettings(BaseModel):
     """How gradients are taken and stored: declared once, for `ExtractionSpec` and the pipeline's settings alike
@@ -73,6 +75,7 @@ class ExtractionSpec(ExtractionSettings, ExtractionData, _ModelUnderStudy):
     """Everything that defines one gradient extraction."""
 
     variant: str = Field(default="original", title="Variant", description="Dataset variant: 'original', 'paraphrased', 'model_generated', ...")
+    _variant = layout.name_fields("variant")
     mode: Literal["store", "mean", "mean_normalized"] = Field(default="store", title="Mode", description="'store': every sample's gradient; 'mean': their mean; 'mean_normalized': the mean of per-tensor unit-normalised gradients.")
     store_dtype: Literal["float32", "float16", "bfloat16"] = Field(default="float32", title="Stored dtype", description="Dtype of the stored gradients; 'bfloat16' is kept as its raw 16 bits and read back as float32 (see docs/lake.md).")
     lake: str = Field(default_factory=default_lake, title="Lake", description="Lake URL: file:///path, a directory, or s3://bucket/prefix (endpoint from GRADLAKE_S3_ENDPOINT_URL).")

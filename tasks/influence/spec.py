@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from gradlake.lake import layout
 from gradlake.tasks.common.loss import CHAT_TEMPLATE_HELP, Paradigm, chat_template_text
 from gradlake.tasks.common.model import ModelSpec, lake_names
 
@@ -59,6 +60,8 @@ class InfluenceSpec(BaseModel):
     query_low_rank: int | None = Field(default=None, ge=1, description="Kronfluence's low-rank query gradients (rank); empty: exact.")
     seed: int = Field(default=0, description="Seeds the labels sampled for the true Fisher.")
     method: str | None = Field(default=None, description="Name of the scores in the lake; empty: 'influence-<strategy>'.")
+
+    _names = layout.name_fields("dataset", "train_variants", "query_dataset", "queries")
 
     @field_validator("strategy", mode="before")
     @classmethod

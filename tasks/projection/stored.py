@@ -46,6 +46,8 @@ class ProjectSpec(BaseModel):
     shard_size: int | None = Field(default=None, ge=1, description="Samples per shard (the unit of retry); a multiple of the group's chunk height. Empty: the smallest such multiple of at least 64. A scheduling choice: changing it reuses finished projections.")
     lake: str = Field(default_factory=default_lake, description="Lake URL.")
 
+    _gradients = layout.name_fields("gradients", relative=True)
+
 
 def projection_path(gradient_path: str, spec: ProjectionSpec) -> str:
     """The projection group's path: a sibling of its gradient group, ``<stem>-proj-<setting>`` of a

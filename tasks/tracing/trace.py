@@ -58,6 +58,8 @@ class TraceSettings(BaseModel):
     permutations: int = Field(default=100, ge=1, title="Permutations", description="Random permutations in each permutation test. The verdict needs p < 0.01: unaligned, the smallest p-value is 1 / (permutations + 1), so 100 or more; aligned, the matching test combines the layers' p-values and reaches it with fewer (5 for 16 layers). A count that cannot reach it is refused.")
     seed: int = Field(default=0, ge=0, title="Test seed", description="Seed of the permutation tests' draws (recorded).")
 
+    _names = layout.name_fields("dataset", "variant")
+
 
 LAKE_HELP = ("Lake URL: the dataset is read from it, the results written to it (s3://bucket/prefix, or file:///path on "
              "storage every worker shares).")

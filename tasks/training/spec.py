@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from gradlake.lake import layout
 from gradlake.tasks.common.loss import CHAT_TEMPLATE_HELP, Paradigm
 from gradlake.tasks.common.model import ModelSpec
 from gradlake.tasks.data.quality import QualitySpec
@@ -58,6 +59,8 @@ class TrainSpec(BaseModel):
     drop: list[str] | None = Field(default=None, description="Train on every sample except these ids.")
     storage_options: dict = Field(default={}, description="fsspec options for an s3:// prefix (no credentials: those come from the environment).")
     quality: QualitySpec | None = Field(default=QualitySpec(), title="Answer quality", description="Score each checkpoint's greedy answers (ROUGE-L, BLEU, optional LLM judge) into the lake; empty: skip.")
+
+    _names = layout.name_fields("dataset", "variants", "version")
 
     @field_validator("learning_rate")
     @classmethod
