@@ -317,7 +317,10 @@ def train_command(spec) -> None:
         plan_run(spec)  # every check before Prefect starts
     except (ValueError, TrainError, OSError) as err:
         fail(err)
-    for name in train_model(spec):
+    state = train_model(spec, return_state=True)
+    if state.is_failed():  # what only the run can find (a NaN loss, a damaged checkpoint, S3 gone) ends in one line too
+        fail(state.result(raise_on_failure=False))
+    for name in state.result():
         typer.echo(name)
 
 

@@ -13,9 +13,11 @@ from pathlib import Path
 import fsspec
 import torch
 
+from gradlake.lake.manifest import MANIFEST, local_entries, write_manifest
 from gradlake.lake.store import LakeStore
 from gradlake.tasks.common.lineage import gradlake_version
 from gradlake.tasks.common.model import DTYPES, ModelError, ModelSpec, lake_names
+from gradlake.tasks.training.checks import storage_failure
 from gradlake.tasks.training.plan import Plan, output_fs, trained_order
 from gradlake.tasks.training.spec import LINEAGE_FILE, STATE_DIR, TrainSpec, checkpoint_name
 
@@ -59,13 +61,17 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 def _publish(local: Path, spec: TrainSpec, name: str) -> str:
-    """Move a finished local checkpoint directory to the prefix so that it appears whole or not at all."""
+    """Move a finished local checkpoint directory to the prefix so that it appears whole or not at all.
+
+    Its digest manifest (every file's size and sha256) is written last, so a resume can tell damage."""
     fs, root = output_fs(spec)
     target = f"{root.rstrip('/')}/{name}"
+    digests = local_entries(str(local))
     if _is_local(fs):
         staging = Path(f"{root.rstrip('/')}/.{name}.partial")
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(local, staging)
+        write_manifest(fs, str(staging), digests)  # inside before the rename: no published copy lacks it
         if Path(target).exists():  # an older copy of the same step (same fingerprint): replace it
             shutil.rmtree(target)
         os.replace(staging, target)
@@ -74,8 +80,15 @@ def _publish(local: Path, spec: TrainSpec, name: str) -> str:
     weights = [p for p in files if p.name.startswith("model") and p.suffix == ".safetensors"]
     index = [p for p in files if p.name == "model.safetensors.index.json"]
     first = [p for p in files if p not in weights and p not in index]
-    for path in [*first, *weights, *index]:  # weights (and their index) last: their presence means complete
-        fs.put_file(str(path), f"{target}/{path.relative_to(local).as_posix()}")
+    try:
+        for path in [*first, *weights, *index]:  # weights (and their index) last: their presence means complete
+            fs.put_file(str(path), f"{target}/{path.relative_to(local).as_posix()}")
+        write_manifest(fs, target, digests)
+    except Exception as err:  # endpoint gone, credentials refused mid-run: a line naming the endpoint, not botocore's
+        told = storage_failure(err, spec.output, spec.storage_options, f"{name} was not written whole")
+        if told is None:
+            raise
+        raise told from None
     return f"{spec.output.rstrip('/')}/{name}"
 
 
@@ -114,6 +127,7 @@ def save_checkpoint(model, tokenizer, optimizer, plan: Plan, step: int, losses: 
         "trained_on": trained_order(plan, step),
         "recent_losses": losses[-50:],
         "gradlake_version": gradlake_version(),
+        "manifest": MANIFEST,  # written last: a checkpoint whose upload stopped before it is not counted as written
         "torch_version": torch.__version__,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -11,12 +11,14 @@ import fsspec
 import numpy as np
 
 from gradlake.lake.datasets import dataset_meta, read_dataset
+from gradlake.lake.manifest import MANIFEST
 from gradlake.lake.store import LakeStore, storage_options_for
 from gradlake.tasks.common.checkpoints import checkpoint_complete
 from gradlake.tasks.common.loss import chat_template_text
 from gradlake.tasks.common.model import check_model, lake_names, resolved_commit
 from gradlake.tasks.common.weights import check_weights
-from gradlake.tasks.training.spec import CHECKPOINT_PREFIX, LINEAGE_FILE, TrainError, TrainSpec, checkpoint_name
+from gradlake.tasks.training.checks import read_lineage
+from gradlake.tasks.training.spec import CHECKPOINT_PREFIX, TrainError, TrainSpec, checkpoint_name
 
 
 @dataclass
@@ -147,10 +149,9 @@ def existing_checkpoints(spec: TrainSpec) -> dict[int, dict]:
         name = path.rstrip("/").rsplit("/", 1)[-1]
         if not name.startswith(CHECKPOINT_PREFIX) or not fs.isdir(path) or not checkpoint_complete(fs, path):
             continue
-        try:
-            record = json.loads(fs.cat_file(f"{path}/{LINEAGE_FILE}"))
-        except FileNotFoundError:
-            record = {}
+        record = read_lineage(fs, path, f"{spec.output.rstrip('/')}/{name}")  # a damaged one: one line, what to do
+        if record.get("manifest") and not fs.exists(f"{path}/{MANIFEST}"):  # S3: stopped between weights and manifest
+            continue
         found[int(record.get("step", -1))] = record | {"name": name}
     return found
 

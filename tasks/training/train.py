@@ -15,6 +15,7 @@ from prefect.cache_policies import NONE
 from gradlake.tasks.common.loss import Encoded, chat_template_text, encode_sample, pad_batch, sample_losses
 from gradlake.tasks.common.model import capped_length, check_model
 from gradlake.tasks.common.retries import retry_unless_bad_input
+from gradlake.tasks.training.checks import check_before_save, check_resumable, check_start_weights, check_step
 from gradlake.tasks.training.checkpoints import (load_for_training, local_copy, measure_checkpoint, restore_optimizer,
                                                  restore_rng, save_checkpoint)
 from gradlake.tasks.training.plan import Plan, batch_of_step, learning_rate, plan_run
@@ -56,8 +57,12 @@ def train(plan: Plan, log: Callable[[str], None] = print, on_step: Callable[[int
         return TrainResult(names, checkpoint_name(plan.total_steps), [], plan.total_steps)
     with tempfile.TemporaryDirectory(prefix="gradlake-resume-") as tmp:
         resume_dir = local_copy(spec, checkpoint_name(start), tmp) if start is not None else None
+        shown = f"{spec.output.rstrip('/')}/{checkpoint_name(start)}" if start is not None else None
+        if resume_dir is not None and not check_resumable(str(resume_dir), shown):
+            log(f"{checkpoint_name(start)} has no manifest (written before checkpoints had one): resumed unchecked")
         torch.manual_seed(spec.seed)
         model, tokenizer = load_for_training(spec, resume_dir)
+        check_start_weights(model, shown or f"{spec.model.model!r} ({spec.model.checkpoint or 'its main revision'})")
         optimizer = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=spec.weight_decay)
         if resume_dir is not None:
             info = json.loads((resume_dir / STATE_DIR / "optimizer.json").read_text())
@@ -65,6 +70,7 @@ def train(plan: Plan, log: Callable[[str], None] = print, on_step: Callable[[int
             restore_rng(load_file(str(resume_dir / STATE_DIR / "rng.safetensors")))
             log(f"resuming from {checkpoint_name(start)} (step {start} of {plan.total_steps})")
     step = start or 0
+    written = list(plan.done)
     encoded = _encode(plan, tokenizer)
     device = next(model.parameters()).device
     micro = spec.micro_batch_size or spec.batch_size
@@ -84,6 +90,7 @@ def train(plan: Plan, log: Callable[[str], None] = print, on_step: Callable[[int
             loss = per_sample.sum() / len(batch)
             loss.backward()
             total += float(loss.detach())
+        check_step(total, step + 1, plan.total_steps, optimizer.param_groups[0]["lr"], written)  # before the update
         if spec.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
         optimizer.step()
@@ -94,8 +101,10 @@ def train(plan: Plan, log: Callable[[str], None] = print, on_step: Callable[[int
         if step % max(1, plan.total_steps // 20) == 0 or step == plan.total_steps:
             log(f"step {step}/{plan.total_steps} loss {total:.4f} lr {optimizer.param_groups[0]['lr']:.2e}")
         if step in plan.saves:
+            check_before_save(model, step, plan.total_steps, written)
             model.eval()
             where = save_checkpoint(model, tokenizer, optimizer, plan, step, losses)
+            written.append(step)
             log(f"checkpoint {checkpoint_name(step)} written to {where}")
             model.train()
     model.eval()
