@@ -92,7 +92,10 @@ def project(spec) -> None:
         create_projection_group(spec)  # checks every setting against the stored group before any work
     except (ValueError, ValidationError, OSError) as err:
         fail(err)
-    typer.echo(f"projections: {spec.lake}/{project_gradients(spec)}")
+    state = project_gradients(spec, return_state=True)
+    if state.is_failed():
+        fail(state.result(raise_on_failure=False))
+    typer.echo(f"projections: {spec.lake}/{state.result()}")
 
 
 @spec_command(dataset_app, "create", "gradlake.tasks.data.dataset:DatasetSpec",
@@ -210,8 +213,10 @@ def evaluate_command(spec) -> None:
         plan_evaluation(spec)  # every group, the dataset and the lake's writability checked before Prefect starts
     except (ValueError, ValidationError, OSError) as err:
         fail(err)
-    path = evaluate(spec)
-    print_headline(spec.lake, path)
+    state = evaluate(spec, return_state=True)
+    if state.is_failed():  # damage found while reading (a chunk, a digest) ends in its own one line
+        fail(state.result(raise_on_failure=False))
+    print_headline(spec.lake, state.result())
 
 @spec_command(app, "verify", "gradlake.tasks.common.verify:VerifySpec")
 def verify(spec) -> None:
@@ -252,11 +257,12 @@ def watch(spec, interval: float = typer.Option(900, metavar="SECONDS", help="Sec
     if interval < 1:
         fail(ValueError(f"--interval {interval:g} is too short; give seconds >= 1"))
     if spec is not None:
-        from gradlake.flows.watch import awaited_directory
+        from gradlake.flows.watch import awaited_directory, check_watched
 
         for watched in spec.models:  # started before training: the directory may come later, its parent must be there
             try:
                 note = awaited_directory(watched)
+                check_watched(spec, watched)
             except ValueError as err:
                 fail(err)
             except OSError as err:  # e.g. no credentials for the bucket here; the workers may have them

@@ -10,6 +10,7 @@ An error raised anywhere else (a ValueError from numpy, say: a bug, not bad inpu
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
@@ -28,7 +29,10 @@ _installed = False
 
 
 def told(error: BaseException | None) -> bool:
-    """Whether `error` is bad input that gradlake itself named: a ValueError raised by gradlake's own code."""
+    """Whether `error` is bad input that gradlake itself named (a ValueError raised by gradlake's own code) or a full
+    disk, which :func:`explain` names."""
+    if error is not None and no_space(error) is not None:
+        return True
     if not isinstance(error, ValueError) or error.__traceback__ is None:
         return False
     innermost = error.__traceback__
@@ -207,7 +211,52 @@ def explain(err: BaseException) -> str | None:
             why = "connection refused" if any("refused" in str(c).lower() for c in chain) else "no answer"
             return (f"no Prefect server answers at {public_url(api)}: {why}; start one with `prefect server start` "
                     "or unset PREFECT_API_URL")
-    return storage_problem(err, None)
+    return no_space(err) or storage_problem(err, None)
+
+
+def no_space(err: BaseException) -> str | None:
+    """One line for a write that found the disk full, a quota spent or a file-size limit reached: where, and the room left."""
+    import resource
+    import shutil
+
+    from gradlake.tasks.common.retries import out_of_space
+
+    full = out_of_space(err)
+    if full is None:
+        return None
+    path = full.filename or _written_path(full) or "the lake"
+    if full.errno == errno.EFBIG:
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        allowed = "the file system's limit" if limit == resource.RLIM_INFINITY else f"this process's limit of {_size(limit)} (ulimit -f)"
+        return (f"writing {path}: file too large for {allowed}; raise the limit or give a lake on another file system, "
+                "then run the command again")
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    usage = shutil.disk_usage(existing)
+    what = "no space left on the device" if full.errno == errno.ENOSPC else "disk quota exceeded"
+    return (f"writing {path}: {what} ({_size(usage.free)} free of {_size(usage.total)} there); free space there or "
+            "give a lake on a larger disk, then run the command again")
+
+
+def _written_path(err: BaseException) -> str | None:
+    """The file a failed write was writing: the innermost `path` argument of the frames it was raised through."""
+    found = None
+    tb = err.__traceback__
+    while tb is not None:
+        value = tb.tb_frame.f_locals.get("path")
+        if isinstance(value, (str, os.PathLike)):
+            found = os.fspath(value)
+        tb = tb.tb_next
+    return found
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
 
 
 def _request_url(err: BaseException) -> str:

@@ -17,6 +17,7 @@ a tick finds every earlier attempt of the checkpoints not done, and for each the
 from __future__ import annotations
 
 import json
+import re
 
 import fsspec
 from prefect import flow, get_run_logger
@@ -31,7 +32,7 @@ from gradlake.lake.results import complete_results
 from gradlake.lake.store import LakeStore, storage_options_for
 from gradlake.tasks.common.checkpoints import WatchedModel, is_hub_id, list_checkpoints
 from gradlake.tasks.common.lineage import lake_keys
-from gradlake.tasks.common.model import ModelSpec
+from gradlake.tasks.common.model import ModelSpec, parameter_shapes, select_parameters
 from gradlake.tasks.evaluate.spec import EvaluationSpec
 
 
@@ -151,6 +152,26 @@ def awaited_directory(watched: WatchedModel) -> str | None:
         raise ValueError(f"watched directory {watched.model!r} does not exist, nor does its {'parent' if local else 'bucket'} "
                          f"{anchor!r}; give the directory the trainer writes its checkpoints into")
     return f"{watched.model} is not there yet; each tick waits for it to appear"
+
+
+def check_watched(spec: WatchSpec, watched: WatchedModel) -> None:
+    """Refuse, before the schedule is on, what no tick could ever use: a pattern that is no regular expression,
+    layer patterns that match no parameter of the model's newest finished checkpoint (when it has one yet)."""
+    try:
+        re.compile(watched.pattern)
+    except re.error as err:
+        raise ValueError(f"--pattern {watched.pattern!r} of {watched.model} is not a regular expression ({err}); "
+                         "give one a checkpoint name must match in full, e.g. 'checkpoint-\\d+' or 'step\\d+'") from None
+    if not spec.pipeline.layers or is_hub_id(watched.model) or awaited_directory(watched):
+        return
+    checkpoints = list_checkpoints(watched)
+    if not checkpoints:
+        return  # the first checkpoint's tick checks them
+    if spec.pipeline.target != "parameters":
+        raise ValueError(f"layers {spec.pipeline.layers} choose weights, but target {spec.pipeline.target!r} is the "
+                         "gradient with respect to the input embeddings alone: leave layers empty, or use target 'parameters'")
+    model = ModelSpec(model=watched.model, checkpoint=checkpoints[-1])
+    select_parameters(list(parameter_shapes(model)), spec.pipeline.layers, f"{watched.model}@{checkpoints[-1]}")
 
 
 def tick_label(spec: WatchSpec) -> str:

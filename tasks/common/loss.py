@@ -53,10 +53,60 @@ def chat_template_text(setting: str) -> str | None:
         return CHAT_TEMPLATES[setting]
     try:
         with open(setting, encoding="utf-8") as f:
-            return f.read()
-    except OSError as err:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"chat template {setting!r} is neither 'tokenizer', a built-in ({sorted(CHAT_TEMPLATES)}) "
                          f"nor a readable Jinja file ({type(err).__name__})") from None
+    _FILES[text] = setting
+    _check_syntax(text)
+    return text
+
+
+# Each template text read from a file, by the path it came from: a rendering error names the file.
+_FILES: dict[str, str] = {}
+_EXAMPLE = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}]
+
+
+def _check_syntax(text: str) -> None:
+    """Compile a template's text (rendering a two-turn chat): a syntax error is refused here, before any stage runs."""
+    from jinja2 import TemplateSyntaxError
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    try:
+        render_jinja_template([_EXAMPLE], chat_template=text)
+    except TemplateSyntaxError as err:
+        raise _template_error(err, text) from None
+    except Exception:  # noqa: BLE001 - a template may need what only real chats and the tokenizer give; rendering tells
+        pass
+
+
+def _template_error(err: Exception, text: str | None) -> ValueError:
+    """One line for a chat template that cannot render: which template, where, and what is accepted."""
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import SecurityError
+
+    name = "the tokenizer's own chat template" if text is None else (
+        f"chat template {_FILES[text]!r}" if text in _FILES else "the chat template")
+    if isinstance(err, TemplateSyntaxError):
+        what = f"has a Jinja syntax error at line {err.lineno}: {err.message}"
+    elif isinstance(err, SecurityError):
+        what = f"was stopped by Jinja's sandbox ({str(err).rstrip('.')}); a template may only format the messages"
+    else:
+        what = f"raised {type(err).__name__} while rendering a chat: {str(err).splitlines()[0] if str(err) else '-'}"
+    return ValueError(f"{name} {what}; fix the template, or give chat_template 'tokenizer', one of "
+                      f"{sorted(CHAT_TEMPLATES)} or another Jinja file")
+
+
+def _raised_in_template(err: Exception) -> bool:
+    """Whether an error came from a template's own code (Jinja's compiled frames), not from the tokenizer's."""
+    from jinja2 import TemplateError
+
+    frame = err.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_code.co_filename == "<template>":
+            return True
+        frame = frame.tb_next
+    return isinstance(err, TemplateError)
 
 
 @dataclass(frozen=True)
@@ -71,10 +121,15 @@ class Encoded:
 
 
 def _render(tokenizer, messages, add_generation_prompt: bool = False, chat_template: str | None = None) -> list[int]:
-    out = tokenizer.apply_chat_template(
-        messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=True,
-        **({"chat_template": chat_template} if chat_template is not None else {}),
-    )
+    try:
+        out = tokenizer.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=True,
+            **({"chat_template": chat_template} if chat_template is not None else {}),
+        )
+    except Exception as err:  # noqa: BLE001 - only what the template itself raised is turned into one line
+        if not _raised_in_template(err):
+            raise
+        raise _template_error(err, chat_template) from None
     return list(out["input_ids"])
 
 

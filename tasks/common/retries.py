@@ -24,6 +24,8 @@ _REFUSED = ("connection refused", "errno 111", "[winerror 10061]")
 _NO_NAME = ("name or service not known", "nodename nor servname", "temporary failure in name resolution",
             "no address associated with hostname", "failed to resolve", "getaddrinfo failed", "errno -2]", "errno -3]",
             "name resolution")
+# A full disk, a spent quota, a file past the file-size limit: a retry writes the same bytes to the same full place.
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 # Error classes (by name: importing their libraries here would cost every task start) that mean "offline".
 _OFFLINE_CLASSES = {"OfflineModeIsEnabled": "HF_HUB_OFFLINE is set", "NameResolutionError": "the host name does not resolve"}
 
@@ -51,6 +53,11 @@ def unreachable(error: BaseException) -> str | None:
         if "network is unreachable" in text or "no route to host" in text:
             return "no route to the host"
     return None
+
+
+def out_of_space(error: BaseException) -> OSError | None:
+    """The OSError in `error`'s chain that says the disk is full (ENOSPC, EDQUOT, EFBIG), or None."""
+    return next((e for e in error_chain(error) if isinstance(e, OSError) and e.errno in NO_SPACE), None)
 
 
 def not_answering(url: str, timeout: float = 5.0) -> str | None:
@@ -97,8 +104,9 @@ def transient(error: BaseException) -> bool:
 
     No for bad input (a ValueError: gradlake's own refusals derive from it), a 4xx other than the server's
     "try again" ones, and an unreachable service; yes for a timeout, 408/409/425/429/5xx, and any other failure
-    of the machine or the network (a dropped connection, a full disk that may be cleared)."""
-    if isinstance(error, ValueError):
+    of the machine or the network (a dropped connection).  A full disk is no: nothing frees it in the minute
+    the retries wait, and each retry would compute everything again first."""
+    if isinstance(error, ValueError) or out_of_space(error) is not None:
         return False
     status = http_status(error)
     if status is not None:

@@ -277,6 +277,28 @@ def _row_id(row: dict, messages) -> tuple[str | None, str | None]:
     return None, unusable
 
 
+def _refuse_surrogates(sample_id: str, index: int, fields: dict) -> None:
+    """A lone surrogate (a JSON escape such as \\ud800 without its pair) is no character: UTF-8 cannot store it."""
+    def strings(value, where):
+        if isinstance(value, str):
+            yield where, value
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                yield from strings(item, f"{where}.{key}")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                yield from strings(item, f"{where}[{i}]")
+
+    for name, value in fields.items():
+        for where, text in strings(value, name):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise SourceError(f"sample {sample_id[:60]!r} (row {index}) has a lone surrogate U+{ord(text[err.start]):04X} "
+                                  f"in {where} at character {err.start}, which UTF-8 cannot store; fix that text in the "
+                                  "source (a \\uXXXX escape of half a pair), or drop the row") from None
+
+
 def normalise(rows: pd.DataFrame, keep_columns: list[str] | tuple[str, ...] = ()) -> Loaded:
     """Rows of any accepted shape as ``id`` + ``messages`` (+ `keep_columns`); unusable rows dropped and reported."""
     missing = [c for c in keep_columns if c not in rows.columns]
@@ -298,6 +320,8 @@ def normalise(rows: pd.DataFrame, keep_columns: list[str] | tuple[str, ...] = ()
         if reason is not None:
             dropped.append({"id": sample_id, "row": index, "reason": reason})
             continue
+        _refuse_surrogates(sample_id, index, {"id": sample_id, "messages": messages,
+                                              **{c: row[c] for c in keep_columns}})
         seen.add(sample_id)
         kept_ids.append(sample_id)
         kept_messages.append(messages)

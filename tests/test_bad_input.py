@@ -1,0 +1,116 @@
+"""Bad input through the real `gradlake` command: one `error:` line naming the bad value, exit code 2, no traceback.
+
+Each case runs the installed entry point in a subprocess (Prefect's console handlers, the command's own
+error handling and `hide_told_tracebacks` as a user meets them), against the session's Prefect server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import write_probe
+
+GRADLAKE = str(Path(sys.executable).with_name("gradlake"))
+CHAT = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+
+
+def gradlake(*args: str, file_size: int | None = None, timeout: float = 300) -> tuple[int, str]:
+    """Run the command; `file_size` caps the size of any file it writes (RLIMIT_FSIZE: a write past it is EFBIG)."""
+    limit = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (file_size, file_size))) if file_size else None
+    done = subprocess.run([GRADLAKE, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "COLUMNS": "200"}, preexec_fn=limit)
+    return done.returncode, done.stdout + done.stderr
+
+
+def one_error(code: int, out: str, *named: str) -> str:
+    """The command's one `error:` line, checked: exit code 2, no traceback, and naming each of `named`."""
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in out, out[-4000:]
+    for text in named:
+        assert text in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def probe_lake(tmp_path_factory) -> Path:
+    lake = tmp_path_factory.mktemp("bad-input") / "lake"
+    write_probe(str(lake), 4)
+    return lake
+
+
+TEMPLATES = {
+    "syntax": ("{% for m in messages %}{{ m.content }\n", "Jinja syntax error at line 1"),
+    "raises": ("{{ raise_exception('no system turns here') }}", "raised TemplateError while rendering a chat: no system turns"),
+    "divides": ("{% for m in messages %}{{ 1 / 0 }}{% endfor %}", "raised ZeroDivisionError"),
+    "escapes": ("{{ cycler.__init__.__globals__.os.system('id') }}", "stopped by Jinja's sandbox"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TEMPLATES))
+def test_a_chat_template_that_cannot_render(case, tiny_models, probe_lake, tmp_path):
+    text, said = TEMPLATES[case]
+    template = tmp_path / f"{case}.jinja"
+    template.write_text(text)
+    code, out = gradlake("extract", "--model", tiny_models["olmo2"], "--checkpoint", "checkpoint-1", "--lake", probe_lake,
+                         "--chat-template", template)
+    one_error(code, out, f"chat template {str(template)!r}", said, "'tulu'")
+    assert not (probe_lake / "gradients").exists()
+
+
+def test_a_lone_surrogate_in_a_dataset(tmp_path):
+    source = tmp_path / "chats.jsonl"
+    rows = [{"id": "fine", "messages": CHAT},
+            {"id": "broken", "messages": [CHAT[0], {"role": "assistant", "content": "half a pair: \ud83d here"}]}]
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))  # ensure_ascii: the half pair as \ud83d
+    lake = tmp_path / "lake"
+    code, out = gradlake("dataset", "create", "--name", "chats", "--source", source, "--lake", lake)
+    one_error(code, out, "sample 'broken' (row 1)", "U+D83D", "messages[1].content at character 13")
+    assert not any(lake.rglob("*")), "nothing written"
+
+
+@pytest.mark.parametrize("option, said", [
+    (["--pattern", "checkpoint-["], "--pattern 'checkpoint-[' of"),
+    (["--layers", "mlp.*.weight"], "layer pattern 'mlp.*.weight' matched no parameter"),
+])
+def test_watch_refuses_what_no_tick_could_use(option, said, tiny_models, probe_lake):
+    code, out = gradlake("watch", "-m", tiny_models["olmo2"], *option, "--lake", probe_lake)
+    one_error(code, out, said)
+    assert "watching" not in out
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs: a file system that fills up (mounting needs root)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here; the file-size limit case covers EFBIG")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_full_disk_ends_at_once_in_one_line(small_disk):
+    code, out = gradlake("dataset", "create", "--name", "probe", "--lake", small_disk / "lake")
+    one_error(code, out, f"writing {small_disk}/lake/datasets/probe/", "no space left on the device", "free of 64.0 KiB")
+    assert "Retry" not in out, "a full disk is not retried"
+
+
+def test_a_file_size_limit_ends_at_once_in_one_line(tmp_path):
+    code, out = gradlake("dataset", "create", "--name", "probe", "--lake", tmp_path / "lake", file_size=8192)
+    one_error(code, out, f"writing {tmp_path}/lake/datasets/probe/", "file too large for this process's limit of 8.0 KiB")
+    assert "Retry" not in out
+
+
+def test_a_full_disk_during_extraction(tiny_models, small_disk):
+    lake = small_disk / "lake"
+    write_probe(str(lake), 4)
+    code, out = gradlake("extract", "--model", tiny_models["olmo2"], "--checkpoint", "checkpoint-1", "--lake", lake)
+    one_error(code, out, f"writing {lake}/gradients/", "no space left on the device")
+    assert "Retry" not in out
