@@ -8,8 +8,9 @@ CRC32C does not match (Zarr's crc32c codec), a chunk object that is missing (it 
 fill value of checked groups) and a row-chunk whose values differ from the digest recorded when it
 was written (a chunk swapped or rewritten) are each found and named.  Score groups are read
 block by block the same way (a missing block reads as NaN; scores are always finite).  Datasets are
-checked against their content hash, and results (evaluations, attribution benchmarks in either
-layout, tracing results) by reading their meta.json and every Parquet table.  Groups written
+checked against their content hash; every other directory gradlake writes (results, ground-truth
+losses, influence factors, training checkpoints in the lake) against its digest manifest
+(`lake.verify_results`).  Groups written
 before checksums existed can only be read, not proven; they are reported as "unchecked" for what
 cannot be proven.
 
@@ -26,11 +27,9 @@ repaired by flags: those groups are named, with what to do.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import zarr
 
 from gradlake.lake import claims, layout
@@ -39,14 +38,9 @@ from gradlake.lake.gradient_plan import ATTR
 from gradlake.lake.gradients import GradientGroup
 from gradlake.lake.integrity import damaged_chunk, digest
 from gradlake.lake.leases import lease_for_repair, lease_held, leased_chunks, release_repair
-from gradlake.lake.results import META
 from gradlake.lake.scores import ScoreGroup
 from gradlake.lake.store import DamagedMetadata, LakeStore, scan_json
-
-# The results (lake.results) checked, by the catalog's kind; benchmarks in today's layout and earlier lakes'.
-RESULTS = (("evaluation", layout.EVALUATIONS), ("attribution", layout.BENCHMARKS),
-           ("attribution", layout.LEGACY_BENCHMARKS), ("tracing", layout.TRACING))
-
+from gradlake.lake.verify_results import result_findings
 
 @dataclass
 class Finding:
@@ -268,22 +262,6 @@ def verify_dataset(store: LakeStore, directory: str, repair: bool = False) -> Fi
     return finding
 
 
-def verify_result(store: LakeStore, directory: str, repair: bool = False, kind: str = "result") -> Finding:
-    """Check one complete result (its meta.json was read by the caller): every Parquet table in it reads whole.
-
-    Nothing here is repaired by flags: a damaged table is rewritten by running its stage again."""
-    finding = Finding(kind, directory, repairable=False)
-    for path in store.glob(f"{directory}/*.parquet"):
-        name = path.rsplit("/", 1)[-1]
-        try:
-            with store.fs.open(path, "rb") as handle:
-                pq.read_table(handle)
-        except Exception as err:
-            finding.damage(f"table {name} cannot be read ({type(err).__name__}: {err}); run the stage that wrote it "
-                           "again to replace it", repairable=False)
-    return finding
-
-
 def verify_lake(store: LakeStore, repair: bool = False, log=print) -> pd.DataFrame:
     """Check everything in the lake; one row per group or dataset version (status ok, damaged or unchecked)."""
     findings: list[Finding] = []
@@ -307,20 +285,15 @@ def verify_lake(store: LakeStore, repair: bool = False, log=print) -> pd.DataFra
         if damage is not None:
             findings.append(Finding("dataset", directory, repairable=False))
             findings[-1].damage(damage, repairable=False)
-    for kind, pattern in RESULTS:
-        for directory, _, damage in scan_json(store, f"{pattern}/{META}"):
-            if damage is not None:
-                findings.append(Finding(kind, directory, repairable=False))
-                findings[-1].damage(f"{damage}; or run the stage that wrote it again", repairable=False)
-            else:
-                targets.append((partial(verify_result, kind=kind), directory))
     for i, (check, path) in enumerate(targets, 1):
         finding = check(store, path, repair=repair)
         findings.append(finding)
         log(f"[{i}/{len(targets)}] {finding.status:9s} {path}" + (f": {finding.problems[0]}" if finding.status == "damaged" else ""))
+    for kind, directory, status, problems in result_findings(store, log=log):  # results, factors, checkpoints, ...
+        findings.append(Finding(kind, directory, status, list(problems), repairable=False))
     columns = ["kind", "path", "status", "damaged_chunks", "repaired", "problem"]
     return pd.DataFrame([f.row() for f in findings], columns=columns).sort_values(["status", "kind", "path"],
                                                                                      ignore_index=True)
 
 
-__all__ = ["Finding", "verify_lake", "verify_gradient_group", "headless_groups", "verify_score_group", "verify_dataset", "verify_result"]
+__all__ = ["Finding", "verify_lake", "verify_gradient_group", "headless_groups", "verify_score_group", "verify_dataset"]
