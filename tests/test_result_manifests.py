@@ -205,12 +205,16 @@ def test_two_writers_of_one_result_never_list_a_mixture(lake_store, tmp_path):
     """A run writes the result while another run writing it is midway (its first table written), and that other run
     is then SIGKILLed after its second table.  Before the write claim, the first run's meta.json and manifest were
     listed over the killed run's tables: a mixture read back as a complete result."""
+    _write(lake_store, "earlier")
     go = str(tmp_path / "go")
     killed = _run_writer(lake_store, kill_after=2, pause=go)
     deadline = time.monotonic() + 60
     while not os.path.exists(go + ".paused"):
         assert time.monotonic() < deadline and killed.poll() is None
         time.sleep(0.05)
+    # midway: not listed, and verify leaves a result a live run is writing alone
+    assert complete_results(lake_store, layout.EVALUATIONS) == []
+    assert findings(lake_store)[EVALUATION] == ("unchecked", ["being written by a live run now"])
     writer = threading.Thread(target=_write, args=(lake_store, "whole"))
     writer.start()
     time.sleep(1.5)  # the writer is waiting for the other run's claim (before: it wrote everything meanwhile)
