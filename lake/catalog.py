@@ -13,11 +13,13 @@ from xarray.core import indexing
 
 from gradlake.lake import layout
 from gradlake.lake.datasets import list_datasets, read_dataset
-from gradlake.lake.dtypes import DTYPE_ATTR, from_bfloat16_bits, is_bfloat16
+from gradlake.lake.dtypes import DTYPE_ATTR, is_bfloat16
 from gradlake.lake.evaluations import list_attribution_benchmarks, list_evaluations, list_tracing, read_evaluation
 from gradlake.lake.extractions import AmbiguousExtraction, describe, layers_text
 from gradlake.lake.extractions import label as extraction_label
 from gradlake.lake.gradient_plan import ATTR
+from gradlake.lake.gradients import GradientGroup
+from gradlake.lake.integrity import read_checked
 from gradlake.lake.results import read_checked_file, read_parquet_bytes, read_result_table
 from gradlake.lake.scores import list_score_groups
 from gradlake.lake.lookup import (GENERATED, LOOKUP_KEYS, PROJECTION_KEYS, checkpoint_lookup_key, generated_variants,
@@ -220,18 +222,21 @@ class Lake:
         return self._open_group(path)
 
     def _open_group(self, path: str) -> xr.Dataset:
-        """A group as xarray, bfloat16 arrays read (lazily) as float32."""
+        """A group as xarray, every array read lazily through `read_checked` (bfloat16 as float32).
+
+        The sample ids and token counts are checked whole against the digests recorded when the group was made;
+        a damaged chunk object of any other array is one LakeError naming it when it is read."""
         with self.store.explained_errors():
+            checked = GradientGroup.open(self.store, path)
+            for name in ("sample", "n_tokens"):  # small: proven on every open (input_ids: by `gradlake verify`)
+                checked.tokens(name)
             ds = xr.open_zarr(self.store.zarr_store, group=path, consolidated=False, zarr_format=3)
-            stored = [name for name, var in ds.data_vars.items() if var.attrs.get(DTYPE_ATTR)]
-            if stored:
-                group = zarr.open_group(self.store.zarr_store, path=path, mode="r", zarr_format=3)
-                for name in stored:
-                    if is_bfloat16(group[name]):
-                        var = ds[name]
-                        attrs = {k: v for k, v in var.attrs.items() if k != DTYPE_ATTR}
-                        ds[name] = xr.Variable(var.dims, indexing.LazilyIndexedArray(_Bfloat16(group[name])),
-                                               {**attrs, "stored_as": "bfloat16"})
+            group = zarr.open_group(self.store.zarr_store, path=path, mode="r", zarr_format=3)
+            for name, var in list(ds.data_vars.items()):
+                attrs = {k: v for k, v in var.attrs.items() if k != DTYPE_ATTR}
+                if is_bfloat16(group[name]):
+                    attrs["stored_as"] = "bfloat16"
+                ds[name] = xr.Variable(var.dims, indexing.LazilyIndexedArray(_Checked(group[name])), attrs)
             return ds
 
     def projections(self, model: str | None = None, checkpoint: str | None = None, dataset: str | None = None,
@@ -392,15 +397,17 @@ class Lake:
             return read_dataset(self.store, name, hits[0], version)
 
 
-class _Bfloat16(BackendArray):
-    """A Zarr array of bfloat16 bits, read by xarray on demand as float32 (exact)."""
+class _Checked(BackendArray):
+    """A Zarr array read by xarray on demand through `read_checked`: a damaged chunk object is one LakeError
+    naming it; bfloat16 bits come back as float32 (exact); a missing gradient chunk reads as NaN."""
 
     def __init__(self, array: zarr.Array):
-        self.array, self.shape, self.dtype = array, array.shape, np.dtype(np.float32)
+        self.array, self.shape = array, array.shape
+        self.dtype = np.dtype(np.float32) if is_bfloat16(array) else np.dtype(array.dtype)
 
     def __getitem__(self, key):
         return indexing.explicit_indexing_adapter(key, self.shape, indexing.IndexingSupport.BASIC,
-                                                  lambda k: from_bfloat16_bits(self.array[k]))
+                                                  lambda k: read_checked(self.array, k, nan_ok=True))
 
 
 def _evaluated_extraction(lineage: dict) -> str | None:

@@ -315,18 +315,19 @@ class GradientGroup:
                                 f"{shape} {dtype}")
         return problems
 
-    def tokens(self, name: str) -> np.ndarray:
-        """Token array `name` (one of `TOKEN_ARRAYS`) whole, checked against the digest recorded when the group was made.
+    def tokens(self, name: str, rows: slice = slice(None)) -> np.ndarray:
+        """Token array `name` (one of `TOKEN_ARRAYS`) at `rows`; read whole, checked against the digest recorded
+        when the group was made.
 
         A damaged chunk object, or values that differ from what was written (a chunk missing, read as
         its fill value), is one LakeError naming the group and array."""
         remake = "flags cannot repair it: remove the group and extract again"
         try:
-            values = read_checked(self.array(name), slice(None))
+            values = read_checked(self.array(name), rows)
         except LakeError as err:
             raise LakeError(f"{str(err).split('; run ', 1)[0]}; {remake}") from None
         recorded = (dict(self.group.attrs)[ATTR].get("token_digest") or {}).get(name)
-        if recorded is not None and digest([values]) != recorded:
+        if rows == slice(None) and recorded is not None and digest([values]) != recorded:
             raise LakeError(f"damaged data in {self.path}/{name}: its values differ from the digest recorded when the "
                             f"group was created (a chunk object missing or replaced); {remake}")
         return values

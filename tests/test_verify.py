@@ -225,7 +225,7 @@ def test_damaged_score_block_and_changed_dataset_are_found(tmp_path):
 
 @pytest.mark.parametrize("array,damage", [("input_ids", "garbage"), ("sample", "garbage"), ("n_tokens", "garbage"),
                                           ("n_tokens", "deleted"), ("label_mask", "deleted")])
-def test_every_array_of_a_group_is_verified_and_readers_name_it(lake, clean, array, damage):
+def test_every_array_of_a_group_is_verified_and_readers_name_it(lake, clean, tiny_models, array, damage):
     """The tokens and bookkeeping, not only the gradient values: checked against digests recorded at creation."""
     url, group_dir = lake
     target = chunk_file(group_dir, array, 0)
@@ -244,6 +244,10 @@ def test_every_array_of_a_group_is_verified_and_readers_name_it(lake, clean, arr
     elif damage == "garbage":  # read on demand: the damaged chunk object is named, not a raw checksum error
         with pytest.raises(LakeError, match=rf"chunk object {array}/c/0/0 is damaged"):
             open_lake(url).gradients(dataset="probe")[array].values
+        GradientGroup.open(LakeStore(url), clean[1]).clear([0])  # an extraction that must read those tokens
+        with pytest.raises(LakeError, match=rf"{clean[1]}/{array}: chunk object {array}/c/0/0 is damaged .*remove "
+                           "the group and extract again"):
+            extract(tiny_models["olmo2"], url)
 
 
 @pytest.mark.parametrize("what", ["group", "array"])

@@ -141,7 +141,7 @@ def _compute_chunks(spec: ExtractionSpec, targets: list[GradientGroup], todo: li
         for k in chunks:
             c0, c1 = target.plan.chunk_bounds(k)
             wanted[c0 - start:c1 - start] = True
-    ids, mask = group.group["input_ids"][start:stop], group.group["label_mask"][start:stop]
+    ids, mask = group.tokens("input_ids", slice(start, stop)), group.tokens("label_mask", slice(start, stop))
     lengths = (ids >= 0).sum(axis=1)
     batches = [b for b in shard_batches(lengths, start, spec.batch_size, spec.token_budget, _window_rows(targets))
                if wanted[b - start].any()]
@@ -210,7 +210,7 @@ def check_finite(losses: torch.Tensor, grads: dict[str, torch.Tensor], projected
         if first is None and bool(rows_bad.any()):
             first = name
         bad |= rows_bad
-    ids = sorted(np.asarray(group.group["sample"][:])[rows[bad.cpu().numpy()]].tolist())
+    ids = sorted(np.asarray(group.tokens("sample"))[rows[bad.cpu().numpy()]].tolist())
     loss_bad = bool((~torch.isfinite(losses)).any())
     what = " and ".join([*(["the loss"] if loss_bad else []), *([f"the gradients ({first} first)"] if first else [])])
     cause = ""
