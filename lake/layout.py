@@ -103,7 +103,7 @@ def name_key(kind: str, value: str) -> str:
 
 def relative_key(kind: str, value: str) -> str:
     """Validate a user-given path inside the lake (a group's path): relative, each part a name, so no '..'."""
-    if not isinstance(value, str) or not all(_NAME.fullmatch(part) for part in value.split("/")):
+    if not isinstance(value, str) or not all(re.fullmatch(r"\w[\w.-]*", part, re.ASCII) for part in value.split("/")):
         raise ValueError(f"{kind} {value!r} is not a path inside the lake; give it relative to the lake, as the catalog "
                          "lists it (names of letters, digits, '.', '_' or '-' joined by '/'; no leading '/', no '..')")
     return value
