@@ -8,12 +8,19 @@ block is read on a thread of its own while the current one is multiplied.  Squar
 come from the same slabs.  Dot products and squared norms add over tensors, so any set of
 tensors (a layer group, the full gradient, a projection group's arrays) gets its cosine
 without its vectors ever being concatenated.
+
+The budget changes what is held and read at once, never a score: every product is computed in
+tiles of one row chunk of queries, one row chunk of originals and one column chunk, the same
+tiles (aligned to the arrays' chunks) whatever the budget, added up in column order.  A matrix
+product's rounding depends on its shape, so blocks shaped by the budget gave scores that
+differed in their last bits, enough to split or join ties of duplicated samples and move ranks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from math import lcm
 
 import numpy as np
 import zarr
@@ -24,10 +31,11 @@ from gradlake.lake.integrity import read_checked
 DEFAULT_BUDGET = 1 << 30  # bytes of gradient slabs held at once
 
 
-def query_block_rows(n_queries: int, n_docs: int, n_accumulators: int, budget: int) -> int:
-    """Queries per block so that the (block x originals) float64 accumulators fit the budget."""
+def query_block_rows(n_queries: int, n_docs: int, n_accumulators: int, budget: int, height: int = 1) -> int:
+    """Queries per block so that the (block x originals) float64 accumulators fit the budget: whole row chunks of
+    `height` (at least one), so that every block starts where a chunk does."""
     per_query = 8 * n_docs * max(1, n_accumulators + 2)
-    return max(1, min(n_queries, budget // 2 // per_query))
+    return _whole_chunks(budget // 2 // per_query, height, n_queries)
 
 
 def _whole_chunks(rows: int, height: int, limit: int) -> int:
@@ -96,23 +104,41 @@ def array_dots(queries: zarr.Array, docs: zarr.Array, q_start: int, q_stop: int,
         return lambda: read_checked(array, (slice(offset + r0, offset + r1), slice(c0, c1)), np.float32)
 
     a = None
-    for (side, _, _, r0, r1), values in zip(plan, read_ahead([reader(*step) for step in plan])):
+    for (side, c0, c1, r0, r1), values in zip(plan, read_ahead([reader(*step) for step in plan])):
         if side == "q":
             a, a0, a1 = values, r0, r1
-            q_sq[a0:a1] += np.einsum("ij,ij->i", a, a, dtype=np.float64)
+            _add_squares(q_sq[a0:a1], a, c0, chunk_cols, queries.chunks[0], q_start + a0)
             continue
-        dots[a0:a1, r0:r1] += a @ values.T
+        cols = _tiles(c1 - c0, chunk_cols, c0)
+        for i0, i1 in _tiles(a1 - a0, queries.chunks[0], q_start + a0):
+            for j0, j1 in _tiles(r1 - r0, docs.chunks[0], r0):
+                for k0, k1 in cols:
+                    dots[a0 + i0:a0 + i1, r0 + j0:r0 + j1] += a[i0:i1, k0:k1] @ values[j0:j1, k0:k1].T
         if doc_sq is None and a0 == 0:
-            d_sq[r0:r1] += np.einsum("ij,ij->i", values, values, dtype=np.float64)
+            _add_squares(d_sq[r0:r1], values, c0, chunk_cols, docs.chunks[0], r0)
         del values  # not held while the block after next is read
     return dots, q_sq, d_sq
+
+
+def _tiles(length: int, size: int, at: int) -> list[tuple[int, int]]:
+    """[0, length) cut where chunks of `size` begin, position 0 being position `at` of the array."""
+    cuts = [0] + list(range(-at % size or size, length, size)) + [length]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _add_squares(out: np.ndarray, values: np.ndarray, c0: int, chunk_cols: int, height: int, at: int = 0) -> None:
+    """Add each row's squared norm over these columns to `out`, tile by tile (the same sums whatever the block)."""
+    for i0, i1 in _tiles(values.shape[0], height, at):
+        for k0, k1 in _tiles(values.shape[1], chunk_cols, c0):
+            out[i0:i1] += np.einsum("ij,ij->i", values[i0:i1, k0:k1], values[i0:i1, k0:k1], dtype=np.float64)
 
 
 def blocks(queries: zarr.Group, docs: zarr.Group, arrays: list[str], n_accumulators: int,
            budget: int = DEFAULT_BUDGET) -> Iterator[tuple[int, int, str, np.ndarray, np.ndarray, np.ndarray]]:
     """For each query block, each array: (q_start, q_stop, array, dots, query sq. norms, doc sq. norms)."""
     n_queries, n_docs = queries[arrays[0]].shape[0], docs[arrays[0]].shape[0]
-    rows = query_block_rows(n_queries, n_docs, n_accumulators, budget)
+    height = lcm(*(queries[name].chunks[0] for name in arrays))  # every block starts a chunk of every array
+    rows = query_block_rows(n_queries, n_docs, n_accumulators, budget, height)
     doc_sq: dict[str, np.ndarray] = {}
     for q_start in range(0, n_queries, rows):
         q_stop = min(n_queries, q_start + rows)
