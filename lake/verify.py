@@ -218,17 +218,30 @@ def headless_groups(store: LakeStore, pattern: str, listed: set[str]) -> list[Fi
 
 
 def verify_score_group(store: LakeStore, path: str, repair: bool = False) -> Finding:
-    """Check one score group: every block flagged complete can be read and is finite."""
+    """Check one score group: its id arrays read, and every block flagged complete can be read and is finite.
+
+    A damaged flag object is named; with `repair` the flags are rewritten from what is proven (blocks
+    that read whole and finite stay complete, the others are cleared)."""
     finding = Finding("scores", path)
     try:
         scores = ScoreGroup.open(store, path)
-        flags = np.asarray(scores.group["block_complete"][:])
     except DamagedMetadata as err:
         finding.damage(str(err), repairable=False)
         return finding
     except Exception as err:
         finding.damage(f"cannot be opened ({type(err).__name__}: {err})", repairable=False)
         return finding
+    for name in ("query", "train"):
+        _, problem = _read(scores.group[name], slice(None), f"array {name!r}")
+        if problem:
+            finding.damage(f"{problem}; run the attribution again into a new group", repairable=False)
+    array = scores.group["block_complete"]
+    flags, problem = _read(array, slice(None), "completion flags")
+    if problem is None and not np.isin(flags, (0, 1)).all():
+        problem = f"completion flags: object block_complete/c/{'/'.join('0' * array.ndim)} holds values other than 0 and 1"
+    if problem:  # every block judged: its flag is rewritten from what it holds
+        finding.damage(problem, "flags")
+        flags = np.ones(array.shape, dtype=np.uint8)
     for qb, tb in np.argwhere(flags == 1).tolist():
         qs, ts = scores.bounds(qb, tb)
         label = f"block ({qb}, {tb}) (queries {qs.start}-{qs.stop - 1}, training samples {ts.start}-{ts.stop - 1})"
@@ -238,7 +251,9 @@ def verify_score_group(store: LakeStore, path: str, repair: bool = False) -> Fin
         elif not np.isfinite(values).all():
             finding.damage(f"{label}: holds NaN (a missing chunk object reads as NaN; scores are always finite)", (qb, tb))
     if repair and finding.status == "damaged" and finding.repairable:
-        scores.clear(finding.chunks)
+        if "flags" in finding.chunks:
+            array[:] = flags  # a whole new object, the proven blocks flagged
+        scores.clear([b for b in finding.chunks if b != "flags"])
         finding.repaired = True
     return finding
 

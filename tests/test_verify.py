@@ -279,16 +279,24 @@ def test_damaged_flag_or_digest_object_is_named_repaired_and_the_rerun_works(lak
     assert verify(url).exit_code == 0
 
 
-def test_deleted_score_chunk_is_one_error_naming_its_block(tmp_path):
+SCORES = "attribution/m/c/probe/probe.paraphrased/grad-dot"
+
+
+def score_lake(tmp_path) -> str:
+    """A lake holding one complete 4 x 6 score group in 2 x 3 blocks."""
     from gradlake.lake.scores import ScoreGroup
 
     url = f"file://{tmp_path}/lake"
-    path = "attribution/m/c/probe/probe.paraphrased/grad-dot"
-    scores = ScoreGroup.create(LakeStore(url), path, [f"q{i}" for i in range(4)], [f"t{i}" for i in range(6)],
+    scores = ScoreGroup.create(LakeStore(url), SCORES, [f"q{i}" for i in range(4)], [f"t{i}" for i in range(6)],
                                {"settings": {}, "method": "grad-dot"}, query_rows=2, train_cols=3)
     for qb in range(2):
         scores.write_rows(2 * qb, np.arange(12, dtype=np.float32).reshape(2, 6) + qb)
     scores.finish()
+    return url
+
+
+def test_deleted_score_chunk_is_one_error_naming_its_block(tmp_path):
+    url, path = score_lake(tmp_path), SCORES
     assert open_lake(url).scores("grad-dot").shape == (4, 6)
     (tmp_path / "lake" / path / "scores" / "c" / "1" / "1").unlink()
     with pytest.raises(LakeError, match=r"block \(1, 1\) \(queries 2-3, training samples 3-5\) reads as NaN") as err:
@@ -314,3 +322,18 @@ def test_a_chunk_a_live_worker_holds_is_in_progress_never_damaged_nor_cleared(la
     result = verify(url, "--repair")
     assert result.exit_code == 0 and "row-chunk 2" in result.output, result.output
     assert GradientGroup.open(LakeStore(url), clean[1]).pending_chunks() == [2]
+
+
+@pytest.mark.parametrize("also_deleted", [False, True])
+def test_damaged_score_flags_are_named_and_rewritten_from_the_blocks_that_check(tmp_path, also_deleted):
+    from gradlake.lake.scores import ScoreGroup
+
+    url = score_lake(tmp_path)
+    flags = tmp_path / "lake" / SCORES / "block_complete" / "c" / "0" / "0"
+    flags.write_bytes(b"\x07" * flags.stat().st_size)
+    if also_deleted:
+        (tmp_path / "lake" / SCORES / "scores" / "c" / "0" / "1").unlink()
+    result = verify(url)
+    assert result.exit_code == 1 and "block_complete/c/0/0" in result.output, result.output
+    assert verify(url, "--repair").exit_code == 0
+    assert ScoreGroup.open(LakeStore(url), SCORES).pending_blocks() == ([(0, 1)] if also_deleted else [])
