@@ -114,3 +114,39 @@ def test_a_full_disk_during_extraction(tiny_models, small_disk):
     code, out = gradlake("extract", "--model", tiny_models["olmo2"], "--checkpoint", "checkpoint-1", "--lake", lake)
     one_error(code, out, f"writing {lake}/gradients/", "no space left on the device")
     assert "Retry" not in out
+
+
+@pytest.fixture(scope="module")
+def damaged_lake(tiny_models, tmp_path_factory) -> tuple[Path, str]:
+    """Original and paraphrased gradients of four probes, one chunk object of the originals overwritten with garbage."""
+    from test_batching import run
+
+    from gradlake.tasks.common.model import ModelSpec
+    from gradlake.tasks.gradients.plan import ExtractionSpec
+
+    lake = tmp_path_factory.mktemp("damaged") / "lake"
+    write_probe(str(lake), 4)
+    model = ModelSpec(model=str(tiny_models["olmo2"]), checkpoint="checkpoint-1")
+    groups = {variant: run(ExtractionSpec(model=model, lake=str(lake), variant=variant, shard_size=4, batch_size=4,
+                                          max_length=128)).path for variant in ("original", "paraphrased")}
+    chunk = lake / groups["original"] / "model.layers.0.mlp.up_proj.weight" / "c" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[10:17] = b"garbage"
+    chunk.write_bytes(bytes(data))
+    return lake, groups["original"]
+
+
+def test_evaluate_on_a_damaged_chunk(tiny_models, damaged_lake):
+    lake, _ = damaged_lake
+    code, out = gradlake("evaluate", "--model", tiny_models["olmo2"], "--checkpoint", "checkpoint-1", "--lake", lake,
+                         "-q", "paraphrased", "--no-dense-baseline")
+    one_error(code, out, "chunk object model.layers.0.mlp.up_proj.weight/c/0/0 is damaged", "gradlake verify --repair")
+    assert len(out.splitlines()) < 20, out
+
+
+def test_project_on_a_damaged_chunk(damaged_lake):
+    lake, original = damaged_lake
+    code, out = gradlake("project", "--gradients", original, "--kind", "gaussian", "--dim", "8", "--scope", "flat",
+                         "--lake", lake)
+    one_error(code, out, "chunk object model.layers.0.mlp.up_proj.weight/c/0/0 is damaged", "gradlake verify --repair")
+    assert len(out.splitlines()) < 20, out
