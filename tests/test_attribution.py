@@ -282,3 +282,69 @@ def test_counterfactual_methods_without_scores_fail_before_any_retraining(traine
     with pytest.raises(AttributionError, match=r"counterfactual_methods \['influence-kfac'\] have no scores"):
         evaluate_attribution(spec)
     assert not LakeStore("s3://lake/cf-never").fs.exists("lake/cf-never")
+
+
+# -- refusals before the first write (no trained model needed) ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def base_only(tiny_models, tmp_path_factory):
+    """A run whose prefix holds only its base checkpoint (checkpoint-000000): it was never trained."""
+    import shutil
+
+    from gradlake.tasks.training.plan import plan_run
+    from gradlake.tasks.training.spec import TrainSpec
+    from gradlake.tasks.training.train import train
+
+    root = tmp_path_factory.mktemp("base-only")
+    lake = str(root / "lake")
+    write_probe(lake, 8)
+    run = TrainSpec(model=ModelSpec(model=str(tiny_models["olmo2"]), checkpoint="checkpoint-0", device="cpu"), lake=lake,
+                    dataset="probe", output=str(root / "run"), keep=[f"probe-{i:04d}" for i in range(1, 5)], steps=2,
+                    batch_size=4, save_initial=True, max_length=128, quality=None)
+    trained_run = run.model_copy(update={"output": str(root / "trained")})
+    for each in (run, trained_run):
+        train(plan_run(each), log=lambda _: None)
+    shutil.rmtree(root / "run" / "checkpoint-000002")
+    return root, run, trained_run
+
+
+def _files(root) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("trained, change, said", [
+    (False, {"checkpoint": "checkpoint-000000"}, "checkpoint-000000 of the run at {output} is its base model, before "
+                                                 "any training step: there is no training to attribute; train the run first"),
+    (False, {}, "the training run has no checkpoint-000002 at {output} yet (found ['checkpoint-000000']); run train-model"),
+    (True, {"checkpoint": "checkpoint-000000"}, "checkpoint-000000 of the run at {output} is its base model"),
+    (True, {"queries": "translated"}, "dataset 'probe' variant 'translated' is not in lake"),
+])
+def test_a_run_never_trained_or_missing_queries_is_refused_before_anything_is_written(base_only, trained, change, said):
+    """Attributing the base checkpoint completed and wrote 102 objects; a missing query variant left `retrain` behind."""
+    from typer.testing import CliRunner
+
+    from gradlake.flows.cli import app
+    from gradlake.tasks.attribution.spec import AttributionSpec
+
+    root, base_run, trained_run = base_only
+    run = trained_run if trained else base_run
+    spec = AttributionSpec(train=run, n_subsets=4, retrain_prefix=str(root / "retrain"), train_deployment=None, **change)
+    before = _files(root)
+    result = CliRunner().invoke(app, ["attribution", "--spec", spec.model_dump_json()])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and said.format(output=run.output) in lines[0], result.output
+    assert _files(root) == before, _files(root) - before
+
+
+def test_a_refusal_inside_the_flow_leaves_no_retrain_directory(base_only):
+    """A check the flow makes after planning (here: methods with no scores) finds the retraining prefix as it was."""
+    from gradlake.flows.attribution import evaluate_attribution
+    from gradlake.tasks.attribution.spec import AttributionError, AttributionSpec
+
+    root, _, run = base_only
+    spec = AttributionSpec(train=run, n_subsets=4, methods=["grad-dot"], baselines=False,
+                           retrain_prefix=str(root / "nested" / "retrain"), train_deployment=None)
+    before = _files(root)
+    with pytest.raises(AttributionError, match=r"no scores in the lake for methods \['grad-dot'\]"):
+        evaluate_attribution(spec)
+    assert _files(root) == before, _files(root) - before

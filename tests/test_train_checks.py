@@ -166,9 +166,9 @@ def test_an_s3_outage_mid_run_is_one_line_naming_the_endpoint(tiny_models, s3_en
                                            GRADLAKE_S3_ENDPOINT_URL=endpoint)["outage"]
         cut.join()
     errors = [line for line in lines if line.startswith("error: ")]
+    assert not any("Traceback" in line or line.startswith("  File ") for line in lines), "\n".join(lines)
     assert code == 2 and len(errors) == 1, "\n".join(lines)
     assert f"cannot reach the S3 endpoint {endpoint} for s3://lake/{prefix}: connection refused" in errors[0], errors[0]
-    assert not any("Traceback" in line or line.startswith("  File ") for line in lines), "\n".join(lines)
     # What the run left: every checkpoint counted is whole and as written; a half-uploaded one is not counted.
     plan = plan_run(spec)
     assert 1 <= max(plan.done) < 12, plan.done

@@ -203,6 +203,11 @@ def read_benchmark(store: LakeStore, directory: str) -> pd.DataFrame:
 def plan_benchmark(spec: AttributionSpec) -> dict:
     """Every check before any retraining or writing; returns the training ids, the queries and the run's fingerprint."""
     plan = plan_run(spec.train)
+    if spec.step == 0:  # the base model: retraining it on subsets changes nothing, and its scores attribute nothing
+        raise AttributionError(f"{spec.model.checkpoint} of the run at {spec.train.output} is its base model, before any "
+                               f"training step: there is no training to attribute; train the run first (gradlake train "
+                               f"with its spec) and attribute a later checkpoint (it saves "
+                               f"{[checkpoint_name(s) for s in plan.saves if s]})")
     if spec.step not in plan.saves:
         raise AttributionError(f"the training run saves no {spec.model.checkpoint} (its checkpoints: "
                                f"{[checkpoint_name(s) for s in plan.saves]}); choose one of those")

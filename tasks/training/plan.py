@@ -114,9 +114,15 @@ def output_fs(spec: TrainSpec) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 def check_output_writable(spec: TrainSpec) -> None:
-    """Write and delete a probe object under the checkpoint prefix, or raise one clear error."""
+    """Write and delete a probe object under the checkpoint prefix, or raise one clear error; leaves nothing behind."""
     fs, root = output_fs(spec)
     probe = f"{root.rstrip('/')}/.gradlake-write-probe"
+    made = []  # local directories this check creates: removed again, so a refusal after it leaves nothing behind
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        parent = root.rstrip("/")
+        while parent and not fs.exists(parent):
+            made.append(parent)
+            parent = parent.rsplit("/", 1)[0]
     try:
         fs.makedirs(root, exist_ok=True)
         fs.pipe_file(probe, b"ok")
@@ -124,6 +130,12 @@ def check_output_writable(spec: TrainSpec) -> None:
     except Exception as err:  # permission, missing bucket, read-only file system, endpoint down
         raise TrainError(f"checkpoint prefix {spec.output!r} is not writable ({type(err).__name__}: {err}); "
                          "give a directory or s3:// prefix this worker can write") from None
+    finally:
+        for directory in made:  # deepest first; the first checkpoint's copy makes them again
+            try:
+                fs.rmdir(directory)
+            except OSError:
+                break
 
 
 def run_fingerprint(spec: TrainSpec, base_commit: str, versions: dict[str, str]) -> str:
