@@ -422,7 +422,7 @@ def main() -> None:
     # That temporary server starts in about 25 s on a busy two-core machine, past Prefect's 20 s default wait.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     # Without PREFECT_API_URL, Prefect starts a temporary server that a killed CLI would leave running.
-    from gradlake.flows.console import hide_told_tracebacks
+    from gradlake.flows.console import hide_told_tracebacks, told
     from gradlake.flows.temporary_server import end_with_this_process
 
     end_with_this_process()
@@ -432,6 +432,8 @@ def main() -> None:
     except Exception as err:
         # A service that does not answer fails deep inside Prefect or botocore; say which, in one line.
         problem = explain(err)
+        if problem is None and told(err):  # bad input that only the run could find, raised out of its flow
+            problem = str(err)
         if problem is None:
             raise
         typer.secho(f"error: {problem}", fg=typer.colors.RED, err=True)

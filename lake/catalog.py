@@ -23,7 +23,7 @@ from gradlake.lake.integrity import read_checked
 from gradlake.lake.results import read_checked_file, read_parquet_bytes, read_result_table
 from gradlake.lake.scores import list_score_groups
 from gradlake.lake.lookup import (GENERATED, LOOKUP_KEYS, PROJECTION_KEYS, checkpoint_lookup_key, generated_variants,
-                                  lookup_keys, matches, model_keys, resolve, tell_apart)
+                                  lookup_keys, matches, model_keys, resolve, some_of, tell_apart)
 from gradlake.lake.store import LakeError, LakeStore, scan_json
 
 
@@ -188,7 +188,8 @@ class Lake:
                 self.store.check_exists()
             shown = (*LOOKUP_KEYS, "extraction", *(("projection",) if projection is not None else ()))
             held = sorted({tuple(r[k] for k in shown) for r in records}, key=str)
-            raise LakeError(f"no {what} in {self.url} matches {asked}; the lake holds {held or 'none'} as {list(shown)}")
+            raise LakeError(f"no {what} in {self.url} matches {asked}; the lake holds "
+                            f"{some_of(held, joiner=', ') if held else 'none'} as {list(shown)}")
         apart = tell_apart(picked, (*LOOKUP_KEYS, *PROJECTION_KEYS))
         if apart.startswith("their paths") and len({r["extraction"] for r in picked}) > 1:
             raise AmbiguousExtraction(
@@ -282,7 +283,7 @@ class Lake:
             if not records:
                 self.store.check_exists()
             raise LakeError(f"no {what} in {self.url} matches {asked}; the lake holds "
-                            f"{[r['path'] for r in records] or 'none'}" + _damaged_text(damaged))
+                            f"{some_of([r['path'] for r in records], joiner=', ') or 'none'}" + _damaged_text(damaged))
         raise LakeError(f"{len(hits)} {what}s match {asked} in {self.url}; tell them apart with "
                         f"{tell_apart(hits, where)}")
 

@@ -71,14 +71,25 @@ def matches(record: dict, accepted: dict[str, set]) -> bool:
                for k, values in accepted.items())
 
 
+SHOWN = 6  # values named in a message; a lake of thousands of groups would otherwise fill the screen
+
+
+def some_of(values: list, shown: int = SHOWN, joiner: str = " or ") -> str:
+    """Values as repr, joined; past `shown` of them the first few, the last and how many in all."""
+    texts = [repr(v) for v in values]
+    if len(texts) > shown:
+        texts = texts[:shown - 1] + [f"... ({len(texts) - shown} more)", texts[-1]]
+    return joiner.join(texts)
+
+
 def tell_apart(hits: list[dict], filters: Iterable[str]) -> str:
-    """The filters whose values differ between the hits, with those values: what would pick one of them."""
+    """The filters whose values differ between the hits, with (some of) those values: what would pick one of them."""
     parts = []
     for name in filters:
         values = sorted({h.get(name) for h in hits}, key=str)
         if len(values) > 1:
-            parts.append(f"{name}=" + " or ".join(repr(v) for v in values))
-    return "; ".join(parts) or f"their paths {[h['path'] for h in hits]}"
+            parts.append(f"{name}=" + some_of(values))
+    return "; ".join(parts) or f"their paths {some_of([h['path'] for h in hits], joiner=', ')}"
 
 
 def generated_variants(variants: Iterable[str]) -> list[str]:

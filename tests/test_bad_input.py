@@ -150,3 +150,25 @@ def test_project_on_a_damaged_chunk(damaged_lake):
                          "--lake", lake)
     one_error(code, out, "chunk object model.layers.0.mlp.up_proj.weight/c/0/0 is damaged", "gradlake verify --repair")
     assert len(out.splitlines()) < 20, out
+
+
+def test_a_lookup_among_3000_groups_names_a_few(damaged_lake, tmp_path):
+    """Thousands of groups that match, or none that does: the message names a few and counts the rest."""
+    from gradlake.lake import open_lake
+    from gradlake.lake.store import LakeError
+
+    source, original = damaged_lake
+    model, _, *rest = original.split("/")[1:]
+    record = json.loads((source / original / "zarr.json").read_text())
+    for i in range(3000):
+        record["attributes"]["gradlake"]["lineage"]["checkpoint"] = f"step{i:05d}"
+        group = tmp_path / "lake" / "gradients" / model / f"step{i:05d}" / "/".join(rest)
+        group.mkdir(parents=True)
+        (group / "zarr.json").write_text(json.dumps(record))
+    lake = open_lake(str(tmp_path / "lake"))
+    with pytest.raises(LakeError, match=r"3000 gradient groups match .* tell them apart with checkpoint='step00000' or "
+                                        r"'step00001' or .* \(2994 more\) or 'step02999'$") as ambiguous:
+        lake.gradients(dataset="probe", variant="original")
+    with pytest.raises(LakeError, match=r"the lake holds .* \(2994 more\), .*'step02999'") as missing:
+        lake.gradients(dataset="probe", variant="original", checkpoint="step9")
+    assert len(str(ambiguous.value)) < 400 and len(str(missing.value)) < 1500
