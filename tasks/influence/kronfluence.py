@@ -208,9 +208,11 @@ def _factor_files(store: LakeStore, lake_dir: str) -> tuple[list[str], dict | No
                           f"({type(err).__name__}: {str(err)[:80]}); {redo}") from None
     for name in names:
         try:
-            safe_name(name, f"{directory}/{FACTORS_RECORD}")
-        except LakeError as err:
-            raise LakeError(f"{err}; {redo}") from None
+            safe_name(name)
+        except LakeError:
+            raise DamagedFile(f"damaged influence factors: {directory}/{FACTORS_RECORD} names {name!r}, which is not a "
+                              "plain relative path inside its directory (a leading '/', '..', ':' or '\\'): it was "
+                              f"changed after it was written; {redo}") from None
     return names, files
 
 
