@@ -186,13 +186,14 @@ def _repair(store: LakeStore, group: GradientGroup, finding: Finding) -> None:
     """Clear the flags of the damaged row-chunks, rewrite the damaged flags of proven ones; each under a lease,
     so that a chunk a worker has started meanwhile is left to it."""
     owner = claims.new_owner()
-    for k in [k for k in finding.chunks if k != "mean"] + finding.proven:
+    for k in dict.fromkeys([k for k in finding.chunks if k != "mean"] + finding.proven):
         if not lease_for_repair(store, group.path, k, owner):
             finding.in_progress.append(k)
             continue
-        try:
-            if k in finding.proven:
-                group.group["shard_complete"][k] = 1
+        try:  # judged once more under the lease: a run may have rewritten it since
+            if _chunk_problem(group, k) is None:
+                if k in finding.proven:
+                    group.group["shard_complete"][k] = 1  # its damaged flag object rewritten
             else:
                 group.clear([k])
         finally:

@@ -85,7 +85,7 @@ def test_clean_lake_verifies(lake, clean):
     result = verify(url)
     assert result.exit_code == 0, result.output
     table = verify_lake(LakeStore(url), log=lambda *_: None)
-    assert set(table["status"]) == {"ok"} and set(table["kind"]) == {"gradients", "dataset"}
+    assert set(table["status"]) == {"ok"} and {"gradients", "dataset"} <= set(table["kind"])
     # every row-chunk of the zero-heavy embedding gradient is an object: none was skipped as "empty"
     assert len(list((Path(url[7:]) / clean[1] / LAYERS[0] / "c").iterdir())) == N // 2
 

@@ -64,6 +64,7 @@ def test_verify_and_repair_beside_eight_workers_never_touch_a_healthy_chunk(tiny
     undisturbed = create_group(plan_extraction(spec))
     for s in range(N // SHARD):
         extract_shard(spec, undisturbed, s, log=lambda *_: None)
+    assert finalize_task.fn(reference, [undisturbed.path])
 
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["gradlake.tasks.gradients.extract"])
