@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import boto3
@@ -138,6 +139,28 @@ def test_weights_gone_non_finite_are_never_saved(tiny_models):
         check_before_save(model, 4, 12, [2])
 
 
+def train_through_an_outage(s3_endpoint, tmp_path, spec: TrainSpec, gone: Callable[[], bool]) -> tuple[str, list[str]]:
+    """`gradlake train` with S3 behind a proxy that stops once `gone()` holds: (the proxy's endpoint, its error line)."""
+    with FaultyS3Proxy(s3_endpoint, fail=0) as proxy:
+        endpoint = proxy.endpoint
+
+        def outage() -> None:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and not gone():
+                time.sleep(0.02)
+            proxy.stop()
+
+        cut = threading.Thread(target=outage, daemon=True)
+        cut.start()
+        code, _, lines = run_commands(tmp_path, {"outage": ["train", "--spec", spec.model_dump_json()]},
+                                      GRADLAKE_S3_ENDPOINT_URL=endpoint)["outage"]
+        cut.join()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert not any("Traceback" in line or line.startswith("  File ") for line in lines), "\n".join(lines)
+    assert code == 2 and len(errors) == 1, "\n".join(lines)
+    return endpoint, errors[0]
+
+
 def test_an_s3_outage_mid_run_is_one_line_naming_the_endpoint(tiny_models, s3_endpoint, tmp_path):
     """The output's endpoint goes away after checkpoint 2: one line naming it; no half-written checkpoint counts."""
     import uuid
@@ -147,28 +170,13 @@ def test_an_s3_outage_mid_run_is_one_line_naming_the_endpoint(tiny_models, s3_en
     prefix = f"checkpoints/outage-{uuid.uuid4().hex[:8]}"
     spec = spec_for(str(tiny_models["olmo2"]), lake, f"s3://lake/{prefix}", steps=12, checkpoint_every=1)
     direct = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    weights = f"{prefix}/{checkpoint_name(2)}/model.safetensors"  # gone while later checkpoints are written
 
     def keys() -> list[str]:
         return [o["Key"] for o in direct.list_objects_v2(Bucket="lake", Prefix=prefix).get("Contents", [])]
 
-    with FaultyS3Proxy(s3_endpoint, fail=0) as proxy:
-        endpoint = proxy.endpoint
-
-        def outage() -> None:  # the endpoint goes away once checkpoint 2's weights are there, while others are written
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline and f"{prefix}/{checkpoint_name(2)}/model.safetensors" not in keys():
-                time.sleep(0.02)
-            proxy.stop()
-
-        cut = threading.Thread(target=outage, daemon=True)
-        cut.start()
-        code, stdout, lines = run_commands(tmp_path, {"outage": ["train", "--spec", spec.model_dump_json()]},
-                                           GRADLAKE_S3_ENDPOINT_URL=endpoint)["outage"]
-        cut.join()
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert not any("Traceback" in line or line.startswith("  File ") for line in lines), "\n".join(lines)
-    assert code == 2 and len(errors) == 1, "\n".join(lines)
-    assert f"cannot reach the S3 endpoint {endpoint} for s3://lake/{prefix}: connection refused" in errors[0], errors[0]
+    endpoint, error = train_through_an_outage(s3_endpoint, tmp_path, spec, lambda: weights in keys())
+    assert f"cannot reach the S3 endpoint {endpoint} for s3://lake/{prefix}: connection refused" in error, error
     # What the run left: every checkpoint counted is whole and as written; a half-uploaded one is not counted.
     plan = plan_run(spec)
     assert 1 <= max(plan.done) < 12, plan.done
@@ -178,3 +186,20 @@ def test_an_s3_outage_mid_run_is_one_line_naming_the_endpoint(tiny_models, s3_en
     # The same command once the endpoint answers again resumes from the last whole checkpoint and finishes.
     resumed = train(plan, log=lambda _: None)
     assert resumed.resumed_from == max(plan.done) and resumed.final == checkpoint_name(12)
+
+
+def test_the_lakes_s3_outage_after_training_is_one_line_naming_it(tiny_models, s3_endpoint, tmp_path):
+    """The lake's endpoint goes away once the last checkpoint is written, before its answers are scored into the lake."""
+    import uuid
+
+    from gradlake.tasks.data.quality import QualitySpec
+
+    lake = f"s3://lake/train-outage-{uuid.uuid4().hex[:8]}"
+    write_probe(lake, 8)
+    spec = spec_for(str(tiny_models["olmo2"]), lake, str(tmp_path / "out"), steps=2, checkpoint_every=0,
+                    quality=QualitySpec(max_samples=2, max_new_tokens=4))
+    final = tmp_path / "out" / checkpoint_name(2)
+    endpoint, error = train_through_an_outage(s3_endpoint, tmp_path, spec, final.exists)
+    assert error.startswith(f"error: the answers of {checkpoint_name(2)} were not scored (cannot reach the S3 endpoint "
+                            f"{endpoint} for {lake}: connection refused"), error
+    assert checkpoints(tmp_path / "out") == [checkpoint_name(2)]

@@ -8,15 +8,17 @@ RNG state never continue into weights that differ from the uninterrupted run's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 
 import fsspec
 import torch
 
 from gradlake.lake.manifest import DamagedFile, check_directory, read_checked
 from gradlake.lake.store import LakeError, storage_options_for, storage_problem
-from gradlake.tasks.training.spec import LINEAGE_FILE, TrainError, checkpoint_name
+from gradlake.tasks.training.spec import LINEAGE_FILE, TrainError, TrainSpec, checkpoint_name
 
 
 class NonFiniteTraining(TrainError):
@@ -110,3 +112,22 @@ def storage_failure(err: BaseException, url: str, storage_options: dict, what: s
         return None
     return TrainError(f"{what} ({problem}); a checkpoint without all its files is never resumed from: train again "
                       "once the storage answers, and the run resumes from its last complete checkpoint")
+
+
+@contextlib.contextmanager
+def storage_named(spec: TrainSpec, what: str, lake_first: bool = False) -> Iterator[None]:
+    """Within it, the lake's or the checkpoint prefix's storage failing (an S3 endpoint gone) is one TrainError naming
+    the endpoint, said after `what`; any other error passes unchanged.  The line names the prefix when it is on S3
+    (the lake with `lake_first`, when that is on S3)."""
+    try:
+        yield
+    except TrainError:
+        raise
+    except Exception as err:
+        remote = [u for u in ((spec.lake, spec.output) if lake_first else (spec.output, spec.lake))
+                  if u.startswith(("s3://", "s3a://"))]
+        url = remote[0] if remote else spec.output
+        told = storage_failure(err, url, spec.storage_options if url == spec.output else {}, what)
+        if told is None:
+            raise
+        raise told from None

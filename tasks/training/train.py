@@ -15,7 +15,8 @@ from prefect.cache_policies import NONE
 from gradlake.tasks.common.loss import Encoded, chat_template_text, encode_sample, pad_batch, sample_losses
 from gradlake.tasks.common.model import capped_length, check_model
 from gradlake.tasks.common.retries import retry_unless_bad_input
-from gradlake.tasks.training.checks import check_before_save, check_resumable, check_start_weights, check_step
+from gradlake.tasks.training.checks import (check_before_save, check_resumable, check_start_weights, check_step,
+                                            storage_named)
 from gradlake.tasks.training.checkpoints import (load_for_training, local_copy, measure_checkpoint, restore_optimizer,
                                                  restore_rng, save_checkpoint)
 from gradlake.tasks.training.plan import Plan, batch_of_step, learning_rate, plan_run
@@ -126,7 +127,8 @@ def plan_task(spec: TrainSpec) -> Plan:
 def train_task(spec: TrainSpec) -> list[str]:
     """Train, resuming from the last complete checkpoint when a previous attempt was killed."""
     log = get_run_logger()
-    plan = plan_run(spec)  # again: a retry sees the checkpoints the failed attempt left
+    with storage_named(spec, "training stopped"):
+        plan = plan_run(spec)  # again: a retry sees the checkpoints the failed attempt left
     artifact = create_progress_artifact(100.0 * (max(plan.done, default=0) / plan.total_steps),
                                         description=f"training steps done, of {plan.total_steps}")
     every = max(1, plan.total_steps // 100)
@@ -135,7 +137,8 @@ def train_task(spec: TrainSpec) -> list[str]:
         if step % every == 0 or step == plan.total_steps:
             update_progress_artifact(artifact, 100.0 * step / plan.total_steps)
 
-    result = train(plan, log=log.info, on_step=on_step)
+    with storage_named(spec, "training stopped"):
+        result = train(plan, log=log.info, on_step=on_step)
     return result.checkpoints
 
 
@@ -143,4 +146,5 @@ def train_task(spec: TrainSpec) -> list[str]:
       retry_condition_fn=retry_unless_bad_input)
 def quality_task(spec: TrainSpec, name: str) -> dict:
     """ROUGE-L, BLEU (and the judge's grade) of one checkpoint's greedy answers, stored in the lake."""
-    return measure_checkpoint(spec, name, log=get_run_logger().info)
+    with storage_named(spec, f"the answers of {name} were not scored", lake_first=True):
+        return measure_checkpoint(spec, name, log=get_run_logger().info)
