@@ -161,6 +161,7 @@ def demo(settings,
     from gradlake.flows.demo import demo_log, demo_pipeline
     from gradlake.lake import open_lake
     from gradlake.lake.store import LakeStore, normalize_url
+    from gradlake.tasks.training.report import read_training_curve
 
     url = normalize_url(_lake(lake))
     log = demo_log(url)
@@ -190,7 +191,7 @@ def demo(settings,
     for label, title in (("held_out", "held-out queries (never trained on)"),
                          ("paraphrased", "paraphrases of training samples (fact tracing)")):
         print_benchmark(store, url, final[label], f"attribution benchmark of the final checkpoint, {title}")
-    curve = pd.read_parquet(store.fs.open(store.path(f"{result['curve']}/curve.parquet"), "rb"))
+    curve = read_training_curve(store, result["curve"])
     typer.echo("")
     typer.echo(f"across training, held-out LDS ({url}/{result['curve']}/curve.png):")
     with pd.option_context("display.width", 250, "display.max_columns", 20, "display.float_format", "{:.3f}".format):

@@ -152,19 +152,20 @@ def read_checked_file(store: LakeStore, directory: str, name: str, files: dict |
             raise DamagedFile(_public(store, str(err))) from None
 
 
-def read_result_meta(store: LakeStore, directory: str, what: str = "result") -> dict:
-    """The meta.json of the complete result at `directory`; one LakeError if it is not complete, or damaged."""
-    raw = read_checked_file(store, directory, META)
+def read_result_meta(store: LakeStore, directory: str, what: str = "result", name: str = META) -> dict:
+    """The meta.json (or the JSON file `name` written last in its place) of the complete result at `directory`;
+    one LakeError if it is not complete, or damaged."""
+    raw = read_checked_file(store, directory, name)
     if raw is None:
         raise LakeError(f"no complete {what} at {directory!r} in {public_url(store.url)} "
-                        f"(its {META}, written last, is not there)")
+                        f"(its {name}, written last, is not there)")
     try:
         record = json.loads(raw)
     except ValueError as err:  # JSONDecodeError and UnicodeDecodeError alike
         record = err
     if not isinstance(record, dict):
         problem = record if isinstance(record, ValueError) else f"it holds {type(record).__name__}, not an object"
-        raise DamagedMetadata(f"damaged metadata: {public_url(store.url)}/{directory}/{META} is not valid JSON "
+        raise DamagedMetadata(f"damaged metadata: {public_url(store.url)}/{directory}/{name} is not valid JSON "
                               f"({problem}); run `gradlake verify`, then the stage that wrote it again")
     return record
 

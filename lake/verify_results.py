@@ -8,8 +8,14 @@
   read, and is "unchecked" where they read (nothing proves they are as written);
 - every ground-truth losses directory (``<ground truth>/<lds or cf set>/losses/``, both layouts):
   the files its manifest lists are checked, any other Parquet file in it is read ("unchecked");
+- every answer-quality result (``quality/…``: ``answers.parquet`` and ``summary.json``) and training
+  curve (``evaluations/<model>/training/<dataset>``): checked against its manifest, read where it
+  has none;
 - every other directory holding a ``manifest.json`` (Kronfluence's factors, training checkpoints
-  written into the lake, trace-many's summaries): checked against it.
+  written into the lake, trace-many's summaries): checked against it;
+- the ``zarr.json`` of the lake's root and of every group above the gradient and score groups
+  (a JSON object naming a group), and every entry of the paraphrase cache (a JSON object holding
+  its text, whose sha256 is its file name, and a paraphrase; a damaged entry is asked again).
 
 A result directory whose run was stopped after its manifest and before its ``meta.json`` is not a
 result; it is reported as damaged (run the stage again), unless a live run holds its write claim,
@@ -20,6 +26,8 @@ benchmark, which warns as it does).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import posixpath
 
 import pyarrow.parquet as pq
@@ -28,7 +36,7 @@ from gradlake.lake import layout
 from gradlake.lake.claims import died_here, read_claim
 from gradlake.lake.manifest import MANIFEST, check_directory, read_manifest
 from gradlake.lake.results import META, read_result_meta
-from gradlake.lake.store import LakeError, LakeStore, public_url
+from gradlake.lake.store import DamagedMetadata, LakeError, LakeStore, public_url, read_json, scan_json
 
 # Every kind of result, by the catalog's kind; benchmarks in today's layout and earlier lakes'.
 RESULTS = (("evaluation", layout.EVALUATIONS), ("attribution", layout.BENCHMARKS),
@@ -36,6 +44,9 @@ RESULTS = (("evaluation", layout.EVALUATIONS), ("attribution", layout.BENCHMARKS
 # The ground truth's losses directories: <ground truth>/<lds-… or cf-…>/losses, in both layouts.
 GROUND_TRUTH_LOSSES = tuple(f"{truth}/*/losses" for truth in (layout.ground_truth_dir("*", "*", "*", "*"),
                                                                 layout.legacy_ground_truth_dir("*", "*", "*", "*")))
+# Directories of files with a fixed name in them that do not count as results: (kind, pattern of a file of each).
+FILE_SETS = (("quality", f"{layout.QUALITY}/summary.json"),
+             ("training curve", f"{layout.training_curve_dir('*', '*')}/curve.parquet"))
 OLDER = "written before manifests: read, not proven"
 
 Finding = tuple[str, str, str, list[str]]  # (kind, directory relative to the lake, ok | damaged | unchecked, problems)
@@ -117,6 +128,8 @@ def check_files(store: LakeStore, kind: str, directory: str) -> Finding:
 def _manifest_kind(directory: str) -> str:
     if directory.startswith("influence/"):
         return "factors"
+    if directory.startswith("quality/"):
+        return "quality"
     return "checkpoint" if posixpath.basename(directory).startswith("checkpoint") else "files"
 
 
@@ -133,6 +146,9 @@ def result_findings(store: LakeStore, log=print) -> list[Finding]:
         for path in store.glob(pattern):
             directory = _relative(store, path).removesuffix("/summary.parquet")
             targets.setdefault(directory, (check_files, kind))
+    for kind, pattern in FILE_SETS:
+        for path in store.glob(pattern):
+            targets.setdefault(posixpath.dirname(_relative(store, path)), (check_files, kind))
     for path in store.glob(f"**/{MANIFEST}"):  # factors, checkpoints in a lake prefix, anything else with a manifest
         directory = posixpath.dirname(_relative(store, path))
         if not directory.startswith(".gradlake") and directory not in targets:
@@ -142,7 +158,78 @@ def result_findings(store: LakeStore, log=print) -> list[Finding]:
         finding = check(store, *kind, directory)
         findings.append(finding)
         log(f"[{i}/{len(targets)}] {finding[2]:9s} {directory}" + (f": {finding[3][0]}" if finding[2] == "damaged" else ""))
+    for finding in [*hierarchy_findings(store), *cache_findings(store)]:  # logged when damaged: there are many
+        findings.append(finding)
+        if finding[2] == "damaged":
+            log(f"[-] damaged   {finding[1]}: {finding[3][0]}")
     return findings
 
 
-__all__ = ["RESULTS", "GROUND_TRUTH_LOSSES", "result_findings", "check_result", "check_files"]
+def hierarchy_findings(store: LakeStore) -> list[Finding]:
+    """The ``zarr.json`` of the lake's root and of every group above a gradient or score group (Zarr writes one per
+    level on the way down): each must be a JSON object naming a group; and each ground truth's ``subsets.json``."""
+    levels = {"/".join(pattern.split("/")[:depth]) for pattern in (layout.GRADIENT_GROUPS, layout.SCORE_GROUPS)
+              for depth in range(1, pattern.count("/") + 1)}
+    findings = []
+    for level in ["", *sorted(levels)]:
+        for path in store.glob(f"{level}/zarr.json" if level else "zarr.json"):
+            relative = _relative(store, path)
+            try:
+                record = read_json(store, relative)
+                node = (record or {}).get("node_type")
+                problems = [] if node == "group" else [f"{public_url(store.url)}/{relative} is not a group's metadata "
+                                                       f"(node_type {node!r}); write it again as {{\"zarr_format\": 3, "
+                                                       '"node_type": "group", "attributes": {}}']
+            except DamagedMetadata as err:
+                problems = [str(err)]
+            findings.append(("group metadata", relative, "damaged" if problems else "ok", problems))
+    for pattern in GROUND_TRUTH_LOSSES:  # the record of an LDS set's subsets beside its losses (rewritten by each run)
+        for directory, _, damage in scan_json(store, f"{pattern.removesuffix('/losses')}/subsets.json"):
+            findings.append(("ground truth", f"{directory}/subsets.json", "damaged" if damage else "ok",
+                             [damage] if damage else []))
+    return findings
+
+
+# -- the paraphrase cache: <lake>/cache/paraphrase/<settings key>/<text key>.json, one answer each
+
+def text_key(text: str) -> str:
+    """The file name (less ``.json``) of a text's entry in the paraphrase cache: the sha256 of the text."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def cached_paraphrase(raw: bytes, key: str) -> str:
+    """The paraphrase held by a cache entry named `key`; ValueError saying why the entry is damaged otherwise."""
+    try:
+        entry = json.loads(raw)
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError alike
+        raise ValueError(f"it is not valid JSON ({str(err)[:60]})") from None
+    if not isinstance(entry, dict) or not isinstance(entry.get("text"), str) or text_key(entry["text"]) != key:
+        raise ValueError("it does not hold the text its name is the sha256 of")
+    paraphrase = entry.get("paraphrase")
+    if not isinstance(paraphrase, str) or not paraphrase.strip():
+        raise ValueError("it holds no paraphrase")
+    return paraphrase
+
+
+def cache_findings(store: LakeStore) -> list[Finding]:
+    """One finding per settings directory of the paraphrase cache, naming each entry that is damaged (a rerun of the
+    paraphrasing asks for those again)."""
+    findings = []
+    for directory in sorted(_relative(store, p) for p in store.glob(f"{layout.PARAPHRASE_CACHE}/*")):
+        paths = store.glob(f"{directory}/*.json")
+        found = store.fs.cat(paths, on_error="return") if paths else {}
+        problems = []
+        for path in sorted(found):
+            try:
+                if isinstance(found[path], Exception):
+                    raise ValueError(f"it cannot be read ({type(found[path]).__name__})")
+                cached_paraphrase(found[path], posixpath.basename(path).removesuffix(".json"))
+            except ValueError as err:
+                problems.append(f"{public_url(store.url)}/{_relative(store, path)} is damaged: {err}; remove it, and "
+                                "the next paraphrasing asks for it again")
+        findings.append(("paraphrase cache", directory, "damaged" if problems else "ok", problems))
+    return findings
+
+
+__all__ = ["RESULTS", "GROUND_TRUTH_LOSSES", "FILE_SETS", "result_findings", "check_result", "check_files",
+           "hierarchy_findings", "text_key", "cached_paraphrase", "cache_findings"]

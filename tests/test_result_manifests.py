@@ -254,3 +254,87 @@ def test_ground_truth_losses_are_verified_and_a_damaged_one_recomputed_with_a_wa
     assert "warning:" in warning and f"{losses}/subset-000.parquet" in warning and "computing" in warning
     np.testing.assert_allclose(again, first, rtol=1e-6)
     assert findings(store) == {losses: ("ok", [])}
+
+
+# -- quality results, training curves, the paraphrase cache and the group hierarchy: verify names each
+
+QUALITY = layout.quality_dir("m", "main", "probe", "original")
+CURVE = layout.training_curve_dir("m", "probe")
+
+
+def test_quality_results_are_named_damaged_by_their_readers_and_by_verify(lake_store):
+    from gradlake.tasks.data.quality import read_answers, read_quality, write_quality
+
+    answers = pd.DataFrame({"id": ["1"], "reference": ["a"], "answer": ["a"], "rouge_l": [1.0], "bleu": [100.0]})
+    write_quality(lake_store, "m", "main", "probe", "original", answers, {"n": 1, "rouge_l": 1.0})
+    assert findings(lake_store)[QUALITY][0] == "ok"
+    assert read_quality(lake_store)["rouge_l"].tolist() == [1.0]
+    damage(lake_store, f"{QUALITY}/answers.parquet", b"PAR1 garbage PAR1")
+    with pytest.raises(LakeError, match=r"quality/m/main/probe/original/answers\.parquet holds 17 bytes") as told:
+        read_answers(lake_store, QUALITY)
+    assert "\n" not in str(told.value)
+    status, problems = findings(lake_store)[QUALITY]
+    assert status == "damaged" and "answers.parquet" in problems[0]
+    damage(lake_store, f"{QUALITY}/summary.json", b'{"n": 1, "rouge')  # was json's "Unterminated string" from the demo
+    with pytest.raises(LakeError, match=r"quality/m/main/probe/original/summary\.json .*gradlake verify"):
+        read_quality(lake_store)
+    assert any("summary.json" in p for p in findings(lake_store)[QUALITY][1])
+
+
+@pytest.mark.parametrize("name", ["curve.parquet", "curve.png"])
+def test_a_training_curve_is_named_damaged_by_its_reader_and_by_verify(tmp_path, name):
+    from gradlake.tasks.training.report import read_training_curve, write_training_curve
+
+    store = LakeStore(f"file://{tmp_path}/lake")
+    write_training_curve(store, CURVE, pd.DataFrame({"step": [0, 4], "lds bm25": [0.1, 0.2]}), PNG)
+    assert findings(store)[CURVE] == ("ok", [])
+    damage(store, f"{CURVE}/{name}", b"garbage")
+    status, problems = findings(store)[CURVE]
+    assert status == "damaged" and f"{CURVE}/{name}" in problems[0]
+    if name == "curve.parquet":
+        with pytest.raises(LakeError, match=rf"{CURVE}/curve\.parquet holds 7 bytes"):
+            read_training_curve(store, CURVE)
+
+
+def test_a_damaged_paraphrase_cache_entry_is_named_by_verify_and_asked_again_with_a_warning(tmp_path):
+    from gradlake.lake.verify_results import cache_findings
+    from gradlake.tasks.data.paraphrase import ParaphraseSpec, cache_path, read_cache, write_cache
+
+    store = LakeStore(f"file://{tmp_path}/lake")
+    spec = ParaphraseSpec(base_url="http://127.0.0.1:9/v1")
+    texts = ["first request", "second request", "third request"]
+    for text in texts:
+        write_cache(store, spec, text, f"reworded {text}", served_by="m")
+    assert [s for _, _, s, _ in cache_findings(store)] == ["ok"]
+    truncated, swapped = cache_path(store, spec, texts[0]), cache_path(store, spec, texts[1])
+    store.fs.pipe_file(truncated, store.fs.cat_file(truncated)[:20])
+    store.fs.pipe_file(swapped, store.fs.cat_file(cache_path(store, spec, texts[2])))  # another text's answer
+    warnings = []
+    assert read_cache(store, spec, texts, log=warnings.append) == {texts[2]: "reworded third request"}
+    assert sorted(warnings) == sorted(f"warning: the paraphrase cache entry file://{p} is damaged ({why}); its text is "
+                                      "paraphrased again" for p, why in (
+                                          (truncated, "it is not valid JSON (Unterminated string starting at: line 1 "
+                                                      "column 10 (char 9))"),
+                                          (swapped, "it does not hold the text its name is the sha256 of")))
+    [(kind, _, status, problems)] = cache_findings(store)
+    assert (kind, status) == ("paraphrase cache", "damaged")
+    assert sorted(p.split(" is damaged")[0] for p in problems) == sorted(f"file://{p}" for p in (truncated, swapped))
+
+
+def test_damaged_group_metadata_above_the_groups_is_named(tmp_path):
+    from gradlake.lake.verify_results import hierarchy_findings
+
+    store = LakeStore(f"file://{tmp_path}/lake")
+    group = b'{"zarr_format": 3, "node_type": "group", "attributes": {}}'
+    for level in ("", "gradients/", "gradients/m/", "attribution/m/main/probe/probe.original/"):
+        store.fs.makedirs(store.path(level), exist_ok=True)
+        store.fs.pipe_file(store.path(f"{level}zarr.json"), group)
+    assert {(d, s) for _, d, s, _ in hierarchy_findings(store)} == {
+        ("zarr.json", "ok"), ("gradients/zarr.json", "ok"), ("gradients/m/zarr.json", "ok"),
+        ("attribution/m/main/probe/probe.original/zarr.json", "ok")}
+    damage(store, "zarr.json", group[:30])
+    damage(store, "gradients/m/zarr.json", group.replace(b"group", b"array"))
+    damaged = {d: p[0] for _, d, s, p in hierarchy_findings(store) if s == "damaged"}
+    assert damaged.keys() == {"zarr.json", "gradients/m/zarr.json"}
+    assert f"file://{tmp_path}/lake/zarr.json is not valid JSON" in damaged["zarr.json"]
+    assert "node_type 'array'" in damaged["gradients/m/zarr.json"]

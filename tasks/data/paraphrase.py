@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gradlake.lake import layout
 from gradlake.lake.store import LakeStore, public_url, refuse_credentials
+from gradlake.lake.verify_results import cached_paraphrase, text_key
 from gradlake.tasks.common.retries import not_answering, retry_unless_bad_input, unreachable
 
 
@@ -152,10 +153,6 @@ def settings_key(spec: ParaphraseSpec) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
-def text_key(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 # -- the key ----------------------------------------------------------------------------------
 
 def key_source(spec: ChatAPI) -> str:
@@ -195,20 +192,9 @@ def cache_path(store: LakeStore, spec: ParaphraseSpec, text: str) -> str:
     return store.path(layout.paraphrase_cache_file(settings_key(spec), text_key(text)))
 
 
-def _valid_entry(raw: bytes, text: str) -> str | None:
-    """The paraphrase in a cache file, or None when the file is partial, corrupt or about another text."""
-    try:
-        entry = json.loads(raw)
-    except ValueError:
-        return None
-    if not isinstance(entry, dict) or entry.get("text") != text:
-        return None
-    paraphrase = entry.get("paraphrase")
-    return paraphrase if isinstance(paraphrase, str) and paraphrase.strip() else None
-
-
-def read_cache(store: LakeStore, spec: ParaphraseSpec, texts: list[str]) -> dict[str, str]:
-    """The cached paraphrases among `texts` (one batched read; invalid entries count as missing)."""
+def read_cache(store: LakeStore, spec: ParaphraseSpec, texts: list[str], log=print) -> dict[str, str]:
+    """The cached paraphrases among `texts` (one batched read).  A damaged entry (partial, corrupt, about another
+    text) counts as missing, so it is asked again, with one warning naming it."""
     paths = {cache_path(store, spec, t): t for t in texts}
     if not paths:
         return {}
@@ -216,8 +202,13 @@ def read_cache(store: LakeStore, spec: ParaphraseSpec, texts: list[str]) -> dict
     cached = {}
     for path, raw in found.items():
         text = paths.get(path)
-        if text is not None and (paraphrase := _valid_entry(raw, text)) is not None:
-            cached[text] = paraphrase
+        if text is None:
+            continue
+        try:
+            cached[text] = cached_paraphrase(raw, text_key(text))
+        except ValueError as err:
+            log(f"warning: the paraphrase cache entry {public_url(store.url)}{path[len(store.root):]} is damaged "
+                f"({err}); its text is paraphrased again")
     return cached
 
 
@@ -380,7 +371,7 @@ def paraphrase_messages(frame: pd.DataFrame, spec: ParaphraseSpec, store: LakeSt
     texts = _user_texts(frame)
     base_url = resolved_base_url(spec)
     key = resolve_api_key(spec)
-    cached = read_cache(store, spec, list(texts))
+    cached = read_cache(store, spec, list(texts), log=log)
     pending = {t: sid for t, sid in texts.items() if t not in cached}
     if pending:
         check_server(spec)

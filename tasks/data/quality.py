@@ -16,8 +16,12 @@ Stored per (model, checkpoint, dataset, variant):
 
 ```
 <lake>/quality/<model>/<checkpoint>/<dataset>/<variant>/answers.parquet   id, reference, answer, rouge_l, bleu[, judge]
+<lake>/quality/<model>/<checkpoint>/<dataset>/<variant>/manifest.json     size and sha256 of both (lake.manifest)
 <lake>/quality/<model>/<checkpoint>/<dataset>/<variant>/summary.json      means, corpus BLEU, settings, lineage
 ```
+
+``summary.json`` is written last and marks a complete result; the manifest, written just before it,
+covers both files, so `gradlake verify` checks them and a reader names a damaged one in one line.
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gradlake.lake import layout
 from gradlake.lake.datasets import dataset_meta, read_dataset
-from gradlake.lake.store import LakeStore
+from gradlake.lake.manifest import entry, write_manifest
+from gradlake.lake.results import read_checked_file, read_parquet_bytes, read_result_meta
+from gradlake.lake.store import LakeError, LakeStore
 from gradlake.tasks.data.paraphrase import ChatAPI
 
 
@@ -127,26 +133,50 @@ def measure_quality(model, tokenizer, frame: pd.DataFrame, spec: QualitySpec, lo
     return table, summary
 
 
+ANSWERS, SUMMARY = "answers.parquet", "summary.json"
+
+
 def write_quality(store: LakeStore, model_key: str, checkpoint_key: str, dataset: str, variant: str,
                   table: pd.DataFrame, summary: dict) -> str:
-    """Store the per-answer table, then the summary (written last: its presence means complete)."""
+    """Store the per-answer table, its manifest, then the summary (written last: its presence means complete)."""
     base = store.path(layout.quality_dir(model_key, checkpoint_key, dataset, variant))
     buffer = io.BytesIO()
     table.to_parquet(buffer, index=False)
-    store.fs.makedirs(base, exist_ok=True)
-    store.fs.pipe_file(f"{base}/answers.parquet", buffer.getvalue())
     record = {**summary, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-    store.fs.pipe_file(f"{base}/summary.json", json.dumps(record, indent=1).encode())
+    files = {ANSWERS: buffer.getvalue(), SUMMARY: json.dumps(record, indent=1).encode()}
+    store.fs.makedirs(base, exist_ok=True)
+    if store.fs.exists(f"{base}/{SUMMARY}"):  # a rerun: not complete again until its own summary is written
+        store.fs.rm_file(f"{base}/{SUMMARY}")
+    store.fs.pipe_file(f"{base}/{ANSWERS}", files[ANSWERS])
+    write_manifest(store.fs, base, {name: entry(data) for name, data in files.items()})
+    store.fs.pipe_file(f"{base}/{SUMMARY}", files[SUMMARY])
     return base
 
 
+def read_summary(store: LakeStore, directory: str) -> dict | None:
+    """The summary of the quality result at `directory` (`layout.quality_dir`), None where there is none yet;
+    one LakeError naming ``summary.json`` if it is damaged."""
+    if not store.fs.exists(store.path(f"{directory}/{SUMMARY}")):  # not measured, or its run is not done yet
+        return None
+    return read_result_meta(store, directory, "quality result", name=SUMMARY)
+
+
+def read_answers(store: LakeStore, directory: str) -> pd.DataFrame:
+    """The scored answers of the quality result at `directory`; one LakeError naming ``answers.parquet`` if damaged."""
+    raw = read_checked_file(store, directory, ANSWERS)
+    if raw is None:
+        raise LakeError(f"no answers at {directory!r} in {store.url}: measure that checkpoint's quality again")
+    return read_parquet_bytes(store, f"{directory}/{ANSWERS}", raw)
+
+
 def read_quality(store: LakeStore) -> pd.DataFrame:
-    """Every stored summary, one row per (model, checkpoint, dataset, variant)."""
+    """Every stored summary, one row per (model, checkpoint, dataset, variant); a damaged one is one LakeError."""
     rows = []
-    for path in store.glob(f"{layout.QUALITY}/summary.json"):
+    for path in store.glob(f"{layout.QUALITY}/{SUMMARY}"):
         model_key, checkpoint_key, dataset, variant = path.split("/")[-5:-1]
+        directory = layout.quality_dir(model_key, checkpoint_key, dataset, variant)
         rows.append({"model": model_key, "checkpoint": checkpoint_key, "dataset": dataset, "variant": variant,
-                     **json.loads(store.fs.cat_file(path))})
+                     **(read_summary(store, directory) or {})})
     return pd.DataFrame(rows)
 
 

@@ -167,13 +167,13 @@ def checkpoint_keys(spec: TrainSpec, name: str) -> tuple[str, str]:
 def measure_checkpoint(spec: TrainSpec, name: str, log=print) -> dict:
     """Score checkpoint `name`'s answers on the training dataset (skipped when the lake already holds them)."""
     from gradlake.lake import layout
-    from gradlake.tasks.data.quality import checkpoint_quality
+    from gradlake.tasks.data.quality import checkpoint_quality, read_summary
 
     store = LakeStore(spec.lake)
     model_key, checkpoint_key = checkpoint_keys(spec, name)
-    summary = store.path(layout.quality_dir(model_key, checkpoint_key, spec.dataset, spec.quality.variant)) + "/summary.json"
-    if store.fs.exists(summary):
-        return json.loads(store.fs.cat_file(summary))
+    stored = read_summary(store, layout.quality_dir(model_key, checkpoint_key, spec.dataset, spec.quality.variant))
+    if stored is not None:  # a damaged one is one error naming it, never a result taken on trust
+        return stored
     with tempfile.TemporaryDirectory(prefix="gradlake-quality-") as tmp:
         directory = local_copy(spec, name, tmp)
         at_checkpoint = spec.model.model_copy(update={"model": str(directory), "checkpoint": None})

@@ -1,4 +1,9 @@
-"""The training curve: what a model learned along its checkpoints, retrieval and ground truth side by side."""
+"""The training curve: what a model learned along its checkpoints, retrieval and ground truth side by side.
+
+Stored in `layout.training_curve_dir` as ``curve.parquet`` and ``curve.png``, then a digest manifest
+(lake.manifest) of both, so that `gradlake verify` checks them and `read_training_curve` names a
+damaged table in one line.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,14 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from gradlake.lake import layout
-from gradlake.lake.store import LakeStore
+from gradlake.lake.manifest import entry, write_manifest
+from gradlake.lake.results import read_checked_file, read_parquet_bytes
+from gradlake.lake.store import LakeError, LakeStore, public_url
 from gradlake.tasks.common.model import ModelSpec
 from gradlake.tasks.common.render import figure_png
 from gradlake.tasks.training.spec import TrainSpec
+
+CURVE = "curve.parquet"
 
 
 def training_curve_png(curve: pd.DataFrame) -> bytes:
@@ -55,13 +64,27 @@ def training_curve(lake: str, run: TrainSpec, rows: list[dict]) -> str:
     from gradlake.tasks.common.lineage import lake_keys
     from gradlake.tasks.training.report import training_curve_png
 
-    store = LakeStore(lake)
     frame = pd.DataFrame(rows)
     model_key, _ = lake_keys(ModelSpec(model=run.output, checkpoint=frame["checkpoint"].iloc[-1]))
     directory = layout.training_curve_dir(model_key, run.dataset)
-    store.fs.makedirs(store.path(directory), exist_ok=True)
+    write_training_curve(LakeStore(lake), directory, frame, training_curve_png(frame))
+    return directory
+
+
+def write_training_curve(store: LakeStore, directory: str, frame: pd.DataFrame, png: bytes) -> None:
+    """Store the curve's table and plot, then their manifest (written last)."""
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
-    store.fs.pipe_file(store.path(f"{directory}/curve.parquet"), buffer.getvalue())
-    store.fs.pipe_file(store.path(f"{directory}/curve.png"), training_curve_png(frame))
-    return directory
+    files = {CURVE: buffer.getvalue(), "curve.png": png}
+    store.fs.makedirs(store.path(directory), exist_ok=True)
+    for name, data in files.items():
+        store.fs.pipe_file(store.path(f"{directory}/{name}"), data)
+    write_manifest(store.fs, store.path(directory), {name: entry(data) for name, data in files.items()})
+
+
+def read_training_curve(store: LakeStore, directory: str) -> pd.DataFrame:
+    """The curve's table at `directory`, checked against its manifest; one LakeError naming it if damaged or absent."""
+    raw = read_checked_file(store, directory, CURVE)
+    if raw is None:
+        raise LakeError(f"no training curve at {public_url(store.url)}/{directory}: run the demo (or its training) again")
+    return read_parquet_bytes(store, f"{directory}/{CURVE}", raw)
