@@ -34,6 +34,13 @@ def test_a_lake_url_with_credentials_is_refused_without_showing_them(tmp_path, c
     assert "s3://bucket/lake" in line and "credentials" in line and "AWS_SECRET_ACCESS_KEY" in line
 
 
+def test_a_checkpoint_prefix_with_credentials_is_refused_without_showing_them(tmp_path):
+    code, out = run_cli("train", "--model", "m", "--lake", str(tmp_path / "lake"), "--dataset", "probe",
+                        "--output", f"s3://{KEY_ID}:{SECRET}@bucket/run")
+    line = one_error_line(code, out)
+    assert SECRET not in out and KEY_ID not in out and "output 's3://bucket/run'" in line, out
+
+
 @pytest.mark.parametrize("option, value", [
     ("--api-key-env", f"sk-proj-{SECRET}"),  # a key where its variable's name belongs
     ("--api-key-env", SECRET),  # a valid-looking name that is random text: a key

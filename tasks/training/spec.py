@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gradlake.lake import layout
+from gradlake.lake.store import refuse_credentials
 from gradlake.tasks.common.loss import CHAT_TEMPLATE_HELP, Paradigm
 from gradlake.tasks.common.model import ModelSpec
 from gradlake.tasks.data.quality import QualitySpec
@@ -61,6 +62,16 @@ class TrainSpec(BaseModel):
     quality: QualitySpec | None = Field(default=QualitySpec(), title="Answer quality", description="Score each checkpoint's greedy answers (ROUGE-L, BLEU, optional LLM judge) into the lake; empty: skip.")
 
     _names = layout.name_fields("dataset", "variants", "version")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, data):
+        # On the whole settings, not the field: a field's error would show the value given, the secret in it.
+        if isinstance(data, dict):
+            for name in ("lake", "output"):
+                if isinstance(data.get(name), str):
+                    refuse_credentials(data[name], name)
+        return data
 
     @field_validator("learning_rate")
     @classmethod
