@@ -336,8 +336,9 @@ def test_a_run_never_trained_or_missing_queries_is_refused_before_anything_is_wr
     assert _files(root) == before, _files(root) - before
 
 
-def test_a_refusal_inside_the_flow_leaves_no_retrain_directory(base_only):
-    """A check the flow makes after planning (here: methods with no scores) finds the retraining prefix as it was."""
+def test_methods_without_scores_are_refused_before_any_write(base_only):
+    """Named methods with no scores and no baselines to make them: refused while planning, nothing written (no
+    retrain directory, which the writability probe of the retraining prefix used to leave)."""
     from gradlake.flows.attribution import evaluate_attribution
     from gradlake.tasks.attribution.spec import AttributionError, AttributionSpec
 

@@ -203,3 +203,13 @@ def test_the_lakes_s3_outage_after_training_is_one_line_naming_it(tiny_models, s
     assert error.startswith(f"error: the answers of {checkpoint_name(2)} were not scored (cannot reach the S3 endpoint "
                             f"{endpoint} for {lake}: connection refused"), error
     assert checkpoints(tmp_path / "out") == [checkpoint_name(2)]
+
+
+def test_planning_a_run_leaves_no_directory_behind(tiny_models, tmp_path):
+    """The writability probe of a checkpoint (or retraining) prefix removes what it made: a refusal after it leaves nothing."""
+    lake = str(tmp_path / "lake")
+    write_probe(lake, 4)
+    spec = spec_for(str(tiny_models["olmo2"]), lake, str(tmp_path / "runs" / "nested" / "run"))
+    assert plan_run(spec).done == []
+    assert not (tmp_path / "runs").exists()
+    assert train(plan_run(spec), log=lambda _: None).final == checkpoint_name(4)  # the first checkpoint makes it

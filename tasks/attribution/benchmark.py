@@ -226,6 +226,10 @@ def plan_benchmark(spec: AttributionSpec) -> dict:
         if unknown:
             raise AttributionError(f"trak_checkpoints {unknown} are not checkpoints of the run at {spec.train.output} "
                                    f"(it has {[checkpoint_name(s) for s in plan.done]})")
+    if not spec.baselines:  # no score is written before the comparison: its methods are checked here, with the rest
+        methods = compared_methods(LakeStore(spec.train.lake), spec)
+        if check_counterfactual(spec, len(train_ids)):
+            counterfactual_methods(spec, methods)
     check_output_writable(spec.train.model_copy(update={"output": spec.retrain_prefix}))
     return {"train_ids": train_ids, "train_keys": plan.data.keys, "fingerprint": plan.fingerprint,
             "saves": plan.saves, "total_steps": plan.total_steps, "queries": queries,
@@ -245,6 +249,16 @@ def compared_methods(store: LakeStore, spec: AttributionSpec) -> list[str]:
     if missing or not methods:
         raise AttributionError(f"no scores in the lake for methods {missing or methods}; found {available_methods(store, spec)}")
     return methods
+
+
+def counterfactual_methods(spec: AttributionSpec, methods: list[str]) -> list[str]:
+    """The methods whose top-k are removed, each checked to be among the compared `methods`."""
+    chosen = [m for m in spec.counterfactual_methods if m in methods]
+    if len(chosen) < len(spec.counterfactual_methods):
+        raise AttributionError(f"counterfactual_methods {sorted(set(spec.counterfactual_methods) - set(chosen))} "
+                               f"have no scores among the compared methods {methods}; compute them first or "
+                               "name compared ones")
+    return chosen
 
 
 @dataclass
@@ -271,11 +285,7 @@ def ground_truth(store: LakeStore, spec: AttributionSpec, plan: dict, methods: l
     k = check_counterfactual(spec, len(plan["train_ids"]))
     cf = None
     if k:
-        chosen = [m for m in spec.counterfactual_methods if m in methods]
-        if len(chosen) < len(spec.counterfactual_methods):
-            raise AttributionError(f"counterfactual_methods {sorted(set(spec.counterfactual_methods) - set(chosen))} "
-                                   f"have no scores among the compared methods {methods}; compute them first or "
-                                   "name compared ones")
+        chosen = counterfactual_methods(spec, methods)
         queries: QuerySet = plan["queries"]
         n_cf = min(spec.counterfactual_queries or len(queries.ids), len(queries.ids))
         scores = {m: aligned_scores(ScoreGroup.open(store, method_path(spec, m)), queries.ids[:n_cf], plan["train_keys"], m)
