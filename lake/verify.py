@@ -39,7 +39,7 @@ from gradlake.lake.gradients import GradientGroup
 from gradlake.lake.integrity import damaged_chunk, digest
 from gradlake.lake.leases import lease_for_repair, lease_held, leased_chunks, release_repair
 from gradlake.lake.scores import ScoreGroup
-from gradlake.lake.store import DamagedMetadata, LakeStore, scan_json
+from gradlake.lake.store import DamagedMetadata, LakeStore, public_url, scan_json
 from gradlake.lake.verify_results import result_findings
 
 @dataclass
@@ -265,12 +265,17 @@ def verify_dataset(store: LakeStore, directory: str, repair: bool = False) -> Fi
     _, name, variant, version = directory.split("/")
     try:
         meta = dataset_meta(store, name, variant, version)
-        frame = read_dataset(store, name, variant, version)
     except DamagedMetadata as err:
         finding.damage(str(err), repairable=False)
         return finding
     except Exception as err:
-        finding.damage(f"cannot be read ({type(err).__name__}: {err})", repairable=False)
+        finding.damage(f"meta.json cannot be read ({type(err).__name__}: {err})", repairable=False)
+        return finding
+    try:
+        frame = read_dataset(store, name, variant, version)
+    except Exception as err:  # pyarrow's "magic bytes not found" and its kin
+        finding.damage(f"{public_url(store.url)}/{directory}/data.parquet cannot be read ({type(err).__name__}: "
+                       f"{str(err)[:80]}); write the dataset again", repairable=False)
         return finding
     if content_hash(frame) != meta.get("content_hash"):
         finding.damage(f"data.parquet does not hash to {meta.get('content_hash')}: it changed after it was written",

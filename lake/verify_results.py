@@ -46,7 +46,8 @@ GROUND_TRUTH_LOSSES = tuple(f"{truth}/*/losses" for truth in (layout.ground_trut
                                                                 layout.legacy_ground_truth_dir("*", "*", "*", "*")))
 # Directories of files with a fixed name in them that do not count as results: (kind, pattern of a file of each).
 FILE_SETS = (("quality", f"{layout.QUALITY}/summary.json"),
-             ("training curve", f"{layout.training_curve_dir('*', '*')}/curve.parquet"))
+             ("training curve", f"{layout.training_curve_dir('*', '*')}/curve.parquet"),
+             ("factors", f"{layout.influence_factors_dir('*', '*', '*', '*', '*', '*')}/factors.json"))
 OLDER = "written before manifests: read, not proven"
 
 Finding = tuple[str, str, str, list[str]]  # (kind, directory relative to the lake, ok | damaged | unchecked, problems)
@@ -62,18 +63,21 @@ def _public(store: LakeStore, problems: list[str]) -> list[str]:
 
 
 def _parquet_problems(store: LakeStore, directory: str, skip: set[str] = frozenset()) -> list[str]:
-    """One line per Parquet file directly in `directory` (less `skip`) that cannot be read whole."""
+    """One line per Parquet or JSON file directly in `directory` (less `skip`) that cannot be read whole."""
     problems = []
-    for path in store.glob(f"{directory}/*.parquet"):
+    for path in store.glob(f"{directory}/*.parquet") + store.glob(f"{directory}/*.json"):
         name = posixpath.basename(path)
-        if name in skip:
+        if name in skip or name == MANIFEST:
             continue
         try:
-            with store.fs.open(path, "rb") as handle:
-                pq.read_table(handle)
-        except Exception as err:  # pyarrow's ArrowInvalid ("magic bytes not found") and its kin
-            problems.append(f"{public_url(store.url)}/{directory}/{name} cannot be read as Parquet "
-                            f"({type(err).__name__}: {str(err)[:80]})")
+            if name.endswith(".json"):
+                json.loads(store.fs.cat_file(path))
+            else:
+                with store.fs.open(path, "rb") as handle:
+                    pq.read_table(handle)
+        except Exception as err:  # pyarrow's ArrowInvalid ("magic bytes not found"), JSONDecodeError and their kin
+            problems.append(f"{public_url(store.url)}/{directory}/{name} cannot be read as "
+                            f"{'JSON' if name.endswith('.json') else 'Parquet'} ({type(err).__name__}: {str(err)[:80]})")
     return problems
 
 
@@ -111,17 +115,17 @@ def check_files(store: LakeStore, kind: str, directory: str) -> Finding:
     """Verify a directory of files that is not a result (ground-truth losses, factors, a checkpoint, a summary):
     the files its manifest lists are checked, and any Parquet file it does not list is read."""
     try:
-        files = read_manifest(store.fs, store.path(directory)) or {}
+        files = read_manifest(store.fs, store.path(directory))
     except LakeError as err:
         files, problems = {}, _public(store, [str(err)])
     else:
         problems = _public(store, check_directory(store.fs, store.path(directory), required=False))
-    problems += _parquet_problems(store, directory, skip=set(files))
-    unlisted = {posixpath.basename(p) for p in store.glob(f"{directory}/*.parquet")} - set(files)
+    problems += _parquet_problems(store, directory, skip=set(files or {}))
+    unlisted = {posixpath.basename(p) for p in store.glob(f"{directory}/*.parquet")} - set(files or {})
     if problems:
         return kind, directory, "damaged", problems
-    if unlisted:
-        return kind, directory, "unchecked", [f"{', '.join(sorted(unlisted))}: {OLDER}"]
+    if unlisted or files is None:
+        return kind, directory, "unchecked", [f"{', '.join(sorted(unlisted)) or 'its files'}: {OLDER}"]
     return kind, directory, "ok", []
 
 

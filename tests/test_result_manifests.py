@@ -19,7 +19,7 @@ from gradlake.lake import layout, open_lake
 from gradlake.lake.evaluations import write_evaluation
 from gradlake.lake.results import complete_results, read_result_meta, read_result_table, write_result
 from gradlake.lake.store import LakeError, LakeStore
-from gradlake.lake.verify_results import result_findings
+from gradlake.lake.verify_results import OLDER, result_findings
 
 PNG = b"\x89PNG\r\n\x1a\n-not-really-a-plot"
 EVALUATION = layout.evaluation_dir("m", "main", "probe", "sft")
@@ -338,3 +338,15 @@ def test_damaged_group_metadata_above_the_groups_is_named(tmp_path):
     assert damaged.keys() == {"zarr.json", "gradients/m/zarr.json"}
     assert f"file://{tmp_path}/lake/zarr.json is not valid JSON" in damaged["zarr.json"]
     assert "node_type 'array'" in damaged["gradients/m/zarr.json"]
+
+
+def test_factors_written_before_manifests_are_unchecked_and_a_garbage_record_is_named(tmp_path):
+    store = LakeStore(f"file://{tmp_path}/lake")
+    factors = layout.influence_factors_dir("m", "main", "probe", "sft", "ekfac", "0123")
+    store.fs.makedirs(store.path(factors), exist_ok=True)
+    store.fs.pipe_file(store.path(f"{factors}/lambda_matrix.safetensors"), b"weights")
+    store.fs.pipe_file(store.path(f"{factors}/factors.json"), b'{"files": ["lambda_matrix.safetensors"]}')
+    assert findings(store)[factors] == ("unchecked", [f"its files: {OLDER}"])  # was "ok": nothing was proven
+    damage(store, f"{factors}/factors.json", b'{"files": ["lambda')
+    status, problems = findings(store)[factors]
+    assert status == "damaged" and f"{factors}/factors.json cannot be read as JSON" in problems[0]
