@@ -246,3 +246,114 @@ def _cli(*args: str, env: dict | None = None, inherit: bool = True, cwd: Path | 
                           cwd=cwd, capture_output=True, text=True, timeout=300)
     assert SECRET not in done.stdout + done.stderr, "a credential was printed"
     return done.returncode, done.stdout, done.stderr
+
+
+# -- issue 30: `gradlake verify` covers every object gradlake writes
+
+GARBAGE = b"garbage, not what gradlake wrote"
+
+
+def _groups(lake: Path, pattern: str) -> list[str]:
+    """Directories (relative to the lake, sorted) holding a zarr.json that match `pattern`."""
+    return sorted(str(p.parent.relative_to(lake)) for p in lake.glob(f"{pattern}/zarr.json"))
+
+
+def _one(lake: Path, pattern: str) -> str:
+    """The first file (relative to the lake, sorted) matching `pattern`."""
+    found = sorted(str(p.relative_to(lake)) for p in lake.glob(pattern) if p.is_file())
+    assert found, f"the demo lake holds no {pattern}"
+    return found[0]
+
+
+def _add_what_the_demo_does_not_write(lake: Path, tiny_models) -> tuple[str, str, str]:
+    """A training checkpoint written into a lake prefix, a paraphrase cache entry and a tracing result, each by the
+    code that writes it in a real run: (the checkpoint's directory, the cache entry, the tracing result), relative."""
+    import pandas as pd
+
+    from gradlake.lake import layout
+    from gradlake.lake.results import write_result
+    from gradlake.lake.store import LakeStore
+    from gradlake.tasks.common.model import ModelSpec
+    from gradlake.tasks.data.paraphrase import ParaphraseSpec, cache_path, write_cache
+    from gradlake.tasks.training.plan import plan_run
+    from gradlake.tasks.training.spec import TrainSpec
+    from gradlake.tasks.training.train import train
+
+    store = LakeStore(str(lake))
+    spec = TrainSpec(model=ModelSpec(model=str(tiny_models["olmo2"]), checkpoint="checkpoint-0", device="cpu"),
+                     lake=str(lake), dataset="probe", output=str(lake / "models" / "tiny"), steps=2, batch_size=2,
+                     learning_rate=1e-3, checkpoint_every=2, seed=7, quality=None)
+    train(plan_run(spec), log=lambda _: None)
+    chat = ParaphraseSpec(base_url="http://127.0.0.1:9/v1")
+    write_cache(store, chat, "What is the capital of France?", "Which city is France's capital?", served_by="m")
+    tracing = layout.tracing_dir("base", "main", "candidate", "main")
+    write_result(store, tracing, tables={"results": pd.DataFrame({"statistic": ["cos"], "value": [0.5]})},
+                 meta={"lineage": {"candidate": {"model": "candidate"}}, "verdict": "independent"})
+    return (_one(lake, "models/tiny/checkpoint-*/manifest.json").rsplit("/", 1)[0],
+            cache_path(store, chat, "What is the capital of France?")[len(store.root) + 1:], tracing)
+
+
+def test_verify_names_one_damaged_object_of_each_kind_in_the_demo_lake(demo_lake, tiny_models, tmp_path):
+    """Issue 30's Done-when: in a copy of the demo lake (plus a checkpoint trained into a lake prefix, a paraphrase
+    cache entry and a tracing result), one object of every kind gradlake writes is damaged, each in its own group or
+    directory; `gradlake verify` exits 1 and names every one, and nothing else."""
+    import shutil
+
+    lake = tmp_path / "lake"
+    shutil.copytree(demo_lake, lake, symlinks=True)
+    checkpoint, cache_entry, tracing = _add_what_the_demo_does_not_write(lake, tiny_models)
+    stores = _groups(lake, "gradients/*/*/*/*/*-store")
+    projections = _groups(lake, "gradients/*/*/*/*/*-proj-*")
+    scores = _groups(lake, "attribution/*/*/*/*.*/*")
+    evaluations = sorted(str(p.parent.relative_to(lake)) for p in lake.glob("evaluations/*/*/*/*/meta.json"))
+    factors = sorted(str(p.parent.relative_to(lake)) for p in lake.glob("influence/**/factors/factors.json"))
+    assert len(stores) >= 6 and projections and len(scores) >= 2 and len(evaluations) >= 2 and len(factors) >= 2
+    # kind: (object damaged, "delete" or garbage written over it, the row verify reports it in, what that row says)
+    damage = {
+        "gradient values chunk": (_one(lake, f"{stores[0]}/lm_head.weight/c/**/*"), GARBAGE, stores[0], "lm_head.weight"),
+        "input_ids chunk": (_one(lake, f"{stores[1]}/input_ids/c/**/*"), GARBAGE, stores[1], "input_ids"),
+        "sample chunk": (_one(lake, f"{stores[2]}/sample/c/**/*"), GARBAGE, stores[2], "sample"),
+        "n_tokens chunk": (_one(lake, f"{stores[3]}/n_tokens/c/**/*"), "delete", stores[3], "n_tokens"),
+        "completion flag": (_one(lake, f"{stores[4]}/shard_complete/c/**/*"), GARBAGE, stores[4], "completion flag"),
+        "group zarr.json": (f"{stores[5]}/zarr.json", "delete", stores[5], "zarr.json is missing"),
+        "projection chunk": (_one(lake, f"{projections[0]}/flat/c/**/*"), GARBAGE, projections[0], "flat"),
+        "score chunk": (_one(lake, f"{scores[0]}/scores/c/**/*"), "delete", scores[0], "NaN"),
+        "score group zarr.json": (f"{scores[1]}/zarr.json", GARBAGE, scores[1], "damaged metadata"),
+        "dataset data.parquet": (_one(lake, "datasets/probe/paraphrased/*/data.parquet"), GARBAGE,
+                                 _one(lake, "datasets/probe/paraphrased/*/data.parquet").rsplit("/", 1)[0], "data.parquet"),
+        "dataset meta.json": (_one(lake, "datasets/probe/model_generated.*/*/meta.json"), GARBAGE,
+                              _one(lake, "datasets/probe/model_generated.*/*/meta.json").rsplit("/", 1)[0], "meta.json"),
+        "dataset latest.json": ("datasets/probe/original/latest.json", GARBAGE, "datasets/probe/original", "damaged metadata"),
+        "evaluation table": (f"{evaluations[0]}/results.parquet", GARBAGE, evaluations[0], "results.parquet"),
+        "evaluation meta.json": (f"{evaluations[1]}/meta.json", GARBAGE, evaluations[1], "meta.json"),
+        "attribution benchmark table": (_one(lake, "attribution/*/*/*/benchmarks/held_out/benchmark.parquet"), GARBAGE,
+                                        _one(lake, "attribution/*/*/*/benchmarks/held_out/benchmark.parquet").rsplit("/", 1)[0],
+                                        "benchmark.parquet"),
+        "ground-truth losses": (losses := _one(lake, "attribution/*/*/*/groundtruth/*/*/losses/*.parquet"), GARBAGE,
+                                losses.rsplit("/", 1)[0], losses.rsplit("/", 1)[1]),
+        "factors.json": (f"{factors[0]}/factors.json", GARBAGE, factors[0], "factors.json"),
+        "factor file": (factor := _one(lake, f"{factors[1]}/*.safetensors"), GARBAGE, factors[1], factor.rsplit("/", 1)[1]),
+        "training checkpoint": (f"{checkpoint}/model.safetensors", GARBAGE, checkpoint, "model.safetensors"),
+        "quality answers": (_one(lake, "quality/*/*/*/*/answers.parquet"), GARBAGE,
+                            _one(lake, "quality/*/*/*/*/answers.parquet").rsplit("/", 1)[0], "answers.parquet"),
+        "training curve": (_one(lake, "evaluations/*/training/*/curve.parquet"), GARBAGE,
+                           _one(lake, "evaluations/*/training/*/curve.parquet").rsplit("/", 1)[0], "curve.parquet"),
+        "paraphrase cache entry": (cache_entry, b'{"text": "What is', cache_entry.rsplit("/", 1)[0],
+                                   cache_entry.rsplit("/", 1)[1]),
+        "tracing result": (f"{tracing}/results.parquet", GARBAGE, tracing, "results.parquet"),
+        "lake root zarr.json": ("zarr.json", GARBAGE, "zarr.json", "not valid JSON"),
+    }
+    assert len({target for target, *_ in damage.values()}) == len(damage)  # each a distinct object
+    assert len({row for _, _, row, _ in damage.values()}) == len(damage)  # each in its own group or directory
+    for target, how, _, _ in damage.values():
+        assert (lake / target).is_file(), target
+        (lake / target).unlink() if how == "delete" else (lake / target).write_bytes(how)
+
+    code, out, err = _cli("verify", "--lake", str(lake))
+    assert code == 1, out + err
+    lines = [line for line in (out + err).splitlines() if " damaged " in f" {line} "]
+    unnamed = [f"{kind}: {target}" for kind, (target, _, row, says) in damage.items()
+               if not any(f" {row}" in line and says in line for line in lines)]
+    assert not unnamed, "not named as damaged:\n" + "\n".join(unnamed) + "\nin:\n" + "\n".join(lines)
+    rows = [line for line in out.splitlines() if " damaged " in line]  # the table: one row per damaged thing
+    assert len(rows) == len(damage) and all(any(f" {row} " in line for line in rows) for _, _, row, _ in damage.values()), out
