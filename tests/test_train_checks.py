@@ -139,8 +139,9 @@ def test_weights_gone_non_finite_are_never_saved(tiny_models):
         check_before_save(model, 4, 12, [2])
 
 
-def train_through_an_outage(s3_endpoint, tmp_path, spec: TrainSpec, gone: Callable[[], bool]) -> tuple[str, list[str]]:
-    """`gradlake train` with S3 behind a proxy that stops once `gone()` holds: (the proxy's endpoint, its error line)."""
+def train_through_an_outage(s3_endpoint, tmp_path, spec: TrainSpec, gone: Callable[[], bool]) -> tuple[str, str, str]:
+    """`gradlake train` with S3 behind a proxy that stops once `gone()` holds: (the proxy's endpoint, the error line,
+    the last lines of the console)."""
     with FaultyS3Proxy(s3_endpoint, fail=0) as proxy:
         endpoint = proxy.endpoint
 
@@ -158,7 +159,7 @@ def train_through_an_outage(s3_endpoint, tmp_path, spec: TrainSpec, gone: Callab
     errors = [line for line in lines if line.startswith("error: ")]
     assert not any("Traceback" in line or line.startswith("  File ") for line in lines), "\n".join(lines)
     assert code == 2 and len(errors) == 1, "\n".join(lines)
-    return endpoint, errors[0]
+    return endpoint, errors[0], "\n".join(lines[-12:])
 
 
 def test_an_s3_outage_mid_run_is_one_line_naming_the_endpoint(tiny_models, s3_endpoint, tmp_path):
@@ -175,8 +176,8 @@ def test_an_s3_outage_mid_run_is_one_line_naming_the_endpoint(tiny_models, s3_en
     def keys() -> list[str]:
         return [o["Key"] for o in direct.list_objects_v2(Bucket="lake", Prefix=prefix).get("Contents", [])]
 
-    endpoint, error = train_through_an_outage(s3_endpoint, tmp_path, spec, lambda: weights in keys())
-    assert f"cannot reach the S3 endpoint {endpoint} for s3://lake/{prefix}: connection refused" in error, error
+    endpoint, error, shown = train_through_an_outage(s3_endpoint, tmp_path, spec, lambda: weights in keys())
+    assert f"cannot reach the S3 endpoint {endpoint} for s3://lake/{prefix}: connection refused" in error, shown
     # What the run left: every checkpoint counted is whole and as written; a half-uploaded one is not counted.
     plan = plan_run(spec)
     assert 1 <= max(plan.done) < 12, plan.done
@@ -199,9 +200,9 @@ def test_the_lakes_s3_outage_after_training_is_one_line_naming_it(tiny_models, s
     spec = spec_for(str(tiny_models["olmo2"]), lake, str(tmp_path / "out"), steps=2, checkpoint_every=0,
                     quality=QualitySpec(max_samples=2, max_new_tokens=4))
     final = tmp_path / "out" / checkpoint_name(2)
-    endpoint, error = train_through_an_outage(s3_endpoint, tmp_path, spec, final.exists)
-    assert error.startswith(f"error: the answers of {checkpoint_name(2)} were not scored (cannot reach the S3 endpoint "
-                            f"{endpoint} for {lake}: connection refused"), error
+    endpoint, error, shown = train_through_an_outage(s3_endpoint, tmp_path, spec, final.exists)
+    # said by the lake's own reads (a LakeError) or, for a raw read, prefixed with what was not done
+    assert f"cannot reach the S3 endpoint {endpoint} for {lake}: connection refused" in error, shown
     assert checkpoints(tmp_path / "out") == [checkpoint_name(2)]
 
 
