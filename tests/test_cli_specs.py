@@ -148,7 +148,9 @@ def trained(monkeypatch) -> list:
     """`gradlake train` with its plan and flow replaced by a record of the spec they were given."""
     seen = []
     monkeypatch.setattr("gradlake.tasks.training.plan.plan_run", seen.append)
-    monkeypatch.setattr("gradlake.flows.train.train_model", lambda spec: ["trained"])
+    from prefect.states import Completed
+
+    monkeypatch.setattr("gradlake.flows.train.train_model", lambda spec, return_state=False: Completed(data=["trained"]))
     return seen
 
 
