@@ -151,4 +151,4 @@ def test_verify_names_a_damaged_benchmark_table_in_the_earlier_layout(tmp_path):
     assert row["path"] == old and row["status"] == "damaged" and "lds_per_query.parquet" in row["problem"]
     (tmp_path / "lake" / old / "meta.json").write_bytes(b"{not json")
     row = verify_lake(store, log=lambda *_: None).query("kind == 'attribution'").iloc[0]
-    assert row["status"] == "damaged" and "meta.json is not valid JSON" in row["problem"]
+    assert row["status"] == "damaged" and f"{old}/meta.json" in row["problem"]

@@ -185,5 +185,8 @@ def test_evaluation_reruns_to_the_stored_tables(legacy):
     directory = evaluate(EvaluationSpec.model_validate({**BUILT["evaluation"]["spec"], "lake": legacy}))
     assert directory == BUILT["evaluation"]["directory"]
     rerun = {t: open_lake(legacy).evaluation(model=MODEL_KEY, dataset="probe", paradigm="sft", table=t) for t in TABLES}
+    # The similarity is now computed in tiles aligned to the arrays' chunks, so that the memory budget never changes
+    # a score; the code that wrote this lake summed float32 products in budget-shaped blocks. Scores agree to float32
+    # rounding (about 3e-8 here), and every rank, metric and label is the same.
     for table in TABLES:
-        pd.testing.assert_frame_equal(rerun[table], stored[table], check_exact=True, obj=table)
+        pd.testing.assert_frame_equal(rerun[table], stored[table], check_exact=False, rtol=1e-6, atol=0, obj=table)
