@@ -237,6 +237,10 @@ def verify(spec) -> None:
         width = int(table["path"].str.len().max()) if len(table) else 0  # paths left-aligned: they are read, not compared
         typer.echo(table.to_string(index=False, formatters={"path": lambda p: p.ljust(width)}, justify="left")
                    if len(table) else f"nothing to verify in {store.url}")
+    if len(table):  # the verdict last, where the eye lands after a long table
+        counts = table["status"].value_counts()
+        typer.echo(f"{len(table)} checked: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in
+                                                      ("ok", "in progress", "unchecked", "damaged") if s in counts or s == "damaged"))
     damaged = table[table["status"] == "damaged"]
     if len(damaged) and not damaged["repaired"].all():
         typer.secho(f"{len(damaged)} damaged; `gradlake verify --repair` clears what can be recomputed", fg=typer.colors.RED, err=True)
