@@ -27,6 +27,8 @@ from gradlake.lake.verify import verify_lake
 from gradlake.tasks.gradients.plan import ExtractionSpec, create_group, plan_extraction
 from gradlake.tasks.gradients.extract import extract_shard, finalize_task, pending_shards
 from gradlake.tasks.common.model import ModelSpec
+from gradlake.tasks.projection.spec import ProjectionSpec
+from gradlake.tasks.projection.stored import ProjectSpec, create_projection_group
 
 N = 8
 # An embedding's gradient is zero on most rows: those chunks must still be stored (and checked).
@@ -249,6 +251,9 @@ def test_every_array_of_a_group_is_verified_and_readers_name_it(lake, clean, tin
         with pytest.raises(LakeError, match=rf"{clean[1]}/{array}: chunk object {array}/c/0/0 is damaged .*remove "
                            "the group and extract again"):
             extract(tiny_models["olmo2"], url)
+    if damage == "garbage" and array in ("sample", "input_ids"):  # a projection copies them: checked, never carried over
+        with pytest.raises(LakeError, match=f"{clean[1]}/{array}"):
+            create_projection_group(ProjectSpec(lake=url, gradients=clean[1], projection=ProjectionSpec(dim=16, scope="flat")))
 
 
 @pytest.mark.parametrize("what", ["group", "array"])

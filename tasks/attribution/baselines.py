@@ -75,7 +75,7 @@ def _open_group(store: LakeStore, path: str) -> zarr.Group:
 
 
 def _rows(group: zarr.Group, ids: list[str], what: str, path: str) -> np.ndarray:
-    position = {str(s): i for i, s in enumerate(group["sample"][:])}
+    position = {str(s): i for i, s in enumerate(read_checked(group["sample"], slice(None)))}
     missing = [i for i in ids if i not in position]
     if missing:
         raise LakeError(f"{len(missing)} {what} have no gradients in {path} (first: {missing[:3]}); extract them first")

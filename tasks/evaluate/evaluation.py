@@ -24,6 +24,7 @@ from prefect.cache_policies import NONE
 from gradlake.lake import layout
 from gradlake.lake.extractions import extraction_pair
 from gradlake.lake.gradient_plan import ATTR
+from gradlake.lake.integrity import read_checked
 from gradlake.lake.store import LakeError, LakeStore, public_url
 from gradlake.tasks.common.lineage import lake_keys
 from gradlake.tasks.common.retries import retry_unless_bad_input
@@ -131,8 +132,8 @@ class Evaluation:
                                    public_url(f"{self.store.url}/{self.query.path}"))
         if mismatch:
             raise LakeError(mismatch)
-        doc_ids = [str(s) for s in self.originals["sample"][:]]
-        query_ids = [str(s) for s in self.query["sample"][:]]
+        doc_ids = [str(s) for s in read_checked(self.originals["sample"], slice(None))]  # a damaged chunk: one line
+        query_ids = [str(s) for s in read_checked(self.query["sample"], slice(None))]
         position = {s: i for i, s in enumerate(doc_ids)}
         missing = [s for s in query_ids if s not in position]
         if missing:

@@ -90,9 +90,9 @@ def create_projection_group(spec: ProjectSpec) -> GradientGroup:
     path, plan, lineage = projection_group_plan(spec.gradients, source.plan, source.lineage, shapes, spec.projection,
                                                 spec.device)
     shard_size(spec, stored_chunk_rows(store, path) or plan.chunk_rows, path)  # refused before anything is written
-    group = source.group
-    return GradientGroup.create(store, path, plan, lineage, [str(s) for s in group["sample"][:]],
-                                group["input_ids"][:], group["label_mask"][:])
+    # The tokens are copied checked against the digests recorded with them: damage is named, never carried over.
+    return GradientGroup.create(store, path, plan, lineage, [str(s) for s in source.tokens("sample")],
+                                source.tokens("input_ids"), source.tokens("label_mask"))
 
 
 def shard_size(spec: ProjectSpec, chunk_rows: int, path: str) -> int:
