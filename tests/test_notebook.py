@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -23,18 +24,28 @@ def build_demo_lake(tiny_models: dict[str, Path], tmp_path_factory) -> Path:
     The session's tiny models stand in for build/tiny-models and the session's Prefect server
     serves the runs.  A marker written after success lets every module that asks share one build.
     """
-    root = tmp_path_factory.getbasetemp() / "demo"
+    base = tmp_path_factory.getbasetemp()
+    # Under pytest-xdist each test process has its own base directory; their parent is this session's, so the
+    # processes share one build (the second waits on the lock) instead of spending five minutes on their own.
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "demo"
     lake, built = root / "demo-lake", root / "demo-output.txt"
-    if not built.exists():
-        root.mkdir(exist_ok=True)
-        env = {**os.environ, "GRADLAKE_DEMO_MODELS": str(Path(tiny_models["olmo2"]).parent)}
-        for name in ("GRADLAKE_LAKE", "OPENAI_API_KEY", "OPENAI_BASE_URL"):  # the offline demo, as a new user runs it
-            env.pop(name, None)
-        done = subprocess.run([str(Path(sys.executable).parent / "gradlake"), "demo", "--lake", str(lake), *DEMO_OPTIONS], env=env,
-                              cwd=root, capture_output=True, text=True, timeout=1800)
-        assert done.returncode == 0, f"gradlake demo failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-        built.write_text(done.stdout)
+    root.mkdir(exist_ok=True)
+    with open(root / ".building", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not built.exists():
+            _build(tiny_models, root, lake, built)
     return lake
+
+
+def _build(tiny_models: dict[str, Path], root: Path, lake: Path, built: Path) -> None:
+    """Run the demo into `lake`; `built` holds its console output once it succeeded."""
+    env = {**os.environ, "GRADLAKE_DEMO_MODELS": str(Path(tiny_models["olmo2"]).parent)}
+    for name in ("GRADLAKE_LAKE", "OPENAI_API_KEY", "OPENAI_BASE_URL"):  # the offline demo, as a new user runs it
+        env.pop(name, None)
+    done = subprocess.run([str(Path(sys.executable).parent / "gradlake"), "demo", "--lake", str(lake), *DEMO_OPTIONS], env=env,
+                          cwd=root, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, f"gradlake demo failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    built.write_text(done.stdout)
 
 
 @pytest.fixture(scope="session")
