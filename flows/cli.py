@@ -239,8 +239,8 @@ def verify(spec) -> None:
                    if len(table) else f"nothing to verify in {store.url}")
     if len(table):  # the verdict last, where the eye lands after a long table
         counts = table["status"].value_counts()
-        typer.echo(f"{len(table)} checked: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in
-                                                      ("ok", "in progress", "unchecked", "damaged") if s in counts or s == "damaged"))
+        typer.echo(f"{len(table)} checked: " + ", ".join(f"{counts[s]} {s}" for s in ("ok", "in progress", "unchecked",
+                                                                                       "damaged") if s in counts))
     damaged = table[table["status"] == "damaged"]
     if len(damaged) and not damaged["repaired"].all():
         typer.secho(f"{len(damaged)} damaged; `gradlake verify --repair` clears what can be recomputed", fg=typer.colors.RED, err=True)

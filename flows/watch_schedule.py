@@ -7,6 +7,7 @@ of the pipeline (torch, the model code): the import, not the server, was its tim
 from __future__ import annotations
 
 import datetime as dt
+import time
 
 from pydantic import BaseModel
 
@@ -31,7 +32,14 @@ def set_watch_schedule(spec: BaseModel | None, interval: float, deployment: str 
             for schedule in schedules:
                 if schedule.active:
                     client.update_deployment_schedule(found.id, schedule.id, active=False)
-            dropped = _drop_scheduled_ticks(client, found.id)
+            # The server's scheduler may be inserting ticks while the schedule goes off: drop until a pass finds none.
+            dropped, passes = 0, 0
+            while passes < 10:
+                found_now = _drop_scheduled_ticks(client, found.id)
+                dropped, passes = dropped + found_now, passes + 1
+                if passes > 1 and not found_now:
+                    break
+                time.sleep(1)
             return f"{deployment}: schedule off" + (f"; {dropped} ticks that had not started removed" if dropped else "")
         client.update_deployment(found.id, DeploymentUpdate(parameters={"spec": spec.model_dump(mode="json")}))
         every = IntervalSchedule(interval=dt.timedelta(seconds=interval))
