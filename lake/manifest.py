@@ -76,14 +76,19 @@ def write_manifest(fs: fsspec.AbstractFileSystem, directory: str, files: dict[st
     """Write ``<directory>/manifest.json`` for `files` (name -> entry); call it after every file is written."""
     record = json.dumps({"format": FORMAT, "files": {safe_name(n): files[n] for n in sorted(files)}},
                         indent=1).encode()
-    path = f"{directory}/{MANIFEST}"
-    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):  # renamed into place: never seen half written
+    write_whole(fs, f"{directory}/{MANIFEST}", record)
+
+
+def write_whole(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write `data` at `path` so that no reader ever sees it half written (locally: a temporary name renamed
+    into place; an object store's object is whole or absent anyway)."""
+    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
         temporary = f"{path}.{uuid.uuid4().hex}.tmp"
         with open(temporary, "wb") as handle:
-            handle.write(record)
+            handle.write(data)
         os.replace(temporary, path)
     else:
-        fs.pipe_file(path, record)
+        fs.pipe_file(path, data)
 
 
 def read_manifest(fs: fsspec.AbstractFileSystem, directory: str) -> dict[str, dict] | None:
@@ -157,5 +162,5 @@ def read_checked(fs: fsspec.AbstractFileSystem, directory: str, name: str, files
     return data
 
 
-__all__ = ["MANIFEST", "DamagedFile", "safe_name", "entry", "file_entry", "local_entries", "write_manifest",
+__all__ = ["MANIFEST", "DamagedFile", "safe_name", "entry", "file_entry", "local_entries", "write_manifest", "write_whole",
            "read_manifest", "check_directory", "read_checked"]

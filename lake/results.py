@@ -37,15 +37,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import time
-import uuid
 
 import pandas as pd
 
 from gradlake.lake.claims import new_owner, release, take
-from gradlake.lake.manifest import MANIFEST, DamagedFile, entry, read_checked, read_manifest, write_manifest
+from gradlake.lake.manifest import MANIFEST, DamagedFile, entry, read_checked, read_manifest, write_manifest, write_whole
 from gradlake.lake.store import DamagedMetadata, LakeError, LakeStore, public_url
 
 META = "meta.json"
@@ -113,13 +111,7 @@ def write_result(store: LakeStore, directory: str, *, tables: dict[str, pd.DataF
             for name, data in files.items():
                 fs.pipe_file(store.path(f"{directory}/{name}"), data)
             write_manifest(fs, store.path(directory), digests)
-            if store.is_local:  # renamed into place: never seen half written
-                temporary = f"{meta_path}.{uuid.uuid4().hex}.tmp"
-                with open(temporary, "wb") as handle:
-                    handle.write(record)
-                os.replace(temporary, meta_path)
-            else:
-                fs.pipe_file(meta_path, record)
+            write_whole(fs, meta_path, record)  # last, and never seen half written
         finally:
             release(store, key)
             fs.invalidate_cache()
