@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moto_s3 import moto_server  # benchmarks/moto_s3.py
+from moto_s3 import latency_proxy, moto_server  # benchmarks/moto_s3.py
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 1 << 20
@@ -39,11 +39,12 @@ MIB = 1 << 20
 class Bench:
     """One place (an S3 prefix or a local directory) and the group's shapes; each method is one measurement."""
 
-    def __init__(self, url: str, args, blocks: dict[str, np.ndarray]):
+    def __init__(self, url: str, args, blocks: dict[str, np.ndarray], storage_options: dict | None = None):
         from gradlake.lake import layout
         from gradlake.lake.store import LakeStore
 
-        self.store, self.args, self.blocks = LakeStore(url), args, blocks
+        self.store, self.args, self.blocks = LakeStore(url, storage_options), args, blocks
+        self.groups: dict = {}  # created, not written yet
         self.n, self.rows = args.samples, args.chunk_rows
         self.itemsize = np.dtype(args.dtype).itemsize
         self.cols = {name: layout.column_chunk(self.rows, b.shape[1], self.itemsize) for name, b in blocks.items()}
@@ -51,22 +52,27 @@ class Bench:
 
     # -- gradlake ------------------------------------------------------------------------
 
-    def lake_write(self, path: str, object_bytes: int = 0) -> None:
-        from gradlake.lake.gradients import GradientGroup
+    def lake_create(self, path: str, object_bytes: int = 0) -> None:
+        """Create the group (its claim, token arrays and array metadata: a fixed cost per group, timed on its own)."""
         from gradlake.lake.gradient_plan import GradientPlan
+        from gradlake.lake.gradients import GradientGroup
 
         plan = GradientPlan(n_samples=self.n, parameters={k: [b.shape[1]] for k, b in self.blocks.items()}, mode="store",
                             dtype=self.args.dtype, max_tokens=4, chunk_rows=self.rows, object_bytes=object_bytes)
         tokens = np.zeros((self.n, 4), dtype=np.int32)
-        group = GradientGroup.create(self.store, path, plan, {"benchmark": path}, [f"s{i}" for i in range(self.n)],
-                                     tokens, tokens > 0)
-        for k in range(plan.n_chunks):
-            start, stop = plan.chunk_bounds(k)
+        self.groups[path] = GradientGroup.create(self.store, path, plan, {"benchmark": path},
+                                                 [f"s{i}" for i in range(self.n)], tokens, tokens > 0)
+
+    def lake_create_sharded(self, path: str) -> None:
+        self.lake_create(path, self.args.object_mb << 20)
+
+    def lake_write(self, path: str) -> None:
+        """Every row-chunk written and flagged, one after the other, as extraction's writer hands them over."""
+        group = self.groups.pop(path)
+        for k in range(group.plan.n_chunks):
+            start, stop = group.plan.chunk_bounds(k)
             group.write_chunk(k, {name: b[: stop - start] for name, b in self.blocks.items()})
             group.mark_complete(k)
-
-    def lake_write_sharded(self, path: str) -> None:
-        self.lake_write(path, self.args.object_mb << 20)
 
     def _arrays(self, path: str):
         import zarr
@@ -140,25 +146,28 @@ class Bench:
                 pass
 
 
-def timed(fn, *args) -> float:
-    began = time.perf_counter()
+def timed(fn, *args) -> tuple[float, float]:
+    """Wall seconds and this process's CPU seconds (every thread: zarr's and s3fs's event loops, our writers)."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn(*args)
-    return time.perf_counter() - began
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def one_round(bench: Bench, sharded: bool, turn: int) -> dict[str, float]:
+def one_round(bench: Bench, sharded: bool, turn: int) -> dict[str, tuple[float, float]]:
     """Every measurement once, in an order rotated by `turn` (the machine is noisy, and what runs just after
-    the writes shares the disk with their writeback)."""
+    the writes shares the disk with their writeback): (wall, cpu) seconds of each."""
     tag = uuid.uuid4().hex[:8]
     lake, raw, shard = f"bench/{tag}/lake", f"bench/{tag}/raw", f"bench/{tag}/sharded"
+    seconds = {"lake create": timed(bench.lake_create, lake)}
+    if sharded:
+        bench.lake_create_sharded(shard)
     writes = [("lake write", bench.lake_write, lake), ("raw write", bench.raw_write, raw)]
     reads = [("lake read", bench.lake_read_whole, lake), ("raw read", bench.raw_read, raw),
              ("lake read by row-chunk", bench.lake_read_rows, lake)]
     if sharded:
-        writes.append(("sharded write", bench.lake_write_sharded, shard))
+        writes.append(("sharded write", bench.lake_write, shard))
         reads += [("sharded read", bench.lake_read_whole, shard),
                   ("sharded read by row-chunk", bench.lake_read_rows, shard)]
-    seconds = {}
     for what, fn, path in writes[turn % len(writes):] + writes[:turn % len(writes)]:
         seconds[what] = timed(fn, path)
     if bench.store.is_local:
@@ -167,7 +176,35 @@ def one_round(bench: Bench, sharded: bool, turn: int) -> dict[str, float]:
         seconds[what] = timed(fn, path)
     for path in (lake, raw, shard):
         bench.remove(path)
-    return {k: seconds[k] for k, *_ in writes + reads}
+    return {k: seconds[k] for k in ["lake create"] + [k for k, *_ in writes + reads]}
+
+
+def ratio_line(rounds: list[dict[str, tuple[float, float]]], lake: str, raw: str) -> str:
+    """Lake / raw throughput (raw seconds over lake seconds): the median of the per-round ratios and their
+    min-max, in wall and in this process's CPU."""
+    parts = []
+    for i, what in ((0, "wall"), (1, "cpu")):
+        per_round = sorted(r[raw][i] / r[lake][i] for r in rounds)
+        parts.append(f"{what} {statistics.median(per_round):.2f}x ({per_round[0]:.2f}-{per_round[-1]:.2f})")
+    return ", ".join(parts)
+
+
+def report(place: str, rounds: list[dict[str, tuple[float, float]]], mib: float, object_mb: int) -> None:
+    """Rates, lake / raw ratios with their spread, and client CPU seconds per GiB of one place."""
+    measured = [k for k in rounds[0] if k != "lake create"]
+    rate = {k: mib / statistics.median(r[k][0] for r in rounds) for k in measured}
+    cpu = {k: statistics.median(r[k][1] for r in rounds) * 1024 / mib for k in measured}
+    create = [statistics.median(r["lake create"][i] for r in rounds) for i in (0, 1)]
+    print(f"\n{place}: MiB/s " + ", ".join(f"{k} {v:.0f}" for k, v in rate.items()))
+    print(f"  creating the group (once per group, not in the writes): {create[0]:.2f} s, {create[1]:.2f} CPU-s")
+    print("  client CPU-s per GiB: " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()))
+    print(f"  write lake / raw: {ratio_line(rounds, 'lake write', 'raw write')}")
+    print(f"  read lake / raw: {ratio_line(rounds, 'lake read', 'raw read')}; whole-array / row-chunk reads "
+          f"{rate['lake read'] / rate['lake read by row-chunk']:.2f}x")
+    if object_mb:
+        print(f"  objects of {object_mb} MiB / one per chunk: write {rate['sharded write'] / rate['lake write']:.2f}x, "
+              f"whole read {rate['sharded read'] / rate['lake read']:.2f}x, row-chunk reads "
+              f"{rate['sharded read by row-chunk'] / rate['lake read by row-chunk']:.2f}x")
 
 
 def objects_7b(dtype: str, rows: int, object_bytes: int) -> tuple[int, int, int]:
@@ -191,6 +228,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16"))
     parser.add_argument("--chunk-rows", type=int, default=8)
     parser.add_argument("--places", default="s3,local", help="s3, local or both")
+    parser.add_argument("--latencies", default="0,10,50",
+                        help="S3 through tests/s3proxy.py adding this many ms to every request, comma-separated; "
+                             "'direct' for moto without the proxy")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--object-mb", type=int, default=0, help="also measure the lake with objects of up to this many MiB")
     args = parser.parse_args()
@@ -200,44 +240,44 @@ def main() -> None:
     blocks = {f"model.layers.{i}.weight": rng.standard_normal((args.chunk_rows, int(n)), dtype=np.float32)
               .astype(args.dtype) for i, n in enumerate(args.tensors.split(","))}
     places = args.places.split(",")
-    proc = None
+    procs = []
     scratch = tempfile.mkdtemp(prefix="gradlake-io-")
     try:
-        urls = {}
+        benches = {}
         if "s3" in places:
             proc, endpoint = moto_server()
+            procs.append(proc)
             os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                               AWS_DEFAULT_REGION="us-east-1", GRADLAKE_S3_ENDPOINT_URL=endpoint)
-            urls["s3"] = "s3://lake/io"
+            for latency in args.latencies.split(","):
+                if latency == "direct":
+                    benches["s3 (moto, no proxy)"] = Bench("s3://lake/io", args, blocks)
+                    continue
+                proc, proxied = latency_proxy(endpoint, float(latency))
+                procs.append(proc)
+                benches[f"s3 through the proxy, +{latency} ms a request"] = Bench(
+                    "s3://lake/io", args, blocks, {"endpoint_url": proxied})
         if "local" in places:
-            urls["local"] = f"file://{scratch}/lake"
-        benches = {p: Bench(url, args, blocks) for p, url in urls.items()}
-        results: dict[str, list[dict[str, float]]] = {p: [] for p in benches}
+            benches["local"] = Bench(f"file://{scratch}/lake", args, blocks)
+        results: dict[str, list[dict[str, tuple[float, float]]]] = {p: [] for p in benches}
         for turn in range(args.rounds):
             for place, bench in benches.items():
                 results[place].append(one_round(bench, args.object_mb > 0, turn))
     finally:
-        if proc is not None:
+        for proc in procs:
             proc.terminate()
         shutil.rmtree(scratch, ignore_errors=True)
     some = next(iter(benches.values()))
     print(f"{args.samples} samples x {len(blocks)} tensors ({args.tensors} values, {args.dtype}), chunk_rows "
-          f"{args.chunk_rows}: {some.bytes / MIB:.0f} MiB per write; median of {args.rounds} interleaved rounds")
+          f"{args.chunk_rows}: {some.bytes / MIB:.0f} MiB per write; median of {args.rounds} interleaved rounds "
+          "(min-max of the per-round ratios in brackets)")
     for place, rounds in results.items():
-        mib = some.bytes / MIB
-        rate = {k: mib / statistics.median(r[k] for r in rounds) for k in rounds[0]}
-        print(f"\n{place}: MiB/s " + ", ".join(f"{k} {v:.0f}" for k, v in rate.items()))
-        print(f"  write lake / raw {rate['lake write'] / rate['raw write']:.2f}x; read lake / raw "
-              f"{rate['lake read'] / rate['raw read']:.2f}x; whole-array / row-chunk reads "
-              f"{rate['lake read'] / rate['lake read by row-chunk']:.2f}x")
-        if args.object_mb:
-            print(f"  objects of {args.object_mb} MiB / one per chunk: write {rate['sharded write'] / rate['lake write']:.2f}x, "
-                  f"whole read {rate['sharded read'] / rate['lake read']:.2f}x, row-chunk reads "
-                  f"{rate['sharded read by row-chunk'] / rate['lake read by row-chunk']:.2f}x")
+        report(place, rounds, some.bytes / MIB, args.object_mb)
     if args.object_mb:
         chunks, objects, tensors = objects_7b("float16", args.chunk_rows, args.object_mb << 20)
         print(f"\nOLMo-2-7B, 16-bit, every tensor ({tensors}): {objects} objects per row-chunk of {args.chunk_rows} "
               f"samples in objects of up to {args.object_mb} MiB, {chunks} with one object per chunk")
+
 
 if __name__ == "__main__":
     main()

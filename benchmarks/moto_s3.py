@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 
 def moto_server() -> tuple[subprocess.Popen, str]:
@@ -29,3 +30,19 @@ def moto_server() -> tuple[subprocess.Popen, str]:
             time.sleep(0.2)
     proc.kill()
     raise RuntimeError("moto's S3 server did not start")
+
+
+def latency_proxy(upstream: str, latency_ms: float) -> tuple[subprocess.Popen, str]:
+    """tests/s3proxy.py in a process of its own in front of `upstream`, adding `latency_ms` to every request and
+    failing none; the process and its endpoint URL."""
+    tests = Path(__file__).resolve().parents[1] / "tests"
+    script = ("import sys, time; sys.path.insert(0, sys.argv[1]); from s3proxy import FaultyS3Proxy; "
+              "p = FaultyS3Proxy(sys.argv[2], fail=0, latency=float(sys.argv[3]) / 1000).start(); "
+              "print(p.endpoint, flush=True); time.sleep(1e9)")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tests), upstream, str(latency_ms)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    endpoint = proc.stdout.readline().strip()
+    if not endpoint.startswith("http://"):
+        proc.kill()
+        raise RuntimeError("the latency proxy did not start")
+    return proc, endpoint

@@ -9,6 +9,10 @@ server's answer returned whole (status, headers, body), unless a fault is drawn 
 - ``"lost"``: forwarded and applied by the server, then the connection is reset instead of
   answering: the client cannot tell it from ``"reset"`` and retries a write that happened.
 
+``latency`` (seconds, 0 by default) is added to every request that is forwarded, before it is
+forwarded: a fixed round-trip cost such as a remote S3 charges each request, which loopback hides
+(benchmarks/io.py measures writes at 0, 10 and 50 ms).
+
 With ``read_only`` set, every write (PUT, POST, DELETE) is answered ``403 AccessDenied`` and never
 forwarded, as S3 answers credentials that may read a bucket but not write it.
 
@@ -51,10 +55,11 @@ class FaultyS3Proxy:
     `stats` counts the requests seen and the faults of each kind; `puts` counts, per object
     (``bucket/key``), the writes the server applied (PUT of an object or a copy, and completed
     multipart uploads).  `read_only` refuses every write with 403 AccessDenied (read-only credentials).
+    `latency` adds that many seconds to every forwarded request (``fail=0, latency=0.01``: a 10 ms S3).
     """
 
     def __init__(self, upstream: str, seed: int = 0, fail: float = 0.1, kinds: tuple[str, ...] = ("503", "reset", "delay"),
-                 delay: tuple[float, float] = (0.02, 0.2)):
+                 delay: tuple[float, float] = (0.02, 0.2), latency: float = 0.0):
         unknown = set(kinds) - set(KINDS)
         if unknown or not kinds:
             raise ValueError(f"fault kinds {sorted(unknown) or kinds!r} are not known; use some of {KINDS}")
@@ -64,6 +69,7 @@ class FaultyS3Proxy:
         self.upstream = (parts.hostname, parts.port or 80)
         self.seed, self.fail, self.kinds, self.delay = seed, fail, tuple(kinds), delay
         self.read_only = False
+        self.latency = latency  # seconds added to every forwarded request; may be changed while it runs
         self.stats: Counter = Counter()
         self.puts: Counter = Counter()
         self.planned: deque[str] = deque()
@@ -236,7 +242,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             return self._error(503, "Slow Down", _SLOW_DOWN)
         if kind == "reset":
             return self._abort()
-        if kind == "delay":
+        pause = (pause if kind == "delay" else 0.0) + self.owner.latency
+        if pause:
             time.sleep(pause)
         try:
             status, reason, headers, payload = self._forward(body)
