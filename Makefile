@@ -14,7 +14,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_SPEC ?= torch==$(TORCH_VERSION)$(if $(filter Linux,$(shell uname -s)),+cpu)
 PIP_QUIET := 2>&1 | { grep -v -e 'is ignored: it is neither a file nor a directory' || true; }
 
-.PHONY: demo test bench bench-peers bench-attribution clean
+.PHONY: demo test bench bench-peers bench-attribution bench-gpu clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,13 @@ $(BIN)/.public-text: $(BIN)/.installed constraints.txt
 
 bench-attribution: $(BIN)/.public-text
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/attribution.py text
+
+# Extraction on a GPU at AMD-OLMo-1B's and OLMo-2-7B's shapes (docs/gpu-benchmark.md).  The device machine reaches no
+# index: this fills build/gpu-wheels with what it must carry (wheels for its Python 3.12, the fast_jl sdist), then runs
+# the benchmark here: in full where CUDA is, else its reduced CPU form.  The device's one `run` command is in the doc.
+bench-gpu: $(BIN)/.installed
+	$(BIN)/python benchmarks/gpu.py --prepare --wheels build/gpu-wheels
+	$(BIN)/python benchmarks/gpu.py --out build/gpu-bench.json
 
 clean:
 	rm -rf $(VENV) demo-lake build
