@@ -170,7 +170,7 @@ class Probes:
 
             from gradlake.tasks.projection.projectors import TILE_ROWS, SparseProjector, make_projector
 
-            n = min(n, 4 * TILE_ROWS)
+            n = 4 * TILE_ROWS if kind == "sparse" else min(n, 4 * TILE_ROWS)  # a dense probe's matrix may be cached
             grads = torch.randn(self.batch, n, device=self.device)
 
             def per_call(projector) -> float:
@@ -209,8 +209,13 @@ def plan(model, method: str, batch: int, reduced: bool, step_s: float, probes: P
     weights = [n for n, p in params.items() if p.dim() == 2]
     choices = [("every 2-D weight", weights)]
     dense = method.split(":")[0] in ("sparse", "rademacher")
-    if dense and not reduced:
-        choices.append(("mlp down_proj weights", [n for n in weights if n.endswith(DOWN_PROJ)]))
+    if dense and not reduced:  # fallbacks: the down_proj weights, as many as the sparse cache holds, one
+        from gradlake.tasks.projection.projectors import SPARSE_BYTES_PER_COORDINATE, SPARSE_CACHE_BUDGET
+
+        down = [n for n in weights if n.endswith(DOWN_PROJ)]
+        fit = max(2, SPARSE_CACHE_BUDGET // SPARSE_BYTES_PER_COORDINATE // params[down[0]].numel())
+        choices += [("mlp down_proj weights", down), (f"the first {fit} layers' mlp down_proj", down[:fit]),
+                    ("layer 0's mlp down_proj", down[:1])]
     device = next(model.parameters()).device
     for label, names in choices:
         numels = [params[n].numel() for n in names]
@@ -224,7 +229,7 @@ def plan(model, method: str, batch: int, reduced: bool, step_s: float, probes: P
         guess = estimate(method, numels, step_s, probes)
         case["estimate_s"] = round(guess, 1)
         if guess > left:
-            case["reason"] = f"{label}: estimated {guess:.0f} s (projector build and 2 calls) > {left:.0f} s left"
+            case["reason"] = f"{label}: estimated {guess:.1f} s (projector build and 2 calls) > {left:.1f} s left"
             continue
         return case
     return case
@@ -318,6 +323,8 @@ def run_case(model, shape: str, method: str, ids, args, probes: Probes, step_s: 
             walls.append(timed_call(call, device)[1])
     except torch.cuda.OutOfMemoryError as exc:
         return {**case, "reason": f"out of memory: {str(exc).splitlines()[0][:200]}"}
+    except Exception as exc:  # one case's failure (a peer's import, a kernel) must not lose the others' results
+        return {**case, "status": "failed", "reason": f"{type(exc).__name__}: {str(exc)[-400:]}"}
     finally:
         model.zero_grad(set_to_none=True)
         model.requires_grad_(True)
@@ -397,16 +404,22 @@ def main(argv: list[str] | None = None) -> dict:
                     step_rate = case["tokens_per_s"]
                 case["x_train_step"] = case["tokens_per_s"] / step_rate if step_rate else None
             result["cases"].append(case)
+            write(result, args.out, began)  # after every case: a run stopped at its time limit keeps what it measured
             print(f"  {shape} {method}: {case['status']} {case.get('tokens_per_s') or case['reason']}", flush=True)
         del model, probes
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    result["elapsed_s"] = round(time.perf_counter() - began, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    write(result, args.out, began)
     print_table(result)
     print(f"JSON: {args.out}")
     return result
+
+
+def write(result: dict, out: Path, began: float) -> None:
+    """The JSON as it stands, with the seconds since the start."""
+    result["elapsed_s"] = round(time.perf_counter() - began, 1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
 
 
 def print_table(result: dict) -> None:
@@ -420,7 +433,7 @@ def print_table(result: dict) -> None:
           f"{'x nominal':>9s} {'x step':>7s} {'GiB':>6s}")
     for c in result["cases"]:
         if c["status"] != "ran":
-            print(f"{c['shape']:12s} {c['method']:22s} skipped: {c['reason']}")
+            print(f"{c['shape']:12s} {c['method']:22s} {c['status']}: {c['reason']}")
             continue
         nom = f"{c['fraction_of_nominal']:.3f}" if c["fraction_of_nominal"] else "-"
         step = f"{c['x_train_step']:.2f}" if c["x_train_step"] else "-"

@@ -68,5 +68,5 @@ def test_a_case_over_the_time_left_is_skipped_with_its_estimate(tmp_path):
                        "--rounds", "1", "--case-s", "0", "--out", str(tmp_path / "gpu.json")])
     step, sparse = result["cases"]
     assert step["status"] == "ran"  # the scale is always measured
-    assert sparse["status"] == "skipped" and "estimated" in sparse["reason"] and "> 0 s left" in sparse["reason"]
+    assert sparse["status"] == "skipped" and "estimated" in sparse["reason"] and "> 0.0 s left" in sparse["reason"]
     assert positive(sparse["estimate_s"])
