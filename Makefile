@@ -66,8 +66,11 @@ bench-attribution: $(BIN)/.public-text
 # Extraction on a GPU at AMD-OLMo-1B's and OLMo-2-7B's shapes (docs/gpu-benchmark.md).  The device machine reaches no
 # index: this fills build/gpu-wheels with what it must carry (wheels for its Python 3.12, the fast_jl sdist), then runs
 # the benchmark here: in full where CUDA is, else its reduced CPU form.  The device's one `run` command is in the doc.
-bench-gpu: $(BIN)/.installed
-	$(BIN)/python benchmarks/gpu.py --prepare --wheels build/gpu-wheels
+build/gpu-wheels/.ready: $(BIN)/.installed benchmarks/gpu.py
+	$(BIN)/python benchmarks/gpu.py --prepare --wheels build/gpu-wheels $(PIP_QUIET)
+	touch $@
+
+bench-gpu: build/gpu-wheels/.ready
 	$(BIN)/python benchmarks/gpu.py --out build/gpu-bench.json
 
 clean:

@@ -221,7 +221,9 @@ def plan(model, method: str, batch: int, reduced: bool, step_s: float, probes: P
         numels = [params[n].numel() for n in names]
         # the largest tensor's per-sample gradients, formed in the model's dtype and projected in float32
         need = batch * max(numels) * (model.dtype.itemsize + 4) if dense else 0
-        free = torch.cuda.mem_get_info()[0] if device.type == "cuda" else math.inf
+        # what the device has free, and what torch's allocator holds unused (it serves that first)
+        free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated() \
+            if device.type == "cuda" else math.inf
         case = dict(selection=label, names=names, tensors=len(names), projected_params=sum(numels), reason=None)
         if need > free:
             case["reason"] = f"{label}: the scratch of the largest gradient needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} free"
