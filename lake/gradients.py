@@ -24,9 +24,10 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from gradlake.lake import claims, layout
+from gradlake.lake.chunk_objects import element_object, plain, put_objects, row_chunk_objects
 from gradlake.lake.dtypes import array_attrs, encode, fill_value, zarr_dtype
 from gradlake.lake.gradient_plan import ATTR, GradientPlan, checked_meta, differences, fingerprint, read_meta
-from gradlake.lake.integrity import digest, read_checked
+from gradlake.lake.integrity import CHUNK_DIGEST, digest, read_checked
 from gradlake.lake.store import LakeError, LakeStore, read_json_attrs
 
 WRITE_THREADS = 8  # arrays of one row-chunk written at once
@@ -141,7 +142,8 @@ class GradientGroup:
         if checked:  # what each row-chunk held when it was flagged: a missing or swapped chunk is found
             group.create_array("chunk_digest", shape=(plan.n_chunks,), dtype="uint32", chunks=(1,),
                                dimension_names=["chunk"], fill_value=0, compressors=crc,
-                               attributes={"digest": "crc32 of the row-chunk's values, array by array in plan order"})
+                               attributes={"digest": f"{CHUNK_DIGEST} of the row-chunk's values, array by array in plan "
+                                           "order", "algorithm": CHUNK_DIGEST})
         itemsize = np.dtype(zarr_dtype(plan.dtype)).itemsize
         data_fill = fill_value(plan.dtype, nan=checked)  # a missing chunk of a checked group reads as NaN, never as zeros
         for name in plan.parameters:
@@ -231,17 +233,48 @@ class GradientGroup:
             if arrays[name].shape[0] != stop - start:
                 raise LakeError(f"chunk {index} of {name!r} holds samples {start}-{stop - 1}; got {arrays[name].shape[0]} rows")
             values[name] = encode(arrays[name], self.plan.dtype)
-        # The arrays' writes go out together (each waits on its requests), the digest and the flag after all.
-        list(_chunk_writers().map(lambda name: self._write_rows(name, index, slice(start, stop), values[name]), values))
-        self._write_digest(index, values.values())
+        self._write_row_chunk(index, slice(start, stop), values)
 
     def write_partial_sum(self, index: int, sums: dict[str, np.ndarray]) -> None:
         """Mean modes: write row-chunk `index`'s sum over its samples, in float64."""
         self._check_covers(index, sums)
-        values = [np.ascontiguousarray(sums[name], dtype="float64") for name in self.plan.parameters]
-        names = [f"{name}.partial_sum" for name in self.plan.parameters]
-        list(_chunk_writers().map(lambda nv: self._write_rows(nv[0], index, index, nv[1]), zip(names, values)))
-        self._write_digest(index, values)
+        self._write_row_chunk(index, index, {f"{name}.partial_sum": np.ascontiguousarray(sums[name], dtype="float64")
+                                             for name in self.plan.parameters})
+
+    def _write_row_chunk(self, index: int, rows: slice | int, values: dict[str, np.ndarray]) -> None:
+        """Write row-chunk `index` (`rows`) of every array, and its digest, all at once; the flag comes after all
+        (`mark_complete`), so a digest written before its data is never trusted alone.
+
+        On S3 the objects of plain arrays (unsharded, uncompressed) are encoded here and put in one batch
+        (`lake.chunk_objects`: one copy per chunk, every array's requests in flight together); the rest are
+        Zarr's writes, on our threads meanwhile."""
+        crc = digest(values.values(), self.digest_algorithm) if self.plan.checksum else None
+        direct = not self.store.is_local
+        objects, through_zarr = [], []
+        for name, value in values.items():
+            array = self.array(name)
+            if direct and array.ndim == 2 and plain(array):
+                objects += row_chunk_objects(array, self.store.root, index, value.reshape(-1, array.shape[1]))
+            else:
+                through_zarr.append(lambda name=name, value=value: self._write_rows(name, index, rows, value))
+        if crc is not None:
+            digests = self.array("chunk_digest")
+            if direct and plain(digests):
+                objects.append(element_object(digests, self.store.root, index, crc))
+            else:
+                through_zarr.append(lambda: digests.__setitem__(index, crc))
+        running = [_chunk_writers().submit(write) for write in through_zarr]
+        try:
+            if objects:
+                put_objects(self.store.fs, objects)
+        finally:
+            for future in running:  # each waited for, so none is still writing when the caller goes on
+                future.result()
+
+    @property
+    def digest_algorithm(self) -> str:
+        """The algorithm of the row-chunk digests (`lake.integrity.digest`): recorded in the group, CRC32 before that was."""
+        return dict(self.array("chunk_digest").attrs).get("algorithm", "crc32")
 
     def _write_rows(self, name: str, index: int, rows: slice | int, value: np.ndarray) -> None:
         """Write row-chunk `index` of array `name` (its `rows`), whole.
@@ -274,10 +307,6 @@ class GradientGroup:
         if set(arrays) != set(self.plan.parameters):  # a chunk is written whole, so that its digest covers it
             raise LakeError(f"chunk {index} of {self.path} is written with every array at once; got {sorted(arrays)[:3]}..., "
                             f"expected the {len(self.plan.parameters)} arrays of its plan")
-
-    def _write_digest(self, index: int, values) -> None:
-        if self.plan.checksum:
-            self.array("chunk_digest")[index] = digest(values)
 
     def mark_complete(self, index: int) -> None:
         """Record that row-chunk `index` is fully written; the last write of a chunk."""

@@ -3,12 +3,17 @@
 Every chunk object of a checked group carries a CRC32C (Zarr's crc32c codec), which catches a
 damaged object on any read.  What a codec cannot see (an object missing, which Zarr reads as the
 fill value; two valid objects swapped) the digest of each row-chunk's values catches.
+
+The row-chunk digest is a CRC32C (`CHUNK_DIGEST`, named in the ``chunk_digest`` array's attrs):
+hardware-accelerated in google_crc32c (which Zarr's codec uses too), about 10 GB/s against zlib's
+CRC32 at about 2 GB/s.  Groups written before it record no algorithm: theirs is CRC32, still verified.
 """
 
 from __future__ import annotations
 
 import zlib
 
+import google_crc32c
 import numpy as np
 import zarr
 
@@ -16,19 +21,28 @@ from gradlake.lake.dtypes import decode
 from gradlake.lake.store import LakeError
 
 
-def digest(values) -> int:
-    """CRC32 of arrays' bytes, one after the other: what a row-chunk (or a group's token array) held when written.
+# The row-chunk digest of new groups: CRC32C where google_crc32c has its C build, else zlib's CRC32.
+CHUNK_DIGEST = "crc32c" if google_crc32c.implementation == "c" else "crc32"
+DIGESTS = ("crc32", "crc32c")
+
+
+def digest(values, algorithm: str = "crc32") -> int:
+    """CRC32 (or CRC32C) of arrays' bytes, one after the other: what a row-chunk (or a group's token array) held
+    when written.
 
     Text (sample ids) is taken as its UTF-8 characters, each value ended by a NUL: the same whichever
     string dtype it is read back as."""
+    if algorithm not in DIGESTS:
+        raise LakeError(f"digest algorithm {algorithm!r} is not known (a newer gradlake wrote it?); known: {DIGESTS}")
     crc = 0
     for value in values:
         value = np.asarray(value)
         if value.dtype.kind in "OTU":
             data = b"".join(str(v).encode("utf-8", "surrogatepass") + b"\0" for v in value.ravel())
-            crc = zlib.crc32(data, crc)
-            continue
-        crc = zlib.crc32(memoryview(np.ascontiguousarray(value)).cast("B"), crc)
+        else:
+            data = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+            data.flags.writeable = False  # google_crc32c takes read-only buffers only (a view: nothing copied)
+        crc = zlib.crc32(data, crc) if algorithm == "crc32" else google_crc32c.extend(crc, data)
     return crc
 
 

@@ -177,7 +177,7 @@ def _chunk_problem(group: GradientGroup, k: int) -> str | None:
     recorded, problem = _read(group.group["chunk_digest"], k, f"{label}, its digest")
     if problem:
         return problem
-    if digest(values) != int(recorded):
+    if digest(values, group.digest_algorithm) != int(recorded):
         return f"{label}: its values differ from the digest recorded when it was written"
     return None
 
