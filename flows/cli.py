@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Optional
 
@@ -12,12 +11,14 @@ from pydantic import ValidationError
 from gradlake.flows.commands import spec_command
 from gradlake.flows.console import explain, fail, print_benchmark, print_headline, training_losses
 from gradlake.flows.flags import bytes_flag, factors_flag, model_at_flag, projection_flag
+from gradlake.flows.score_cli import add_score_command
 
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None, context_settings={"max_content_width": 120},
                   help="gradlake: per-sample gradients of language models in a Zarr lake.")
 dataset_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Probe datasets in the lake.")
 app.add_typer(dataset_app, name="dataset")
+add_score_command(app)  # flows/score_cli.py: `gradlake score`
 LAKE_HELP = "Lake URL (default: $GRADLAKE_LAKE or ./demo-lake)."
 
 
@@ -57,13 +58,16 @@ def _default_lake() -> str:
 def extract(spec) -> None:
     """Extract per-sample gradients into the lake (the extract-gradients flow)."""
     from gradlake.flows.extract import extract_gradients
+    from gradlake.flows.temporary_server import served_by, start_temporary_server
     from gradlake.tasks.gradients.plan import plan_extraction
 
+    server = start_temporary_server()  # comes up while the inputs are checked; stopped at once should they be bad
     try:
-        plan_extraction(spec)  # every input checked here, before Prefect starts and before any write
+        plan_extraction(spec)  # every input checked here, before any write
     except (ValueError, ValidationError, OSError) as err:
         fail(err)
-    state = extract_gradients(spec, return_state=True)
+    with served_by(server):
+        state = extract_gradients(spec, return_state=True)
     if state.is_failed():  # what only the weights can show (NaN or Inf gradients) ends in one line too
         fail(state.result(raise_on_failure=False))
     typer.echo(f"gradients: {spec.lake}/{state.result()}")
@@ -421,16 +425,12 @@ def trace_command(spec) -> None:
 
 
 def main() -> None:
-    # The ephemeral server's start-up telemetry write can collide with a concurrent run's
-    # on the shared SQLite file; gradlake has no use for it.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # That temporary server starts in about 25 s on a busy two-core machine, past Prefect's 20 s default wait.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    # Without PREFECT_API_URL, Prefect starts a temporary server that a killed CLI would leave running.
     from gradlake.flows.console import hide_told_tracebacks, told
-    from gradlake.flows.temporary_server import end_with_this_process
+    from gradlake.flows.deferred import defer_iri_grammar
+    from gradlake.flows.temporary_server import prepare_temporary_server
 
-    end_with_this_process()
+    defer_iri_grammar()  # before anything imports Prefect (and with it jsonschema)
+    prepare_temporary_server()  # without PREFECT_API_URL, each flow needs one
     hide_told_tracebacks()  # each such error ends the command in its own `error:` line
     try:
         app()

@@ -48,11 +48,25 @@ def test_killed_cli_takes_its_temporary_server_along(tmp_path):
     source = tmp_path / "probes.jsonl"
     rows = load_probe_set().head(4)[["id", "instruction", "answer"]].to_dict(orient="records")
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _kill_and_check([GRADLAKE, "dataset", "create", "--name", "mini", "--source", str(source), "--lake", str(tmp_path / "lake")],
+                    tmp_path)
+
+
+def test_killed_extract_takes_the_server_it_started_along(tiny_models, tmp_path):
+    """`gradlake extract` starts the server itself, while it plans (flows/temporary_server.TemporaryServer)."""
+    from conftest import write_probe
+
+    write_probe(str(tmp_path / "lake"), 4)
+    _kill_and_check([GRADLAKE, "extract", "--model", str(tiny_models["olmo2"]), "--checkpoint", "checkpoint-1",
+                     "--lake", str(tmp_path / "lake")], tmp_path)
+
+
+def _kill_and_check(command: list[str], tmp_path: Path) -> None:
+    """Start `command` with no Prefect server given, SIGKILL it once its temporary server is there, and see the server go."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}  # no server given: the CLI starts its own
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
     log = open(tmp_path / "cli.log", "w")
-    cli = subprocess.Popen([GRADLAKE, "dataset", "create", "--name", "mini", "--source", str(source),
-                            "--lake", str(tmp_path / "lake")], env=env, stdout=log, stderr=subprocess.STDOUT)
+    cli = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     server = None
     try:
         deadline = time.monotonic() + 180  # importing torch and Prefect on two busy cores
