@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=None, help="samples per call (amd-olmo-1b 8, olmo-2-7b 4; reduced 2)")
     parser.add_argument("--rounds", type=int, default=3, help="timed calls per case after a warm-up call")
     parser.add_argument("--budget-s", type=float, default=420, help="seconds for the whole run, set-up included")
-    parser.add_argument("--case-s", type=float, default=100, help="seconds a case may be estimated to take")
+    parser.add_argument("--case-s", type=float, default=75, help="seconds a case may be estimated to take")
     args = parser.parse_args(argv)
     began = time.perf_counter()
     os.environ.setdefault("TQDM_DISABLE", "1")  # Bergson's progress bar, once per call (read when tqdm is imported)

@@ -56,6 +56,10 @@ def test_reduced_form_writes_the_documented_json(tmp_path):
         assert len(case["calls_s"]) == 2 and all(positive(t) for t in case["calls_s"])
         assert case["tokens_per_s_min"] <= case["tokens_per_s"] <= case["tokens_per_s_max"]
         assert abs(case["batch"] * case["tokens"] / max(case["calls_s"]) / case["tokens_per_s_min"] - 1) < 1e-2
+    documented = (ROOT / "docs" / "gpu-benchmark.md").read_text()
+    keys = {*result, *(k for part in ("device", "setup", "settings", "peak") for k in result[part]),
+            *(k for case in result["cases"] for k in case)}
+    assert not [k for k in sorted(keys) if f"`{k}`" not in documented], "keys the JSON format section does not name"
     assert cases["train_step"]["x_train_step"] == 1
     for method in ("kronecker:8x8", "sparse:flat:512", "rademacher:flat:512"):
         assert cases[method]["status"] == "ran" and cases[method]["tensors"] == 16  # every 2-D weight of tiny OLMo-2
