@@ -105,6 +105,7 @@ def install_carried(wheels: Path) -> str:
             if not link.exists():
                 link.symlink_to(ROOT / sub)
     sys.path.insert(0, str(SITE))
+    importlib.invalidate_caches()
     return f"{len(whls)} wheels installed into {SITE}"
 
 
