@@ -28,8 +28,10 @@ coordinates with random signs.  It costs a few additions per gradient entry what
 output dimension, which makes projections such as 2,048,000 dimensions of a layer of
 several million parameters possible on a CPU, where a dense matrix would not even fit
 on disk.  Its indices and signs are drawn once per tensor and seed and kept on the
-device (20 bytes per gradient coordinate, within ``SPARSE_CACHE_BUDGET`` per projection;
-beyond it, tiles are drawn again on every call, with the same result bit for bit).
+device, grouped by output coordinate (20 bytes per gradient coordinate, within
+``SPARSE_CACHE_BUDGET`` per projection; beyond it, tiles are drawn again on every call,
+with the same result bit for bit); each output coordinate then gathers its inputs
+block by block (``embedding_bag``), which costs about a third of a scatter.
 
 Dense kinds stream through tiles in bounded memory too, but drawing their entries on a
 CPU costs ``NS_PER_DENSE_ENTRY`` (5.86 ns) each, for every batch when the matrix is not
@@ -54,7 +56,9 @@ import hashlib
 import math
 from functools import lru_cache
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from gradlake.tasks.projection.spec import ProjectionError, ProjectionSpec, check_projection, output_key
 
@@ -69,8 +73,32 @@ NS_PER_DENSE_ENTRY = 5.86
 # (e.g. a 100M-parameter model flat to 8192: 1.3 CPU-hours; AMD-OLMo-1B: 17).
 REGENERATION_LIMIT_CPU_HOURS = 1.0
 SPARSE_NONZEROS = 4
-SPARSE_BYTES_PER_COORDINATE = SPARSE_NONZEROS * (4 + 1)  # cached int32 index + int8 sign per nonzero
+# Input coordinates per block of a sparse projection (more when k is larger): a block's gradient columns,
+# 16384 x batch float32 values, stay in a core's L2 cache while every output coordinate gathers from them.
+SPARSE_BLOCK_ROWS = 1 << 14
+SPARSE_BYTES_PER_COORDINATE = SPARSE_NONZEROS * (4 + 1)  # cached int32 input row + int8 sign per nonzero
 SPARSE_CACHE_BUDGET = 2 << 30  # bytes of cached sparse indices and signs, shared by the tensors of one projection
+
+
+def sparse_block_rows(k: int) -> int:
+    """Input coordinates per block of a sparse projection to k: at least k, so that each output sums 4 on average."""
+    return max(SPARSE_BLOCK_ROWS, 1 << (max(k, 2) - 1).bit_length())
+
+
+def sparse_cache_plan(n: int, k: int, budget: int) -> tuple[int, int]:
+    """(blocks, bytes): how many leading blocks of an (n -> k) sparse projection are cached within `budget` bytes.
+
+    A cached block holds each nonzero's input row (int32) and sign (int8), ``SPARSE_BYTES_PER_COORDINATE`` per
+    input coordinate, and its k + 1 output offsets (int32).
+    """
+    rows = sparse_block_rows(k)
+    blocks = used = 0
+    for start in range(0, n, rows):
+        size = min(rows, n - start) * SPARSE_BYTES_PER_COORDINATE + (k + 1) * 4
+        if used + size > max(0, budget):
+            break
+        blocks, used = blocks + 1, used + size
+    return blocks, used
 
 
 def stream_seed(seed: int, stream: str, *indices: int) -> int:
@@ -128,13 +156,17 @@ class BlockProjector:
 class SparseProjector:
     """A sparse JL transform: input coordinate r adds sign[r, j] * x_r to output idx[r, j], j < SPARSE_NONZEROS.
 
-    Indices and signs are drawn once, tile by tile from ``(seed, stream, tile)``, and kept on
-    the projector's device for every later call, as long as ``memory_budget`` allows
-    (``SPARSE_BYTES_PER_COORDINATE`` bytes per input coordinate: an int32 output index
-    and an int8 sign per nonzero, 20 bytes in all, so 84 MB for a 4,194,304-parameter
-    layer); tiles beyond the budget are drawn again on every call.  Either way the
-    result is the same, bit for bit: each output coordinate sums its inputs in the same
-    order (index_add_ over the tiles in order).
+    Indices and signs are drawn tile by tile from ``(seed, stream, tile)`` (``TILE_ROWS``
+    input coordinates per tile).  The sums run block by block (``sparse_block_rows(k)``
+    input coordinates each): a block's gradient columns are copied once into a
+    (rows, batch) buffer small enough for the CPU's cache, each output coordinate sums
+    its inputs of the block in input order (an ``embedding_bag``, one bag per output
+    coordinate, the signs as per-sample weights: no product per nonzero is
+    materialised and no scatter runs), and the blocks' sums are added in order.  A
+    block is kept in that form (its inputs grouped by output, ``sparse_block_bytes``)
+    while ``memory_budget`` allows; blocks beyond it are drawn again on every call and
+    summed by a scatter (``index_add_``) in the same order, so the result is the same,
+    bit for bit, whatever the budget.
     """
 
     name = "gradlake.sparse"
@@ -142,52 +174,81 @@ class SparseProjector:
     def __init__(self, n: int, k: int, seed: int, stream: str, device="cpu", memory_budget: int = SPARSE_CACHE_BUDGET):
         self.n, self.k, self.seed, self.stream = n, k, seed, stream
         self.device = torch.device(device)
-        tiles = math.ceil(n / TILE_ROWS)
-        self.cached_tiles = min(tiles, max(0, memory_budget) // (TILE_ROWS * SPARSE_BYTES_PER_COORDINATE))
-        self._cache = [self._draw(i, compact=True) for i in range(self.cached_tiles)]
-        self._part: torch.Tensor | None = None  # (batch, rows, nonzeros) products, reused across calls
-        self._wide: tuple[torch.Tensor, torch.Tensor] | None = None  # a cached tile widened to int64 / float32
+        self.block_rows = sparse_block_rows(k)
+        self.cached_blocks, _ = sparse_cache_plan(n, k, memory_budget)
+        self._drawn: tuple | None = None  # (tile, index, sign): the last tile drawn, for the next block in it
+        self._cache = [self._bags(*self._rows(b)) for b in range(self.cached_blocks)]
+        self._drawn = None
+        self._buffers: dict[str, torch.Tensor] = {}  # reused: fresh multi-megabyte tensors per block cost page faults
 
     @property
     def cached_bytes(self) -> int:
-        """Bytes the cached indices and signs hold."""
-        return sum(index.numel() * index.element_size() + sign.numel() * sign.element_size() for index, sign in self._cache)
+        """Bytes the cached blocks hold."""
+        return sum(t.numel() * t.element_size() for block in self._cache for t in block)
 
-    def _draw(self, i: int, compact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draw(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tile i's (rows, nonzeros) output indices and +-1 signs (int64, on the CPU), from the seed alone."""
         rows = min(TILE_ROWS, self.n - i * TILE_ROWS)
         generator = torch.Generator(device="cpu").manual_seed(stream_seed(self.seed, self.stream, i))
         index = torch.randint(0, self.k, (rows, SPARSE_NONZEROS), generator=generator)
         sign = torch.randint(0, 2, (rows, SPARSE_NONZEROS), generator=generator).mul_(2).sub_(1)
-        if compact:  # stored small; widened per call (index_add_ is ~10x slower with int32 indices)
-            return index.to(self.device, torch.int32 if self.k < 2**31 else torch.long), sign.to(self.device, torch.int8)
-        return index.to(self.device), sign.float().to(self.device)
+        return index, sign
 
-    def _tile(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tile i's (rows, nonzeros) output indices (int64) and signs (float32)."""
-        if i >= self.cached_tiles:
-            return self._draw(i)
-        index, sign = self._cache[i]
-        if self._wide is None or self._wide[0].device != self.device:
-            # reused buffers: fresh multi-megabyte tensors per tile cost page faults
-            self._wide = (torch.empty(TILE_ROWS, SPARSE_NONZEROS, dtype=torch.long, device=self.device),
-                          torch.empty(TILE_ROWS, SPARSE_NONZEROS, device=self.device))
-        return self._wide[0][: len(index)].copy_(index), self._wide[1][: len(sign)].copy_(sign)
+    def _rows(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block b's (rows, nonzeros) indices and signs, from the tiles that cover it (each drawn once per pass)."""
+        start, stop = b * self.block_rows, min(self.n, (b + 1) * self.block_rows)
+        parts = []
+        for i in range(start // TILE_ROWS, (stop - 1) // TILE_ROWS + 1):
+            if self._drawn is None or self._drawn[0] != i:
+                self._drawn = (i, *self._draw(i))
+            lo, hi = max(start, i * TILE_ROWS) - i * TILE_ROWS, min(stop, (i + 1) * TILE_ROWS) - i * TILE_ROWS
+            parts.append((self._drawn[1][lo:hi], self._drawn[2][lo:hi]))
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([index for index, _ in parts]), torch.cat([sign for _, sign in parts])
+
+    def _bags(self, index: torch.Tensor, sign: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A block's nonzeros grouped by output coordinate, in input order: (input rows, signs, k + 1 offsets)."""
+        flat = index.flatten()
+        if self.k <= 1 << 16:  # numpy sorts 16-bit keys stably by radix, 3x faster than torch.sort
+            order = torch.from_numpy(np.argsort(flat.numpy().astype(np.uint16), kind="stable"))
+        else:
+            order = torch.sort(flat, stable=True).indices
+        offsets = torch.zeros(self.k + 1, dtype=torch.int32)
+        offsets[1:] = torch.bincount(flat, minlength=self.k).cumsum(0)
+        rows = (order // SPARSE_NONZEROS).to(self.device, torch.int32)  # int32 lookups: embedding_bag reads them as they are
+        return rows, sign.flatten()[order].to(self.device, torch.int8), offsets.to(self.device)
+
+    def _buffer(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != self.device:
+            buf = self._buffers[name] = torch.empty(numel, dtype=dtype, device=self.device)
+        return buf[:numel]
+
+    def _bag_sums(self, block: torch.Tensor, rows: torch.Tensor, signs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """(k, batch) sums of a cached block: the gradient's columns gathered bag by bag."""
+        columns = self._buffer("columns", block.numel(), torch.float32).view(block.shape[1], block.shape[0])
+        columns.copy_(block.t())  # one row per input coordinate: each gather reads `batch` adjacent values
+        weights = self._buffer("signs", signs.numel(), torch.float32).copy_(signs)
+        return F.embedding_bag(rows, columns, offsets, mode="sum", per_sample_weights=weights, include_last_offset=True)
+
+    def _scatter_sums(self, block: torch.Tensor, index: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+        """(k, batch) sums of a block drawn again: the same sums as ``_bag_sums``, in the same order."""
+        batch = block.shape[0]
+        part = block.to(self.device, torch.float32)[:, :, None] * sign.to(self.device, torch.float32)
+        sums = self._buffer("sums", batch * self.k, torch.float32).view(batch, self.k).zero_()
+        return sums.index_add_(1, index.to(self.device).flatten(), part.view(batch, -1)).t()
 
     def project(self, grads: torch.Tensor) -> torch.Tensor:
-        """(batch, n) -> (batch, k) in float32, one tile of input coordinates at a time."""
-        grads = grads.to(self.device, torch.float32)
-        batch = grads.shape[0]
-        out = torch.zeros(batch, self.k, device=self.device)
-        need = batch * min(TILE_ROWS, self.n) * SPARSE_NONZEROS
-        if self._part is None or self._part.numel() < need or self._part.device != self.device:
-            # reused: a fresh multi-megabyte product per tile costs page faults that double its time
-            self._part = torch.empty(need, device=self.device)
-        for i in range(math.ceil(self.n / TILE_ROWS)):
-            index, sign = self._tile(i)
-            part = self._part[: batch * sign.numel()].view(batch, *sign.shape)
-            torch.mul(grads[:, i * TILE_ROWS:(i + 1) * TILE_ROWS, None], sign, out=part)
-            out.index_add_(1, index.flatten(), part.view(batch, -1))
-        return out
+        """(batch, n) -> (batch, k) in float32, block by block of input coordinates."""
+        grads = grads.to(self.device)
+        out = torch.zeros(self.k, grads.shape[0], device=self.device)
+        for b in range(math.ceil(self.n / self.block_rows)):
+            block = grads[:, b * self.block_rows:(b + 1) * self.block_rows]
+            out.add_(self._bag_sums(block, *self._cache[b]) if b < self.cached_blocks
+                     else self._scatter_sums(block, *self._rows(b)))
+        self._drawn = None
+        return out.t().contiguous()
 
 
 class TrakProjector:
@@ -292,8 +353,7 @@ def plan_projectors(spec: ProjectionSpec, shapes: dict[str, tuple[int, ...]], de
         choice = choose_projector(n, k, spec.kind, device, budget)
         if choice == SparseProjector.name:
             planned.append((name, n, k, choice, sparse_budget))
-            cached = min(math.ceil(n / TILE_ROWS), sparse_budget // (TILE_ROWS * SPARSE_BYTES_PER_COORDINATE))
-            sparse_budget -= cached * TILE_ROWS * SPARSE_BYTES_PER_COORDINATE
+            sparse_budget -= sparse_cache_plan(n, k, sparse_budget)[1]
             continue
         planned.append((name, n, k, choice, budget))
         if choice == BlockProjector.name and n * k * 4 <= budget:
