@@ -274,3 +274,43 @@ def test_version_and_the_lake_default_are_said():
     for words in WITHOUT_SPEC:
         shown = plain(CliRunner().invoke(app, [*words.split(), "--help"], env={"COLUMNS": "200"}).output)
         assert "default: $GRADLAKE_LAKE or ./demo-lake" in shown, words
+
+
+def test_the_command_and_its_flow_plan_once_and_a_change_between_them_is_planned_again(tiny_models, tmp_path, monkeypatch):
+    """`gradlake extract` plans to check its inputs, then its flow plans again in the same process: the checkpoint's
+    content hash and the dataset's tokens are kept between them (tasks/gradients/plan._kept), and a changed file is not."""
+    import shutil
+
+    import numpy as np
+
+    from conftest import write_probe
+    from gradlake.tasks.common import model as model_module
+    from gradlake.tasks.gradients import plan as plan_module
+    from gradlake.tasks.common.model import ModelSpec
+
+    lake, models = f"file://{tmp_path / 'lake'}", shutil.copytree(tiny_models["olmo2"], tmp_path / "model")  # changed below
+    write_probe(lake, 8)
+    spec = plan_module.ExtractionSpec(model=ModelSpec(model=str(models), checkpoint="checkpoint-1"), lake=lake)
+    counted = {"hash": 0, "read": 0}
+    for module, name, what in ((plan_module, "resolved_commit", "hash"), (plan_module, "read_dataset", "read")):
+        def counting(*args, _real=getattr(module, name), _what=what):
+            counted[_what] += 1
+            return _real(*args)
+        monkeypatch.setattr(module, name, counting)
+    plan_module._KEPT.clear()
+    first, second = plan_module.plan_extraction(spec), plan_module.plan_extraction(spec)
+    assert counted == {"hash": 1, "read": 1}
+    assert first.lineage == second.lineage and first.sample_ids == second.sample_ids and first.path == second.path
+    assert np.array_equal(first.input_ids, second.input_ids) and np.array_equal(first.label_mask, second.label_mask)
+    fresh = plan_module._tokenized(first.store, spec, plan_module.dataset_meta(first.store, "probe", "original"),
+                                   model_module.load_tokenizer(spec.model.resolved()), None, first.lineage["max_length"])
+    assert np.array_equal(fresh[1], first.input_ids) and fresh[0] == first.sample_ids  # what is kept is what is computed
+    assert counted == {"hash": 1, "read": 2}
+
+    config = models / "checkpoint-1" / "config.json"
+    config.write_text(config.read_text() + "\n")  # the checkpoint changed between two plans: hashed and tokenized again
+    changed = plan_module.plan_extraction(spec)
+    assert counted == {"hash": 2, "read": 3} and changed.lineage["resolved_commit"] != first.lineage["resolved_commit"]
+    write_probe(lake, 4)  # a new version of the dataset: read and tokenized again
+    smaller = plan_module.plan_extraction(spec)
+    assert counted == {"hash": 2, "read": 4} and len(smaller.sample_ids) == 4

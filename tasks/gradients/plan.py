@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from pathlib import Path
+from typing import Any, Callable, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -113,6 +114,29 @@ def _encode_all(tokenizer, frame, spec: ExtractionSpec, template: str | None, ma
     return encoded
 
 
+# A command plans once to check its inputs before its flow starts, and the flow plans again in the same process.
+# What costs in proportion to the checkpoint (its content hash reads every weight: minutes at 7B) or to the
+# dataset (tokenizing every chat) is kept from one plan to the next, keyed by what it is made from, the
+# files' size, mtime and inode included: a file changed in between is read again, never taken from here.
+_KEPT: dict[str, tuple[Any, Any]] = {}
+
+
+def _kept(kind: str, key: Any, make: Callable[[], Any]) -> Any:
+    held = _KEPT.get(kind)
+    if held is None or held[0] != key:
+        held = _KEPT[kind] = (key, make())
+    return held[1]
+
+
+def _files_state(path: str) -> tuple:
+    """What a directory's files are, as far as their stats tell (a hub id: nothing, its snapshot is immutable)."""
+    root = Path(path)
+    if not root.is_dir():
+        return ()
+    return tuple((f.name, st.st_size, st.st_mtime_ns, st.st_ino) for f in sorted(root.iterdir()) if f.is_file()
+                 for st in [f.stat()])
+
+
 def max_tokens(spec: ExtractionSpec, config) -> int:
     """Tokens per sample at most: `spec.max_length`, capped by the model's positions."""
     return capped_length(spec.max_length, config, "the model")[0]
@@ -173,25 +197,21 @@ def plan_extraction(spec: ExtractionSpec, device_here: bool = True) -> Extractio
     directory = layout.gradients_dir(layout.model_key(model_name, model.is_local), layout.key(checkpoint),
                                      spec.dataset, spec.variant)
     meta = dataset_meta(store, spec.dataset, spec.variant)
-    frame = read_dataset(store, spec.dataset, spec.variant, meta["version"])
-    if frame.empty:
-        raise ValueError(f"dataset {spec.dataset!r} variant {spec.variant!r} is empty; nothing to extract")
+    source = _files_state(model.source()[0])
+    commit = _kept("commit", (model.model_dump_json(), source), lambda: resolved_commit(model))
     tokenizer = load_tokenizer(model)
-    encoded = _encode_all(tokenizer, frame, spec, template, max_length)
-
-    width = max(len(e.input_ids) for e in encoded)
-    input_ids = np.full((len(encoded), width), -1, dtype=np.int32)
-    label_mask = np.zeros((len(encoded), width), dtype=bool)
-    for row, e in enumerate(encoded):
-        input_ids[row, : len(e.input_ids)] = e.input_ids
-        label_mask[row, : len(e.label_mask)] = e.label_mask
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    tokens_key = (commit, source, fingerprint, meta["content_hash"], meta["version"], spec.dataset, spec.variant,
+                  spec.paradigm, spec.labels, template, max_length)
+    sample_ids, input_ids, label_mask = _kept("tokens", tokens_key, lambda: _tokenized(store, spec, meta, tokenizer, template,
+                                                                                       max_length))
     lineage = {
         "model": model_name,
         "checkpoint": checkpoint,
-        "resolved_commit": resolved_commit(model),
+        "resolved_commit": commit,
         "architecture": (config.architectures or [type(config).__name__])[0],
         "model_dtype": model.dtype,
-        "tokenizer_hash": tokenizer_fingerprint(tokenizer),
+        "tokenizer_hash": fingerprint,
         "dataset": spec.dataset,
         "dataset_hash": meta["content_hash"],
         "dataset_version": meta["version"],
@@ -206,8 +226,8 @@ def plan_extraction(spec: ExtractionSpec, device_here: bool = True) -> Extractio
         "gradlake_version": gradlake_version(),
     }
     plan = GradientPlan(
-        n_samples=len(encoded), parameters={n: list(s) for n, s in selected.items()} if spec.keep_gradients else {},
-        mode=spec.mode, dtype=spec.store_dtype, max_tokens=width, chunk_rows=spec.batch_size,
+        n_samples=len(sample_ids), parameters={n: list(s) for n, s in selected.items()} if spec.keep_gradients else {},
+        mode=spec.mode, dtype=spec.store_dtype, max_tokens=input_ids.shape[1], chunk_rows=spec.batch_size,
         object_bytes=spec.object_mb << 20,
     )
     if not spec.keep_gradients:
@@ -231,8 +251,26 @@ def plan_extraction(spec: ExtractionSpec, device_here: bool = True) -> Extractio
     for where in [path, *(projection_path(path, p) for p in spec.projections)]:
         check_shard_size(spec.shard_size, stored_chunk_rows(store, where) or plan.chunk_rows, where)
     projections = [projection_group_plan(path, plan, lineage, selected, p, device, check_cost=device_here) for p in spec.projections]
-    return ExtractionPlan(store, path, plan, lineage, [str(i) for i in frame["id"]], input_ids, label_mask, projections,
+    return ExtractionPlan(store, path, plan, lineage, list(sample_ids), input_ids, label_mask, projections,
                           [capped] if capped else [])
+
+
+def _tokenized(store: LakeStore, spec: ExtractionSpec, meta: dict, tokenizer, template: str | None,
+               max_length: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The dataset variant's sample ids, and its chats tokenized as right-padded (-1) token ids and label masks."""
+    frame = read_dataset(store, spec.dataset, spec.variant, meta["version"])
+    if frame.empty:
+        raise ValueError(f"dataset {spec.dataset!r} variant {spec.variant!r} is empty; nothing to extract")
+    encoded = _encode_all(tokenizer, frame, spec, template, max_length)
+    width = max(len(e.input_ids) for e in encoded)
+    input_ids = np.full((len(encoded), width), -1, dtype=np.int32)
+    label_mask = np.zeros((len(encoded), width), dtype=bool)
+    for row, e in enumerate(encoded):
+        input_ids[row, : len(e.input_ids)] = e.input_ids
+        label_mask[row, : len(e.label_mask)] = e.label_mask
+    input_ids.setflags(write=False)  # shared by the plans that reuse them (_kept)
+    label_mask.setflags(write=False)
+    return [str(i) for i in frame["id"]], input_ids, label_mask
 
 
 def create_group(planned: ExtractionPlan) -> GradientGroup:
