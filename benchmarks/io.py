@@ -74,6 +74,16 @@ class Bench:
             group.write_chunk(k, {name: b[: stop - start] for name, b in self.blocks.items()})
             group.mark_complete(k)
 
+    def lake_write_through_zarr(self, path: str) -> None:
+        """`lake_write` with every object written by Zarr (as before lake.chunk_objects): the change, side by side."""
+        from gradlake.lake import gradients
+
+        plain, gradients.plain = gradients.plain, lambda array: False
+        try:
+            self.lake_write(path)
+        finally:
+            gradients.plain = plain
+
     def _arrays(self, path: str):
         import zarr
 
@@ -153,17 +163,21 @@ def timed(fn, *args) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def one_round(bench: Bench, sharded: bool, turn: int) -> dict[str, tuple[float, float]]:
+def one_round(bench: Bench, sharded: bool, turn: int, through_zarr: bool = False) -> dict[str, tuple[float, float]]:
     """Every measurement once, in an order rotated by `turn` (the machine is noisy, and what runs just after
     the writes shares the disk with their writeback): (wall, cpu) seconds of each."""
     tag = uuid.uuid4().hex[:8]
-    lake, raw, shard = f"bench/{tag}/lake", f"bench/{tag}/raw", f"bench/{tag}/sharded"
+    lake, raw, shard, old = (f"bench/{tag}/{what}" for what in ("lake", "raw", "sharded", "zarr"))
     seconds = {"lake create": timed(bench.lake_create, lake)}
+    if through_zarr:
+        bench.lake_create(old)
     if sharded:
         bench.lake_create_sharded(shard)
     writes = [("lake write", bench.lake_write, lake), ("raw write", bench.raw_write, raw)]
     reads = [("lake read", bench.lake_read_whole, lake), ("raw read", bench.raw_read, raw),
              ("lake read by row-chunk", bench.lake_read_rows, lake)]
+    if through_zarr:
+        writes.append(("write through zarr", bench.lake_write_through_zarr, old))
     if sharded:
         writes.append(("sharded write", bench.lake_write, shard))
         reads += [("sharded read", bench.lake_read_whole, shard),
@@ -174,7 +188,7 @@ def one_round(bench: Bench, sharded: bool, turn: int) -> dict[str, tuple[float, 
         os.sync()  # reads are not to wait on the writes' writeback
     for what, fn, path in reads[turn % len(reads):] + reads[:turn % len(reads)]:
         seconds[what] = timed(fn, path)
-    for path in (lake, raw, shard):
+    for path in (lake, raw, shard, old):
         bench.remove(path)
     return {k: seconds[k] for k in ["lake create"] + [k for k, *_ in writes + reads]}
 
@@ -199,6 +213,8 @@ def report(place: str, rounds: list[dict[str, tuple[float, float]]], mib: float,
     print(f"  creating the group (once per group, not in the writes): {create[0]:.2f} s, {create[1]:.2f} CPU-s")
     print("  client CPU-s per GiB: " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()))
     print(f"  write lake / raw: {ratio_line(rounds, 'lake write', 'raw write')}")
+    if "write through zarr" in rounds[0]:
+        print(f"  write through zarr / raw: {ratio_line(rounds, 'write through zarr', 'raw write')}")
     print(f"  read lake / raw: {ratio_line(rounds, 'lake read', 'raw read')}; whole-array / row-chunk reads "
           f"{rate['lake read'] / rate['lake read by row-chunk']:.2f}x")
     if object_mb:
@@ -232,6 +248,8 @@ def main() -> None:
                         help="S3 through tests/s3proxy.py adding this many ms to every request, comma-separated; "
                              "'direct' for moto without the proxy")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--through-zarr", action="store_true",
+                        help="also write the group with every object written by Zarr (before lake.chunk_objects)")
     parser.add_argument("--object-mb", type=int, default=0, help="also measure the lake with objects of up to this many MiB")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
@@ -262,7 +280,7 @@ def main() -> None:
         results: dict[str, list[dict[str, tuple[float, float]]]] = {p: [] for p in benches}
         for turn in range(args.rounds):
             for place, bench in benches.items():
-                results[place].append(one_round(bench, args.object_mb > 0, turn))
+                results[place].append(one_round(bench, args.object_mb > 0, turn, args.through_zarr))
     finally:
         for proc in procs:
             proc.terminate()

@@ -1,4 +1,4 @@
-"""A row-chunk's objects encoded as Zarr encodes them and put on S3 in one batch of requests.
+"""A row-chunk's objects encoded as Zarr encodes them and put in one batch (S3 requests, or local files).
 
 Zarr's own write of a plain chunk (its values' bytes, then a CRC32C) copies it three times (the
 slice, the checksum appended, the bytes handed to the request), scans it for the fill value first,
@@ -13,8 +13,11 @@ no compression, little-endian; the rest are written by Zarr.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
+import uuid
 from collections.abc import Callable, Iterable
+from concurrent.futures import Executor, wait
 
 import fsspec
 import google_crc32c
@@ -69,9 +72,21 @@ def element_object(array: zarr.Array, root: str, index: int, value) -> Pending:
             lambda: encoded_chunk(array, np.asarray([value], dtype=array.dtype)))
 
 
-def put_objects(fs: fsspec.asyn.AsyncFileSystem, objects: Iterable[Pending], window: int = WINDOW) -> None:
-    """Put every object, `window` at a time, each encoded just before it is sent; the first failure is raised
-    (the rest are cancelled)."""
+def put_objects(fs: fsspec.AbstractFileSystem, objects: Iterable[Pending], threads: Executor,
+                window: int = WINDOW) -> None:
+    """Put every object, each encoded just before it is sent: on an async filesystem (S3) `window` requests at a
+    time, on a local one as files written on `threads`; the first failure is raised (the rest are cancelled)."""
+    if not getattr(fs, "async_impl", False):
+        futures = [threads.submit(put_file, path, encode) for path, encode in objects]
+        try:
+            for future in futures:
+                future.result()
+        finally:
+            for future in futures:
+                future.cancel()
+            wait(futures)  # none still writing when the caller goes on
+        return
+
     async def put_all() -> None:
         pending: set[asyncio.Future] = set()
         try:
@@ -87,3 +102,17 @@ def put_objects(fs: fsspec.asyn.AsyncFileSystem, objects: Iterable[Pending], win
                 task.cancel()
 
     fsspec.asyn.sync(fs.loop, put_all)
+
+
+def put_file(path: str, encode: Callable[[], bytearray]) -> None:
+    """Write one local object as Zarr's LocalStore does: into a partial file beside it, then renamed over it."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    partial = f"{path}.{uuid.uuid4().hex}.partial"
+    try:
+        with open(partial, "wb") as f:
+            f.write(encode())
+        os.replace(partial, path)
+    except BaseException:
+        if os.path.exists(partial):
+            os.unlink(partial)
+        raise

@@ -245,28 +245,27 @@ class GradientGroup:
         """Write row-chunk `index` (`rows`) of every array, and its digest, all at once; the flag comes after all
         (`mark_complete`), so a digest written before its data is never trusted alone.
 
-        On S3 the objects of plain arrays (unsharded, uncompressed) are encoded here and put in one batch
-        (`lake.chunk_objects`: one copy per chunk, every array's requests in flight together); the rest are
-        Zarr's writes, on our threads meanwhile."""
+        The objects of plain arrays (unsharded, uncompressed) are encoded here and put in one batch
+        (`lake.chunk_objects`: one copy per chunk, every array's requests or files in flight together); the
+        rest are Zarr's writes, on our threads meanwhile."""
         crc = digest(values.values(), self.digest_algorithm) if self.plan.checksum else None
-        direct = not self.store.is_local
         objects, through_zarr = [], []
         for name, value in values.items():
             array = self.array(name)
-            if direct and array.ndim == 2 and plain(array):
+            if array.ndim == 2 and plain(array):
                 objects += row_chunk_objects(array, self.store.root, index, value.reshape(-1, array.shape[1]))
             else:
                 through_zarr.append(lambda name=name, value=value: self._write_rows(name, index, rows, value))
         if crc is not None:
             digests = self.array("chunk_digest")
-            if direct and plain(digests):
+            if plain(digests):
                 objects.append(element_object(digests, self.store.root, index, crc))
             else:
                 through_zarr.append(lambda: digests.__setitem__(index, crc))
         running = [_chunk_writers().submit(write) for write in through_zarr]
         try:
             if objects:
-                put_objects(self.store.fs, objects)
+                put_objects(self.store.fs, objects, _chunk_writers())
         finally:
             for future in running:  # each waited for, so none is still writing when the caller goes on
                 future.result()

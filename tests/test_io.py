@@ -145,9 +145,10 @@ def _written_group(store, path: str, mode: str, dtype: str):
     return group, values
 
 
-@pytest.mark.parametrize("mode,dtype", [("store", "float32"), ("store", "bfloat16"), ("mean", "float32")])
-def test_chunk_objects_put_directly_are_zarrs_own_bytes(s3_endpoint, monkeypatch, mode, dtype):
-    """On S3 a row-chunk's objects are encoded and put by lake.chunk_objects: the same objects, byte for byte, as
+@pytest.mark.parametrize("place,mode,dtype", [("s3", "store", "float32"), ("s3", "store", "bfloat16"),
+                                              ("s3", "mean", "float32"), ("file", "store", "float32")])
+def test_chunk_objects_put_directly_are_zarrs_own_bytes(s3_endpoint, tmp_path, monkeypatch, place, mode, dtype):
+    """A row-chunk's objects are encoded and put by lake.chunk_objects: the same objects, byte for byte, as
     Zarr's own writes make (edge chunks padded with the fill value, CRC32C appended), with the same digest, read
     back and verified as written."""
     import uuid
@@ -157,10 +158,10 @@ def test_chunk_objects_put_directly_are_zarrs_own_bytes(s3_endpoint, monkeypatch
     from gradlake.lake.verify import verify_gradient_group
 
     monkeypatch.setattr(layout, "CHUNK_BYTES", 4 * 4 * 5)  # column chunks of 5 values at 4 rows of float32 (10 of 16-bit)
-    store = LakeStore(f"s3://lake/chunk-objects-{uuid.uuid4().hex[:8]}")
+    store = LakeStore(f"s3://lake/chunk-objects-{uuid.uuid4().hex[:8]}" if place == "s3" else f"file://{tmp_path}/lake")
     direct, direct_values = _written_group(store, "direct", mode, dtype)
     put = []
-    monkeypatch.setattr(gradients, "put_objects", lambda fs, objects: put.append(1) or chunk_objects.put_objects(fs, objects))
+    monkeypatch.setattr(gradients, "put_objects", lambda *args: put.append(1) or chunk_objects.put_objects(*args))
     monkeypatch.setattr(gradients, "plain", lambda array: False)  # everything through Zarr
     through_zarr, _ = _written_group(store, "zarr", mode, dtype)
     assert not put and direct.array("a.weight" if mode == "store" else "a.weight.partial_sum").chunks[1] < 13
@@ -168,6 +169,7 @@ def test_chunk_objects_put_directly_are_zarrs_own_bytes(s3_endpoint, monkeypatch
     objects = {p.split("/direct/", 1)[1]: fs.cat_file(p) for p in fs.find(store.path("direct"))}
     theirs = {p.split("/zarr/", 1)[1]: fs.cat_file(p) for p in fs.find(store.path("zarr"))}
     assert set(objects) == set(theirs) and any("/c/2/" in k for k in objects)
+    assert not any(k.endswith(".partial") for k in objects)
     for key, data in objects.items():
         if key != "zarr.json":  # the lineage's creation time differs
             assert data == theirs[key], key
