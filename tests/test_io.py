@@ -209,3 +209,20 @@ def test_row_chunk_digests_old_and_new_catch_swapped_and_missing_objects(tmp_pat
     shutil.rmtree(chunks / "2")  # the last row-chunk: its rows past the end are the fill value anyway
     found = verify_gradient_group(store, "g")
     assert found.status == "damaged" and found.chunks == [2]
+
+
+def test_put_objects_raises_the_first_failure_and_leaves_no_partial_file(tmp_path):
+    """A local object that cannot be written is raised once all others are done; no partial file is left."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import fsspec
+
+    from gradlake.lake.chunk_objects import put_objects
+
+    (tmp_path / "blocked").write_bytes(b"")  # a file where a directory is needed
+    objects = [(str(tmp_path / f"ok/c/{i}"), lambda i=i: bytearray([i])) for i in range(6)]
+    objects.insert(3, (str(tmp_path / "blocked/c/0"), lambda: bytearray(1)))
+    with ThreadPoolExecutor(2) as threads, pytest.raises(OSError):
+        put_objects(fsspec.filesystem("file"), objects, threads)
+    left = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
+    assert not [name for name in left if name.endswith(".partial")] and "blocked" in left
