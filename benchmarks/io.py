@@ -223,6 +223,22 @@ def report(place: str, rounds: list[dict[str, tuple[float, float]]], mib: float,
               f"{rate['sharded read by row-chunk'] / rate['lake read by row-chunk']:.2f}x")
 
 
+def digest_costs(blocks: dict[str, np.ndarray], rounds: int = 5) -> str:
+    """CPU seconds per GiB of the row-chunk digest in each algorithm, interleaved rounds (`lake.integrity.digest`)."""
+    from gradlake.lake.integrity import DIGESTS, digest
+
+    gib = sum(b.nbytes for b in blocks.values()) / (1 << 30)
+    seconds: dict[str, list[float]] = {a: [] for a in DIGESTS}
+    for _ in range(rounds):
+        for algorithm in DIGESTS:
+            began = time.process_time()
+            digest(blocks.values(), algorithm)
+            seconds[algorithm].append(time.process_time() - began)
+    per_gib = {a: statistics.median(s) / gib for a, s in seconds.items()}
+    return ("row-chunk digest, CPU-s per GiB: " + ", ".join(f"{a} {v:.3f}" for a, v in per_gib.items())
+            + f" ({per_gib['crc32'] / per_gib['crc32c']:.1f}x less in crc32c)")
+
+
 def objects_7b(dtype: str, rows: int, object_bytes: int) -> tuple[int, int, int]:
     """Objects per row-chunk of OLMo-2-7B's per-sample gradients (32 layers, hidden 4096, MLP 11008, vocabulary
     100352; 355 tensors): one per chunk, and in objects of up to `object_bytes`; and the number of tensors."""
@@ -291,6 +307,7 @@ def main() -> None:
           "(min-max of the per-round ratios in brackets)")
     for place, rounds in results.items():
         report(place, rounds, some.bytes / MIB, args.object_mb)
+    print("\n" + digest_costs(blocks))
     if args.object_mb:
         chunks, objects, tensors = objects_7b("float16", args.chunk_rows, args.object_mb << 20)
         print(f"\nOLMo-2-7B, 16-bit, every tensor ({tensors}): {objects} objects per row-chunk of {args.chunk_rows} "
