@@ -228,6 +228,7 @@ def main() -> None:
                     steps += [(f"score q={q}", lambda q=q: score(array, queries[:q], budget)) for q in qs]
                     steps = steps[turn % len(steps):] + steps[:turn % len(steps)]
                     results[place][rows].append({name: timed(fn) for name, fn in steps})
+                    print(f"round {turn + 1}/{args.rounds}, {place}, {rows} rows: done", file=sys.stderr, flush=True)
     finally:
         for proc in procs:
             proc.terminate()

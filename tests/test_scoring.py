@@ -21,6 +21,7 @@ from gradlake.lake.gradients import GradientGroup
 from gradlake.lake.results import read_result_meta, write_result
 from gradlake.lake.store import LakeError, LakeStore
 from gradlake.tasks.evaluate.scoring import ScoreSpec, compute_topk, part_dir, ranges, read_scores, score_part
+from gradlake.tasks.evaluate import topk
 from gradlake.tasks.evaluate.topk import merge_topk, row_ranges, row_tile, score_topk
 
 
@@ -37,9 +38,9 @@ def _zarr(values: np.ndarray, chunk_rows: int) -> zarr.Array:
     return array
 
 
-def test_topk_equals_brute_force_with_ties_ranges_and_k_over_rows():
-    """Small integers make many equal scores: ties go to the lower row, in one pass, in blocks of a small budget,
-    and merged from ranges of rows; k above the rows keeps every row."""
+def test_topk_equals_brute_force_with_ties_ranges_and_k_over_rows(monkeypatch):
+    """Small integers make many equal scores: ties go to the lower row, in one pass, in blocks and query passes of a
+    small budget, and merged from ranges of rows; k above the rows keeps every row."""
     rng = np.random.default_rng(0)
     docs = rng.integers(-2, 3, size=(1500, 48)).astype(np.float32)
     docs[[700, 1400]] = docs[3]  # duplicated rows: exactly equal scores
@@ -51,6 +52,12 @@ def test_topk_equals_brute_force_with_ties_ranges_and_k_over_rows():
         got = score_topk([queries[:, :32], queries[:, 32:]], arrays, 9, budget=budget)
         np.testing.assert_array_equal(got.rows, want_rows)
         np.testing.assert_array_equal(got.scores, want_scores)
+    monkeypatch.setattr(topk, "QUERY_TILE", 16)  # 3 passes of whole query tiles over the rows at this budget
+    assert topk.query_block_rows([queries], 4 * 48 * 64) == 16
+    got = score_topk([queries[:, :32], queries[:, 32:]], arrays, 9, budget=4 * 48 * 64)
+    np.testing.assert_array_equal(got.rows, want_rows)
+    np.testing.assert_array_equal(got.scores, want_scores)
+    monkeypatch.undo()
     tile = row_tile(arrays)
     parts = [score_topk([queries[:, :32], queries[:, 32:]], arrays, 9, a, b) for a, b in row_ranges(1500, 500, tile)]
     assert len(parts) == 3

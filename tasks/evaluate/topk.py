@@ -112,17 +112,16 @@ def query_norms(queries: list[np.ndarray]) -> np.ndarray:
 
 
 def block_rows(arrays: list[zarr.Array], n_queries: int, budget: int, tile: int) -> int:
-    """Lake rows per read: whole tiles, so that two blocks (the current and the one read ahead) and the
-    block's scores for one query block fit half the budget."""
-    width = sum(a.shape[1] for a in arrays)
-    per_row = 4 * (2 * width + min(n_queries, QUERY_TILE * 4))
+    """Lake rows per read: whole tiles, so that two blocks (the current one and the one read ahead) and the
+    block's scores for `n_queries` (with the candidates' copy) fit half the budget."""
+    per_row = 4 * (2 * sum(a.shape[1] for a in arrays) + 2 * n_queries)
     return tile * max(1, budget // 2 // per_row // tile)
 
 
 def query_block_rows(queries: list[np.ndarray], budget: int) -> int:
-    """Queries per pass over the lake: whole QUERY_TILEs holding at most half the budget."""
+    """Queries per pass over the lake: whole QUERY_TILEs holding at most a quarter of the budget."""
     per_query = 4 * sum(q.shape[1] for q in queries)
-    return QUERY_TILE * max(1, budget // 2 // per_query // QUERY_TILE)
+    return QUERY_TILE * max(1, budget // 4 // per_query // QUERY_TILE)
 
 
 def score_topk(queries: list[np.ndarray], arrays: list[zarr.Array], k: int, start: int = 0, stop: int | None = None,
@@ -150,11 +149,11 @@ def score_topk(queries: list[np.ndarray], arrays: list[zarr.Array], k: int, star
         norms = query_norms(queries)
         norms[norms == 0] = 1.0
         queries = [(q / norms[:, None]).astype(np.float32) for q in queries]
-    step = block_rows(arrays, queries[0].shape[0], budget, tile)
-    blocks = [(b0, min(stop, b0 + step)) for b0 in range(start, stop, step)]
     per_pass = query_block_rows(queries, budget)
+    step = block_rows(arrays, min(per_pass, queries[0].shape[0]), budget, tile)
+    blocks = [(b0, min(stop, b0 + step)) for b0 in range(start, stop, step)]
     parts = []
-    for q0 in range(0, queries[0].shape[0], per_pass):
+    for q0 in range(0, queries[0].shape[0], per_pass):  # each pass reads the rows again: whole query tiles per pass
         held = [q[q0:q0 + per_pass] for q in queries]
         parts.append(_pass(held, arrays, blocks, k, tile, metric))
     return TopK(np.concatenate([p.scores for p in parts]), np.concatenate([p.rows for p in parts]))
