@@ -2,16 +2,22 @@
 
 A gradient group of random per-sample values (row-chunks of ``--chunk-rows`` samples, column
 chunks as `lake.layout.column_chunk` cuts them, crc32c on every chunk object) is written and read through gradlake
-(`GradientGroup.write_chunk`, `read_checked`) and the same bytes as the same objects through the
-filesystem alone (s3fs ``pipe`` / ``cat``, many at once; plain ``open`` on a local disk), on an S3
-served by moto in a process of its own (as MinIO would be) and on a local directory.  Each round
-does every measurement once, interleaved; printed are the medians in MiB/s and the ratios lake /
-raw, and a whole-array read against reading the same array a row-chunk at a time.
-``--object-mb N`` adds the lake with a row-chunk's column chunks gathered into objects of up to
-N MiB (Zarr v3 shards, the extraction's ``object_mb``), read the same two ways, and prints the
-objects per row-chunk of OLMo-2-7B in both layouts.
+(`GradientGroup.write_chunk` and `mark_complete`, `read_checked`) and the same bytes as the same objects through the
+filesystem alone (s3fs ``pipe`` / ``cat``, a row-chunk's objects at once, each with its CRC32C computed as
+Zarr's codec does; plain ``open`` on a local disk), on an S3 served by moto in a process of its own (as
+MinIO would be) and on a local directory.  S3 is reached through tests/s3proxy.py, in a process of its
+own too, adding ``--latencies`` ms to every request (0, 10 and 50: loopback hides what a request costs).
+Creating the group (claim, token arrays, metadata) is a fixed cost per group, timed apart from the writes.
+Each round does every measurement once, interleaved; printed are the medians in MiB/s, the ratios
+lake / raw (the median of the per-round ratios and their min-max) in wall time and in this process's
+CPU time (all its threads: the machine is shared, CPU is the steadier measure), and client CPU-s per GiB.
+``--through-zarr`` adds the lake with every object written by Zarr (the write path before
+`lake.chunk_objects`).  ``--object-mb N`` adds the lake with a row-chunk's column chunks gathered into
+objects of up to N MiB (Zarr v3 shards, the extraction's ``object_mb``), read the same two ways, and
+prints the objects per row-chunk of OLMo-2-7B in both layouts.
 
     python benchmarks/io.py                                   # 64 samples, tensors of 2M and 1M float32, S3 and local
+    python benchmarks/io.py --places s3 --samples 32 --through-zarr
     python benchmarks/io.py --places local --rounds 5
     python benchmarks/io.py --samples 128 --tensors 4194304,1048576 --dtype float16 --object-mb 256
 """
