@@ -54,7 +54,9 @@ class ChunkRows(ChunkAssembly):
     """Per-sample rows written to a group one whole row-chunk at a time.
 
     A run's batches need not match the group's chunks: a chunk waits here until all its rows
-    came, then is written once and flagged complete.
+    came, then is written once and flagged complete.  `fill` and `write` split the two, so that
+    rows are copied straight from a reused buffer (the caller's `put`) while the writes run
+    elsewhere (`lake.overlap`).
     """
 
     def __init__(self, group: GradientGroup, chunks: list[int], leases: ChunkLeases | None = None):
@@ -74,16 +76,36 @@ class ChunkRows(ChunkAssembly):
             if in_order and k not in self._rows:  # the whole chunk in one go, in order: no copy
                 lo = int(positions[0])
                 if bool((positions == np.arange(lo, lo + len(positions))).all()):
-                    self.group.write_chunk(k, {n: a[lo:lo + len(positions)] for n, a in arrays.items()})
-                    self.complete(k)
+                    self.write(k, {n: a[lo:lo + len(positions)] for n, a in arrays.items()})
                     done.append(k)
                     continue
             held = self._rows.setdefault(k, {n: np.empty_like(a, shape=(c1 - c0, *a.shape[1:])) for n, a in arrays.items()})
             for n, a in arrays.items():
                 held[n][offsets] = a[positions]
-            if not self.arrived(k, len(offsets)):
-                continue
-            self.group.write_chunk(k, self._rows.pop(k))
-            self.complete(k)
-            done.append(k)
+            if self.arrived(k, len(offsets)):
+                self.write(k, self._rows.pop(k))
+                done.append(k)
         return done
+
+    def fill(self, rows: np.ndarray, values: dict, put, empty) -> list[tuple[int, dict[str, np.ndarray]]]:
+        """Copy the samples `rows` into their chunks' host buffers; returns the chunks now whole, with their arrays.
+
+        `values` hold the batch's values in the order of `rows`, of any kind: `put(out, offsets, value,
+        positions)` copies rows `positions` of `value` into rows `offsets` of the host array `out`, made by
+        `empty(value, rows)`.  Nothing is written: pass each chunk returned to `write`."""
+        done = []
+        for k, positions, offsets in list(self.pieces(rows)):
+            c0, c1 = self.group.plan.chunk_bounds(k)
+            held = self._rows.get(k)
+            if held is None:
+                held = self._rows[k] = {n: empty(v, c1 - c0) for n, v in values.items()}
+            for n, value in values.items():
+                put(held[n], offsets, value, positions)
+            if self.arrived(k, len(offsets)):
+                done.append((k, self._rows.pop(k)))
+        return done
+
+    def write(self, k: int, arrays: dict[str, np.ndarray]) -> None:
+        """Write chunk `k` whole and flag it complete (its lease freed)."""
+        self.group.write_chunk(k, arrays)
+        self.complete(k)

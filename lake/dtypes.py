@@ -94,3 +94,27 @@ def tensor_to_host(tensor, dtype: str) -> np.ndarray:
     if dtype == BFLOAT16:
         return host.view(torch.int16).numpy().view(np.uint16).view(Bits)
     return host.numpy()
+
+
+def host_rows(shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    """An empty host array of `shape` holding values as stored for storage dtype `dtype` (bfloat16: `Bits`)."""
+    out = np.empty(shape, dtype=zarr_dtype(dtype))
+    return out.view(Bits) if dtype == BFLOAT16 else out
+
+
+def copy_rows(out: np.ndarray, offsets: np.ndarray, tensor, positions: np.ndarray, dtype: str) -> None:
+    """Copy rows `positions` of the torch tensor `tensor` (samples, ...) into rows `offsets` of `out` (`host_rows`).
+
+    Cast to storage dtype `dtype` in the same pass, row by row, with no intermediate copy; on another
+    device the rows are gathered and cast there first, then moved in one transfer.  The values are
+    those of `tensor_to_host`, bit for bit."""
+    import torch
+
+    target = torch.from_numpy(np.asarray(out).view(np.int16)).view(torch.bfloat16) if dtype == BFLOAT16 \
+        else torch.from_numpy(np.asarray(out))
+    source = tensor.detach()
+    if source.device.type != "cpu":
+        index = torch.as_tensor(np.asarray(positions), device=source.device)
+        source, positions = source.index_select(0, index).to(target.dtype).cpu(), range(len(positions))
+    for o, p in zip(np.asarray(offsets).tolist(), list(positions)):
+        target[o].copy_(source[p])

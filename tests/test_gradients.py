@@ -181,3 +181,46 @@ def test_input_embedding_gradients_projected_during_backward(tiny_models, probe_
         full[: ref.shape[0]] = ref
         want = projectors["inputs_embeds"].project(full.reshape(1, -1))[0]
         assert relative_error(got[i], want) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_rows_copied_into_chunks_equal_the_host_copy_bitwise(dtype):
+    """Extraction copies a batch's rows from the engine's buffers straight into their chunks (cast on the way):
+    the same bits as the whole-batch host copy it replaced, in any order of rows."""
+    import numpy as np
+
+    from gradlake.lake.dtypes import copy_rows, host_rows, tensor_to_host
+
+    values = torch.randn(5, 7, 3) * torch.tensor([1e-30, 1.0, 3e4, 7e4, 1e39]).reshape(5, 1, 1)  # subnormal to Inf
+    values[0, 0, 0] = float("nan")
+    out = host_rows((4, 7, 3), dtype)
+    positions, offsets = np.array([4, 0, 2, 3]), np.array([1, 3, 0, 2])
+    copy_rows(out, offsets, values, positions, dtype)
+    want = tensor_to_host(values, dtype)
+    assert type(out) is type(want) and out.dtype == want.dtype
+    np.testing.assert_array_equal(np.asarray(out)[offsets].view(np.uint8), np.asarray(want)[positions].view(np.uint8))
+
+
+def test_finite_check_reads_sums_and_still_names_a_nan():
+    """The batch's check sums each tensor once: finite values whose sum overflows pass (checked value by value),
+    a NaN anywhere is named with its sample and tensor, before anything is written."""
+    import numpy as np
+
+    from gradlake.tasks.gradients.extract import NonFiniteError, check_finite
+
+    class Group:
+        def tokens(self, name):
+            return np.array(["s0", "s1", "s2"])
+
+    model = torch.nn.Linear(2, 2)
+    model.dtype = torch.float32  # as a transformers model says it
+    losses = torch.ones(3)
+    huge = {"a.weight": torch.full((3, 4), 3e38), "b.weight": torch.zeros(3, 2)}
+    check_finite(losses, huge, [], np.arange(3), Group(), "shard 0", model)
+    nan = {"a.weight": torch.zeros(3, 4), "b.weight": torch.zeros(3, 2)}
+    nan["b.weight"][2, 1] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"NaN or Inf in the gradients \(b.weight first\) of 1 samples \['s2'\]"):
+        check_finite(losses, nan, [], np.arange(3), Group(), "shard 0", model)
+    projected = [{"flat": torch.tensor([[1.0], [float("-inf")], [2.0]])}]
+    with pytest.raises(NonFiniteError, match=r"flat \(projection\) first\) of 1 samples \['s1'\]"):
+        check_finite(losses, {"b.weight": torch.zeros(3, 2)}, projected, np.arange(3), Group(), "shard 0", model)

@@ -17,7 +17,7 @@ from prefect.cache_policies import NONE
 
 from gradlake.lake import layout
 from gradlake.lake.leases import LEASE_SECONDS, ChunkLeases
-from gradlake.lake.dtypes import tensor_to_host, zarr_dtype
+from gradlake.lake.dtypes import copy_rows, host_rows, zarr_dtype
 from gradlake.lake.assembly import ChunkAssembly, ChunkRows
 from gradlake.lake.gradients import GradientGroup
 from gradlake.lake.overlap import BackgroundWrites
@@ -161,12 +161,17 @@ def _compute_chunks(spec: ExtractionSpec, targets: list[GradientGroup], todo: li
     stored = (ChunkRows(group, todo[-1], leases) if plan.mode == "store"
               else ChunkSums(group, todo[-1], plan.mode == "mean_normalized", leases))
 
-    def write(rows: np.ndarray, projected: list[dict[str, np.ndarray]], grads: dict[str, np.ndarray] | None) -> None:
-        for writer, arrays in zip(writers, projected):
-            writer.add_rows(rows, arrays)
-        if grads is not None:
-            stored.add_rows(rows, grads)
+    def write(chunks: list[tuple[ChunkRows, int, dict[str, np.ndarray]]]) -> None:
+        for writer, k, arrays in chunks:
+            writer.write(k, arrays)
         leases.renew()
+
+    def whole(writer: ChunkRows, rows: np.ndarray, values: dict[str, torch.Tensor]):
+        """Rows copied from the engine's buffers straight into their chunks' host arrays (cast to the stored dtype
+        on the way); the chunks now whole, to write."""
+        dtype = writer.group.plan.dtype
+        done = writer.fill(rows, values, partial(copy_rows, dtype=dtype), lambda v, n: host_rows((n, *v.shape[1:]), dtype))
+        return [(writer, k, arrays) for k, arrays in done]
 
     progress = Progress(sum(len(b) for b in batches), "samples", log)
     pooling = "mean" if spec.target == "inputs_embeds_mean" else "tokens"
@@ -176,13 +181,12 @@ def _compute_chunks(spec: ExtractionSpec, targets: list[GradientGroup], todo: li
             input_ids, labels = _batch(ids, mask, rows - start, pad_id, device)
             grads = per_sample(input_ids, labels, torch.as_tensor(lengths[rows - start], device=device))
             check_finite(per_sample.losses, grads, per_sample.projected, rows, group, label, model)
-            projected = [{k: tensor_to_host(v, t.plan.dtype) for k, v in out.items()}
-                         for t, out in zip(targets, per_sample.projected)]
+            chunks = [c for writer, out in zip(writers, per_sample.projected) for c in whole(writer, rows, out)]
             if plan.mode == "store":
-                writes.submit(write, rows, projected, {n: tensor_to_host(g, plan.dtype) for n, g in grads.items()})
+                chunks += whole(stored, rows, grads)
             else:  # the sums are taken now, from buffers the next batch reuses; their writes are small
                 stored.add_rows(rows, grads)
-                writes.submit(write, rows, projected, None)
+            writes.submit(write, chunks)  # the gradient group's chunks last, as `targets` orders the flags
             progress.add(len(rows), f"{label}: ")
     unwritten = {t.path: sorted(w.waiting) for t, w in zip(targets, [*writers, stored]) if w.waiting}
     if unwritten:  # every chunk asked for lies in some computed batch; this guards that reasoning
@@ -201,7 +205,10 @@ def check_finite(losses: torch.Tensor, grads: dict[str, torch.Tensor], projected
 
     Checked before anything of the batch is written, so no chunk holding a NaN is ever marked complete."""
     tensors = {**grads, **{f"{key} (projection)": v for out in projected for key, v in out.items()}}
-    if bool(torch.stack([torch.isfinite(losses).all(), *(torch.isfinite(v).all() for v in tensors.values())]).all()):
+    # A sum is NaN or infinite when any of its terms is, and reads each value once (isfinite then all() cost 30
+    # times more on a CPU); only a sum of finite values that overflows takes the full check below for nothing.
+    sums = [losses.sum(dtype=torch.float32), *(v.sum(dtype=torch.float32) for v in tensors.values())]
+    if bool(torch.isfinite(torch.stack(sums)).all()):
         return  # one device synchronisation for the whole batch
     bad = ~torch.isfinite(losses)
     first = None
@@ -210,6 +217,8 @@ def check_finite(losses: torch.Tensor, grads: dict[str, torch.Tensor], projected
         if first is None and bool(rows_bad.any()):
             first = name
         bad |= rows_bad
+    if not bool(bad.any()):
+        return  # finite after all: only a sum overflowed
     ids = sorted(np.asarray(group.tokens("sample"))[rows[bad.cpu().numpy()]].tolist())
     loss_bad = bool((~torch.isfinite(losses)).any())
     what = " and ".join([*(["the loss"] if loss_bad else []), *([f"the gradients ({first} first)"] if first else [])])
