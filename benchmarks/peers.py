@@ -1,38 +1,42 @@
-"""gradlake beside its peers: Bergson and a one-sample-per-backward loop, in one run.
+"""gradlake beside a training step, Bergson and a one-sample-per-backward loop, in one run.
 
-All three compute the gradient of each sample's mean token loss (sft: assistant tokens)
-on the bundled probe set (160 chats of 45 to 306 tokens) with one small OLMo-2 (hidden
-256, 4 layers, MLP 1024, vocabulary 2048 from a tokenizer trained on the probe texts),
-and land every sample's gradient in a host array of (samples, parameters), row by row:
+Every method computes the gradient of each sample's mean token loss (sft: assistant tokens)
+on the bundled probe set (160 chats of 45 to 306 tokens) with one small OLMo-2 (hidden 256,
+4 layers, MLP 1024, vocabulary 2048 from a tokenizer trained on the probe texts):
 
-- gradlake: ``PerSampleGradients`` over the batches the extraction runs now
-  (``shard_batches(lengths, 0, max_samples=8, token_budget=4096)``: sorted by length,
-  packed), on the ``nn.Linear`` weights and on all tensors; and on the weights over the
-  old batches of 8 in dataset order, beside them;
-- Bergson (``InMemoryCollector`` run by its ``CollectorComputer``, as ``bergson build``
-  runs it, with its own token-budget batching, ``allocate_batches`` at its default
-  ``token_batch_size``): no projection, no normaliser, no preconditioner, no unit
-  normalisation, ``loss_reduction="mean"``.  Bergson covers ``nn.Linear`` layers only,
-  so it is compared with gradlake on those weights (the lm_head included: the collector
-  gets the whole model, not ``base_model``);
-- the loop: one sample per backward pass, every parameter's gradient copied out; compared
-  with gradlake on all tensors.
+- training step: a plain forward and backward of the summed losses over the same batches as
+  the kernel (parameter gradients only, no per-sample ones): the floor every method sits on;
+- kernel: gradlake's ``PerSampleGradients`` over the batches extraction computes with its
+  defaults (per 64-sample shard, ``shard_batches(8 samples, 4096 tokens)`` in windows of whole
+  chunks), every gradient copied to its row of one host array; on all tensors and on the
+  ``nn.Linear`` weights (Bergson's);
+- extraction function: ``extract_shard`` over every shard of a fresh local lake group made by
+  ``plan_extraction``/``create_group`` (untimed, once per run in the flow; its CPU time is
+  printed beside), store mode, every parameter, its lake writes included;
+- command: ``gradlake extract`` in a process of its own into a fresh local lake (the CPU time
+  of the child, ``getrusage(RUSAGE_CHILDREN)``), and its fixed start-up: the same command on a
+  lake holding one sample;
+- Bergson 2.5.1 (``CollectorComputer`` as ``bergson build`` runs it, its own token batches, no
+  projection, normaliser or preconditioner, ``loss_reduction="mean"``), on ``nn.Linear``
+  layers: in memory (``InMemoryCollector``) and writing its index to disk
+  (``GradientCollector``);
+- the loop: one sample per backward pass, every parameter's gradient copied out.
 
-For scale, the floor: 6 x parameters x tokens FLOPs per sample at the rate of a 1024^2
-matrix product.  Forming per-sample gradients costs the FLOPs of a plain backward's weight
-gradients, so on a CPU, where one chat of a hundred tokens already fills the matrix units,
-no method can run much past it.
-
-Before timing, the per-sample gradients of a few samples are checked to agree between
-the three (relative error of each tensor).  Then the methods run in interleaved rounds
-(the order rotating each round), each round a full pass over the probe set; the median
-over rounds of samples/s (CPU time of this process, and wall time) is printed, and the
-ratios as medians of the per-round ratios.  The machine is shared: one torch thread.
+Before timing, the gradients of a few samples are checked against the loop's (relative
+Frobenius error of each tensor; the extraction function's, the command's and Bergson's
+on-disk index read back from what they wrote).  Then the methods run in interleaved rounds
+(the order rotating each round), each a full pass over the samples; printed are the CPU
+seconds per pass (median) and each method's ratio to the kernel and to the training step as
+the median of the per-round ratios with their min-max spread.  The machine is shared: CPU
+time, one torch thread.  ``--whole-set`` adds the kernel over all samples packed in one
+window (what this benchmark did before; extraction never packs so).
 
     OMP_NUM_THREADS=1 python benchmarks/peers.py            # make bench-peers
     OMP_NUM_THREADS=1 python benchmarks/peers.py --rounds 5
+    OMP_NUM_THREADS=1 python benchmarks/peers.py --quick    # 16 samples, 1 round
 
-Bergson is installed for this benchmark only (``make bench-peers``; see constraints.txt).
+Bergson is installed for this benchmark only (``make bench-peers``; see constraints.txt); without it
+its rows are left out.
 """
 
 from __future__ import annotations
@@ -44,10 +48,12 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # Bergson's progress bar, once per p
 
 import argparse
 import logging
+import shutil
 import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -58,15 +64,16 @@ from gradlake.tasks.gradients.engine import PerSampleGradients
 from gradlake.tasks.common.loss import Encoded, encode_sample, pad_batch, sample_losses
 from gradlake.tasks.data.probes import load_probe_set, probe_variant
 from gradlake.tasks.training.tiny import tiny_config, train_tokenizer
+from peers_lake import BergsonDisk, Command, Extraction, extraction_batches, save_model, spec_for
 
 SIZES = dict(hidden_size=256, num_hidden_layers=4, intermediate_size=1024, num_attention_heads=4,
              num_key_value_heads=4, max_position_embeddings=1024)
 VOCAB = 2048
-CHECK_TOLERANCE = 1e-4  # relative error (Frobenius) of a per-sample gradient tensor, float32
+CHECK_TOLERANCE = 1e-5  # relative error (Frobenius) of a per-sample gradient tensor, float32
 
 
-def build(seed: int = 0):
-    """The probe set's chats encoded for sft, and a small random-weight OLMo-2 with their tokenizer."""
+def build(seed: int = 0, with_tokenizer: bool = False):
+    """The probe set's chats encoded for sft, the padding id and a small random-weight OLMo-2 (and their tokenizer)."""
     from transformers import AutoModelForCausalLM
 
     chats = list(probe_variant(load_probe_set(), "original")["messages"])
@@ -74,7 +81,7 @@ def build(seed: int = 0):
     encoded = [encode_sample(tokenizer, chat, "sft", max_length=1024) for chat in chats]
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config("olmo2", tokenizer, **SIZES), dtype=torch.float32).eval()
-    return encoded, tokenizer.pad_token_id, model
+    return (encoded, tokenizer.pad_token_id, model) + ((tokenizer,) if with_tokenizer else ())
 
 
 def set_trainable(model: nn.Module, mode: str) -> None:
@@ -129,7 +136,7 @@ def loop_pass(model, encoded: list[Encoded], pad_id: int, dest: torch.Tensor, co
 
 
 def bergson_pass(model, encoded: list[Encoded], run_dir: str):
-    """A full pass of Bergson's in-memory collection (its batching, no projection), and its collector."""
+    """A full pass of Bergson's in-memory collection (its batching, no projection); its collector, batches and data."""
     from datasets import Dataset
 
     from bergson import GradientProcessor, IndexConfig, InMemoryCollector
@@ -154,44 +161,37 @@ def bergson_pass(model, encoded: list[Encoded], run_dir: str):
     def run() -> None:
         set_trainable(model, "bergson")
         computer.run_with_collector_hooks()
-    return run, collector, cfg.token_batch_size, batches
+    return run, collector, batches, data
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
-def check_agreement(samples: list[int], linear: list[str], all_names: list[str], cols: dict[str, slice],
-                    gradlake_all: torch.Tensor, loop_all: torch.Tensor, bergson: dict[str, torch.Tensor]) -> None:
-    """Print the worst relative error per pair, over the samples and tensors checked; fail past the tolerance.
-
-    Row r of each argument holds sample ``samples[r]``; Bergson's are keyed by module name.
-    """
-    rows = range(len(samples))
-    pairs = {
-        "gradlake vs loop (all tensors)": [relative_error(gradlake_all[i, cols[n]], loop_all[i, cols[n]])
-                                           for i in rows for n in all_names],
-        "gradlake vs Bergson (nn.Linear)": [relative_error(gradlake_all[i, cols[n]], bergson[n[:-len(".weight")]][i])
-                                            for i in rows for n in linear],
-        "Bergson vs loop (nn.Linear)": [relative_error(bergson[n[:-len(".weight")]][i], loop_all[i, cols[n]])
-                                        for i in rows for n in linear],
-    }
-    print(f"agreement on samples {samples} (relative Frobenius error per tensor, worst):")
-    for label, errors in pairs.items():
+def check_agreement(samples: list[int], reference: dict[str, torch.Tensor], got: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Print each method's worst relative error against the loop over the samples and tensors checked; fail past the
+    tolerance.  `reference` and each of `got` map a parameter name to its rows of `samples`, in that order."""
+    print(f"agreement with the loop on samples {samples} (relative Frobenius error per tensor, worst):")
+    worst = 0.0
+    for label, grads in got.items():
+        errors = [relative_error(grads[n][i].reshape(-1), reference[n][i].reshape(-1))
+                  for n in grads for i in range(len(samples))]
+        worst = max(worst, *errors)
         print(f"  {label:34s} {max(errors):.2e} over {len(errors)} tensors")
-    worst = max(max(e) for e in pairs.values())
     if worst > CHECK_TOLERANCE:
         raise SystemExit(f"per-sample gradients disagree: worst relative error {worst:.2e} > {CHECK_TOLERANCE:.0e}")
 
 
-def matmul_rate(n: int = 1024, reps: int = 10) -> float:
-    """FLOP/s (per CPU second of this process) of an n x n float32 matrix product, now."""
-    a, b, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
-    torch.mm(a, b, out=out)
-    start = time.process_time()
-    for _ in range(reps):
-        torch.mm(a, b, out=out)
-    return 2 * n**3 * reps / (time.process_time() - start)
+def step_pass(model, encoded: list[Encoded], pad_id: int, batches: list[np.ndarray]) -> Callable[[], None]:
+    """A plain training step's forward and backward over `batches` (the summed losses; parameter gradients only)."""
+    def run() -> None:
+        set_trainable(model, "all")
+        for batch in batches:
+            model.zero_grad(set_to_none=True)
+            ids, labels = pad_batch([encoded[i] for i in batch], pad_id)
+            sample_losses(model(input_ids=ids).logits, labels).sum().backward()
+        model.zero_grad(set_to_none=True)
+    return run
 
 
 def timed(fn: Callable[[], None]) -> tuple[float, float]:
@@ -201,93 +201,116 @@ def timed(fn: Callable[[], None]) -> tuple[float, float]:
     return time.process_time() - cpu, time.perf_counter() - wall
 
 
+def spread(values: list[float]) -> str:
+    """Median and min-max of per-round values."""
+    return f"{statistics.median(values):5.2f}x ({min(values):.2f}-{max(values):.2f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds, each a full pass of every method")
+    parser.add_argument("--samples", type=int, default=None, help="the first N probe chats (default: all 160)")
+    parser.add_argument("--quick", action="store_true", help="16 samples, 1 round: a check that everything runs")
+    parser.add_argument("--whole-set", action="store_true", help="add the kernel over all samples packed in one window")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args()
+    if args.quick:
+        args.samples, args.rounds = args.samples or 16, 1
     torch.set_num_threads(args.threads)
+    try:
+        import bergson  # noqa: F401
+        with_bergson = True
+    except ImportError:
+        with_bergson = False
+        print("Bergson is not installed (`make bench-peers` installs it): its rows are left out")
 
-    encoded, pad_id, model = build()
+    encoded, pad_id, model, tokenizer = build(with_tokenizer=True)
+    encoded = encoded[:args.samples]
     n = len(encoded)
+    root = Path(tempfile.mkdtemp(prefix="gradlake-peers-"))
+    model_dir = save_model(model, tokenizer, root / "model")
     lengths = np.array([len(e.input_ids) for e in encoded])
     all_names = [name for name, _ in model.named_parameters()]
     linear = [f"{m}.weight" for m, mod in model.named_modules() if isinstance(mod, nn.Linear)]
     cols = column_slices(model)
-    numel = {name: p.numel() for name, p in model.named_parameters()}
-    budget = shard_batches(lengths, 0, max_samples=8, token_budget=4096)
-    in_order = shard_batches(lengths, 0, max_samples=8, token_budget=None)
+    n_params = sum(p.numel() for p in model.parameters())
+    batches = extraction_batches(lengths, spec_for(model_dir, "memory://unused"), n_params * 4)
+    dest = torch.zeros(n, n_params)  # one host array for the kernel and the loop (every parameter's columns)
 
-    # One host array for gradlake and the loop (every parameter's columns), one inside Bergson's collector.
-    dest = torch.zeros(n, sum(numel.values()))
-    bergson_run, collector, bergson_budget, bergson_batches = bergson_pass(model, encoded, tempfile.mkdtemp())
+    extraction, command = Extraction(model_dir, root, args.samples), Command(model_dir, root, args.samples)
+    startup = Command(model_dir, root, 1)
     methods = {
-        "gradlake linear, budget": gradlake_pass(model, encoded, pad_id, linear, budget, dest, cols),
-        "gradlake linear, order": gradlake_pass(model, encoded, pad_id, linear, in_order, dest, cols),
-        "Bergson linear": bergson_run,
-        "gradlake all, budget": gradlake_pass(model, encoded, pad_id, all_names, budget, dest, cols),
-        "loop all": loop_pass(model, encoded, pad_id, dest, cols),
+        "training step": (None, step_pass(model, encoded, pad_id, batches)),
+        "kernel": (None, gradlake_pass(model, encoded, pad_id, all_names, batches, dest, cols)),
+        "kernel (nn.Linear)": (None, gradlake_pass(model, encoded, pad_id, linear, batches, dest, cols)),
+        "extraction function": (extraction.prepare, extraction.run),
+        "command": (command.prepare, command.run),
+        "loop": (None, loop_pass(model, encoded, pad_id, dest, cols)),
     }
-    lengths_list = lengths.tolist()
-    bergson_padded = sum(len(b) * max(lengths_list[i] for i in b) for b in bergson_batches)
-    described = {
-        "gradlake linear, budget": f"shard_batches(8, 4096): {len(budget)} batches, {padded_tokens(lengths, budget)} tokens",
-        "gradlake linear, order": f"8 in dataset order: {len(in_order)} batches, {padded_tokens(lengths, in_order)} tokens",
-        "Bergson linear": f"allocate_batches({bergson_budget}): {len(bergson_batches)} batches, {bergson_padded} tokens",
-        "gradlake all, budget": f"shard_batches(8, 4096): {len(budget)} batches",
-        "loop all": f"1 per backward: {n} passes, {int(lengths.sum())} tokens",
-    }
+    if args.whole_set:
+        whole = shard_batches(lengths, 0, max_samples=8, token_budget=4096)
+        methods["kernel, whole set in one window"] = (None, gradlake_pass(model, encoded, pad_id, all_names, whole, dest, cols))
+    if with_bergson:
+        bergson_run, collector, bergson_batches, data = bergson_pass(model, encoded, str(root / "bergson-memory"))
+        disk = BergsonDisk(model, data, bergson_batches, root, lambda: set_trainable(model, "bergson"))
+        methods["Bergson in memory (nn.Linear)"] = (None, bergson_run)
+        methods["Bergson to disk (nn.Linear)"] = (disk.prepare, disk.run)
 
-    # Full passes of gradlake and Bergson and the loop on a few samples give the gradients to check
-    # (samples 0-7 share a padded batch in dataset order; the others are the shortest ones of
-    # two budget batches).  They warm buffers too; the other variants are warmed on two batches.
-    samples = sorted({0, 5, int(budget[0][-1]), int(budget[-1][-1])})
-    methods["gradlake all, budget"]()
-    gradlake_all = dest[samples].clone()
+    # One pass of each on everything (warming buffers and caches), then the checked samples' gradients against the loop's:
+    # samples 0 and 5, and the shortest of the first and the last batch.
+    samples = sorted({0, min(5, n - 1), int(batches[0][-1]), int(batches[-1][-1])})
+    got = {}
+    for key, (prepare, run) in methods.items():
+        if prepare:
+            prepare()
+        run()
+        if key.startswith("kernel"):
+            got[key] = {name: dest[samples, cols[name]] for name in (linear if "Linear" in key else all_names)}
+    got["extraction function (read back)"] = extraction.rows(samples, all_names)
+    got["command (read back)"] = command.rows(samples, all_names)
+    if with_bergson:
+        modules = {f"{m}.weight": m for m in collector.gradients}
+        got["Bergson in memory"] = {name: collector.gradients[m][samples] for name, m in modules.items()}
+        on_disk = disk.rows(samples)
+        got["Bergson to disk (read back)"] = {name: on_disk[m] for name, m in modules.items()}
     loop_pass(model, encoded, pad_id, dest, cols, rows=samples)()
-    loop_all = dest[samples].clone()
-    bergson_run()
-    bergson = {k: v[samples] for k, v in collector.gradients.items()}
-    check_agreement(samples, linear, all_names, cols, gradlake_all, loop_all, bergson)
-    del gradlake_all, loop_all, bergson
-    for key in ("gradlake linear, budget", "gradlake linear, order"):
-        methods[key](2)
+    check_agreement(samples, {name: dest[samples, cols[name]] for name in all_names}, got)
+    tokens = extraction.group.tokens("input_ids", slice(0, n))
+    if any(list(tokens[i][tokens[i] >= 0]) != encoded[i].input_ids for i in range(n)):
+        raise SystemExit("the extraction's stored tokens differ from the ones the other methods ran on")
 
     keys = list(methods)
-    times: dict[str, list[tuple[float, float]]] = {k: [] for k in keys}
-    rates = []
+    cpu: dict[str, list[float]] = {k: [] for k in keys}
     for r in range(args.rounds):
-        rates.append(matmul_rate())
         for key in keys[r % len(keys):] + keys[:r % len(keys)]:
-            times[key].append(timed(methods[key]))
+            prepare, run = methods[key]
+            if prepare:
+                prepare()
+            spent, _ = timed(run)
+            cpu[key].append(command.cpu_s[-1] if key == "command" else spent)
+        startup.prepare()
+        startup.run()
 
-    n_params = sum(numel.values())
-    n_linear = sum(numel[k] for k in linear)
-    print(f"model OLMo-2 (hidden 256, 4 layers, MLP 1024, vocabulary {VOCAB}), {n_params / 1e6:.2f}M parameters, "
-          f"{len(linear)} nn.Linear weights ({n_linear / 1e6:.2f}M); probe set: {n} chats, sft, "
-          f"{lengths.min()} to {lengths.max()} tokens ({int(lengths.sum())} in all); {torch.get_num_threads()} CPU "
-          f"thread; median of {args.rounds} interleaved rounds")
-    rate = statistics.median(rates)
-    floor = rate / (6 * n_params * lengths.mean())
-    print(f"  floor: 6 x parameters x tokens FLOPs per sample at {rate / 1e9:.0f} GFLOP per CPU second (1024^2 "
-          f"matmul): {floor:.2f} samples/s")
-    print(f"  {'method':24s} {'CPU samples/s':>13s} {'wall samples/s':>14s}  batches (tokens padded)")
+    print(f"model OLMo-2 (hidden 256, 4 layers, MLP 1024, vocabulary {VOCAB}), {n_params / 1e6:.2f}M parameters "
+          f"({sum(dict(model.named_parameters())[k].numel() for k in linear) / 1e6:.2f}M in {len(linear)} nn.Linear "
+          f"weights); probe set: {n} chats, sft, {lengths.min()} to {lengths.max()} tokens ({int(lengths.sum())} in all, "
+          f"{padded_tokens(lengths, batches)} padded in extraction's {len(batches)} batches); {torch.get_num_threads()} "
+          f"CPU thread; CPU time, median and min-max of {args.rounds} interleaved rounds")
+    print(f"  {'method':34s} {'CPU-s':>7s} {'samples/CPU-s':>13s}  {'x kernel':>18s}  {'x training step':>18s}")
     for key in keys:
-        cpu = statistics.median(n / t[0] for t in times[key])
-        wall = statistics.median(n / t[1] for t in times[key])
-        print(f"  {key:24s} {cpu:13.2f} {wall:14.2f}  {described[key]}")
-
-    def ratio(fast: str, slow: str) -> str:
-        cpu = statistics.median(s[0] / f[0] for f, s in zip(times[fast], times[slow]))
-        wall = statistics.median(s[1] / f[1] for f, s in zip(times[fast], times[slow]))
-        return f"{cpu:.2f}x CPU, {wall:.2f}x wall"
-
-    print("ratios (samples/s over samples/s; median of per-round ratios):")
-    print(f"  gradlake / Bergson on nn.Linear, budget batches:  {ratio('gradlake linear, budget', 'Bergson linear')}"
-          "   (goal >= 1.5x)")
-    print(f"  gradlake / Bergson on nn.Linear, dataset order:   {ratio('gradlake linear, order', 'Bergson linear')}")
-    print(f"  gradlake / loop on all tensors, budget batches:   {ratio('gradlake all, budget', 'loop all')}"
-          "   (goal >= 2x)")
+        print(f"  {key:34s} {statistics.median(cpu[key]):7.2f} {n / statistics.median(cpu[key]):13.2f}  "
+              f"{spread([a / b for a, b in zip(cpu[key], cpu['kernel'])]):>18s}  "
+              f"{spread([a / b for a, b in zip(cpu[key], cpu['training step'])]):>18s}")
+    fixed = statistics.median(startup.cpu_s)
+    print(f"  command's fixed start-up (the same command on 1 sample): {fixed:.2f} CPU-s (rounds "
+          f"{', '.join(f'{c:.1f}' for c in startup.cpu_s)}); the command less it: "
+          f"{spread([(c - s) / k for c, s, k in zip(cpu['command'], startup.cpu_s, cpu['kernel'])])} the kernel")
+    print(f"  planning and creating the group (untimed above, once per run): {statistics.median(extraction.plan_s):.2f} CPU-s")
+    if with_bergson:
+        for key in ("Bergson in memory (nn.Linear)", "Bergson to disk (nn.Linear)"):
+            print(f"  kernel (nn.Linear) / {key}: "
+                  f"{spread([b / a for a, b in zip(cpu['kernel (nn.Linear)'], cpu[key])])} (samples/s over samples/s)")
+    shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
