@@ -32,6 +32,7 @@ from gradlake.tasks.evaluate.similarity import read_ahead
 QUERY_TILE = 1024  # query rows per product tile: a multiple of every query block
 ROW_TILE = 512  # at least this many lake rows per product tile (rounded up to whole row chunks)
 DEFAULT_BUDGET = 1 << 30  # bytes of lake rows and queries held at once
+BLOCK_BYTES = 64 << 20  # a row block read at most: larger ones gain nothing, and the first read is never overlapped
 METRICS = ("dot", "cosine")
 
 
@@ -113,9 +114,11 @@ def query_norms(queries: list[np.ndarray]) -> np.ndarray:
 
 def block_rows(arrays: list[zarr.Array], n_queries: int, budget: int, tile: int) -> int:
     """Lake rows per read: whole tiles, so that two blocks (the current one and the one read ahead) and the
-    block's scores for `n_queries` (with the candidates' copy) fit half the budget."""
-    per_row = 4 * (2 * sum(a.shape[1] for a in arrays) + 2 * n_queries)
-    return tile * max(1, budget // 2 // per_row // tile)
+    block's scores for `n_queries` (with the candidates' copy) fit half the budget; at most BLOCK_BYTES, so that
+    reading overlaps the products from the second block on."""
+    width = sum(a.shape[1] for a in arrays)
+    rows = min(budget // 2 // (4 * (2 * width + 2 * n_queries)), BLOCK_BYTES // (4 * width))
+    return tile * max(1, rows // tile)
 
 
 def query_block_rows(queries: list[np.ndarray], budget: int) -> int:
