@@ -9,7 +9,8 @@ median round is reported, so that load from other processes hits them alike.
 ``--projections`` instead prints what on-the-fly projection costs: for each projection
 (gradients not kept), its time per batch over that of extracting the same tensors'
 per-sample gradients with nothing projected, both measured in every round (CPU time of
-this process and wall time; the medians of the per-round ratios).  ``--fly`` extracts a
+this process and wall time; the medians of the per-round ratios, and the CPU ratios' spread);
+with ``--probe`` a round is a pass over the 160 probe chats, packed as extraction packs them.  ``--fly`` extracts a
 few batches with on-the-fly kronecker and sparse projections, gradients not kept, and
 prints samples/s, the fraction of the floor and the peak RSS of each (for the
 amd-olmo-1b shape, where one call takes minutes on a CPU).
@@ -18,6 +19,7 @@ amd-olmo-1b shape, where one call takes minutes on a CPU).
     python benchmarks/extraction.py --shape amd-olmo-1b --device cuda --dtype bfloat16 --tokens 512
     OMP_NUM_THREADS=1 python benchmarks/extraction.py --projections --shape olmo2-10m --tokens 256
     OMP_NUM_THREADS=1 python benchmarks/extraction.py --projections --shape olmo2-100m --tokens 256 --batch 4
+    OMP_NUM_THREADS=1 python benchmarks/extraction.py --projections --probe --kinds sparse:flat:8192,kronecker:32x32
     OMP_NUM_THREADS=1 python benchmarks/extraction.py --fly --shape amd-olmo-1b --tokens 128 --batch 2
 """
 
@@ -108,10 +110,15 @@ def on_the_fly(model, names: list[str], spec) -> PerSampleGradients:
     return PerSampleGradients(model, [], [Projection(projectors_for(spec, shapes, device), key=partial(output_key, spec))])
 
 
-def projection_costs(model, ids, labels, names: list[str], texts: list[str], rounds: int, device) -> None:
-    """Each projection's time over plain extraction of the same tensors, interleaved round by round."""
+def projection_costs(model, batches: list[tuple[torch.Tensor, torch.Tensor]], names: list[str], texts: list[str],
+                     rounds: int, device) -> None:
+    """Each projection's time over plain extraction of the same tensors, interleaved round by round.
+
+    A round runs every extractor once over all `batches` (one batch of fixed tokens, or the probe set's packed
+    batches), the order rotating from round to round.
+    """
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if n in set(names)}
-    batch = ids.shape[0]
+    samples = sum(ids.shape[0] for ids, _ in batches)
     runs = {"none": PerSampleGradients(model, names)}
     for text in texts:
         spec = parse_projection(text)
@@ -119,24 +126,47 @@ def projection_costs(model, ids, labels, names: list[str], texts: list[str], rou
         choices = set(projector_choices(spec, shapes, device).values())
         runs[text] = on_the_fly(model, names, spec)
         print(f"  built {text} ({', '.join(sorted(choices))}) in {time.perf_counter() - start:.1f} s", flush=True)
+
+    def one_pass(extractor: PerSampleGradients) -> None:
+        with extractor:
+            for ids, labels in batches:
+                extractor(ids, labels)
+
     times = {k: [] for k in runs}
     for extractor in runs.values():  # warm-up: buffers, caches
         with extractor:
-            extractor(ids, labels)
-    for _ in range(rounds):
-        for key, extractor in runs.items():
-            with extractor:
-                times[key].append(timed_call(lambda: extractor(ids, labels), device))
+            extractor(*max(batches, key=lambda b: b[0].numel()))
+    keys = list(runs)
+    for r in range(rounds):
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+            times[key].append(timed_call(lambda: one_pass(runs[key]), device))
     base = times["none"]
-    cpu0, wall0 = (statistics.median(t[i] for t in base) for i in (0, 1))
-    print(f"  {'projection':26s} {'CPU s/sample':>12s} {'CPU ratio':>10s} {'wall ratio':>10s}")
-    print(f"  {'none (per-sample grads)':26s} {cpu0 / batch:12.4f} {1:10.2f} {1:10.2f}")
+    cpu0 = statistics.median(t[0] for t in base)
+    print(f"  {'projection':26s} {'CPU s/sample':>12s} {'CPU ratio':>10s} {'(min-max)':>11s} {'wall ratio':>10s}")
+    print(f"  {'none (per-sample grads)':26s} {cpu0 / samples:12.4f} {1:10.2f} {'':11s} {1:10.2f}")
     for key in texts:
-        cpu = statistics.median(t[0] / b[0] for t, b in zip(times[key], base))
+        ratios = [t[0] / b[0] for t, b in zip(times[key], base)]
         wall = statistics.median(t[1] / b[1] for t, b in zip(times[key], base))
-        print(f"  {key:26s} {statistics.median(t[0] for t in times[key]) / batch:12.4f} {cpu:10.2f} {wall:10.2f}", flush=True)
-    print("  ratio = time with the projection (gradients not kept) / time of extracting the same tensors' per-sample "
-          "gradients with nothing projected; median of per-round ratios")
+        print(f"  {key:26s} {statistics.median(t[0] for t in times[key]) / samples:12.4f} "
+              f"{statistics.median(ratios):10.2f} {f'({min(ratios):.2f}-{max(ratios):.2f})':>11s} {wall:10.2f}", flush=True)
+    print(f"  ratio = CPU time with the projection (gradients not kept) / CPU time of extracting the same tensors' "
+          f"per-sample gradients with nothing projected: median (min-max) of {rounds} per-round ratios, {samples} "
+          f"samples per round")
+
+
+def probe_batches(max_samples: int = 8, token_budget: int = 4096, shard: int = 64):
+    """The 160 probe chats (sft) as extraction packs them, per shard of 64, and the small OLMo-2 of peers.py."""
+    import numpy as np
+
+    from peers import build  # benchmarks/peers.py: the probe set, its tokenizer and model
+    from gradlake.tasks.common.loss import pad_batch
+    from gradlake.tasks.gradients.batching import shard_batches
+
+    encoded, pad_id, model = build()
+    lengths = np.array([len(e.input_ids) for e in encoded])
+    batches = [b for start in range(0, len(encoded), shard)
+               for b in shard_batches(lengths[start:start + shard], start, max_samples, token_budget)]
+    return model, [pad_batch([encoded[i] for i in b], pad_id) for b in batches]
 
 
 def fly(model, ids, labels, names: list[str], texts: list[str], rounds: int, n_params: int, tokens: int, side: int,
@@ -172,6 +202,8 @@ def main() -> None:
     parser.add_argument("--matmul-size", type=int, default=None, help="side of the square product for the FLOP rate")
     parser.add_argument("--projections", action="store_true", help="cost of each on-the-fly projection over plain extraction")
     parser.add_argument("--fly", action="store_true", help="samples/s and peak RSS with on-the-fly kronecker and sparse projections")
+    parser.add_argument("--probe", action="store_true", help="--projections on the 160 probe chats (sft, packed per "
+                        "64-sample shard as extraction packs them) through peers.py's small OLMo-2, not fixed tokens")
     parser.add_argument("--kinds", default="", help="comma-separated projections (KIND:SCOPE:DIM or kronecker:KOUTxKIN) "
                         f"for --projections/--fly; default {','.join(PROJECTIONS)} / kronecker:64x128,sparse:flat:8192")
     args = parser.parse_args()
@@ -182,6 +214,11 @@ def main() -> None:
     config = config_cls(**sizes, max_position_embeddings=max(2048, args.tokens), pad_token_id=0, bos_token_id=1,
                         eos_token_id=2, tie_word_embeddings=False)
     model = model_cls(config).to(device=device, dtype=dtype).eval()
+    batches = None
+    if args.probe:
+        model, batches = probe_batches(args.batch)
+        model = model.to(device=device, dtype=dtype)
+        batches = [(ids.to(device), labels.to(device)) for ids, labels in batches]
     names = [n for n, _ in model.named_parameters()]
     n_params = sum(p.numel() for p in model.parameters())
     ids = torch.randint(3, config.vocab_size, (args.batch, args.tokens), device=device)
@@ -189,12 +226,14 @@ def main() -> None:
     side = args.matmul_size or (4096 if device.type == "cuda" else 1024)
     if args.projections or args.fly:
         weights = [n for n, p in model.named_parameters() if p.dim() == 2]  # what every kind can project (kronecker: 2-D)
-        print(f"model {args.shape} ({model_cls.__name__}), {n_params / 1e6:.1f}M parameters ({len(weights)} 2-D weights, "
-              f"{sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2) / 1e6:.1f}M), {args.tokens} tokens, "
-              f"batch {args.batch}, {args.dtype} on {device} ({torch.get_num_threads()} CPU threads)", flush=True)
+        tokens = (f"the probe set: {len(batches)} packed batches of {sum(b[0].shape[0] for b in batches)} chats"
+                  if batches else f"{args.tokens} tokens")
+        print(f"model {'probe-olmo2' if batches else args.shape} ({type(model).__name__}), {n_params / 1e6:.1f}M "
+              f"parameters ({len(weights)} 2-D weights, {sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2) / 1e6:.1f}M), "
+              f"{tokens}, batch {args.batch}, {args.dtype} on {device} ({torch.get_num_threads()} CPU threads)", flush=True)
         if args.projections:
-            projection_costs(model, ids, labels, weights, args.kinds.split(",") if args.kinds else PROJECTIONS,
-                             args.rounds, device)
+            projection_costs(model, batches or [(ids, labels)], weights,
+                             args.kinds.split(",") if args.kinds else PROJECTIONS, args.rounds, device)
         else:
             fly(model, ids, labels, weights, (args.kinds or "kronecker:64x128,sparse:flat:8192").split(","), args.rounds,
                 n_params, args.tokens, side, device, dtype)
