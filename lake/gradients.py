@@ -248,6 +248,11 @@ class GradientGroup:
         The objects of plain arrays (unsharded, uncompressed) are encoded here and put in one batch
         (`lake.chunk_objects`: one copy per chunk, every array's requests or files in flight together); the
         rest are Zarr's writes, on our threads meanwhile."""
+        # Arrays not opened yet are opened together (each opening is a request: hundreds of tensors at a
+        # remote store's latency would otherwise queue one after another before the first row-chunk).
+        closed = [n for n in [*values, "shard_complete", *(["chunk_digest"] if self.plan.checksum else [])]
+                  if n not in self._arrays]
+        list(_chunk_writers().map(self.array, closed))
         crc = digest(values.values(), self.digest_algorithm) if self.plan.checksum else None
         objects, through_zarr = [], []
         for name, value in values.items():
