@@ -24,15 +24,21 @@ def defer_iri_grammar() -> None:
     if found is None or not found.submodule_search_locations:
         return
     stand_in = types.ModuleType(_IRI)
-    stand_in.__spec__ = found
+    stand_in.__spec__, stand_in.__file__ = found, found.origin  # what inspect and torch ask every module, answered here
     stand_in.__path__ = list(found.submodule_search_locations)  # its submodules load from the real package
 
     def is_valid_syntax(term: str, value: str) -> bool:
         return _helpers().is_valid_syntax(term, value)
 
     stand_in.is_valid_syntax = is_valid_syntax
-    stand_in.__getattr__ = lambda name: getattr(_helpers(), name)
+    stand_in.__getattr__ = _forwarded
     sys.modules[_IRI] = stand_in
+
+
+def _forwarded(name: str) -> Any:
+    if name.startswith("__"):  # probes of every module in sys.modules (hasattr(m, "__loader__"), ...) load nothing
+        raise AttributeError(name)
+    return getattr(_helpers(), name)
 
 
 def _helpers() -> Any:

@@ -314,3 +314,26 @@ def test_the_command_and_its_flow_plan_once_and_a_change_between_them_is_planned
     write_probe(lake, 4)  # a new version of the dataset: read and tokenized again
     smaller = plan_module.plan_extraction(spec)
     assert counted == {"hash": 2, "read": 4} and len(smaller.sample_ids) == 4
+
+
+def test_the_deferred_iri_grammar_answers_as_jsonschemas_and_builds_only_when_asked(monkeypatch):
+    """The command defers rfc3987_syntax's grammar (1.5 CPU-s at import) to the first IRI checked (flows/deferred.py)."""
+    import inspect
+    import sys
+
+    import rfc3987_syntax as real
+
+    from gradlake.flows import deferred
+
+    built = []
+    monkeypatch.setattr(deferred, "_helpers", lambda: built.append(1) or sys.modules["rfc3987_syntax.syntax_helpers"])
+    monkeypatch.delitem(sys.modules, "rfc3987_syntax")
+    deferred.defer_iri_grammar()
+    stand_in = sys.modules["rfc3987_syntax"]
+    assert stand_in is not real
+    inspect.getmodule(test_the_deferred_iri_grammar_answers_as_jsonschemas_and_builds_only_when_asked)  # probes every module
+    assert stand_in.__file__ == real.__file__ and not hasattr(stand_in, "__wrapped__") and not built
+    for value in ("http://example.org/ä?q=1#f", "not an iri ::", "", "urn:isbn:0451450523"):
+        assert stand_in.is_valid_syntax("iri", value) == real.is_valid_syntax("iri", value)
+        assert stand_in.is_valid_syntax("iri_reference", value) == real.is_valid_syntax("iri_reference", value)
+    assert stand_in.RFC3987_SYNTAX_PARSER_TYPE == real.RFC3987_SYNTAX_PARSER_TYPE and built
