@@ -230,7 +230,7 @@ def plan(model, method: str, batch: int, reduced: bool, step_s: float, probes: P
             case["reason"] = f"{label}: the scratch of the largest gradient needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} free"
             continue
         guess = estimate(method, numels, step_s, probes)
-        case["estimate_s"] = round(guess, 1)
+        case["estimate_s"] = float(f"{guess:.3g}")  # tiny cases take milliseconds
         if guess > left:
             case["reason"] = f"{label}: estimated {guess:.1f} s (projector build and 2 calls) > {left:.1f} s left"
             continue

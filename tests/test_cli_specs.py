@@ -25,7 +25,8 @@ runner = CliRunner()
 # every command that runs a stage with a spec, and its options besides the spec's
 STAGE_COMMANDS = {"extract": set(), "project": set(), "dataset create": set(), "evaluate": set(), "train": set(),
                   "influence": set(), "attribution": set(), "protocol": {"plan"}, "trace": set(),
-                  "watch": {"interval", "off"}, "pipeline": set(), "verify": set(), "demo": {"lake", "full"}}
+                  "watch": {"interval", "off"}, "pipeline": set(), "verify": set(), "demo": {"lake", "full"},
+                  "score": set()}
 # commands that run no stage and so have no spec: they only read a lake, or write the bundled probe set
 WITHOUT_SPEC = {"catalog": {"lake"}, "dataset probe": {"lake"}}
 
