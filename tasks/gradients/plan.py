@@ -129,7 +129,7 @@ def _kept(kind: str, key: Any, make: Callable[[], Any]) -> Any:
 
 
 def _files_state(path: str) -> tuple:
-    """What a directory's files are, as far as their stats tell (a hub id: nothing, its snapshot is immutable)."""
+    """What a directory's files are, as far as their stats tell; empty for what is not a directory (a hub id)."""
     root = Path(path)
     if not root.is_dir():
         return ()
@@ -198,7 +198,10 @@ def plan_extraction(spec: ExtractionSpec, device_here: bool = True) -> Extractio
                                      spec.dataset, spec.variant)
     meta = dataset_meta(store, spec.dataset, spec.variant)
     source = _files_state(model.source()[0])
-    commit = _kept("commit", (model.model_dump_json(), source), lambda: resolved_commit(model))
+    # A local checkpoint's content hash is kept while its files stay as they were; a hub revision is looked up every
+    # time (a branch may move between two plans, and the lookup is cheap).
+    commit = _kept("commit", (model.model_dump_json(), source), lambda: resolved_commit(model)) if source \
+        else resolved_commit(model)
     tokenizer = load_tokenizer(model)
     fingerprint = tokenizer_fingerprint(tokenizer)
     tokens_key = (commit, source, fingerprint, meta["content_hash"], meta["version"], spec.dataset, spec.variant,
