@@ -22,7 +22,7 @@ OLMo-2, 32 tokens, float32) so that it cannot rot; the test suite runs that form
 
     python benchmarks/gpu.py --prepare                  # here: fill build/gpu-wheels
     python benchmarks/gpu.py                            # here: the reduced CPU form
-    python3 benchmarks/gpu.py --wheels build/gpu-wheels --out $OUT/gpu.json   # on the device
+    python3 benchmarks/gpu.py --wheels build/gpu-wheels --out gpu.json   # on the GPU machine
 """
 
 from __future__ import annotations
