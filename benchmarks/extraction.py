@@ -1,10 +1,12 @@
 """Extraction throughput, measured side by side in one run.
 
-Prints samples/s of (1) gradlake's batched per-sample extraction, (2) the seed
-studies' loop (one sample per backward pass, every gradient copied to CPU), and
-(3) the floor: 6 x parameters x tokens FLOPs per sample at the matrix-multiply rate
-measured here, now.  The three are measured interleaved, round after round, and the
-median round is reported, so that load from other processes hits them alike.
+By default, on fixed-length tokens, (1) gradlake's batched per-sample extraction and (2) the
+seed studies' loop (one sample per backward pass, every gradient copied to CPU) beside (3) a
+training step on the same tokens (summed gradients), the floor every method sits at: their
+per-sample gradients are checked against each other first, then the three are timed in CPU
+time, interleaved round after round with the order rotating, and each is printed as the median
+and min-max of its per-round ratios to the training step, so that load from other processes
+hits them alike.
 
 ``--projections`` instead prints what on-the-fly projection costs: for each projection
 (gradients not kept), its time per batch over that of extracting the same tensors'
@@ -15,7 +17,7 @@ few batches with on-the-fly kronecker and sparse projections, gradients not kept
 prints samples/s, the fraction of the floor and the peak RSS of each (for the
 amd-olmo-1b shape, where one call takes minutes on a CPU).
 
-    python benchmarks/extraction.py                       # small OLMo-2, 128 tokens, CPU
+    OMP_NUM_THREADS=1 python benchmarks/extraction.py --rounds 9   # small OLMo-2, 128 tokens, batch 8, CPU
     python benchmarks/extraction.py --shape amd-olmo-1b --device cuda --dtype bfloat16 --tokens 512
     OMP_NUM_THREADS=1 python benchmarks/extraction.py --projections --shape olmo2-10m --tokens 256
     OMP_NUM_THREADS=1 python benchmarks/extraction.py --projections --shape olmo2-100m --tokens 256 --batch 4
@@ -239,51 +241,61 @@ def main() -> None:
                 n_params, args.tokens, side, device, dtype)
         return
 
-    def batched() -> float:
-        with PerSampleGradients(model, names) as grads:
-            grads(ids, labels)  # warm buffers
-            sync(device)
-            start = time.perf_counter()
-            grads(ids, labels)
-            sync(device)
-            return args.batch / (time.perf_counter() - start)
+    fixed_tokens(model, ids, labels, names, args, n_params, device, dtype)
 
-    def loop() -> float:
-        sync(device)
-        start = time.perf_counter()
-        for i in range(args.batch):
+
+def fixed_tokens(model, ids, labels, names: list[str], args, n_params: int, device, dtype) -> None:
+    """Batched per-sample extraction and the one-sample loop beside a training step on the same fixed-length tokens.
+
+    The per-sample gradients of both methods are checked against each other first.  Each round times every method
+    once (CPU time of this process), the order rotating; printed are the medians and the min-max of the per-round
+    ratios to the training step.
+    """
+    extractor = PerSampleGradients(model, names)  # its `with` freezes the weights: the others run outside it
+
+    def batched() -> dict[str, torch.Tensor]:
+        with extractor:
+            return {n: g.clone() for n, g in extractor(ids, labels).items()}
+
+    def loop() -> list[dict[str, torch.Tensor]]:
+        kept = []
+        for i in range(ids.shape[0]):
             model.zero_grad(set_to_none=True)
-            model(input_ids=ids[i:i + 1], labels=labels[i:i + 1]).loss.backward()
-            kept = [p.grad.detach().to("cpu", copy=True) for p in model.parameters()]
-        sync(device)
-        del kept
-        return args.batch / (time.perf_counter() - start)
+            sample_losses(model(input_ids=ids[i:i + 1]).logits, labels[i:i + 1]).sum().backward()
+            kept.append({n: p.grad.detach().to("cpu", copy=True).flatten() for n, p in model.named_parameters()})
+        return kept
 
-    def training_step() -> float:
+    def training_step() -> None:
         """One batched backward with summed (not per-sample) gradients: what a training step costs."""
-        sync(device)
-        start = time.perf_counter()
         model.zero_grad(set_to_none=False)
         sample_losses(model(input_ids=ids).logits, labels).sum().backward()
-        sync(device)
-        return args.batch / (time.perf_counter() - start)
 
-    fast, slow, step, floor = [], [], [], []
-    batched(), loop(), training_step()  # warm-up
-    for _ in range(args.rounds):
-        floor.append(matmul_rate(device, dtype, side) / (6 * n_params * args.tokens))
-        fast.append(batched())
-        slow.append(loop())
-        step.append(training_step())
-    f, s, fl, st = (statistics.median(v) for v in (fast, slow, floor, step))
-    print(f"model {args.shape} ({model_cls.__name__}), {n_params / 1e6:.1f}M parameters, {args.tokens} tokens, "
-          f"batch {args.batch}, {args.dtype} on {device} ({torch.get_num_threads()} CPU threads); "
-          f"median of {args.rounds} interleaved rounds")
-    print(f"  floor (6*P*T FLOPs at {fl * 6 * n_params * args.tokens / 1e9:.0f} GFLOP/s, {side}^2 matmul): {fl:8.2f} samples/s")
-    print(f"  gradlake batched per-sample extraction:         {f:8.2f} samples/s  {f * args.tokens:10.0f} tokens/s  = {f / fl:.2f} x floor")
-    print(f"  loop, one sample per backward, copied to CPU:   {s:8.2f} samples/s  {s * args.tokens:10.0f} tokens/s  = {s / fl:.2f} x floor")
-    print(f"  for scale, a batched training step (summed gradients, no per-sample): {st:8.2f} samples/s = {st / fl:.2f} x floor")
-    print(f"  batched / loop: {f / s:.2f}x")
+    got, want = batched(), loop()
+    worst = max(((got[n][i].float().cpu() - w[n].float()).norm() / w[n].float().norm().clamp_min(1e-30)).item()
+                for i, w in enumerate(want) for n in names)
+    print(f"largest relative error of a per-sample gradient against the loop: {worst:.1e}", flush=True)
+    if worst > (1e-4 if dtype == torch.float32 else 5e-2):
+        raise SystemExit(f"error: batched extraction disagrees with the one-sample loop ({worst:.1e}): not timing it")
+    methods = {"training step (summed gradients)": training_step, "gradlake batched per-sample extraction": batched,
+               "loop, one sample per backward, copied to CPU": loop}
+    training_step()  # warm-up of its buffers
+    seconds: dict[str, list[float]] = {k: [] for k in methods}
+    keys = list(methods)
+    for r in range(args.rounds):
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+            seconds[key].append(timed_call(methods[key], device)[0])
+    step = seconds[keys[0]]
+    print(f"model {args.shape}, {n_params / 1e6:.1f}M parameters, {args.tokens} tokens, batch {args.batch}, {args.dtype} "
+          f"on {device} ({torch.get_num_threads()} CPU threads); CPU time, median (min-max) of {args.rounds} "
+          f"interleaved rounds, the order rotating")
+    print(f"  {'method':46s} {'CPU s/sample':>12s} {'x training step':>16s} {'(min-max)':>11s}")
+    for key in keys:
+        ratios = [t / s for t, s in zip(seconds[key], step)]
+        print(f"  {key:46s} {statistics.median(seconds[key]) / args.batch:12.4f} {statistics.median(ratios):16.2f} "
+              f"{f'({min(ratios):.2f}-{max(ratios):.2f})':>11s}")
+    loop_over = [t / s for t, s in zip(seconds[keys[2]], seconds[keys[1]])]
+    print(f"  batched / loop samples per CPU-second: {statistics.median(loop_over):.2f}x "
+          f"({min(loop_over):.2f}-{max(loop_over):.2f})")
 
 
 if __name__ == "__main__":

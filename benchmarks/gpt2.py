@@ -5,7 +5,8 @@ GPT-2 brings what OLMo lacks: learned position embeddings, ``Conv1D`` layers (we
 On probe chats of variable length (rendered with the tulu template by a tokenizer trained on
 the probe texts), both methods compute every parameter's gradient of each sample's mean sft
 loss; the per-sample agreement is checked first, then the methods alternate over `--rounds`
-and the median ratio of their samples/s is printed (one torch thread: the machine is shared).
+(CPU time, the order swapping each round) and the median ratio of their samples per CPU-second
+is printed with its min-max (one torch thread: the machine is shared).
 
     OMP_NUM_THREADS=1 python benchmarks/gpt2.py --samples 8 --rounds 3
 """
@@ -74,15 +75,17 @@ def main() -> None:
     want, got = loop(), gradlake()
     worst = max(((got[i] - want[i]).norm() / want[i].norm()).item() for i in range(len(chats)))
     print(f"largest relative error against the loop: {worst:.1e}")
-    ratios = []
-    for _ in range(args.rounds):
-        t0 = time.process_time()
-        loop()
-        t1 = time.process_time()
-        gradlake()
-        t2 = time.process_time()
-        ratios.append((t1 - t0) / (t2 - t1))
-    print(f"gradlake / loop samples per CPU-second: {statistics.median(ratios):.2f}x (rounds {[round(r, 2) for r in ratios]})")
+    ratios, order = [], [("loop", loop), ("gradlake", gradlake)]
+    for r in range(args.rounds):  # the order alternates round by round: what runs second is not always the same
+        seconds = {}
+        for name, method in order[:: 1 if r % 2 == 0 else -1]:
+            began = time.process_time()
+            method()
+            seconds[name] = time.process_time() - began
+        ratios.append(seconds["loop"] / seconds["gradlake"])
+        print(f"  round {r + 1}: loop {seconds['loop']:.1f} CPU-s, gradlake {seconds['gradlake']:.1f} CPU-s", flush=True)
+    print(f"gradlake / loop samples per CPU-second: {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}; "
+          f"rounds {[round(r, 2) for r in ratios]})")
 
 
 if __name__ == "__main__":

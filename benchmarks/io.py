@@ -221,8 +221,9 @@ def report(place: str, rounds: list[dict[str, tuple[float, float]]], mib: float,
     print(f"  write lake / raw: {ratio_line(rounds, 'lake write', 'raw write')}")
     if "write through zarr" in rounds[0]:
         print(f"  write through zarr / raw: {ratio_line(rounds, 'write through zarr', 'raw write')}")
-    print(f"  read lake / raw: {ratio_line(rounds, 'lake read', 'raw read')}; whole-array / row-chunk reads "
-          f"{rate['lake read'] / rate['lake read by row-chunk']:.2f}x")
+    print(f"  read lake / raw: {ratio_line(rounds, 'lake read', 'raw read')}")
+    print(f"  lake whole-array reads / the same read a row-chunk at a time: "
+          f"{ratio_line(rounds, 'lake read', 'lake read by row-chunk')}")
     if object_mb:
         print(f"  objects of {object_mb} MiB / one per chunk: write {rate['sharded write'] / rate['lake write']:.2f}x, "
               f"whole read {rate['sharded read'] / rate['lake read']:.2f}x, row-chunk reads "
