@@ -342,9 +342,12 @@ def load_model(spec: ModelSpec):
     # torch.load has weights_only=True (its default, not passed on from from_pretrained; it refuses torch < 2.6);
     # from_pretrained's own weights_only, which earlier versions pass down, is set explicitly for those.
     # tests/test_model_checks.py checks that a pickle which would run code is refused.
+    options = hub_options(spec)
+    if options.get("local_files_only"):  # with peft installed, transformers 5.23 looks for an adapter config on the
+        options["adapter_kwargs"] = {"local_files_only": True}  # hub without it, retrying for half a minute
     model = AutoModelForCausalLM.from_pretrained(
         spec.source()[0], dtype=DTYPES[spec.dtype], trust_remote_code=spec.trust_remote_code, weights_only=True,
-        use_safetensors=None if spec.allow_pickled_weights else True, **hub_options(spec),
+        use_safetensors=None if spec.allow_pickled_weights else True, **options,
     )
     return model.to(spec.torch_device()).eval()
 
