@@ -12,6 +12,10 @@ ground truth (LDS, counterfactual removal) can evaluate any of them the same way
     block_complete  (n_query_blocks, n_train_blocks) uint8   1 once that chunk of scores is written
 ```
 
+Every chunk object carries a CRC32C, the completion flags too: one object per block (``block_complete/c/<qb>/<tb>``),
+so a damaged flag is named by its block and rewritten alone.  Groups written before that hold their flags in one
+object without a checksum; they still read, verify and repair.
+
 Its path is `layout.score_group_path`.  The group's attribute ``gradlake`` holds the
 method, its settings and lineage, the compute seconds and ``complete`` (set last).  A score
 matrix larger than memory is fine: it is written and read a chunk-aligned block at a time,
@@ -74,8 +78,8 @@ class ScoreGroup:
             array = root.create_array(name, shape=(len(ids),), dtype=str, chunks=(len(ids),), dimension_names=(name,))
             array[:] = np.asarray(ids, dtype=str)
         n_blocks = (-(-n_query // rows), -(-n_train // cols))
-        root.create_array("block_complete", shape=n_blocks, chunks=n_blocks, dtype="uint8", fill_value=0,
-                          dimension_names=("query_block", "train_block"))
+        root.create_array("block_complete", shape=n_blocks, chunks=(1, 1), dtype="uint8", fill_value=0,
+                          compressors=[Crc32cCodec()], dimension_names=("query_block", "train_block"))
         root.attrs["gradlake"] = {**meta, "complete": False, "block": [rows, cols]}
         return cls(store, path, root)
 
@@ -115,8 +119,9 @@ class ScoreGroup:
         return [str(x) for x in self.group["train"][:]]
 
     def pending_blocks(self) -> list[tuple[int, int]]:
-        """(query block, train block) indexes not yet written, in row-major order."""
-        done = np.asarray(self.group["block_complete"][:])
+        """(query block, train block) indexes not yet written, in row-major order (a damaged flag object: one
+        LakeError naming it)."""
+        done = read_checked(self.group["block_complete"], slice(None))
         return [tuple(map(int, ix)) for ix in np.argwhere(done == 0)]
 
     def bounds(self, qb: int, tb: int) -> tuple[slice, slice]:
@@ -152,7 +157,8 @@ class ScoreGroup:
         """Mark blocks not written (found damaged), so that the next run recomputes exactly them."""
         for qb, tb in blocks:
             self.group["block_complete"][qb, tb] = 0
-        self.group.attrs["gradlake"] = {**self.meta, "complete": False}
+        if blocks:
+            self.group.attrs["gradlake"] = {**self.meta, "complete": False}
 
     def finish(self, **extra) -> None:
         """Mark the group complete (after every block is), with extra facts such as compute seconds."""
@@ -165,23 +171,35 @@ class ScoreGroup:
 
     def read(self) -> np.ndarray:
         """The whole matrix (queries x training samples); one LakeError if any block is missing or damaged, naming it."""
+        return self.rows(0, self.shape[0])
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Scores of queries [start, stop) x all training samples, through the checked reader: one LakeError naming the
+        group, array and chunk object if a block is damaged or missing (scores are finite: a missing one reads as NaN)."""
         if not self.meta.get("complete"):
-            raise LakeError(f"scores at {self.path} are not complete ({len(self.pending_blocks())} blocks missing)")
-        values = read_checked(self.group["scores"], slice(None), dtype=np.float32, nan_ok=True)
-        if np.isnan(values).any():  # scores are always finite: a chunk object is missing (read as its fill value)
+            raise LakeError(f"scores at {self.path} are not complete ({len(self.pending_blocks())} blocks missing); run "
+                            "the stage that writes them again")
+        values = read_checked(self.group["scores"], slice(start, stop), dtype=np.float32, nan_ok=True)
+        if np.isnan(values).any():
             rows, cols = self.block
-            qb, tb = (int(i) for i in np.argwhere(np.isnan(values))[0] // (rows, cols))
+            qb, tb = (int(i) for i in (np.argwhere(np.isnan(values))[0] + (start, 0)) // (rows, cols))
             qs, ts = self.bounds(qb, tb)
             raise LakeError(f"scores at {self.path}: block ({qb}, {tb}) (queries {qs.start}-{qs.stop - 1}, training "
                             f"samples {ts.start}-{ts.stop - 1}) reads as NaN: its chunk object scores/c/{qb}/{tb} is "
-                            "missing; run `gradlake verify --repair` on the lake, then the attribution again")
+                            "missing; run `gradlake verify --repair` on the lake, then the stage that wrote it again")
         return values
 
     def row_blocks(self) -> Iterator[tuple[int, np.ndarray]]:
-        """(first query, scores of a block of query rows x all training samples), for matrices larger than memory."""
+        """(first query, scores of a block of query rows x all training samples), for matrices larger than memory;
+        each block read as `rows` reads it."""
         rows, _ = self.block
         for q0 in range(0, self.shape[0], rows):
-            yield q0, np.asarray(self.group["scores"][q0:q0 + rows], dtype=np.float32)
+            yield q0, self.rows(q0, min(self.shape[0], q0 + rows))
+
+    def check(self) -> None:
+        """Read every block once (a block of query rows at a time): one LakeError naming the first that is damaged."""
+        for _ in self.row_blocks():
+            pass
 
 
 def list_score_groups(store: LakeStore) -> list[dict]:

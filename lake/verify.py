@@ -237,12 +237,7 @@ def verify_score_group(store: LakeStore, path: str, repair: bool = False) -> Fin
         if problem:
             finding.damage(f"{problem}; run the attribution again into a new group", repairable=False)
     array = scores.group["block_complete"]
-    flags, problem = _read(array, slice(None), "completion flags")
-    if problem is None and not np.isin(flags, (0, 1)).all():
-        problem = f"completion flags: object block_complete/c/{'/'.join('0' * array.ndim)} holds values other than 0 and 1"
-    if problem:  # every block judged: its flag is rewritten from what it holds
-        finding.damage(problem, "flags")
-        flags = np.ones(array.shape, dtype=np.uint8)
+    flags, unknown = _score_flags(array, bool(scores.meta.get("complete")), finding)
     for qb, tb in np.argwhere(flags == 1).tolist():
         qs, ts = scores.bounds(qb, tb)
         label = f"block ({qb}, {tb}) (queries {qs.start}-{qs.stop - 1}, training samples {ts.start}-{ts.stop - 1})"
@@ -252,11 +247,43 @@ def verify_score_group(store: LakeStore, path: str, repair: bool = False) -> Fin
         elif not np.isfinite(values).all():
             finding.damage(f"{label}: holds NaN (a missing chunk object reads as NaN; scores are always finite)", (qb, tb))
     if repair and finding.status == "damaged" and finding.repairable:
-        if "flags" in finding.chunks:
-            array[:] = flags  # a whole new object, the proven blocks flagged
-        scores.clear([b for b in finding.chunks if b != "flags"])
+        damaged = [b for b in finding.chunks if isinstance(b, tuple)]
+        for qb, tb in damaged:
+            flags[qb, tb] = 0
+        for region in unknown:  # each damaged flag object written whole: proven blocks 1, damaged ones 0
+            array[region] = flags[region]
+        scores.clear(damaged)
         finding.repaired = True
     return finding
+
+
+def _score_flags(array: zarr.Array, complete: bool, finding: Finding) -> tuple[np.ndarray, list[tuple[slice, slice]]]:
+    """A score group's completion flags, and the regions of flag objects that cannot be trusted (each named in
+    `finding`; their blocks are flagged 1 here, to be judged by what they hold): unreadable, holding other values than
+    0 and 1, or a 0 in a group marked complete (a missing object reads as 0).
+
+    New groups hold one flag per object, with a CRC32C; older ones all flags in one object without a checksum."""
+    flags = np.zeros(array.shape, dtype=np.uint8)
+    unknown = []
+    grid = [range(-(-n // c)) for n, c in zip(array.shape, array.chunks)]
+    for key in [(i, j) for i in grid[0] for j in grid[1]]:
+        region = tuple(slice(k * c, min(n, (k + 1) * c)) for k, c, n in zip(key, array.chunks, array.shape))
+        name = f"object block_complete/c/{key[0]}/{key[1]}"
+        try:
+            values = np.asarray(array.get_block_selection(key))
+            problem = (f"{name} holds values other than 0 and 1" if not np.isin(values, (0, 1)).all() else
+                       f"{name} is missing or says a block is not written, while the group is marked complete"
+                       if complete and not values.all() else None)
+        except Exception as err:
+            what = "its checksum does not match" if "checksum" in str(err).lower() else f"{type(err).__name__}: {err}"
+            problem = f"{name} is damaged ({what})"
+        if problem:
+            finding.damage(f"completion flags: {problem}; its blocks are judged by what they hold", "flags")
+            flags[region] = 1
+            unknown.append(region)
+        else:
+            flags[region] = values
+    return flags, unknown
 
 
 def verify_dataset(store: LakeStore, directory: str, repair: bool = False) -> Finding:

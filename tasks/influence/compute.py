@@ -8,6 +8,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from prefect import get_run_logger, task
@@ -16,7 +17,7 @@ from prefect.cache_policies import NONE
 from gradlake.lake import layout
 from gradlake.lake.datasets import dataset_meta, read_dataset
 from gradlake.lake.scores import ScoreGroup
-from gradlake.lake.store import DamagedMetadata, LakeError, LakeStore, public_url, read_json
+from gradlake.lake.store import DamagedMetadata, LakeError, LakeStore, public_url, read_json, read_json_attrs
 from gradlake.tasks.common.loss import chat_template_text, encode_sample
 from gradlake.tasks.common.model import (DTYPES, ModelSpec, capped_length, check_model, hub_options,
                                          lake_names, resolved_commit)
@@ -132,6 +133,11 @@ def _record(spec: InfluenceSpec, spec_model: ModelSpec, commit: str, plan: dict,
 
 def compute_influence(spec: InfluenceSpec, log: Callable[[str], None] = print, work_dir: str | None = None) -> str:
     """Fit (or reuse) the factors, score every block not yet in the lake, mark complete; returns the score group path."""
+    with tempfile.TemporaryDirectory(prefix="gradlake-factors-", dir=work_dir) as fetched:
+        return _compute_influence(spec, log, work_dir, Path(fetched) / "factors")
+
+
+def _compute_influence(spec: InfluenceSpec, log: Callable[[str], None], work_dir: str | None, fetched: Path) -> str:
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.factor.config import FactorConfig
     from kronfluence.utils.dataset import DataLoaderKwargs
@@ -152,11 +158,14 @@ def compute_influence(spec: InfluenceSpec, log: Callable[[str], None] = print, w
     path = layout.score_group_path(model_key, checkpoint_key, spec.dataset, spec.query_dataset or spec.dataset, spec.queries,
                                    spec.method_name)
     settings, lineage = _record(spec, spec_model, commit, plan, tracked_conv1d, factors_dir)
+    # factors the lake holds are fetched, each file checked, before anything is written (unless the scores look done)
+    reused = None if _looks_complete(store, path) else factors_from_lake(store, factors_dir, fetched, log)
     n_train = len(keys)
     group = _score_group(store, path, query_ids, keys, {"method": spec.method_name, "kind": "influence",
                                                         "settings": settings, "lineage": lineage}, spec.train_block)
     # a block: every query (their gradients are computed once per block) x `train_block` training samples
-    if group.meta.get("complete"):
+    # complete only when every flag says so (a damaged flag object: one LakeError naming it, `verify --repair` mends it)
+    if group.meta.get("complete") and not group.pending_blocks():
         log(f"scores {path} are complete in the lake; nothing to do")
         return path
     tokenizer = load_tokenizer(spec_model)
@@ -181,7 +190,11 @@ def compute_influence(spec: InfluenceSpec, log: Callable[[str], None] = print, w
                             output_dir=tmp, disable_tqdm=True, log_level=30)
         analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=collate(pad_id)))
         local_factors = analyzer.factors_output_dir(factors_name=key)
-        if factors_from_lake(store, factors_dir, local_factors):
+        if reused is None:  # not fetched above: the group looked complete
+            reused = factors_from_lake(store, factors_dir, fetched, log)
+        if reused:
+            local_factors.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(fetched, local_factors)
             log(f"factors ({spec.strategy}) found in the lake at {factors_dir}")
         else:
             log(f"fitting {spec.strategy} factors on {n_train} training samples, {len(plan['modules'])} modules")
@@ -225,6 +238,15 @@ def compute_influence(spec: InfluenceSpec, log: Callable[[str], None] = print, w
                  lake_bytes=_bytes_under(store, factors_dir) + _bytes_under(store, path))
     log(f"influence ({spec.strategy}) of {n_train} training samples on {len(query_ids)} queries: {path}")
     return path
+
+
+def _looks_complete(store: LakeStore, path: str) -> bool:
+    """Whether the score group's attributes say complete (its factors are then not fetched until needed)."""
+    try:
+        attrs = read_json_attrs(store, f"{path}/zarr.json")
+    except DamagedMetadata:
+        return False  # named when the group is opened
+    return bool(((attrs or {}).get("gradlake") or {}).get("complete"))
 
 
 SCORE_ARRAYS = ("scores", "query", "train", "block_complete")
