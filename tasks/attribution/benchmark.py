@@ -15,7 +15,8 @@ from gradlake.lake import layout
 from gradlake.lake.results import read_result_table, write_result
 from gradlake.lake.scores import ScoreGroup, list_score_groups
 from gradlake.lake.store import LakeStore
-from gradlake.tasks.attribution.lds import check_subsets, compare, crossed_interval, lds, lds_beyond_source, source_oracle
+from gradlake.tasks.attribution.lds import (check_subsets, compare, crossed_interval, dropped_text, lds, lds_beyond_source,
+                                            query_drops, source_oracle)
 from gradlake.tasks.attribution.queries import QuerySet, resolve_queries
 from gradlake.tasks.attribution.report import attribution_files
 from gradlake.tasks.attribution.retraining import (CounterfactualPlan, check_counterfactual, counterfactual_results,
@@ -68,20 +69,27 @@ def cross_fitted_choice(per_query: dict[str, np.ndarray], fold: np.ndarray) -> l
 
 def _row(method: str, kind: str, result: dict) -> dict:
     return {"method": method, "kind": kind, "lds": result["lds"], "lds_ci_low": result["ci_low"],
-            "lds_ci_high": result["ci_high"], "lds_queries": result["n_queries"]}
+            "lds_ci_high": result["ci_high"], "lds_queries": result["n_queries"],
+            "lds_dropped": dropped_text(result["dropped"])}
 
 
 def benchmark_table(store: LakeStore, spec: AttributionSpec, methods: list[str], queries: QuerySet,
                     train_keys: list[str], masks: np.ndarray, lds_losses: np.ndarray,
-                    cf: dict | None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """(one row per method with the references, LDS per query per method, what the table rests on)."""
+                    cf: dict | None, log=print) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """(one row per method with the references, LDS per query per method, what the table rests on).
+
+    Every metric says how many queries it used (``lds_queries``, ``beyond_queries``, ``top1_<queries>_queries``) and
+    why it left the others out (``..._dropped``); each left-out query is logged."""
     rows, per_query, results, notes = [], [], {}, {}
     fit = lambda scores: lds(scores, masks, lds_losses, n_boot=spec.n_bootstrap, seed=spec.subset_seed)  # noqa: E731
 
     def beyond(scores: np.ndarray) -> dict:
         values, boot = lds_beyond_source(scores, masks, lds_losses, queries.sources, spec.n_bootstrap, spec.subset_seed)
         low, high = crossed_interval(values, boot)
-        return {"lds_beyond_source": float(np.nanmean(values)), "beyond_ci_low": low, "beyond_ci_high": high}
+        used = int(np.isfinite(values).sum())
+        return {"lds_beyond_source": float(np.nanmean(values)) if used else float("nan"), "beyond_ci_low": low,
+                "beyond_ci_high": high, "beyond_queries": used, "beyond_dropped": dropped_text(query_drops(
+                    scores, values, otherwise="fewer than 3 subsets with and without its source, or constant within"))}
 
     for method in methods:
         group = ScoreGroup.open(store, method_path(spec, method))
@@ -118,13 +126,17 @@ def benchmark_table(store: LakeStore, spec: AttributionSpec, methods: list[str],
         row = _row(name, "reference", result)
         if queries.has_sources:
             row.update(beyond(scores))
-            row[f"top1_{queries.label}"] = retrieval_top1(scores, queries, train_keys)
+            row.update(top1_columns(queries.label, *retrieval_top1(scores, queries, train_keys)))
         rows.append(row)
     if cf is not None:
         for row in rows:
             row.update(cf["columns"].get(row["method"], {}))
     for name, result in results.items():
         per_query += [{"method": name, "query": q, "lds": v} for q, v in zip(queries.ids, result["per_query"])]
+    for row in rows:
+        said = [f"{name}: {row[name]}" for name in row if name.endswith("_dropped") and row[name]]
+        if said:
+            log(f"{row['method']}: queries left out of its metrics: " + "; ".join(said))
     table = pd.DataFrame(rows).sort_values("lds", ascending=False, na_position="last").reset_index(drop=True)
     below = [None] * len(table)
     for i in range(len(table) - 1):
@@ -138,12 +150,23 @@ def benchmark_table(store: LakeStore, spec: AttributionSpec, methods: list[str],
     return table, pd.DataFrame(per_query), notes
 
 
-def retrieval_top1(scores: np.ndarray, queries: QuerySet, train_keys: list[str]) -> float:
-    """Fraction of the queries with a source training sample whose top-scored training sample is that source."""
+def retrieval_top1(scores: np.ndarray, queries: QuerySet, train_keys: list[str]) -> tuple[float, int, dict[str, int]]:
+    """(fraction of the queries used whose top-scored training sample is their source, queries used, {why left out:
+    how many}): a query is used where it has a source training sample and finite scores (NaN when none is)."""
     truth = np.array([-1 if s is None else s for s in queries.sources])
-    if (truth < 0).all():
-        return float("nan")
-    return float((scores.argmax(axis=1) == truth)[truth >= 0].mean())
+    finite = np.isfinite(scores).all(axis=1)
+    used = (truth >= 0) & finite
+    dropped = {why: int(n) for why, n in (("no source among the training samples", (truth < 0).sum()),
+                                          ("non-finite scores", ((truth >= 0) & ~finite).sum())) if n}
+    if not used.any():
+        return float("nan"), 0, dropped
+    return float((scores[used].argmax(axis=1) == truth[used]).mean()), int(used.sum()), dropped
+
+
+def top1_columns(label: str, value: float, used: int, dropped: dict[str, int] | str) -> dict:
+    """top1_<label> with how many queries it used and why the others were left out."""
+    said = dropped if isinstance(dropped, str) else dropped_text(dropped)
+    return {f"top1_{label}": value, f"top1_{label}_queries": used, f"top1_{label}_dropped": said}
 
 
 def retrieval_columns(store: LakeStore, spec: AttributionSpec, method: str | None, train_keys: list[str],
@@ -152,7 +175,7 @@ def retrieval_columns(store: LakeStore, spec: AttributionSpec, method: str | Non
     scores for (the training dataset's variants; a query counts where its source is a training sample)."""
     columns = {}
     if queries.has_sources:
-        columns[f"top1_{queries.label}"] = retrieval_top1(scores, queries, train_keys)
+        columns.update(top1_columns(queries.label, *retrieval_top1(scores, queries, train_keys)))
     if method is None:
         return columns
     train_ids = [k.split(":", 1)[1] for k in train_keys]
@@ -162,14 +185,15 @@ def retrieval_columns(store: LakeStore, spec: AttributionSpec, method: str | Non
             continue
         group = ScoreGroup.open(store, method_path(spec, method, label), missing_ok=True)
         if group is None or not group.meta.get("complete"):
-            columns[f"top1_{label}"] = float("nan")
+            columns.update(top1_columns(label, float("nan"), 0, "every query: no complete scores of the method for them"))
             continue
         ids = [q for q in group.query_ids() if q in position][: spec.max_queries]  # the same queries for every method
         if not ids:
-            columns[f"top1_{label}"] = float("nan")
+            columns.update(top1_columns(label, float("nan"), 0, "every query: none has a source among the training samples"))
             continue
         other = QuerySet(label, spec.train.dataset, query_variant(spec, label), ids, [], [position[q] for q in ids])
-        columns[f"top1_{label}"] = retrieval_top1(aligned_scores(group, ids, train_keys, method), other, train_keys)
+        columns.update(top1_columns(label, *retrieval_top1(aligned_scores(group, ids, train_keys, method), other,
+                                                           train_keys)))
     return columns
 
 
@@ -219,6 +243,7 @@ def plan_benchmark(spec: AttributionSpec) -> dict:
     check_counterfactual(spec, len(train_ids))
     queries = resolve_queries(spec, train_ids)
     query_folds(len(queries.ids), spec.best_tensor_folds, spec.subset_seed)
+    check_scores(LakeStore(spec.train.lake), spec)
     trak = [s for s in plan.saves if 0 < s <= spec.step]
     if spec.trak_checkpoints is not None:
         trak = [checkpoint_step(c) for c in spec.trak_checkpoints]
@@ -240,6 +265,18 @@ def plan_benchmark(spec: AttributionSpec) -> dict:
 def plan_attribution(spec: AttributionSpec) -> dict:
     """`plan_benchmark` as a Prefect task."""
     return plan_benchmark(spec)
+
+
+def check_scores(store: LakeStore, spec: AttributionSpec) -> None:
+    """Read every complete score group the benchmark will read (a block of rows at a time): a damaged or missing
+    chunk is one LakeError naming the group, array and chunk, before anything is retrained or written."""
+    methods = [*(spec.methods or available_methods(store, spec)), *tensor_methods(store, spec)]
+    paths = [method_path(spec, m, label) for m in dict.fromkeys(methods)
+             for label in dict.fromkeys([None, *spec.retrieval_queries])]
+    for path in dict.fromkeys(paths):
+        group = ScoreGroup.open(store, path, missing_ok=True)
+        if group is not None and group.meta.get("complete"):
+            group.check()
 
 
 def compared_methods(store: LakeStore, spec: AttributionSpec) -> list[str]:
@@ -296,7 +333,7 @@ def ground_truth(store: LakeStore, spec: AttributionSpec, plan: dict, methods: l
 
 
 def finish_benchmark(store: LakeStore, spec: AttributionSpec, plan: dict, methods: list[str],
-                     truth: GroundTruth) -> tuple[str, pd.DataFrame]:
+                     truth: GroundTruth, log=print) -> tuple[str, pd.DataFrame]:
     """With every retraining done: the query losses, the table and its report; returns (directory, table)."""
     queries: QuerySet = plan["queries"]
     n_train = len(plan["train_ids"])
@@ -306,7 +343,8 @@ def finish_benchmark(store: LakeStore, spec: AttributionSpec, plan: dict, method
     if truth.counterfactual is not None:
         cf = counterfactual_results(store, spec, queries, truth.counterfactual,
                                     layout.counterfactual_dir(truth_dir, truth.counterfactual.key), plan)
-    table, per_query, notes = benchmark_table(store, spec, methods, queries, plan["train_keys"], truth.masks, losses, cf)
+    table, per_query, notes = benchmark_table(store, spec, methods, queries, plan["train_keys"], truth.masks, losses, cf,
+                                              log=log)
     directory = benchmark_dir(spec)
     cf_plan = truth.counterfactual
     write_benchmark(store, directory, table, per_query, {

@@ -108,12 +108,42 @@ def lds(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray, n_boot: int =
                                f"(subsets, train), losses {losses.shape} (subsets, queries)")
     predicted = scores @ masks.T.astype(np.float64)             # (Q, M): summed scores of each subset's members
     per_query = spearman_rows(predicted, -losses.T)
+    per_query[~np.isfinite(scores).all(axis=1)] = np.nan       # never a correlation of ranks of NaN
     valid = per_query[~np.isnan(per_query)]
     mean = float(valid.mean()) if len(valid) else float("nan")
     boot = subset_bootstrap(predicted, losses, n_boot, seed)
+    boot[:, np.isnan(per_query)] = np.nan
     low, high = crossed_interval(per_query, boot)
     return {"per_query": per_query, "lds": mean, "ci_low": low, "ci_high": high, "n_queries": int(len(valid)),
-            "boot": boot}
+            "dropped": query_drops(scores, per_query, predicted, losses), "boot": boot}
+
+
+def query_drops(scores: np.ndarray, per_query: np.ndarray, predicted: np.ndarray | None = None,
+                losses: np.ndarray | None = None, otherwise: str = "an undefined correlation") -> dict[str, int]:
+    """Why the queries whose value is NaN were left out of a metric's mean: {reason: number of queries}.
+
+    `scores` (Q, n), `per_query` (Q,), `predicted` (Q, M) the summed scores per subset, `losses` (M, Q)."""
+    dropped: dict[str, int] = {}
+    for q in np.flatnonzero(np.isnan(np.asarray(per_query, np.float64))):
+        if not np.isfinite(scores[q]).all():
+            why = "non-finite scores"
+        elif losses is not None and not np.isfinite(losses[:, q]).all():
+            why = "non-finite retrained losses"
+        elif losses is not None and np.ptp(losses[:, q]) == 0:
+            why = "the same retrained loss on every subset"
+        elif predicted is not None and np.ptp(predicted[q]) == 0:
+            why = "the same summed score on every subset (constant scores)"
+        else:
+            why = otherwise
+        dropped[why] = dropped.get(why, 0) + 1
+    return dropped
+
+
+def dropped_text(dropped: dict[str, int]) -> str | None:
+    """`query_drops` in words ("non-finite scores for 3 queries; ..."), None when every query was used."""
+    if not dropped:
+        return None
+    return "; ".join(f"{why} for {n} quer{'y' if n == 1 else 'ies'}" for why, n in sorted(dropped.items()))
 
 
 def top_k_removals(scores: np.ndarray, k: int) -> np.ndarray:

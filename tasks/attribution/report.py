@@ -30,6 +30,9 @@ ATTRIBUTION_METRICS = (
                           "interval; what a method knows beyond finding the duplicate (the source oracle's is 0 in "
                           "expectation)."),
     ("top1_<queries>", "the share of queries made from a training sample whose highest-scored training sample is it."),
+    ("lds_queries, beyond_queries, top1_<queries>_queries; ..._dropped", "how many queries each metric's mean rests on, "
+     "and why it left the others out (e.g. 'the same summed score on every subset (constant scores) for 3 queries': "
+     "no correlation exists for them; 'non-finite scores'); a metric that used no query is empty, never a number."),
     ("cf_loss_change", "counterfactual removal: mean increase of a query's loss after retraining on the run's samples "
                        "less the method's k highest-scored ones for it, with its interval; cf_vs_random: the increase "
                        "beyond removing k random samples (paired by query); cf_source_removed: how often the k held "
@@ -58,6 +61,11 @@ def attribution_summary(table: pd.DataFrame, meta: dict) -> list[str]:
         lines.append("no query has a source training sample, so the source oracle is a second random reference")
     above = [r["method"] for _, r in rows.iterrows() if r["kind"] != "reference" and r["lds_ci_low"] > 0]
     lines.append(f"LDS above 0 (interval excludes 0): {', '.join(above) if above else 'no method'}")
+    for _, r in rows.iterrows():
+        left_out = [f"{c.removesuffix('_dropped')}: {r[c]}" for c in rows.columns if c.endswith("_dropped") and r[c]
+                    and isinstance(r[c], str)]
+        if left_out:
+            lines.append(f"{r['method']} leaves queries out: " + "; ".join(left_out))
     if with_source and "beyond_ci_low" in rows:
         beyond = [r["method"] for _, r in rows.iterrows() if r["kind"] != "reference" and r["beyond_ci_low"] > 0]
         lines.append(f"LDS beyond the source above 0 (interval excludes 0): {', '.join(beyond) if beyond else 'no method'}")
@@ -89,7 +97,8 @@ def attribution_figures(table: pd.DataFrame, queries: str = "") -> dict[str, byt
     ax.set_xlabel("LDS (Spearman, mean over queries, 95% interval over queries and subsets)")
     ax.set_title(f"Linear datamodeling score per method{f', {queries} queries' if queries else ''} (grey: references)")
     figures["lds.png"] = figure_png(fig)
-    top1 = next((c for c in table.columns if c.startswith("top1_") and table[c].notna().any()), None)
+    top1 = next((c for c in table.columns if c.startswith("top1_") and not c.endswith(("_queries", "_dropped"))
+                 and table[c].notna().any()), None)
     if top1 is not None:
         rows = table.dropna(subset=[top1, "lds"])
         fig, ax = plt.subplots(figsize=(6, 4.5))
