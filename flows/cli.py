@@ -425,12 +425,12 @@ def trace_command(spec) -> None:
 
 
 def main() -> None:
+    from gradlake.flows.api_check import prepare_api
     from gradlake.flows.console import hide_told_tracebacks, told
     from gradlake.flows.deferred import defer_iri_grammar
-    from gradlake.flows.temporary_server import prepare_temporary_server
 
     defer_iri_grammar()  # before anything imports Prefect (and with it jsonschema)
-    prepare_temporary_server()  # without PREFECT_API_URL, each flow needs one
+    prepare_api(sys.argv[1:])  # a temporary server's settings, or the given server checked before any work
     hide_told_tracebacks()  # each such error ends the command in its own `error:` line
     try:
         app()

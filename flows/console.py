@@ -206,7 +206,13 @@ def explain(err: BaseException) -> str | None:
     if not api and "prefect.settings" in sys.modules:  # set in a Prefect profile rather than the environment
         api = sys.modules["prefect.settings"].get_current_settings().api.url
     for e in chain:
-        to_api = type(e).__name__ in ("ConnectError", "ConnectTimeout") and _request_url(e).startswith((api or " ").rstrip("/"))
+        to_api = bool(api) and public_url(_request_url(e)).startswith(public_url(api).rstrip("/"))
+        if to_api and type(e).__name__ == "ReadTimeout":  # a server that accepts connections and never answers
+            waited = _timeout(e, "read")
+            return (f"the Prefect server at {public_url(api)} accepted the connection but did not answer"
+                    + (f" within {waited:g} s" if waited else "") + "; check that it runs there and is not stuck, raise "
+                    "PREFECT_API_REQUEST_TIMEOUT if it is only slow, or unset PREFECT_API_URL")
+        to_api = to_api and type(e).__name__ in ("ConnectError", "ConnectTimeout")
         if api and (to_api or (isinstance(e, RuntimeError) and str(e).startswith("Failed to reach API at"))):
             why = "connection refused" if any("refused" in str(c).lower() for c in chain) else "no answer"
             return (f"no Prefect server answers at {public_url(api)}: {why}; start one with `prefect server start` "
@@ -264,6 +270,13 @@ def _request_url(err: BaseException) -> str:
         return str(err.request.url)  # httpx's errors carry the request they failed on
     except (AttributeError, RuntimeError):
         return ""
+
+
+def _timeout(err: BaseException, phase: str) -> float | None:
+    try:
+        return err.request.extensions["timeout"][phase]  # httpx keeps the timeouts a request was sent with
+    except (AttributeError, RuntimeError, KeyError, TypeError):
+        return None
 
 
 def print_benchmark(store, url: str, directory: str, title: str) -> None:
