@@ -85,11 +85,12 @@ def test_a_silent_api_ends_the_command_in_one_line_naming_it(silent_api, tmp_pat
     assert held, "the command must have reached the socket"
 
 
-def test_a_slow_api_serves_and_the_users_request_timeout_is_the_wait(slow_api, monkeypatch):
+def test_a_slow_api_serves_and_the_users_request_timeout_is_the_wait(prefect_server, slow_api, monkeypatch):
     from prefect.settings import PREFECT_API_REQUEST_TIMEOUT, PREFECT_API_URL, temporary_settings
 
     from gradlake.flows.api_check import api_problem
 
+    assert api_problem() is None  # the session's real Prefect server
     slow, asked = slow_api
     monkeypatch.setenv("PREFECT_API_URL", slow)  # where error lines read it, as in a command's environment
     with temporary_settings(updates={PREFECT_API_URL: slow}):
