@@ -112,7 +112,8 @@ def read_manifest(fs: fsspec.AbstractFileSystem, directory: str) -> dict[str, di
     return files
 
 
-def _compare(path: str, data_entry: dict, recorded: dict) -> str | None:
+def entry_problem(path: str, data_entry: dict, recorded: dict) -> str | None:
+    """How the file at `path`, whose entry is `data_entry`, differs from its `recorded` entry; None when it does not."""
     if data_entry["bytes"] != recorded["bytes"]:
         return f"{path} holds {data_entry['bytes']} bytes, {recorded['bytes']} were written"
     if data_entry["sha256"] != recorded["sha256"]:
@@ -134,11 +135,34 @@ def check_directory(fs: fsspec.AbstractFileSystem, directory: str, required: boo
     for name, recorded in files.items():
         path = f"{directory}/{name}"
         try:
-            problem = _compare(path, file_entry(fs, path), recorded)
+            problem = entry_problem(path, file_entry(fs, path), recorded)
         except FileNotFoundError:
             problem = f"{path} is missing"
         if problem:
             problems.append(problem)
+    return problems
+
+
+def listing_problems(fs: fsspec.AbstractFileSystem, directory: str, files: dict[str, dict],
+                     others: tuple[str, ...] = (MANIFEST,)) -> list[str]:
+    """Problems seen in the listing of `directory` alone, no file read: a file of `files` (name -> entry) missing or
+    of another size, and a file that neither `files` nor `others` names (it was added after the directory was
+    written).  One line each; sha256 is compared only where a file is read (`check_directory`, `read_checked`)."""
+    fs.invalidate_cache(directory)  # s3fs keeps listings; another process may have changed the directory since
+    try:
+        listed = fs.find(directory, detail=True)
+    except FileNotFoundError:
+        listed = {}
+    sizes = {posixpath.relpath(path, directory): info.get("size") for path, info in listed.items()
+             if info.get("type") != "directory"}
+    problems = []
+    for name, recorded in files.items():
+        if name not in sizes:
+            problems.append(f"{directory}/{name} is missing")
+        elif sizes[name] != recorded["bytes"]:
+            problems.append(f"{directory}/{name} holds {sizes[name]} bytes, {recorded['bytes']} were written")
+    problems += [f"{directory}/{name} was added after the directory was written (its record does not list it)"
+                 for name in sorted(set(sizes) - set(files) - set(others))]
     return problems
 
 
@@ -156,11 +180,11 @@ def read_checked(fs: fsspec.AbstractFileSystem, directory: str, name: str, files
             raise DamagedFile(f"{path} is missing; run `gradlake verify`, then the stage that wrote it again") from None
         raise
     if files is not None and name in files:
-        problem = _compare(path, entry(data), files[name])
+        problem = entry_problem(path, entry(data), files[name])
         if problem:
             raise DamagedFile(f"{problem}; run `gradlake verify`, then the stage that wrote it again")
     return data
 
 
 __all__ = ["MANIFEST", "DamagedFile", "safe_name", "entry", "file_entry", "local_entries", "write_manifest", "write_whole",
-           "read_manifest", "check_directory", "read_checked"]
+           "read_manifest", "entry_problem", "check_directory", "listing_problems", "read_checked"]

@@ -11,8 +11,11 @@
 - every answer-quality result (``quality/…``: ``answers.parquet`` and ``summary.json``) and training
   curve (``evaluations/<model>/training/<dataset>``): checked against its manifest, read where it
   has none;
-- every other directory holding a ``manifest.json`` (Kronfluence's factors, training checkpoints
-  written into the lake, trace-many's summaries): checked against it;
+- every set of Kronfluence's factors: checked against its manifest and the digests its ``factors.json``
+  records, and a file neither lists is named (added after they were written); factors written before
+  either are "unchecked";
+- every other directory holding a ``manifest.json`` (training checkpoints written into the lake,
+  trace-many's summaries): checked against it;
 - the ``zarr.json`` of the lake's root and of every group above the gradient and score groups
   (a JSON object naming a group), and every entry of the paraphrase cache (a JSON object holding
   its text, whose sha256 is its file name, and a paraphrase; a damaged entry is asked again).
@@ -34,7 +37,7 @@ import pyarrow.parquet as pq
 
 from gradlake.lake import layout
 from gradlake.lake.claims import died_here, read_claim
-from gradlake.lake.manifest import MANIFEST, check_directory, read_manifest
+from gradlake.lake.manifest import MANIFEST, check_directory, entry_problem, file_entry, listing_problems, read_manifest
 from gradlake.lake.results import META, read_result_meta
 from gradlake.lake.store import DamagedMetadata, LakeError, LakeStore, public_url, read_json, scan_json
 
@@ -129,6 +132,43 @@ def check_files(store: LakeStore, kind: str, directory: str) -> Finding:
     return kind, directory, "ok", []
 
 
+def check_factors(store: LakeStore, kind: str, directory: str) -> Finding:
+    """Verify a set of influence factors: as `check_files`, then each file against the digest ``factors.json``
+    records (they outlive a removed manifest), and any file that neither lists (added after they were written)."""
+    kind, directory, status, problems = check_files(store, kind, directory)
+    notes, problems = (problems, []) if status == "unchecked" else ([], problems)
+    try:
+        record = json.loads(store.fs.cat_file(store.path(f"{directory}/factors.json")))
+        manifest = read_manifest(store.fs, store.path(directory))
+    except (FileNotFoundError, ValueError, LakeError):  # named by check_files
+        return kind, directory, status, notes + problems
+    digests = record.get("digests") if isinstance(record, dict) else None
+    if not isinstance(digests, dict):
+        digests = {}  # written before factors.json recorded digests: the manifest's, if any, are checked
+    elif manifest is None:
+        problems.append(f"{public_url(store.url)}/{directory}/{MANIFEST} is missing (it is written last: the copy of "
+                        "these factors into the lake stopped before its end, or it was removed)")
+    named = {problem.split(" ", 1)[0] for problem in problems}
+    for name, recorded in digests.items():
+        path = store.path(f"{directory}/{name}")
+        if (manifest or {}).get(name) == recorded or path.replace(store.root, public_url(store.url)) in named:
+            continue  # checked against the manifest already
+        try:
+            problem = entry_problem(path, file_entry(store.fs, path), recorded)
+        except FileNotFoundError:
+            problem = f"{path} is missing"
+        problems += _public(store, [problem] if problem else [])
+    if digests or manifest is not None:
+        listing = listing_problems(store.fs, store.path(directory), {**digests, **(manifest or {})},
+                                  others=(MANIFEST, "factors.json"))
+        problems += _public(store, [p for p in listing if " was added after " in p])
+    if not problems:
+        return kind, directory, status, notes
+    problems[0] += (f"; remove {public_url(store.url)}/{directory}: the next `gradlake influence` fits these factors "
+                    "again")
+    return kind, directory, "damaged", problems
+
+
 def _manifest_kind(directory: str) -> str:
     if directory.startswith("influence/"):
         return "factors"
@@ -152,11 +192,13 @@ def result_findings(store: LakeStore, log=print) -> list[Finding]:
             targets.setdefault(directory, (check_files, kind))
     for kind, pattern in FILE_SETS:
         for path in store.glob(pattern):
-            targets.setdefault(posixpath.dirname(_relative(store, path)), (check_files, kind))
+            targets.setdefault(posixpath.dirname(_relative(store, path)),
+                               (check_factors if kind == "factors" else check_files, kind))
     for path in store.glob(f"**/{MANIFEST}"):  # factors, checkpoints in a lake prefix, anything else with a manifest
         directory = posixpath.dirname(_relative(store, path))
         if not directory.startswith(".gradlake") and directory not in targets:
-            targets[directory] = (check_files, _manifest_kind(directory))
+            kind = _manifest_kind(directory)
+            targets[directory] = (check_factors if kind == "factors" else check_files, kind)
     findings = []
     for i, (directory, (check, *kind)) in enumerate(sorted(targets.items()), 1):
         finding = check(store, *kind, directory)
@@ -235,5 +277,5 @@ def cache_findings(store: LakeStore) -> list[Finding]:
     return findings
 
 
-__all__ = ["RESULTS", "GROUND_TRUTH_LOSSES", "FILE_SETS", "result_findings", "check_result", "check_files",
+__all__ = ["RESULTS", "GROUND_TRUTH_LOSSES", "FILE_SETS", "result_findings", "check_result", "check_files", "check_factors",
            "hierarchy_findings", "text_key", "cached_paraphrase", "cache_findings"]

@@ -20,10 +20,11 @@ Nothing stays in Kronfluence's own output folder: its factors (safetensors, writ
 Kronfluence) are copied into the lake with their lineage, and its scores are computed a
 block of (queries x training samples) at a time and written into a `lake.scores`
 group, so a matrix larger than memory is fine and a killed run resumes at its first
-missing block; factors found in the lake are not fitted again.
+missing block; factors found in the lake are checked against the digests their record holds
+(a file changed, removed or added is one error naming it, before anything is written) and not fitted again.
 
 ```
-<lake>/influence/<model>/<checkpoint>/<dataset>/<paradigm>-<strategy>-<key>/factors/*.safetensors   and factors.json (written last)
+<lake>/influence/<model>/<checkpoint>/<dataset>/<paradigm>-<strategy>-<key>/factors/*.safetensors   factors.json (lineage, each file's digest), manifest.json (last)
 <lake>/attribution/<model>/<checkpoint>/<dataset>/<query dataset>.<query variant>/<method>/              the scores (lake/scores.py)
 ```
 """

@@ -8,10 +8,11 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import fsspec
 import torch
 
-from gradlake.lake.manifest import (DamagedFile, entry, local_entries, read_checked, read_manifest, safe_name,
-                                    write_manifest)
+from gradlake.lake.manifest import (MANIFEST, DamagedFile, entry, entry_problem, file_entry, listing_problems,
+                                    local_entries, read_manifest, safe_name, write_manifest)
 from gradlake.lake.store import LakeError, LakeStore, public_url
 from gradlake.tasks.common.loss import IGNORE_INDEX, Encoded, pad_batch, sample_losses
 from gradlake.tasks.common.model import ModelError
@@ -169,75 +170,143 @@ def score_args(spec: InfluenceSpec):
                           score_dtype=dtype, per_sample_gradient_dtype=dtype, precondition_dtype=torch.float32)
 
 
-FACTORS_RECORD = "factors.json"  # the lineage and the files of a set of factors; manifest.json (digests) is written last
+FACTORS_RECORD = "factors.json"  # the lineage, the files and each file's digest of a set of factors
+# written last: the digests of every file, factors.json too (lake/manifest.py)
 
 
 def copy_factors_to_lake(store: LakeStore, local: Path, lake_dir: str, lineage: dict) -> None:
-    """Copy Kronfluence's factor files into `lake_dir`, then their record, then the digest manifest of them all."""
+    """Copy Kronfluence's factor files into `lake_dir`, then their record (with each file's digest: size and sha256,
+    `lake.manifest.entry`), then the digest manifest of them all."""
     names = sorted(p.relative_to(local).as_posix() for p in local.rglob("*")
                    if p.is_file() and p.suffix in (".safetensors", ".json"))
+    digests = local_entries(str(local), names)
     store.fs.makedirs(store.path(lake_dir), exist_ok=True)
     for name in names:
         store.fs.put_file(str(local / name), store.path(f"{lake_dir}/{name}"))
-    record = json.dumps({**lineage, "files": names}, indent=1).encode()
+    record = json.dumps({**lineage, "files": names, "digests": digests}, indent=1).encode()
     store.fs.pipe_file(store.path(f"{lake_dir}/{FACTORS_RECORD}"), record)
-    write_manifest(store.fs, store.path(lake_dir), {**local_entries(str(local), names), FACTORS_RECORD: entry(record)})
+    write_manifest(store.fs, store.path(lake_dir), {**digests, FACTORS_RECORD: entry(record)})
 
 
-def _factor_files(store: LakeStore, lake_dir: str) -> tuple[list[str], dict | None] | None:
-    """(the file names `factors.json` lists, the manifest's entries) of stored factors; None when there are none.
+def _redo(store: LakeStore, lake_dir: str) -> str:
+    return (f"remove {public_url(store.url)}/{lake_dir} and rerun `gradlake influence` (the factors are fitted again), "
+            "or run `gradlake verify` to list what else is damaged")
 
-    A damaged record or manifest, or a name that would leave the directory, is one LakeError naming the file."""
+
+def _damaged(store: LakeStore, lake_dir: str, problem: str) -> DamagedFile:
+    """One error line: what is wrong with a file of the factors at `lake_dir` (named by its public URL), what to do."""
+    return DamagedFile(f"damaged influence factors: {problem.replace(store.root, public_url(store.url))}; "
+                       f"{_redo(store, lake_dir)}")
+
+
+def _digests(record: dict, names: list[str]) -> dict[str, dict] | None:
+    """The digest of each listed file that `factors.json` records; None for factors written before it recorded them."""
+    digests = record.get("digests")
+    if digests is None:
+        return None
+    if (not isinstance(digests, dict) or set(digests) != set(names)
+            or not all(isinstance(e, dict) and isinstance(e.get("bytes"), int) and isinstance(e.get("sha256"), str)
+                       for e in digests.values())):
+        raise TypeError("'digests' is not one {bytes, sha256} per listed file")
+    return digests
+
+
+def _factor_files(store: LakeStore, lake_dir: str) -> tuple[list[str], dict[str, dict] | None] | None:
+    """(the file names `factors.json` lists, the digest each must have) of stored factors; None when there are none.
+
+    The digests are the record's (the manifest's for factors written before the record held them; None for factors
+    written before manifests).  A damaged record or manifest, a name that would leave the directory, and (seen in
+    the directory's listing) a listed file missing or of another size or a file no record lists are each one
+    DamagedFile naming the file."""
     directory = store.path(lake_dir)
-    redo = (f"remove {public_url(store.url)}/{lake_dir} and rerun `gradlake influence` (the factors are fitted "
-            "again), or run `gradlake verify` to list what else is damaged")
     with store.explained_errors():
         try:
             files = read_manifest(store.fs, directory)
-            raw = read_checked(store.fs, directory, FACTORS_RECORD, files)
-        except FileNotFoundError:
-            return None
         except DamagedFile as err:
-            raise DamagedFile(f"damaged influence factors: {err}; {redo}") from None
+            raise DamagedFile(f"damaged influence factors: {err}; {_redo(store, lake_dir)}") from None
+        try:
+            raw = store.fs.cat_file(f"{directory}/{FACTORS_RECORD}")
+        except FileNotFoundError:
+            if files is None:
+                return None
+            raise _damaged(store, lake_dir, f"{directory}/{FACTORS_RECORD} is missing") from None
+    if files is not None:
+        _checked(store, lake_dir, FACTORS_RECORD, files, entry(raw))
     try:
-        names = json.loads(raw)["files"]
+        record = json.loads(raw)
+        names = record["files"]
         if not isinstance(names, list):
             raise TypeError(f"'files' holds {type(names).__name__}, not a list")
-    except (ValueError, KeyError, TypeError) as err:
-        raise DamagedFile(f"damaged influence factors: {directory}/{FACTORS_RECORD} is not a factors record "
-                          f"({type(err).__name__}: {str(err)[:80]}); {redo}") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise _damaged(store, lake_dir, f"{directory}/{FACTORS_RECORD} is not a factors record "
+                                        f"({type(err).__name__}: {str(err)[:80]})") from None
     for name in names:
         try:
             safe_name(name)
         except LakeError:
-            raise DamagedFile(f"damaged influence factors: {directory}/{FACTORS_RECORD} names {name!r}, which is not a "
-                              "plain relative path inside its directory (a leading '/', '..', ':' or '\\'): it was "
-                              f"changed after it was written; {redo}") from None
-    return names, files
+            raise _damaged(store, lake_dir, f"{directory}/{FACTORS_RECORD} names {name!r}, which is not a plain relative "
+                                            "path inside its directory (a leading '/', '..', ':' or '\\'): it was "
+                                            "changed after it was written") from None
+    try:
+        digests = _digests(record, names)
+    except TypeError as err:
+        raise _damaged(store, lake_dir, f"{directory}/{FACTORS_RECORD} is not a factors record ({err})") from None
+    if digests is None and files is not None:
+        digests = {name: files[name] for name in names if name in files}
+        if len(digests) < len(names):
+            missing = next(name for name in names if name not in files)
+            raise _damaged(store, lake_dir, f"{directory}/{FACTORS_RECORD} lists {missing!r}, which {MANIFEST} does not")
+    elif digests is not None and files is None:
+        raise _damaged(store, lake_dir, f"{directory}/{MANIFEST} is missing (it is written last: the copy of these "
+                                        "factors into the lake stopped before its end, or it was removed)")
+    if digests is not None:
+        with store.explained_errors():
+            problems = listing_problems(store.fs, directory, digests, others=(MANIFEST, FACTORS_RECORD))
+        if problems:
+            raise _damaged(store, lake_dir, problems[0])
+    return names, digests
 
 
-def _read_factor(store: LakeStore, lake_dir: str, name: str, files: dict | None) -> bytes:
+def _checked(store: LakeStore, lake_dir: str, name: str, digests: dict[str, dict] | None, data: dict) -> None:
+    """Raise one DamagedFile naming `name` unless `data` (its entry) is the digest recorded for it (if any)."""
+    if digests is not None and name in digests:
+        problem = entry_problem(f"{store.path(lake_dir)}/{name}", data, digests[name])
+        if problem:
+            raise _damaged(store, lake_dir, problem)
+
+
+def _read_factor(store: LakeStore, lake_dir: str, name: str, digests: dict[str, dict] | None) -> bytes:
     with store.explained_errors():
         try:
-            return read_checked(store.fs, store.path(lake_dir), name, files)
-        except (DamagedFile, FileNotFoundError) as err:
-            what = str(err) if isinstance(err, DamagedFile) else f"{store.path(lake_dir)}/{name} is missing"
-            raise DamagedFile(f"damaged influence factors: {what}; remove {public_url(store.url)}/{lake_dir} and "
-                              "rerun `gradlake influence` (the factors are fitted again)") from None
+            data = store.fs.cat_file(store.path(f"{lake_dir}/{name}"))
+        except FileNotFoundError:
+            raise _damaged(store, lake_dir, f"{store.path(lake_dir)}/{name} is missing") from None
+    _checked(store, lake_dir, name, digests, entry(data))
+    return data
 
 
-def factors_from_lake(store: LakeStore, lake_dir: str, local: Path) -> bool:
+def factors_from_lake(store: LakeStore, lake_dir: str, local: Path, log: Callable[[str], object] = print) -> bool:
     """Put factors the lake holds where Kronfluence looks for them; False when the lake has none (complete).
 
-    Every file is checked against the directory's manifest, and never written outside `local`."""
+    Every file is checked against the digest `factors.json` records before it is used (a changed, missing or added
+    file: one DamagedFile naming it), and never written outside `local`.  Factors written before digests were
+    recorded are copied unchecked, and the log says so."""
     found = _factor_files(store, lake_dir)
     if found is None:
         return False
-    names, files = found
+    names, digests = found
+    if digests is None:
+        log(f"factors at {public_url(store.url)}/{lake_dir} were written before gradlake recorded their digests: "
+            "reused unchecked (remove that directory to fit them again)")
     for name in names:
         target = local / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(_read_factor(store, lake_dir, name, files))
+        with store.explained_errors():
+            try:
+                store.fs.get_file(store.path(f"{lake_dir}/{name}"), str(target))
+            except FileNotFoundError:
+                raise _damaged(store, lake_dir, f"{store.path(lake_dir)}/{name} is missing") from None
+        _checked(store, lake_dir, name, digests, file_entry(fsspec.filesystem("file"), str(target)))
     return True
 
 
@@ -248,8 +317,8 @@ def load_factors(store: LakeStore, lake_dir: str) -> dict[str, dict[str, torch.T
     found = _factor_files(store, lake_dir)
     if found is None:
         raise LakeError(f"no influence factors at {public_url(store.url)}/{lake_dir}")
-    names, files = found
-    return {Path(name).stem: load_bytes(_read_factor(store, lake_dir, name, files))
+    names, digests = found
+    return {Path(name).stem: load_bytes(_read_factor(store, lake_dir, name, digests))
             for name in names if name.endswith(".safetensors")}
 
 
