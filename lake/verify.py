@@ -140,21 +140,28 @@ def _flag(group: GradientGroup, k: int) -> bool:
 
 
 def _flags(group: GradientGroup, finding: Finding) -> tuple[np.ndarray, list[int]]:
-    """The completion flags, and the row-chunks whose flag object cannot be read (each named in `finding`)."""
+    """The completion flags, and the row-chunks whose flag object cannot be trusted (each named in `finding`): one
+    that cannot be read, or one that reads 0 (a missing object does) in a group marked complete."""
     try:
-        return group.done_chunks(), []
+        flags, unknown = group.done_chunks(), []
     except Exception:
-        pass
-    array = group.group["shard_complete"]
-    flags, unknown = np.zeros(group.plan.n_chunks, dtype=bool), []
-    for k in range(group.plan.n_chunks):  # one object per flag: find which
-        try:
-            flags[k] = bool(array[k])
-        except Exception as err:
-            unknown.append(k)
-            start, stop = group.plan.chunk_bounds(k)
-            finding.damage(f"completion flag of row-chunk {k} (samples {start}-{stop - 1}): "
-                           f"{damaged_chunk(array, slice(k, k + 1), err)}", k)
+        array = group.group["shard_complete"]
+        flags, unknown = np.zeros(group.plan.n_chunks, dtype=bool), []
+        for k in range(group.plan.n_chunks):  # one object per flag: find which
+            try:
+                flags[k] = bool(array[k])
+            except Exception as err:
+                unknown.append(k)
+                start, stop = group.plan.chunk_bounds(k)
+                finding.damage(f"completion flag of row-chunk {k} (samples {start}-{stop - 1}): "
+                               f"{damaged_chunk(array, slice(k, k + 1), err)}", k)
+    if group.meta_complete():
+        for k in np.flatnonzero(~flags).tolist():
+            if k not in unknown:
+                unknown.append(k)
+                start, stop = group.plan.chunk_bounds(k)
+                finding.damage(f"completion flag of row-chunk {k} (samples {start}-{stop - 1}): object "
+                               f"shard_complete/c/{k} is missing or says 0 while the group is marked complete", k)
     return flags, unknown
 
 

@@ -349,3 +349,42 @@ def test_methods_without_scores_are_refused_before_any_write(base_only):
     with pytest.raises(AttributionError, match=r"no scores in the lake for methods \['grad-dot'\]"):
         evaluate_attribution(spec)
     assert _files(root) == before, _files(root) - before
+
+
+@pytest.mark.parametrize("how", ["deleted", "damaged"])
+def test_a_missing_or_damaged_score_chunk_fails_the_attribution_in_one_line_before_any_retraining(base_only, how):
+    """Before: one chunk object of the bm25 scores removed, `gradlake attribution` retrained and exited 0 with the bm25
+    row at LDS NaN (0 queries)."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from gradlake.flows.cli import app
+    from gradlake.lake.scores import ScoreGroup
+    from gradlake.tasks.attribution.benchmark import plan_benchmark
+    from gradlake.tasks.attribution.spec import AttributionSpec, method_path
+
+    root, _, run = base_only
+    spec = AttributionSpec(train=run, n_subsets=4, methods=["bm25"], baselines=False,
+                           retrain_prefix=str(root / f"retrain-{how}"), train_deployment=None)
+    plan = plan_benchmark(spec.model_copy(update={"baselines": True}))  # its queries and training samples
+    path = method_path(spec, "bm25")
+    group = ScoreGroup.create(LakeStore(run.lake), path, plan["queries"].ids, plan["train_keys"],
+                              {"method": "bm25", "kind": "text", "settings": {}}, query_rows=2, train_cols=2)
+    group.write_rows(0, np.random.default_rng(0).random((2, len(plan["train_keys"]))))
+    group.write_rows(2, np.random.default_rng(1).random((len(plan["queries"].ids) - 2, len(plan["train_keys"]))))
+    group.finish()
+    chunk = root / "lake" / path / "scores" / "c" / "1" / "0"
+    if how == "deleted":
+        chunk.unlink()
+    else:
+        chunk.write_bytes(np.random.default_rng(2).bytes(chunk.stat().st_size))
+    before = _files(root)
+    try:
+        result = CliRunner().invoke(app, ["attribution", "--spec", spec.model_dump_json()])
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1, result.output
+        assert path in lines[0] and "scores/c/1/0" in lines[0] and "gradlake verify --repair" in lines[0], lines[0]
+        assert _files(root) == before, _files(root) - before
+    finally:
+        shutil.rmtree(root / "lake" / path)  # the module's other tests see the lake as it was

@@ -285,6 +285,24 @@ def test_damaged_flag_or_digest_object_is_named_repaired_and_the_rerun_works(lak
     assert verify(url).exit_code == 0
 
 
+def test_a_missing_flag_object_of_a_complete_group_is_named_restored_or_recomputed(lake, clean, tiny_models):
+    """Before: a deleted shard_complete object reads 0 and verify said ok, though the group is marked complete."""
+    url, group_dir = lake
+    (group_dir / "shard_complete" / "c" / "1").unlink()  # over values that still prove their digest
+    (group_dir / "shard_complete" / "c" / "2").unlink()  # over a damaged chunk
+    target = chunk_file(group_dir, LAYERS[1], 2)
+    target.write_bytes(b"\x07" * target.stat().st_size)
+    result = verify(url)
+    assert result.exit_code == 1 and "shard_complete/c/1 is missing" in result.output, result.output
+    assert verify(url, "--repair").exit_code == 0
+    assert GradientGroup.open(LakeStore(url), clean[1]).pending_chunks() == [2]
+    extract(tiny_models["olmo2"], url)
+    after = arrays(url, clean[1])
+    for name, value in clean[2].items():
+        assert np.array_equal(after[name], value), name
+    assert verify(url).exit_code == 0
+
+
 SCORES = "attribution/m/c/probe/probe.paraphrased/grad-dot"
 
 
