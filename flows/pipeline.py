@@ -1,8 +1,8 @@
-"""The end-to-end pipeline for one model and checkpoint, and the GPU stage it fans out to.
+"""The end-to-end pipeline for one model and checkpoint, and how it fans out to its GPU stage.
 
 ``gradlake-pipeline`` runs on the ``cpu`` pool: (optionally) dataset creation, then it plans
 and creates the gradient group of every variant and sends their pending shards to the
-``extract-shards`` deployment on the ``gpu`` pool; then it finalizes the groups, evaluates
+``extract-shards`` deployment on the ``gpu`` pool (`gradlake.flows.extract:extract_shards`); then it finalizes the groups, evaluates
 select vs project and puts the headline on its own run page.
 
 The GPU stage is shared out by work stealing: one GPU flow run per worker polling the pool
@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import socket
 import time
 from collections.abc import Callable
 from typing import Literal
@@ -39,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gradlake.flows.dataset import create_dataset
 from gradlake.flows.evaluate import evaluate, publish_headline
+from gradlake.flows.extract import ShardWork, extract_shards, visit_shards  # extract_shards: the GPU stage's former entrypoint
 from gradlake.flows.fanout import ShardRun, polling_workers, wait_for_shard_runs
 from gradlake.flows.run_names import named_by_model, run_label
 from gradlake.lake import layout
@@ -101,16 +100,6 @@ class PipelineSpec(PipelineSettings, _Target):
         return ExtractionSpec(**shared, model=self.model, variant=name, lake=self.lake)
 
 
-class ShardWork(BaseModel):
-    """Shards of one extraction for a GPU run: the extraction, its gradient group (made by the plan) and which shards."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    spec: ExtractionSpec = Field(title="Extraction", description="The extraction (one variant) the shards belong to.")
-    path: str = Field(title="Gradient group", description="Path of the extraction's gradient group in the lake; the pipeline's plan created it.")
-    shards: list[int] = Field(title="Shards", description="Indices of the shards (of the extraction's shard size) to compute.")
-
-
 def require_dataset(spec: PipelineSpec) -> None:
     """One error that says how to make the dataset when a variant to extract is not in the lake (before any GPU run)."""
     from gradlake.lake.datasets import list_datasets
@@ -139,47 +128,6 @@ def require_dataset(spec: PipelineSpec) -> None:
                         "'Variants'")
     raise LakeError(f"{where}: make it with '{CREATE_TITLE}' (the dataset's source again, with {how}), or remove it "
                     "from 'Variants'")
-
-
-Unit = tuple[ExtractionSpec, str, int]  # an extraction, its group's path, one shard
-
-
-def visit_shards(units: list[Unit], start: int, extract: Callable[[ExtractionSpec, str, int, bool], int | None]) -> int:
-    """Compute every shard, from position `start` on and around, leaving those another live run is computing to the end.
-
-    `extract(spec, path, shard, wait)` computes one shard's unfinished chunks and returns the samples
-    computed; with `wait` off it returns None instead of waiting for chunks another live run holds.
-    Shards left so are visited again at the end, waiting for them (or taking over a dead run's chunks
-    once their leases run out), so every shard is complete when this returns.  Returns samples computed.
-    """
-    if not units:
-        return 0
-    start %= len(units)
-    computed, left = 0, []
-    for unit in units[start:] + units[:start]:
-        samples = extract(*unit, False)
-        if samples is None:
-            left.append(unit)
-        else:
-            computed += samples
-    for unit in left:
-        computed += extract(*unit, True) or 0
-    return computed
-
-
-@flow(name="extract-shards", log_prints=True)
-def extract_shards(work: list[ShardWork], start: int = 0) -> int:
-    """The GPU stage: compute shards of existing gradient groups in one process, the model loaded once for all of them.
-
-    Args:
-        work: The shards to compute, one entry per extraction (variant); the pipeline gives every run all of them.
-        start: Position in the list of all the shards where this run begins (runs given the same list begin apart).
-    """
-    worker = os.environ.get("PREFECT__WORKER_NAME", "in-process")
-    units = [(item.spec, item.path, shard) for item in work for shard in item.shards]
-    get_run_logger().info("%d shards of %s from position %d on worker %s (host %s)", len(units),
-                          ", ".join(item.spec.variant for item in work), start, worker, socket.gethostname())
-    return visit_shards(units, start, lambda spec, path, shard, wait: extract_shard_task(spec, path, shard, wait=wait))
 
 
 def gpu_run_count(spec: PipelineSpec, client, pool: str, n_shards: int) -> int:

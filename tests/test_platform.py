@@ -113,6 +113,19 @@ def test_prefect_yaml_deploys_every_stage(platform):
     assert "lake" not in form["definitions"]["DatasetRecipe"]["properties"], "one Lake field in the pipeline's form"
 
 
+def test_gpu_stage_process_imports_only_extraction():
+    """The GPU stage's entrypoint module (every GPU flow run's process imports it) leaves out the dataset recipes
+    (the paraphrasing client) and the evaluation: about 1.5 CPU-s of every GPU run's start."""
+    config = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
+    entrypoint = next(d["entrypoint"] for d in config["deployments"] if d["name"] == "extract-shards")
+    module, name = entrypoint.split(":")
+    probe = (f"import importlib, sys; flow = getattr(importlib.import_module({module!r}), {name!r}); "
+             "print(flow.name, *sorted(m for m in ('openai', 'gradlake.flows.evaluate', 'gradlake.flows.dataset', "
+             "'gradlake.tasks.data.dataset') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True)
+    assert done.stdout.split() == ["extract-shards"], done.stdout
+
+
 def test_pipeline_fans_out_over_both_gpu_workers(platform, tiny_models, tmp_path):
     """The pipeline creates its dataset in its own lake (S3), fans shards out to both GPU workers, puts the headline on its run."""
     from prefect.client.orchestration import get_client
