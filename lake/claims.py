@@ -15,8 +15,9 @@ the same stale claim at the same instant can both believe they hold it; the work
 written whole and deterministic, so the cost of that rare case is work done twice, never a
 mixed result.  Claims live outside the Zarr groups, where Zarr and xarray never see them.
 
-Two kinds are made: a group's creation claim (`lake.gradients`) and row-chunk leases (`lake.leases`);
-their names are `layout.creation_claim` and `layout.lease_claim`.
+Two kinds are made in a lake: a group's creation claim (`lake.gradients`) and row-chunk leases
+(`lake.leases`); their names are `layout.creation_claim` and `layout.lease_claim`.  A training run
+holds a third under its checkpoint prefix, owned by the run's fingerprint (`tasks.training.claim`).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 import fsspec
@@ -15,11 +16,14 @@ import torch
 
 from gradlake.lake.manifest import MANIFEST, local_entries, write_manifest
 from gradlake.lake.store import LakeStore
+from gradlake.tasks.common.checkpoints import checkpoint_complete
 from gradlake.tasks.common.lineage import gradlake_version
 from gradlake.tasks.common.model import DTYPES, ModelError, ModelSpec, lake_names
 from gradlake.tasks.training.checks import storage_failure
+from gradlake.tasks.training.claim import check_still_held, differences
 from gradlake.tasks.training.plan import Plan, output_fs, trained_order
-from gradlake.tasks.training.spec import LINEAGE_FILE, STATE_DIR, TrainSpec, checkpoint_name
+from gradlake.tasks.training.spec import (LINEAGE_FILE, STATE_DIR, TrainError, TrainSpec, checkpoint_name,
+                                          hyperparameters)
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -60,28 +64,67 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in protocols or "local" in protocols
 
 
-def _publish(local: Path, spec: TrainSpec, name: str) -> str:
+def _refuse_foreign(fs: fsspec.AbstractFileSystem, target: str, spec: TrainSpec, name: str, fingerprint: str) -> None:
+    """Refuse to publish `name` over a checkpoint of another run: read its fingerprint right before writing.
+
+    An older copy of this run's own (same fingerprint), or a leftover that never became a checkpoint, may be replaced."""
+    fs.invalidate_cache()  # s3fs keeps listings: another process's checkpoint would stay unseen
+    if not fs.exists(target):
+        return
+    try:
+        record = json.loads(fs.cat_file(f"{target}/{LINEAGE_FILE}"))
+        theirs = record.get("fingerprint") if isinstance(record, dict) else None
+    except FileNotFoundError:
+        record, theirs = {}, None
+        if not checkpoint_complete(fs, target):  # an upload that stopped before its lineage: not a checkpoint yet
+            return
+    except (ValueError, UnicodeDecodeError):
+        record, theirs = {}, "unreadable"
+    if theirs == fingerprint:
+        return
+    shown = f"{spec.output.rstrip('/')}/{name}"
+    differ = differences(record.get("hyperparameters") or {}, hyperparameters(spec)) if isinstance(record, dict) else ""
+    raise TrainError(f"{name} was not written: {shown} holds a checkpoint of another training run (fingerprint "
+                     f"{theirs}, this run {fingerprint}{'; ' + differ if differ else ''}), left as it is; train into "
+                     "another output prefix")
+
+
+def _publish(local: Path, spec: TrainSpec, name: str, fingerprint: str) -> str:
     """Move a finished local checkpoint directory to the prefix so that it appears whole or not at all.
 
-    Its digest manifest (every file's size and sha256) is written last, so a resume can tell damage."""
+    Its digest manifest (every file's size and sha256) is written last, so a resume can tell damage.  The
+    staging directory's name is this call's own (hidden, so the watcher skips it); another run's checkpoint
+    at the target is never replaced."""
     fs, root = output_fs(spec)
     target = f"{root.rstrip('/')}/{name}"
     digests = local_entries(str(local))
     if _is_local(fs):
-        staging = Path(f"{root.rstrip('/')}/.{name}.partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(local, staging)
-        write_manifest(fs, str(staging), digests)  # inside before the rename: no published copy lacks it
-        if Path(target).exists():  # an older copy of the same step (same fingerprint): replace it
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        staging = Path(f"{root.rstrip('/')}/.{name}.partial-{uuid.uuid4().hex[:12]}")
+        try:
+            shutil.copytree(local, staging)
+            write_manifest(fs, str(staging), digests)  # inside before the rename: no published copy lacks it
+            check_still_held(spec, fingerprint, name)
+            _refuse_foreign(fs, target, spec, name, fingerprint)
+            if Path(target).exists():  # an older copy of the same step (same fingerprint): replace it
+                shutil.rmtree(target)
+            try:
+                os.replace(staging, target)
+            except OSError:  # a rename never replaces a full directory: a copy appeared meanwhile
+                if not Path(target).exists():
+                    raise
+                _refuse_foreign(fs, target, spec, name, fingerprint)  # this run's own (same spec, same bytes): kept
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return target
     files = sorted(p for p in local.rglob("*") if p.is_file())
     weights = [p for p in files if p.name.startswith("model") and p.suffix == ".safetensors"]
     index = [p for p in files if p.name == "model.safetensors.index.json"]
-    first = [p for p in files if p not in weights and p not in index]
+    lineage = [p for p in files if p.name == LINEAGE_FILE and p.parent == local]
+    first = [p for p in files if p not in weights and p not in index and p not in lineage]
     try:
-        for path in [*first, *weights, *index]:  # weights (and their index) last: their presence means complete
+        check_still_held(spec, fingerprint, name)
+        _refuse_foreign(fs, target, spec, name, fingerprint)
+        for path in [*lineage, *first, *weights, *index]:  # lineage first: whose it is; weights last: complete
             fs.put_file(str(path), f"{target}/{path.relative_to(local).as_posix()}")
         write_manifest(fs, target, digests)
     except Exception as err:  # endpoint gone, credentials refused mid-run: a line naming the endpoint, not botocore's
@@ -122,8 +165,7 @@ def save_checkpoint(model, tokenizer, optimizer, plan: Plan, step: int, losses: 
                        "commit": plan.base_commit, "dtype": spec.model.dtype},
         "data": {"lake": spec.lake, "dataset": spec.dataset, "versions": plan.data.versions,
                  "n_samples": len(plan.data.keys), "paradigm": spec.paradigm},
-        "hyperparameters": spec.model_dump(mode="json", exclude={"model", "lake", "dataset", "variants", "version",
-                                                                 "paradigm", "output", "storage_options", "quality"}),
+        "hyperparameters": hyperparameters(spec),
         "trained_on": trained_order(plan, step),
         "recent_losses": losses[-50:],
         "gradlake_version": gradlake_version(),
@@ -143,7 +185,7 @@ def save_checkpoint(model, tokenizer, optimizer, plan: Plan, step: int, losses: 
         save_file(tensors, str(state_dir / "optimizer.safetensors"))
         save_file(rng_tensors(), str(state_dir / "rng.safetensors"))
         (state_dir / "optimizer.json").write_text(json.dumps(info))
-        return _publish(local, spec, name)
+        return _publish(local, spec, name, plan.fingerprint)
 
 
 def local_copy(spec: TrainSpec, name: str, into: str) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import uuid
 from dataclasses import dataclass
 
 import fsspec
@@ -18,7 +19,8 @@ from gradlake.tasks.common.loss import chat_template_text
 from gradlake.tasks.common.model import check_model, lake_names, resolved_commit
 from gradlake.tasks.common.weights import check_weights
 from gradlake.tasks.training.checks import read_lineage
-from gradlake.tasks.training.spec import CHECKPOINT_PREFIX, TrainError, TrainSpec, checkpoint_name
+from gradlake.tasks.training.claim import check_prefix_free, differences
+from gradlake.tasks.training.spec import CHECKPOINT_PREFIX, TrainError, TrainSpec, checkpoint_name, hyperparameters
 
 
 @dataclass
@@ -116,7 +118,7 @@ def output_fs(spec: TrainSpec) -> tuple[fsspec.AbstractFileSystem, str]:
 def check_output_writable(spec: TrainSpec) -> None:
     """Write and delete a probe object under the checkpoint prefix, or raise one clear error; leaves nothing behind."""
     fs, root = output_fs(spec)
-    probe = f"{root.rstrip('/')}/.gradlake-write-probe"
+    probe = f"{root.rstrip('/')}/.gradlake-write-probe-{uuid.uuid4().hex}"  # its own: runs started together
     made = []  # local directories this check creates: removed again, so a refusal after it leaves nothing behind
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         parent = root.rstrip("/")
@@ -154,6 +156,7 @@ def run_fingerprint(spec: TrainSpec, base_commit: str, versions: dict[str, str])
 def existing_checkpoints(spec: TrainSpec) -> dict[int, dict]:
     """Complete checkpoints under the prefix: step -> their lineage record."""
     fs, root = output_fs(spec)
+    fs.invalidate_cache()  # s3fs keeps listings: checkpoints another process wrote since would stay unseen
     if not fs.isdir(root):
         return {}
     found = {}
@@ -166,6 +169,20 @@ def existing_checkpoints(spec: TrainSpec) -> dict[int, dict]:
             continue
         found[int(record.get("step", -1))] = record | {"name": name}
     return found
+
+
+def refuse_foreign_checkpoints(spec: TrainSpec, fingerprint: str) -> dict[int, dict]:
+    """The prefix's complete checkpoints (as `existing_checkpoints`), or one TrainError if one is another run's."""
+    existing = existing_checkpoints(spec)
+    foreign = {s: r for s, r in existing.items() if r.get("fingerprint") != fingerprint}
+    if foreign:
+        step, record = sorted(foreign.items())[0]
+        differ = differences(record.get("hyperparameters") or {}, hyperparameters(spec))
+        raise TrainError(f"checkpoint prefix {spec.output!r} holds {record['name']} of another training run "
+                         f"(fingerprint {record.get('fingerprint')}, this run {fingerprint}"
+                         f"{'; ' + differ if differ else ''}); nothing was trained or written: train into another "
+                         "output prefix, or give the same spec to resume that run")
+    return existing
 
 
 def total_steps(spec: TrainSpec, n_samples: int) -> int:
@@ -187,13 +204,8 @@ def plan_run(spec: TrainSpec) -> Plan:
                    | ({0} if spec.save_initial else set()))
     base_commit = resolved_commit(spec.model.resolved())
     fingerprint = run_fingerprint(spec, base_commit, data.versions)
-    existing = existing_checkpoints(spec)
-    foreign = {s: r for s, r in existing.items() if r.get("fingerprint") != fingerprint}
-    if foreign:
-        step, record = sorted(foreign.items())[0]
-        raise TrainError(f"checkpoint prefix {spec.output!r} holds {record['name']} of another training run "
-                         f"(fingerprint {record.get('fingerprint')}, this run {fingerprint}); "
-                         "give a new prefix, or the same spec to resume that run")
+    existing = refuse_foreign_checkpoints(spec, fingerprint)
+    check_prefix_free(spec, fingerprint)
     del config
     return Plan(spec=spec, data=data, total_steps=total, steps_per_epoch=per_epoch, base_commit=base_commit,
                 fingerprint=fingerprint, saves=saves, done=sorted(existing))

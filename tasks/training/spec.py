@@ -94,6 +94,19 @@ class TrainSpec(BaseModel):
         return self
 
 
+def hyperparameters(spec: TrainSpec) -> dict:
+    """The settings a checkpoint's lineage records as its hyperparameters (beside its base model and data)."""
+    return spec.model_dump(mode="json", exclude={"model", "lake", "dataset", "variants", "version", "paradigm", "output",
+                                                 "storage_options", "quality"})
+
+
+def settings(spec: TrainSpec) -> dict:
+    """A run's settings as one flat record (base model and data beside the hyperparameters), to say how two runs differ."""
+    return {"model": spec.model.model, "checkpoint": spec.model.checkpoint, "dtype": spec.model.dtype,
+            "dataset": spec.dataset, "variants": spec.variants, "version": spec.version, "paradigm": spec.paradigm,
+            **hyperparameters(spec)}
+
+
 def checkpoint_name(step: int) -> str:
     """Zero-padded so that name order is step order (the watcher lists checkpoints by name)."""
     return f"{CHECKPOINT_PREFIX}{step:06d}"

@@ -19,7 +19,8 @@ from gradlake.tasks.training.checks import (check_before_save, check_resumable, 
                                             storage_named)
 from gradlake.tasks.training.checkpoints import (load_for_training, local_copy, measure_checkpoint, restore_optimizer,
                                                  restore_rng, save_checkpoint)
-from gradlake.tasks.training.plan import Plan, batch_of_step, learning_rate, plan_run
+from gradlake.tasks.training.claim import prefix_claimed
+from gradlake.tasks.training.plan import Plan, batch_of_step, learning_rate, plan_run, refuse_foreign_checkpoints
 from gradlake.tasks.training.spec import STATE_DIR, TrainError, TrainSpec, checkpoint_name
 
 
@@ -47,15 +48,23 @@ def _encode(plan: Plan, tokenizer) -> list[Encoded]:
 
 
 def train(plan: Plan, log: Callable[[str], None] = print, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
-    """Run (or finish) the planned training; every planned checkpoint exists afterwards."""
-    from safetensors.torch import load_file
-
+    """Run (or finish) the planned training, holding the prefix's claim; every planned checkpoint exists afterwards."""
     spec = plan.spec
     start = max((s for s in plan.done), default=None)
     names = [checkpoint_name(s) for s in plan.saves]
     if start == plan.total_steps and all(s in plan.done for s in plan.saves):
         log(f"all {len(plan.saves)} checkpoints of this run are already at {spec.output}; nothing to train")
         return TrainResult(names, checkpoint_name(plan.total_steps), [], plan.total_steps)
+    with prefix_claimed(spec, plan.fingerprint):  # another run training into the prefix: refused before any writing
+        refuse_foreign_checkpoints(spec, plan.fingerprint)  # again, now that it is ours: one may have finished meanwhile
+        return _run(plan, start, names, log, on_step)
+
+
+def _run(plan: Plan, start: int | None, names: list[str], log: Callable[[str], None],
+         on_step: Callable[[int, float], None] | None) -> TrainResult:
+    from safetensors.torch import load_file
+
+    spec = plan.spec
     with tempfile.TemporaryDirectory(prefix="gradlake-resume-") as tmp:
         resume_dir = local_copy(spec, checkpoint_name(start), tmp) if start is not None else None
         shown = f"{spec.output.rstrip('/')}/{checkpoint_name(start)}" if start is not None else None
