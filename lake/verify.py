@@ -272,12 +272,16 @@ def _score_flags(array: zarr.Array, complete: bool, finding: Finding) -> tuple[n
     New groups hold one flag per object, with a CRC32C; older ones all flags in one object without a checksum."""
     flags = np.zeros(array.shape, dtype=np.uint8)
     unknown = []
+    try:  # every object at once (concurrent requests); object by object only where one cannot be read
+        whole = np.asarray(array[:])
+    except Exception:
+        whole = None
     grid = [range(-(-n // c)) for n, c in zip(array.shape, array.chunks)]
     for key in [(i, j) for i in grid[0] for j in grid[1]]:
         region = tuple(slice(k * c, min(n, (k + 1) * c)) for k, c, n in zip(key, array.chunks, array.shape))
         name = f"object block_complete/c/{key[0]}/{key[1]}"
         try:
-            values = np.asarray(array.get_block_selection(key))
+            values = whole[region] if whole is not None else np.asarray(array.get_block_selection(key))
             problem = (f"{name} holds values other than 0 and 1" if not np.isin(values, (0, 1)).all() else
                        f"{name} is missing or says a block is not written, while the group is marked complete"
                        if complete and not values.all() else None)
