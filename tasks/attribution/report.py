@@ -36,7 +36,7 @@ ATTRIBUTION_METRICS = (
     ("cf_loss_change", "counterfactual removal: mean increase of a query's loss after retraining on the run's samples "
                        "less the method's k highest-scored ones for it, with its interval; cf_vs_random: the increase "
                        "beyond removing k random samples (paired by query); cf_source_removed: how often the k held "
-                       "the query's source."),
+                       "the query's source; cf_queries and cf_source_queries: the queries these rest on."),
     ("compute_seconds / lake_bytes", "time to compute the scores (and factors) and what they occupy in the lake."),
 )
 

@@ -241,7 +241,7 @@ def counterfactual_results(store: LakeStore, spec: AttributionSpec, queries: Que
     resampled = np.random.default_rng([spec.subset_seed, 7]).integers(0, len(random), size=(spec.n_bootstrap, len(random)))
     random_boot = random[resampled].mean(axis=1)                         # (B, queries)
     no_boot = np.zeros((0, n))
-    columns = {"random": {"cf_loss_change": float(random.mean()),
+    columns = {"random": {"cf_loss_change": float(random.mean()), "cf_queries": n,
                           **dict(zip(("cf_ci_low", "cf_ci_high"), crossed_interval(random_per_query, random_boot)))}}
     for method, runs in cf.per_method.items():
         change = np.array([stored_losses(store, cf_dir, f"{run.output.rsplit('/', 2)[-2]}-q{q:03d}", at_attributed_step(spec, plan, run),
@@ -250,7 +250,8 @@ def counterfactual_results(store: LakeStore, spec: AttributionSpec, queries: Que
         top = np.argsort(-cf.scores[method], axis=1, kind="stable")[:, :k]
         with_source = [q for q in range(n) if queries.sources[q] is not None]
         columns[method] = {
-            "cf_loss_change": float(change.mean()),
+            "cf_loss_change": float(change.mean()), "cf_queries": n,  # every query: a NaN change makes the mean NaN
+            "cf_source_queries": len(with_source),  # the queries cf_source_removed rests on
             **dict(zip(("cf_ci_low", "cf_ci_high"), crossed_interval(change, no_boot))),
             "cf_vs_random": float((change - random_per_query).mean()),
             **dict(zip(("cf_vs_random_low", "cf_vs_random_high"),
