@@ -295,6 +295,7 @@ def factors_from_lake(store: LakeStore, lake_dir: str, local: Path, log: Callabl
     if found is None:
         return False
     names, digests = found
+    local.mkdir(parents=True, exist_ok=True)  # there even if the record lists no file
     if digests is None:
         log(f"factors at {public_url(store.url)}/{lake_dir} were written before gradlake recorded their digests: "
             "reused unchecked (remove that directory to fit them again)")
