@@ -113,6 +113,19 @@ def test_metrics_say_how_many_queries_they_used_and_why_they_left_others_out():
     assert retrieval_top1(finite, queries, [f"t{i}" for i in range(8)])[1:] == (3, {"no source among the training samples": 1})
 
 
+def test_a_tie_at_the_top_is_worth_chance_not_the_first_sample():
+    """A row of equal scores (BM25 with no word in common) once counted as found when the source came first."""
+    from gradlake.tasks.attribution.benchmark import retrieval_top1
+    from gradlake.tasks.attribution.queries import QuerySet
+
+    queries = QuerySet("paraphrased", "probe", "paraphrased", ["q0", "q1", "q2"], [], [0, 1, 2])
+    scores = np.zeros((3, 4))
+    scores[1, [1, 3]] = 2.0  # q1: its source tied with one other sample at the top
+    scores[2, 0] = 1.0  # q2: another sample alone at the top
+    value, used, _ = retrieval_top1(scores, queries, [f"t{i}" for i in range(4)])
+    assert used == 3 and value == pytest.approx((1 / 4 + 1 / 2 + 0) / 3)
+
+
 def test_constant_scores_are_named_as_the_reason_a_query_has_no_lds():
     from gradlake.tasks.attribution.lds import dropped_text, lds
 

@@ -152,7 +152,10 @@ def benchmark_table(store: LakeStore, spec: AttributionSpec, methods: list[str],
 
 def retrieval_top1(scores: np.ndarray, queries: QuerySet, train_keys: list[str]) -> tuple[float, int, dict[str, int]]:
     """(fraction of the queries used whose top-scored training sample is their source, queries used, {why left out:
-    how many}): a query is used where it has a source training sample and finite scores (NaN when none is)."""
+    how many}): a query is used where it has a source training sample and finite scores (NaN when none is).
+
+    A tie at the top counts as a random pick among the tied samples (1/ties where the source is one of them), so a
+    row of equal scores (BM25 with no word in common) is worth chance, not whichever sample comes first."""
     truth = np.array([-1 if s is None else s for s in queries.sources])
     finite = np.isfinite(scores).all(axis=1)
     used = (truth >= 0) & finite
@@ -160,7 +163,10 @@ def retrieval_top1(scores: np.ndarray, queries: QuerySet, train_keys: list[str])
                                           ("non-finite scores", ((truth >= 0) & ~finite).sum())) if n}
     if not used.any():
         return float("nan"), 0, dropped
-    return float((scores[used].argmax(axis=1) == truth[used]).mean()), int(used.sum()), dropped
+    rows, source = scores[used], truth[used]
+    top = rows == rows.max(axis=1, keepdims=True)
+    credit = top[np.arange(len(rows)), source] / top.sum(axis=1)
+    return float(credit.mean()), int(used.sum()), dropped
 
 
 def top1_columns(label: str, value: float, used: int, dropped: dict[str, int] | str) -> dict:
