@@ -19,6 +19,7 @@ import pytest
 from conftest import write_probe
 from gradlake.lake import claims
 from gradlake.lake.manifest import check_directory
+from gradlake.tasks.common.checkpoints import WatchedModel, list_checkpoints
 from gradlake.tasks.common.model import ModelSpec
 from gradlake.tasks.training.claim import PREFIX_CLAIM, prefix_store
 from gradlake.tasks.training.plan import plan_run
@@ -143,3 +144,16 @@ def test_a_live_claim_of_another_run_refuses_a_stale_one_or_this_runs_own_does_n
     assert claims.take(store, PREFIX_CLAIM, plan.fingerprint, 600, {})  # a killed attempt of this same spec
     assert train(plan, log=lambda _: None).final == checkpoint_name(1)
     assert sorted(p.name for p in Path(spec.output).iterdir()) == [checkpoint_name(1)]  # the claim is given back
+
+
+def test_a_staging_directory_is_the_publishing_calls_own(tiny_models, lake, tmp_path):
+    """Another writer's staging directory (here at the name every process shared before) is left alone; this run's
+    own are gone once published, and the watcher lists the checkpoint only."""
+    spec = spec_for(tiny_models, lake, str(tmp_path / "run"), steps=1)
+    other = Path(spec.output) / f".{checkpoint_name(1)}.partial"
+    other.mkdir(parents=True)
+    (other / "config.json").write_text("{}")  # another process, part way through its copy
+    assert train(plan_run(spec), log=lambda _: None).final == checkpoint_name(1)
+    assert (other / "config.json").read_text() == "{}"
+    assert sorted(p.name for p in Path(spec.output).iterdir()) == [other.name, checkpoint_name(1)]
+    assert list_checkpoints(WatchedModel(model=spec.output)) == [checkpoint_name(1)]
