@@ -142,6 +142,8 @@ def projection_costs(model, batches: list[tuple[torch.Tensor, torch.Tensor]], na
     for r in range(rounds):
         for key in keys[r % len(keys):] + keys[:r % len(keys)]:
             times[key].append(timed_call(lambda: one_pass(runs[key]), device))
+        print(f"  round {r + 1}: CPU ratios " + ", ".join(f"{k} {times[k][-1][0] / times['none'][-1][0]:.2f}"
+                                                      for k in texts), flush=True)  # a long run can be read so far
     base = times["none"]
     cpu0 = statistics.median(t[0] for t in base)
     print(f"  {'projection':26s} {'CPU s/sample':>12s} {'CPU ratio':>10s} {'(min-max)':>11s} {'wall ratio':>10s}")
