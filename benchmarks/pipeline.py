@@ -1,32 +1,46 @@
-"""The pipeline's platform overhead: wall time over real work, schedules side by side in one run.
+"""The pipeline's platform overhead: wall time over real work, setups side by side in one run.
 
-Starts a Prefect server on loopback, deploys `gradlake-pipeline` (cpu pool) and `extract-shards`
-(gpu pool) from deployments/prefect.yaml, and starts two process workers on `gpu` (one run at a
-time each) and one on `cpu`, as a small cluster would.  A small random-weight OLMo-2 (the tiny
-model's architecture and tokenizer, wider and deeper so that a shard holds seconds of work) and the
-bundled probe set go into a file lake (the per-sample gradients of the first MLP's down
-projection are stored: a backward through every layer, little disk); then the whole pipeline (original and paraphrased variants,
-10 shards by default, no evaluation) runs once per schedule, each time into a fresh lake:
+Starts a Prefect server on loopback and, per setup below, deploys `gradlake-pipeline` (on a cpu pool)
+and `extract-shards` (on a gpu pool) from deployments/prefect.yaml's entrypoints and starts process
+workers (one on the cpu pool, `--gpu-workers` on the gpu pool, each taking one run at a time).
+A small random-weight OLMo-2 (the tiny model's architecture and tokenizer, wider and deeper so
+that a shard holds seconds of work) and the bundled probe set go into a file lake (the per-sample
+gradients of the first MLP's down projection are stored: a backward through every layer, little
+disk); then the whole pipeline (original and paraphrased variants, 10 shards by default, no
+evaluation) runs once per setup and round, each time into a fresh lake, the setups' order
+rotating from round to round.  Each setup has its own pools, deployments and workers, started once
+and kept for every round as a cluster keeps them:
 
-- ``per-shard``: the schedule before issue 13, one GPU flow run per shard (``shards_per_run=1``);
-- ``shared``: the default, one GPU flow run per polling worker, each given every shard of every
-  variant and taking them from the others' ends (work stealing through the chunk leases).
+- ``defaults``: what the README's worker commands and deployments/prefect.yaml give: workers at
+  Prefect's default polling (``PREFECT_WORKER_QUERY_SECONDS`` 10 s), one GPU worker, the shared
+  schedule (one GPU flow run per polling worker), each flow run started by the process worker as
+  Prefect does by default: a workspace supervisor process, which then starts the engine process;
+- ``old-entrypoint``: ``defaults`` with the GPU stage deployed from its former module
+  (``gradlake.flows.pipeline:extract_shards``, which also imports the dataset recipes and the evaluation);
+- ``polling``: ``defaults`` with the workers polling every ``--tuned-query-seconds`` (2 s);
+- ``tuned``: ``polling`` with the pools' ``command`` set to this interpreter's ``-m prefect.engine``
+  (one process per flow run);
+- ``per-shard``: ``defaults`` with ``shards_per_run=1`` (one GPU flow run per shard), on request.
 
-Real work is the same extraction run here, in this process, without Prefect: the sum over all
-shards of the time `extract_shard` takes with the model already loaded.  For each schedule the
-wall time (submission of the pipeline to its end, as a user sees it) and wall / real work are
-printed, with where the rest went, from the flow runs' state histories: waiting for a worker to
-pick a run up (its polling interval), the run's process start and imports until it is Running,
-and time inside the GPU runs beyond the real work (model loads, lake reads, API calls).
+Real work is the same extraction run here, in this process, without Prefect, once per round: the
+sum over all shards of the time `extract_shard` takes with the model already loaded.  For each
+setup wall / real work is printed as the median over rounds with the min-max, and the fixed cost
+(wall - real work) broken down from the flow runs' state histories: waiting for a worker
+(Scheduled to Pending), the process start and imports until the run is Running (Pending to
+Running), the plan (the pipeline Running to its first GPU run created), the time inside the GPU
+runs beyond the real work (the model load, measured here too, lake reads, API calls), and after the
+last GPU run (finalizing, noticing the end).
 
-    python benchmarks/pipeline.py                         # both schedules, about 10 minutes on one core
-    python benchmarks/pipeline.py --schedules shared      # the default schedule only
-    python benchmarks/pipeline.py --query-seconds 10      # workers polling at Prefect's default interval
+    python benchmarks/pipeline.py                          # defaults and tuned, 2 rounds
+    python benchmarks/pipeline.py --setups defaults old-entrypoint polling tuned --rounds 3 --hidden 128 --layers 4
+    python benchmarks/pipeline.py --setups defaults per-shard --rounds 1
+    python benchmarks/pipeline.py --gpu-workers 2          # two GPU workers polling the pool
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -41,7 +55,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = [sys.executable, "-m", "prefect"]
-SCHEDULES = {"per-shard": {"shards_per_run": 1}, "shared": {}}
+SETUPS = {"defaults": {"query_seconds": 10.0, "one_process": False, "settings": {}},
+          "old-entrypoint": {"query_seconds": 10.0, "one_process": False, "settings": {},
+                             "entrypoint": "gradlake.flows.pipeline:extract_shards"},
+          "polling": {"query_seconds": None, "one_process": False, "settings": {}},
+          "tuned": {"query_seconds": None, "one_process": True, "settings": {}},
+          "per-shard": {"query_seconds": 10.0, "one_process": False, "settings": {"shards_per_run": 1}}}
+PARTS = (("wait for the cpu worker", "pipeline_pickup"), ("pipeline process start to Running", "pipeline_start"),
+         ("plan (Running to first GPU run)", "plan"), ("GPU run: wait for a worker", "pickup"),
+         ("GPU run: process start to Running", "start"), ("inside GPU runs beyond real work", "beyond"),
+         ("after the last GPU run", "after_gpu"))
 
 
 def free_port() -> int:
@@ -105,15 +128,19 @@ def build_model(directory: Path, hidden: int, layers: int) -> Path:
     return directory
 
 
-def real_work(settings: dict, lake: str) -> tuple[float, int]:
-    """Seconds the shards of every variant take computed here one after another with the model loaded, and their count."""
+def real_work(settings: dict, lake: str) -> tuple[float, int, float]:
+    """Seconds the shards of every variant take computed here one after another with the model loaded, their count,
+    and the seconds the model's first load took (later calls find it loaded, as a warm GPU process would)."""
     from gradlake.flows.pipeline import PipelineSpec
     from gradlake.tasks.gradients.plan import create_group, plan_extraction
     from gradlake.tasks.gradients.extract import extract_shard, pending_shards
     from gradlake.tasks.common.model import load_model
 
     spec = PipelineSpec(**settings, lake=lake)
-    load_model(spec.model.resolved())  # loaded once, outside the clock: a warm GPU process
+    load_model.cache_clear()  # a fresh load each round, as a GPU flow run's
+    began = time.perf_counter()
+    load_model(spec.model.resolved())  # outside the work's clock
+    load = time.perf_counter() - began
     total, shards = 0.0, 0
     for variant in spec.variants:
         extraction = spec.extraction(variant)
@@ -123,7 +150,7 @@ def real_work(settings: dict, lake: str) -> tuple[float, int]:
             extract_shard(extraction, group, shard, log=lambda *_: None)
             total += time.perf_counter() - began
             shards += 1
-    return total, shards
+    return total, shards, load
 
 
 def state_times(client, run_id) -> dict[str, float]:
@@ -134,54 +161,138 @@ def state_times(client, run_id) -> dict[str, float]:
     return first
 
 
-def run_schedule(name: str, settings: dict, lake: str) -> dict:
+def run_pipeline(name: str, settings: dict, lake: str) -> dict:
     """Run the pipeline once through the deployments (its dataset already in `lake`); wall time and where it went."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
     from prefect.deployments import run_deployment
 
+    shard_runs = DeploymentFilter(name=DeploymentFilterName(any_=[f"extract-shards-{name}"]))
     with get_client(sync_client=True) as client:
-        before = {r.id for r in client.read_flow_runs(
-            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["extract-shards"])), limit=200)}
+        before = {r.id for r in client.read_flow_runs(deployment_filter=shard_runs, limit=200)}
     began = time.time()
-    run = run_deployment("gradlake-pipeline/gradlake-pipeline", parameters={"spec": {**settings, "lake": lake}},
+    run = run_deployment(f"gradlake-pipeline/gradlake-pipeline-{name}", parameters={"spec": {**settings, "lake": lake}},
                          timeout=None, as_subflow=False, poll_interval=1)
     wall = time.time() - began
     if not run.state.is_completed():
-        raise RuntimeError(f"{name}: the pipeline ended {run.state.name}: {run.state.message}")
+        raise RuntimeError(f"the pipeline ended {run.state.name}: {run.state.message}")
     with get_client(sync_client=True) as client:
-        gpu_runs = [r for r in client.read_flow_runs(
-            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["extract-shards"])), limit=200)
-            if r.id not in before]
-        pipeline_times = state_times(client, run.id)
+        gpu_runs = [r for r in client.read_flow_runs(deployment_filter=shard_runs, limit=200) if r.id not in before]
+        pipeline = state_times(client, run.id)
         gpu = [state_times(client, r.id) for r in gpu_runs]
     taken = [t for t in gpu if "RUNNING" in t]
+
     def mean(values):
         return statistics.fmean(values) if values else float("nan")
     return {
         "wall": wall, "gpu_runs": len(gpu_runs), "gpu_runs_ran": len(taken),
-        "pipeline_pickup": pipeline_times.get("PENDING", began) - began,
-        "pipeline_start": pipeline_times["RUNNING"] - pipeline_times.get("PENDING", began),
+        "pipeline_pickup": pipeline["PENDING"] - pipeline.get("SCHEDULED", began),
+        "pipeline_start": pipeline["RUNNING"] - pipeline["PENDING"],
+        "plan": min(t["SCHEDULED"] for t in gpu) - pipeline["RUNNING"] if gpu else float("nan"),
         "pickup": mean([t["PENDING"] - t["SCHEDULED"] for t in taken if "PENDING" in t and "SCHEDULED" in t]),
         "start": mean([t["RUNNING"] - t.get("PENDING", t["RUNNING"]) for t in taken]),
         # until the run's last state (Completed, or Cancelling: cancelled by the pipeline once the work was done)
         "inside": sum(max(t.values()) - t["RUNNING"] for t in taken),
-        "first_gpu_submit": min(t["SCHEDULED"] for t in gpu) - began if gpu else float("nan"),
         "after_gpu": began + wall - max(max(t.values()) for t in gpu) if gpu else float("nan"),
     }
 
 
+def pool_template(one_process: bool) -> dict:
+    """The process pools' base job template: Prefect's own, or with the command set to this interpreter's engine."""
+    done = subprocess.run([*PREFECT, "work-pool", "get-default-base-job-template", "--type", "process"],
+                          capture_output=True, text=True, check=True, timeout=300)
+    template = json.loads(done.stdout)
+    if one_process:
+        # A configured command is started by the worker itself; without one Prefect starts a workspace supervisor
+        # process (it imports Prefect's client), which then starts the engine process.
+        template["variables"]["properties"]["command"]["default"] = f"{sys.executable} -m prefect.engine"
+    return template
+
+
+def start_setup(name: str, setup: dict, args, root: Path, env: dict) -> list[subprocess.Popen]:
+    """The setup's pools (`cpu-<name>`, `gpu-<name>`), deployments/prefect.yaml's two pipeline deployments on them
+    (named `<deployment>-<name>`), and its workers, started once and kept for every round as a cluster keeps them."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
+    wanted = {"gradlake-pipeline": "cpu", "extract-shards": "gpu"}
+    config["deployments"] = [{**d, "name": f"{d['name']}-{name}", "work_pool": {**d["work_pool"], "name": f"{wanted[d['name']]}-{name}"},
+                              **({"entrypoint": setup["entrypoint"]} if "entrypoint" in setup and d["name"] == "extract-shards" else {})}
+                             for d in config["deployments"] if d["name"] in wanted]
+    template = root / f"template-{name}.json"
+    template.write_text(json.dumps(pool_template(setup["one_process"])))
+    for pool in ("cpu", "gpu"):
+        prefect("work-pool", "create", f"{pool}-{name}", "--type", "process", "--base-job-template", str(template),
+                "--overwrite", env=env)
+    (root / f"prefect-{name}.yaml").write_text(yaml.safe_dump(config))  # the product's deployments, pull steps and all
+    prefect("--no-prompt", "deploy", "--all", "--prefect-file", str(root / f"prefect-{name}.yaml"), env=env)
+    env = {**env, "PREFECT_WORKER_QUERY_SECONDS": str(setup["query_seconds"])}
+    names = [("cpu", "cpu-1")] + [("gpu", f"gpu-{i + 1}") for i in range(args.gpu_workers)]
+    return [subprocess.Popen([*PREFECT, "worker", "start", "--pool", f"{pool}-{name}", "--name", f"{name}-{worker}",
+                              "--type", "process", "--limit", "1"], cwd=root, env=env,
+                             stdout=open(root / f"{name}-{worker}.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+            for pool, worker in names]
+
+
+def wait_for_workers(setups: list[str], gpu_workers: int, timeout: float = 600) -> None:
+    """Until every setup's workers poll their pools (the pipeline counts the GPU workers polling when it sends shards)."""
+    from prefect.client.orchestration import get_client
+
+    from gradlake.flows.fanout import polling_workers
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            if all(len(polling_workers(client, f"cpu-{n}")) == 1 and len(polling_workers(client, f"gpu-{n}")) == gpu_workers
+                   for n in setups):
+                return
+            time.sleep(1)
+    raise RuntimeError(f"the workers did not all poll within {timeout:.0f} s")
+
+
+def spread(values: list[float], digits: int = 1) -> str:
+    """Median (min-max) of `values`."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def report(rounds: list[dict], names: list[str], args, shards: int) -> None:
+    """Per setup: wall / real work and the fixed cost part by part, medians over rounds with the min-max."""
+    work = [r["work"] for r in rounds]
+    print(f"\n{shards} shards of {args.shard_size} samples ({args.samples} per variant, 2 variants); "
+          f"{args.gpu_workers} GPU worker(s); {len(rounds)} round(s); real work {spread(work)} s; "
+          f"model load here {spread([r['load'] for r in rounds], 2)} s\n")
+    rows = [("wall time (s)", lambda r, n: r[n]["wall"]),
+            ("wall / real work", lambda r, n: r[n]["wall"] / r["work"]),
+            ("fixed: wall - real work (s)", lambda r, n: r[n]["wall"] - r["work"])]
+    for label, key in PARTS:
+        if key == "beyond":
+            rows.append((f"  {label} (s)", lambda r, n: r[n]["inside"] - r["work"]))
+        else:
+            rows.append((f"  {label} (s)", lambda r, n, key=key: r[n][key]))
+    width = 26
+    print(f"{'':44}" + "".join(f"{n:>{width}}" for n in names))
+    for label, value in rows:
+        digits = 2 if "/" in label and "real" in label and "-" not in label else 1
+        print(f"{label:44}" + "".join(f"{spread([value(r, n) for r in rounds], digits):>{width}}" for n in names))
+    runs = ["/".join(f"{r[n]['gpu_runs']}({r[n]['gpu_runs_ran']})" for r in rounds) for n in names]
+    print(f"{'GPU flow runs (that ran), per round':44}" + "".join(f"{cell:>{width}}" for cell in runs))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--schedules", nargs="+", choices=sorted(SCHEDULES), default=list(SCHEDULES))
+    parser.add_argument("--setups", nargs="+", choices=list(SETUPS), default=["defaults", "tuned"])
+    parser.add_argument("--rounds", type=int, default=2, help="rounds, each running every setup once (order rotating)")
+    parser.add_argument("--gpu-workers", type=int, default=1, help="process workers polling the gpu pool")
+    parser.add_argument("--tuned-query-seconds", type=float, default=2.0, help="PREFECT_WORKER_QUERY_SECONDS in 'tuned'")
     parser.add_argument("--samples", type=int, default=160, help="probe samples per variant (at most 160)")
     parser.add_argument("--shard-size", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=256, help="model width (the tests' tiny model is 64)")
     parser.add_argument("--layers", type=int, default=8, help="model depth (the tests' tiny model has 2)")
-    parser.add_argument("--query-seconds", type=float, default=2.0,
-                        help="PREFECT_WORKER_QUERY_SECONDS of the workers (Prefect's default is 10)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (logs, lakes)")
     args = parser.parse_args()
+    setups = {n: {**SETUPS[n], "query_seconds": SETUPS[n]["query_seconds"] or args.tuned_query_seconds} for n in args.setups}
 
     root = Path(tempfile.mkdtemp(prefix="gradlake-bench-pipeline-"))
     model = build_model(root / "model", args.hidden, args.layers)
@@ -194,67 +305,43 @@ def main() -> None:
 
     from gradlake.tasks.data.probes import store_probe_set
 
-    reference = f"file://{root / 'reference'}"
-    store_probe_set(reference, "probe", args.samples)
-    work, shards = real_work(settings, reference)
-    print(f"real work: {shards} shards, {work:.1f} s computed here with the model loaded", flush=True)
-
     home = root / "prefect"
     home.mkdir()
     server, url = start_server(home)
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": url, "PREFECT_LOGGING_LEVEL": "WARNING",
-           "PREFECT_WORKER_QUERY_SECONDS": str(args.query_seconds), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     # Prefect read its settings when this process first imported it (real_work): set the server explicitly.
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed benchmark still stops its workers
-    workers = []
-    results = {}
+    rounds, shards, workers = [], 0, []
     try:
-        for pool in ("cpu", "gpu"):
-            prefect("work-pool", "create", pool, "--type", "process", "--overwrite", env=env)
-        prefect("--no-prompt", "deploy", "--name", "gradlake-pipeline", "--name", "extract-shards",
-                "--prefect-file", "deployments/prefect.yaml", env=env)
-        for pool, name in (("gpu", "gpu-1"), ("gpu", "gpu-2"), ("cpu", "cpu-1")):
-            workers.append(subprocess.Popen(
-                [*PREFECT, "worker", "start", "--pool", pool, "--name", name, "--type", "process", "--limit", "1"],
-                cwd=root, env=env, stdout=open(root / f"{name}.log", "w"), stderr=subprocess.STDOUT, start_new_session=True))
-        time.sleep(max(5.0, 2 * args.query_seconds))  # every worker has polled once: the pipeline sees both gpu workers
-        for name in args.schedules:
-            lake = f"file://{root / ('lake-' + name)}"
-            store_probe_set(lake, "probe", args.samples)
-            with temporary_settings(updates={PREFECT_API_URL: url}):
-                results[name] = run_schedule(name, {**settings, **SCHEDULES[name]}, lake)
-            print(f"{name}: {results[name]['wall']:.1f} s wall", flush=True)
+        for name, setup in setups.items():
+            workers += start_setup(name, setup, args, root, env)
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            wait_for_workers(list(setups), args.gpu_workers)
+            names = list(setups)
+            for i in range(args.rounds):
+                reference = f"file://{root / f'reference-{i}'}"
+                store_probe_set(reference, "probe", args.samples)
+                work, shards, load = real_work(settings, reference)
+                measured = {"work": work, "load": load}
+                print(f"round {i + 1}: real work {shards} shards, {work:.1f} s computed here", flush=True)
+                for name in names[i % len(names):] + names[:i % len(names)]:
+                    lake = f"file://{root / f'lake-{name}-{i}'}"
+                    store_probe_set(lake, "probe", args.samples)
+                    run = {**settings, **setups[name]["settings"], "shard_deployment": f"extract-shards/extract-shards-{name}"}
+                    measured[name] = run_pipeline(name, run, lake)
+                    print(f"round {i + 1}: {name} {measured[name]['wall']:.1f} s wall", flush=True)
+                rounds.append(measured)
     finally:
         for proc in workers:
             stop(proc)
         stop(server)
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-
-    print(f"\n{shards} shards of {args.shard_size} samples ({args.samples} per variant, 2 variants); "
-          f"real work {work:.1f} s; two gpu workers polling every {args.query_seconds:g} s\n")
-    rows = [("wall time (s)", "wall"), ("wall / real work", None), ("GPU flow runs (that ran)", "gpu_runs"),
-            ("pipeline: wait for the cpu worker (s)", "pipeline_pickup"), ("pipeline: process start (s)", "pipeline_start"),
-            ("submission to the first GPU run (s)", "first_gpu_submit"), ("GPU run: wait for a worker, mean (s)", "pickup"),
-            ("GPU run: process start to Running, mean (s)", "start"), ("inside GPU runs, summed (s)", "inside"),
-            ("inside GPU runs beyond real work (s)", None), ("after the last GPU run (s)", "after_gpu")]
-    names = list(results)
-    print(f"{'':46}" + "".join(f"{n:>14}" for n in names))
-    for label, key in rows:
-        cells = []
-        for n in names:
-            r = results[n]
-            if label == "wall / real work":
-                cells.append(f"{r['wall'] / work:14.2f}")
-            elif label.startswith("inside GPU runs beyond"):
-                cells.append(f"{r['inside'] - work:14.1f}")
-            elif key == "gpu_runs":
-                cells.append(f"{r['gpu_runs']:>8d} ({r['gpu_runs_ran']})")
-            else:
-                cells.append(f"{r[key]:14.1f}")
-        print(f"{label:46}" + "".join(cells))
+    if rounds:
+        report(rounds, list(setups), args, shards)
 
 
 if __name__ == "__main__":
