@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import traceback
 import uuid
 from pathlib import Path
 
@@ -76,7 +77,8 @@ def test_two_runs_into_one_prefix_one_is_refused_before_it_writes(tiny_models, l
     specs = [spec_for(tiny_models, lake, output, learning_rate=3e-3), spec_for(tiny_models, lake, output, learning_rate=1e-3)]
     outcomes = race(specs)
     refused = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, TrainError)]
-    assert len(refused) == 1, outcomes
+    assert len(refused) == 1, [o if isinstance(o, (TrainResult, TrainError)) else "".join(traceback.format_exception(o))
+                               for o in outcomes]
     winner = 1 - refused[0]
     assert isinstance(outcomes[winner], TrainResult) and outcomes[winner].final == checkpoint_name(4)
     fingerprint = plan_run(specs[winner]).fingerprint

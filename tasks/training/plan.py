@@ -157,10 +157,12 @@ def existing_checkpoints(spec: TrainSpec) -> dict[int, dict]:
     """Complete checkpoints under the prefix: step -> their lineage record."""
     fs, root = output_fs(spec)
     fs.invalidate_cache()  # s3fs keeps listings: checkpoints another process wrote since would stay unseen
-    if not fs.isdir(root):
-        return {}
+    try:  # on S3 a prefix exists only while it holds objects: one that empties between two looks is empty
+        paths = fs.ls(root, detail=False) if fs.isdir(root) else []
+    except FileNotFoundError:
+        paths = []
     found = {}
-    for path in fs.ls(root, detail=False):
+    for path in paths:
         name = path.rstrip("/").rsplit("/", 1)[-1]
         if not name.startswith(CHECKPOINT_PREFIX) or not fs.isdir(path) or not checkpoint_complete(fs, path):
             continue
