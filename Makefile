@@ -39,7 +39,7 @@ test: $(BIN)/.installed
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 bench: $(BIN)/.installed
-	$(BIN)/python benchmarks/extraction.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/extraction.py --rounds 9
 	$(BIN)/python benchmarks/projection.py
 	$(BIN)/python benchmarks/similarity.py
 	$(BIN)/python benchmarks/influence.py
