@@ -225,9 +225,10 @@ def report(place: str, rounds: list[dict[str, tuple[float, float]]], mib: float,
     print(f"  lake whole-array reads / the same read a row-chunk at a time: "
           f"{ratio_line(rounds, 'lake read', 'lake read by row-chunk')}")
     if object_mb:
-        print(f"  objects of {object_mb} MiB / one per chunk: write {rate['sharded write'] / rate['lake write']:.2f}x, "
-              f"whole read {rate['sharded read'] / rate['lake read']:.2f}x, row-chunk reads "
-              f"{rate['sharded read by row-chunk'] / rate['lake read by row-chunk']:.2f}x")
+        print(f"  objects of {object_mb} MiB / one per chunk (throughput): write "
+              f"{ratio_line(rounds, 'sharded write', 'lake write')}; whole read "
+              f"{ratio_line(rounds, 'sharded read', 'lake read')}; row-chunk reads "
+              f"{ratio_line(rounds, 'sharded read by row-chunk', 'lake read by row-chunk')}")
 
 
 def digest_costs(blocks: dict[str, np.ndarray], rounds: int = 5) -> str:
