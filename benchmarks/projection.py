@@ -163,7 +163,7 @@ def olmo2_weights(shape: str) -> dict[str, tuple[int, ...]]:
 
     config_cls, model_cls, sizes = SHAPES[shape]
     with torch.device("meta"):
-        model = model_cls(config_cls(**sizes, tie_word_embeddings=False))
+        model = model_cls(config_cls(**sizes, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2))
     return {n: tuple(p.shape) for n, p in model.named_parameters() if p.dim() == 2}
 
 
