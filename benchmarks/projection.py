@@ -23,7 +23,7 @@ and grouping them by output coordinate) for ``sparse:flat:8192`` over the 2-D we
 the ~10M and ~100M OLMo-2 shapes of benchmarks/extraction.py, as on-the-fly extraction
 builds it, the two shapes interleaved round by round.
 
-    OMP_NUM_THREADS=1 python benchmarks/projection.py --rounds 5     # CPU, about 15 minutes
+    OMP_NUM_THREADS=1 python benchmarks/projection.py --rounds 5     # CPU, about 25 minutes (TRAK at 1M x 4096: 1 min a call)
     OMP_NUM_THREADS=1 python benchmarks/projection.py --sparse-build --rounds 3
     python benchmarks/projection.py --device cuda   # on a GPU (traker.cuda when fast_jl is installed)
 """
