@@ -40,7 +40,7 @@ test: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/extraction.py --rounds 9
-	$(BIN)/python benchmarks/projection.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/projection.py --rounds 5
 	$(BIN)/python benchmarks/similarity.py
 	$(BIN)/python benchmarks/influence.py
 
