@@ -1,15 +1,24 @@
-"""Lake writes overlapped with compute against writes in the batch loop, side by side in one run.
+"""A row-chunk's arrays written together, and lake writes on a thread of their own, each against the
+same extraction without it, side by side in one run.
 
 Extracts every gradient of a small OLMo-2 (about 5M parameters, 21 MB per sample in
 float32) for the first probe samples into an S3 lake served by moto in a process of its
-own (as MinIO would be), into the same server behind a proxy that delays every request by
-50 ms (an object store across a network), and into a local directory; each round runs the extraction with
-its writes on a thread of their own (`lake.overlap`, as gradlake runs) and with the same
-writes done synchronously, one after the other.  Prints the median wall times, their
-ratio, and how busy the writes kept their thread.
+own (as MinIO would be), into the same server behind tests/s3proxy.py adding 50 ms to every
+request (an object store across a network), and into a local directory.  Each round runs, in
+an order rotated from round to round, three setups:
+
+- ``together``: as gradlake writes (every array's objects of a row-chunk put in one batch,
+  `lake.chunk_objects`, on the writer thread of `lake.overlap` while the next batch is computed);
+- ``one array at a time``: the same, but a row-chunk's arrays put one after another (each
+  array's objects still in flight together);
+- ``in the loop``: every array together, but written synchronously in the batch loop.
+
+Prints, per place, the median wall and CPU seconds (this process, every thread) of each setup,
+how busy the writes kept their thread, and each setup / ``together`` as the median of the
+per-round ratios with their min-max.
 
     python benchmarks/overlap.py                    # 32 samples, 3 rounds
-    python benchmarks/overlap.py --samples 64 --rounds 5
+    python benchmarks/overlap.py --samples 64 --rounds 5 --places s3+latency
 """
 
 from __future__ import annotations
@@ -17,27 +26,17 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from functools import partial
+from itertools import groupby
 from pathlib import Path
 
 import torch
 
-from moto_s3 import moto_server  # benchmarks/moto_s3.py
+from moto_s3 import latency_proxy, moto_server  # benchmarks/moto_s3.py
 
-
-def latency_proxy(upstream: str, seconds: float) -> tuple[subprocess.Popen, str]:
-    """The suite's S3 proxy (tests/s3proxy.py) in a process of its own, delaying every request by `seconds`:
-    a lake far away, as an object store across a network is."""
-    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from s3proxy import FaultyS3Proxy; "
-            "p = FaultyS3Proxy(sys.argv[2], fail=1.0, kinds=('delay',), delay=(float(sys.argv[3]),) * 2).start(); "
-            "print(p.endpoint, flush=True); time.sleep(1e9)")
-    tests = str(Path(__file__).resolve().parents[1] / "tests")
-    proc = subprocess.Popen([sys.executable, "-c", code, tests, upstream, str(seconds)], stdout=subprocess.PIPE, text=True)
-    return proc, proc.stdout.readline().strip()
+SETUPS = ("together", "one array at a time", "in the loop")
 
 
 def small_model(where: Path) -> Path:
@@ -56,8 +55,19 @@ def small_model(where: Path) -> Path:
     return where
 
 
-def extract_once(spec, depth: int) -> tuple[float, float]:
-    """Wall seconds of one whole extraction, and the seconds its writes took."""
+def one_array_at_a_time(put_objects):
+    """`put_objects` putting a row-chunk's objects one array after another: the writes before arrays went together."""
+
+    def put(fs, objects, threads, **kwargs):
+        for _, same_array in groupby(objects, key=lambda o: o[0].rsplit("/c/", 1)[0]):
+            put_objects(fs, list(same_array), threads, **kwargs)
+
+    return put
+
+
+def extract_once(spec, setup: str) -> tuple[float, float, float]:
+    """Wall and CPU seconds of one whole extraction in `setup`, and the seconds its writes took."""
+    from gradlake.lake import gradients
     from gradlake.lake.overlap import BackgroundWrites
     from gradlake.tasks.gradients import extract, plan
 
@@ -68,15 +78,24 @@ def extract_once(spec, depth: int) -> tuple[float, float]:
             super().__exit__(*exc)
             busy.append(self.busy_s)
 
-    extract.BackgroundWrites = partial(Counted, depth)
+    put_objects = gradients.put_objects
+    extract.BackgroundWrites = partial(Counted, 0 if setup == "in the loop" else 1)
+    if setup == "one array at a time":
+        gradients.put_objects = one_array_at_a_time(put_objects)
     try:
-        began = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         group = plan.create_group(plan.plan_extraction(spec))
         for shard in extract.pending_shards(spec, group):
             extract.extract_shard(spec, group, shard, log=lambda *_: None)
-        return time.perf_counter() - began, sum(busy)
+        return time.perf_counter() - wall, time.process_time() - cpu, sum(busy)
     finally:
         extract.BackgroundWrites = BackgroundWrites
+        gradients.put_objects = put_objects
+
+
+def spread(values: list[float]) -> str:
+    """Median and min-max."""
+    return f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
 
 
 def main() -> None:
@@ -85,42 +104,55 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--token-budget", type=int, default=4096, help="as the extraction's; 0: batches in dataset order")
     parser.add_argument("--latency", type=float, default=0.05, help="seconds each request to the far S3 waits")
+    parser.add_argument("--places", default="s3,s3+latency,local", help="some of s3, s3+latency, local")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from gradlake.tasks.gradients.plan import ExtractionSpec
+    from gradlake.lake.store import LakeStore
     from gradlake.tasks.common.model import ModelSpec
     from gradlake.tasks.data.probes import store_probe_set
+    from gradlake.tasks.gradients.plan import ExtractionSpec
 
     proc, endpoint = moto_server()
-    proxy, far = latency_proxy(endpoint, args.latency)
+    proxy, far = latency_proxy(endpoint, args.latency * 1000)
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-    places = {"s3": endpoint, f"s3 +{args.latency * 1000:.0f}ms": far, "local": None}
+    known = {"s3": ("s3", endpoint), "s3+latency": (f"s3 +{args.latency * 1000:.0f}ms", far), "local": ("local", None)}
+    places = dict(known[p] for p in args.places.split(","))
+    results: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     try:
         with tempfile.TemporaryDirectory() as scratch:
             model = small_model(Path(scratch) / "model")
-            results: dict[tuple[str, str], list[tuple[float, float]]] = {}
             for r in range(args.rounds):
+                setups = SETUPS[r % len(SETUPS):] + SETUPS[:r % len(SETUPS)]
                 for p, (where, url) in enumerate(places.items()):
-                    for how, depth in (("overlapped", 1), ("in the loop", 0)):
+                    for s, setup in enumerate(setups):
                         if url:
                             os.environ["GRADLAKE_S3_ENDPOINT_URL"] = url
-                        lake = f"s3://lake/r{r}-{p}-{depth}" if url else f"file://{scratch}/lake-r{r}-{depth}"
+                        lake = f"s3://lake/r{r}-{p}-{s}" if url else f"file://{scratch}/lake-r{r}-{s}"
                         store_probe_set(lake, "probe", args.samples)
                         spec = ExtractionSpec(model=ModelSpec(model=str(model)), lake=lake, shard_size=args.samples,
                                               batch_size=8, max_length=512, token_budget=args.token_budget or None)
-                        results.setdefault((where, how), []).append(extract_once(spec, depth))
+                        results.setdefault((where, setup), []).append(extract_once(spec, setup))
+                        store = LakeStore(lake)  # each lake removed once timed: moto spills large objects to disk
+                        store.fs.rm(store.path(""), recursive=True)
     finally:
         proxy.terminate()
         proc.terminate()
     print(f"{args.samples} probe samples, every gradient of a 5M-parameter OLMo-2 stored in float32; "
-          f"median of {args.rounds} interleaved rounds, one torch thread")
+          f"{args.rounds} interleaved rounds (order rotated), one torch thread; medians, ratios as the median of "
+          "the per-round ratios (min-max)")
     for where in places:
-        walls = {how: statistics.median(w for w, _ in results[(where, how)]) for how in ("overlapped", "in the loop")}
-        busy = {how: statistics.median(b for _, b in results[(where, how)]) for how in ("overlapped", "in the loop")}
-        print(f"  {where:10s}: overlapped {walls['overlapped']:6.1f}s (writes busy {busy['overlapped']:5.1f}s), "
-              f"writes in the loop {walls['in the loop']:6.1f}s (writes {busy['in the loop']:5.1f}s): "
-              f"in-the-loop / overlapped = {walls['in the loop'] / walls['overlapped']:.2f}x")
+        print(f"  {where}:")
+        for setup in SETUPS:
+            runs = results[(where, setup)]
+            line = (f"    {setup:20s} wall {statistics.median(w for w, _, _ in runs):6.1f} s, "
+                    f"CPU {statistics.median(c for _, c, _ in runs):6.1f} s, writes busy "
+                    f"{statistics.median(b for *_, b in runs):5.1f} s")
+            if setup != "together":
+                base = results[(where, "together")]
+                line += (f"; / together: wall {spread([a[0] / b[0] for a, b in zip(runs, base)])}, "
+                         f"CPU {spread([a[1] / b[1] for a, b in zip(runs, base)])}")
+            print(line)
 
 
 if __name__ == "__main__":
