@@ -133,10 +133,13 @@ def benchmark_table(store: LakeStore, spec: AttributionSpec, methods: list[str],
             row.update(cf["columns"].get(row["method"], {}))
     for name, result in results.items():
         per_query += [{"method": name, "query": q, "lds": v} for q, v in zip(queries.ids, result["per_query"])]
+    left_out: dict[tuple[str, str], list[str]] = {}  # (metric, why) -> methods: one line each, not one per method
     for row in rows:
-        said = [f"{name}: {row[name]}" for name in row if name.endswith("_dropped") and row[name]]
-        if said:
-            log(f"{row['method']}: queries left out of its metrics: " + "; ".join(said))
+        for name in row:
+            if name.endswith("_dropped") and row[name]:
+                left_out.setdefault((name.removesuffix("_dropped"), row[name]), []).append(row["method"])
+    for (metric, why), methods in left_out.items():
+        log(f"queries left out of {metric} for {', '.join(methods)}: {why}")
     table = pd.DataFrame(rows).sort_values("lds", ascending=False, na_position="last").reset_index(drop=True)
     below = [None] * len(table)
     for i in range(len(table) - 1):
