@@ -20,7 +20,7 @@ from gradlake.tasks.common.checkpoints import checkpoint_complete
 from gradlake.tasks.common.lineage import gradlake_version
 from gradlake.tasks.common.model import DTYPES, ModelError, ModelSpec, lake_names
 from gradlake.tasks.training.checks import storage_failure
-from gradlake.tasks.training.claim import check_still_held, differences
+from gradlake.tasks.training.claim import check_still_held, runs_apart
 from gradlake.tasks.training.plan import Plan, output_fs, trained_order
 from gradlake.tasks.training.spec import (LINEAGE_FILE, STATE_DIR, TrainError, TrainSpec, checkpoint_name,
                                           hyperparameters)
@@ -83,10 +83,10 @@ def _refuse_foreign(fs: fsspec.AbstractFileSystem, target: str, spec: TrainSpec,
     if theirs == fingerprint:
         return
     shown = f"{spec.output.rstrip('/')}/{name}"
-    differ = differences(record.get("hyperparameters") or {}, hyperparameters(spec)) if isinstance(record, dict) else ""
-    raise TrainError(f"{name} was not written: {shown} holds a checkpoint of another training run (fingerprint "
-                     f"{theirs}, this run {fingerprint}{'; ' + differ if differ else ''}), left as it is; train into "
-                     "another output prefix")
+    theirs_settings = (record.get("hyperparameters") or {}) if isinstance(record, dict) else hyperparameters(spec)
+    apart = runs_apart(theirs, fingerprint, theirs_settings, hyperparameters(spec))
+    raise TrainError(f"{name} was not written: {shown} holds a checkpoint of another training run ({apart}), left as "
+                     "it is; train into another output prefix")
 
 
 def _publish(local: Path, spec: TrainSpec, name: str, fingerprint: str) -> str:

@@ -43,6 +43,12 @@ def differences(theirs: dict, ours: dict, most: int = 3) -> str:
     return "; ".join(said) + more
 
 
+def runs_apart(theirs: str | None, ours: str, their_settings: dict, our_settings: dict) -> str:
+    """'fingerprint <theirs>, this run <ours>; <what differs>': how a refusal tells two training runs apart."""
+    differ = differences(their_settings, our_settings)
+    return f"fingerprint {theirs}, this run {ours}{'; ' + differ if differ else ''}"
+
+
 def refusal(spec: TrainSpec, fingerprint: str, held: claims.Claim | None,
             done: str = "nothing was trained or written") -> TrainError:
     """The one line for a prefix another run (`held`: its claim, None if it just went) is training into.
@@ -50,13 +56,12 @@ def refusal(spec: TrainSpec, fingerprint: str, held: claims.Claim | None,
     `done`: what this run did and did not do, said before what to do."""
     theirs = (held.owner if held else "") or "unknown"
     about = held.about if held else {}
-    differ = differences(about.get("settings") or {}, settings(spec))
     process = about.get("process") or {}
     where = f"; pid {process.get('pid')} on {process['host']}" if process.get("host") else ""
     until = (dt.datetime.fromtimestamp(held.expires, dt.timezone.utc).strftime("%H:%M:%S UTC") if held and held.expires
              else "soon")
-    return TrainError(f"checkpoint prefix {spec.output!r} is in use by another training run (fingerprint {theirs}, "
-                      f"this run {fingerprint}{'; ' + differ if differ else ''}{where}); {done}: train into another "
+    return TrainError(f"checkpoint prefix {spec.output!r} is in use by another training run "
+                      f"({runs_apart(theirs, fingerprint, about.get('settings') or {}, settings(spec))}{where}); {done}: train into another "
                       f"output prefix, or wait for that run to end (if it died, its claim runs out at {until})")
 
 

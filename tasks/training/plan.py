@@ -19,7 +19,7 @@ from gradlake.tasks.common.loss import chat_template_text
 from gradlake.tasks.common.model import check_model, lake_names, resolved_commit
 from gradlake.tasks.common.weights import check_weights
 from gradlake.tasks.training.checks import read_lineage
-from gradlake.tasks.training.claim import check_prefix_free, differences
+from gradlake.tasks.training.claim import check_prefix_free, runs_apart
 from gradlake.tasks.training.spec import CHECKPOINT_PREFIX, TrainError, TrainSpec, checkpoint_name, hyperparameters
 
 
@@ -179,11 +179,11 @@ def refuse_foreign_checkpoints(spec: TrainSpec, fingerprint: str) -> dict[int, d
     foreign = {s: r for s, r in existing.items() if r.get("fingerprint") != fingerprint}
     if foreign:
         step, record = sorted(foreign.items())[0]
-        differ = differences(record.get("hyperparameters") or {}, hyperparameters(spec))
-        raise TrainError(f"checkpoint prefix {spec.output!r} holds {record['name']} of another training run "
-                         f"(fingerprint {record.get('fingerprint')}, this run {fingerprint}"
-                         f"{'; ' + differ if differ else ''}); nothing was trained or written: train into another "
-                         "output prefix, or give the same spec to resume that run")
+        apart = runs_apart(record.get("fingerprint"), fingerprint, record.get("hyperparameters") or {},
+                           hyperparameters(spec))
+        raise TrainError(f"checkpoint prefix {spec.output!r} holds {record['name']} of another training run ({apart}); "
+                         "nothing was trained or written: train into another output prefix, or give the same spec to "
+                         "resume that run")
     return existing
 
 
